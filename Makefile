@@ -1,0 +1,34 @@
+# `make demo` and `make test` work from a fresh clone with Python 3.11 and the package registries.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch and torchvision pinned to the builds the CI machine carries (pip takes them from disk).
+TORCH := torch==2.14.1 torchvision==0.29.1
+RUNNER := --runner FnApiRunner
+DEMO := out/demo
+
+.PHONY: venv demo test clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+demo: venv
+	$(BIN)/python demo/package_photos.py --output $(DEMO)/package_photos
+	$(BIN)/anchorscan fit $(RUNNER) --input demo/data/fit/real --input $(DEMO)/package_photos \
+	    --anchor $(DEMO)/anchor.safetensors --calibration_fraction 0.25 --calibration_group '([^/]+)__x'
+	$(BIN)/anchorscan info $(DEMO)/anchor.safetensors
+	$(BIN)/anchorscan score $(RUNNER) --input demo/data/scan/manifest.csv \
+	    --anchor $(DEMO)/anchor.safetensors --output $(DEMO)/scan
+	$(BIN)/python demo/summarize.py --scores $(DEMO)/scan --manifest demo/data/scan/manifest.csv
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

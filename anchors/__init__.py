@@ -1,0 +1,1 @@
+"""Pure numpy/torch statistics of anchorscan: no Beam import below this package."""

@@ -1,0 +1,203 @@
+"""The anchor: a Gaussian model of real images' features and the distances scored against it.
+
+Fitted in closed form from the merged moments (METHOD.md §4): shrunk covariance, semantic
+Mahalanobis distance, statistical deviation decoupled from content by regression on the semantic
+part (its covariance is the Schur complement), scored with a PPCA spectrum (T2 + SPE).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from anchors.calibration import COMBINERS, sketch, upper_tail_pvalues
+from anchors.spec import FeatureSpec
+from anchors.stats import Moments
+
+# Distances with a calibration; "statistical" is the decoupled one.
+COMPONENTS = ("semantic", "statistical", "statistical_raw")
+STATISTICAL_MODES = {"decoupled": "statistical", "raw": "statistical_raw"}
+
+
+@dataclasses.dataclass(frozen=True)
+class AnchorConfig:
+    explained_variance: float = 0.95
+    fpr: float = 0.01
+    combine: str = "fisher"
+    statistical: str = "decoupled"
+
+    def __post_init__(self):
+        if not 0.0 < self.explained_variance <= 1.0:
+            raise ValueError(f"explained_variance must be in (0, 1], got {self.explained_variance}")
+        if not 0.0 < self.fpr < 1.0:
+            raise ValueError(f"fpr must be in (0, 1), got {self.fpr}")
+        if self.combine not in COMBINERS:
+            raise ValueError(f"combine must be one of {sorted(COMBINERS)}, got {self.combine!r}")
+        if self.statistical not in STATISTICAL_MODES:
+            raise ValueError(
+                f"statistical must be one of {sorted(STATISTICAL_MODES)}, got {self.statistical!r}")
+
+
+def oas_shrinkage(covariance: np.ndarray, n: int) -> float:
+    """Oracle Approximating Shrinkage coefficient toward ``trace/d * I`` (Chen et al. 2010),
+    in the form scikit-learn uses."""
+    d = covariance.shape[0]
+    mu = np.trace(covariance) / d
+    alpha = np.mean(covariance ** 2)
+    numerator = alpha + mu ** 2
+    denominator = (n + 1.0) * (alpha - mu ** 2 / d)
+    return 1.0 if denominator == 0 else float(min(numerator / denominator, 1.0))
+
+
+def shrunk_covariance(moments: Moments) -> tuple[np.ndarray, float]:
+    """OAS on the correlation scale, so that features with a large variance do not set the
+    target for all others; returns the shrunk covariance and the coefficient."""
+    covariance = moments.covariance()
+    scale = np.sqrt(np.maximum(np.diag(covariance), 1e-12 * max(np.diag(covariance).max(), 1e-300)))
+    correlation = covariance / np.outer(scale, scale)
+    shrinkage = oas_shrinkage(correlation, moments.n)
+    shrunk = (1.0 - shrinkage) * correlation
+    shrunk[np.diag_indices_from(shrunk)] += shrinkage * np.trace(correlation) / len(scale)
+    return shrunk * np.outer(scale, scale), shrinkage
+
+
+@dataclasses.dataclass
+class Spectrum:
+    """PPCA distance: top-k eigenpairs kept, the tail replaced by its mean variance ``tau``."""
+    components: np.ndarray  # (p, k)
+    eigenvalues: np.ndarray  # (k,)
+    tau: float
+
+    @classmethod
+    def fit(cls, covariance: np.ndarray, explained_variance: float, max_rank: int) -> "Spectrum":
+        eigenvalues, vectors = np.linalg.eigh((covariance + covariance.T) / 2)
+        eigenvalues, vectors = eigenvalues[::-1].clip(min=0.0), vectors[:, ::-1]
+        p = len(eigenvalues)
+        cumulative = np.cumsum(eigenvalues) / max(eigenvalues.sum(), 1e-300)
+        k = int(np.searchsorted(cumulative, explained_variance - 1e-12) + 1)
+        k = max(1, min(k, max_rank, p - 1)) if p > 1 else 1
+        tail = eigenvalues[k:]
+        floor = 1e-12 * max(eigenvalues[0], 1e-300)
+        tau = float(max(tail.mean(), floor)) if tail.size else floor
+        return cls(vectors[:, :k], np.maximum(eigenvalues[:k], floor), tau)
+
+    @property
+    def k(self) -> int:
+        return self.eigenvalues.shape[0]
+
+    def distances(self, residuals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Returns (T2, SPE) for rows of residuals."""
+        projected = residuals @ self.components
+        t2 = (projected ** 2 / self.eigenvalues).sum(axis=1)
+        tail_energy = np.maximum((residuals ** 2).sum(axis=1) - (projected ** 2).sum(axis=1), 0.0)
+        return t2, tail_energy / self.tau
+
+
+@dataclasses.dataclass
+class AnchorModel:
+    """Precomputed whitening for batched scoring; fitted from moments, nothing inverted per image."""
+    mean: np.ndarray
+    d_semantic: int
+    semantic_whitening: np.ndarray  # (d_s, d_s): D_sem = ||(s - mu_s) W||^2
+    regression: np.ndarray  # (d_s, d_m): m residual = (m - mu_m) - (s - mu_s) B
+    decoupled: Spectrum
+    raw: Spectrum
+    shrinkage: float
+
+    @classmethod
+    def fit(cls, moments: Moments, d_semantic: int, explained_variance: float = 0.95) -> "AnchorModel":
+        if moments.n < 3:
+            raise ValueError(f"an anchor needs at least 3 real images, got {moments.n}")
+        if not 0 < d_semantic < moments.dim:
+            raise ValueError(f"d_semantic={d_semantic} must lie in (0, {moments.dim})")
+        sigma, shrinkage = shrunk_covariance(moments)
+        s, m = slice(0, d_semantic), slice(d_semantic, moments.dim)
+        sigma_ss, sigma_sm, sigma_mm = sigma[s, s], sigma[s, m], sigma[m, m]
+
+        eigenvalues, vectors = np.linalg.eigh(sigma_ss)
+        semantic_whitening = vectors / np.sqrt(np.maximum(eigenvalues, 1e-300))
+        regression = np.linalg.solve(sigma_ss, sigma_sm)  # B^T
+        schur = sigma_mm - sigma_sm.T @ regression
+        max_rank = moments.n - 1
+        return cls(
+            mean=moments.mean.copy(), d_semantic=d_semantic,
+            semantic_whitening=semantic_whitening, regression=regression,
+            decoupled=Spectrum.fit(schur, explained_variance, max_rank),
+            raw=Spectrum.fit(sigma_mm, explained_variance, max_rank),
+            shrinkage=shrinkage)
+
+    def distances(self, features: np.ndarray) -> dict[str, np.ndarray]:
+        """All distances for a (b, d) batch; higher is further from the real images."""
+        centred = np.atleast_2d(np.asarray(features, dtype=np.float64)) - self.mean
+        semantic, statistical = centred[:, :self.d_semantic], centred[:, self.d_semantic:]
+        residual = statistical - semantic @ self.regression
+        t2, spe = self.decoupled.distances(residual)
+        raw_t2, raw_spe = self.raw.distances(statistical)
+        return {
+            "semantic": ((semantic @ self.semantic_whitening) ** 2).sum(axis=1),
+            "statistical": t2 + spe, "t2": t2, "spe": spe,
+            "statistical_raw": raw_t2 + raw_spe,
+        }
+
+
+@dataclasses.dataclass
+class Anchor:
+    """A fitted, calibrated anchor: what `fit` writes and `score` reads."""
+    spec: FeatureSpec
+    moments: Moments
+    config: AnchorConfig
+    calibration: dict[str, np.ndarray]  # component -> quantile sketch on held-out real images
+    n_calibration: int
+    model: AnchorModel | None = dataclasses.field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.moments.dim != self.spec.dim:
+            raise ValueError(f"moments have dimension {self.moments.dim}, the feature spec "
+                             f"{self.spec.dim}")
+        missing = set(COMPONENTS) - set(self.calibration)
+        if missing:
+            raise ValueError(f"calibration lacks {sorted(missing)}")
+        if self.model is None:
+            self.model = AnchorModel.fit(self.moments, self.spec.d_semantic,
+                                         self.config.explained_variance)
+
+    @classmethod
+    def fit(cls, spec: FeatureSpec, moments: Moments, calibration_features: np.ndarray,
+            config: AnchorConfig = AnchorConfig(), num_quantiles: int = 1001) -> "Anchor":
+        """In-memory fit; the pipeline does the same with Beam's combiners."""
+        model = AnchorModel.fit(moments, spec.d_semantic, config.explained_variance)
+        distances = model.distances(calibration_features)
+        calibration = {name: sketch(distances[name], num_quantiles) for name in COMPONENTS}
+        return cls(spec, moments, config, calibration, len(calibration_features), model)
+
+    def score(self, features: np.ndarray, combine: str | None = None,
+              statistical: str | None = None) -> dict[str, np.ndarray]:
+        """Distances, their p-values against real images, the combined score and the verdict."""
+        combine = combine or self.config.combine
+        statistical = statistical or self.config.statistical
+        AnchorConfig(combine=combine, statistical=statistical)  # validates the choices
+        result = self.model.distances(features)
+        p_semantic = upper_tail_pvalues(result["semantic"], self.calibration["semantic"],
+                                        self.n_calibration)
+        component = STATISTICAL_MODES[statistical]
+        p_statistical = upper_tail_pvalues(result[component], self.calibration[component],
+                                           self.n_calibration)
+        score = COMBINERS[combine](np.stack([p_semantic, p_statistical], axis=1))
+        result.update(p_semantic=p_semantic, p_statistical=p_statistical, score=score,
+                      is_suspect=score > -np.log10(self.config.fpr))
+        return result
+
+    @property
+    def summary(self) -> dict:
+        """The facts `anchorscan info` prints and the anchor file records."""
+        return {
+            "backbone": self.spec.backbone, "weights_sha256": self.spec.weights_sha256,
+            "preprocessing": self.spec.preprocessing, "layout": self.spec.layout,
+            "n": self.moments.n, "n_calibration": self.n_calibration, "d": self.spec.dim,
+            "d_semantic": self.spec.d_semantic, "d_statistical": self.spec.d_statistical,
+            "shrinkage": self.model.shrinkage, "k": self.model.decoupled.k,
+            "k_raw": self.model.raw.k, "tau": self.model.decoupled.tau,
+            "fpr": self.config.fpr, "explained_variance": self.config.explained_variance,
+            "combine": self.config.combine, "statistical": self.config.statistical,
+            "num_quantiles": int(len(self.calibration["semantic"])),
+        }

@@ -1,0 +1,77 @@
+"""Feature vectors from one forward pass: z = [semantic ; R (mu_l ; log sigma_l)_l] (METHOD.md §2)."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from anchors.spec import FeatureSpec
+
+SIGMA_EPS = 1e-6
+
+
+def seeded_projection(raw_dim: int, out_dim: int, seed: int) -> np.ndarray:
+    """A fixed orthonormal (raw_dim, out_dim) projection: the same seed gives the same matrix."""
+    gaussian = np.random.default_rng(seed).standard_normal((raw_dim, out_dim))
+    q, r = np.linalg.qr(gaussian)
+    return (q * np.sign(np.diag(r))).astype(np.float32)
+
+
+def resample_weights(attention: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Attention (B, h, w) moved to another grid, still summing to 1 per image."""
+    if tuple(attention.shape[1:]) != tuple(size):
+        attention = F.interpolate(attention[:, None], size=size, mode="bilinear",
+                                  align_corners=False)[:, 0].clamp_min(0)
+    return attention / attention.sum(dim=(1, 2), keepdim=True)
+
+
+def weighted_moments(token_map: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention-weighted mean and log standard deviation per channel of a (B, C, H, W) map."""
+    tokens = token_map.float().flatten(2)  # (B, C, N)
+    w = weights.flatten(1)[:, None, :]  # (B, 1, N)
+    mean = (tokens * w).sum(dim=2)
+    variance = (((tokens - mean[:, :, None]) ** 2) * w).sum(dim=2)
+    return mean, 0.5 * torch.log(variance + SIGMA_EPS)
+
+
+@dataclasses.dataclass
+class Features:
+    vectors: np.ndarray  # (B, d) float32
+    attention_positions: np.ndarray  # (B,) effective number of positions, 1 / sum a_i^2
+
+
+class FeatureExtractor:
+    """Backbone + moments + projection; ``spec`` names everything the features depend on."""
+
+    def __init__(self, backbone, statistical_budget: int = 768, projection_seed: int = 0):
+        self.backbone = backbone
+        raw_dim = 2 * sum(backbone.layout["moment_channels"])
+        self.projection = (seeded_projection(raw_dim, statistical_budget, projection_seed)
+                           if raw_dim > statistical_budget else None)
+        d_statistical = raw_dim if self.projection is None else statistical_budget
+        projection_digest = ("none" if self.projection is None
+                             else hashlib.sha256(self.projection.tobytes()).hexdigest())
+        layout = dict(backbone.layout, d_statistical=d_statistical, statistical_raw_dim=raw_dim,
+                      projection_seed=projection_seed, projection_sha256=projection_digest,
+                      sigma_eps=SIGMA_EPS)
+        self.spec = FeatureSpec(backbone.name, backbone.weights_sha256, backbone.preprocessing,
+                                layout)
+        self._projection_tensor = None if self.projection is None else torch.from_numpy(self.projection)
+
+    @torch.inference_mode()
+    def __call__(self, pixels: torch.Tensor) -> Features:
+        """``pixels``: (B, H, W, 3) uint8 crops."""
+        output = self.backbone(pixels.permute(0, 3, 1, 2))
+        parts = []
+        for token_map in output.token_maps:
+            weights = resample_weights(output.attention, token_map.shape[2:])
+            parts.extend(weighted_moments(token_map, weights))
+        statistical = torch.cat(parts, dim=1)
+        if self._projection_tensor is not None:
+            statistical = statistical @ self._projection_tensor
+        vectors = torch.cat([output.semantic.float(), statistical], dim=1)
+        positions = 1.0 / (output.attention.flatten(1) ** 2).sum(dim=1)
+        return Features(vectors.cpu().numpy(), positions.cpu().numpy())

@@ -1,0 +1,55 @@
+"""What the features of an image depend on; an anchor only scores features with the same spec."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+
+class IncompatibleAnchorError(ValueError):
+    """The anchor was fitted on features made differently from the ones being scored."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+    backbone: str
+    weights_sha256: str
+    preprocessing: dict
+    layout: dict  # at least d_semantic, d_statistical and the projection's digest
+
+    @property
+    def d_semantic(self) -> int:
+        return int(self.layout["d_semantic"])
+
+    @property
+    def d_statistical(self) -> int:
+        return int(self.layout["d_statistical"])
+
+    @property
+    def dim(self) -> int:
+        return self.d_semantic + self.d_statistical
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FeatureSpec":
+        return cls(data["backbone"], data["weights_sha256"], dict(data["preprocessing"]),
+                   dict(data["layout"]))
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    def require_same(self, other: "FeatureSpec", anchor_name: str = "the anchor") -> None:
+        """Raises IncompatibleAnchorError naming every field that differs."""
+        differences = [
+            f"{field}: anchor has {getattr(self, field)!r}, features have {getattr(other, field)!r}"
+            for field in ("backbone", "weights_sha256", "preprocessing", "layout")
+            if getattr(self, field) != getattr(other, field)
+        ]
+        if differences:
+            raise IncompatibleAnchorError(
+                f"{anchor_name} was fitted on different features and cannot score these:\n  "
+                + "\n  ".join(differences)
+                + f"\nScore with --backbone {self.backbone} and the same weights and preprocessing, "
+                  "or fit a new anchor for this backbone.")

@@ -1,0 +1,121 @@
+"""Mergeable first and second moments: the sufficient statistics of the anchor.
+
+The accumulator keeps ``(n, mean, M2)`` in float64 with ``M2 = sum (z - mean)(z - mean)^T``.
+Batches and partial accumulators are combined with Chan et al.'s pairwise update, which stays
+accurate when the mean is large against the spread (raw sums ``sum z z^T`` do not).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class Moments:
+    """Count, mean and centred scatter matrix of a stream of d-dimensional rows."""
+
+    __slots__ = ("n", "mean", "m2")
+
+    def __init__(self, dim: int):
+        self.n = 0
+        self.mean = np.zeros(dim, dtype=np.float64)
+        self.m2 = np.zeros((dim, dim), dtype=np.float64)
+
+    @property
+    def dim(self) -> int:
+        return self.mean.shape[0]
+
+    @classmethod
+    def from_arrays(cls, n: int, mean: np.ndarray, m2: np.ndarray) -> "Moments":
+        moments = cls(mean.shape[0])
+        moments.n = int(n)
+        moments.mean = np.asarray(mean, dtype=np.float64).copy()
+        moments.m2 = np.asarray(m2, dtype=np.float64).copy()
+        return moments
+
+    @classmethod
+    def of(cls, rows: np.ndarray) -> "Moments":
+        rows = np.atleast_2d(np.asarray(rows, dtype=np.float64))
+        moments = cls(rows.shape[1])
+        moments.add_batch(rows)
+        return moments
+
+    def add_batch(self, rows: np.ndarray) -> "Moments":
+        """Adds a (b, d) batch with one matrix product."""
+        rows = np.atleast_2d(np.asarray(rows, dtype=np.float64))
+        if rows.shape[0] == 0:
+            return self
+        if rows.shape[1] != self.dim:
+            raise ValueError(f"rows have {rows.shape[1]} features, the accumulator {self.dim}")
+        batch_mean = rows.mean(axis=0)
+        centred = rows - batch_mean
+        return self._merge_parts(rows.shape[0], batch_mean, centred.T @ centred)
+
+    def merge(self, other: "Moments") -> "Moments":
+        """Chan's pairwise merge of ``other`` into this accumulator."""
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge moments of dimension {other.dim} into {self.dim}")
+        return self._merge_parts(other.n, other.mean, other.m2)
+
+    def _merge_parts(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray) -> "Moments":
+        if n_b == 0:
+            return self
+        if self.n == 0:
+            self.n, self.mean, self.m2 = n_b, mean_b.copy(), m2_b.copy()
+            return self
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.m2 += m2_b
+        self.m2 += np.outer(delta, delta * (self.n * n_b / n))
+        self.mean += delta * (n_b / n)
+        self.n = n
+        return self
+
+    def covariance(self, ddof: int = 1) -> np.ndarray:
+        if self.n <= ddof:
+            raise ValueError(f"need more than {ddof} rows for a covariance, have {self.n}")
+        return self.m2 / (self.n - ddof)
+
+    def copy(self) -> "Moments":
+        return Moments.from_arrays(self.n, self.mean, self.m2)
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, Moments) and self.n == other.n
+                and np.array_equal(self.mean, other.mean) and np.array_equal(self.m2, other.m2))
+
+    def __repr__(self) -> str:
+        return f"Moments(n={self.n}, dim={self.dim})"
+
+    def __getstate__(self):
+        return self.n, self.mean, self.m2
+
+    def __setstate__(self, state):
+        self.n, self.mean, self.m2 = state
+
+
+class BufferedMoments:
+    """Moments that buffer single rows and add them in batches (one BLAS call per batch)."""
+
+    __slots__ = ("moments", "_buffer", "batch_size")
+
+    def __init__(self, dim: int, batch_size: int = 256):
+        self.moments = Moments(dim)
+        self._buffer: list[np.ndarray] = []
+        self.batch_size = batch_size
+
+    def add(self, row: np.ndarray) -> "BufferedMoments":
+        self._buffer.append(np.asarray(row, dtype=np.float64))
+        if len(self._buffer) >= self.batch_size:
+            self.flush()
+        return self
+
+    def flush(self) -> Moments:
+        if self._buffer:
+            self.moments.add_batch(np.stack(self._buffer))
+            self._buffer = []
+        return self.moments
+
+    def __getstate__(self):
+        return self.flush(), self.batch_size
+
+    def __setstate__(self, state):
+        self.moments, self.batch_size = state
+        self._buffer = []

@@ -1,0 +1,1 @@
+"""Runnable anchorscan pipelines and their options."""

@@ -1,0 +1,91 @@
+"""Pipeline options of anchorscan; Beam's own options (--runner, --direct_num_workers, ...)
+pass through unchanged."""
+from __future__ import annotations
+
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from anchors.backbones import ATTENTION, BACKBONES, DEFAULT_BACKBONE
+from anchors.anchor import AnchorConfig, STATISTICAL_MODES
+from anchors.calibration import COMBINERS
+from anchors.preprocess import DEFAULT_MAX_PIXELS
+
+# The default local runner would first try to download the Prism binary; offline that fails
+# and it falls back, so runs would differ with the network. Pin the in-process runner.
+DEFAULT_LOCAL_RUNNER = "FnApiRunner"
+
+
+def pipeline_options(argv: list[str] | None, options_class):
+    options = options_class(argv or [])
+    if options.view_as(StandardOptions).runner is None:
+        options.view_as(StandardOptions).runner = DEFAULT_LOCAL_RUNNER
+    return options
+
+
+class AnchorOptions(PipelineOptions):
+    """Options of fitting and scoring: where images come from, how they become features, and
+    the anchor. Beam parses every options class on every run, so each
+    flag is declared once and required flags are checked by the pipeline, not by argparse."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--input", action="append", default=None,
+            help="Images: a glob, a directory (its image files, recursively) or a manifest "
+                 "(.txt one URI per line, .csv or .parquet with a 'uri' column). Local or gs://. "
+                 "Repeat for several.")
+        parser.add_argument("--backbone", default=None, choices=sorted(BACKBONES),
+                            help=f"Frozen backbone (default: {DEFAULT_BACKBONE}; when scoring, "
+                                 "the anchor's).")
+        parser.add_argument("--weights", default=None,
+                            help="Backbone weights file (default: the backbone's bundled weights).")
+        parser.add_argument("--attention", default="zscore", choices=sorted(ATTENTION),
+                            help="Spatial weights of the moments.")
+        parser.add_argument("--batch_size", type=int, default=32,
+                            help="Largest inference batch.")
+        parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                            help="Images with more pixels become error rows.")
+        parser.add_argument("--torch_threads", type=int, default=0,
+                            help="torch threads per worker (0: torch's default).")
+        parser.add_argument("--anchor", default=None,
+                            help="Anchor file: written by fit, read by score (local or gs://).")
+        parser.add_argument("--output", default=None,
+                            help="score: output prefix of PREFIX-scores-*.parquet and "
+                                 "PREFIX-errors-*.parquet.")
+        parser.add_argument("--errors", default=None,
+                            help="fit: prefix of the errors table (default: the anchor path).")
+        parser.add_argument("--combine", default=None, choices=sorted(COMBINERS),
+                            help=f"How p-values combine into the score (fit default: "
+                                 f"{AnchorConfig.combine}; score default: the anchor's).")
+        parser.add_argument("--statistical", default=None, choices=sorted(STATISTICAL_MODES),
+                            help=f"Statistical distance, decoupled from content or raw (fit "
+                                 f"default: {AnchorConfig.statistical}; score default: the anchor's).")
+        parser.add_argument("--calibration_fraction", type=float, default=0.1,
+                            help="fit: share of real images held out (by URI hash) to calibrate "
+                                 "p-values.")
+        parser.add_argument("--calibration_group", default=None,
+                            help="fit: regular expression; URIs with the same match (its first "
+                                 "group if any) are held out together, e.g. crops of one photo.")
+        parser.add_argument("--fpr", type=float, default=AnchorConfig.fpr,
+                            help="fit: false-positive rate on real images at which is_suspect is set.")
+        parser.add_argument("--explained_variance", type=float,
+                            default=AnchorConfig.explained_variance,
+                            help="fit: variance kept by the statistical part's leading eigenpairs.")
+        parser.add_argument("--statistical_budget", type=int, default=768,
+                            help="fit: largest size of the statistical part (seeded projection).")
+        parser.add_argument("--projection_seed", type=int, default=0, help="fit: seed of R.")
+
+
+def require(options, *names: str) -> None:
+    missing = [f"--{name}" for name in names if not getattr(options, name)]
+    if missing:
+        raise ValueError(f"missing required option(s): {', '.join(missing)}")
+
+
+def counter_totals(result) -> dict[str, int]:
+    """anchorscan's Beam counters after a run, by name."""
+    totals: dict[str, int] = {}
+    for counter in result.metrics().query(MetricsFilter().with_namespace("anchorscan"))["counters"]:
+        value = counter.committed if counter.committed is not None else counter.attempted
+        totals[counter.key.metric.name] = totals.get(counter.key.metric.name, 0) + (value or 0)
+    return totals

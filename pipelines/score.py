@@ -1,0 +1,70 @@
+"""Score a corpus against an anchor: read, decode, embed, score, write Parquet."""
+from __future__ import annotations
+
+import logging
+import time
+
+import apache_beam as beam
+
+from pipelines.fit import model_handler
+from pipelines.options import AnchorOptions, counter_totals, pipeline_options, require
+from transforms.decode import DecodeImages
+from transforms.inference import EmbedImages
+from transforms.io import ListInputs
+from transforms.scoring import ScoreFeatures, load_anchor
+from transforms.sinks import WriteErrors, WriteScores
+
+
+def run(argv=None, test_pipeline=None):
+    options = pipeline_options(argv, AnchorOptions)
+    score = options.view_as(AnchorOptions)
+    require(score, "input", "anchor", "output")
+    anchor, metadata = load_anchor(score.anchor)
+    layout = anchor.spec.layout
+    handler = model_handler(score, score.backbone or anchor.spec.backbone,
+                            statistical_budget=layout["d_statistical"],
+                            projection_seed=layout["projection_seed"])
+    extractor = handler.build_extractor()
+    anchor.spec.require_same(extractor.spec, f"anchor {score.anchor}")  # refuse before any work
+    handler.expected_spec_digest = extractor.spec.digest()
+    anchor.score(anchor.moments.mean[None], score.combine, score.statistical)  # validates choices
+
+    started = time.time()
+    pipeline = test_pipeline or beam.Pipeline(options=options)
+    uris, list_errors = pipeline | "List" >> ListInputs(score.input)
+    images, decode_errors = uris | "Decode" >> DecodeImages(extractor.backbone.crop_size,
+                                                            score.max_pixels)
+    embedded, embed_errors = images | "Embed" >> EmbedImages(handler)
+    rows, score_errors = embedded | "Score" >> ScoreFeatures(score.anchor, score.combine,
+                                                             score.statistical)
+    _ = rows | WriteScores(score.output)
+    _ = (list_errors, decode_errors, embed_errors, score_errors) | WriteErrors(score.output)
+    result = pipeline.run()
+    result.wait_until_finish()
+
+    counters = counter_totals(result)
+    summary = {
+        "output": score.output, "anchor_id": metadata["checksum"][:16],
+        "scored": counters.get("images_scored", 0), "suspect": counters.get("images_suspect", 0),
+        "errors": {k[len("errors_"):]: v for k, v in counters.items() if k.startswith("errors_")},
+        "seconds": time.time() - started, "fpr": anchor.config.fpr,
+    }
+    print_score_summary(summary)
+    return summary
+
+
+def print_score_summary(summary: dict) -> None:
+    scored, errors = summary["scored"], sum(summary["errors"].values())
+    by_stage = ", ".join(f"{stage} {count}" for stage, count in sorted(summary["errors"].items()))
+    rate = summary["suspect"] / scored if scored else 0.0
+    print(f"scored      {scored} images against anchor {summary['anchor_id']}\n"
+          f"suspect     {summary['suspect']} ({rate:.1%}; expected on real images: "
+          f"{summary['fpr']:.1%})\n"
+          f"errors      {errors}{f' ({by_stage})' if errors else ''}\n"
+          f"time        {summary['seconds']:.1f} s ({(scored + errors) / max(summary['seconds'], 1e-9):.1f} images/s)\n"
+          f"output      {summary['output']}-scores-*.parquet, {summary['output']}-errors-*.parquet")
+
+
+if __name__ == "__main__":
+    logging.getLogger().setLevel(logging.WARNING)
+    run()

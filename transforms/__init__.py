@@ -1,0 +1,1 @@
+"""Beam DoFns, PTransforms, the CombineFn and I/O of anchorscan."""

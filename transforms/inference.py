@@ -1,0 +1,82 @@
+"""Batched feature extraction with RunInference: the backbone is loaded once per worker."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Optional, Sequence
+
+import apache_beam as beam
+import numpy as np
+import torch
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
+
+from anchors.backbones import load_backbone
+from anchors.features import FeatureExtractor
+from anchors.spec import IncompatibleAnchorError
+from transforms.schema import error_row
+
+
+class FeatureModelHandler(ModelHandler[np.ndarray, tuple, FeatureExtractor]):
+    """uint8 crops in, (feature vector, effective attention positions) out."""
+
+    def __init__(self, backbone: str, weights: Optional[str] = None, attention: str = "zscore",
+                 statistical_budget: int = 768, projection_seed: int = 0,
+                 expected_spec_digest: Optional[str] = None, min_batch_size: int = 1,
+                 max_batch_size: int = 32, torch_threads: int = 0):
+        super().__init__()
+        self.backbone, self.weights, self.attention = backbone, weights, attention
+        self.statistical_budget, self.projection_seed = statistical_budget, projection_seed
+        self.expected_spec_digest = expected_spec_digest
+        self.min_batch_size, self.max_batch_size = min_batch_size, max_batch_size
+        self.torch_threads = torch_threads
+
+    def build_extractor(self) -> FeatureExtractor:
+        return FeatureExtractor(load_backbone(self.backbone, self.weights, self.attention),
+                                self.statistical_budget, self.projection_seed)
+
+    def load_model(self) -> FeatureExtractor:
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+        extractor = self.build_extractor()
+        # A worker with other weights than the driver checked must not write wrong scores.
+        if self.expected_spec_digest and extractor.spec.digest() != self.expected_spec_digest:
+            raise IncompatibleAnchorError(
+                f"the backbone on this worker ({extractor.spec.backbone}, weights "
+                f"{extractor.spec.weights_sha256[:12]}) does not match the anchor's features")
+        logging.info("loaded backbone %s (weights sha256 %s)", extractor.spec.backbone,
+                     extractor.spec.weights_sha256[:12])
+        return extractor
+
+    def run_inference(self, batch: Sequence[np.ndarray], model: FeatureExtractor,
+                      inference_args: Optional[dict[str, Any]] = None) -> Iterable[tuple]:
+        features = model(torch.from_numpy(np.stack(batch)))
+        return list(zip(features.vectors, features.attention_positions.tolist()))
+
+    def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
+        return sum(example.nbytes for example in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "anchorscan"
+
+    def batch_elements_kwargs(self):
+        return {"min_batch_size": self.min_batch_size, "max_batch_size": self.max_batch_size}
+
+
+def _failed_batch_rows(failure):
+    batch, (_, message, _) = failure
+    for meta, _ in batch:
+        yield error_row(meta.uri, "embed", f"feature extraction failed: {message}")
+
+
+class EmbedImages(beam.PTransform):
+    """(ImageMeta, crop) -> (ImageMeta, (vector, attention_positions)), and error rows for
+    batches whose forward pass failed."""
+
+    def __init__(self, handler: FeatureModelHandler):
+        super().__init__()
+        self.handler = handler
+
+    def expand(self, images):
+        embedded, failed = images | RunInference(
+            KeyedModelHandler(self.handler)).with_exception_handling()
+        errors = failed.failed_inferences | "FailedBatchRows" >> beam.FlatMap(_failed_batch_rows)
+        return embedded, errors
