@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from anchors.calibration import COMBINERS, sketch, upper_tail_pvalues
+from anchors.calibration import COMBINERS, sketch, upper_tail_log_pvalues
 from anchors.spec import FeatureSpec
 from anchors.stats import Moments
 
@@ -177,13 +177,14 @@ class Anchor:
         statistical = statistical or self.config.statistical
         AnchorConfig(combine=combine, statistical=statistical)  # validates the choices
         result = self.model.distances(features)
-        p_semantic = upper_tail_pvalues(result["semantic"], self.calibration["semantic"],
-                                        self.n_calibration)
+        log_p_semantic = upper_tail_log_pvalues(result["semantic"], self.calibration["semantic"],
+                                                self.n_calibration)
         component = STATISTICAL_MODES[statistical]
-        p_statistical = upper_tail_pvalues(result[component], self.calibration[component],
-                                           self.n_calibration)
-        score = COMBINERS[combine](np.stack([p_semantic, p_statistical], axis=1))
-        result.update(p_semantic=p_semantic, p_statistical=p_statistical, score=score,
+        log_p_statistical = upper_tail_log_pvalues(
+            result[component], self.calibration[component], self.n_calibration)
+        score = COMBINERS[combine](np.stack([log_p_semantic, log_p_statistical], axis=1))
+        result.update(p_semantic=np.exp(log_p_semantic), p_statistical=np.exp(log_p_statistical),
+                      score=score,
                       is_suspect=score > -np.log10(self.config.fpr))
         return result
 

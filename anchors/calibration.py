@@ -33,8 +33,10 @@ def tail_fraction(n_calibration: int) -> float:
     return float(np.clip(MIN_TAIL_POINTS / max(n_calibration, 1), TAIL_FRACTION, 0.5))
 
 
-def upper_tail_pvalues(values: np.ndarray, quantiles: np.ndarray, n_calibration: int) -> np.ndarray:
-    """P(X >= value) for X drawn like the calibration images."""
+def upper_tail_log_pvalues(values: np.ndarray, quantiles: np.ndarray,
+                           n_calibration: int) -> np.ndarray:
+    """log P(X >= value) for X drawn like the calibration images; in log space so that images
+    far beyond the calibration range keep distinct, finite scores."""
     values = np.asarray(values, dtype=np.float64)
     quantiles = np.sort(np.asarray(quantiles, dtype=np.float64))
     probabilities = np.linspace(0.0, 1.0, quantiles.size)
@@ -49,31 +51,34 @@ def upper_tail_pvalues(values: np.ndarray, quantiles: np.ndarray, n_calibration:
     unique, last = np.unique(quantiles[::-1], return_index=True)
     cdf = probabilities[::-1][last]
     body = 1.0 - np.interp(values, unique, cdf, left=0.0, right=1.0)
-    tail = fraction * np.exp(-np.maximum(values - threshold, 0.0) / scale)
-    return np.clip(np.where(values > threshold, tail, np.maximum(body, fraction)), 0.0, 1.0)
+    log_tail = math.log(fraction) - np.maximum(values - threshold, 0.0) / scale
+    return np.minimum(np.where(values > threshold, log_tail,
+                               np.log(np.maximum(body, fraction))), 0.0)
 
 
-def fisher_log10(pvalues: np.ndarray) -> np.ndarray:
-    """-log10 of Fisher's combined p-value over the last axis (chi-square, 2k degrees of freedom).
-
-    Computed in log space with the closed-form survival function for even degrees of freedom,
-    so that extreme p-values keep their order instead of underflowing to zero.
-    """
-    pvalues = np.clip(np.asarray(pvalues, dtype=np.float64), 1e-300, 1.0)
-    half_stat = -np.log(pvalues).sum(axis=-1)  # X / 2 with X = -2 sum log p
-    k = pvalues.shape[-1]
-    terms = np.stack([i * np.log(np.maximum(half_stat, 1e-300)) - math.lgamma(i + 1)
-                      for i in range(k)], axis=-1)
+def fisher_log10(log_pvalues: np.ndarray) -> np.ndarray:
+    """-log10 of Fisher's combined p-value of the log p-values on the last axis (chi-square with
+    2k degrees of freedom, closed-form survival function for even degrees of freedom)."""
+    log_pvalues = np.minimum(np.asarray(log_pvalues, dtype=np.float64), 0.0)
+    half_stat = -log_pvalues.sum(axis=-1)  # X / 2 with X = -2 sum log p
+    k = log_pvalues.shape[-1]
+    log_half = np.log(np.maximum(half_stat, 1e-300))
+    terms = np.stack([i * log_half - math.lgamma(i + 1) for i in range(k)], axis=-1)
     log_sf = -half_stat + np.logaddexp.reduce(terms, axis=-1)
     return -np.minimum(log_sf, 0.0) / math.log(10)
 
 
-def tippett_log10(pvalues: np.ndarray) -> np.ndarray:
-    """-log10 of Tippett's (minimum) combined p-value: 1 - (1 - min p)^k."""
-    pvalues = np.clip(np.asarray(pvalues, dtype=np.float64), 1e-300, 1.0)
-    k = pvalues.shape[-1]
-    combined = -np.expm1(k * np.log1p(-np.minimum(pvalues.min(axis=-1), 1.0 - 1e-16)))
-    return -np.log10(np.maximum(combined, pvalues.min(axis=-1)))
+def tippett_log10(log_pvalues: np.ndarray) -> np.ndarray:
+    """-log10 of Tippett's (minimum) combined p-value, 1 - (1 - min p)^k."""
+    log_pvalues = np.minimum(np.asarray(log_pvalues, dtype=np.float64), 0.0)
+    k = log_pvalues.shape[-1]
+    log_min = log_pvalues.min(axis=-1)
+    p_min = np.exp(log_min)
+    with np.errstate(divide="ignore"):
+        exact = np.log(-np.expm1(k * np.log1p(-np.minimum(p_min, 1.0 - 1e-16))))
+    # For tiny p the exact form rounds to zero; 1 - (1 - p)^k = k p to first order.
+    log_combined = np.where(p_min > 1e-8, exact, math.log(k) + log_min)
+    return -log_combined / math.log(10)
 
 
 COMBINERS = {"fisher": fisher_log10, "tippett": tippett_log10}

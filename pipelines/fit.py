@@ -17,12 +17,11 @@ from transforms.scoring import FitAnchor, load_anchor
 from transforms.sinks import WriteErrors
 
 
-def model_handler(options, backbone: str, expected_spec_digest: str | None = None,
-                  statistical_budget: int = 768, projection_seed: int = 0) -> FeatureModelHandler:
+def model_handler(options, backbone: str, attention: str, statistical_budget: int,
+                  projection_seed: int) -> FeatureModelHandler:
     return FeatureModelHandler(
-        backbone, options.weights, options.attention, statistical_budget, projection_seed,
-        expected_spec_digest, max_batch_size=options.batch_size,
-        torch_threads=options.torch_threads)
+        backbone, options.weights, attention, statistical_budget, projection_seed,
+        max_batch_size=options.batch_size, torch_threads=options.torch_threads)
 
 
 def run(argv=None, test_pipeline=None):
@@ -31,9 +30,8 @@ def run(argv=None, test_pipeline=None):
     require(fit, "input", "anchor")
     config = AnchorConfig(fit.explained_variance, fit.fpr, fit.combine or AnchorConfig.combine,
                           fit.statistical or AnchorConfig.statistical)
-    handler = model_handler(fit, fit.backbone or DEFAULT_BACKBONE,
-                            statistical_budget=fit.statistical_budget,
-                            projection_seed=fit.projection_seed)
+    handler = model_handler(fit, fit.backbone or DEFAULT_BACKBONE, fit.attention or "zscore",
+                            fit.statistical_budget, fit.projection_seed)
     extractor = handler.build_extractor()  # the spec and projection the anchor records
     handler.expected_spec_digest = extractor.spec.digest()
 

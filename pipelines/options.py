@@ -39,8 +39,9 @@ class AnchorOptions(PipelineOptions):
                                  "the anchor's).")
         parser.add_argument("--weights", default=None,
                             help="Backbone weights file (default: the backbone's bundled weights).")
-        parser.add_argument("--attention", default="zscore", choices=sorted(ATTENTION),
-                            help="Spatial weights of the moments.")
+        parser.add_argument("--attention", default=None, choices=sorted(ATTENTION),
+                            help="Spatial weights of the moments (fit default: zscore; when "
+                                 "scoring, the anchor's).")
         parser.add_argument("--batch_size", type=int, default=32,
                             help="Largest inference batch.")
         parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,

@@ -22,8 +22,8 @@ def run(argv=None, test_pipeline=None):
     anchor, metadata = load_anchor(score.anchor)
     layout = anchor.spec.layout
     handler = model_handler(score, score.backbone or anchor.spec.backbone,
-                            statistical_budget=layout["d_statistical"],
-                            projection_seed=layout["projection_seed"])
+                            score.attention or layout["attention"], layout["d_statistical"],
+                            layout["projection_seed"])
     extractor = handler.build_extractor()
     anchor.spec.require_same(extractor.spec, f"anchor {score.anchor}")  # refuse before any work
     handler.expected_spec_digest = extractor.spec.digest()

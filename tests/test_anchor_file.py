@@ -1,0 +1,103 @@
+"""The anchor file (METHOD.md section 5): exact round trip, refusal of damaged or foreign files,
+and refusal to score features made by another backbone."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+import anchors.anchor_file as anchor_file
+from anchors.anchor import COMPONENTS, Anchor, AnchorConfig
+from anchors.anchor_file import AnchorFileError, anchor_from_bytes, anchor_to_bytes, read_metadata
+from anchors.spec import FeatureSpec, IncompatibleAnchorError
+from anchors.stats import Moments
+
+DS, DM = 6, 9
+
+
+def spec(**changes):
+    base = FeatureSpec("synthetic", "0" * 64, {"crop": 224}, {"d_semantic": DS, "d_statistical": DM})
+    return dataclasses.replace(base, **changes)
+
+
+@pytest.fixture(scope="module")
+def anchor():
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(DS + DM, DS + DM))
+    data = 5.0 + rng.normal(size=(700, DS + DM)) @ mixing
+    return Anchor.fit(spec(), Moments.of(data[:500]), data[500:],
+                      AnchorConfig(fpr=0.05, combine="tippett"))
+
+
+@pytest.fixture(scope="module")
+def data(anchor):
+    return anchor_to_bytes(anchor, projection=np.eye(4), version="test")
+
+
+def test_round_trip_reproduces_statistics_calibration_and_scores(anchor, data):
+    loaded, metadata = anchor_from_bytes(data)
+    assert loaded.moments == anchor.moments
+    for name in COMPONENTS:
+        assert np.array_equal(loaded.calibration[name], anchor.calibration[name])
+    assert loaded.n_calibration == anchor.n_calibration and loaded.config == anchor.config
+    assert loaded.spec == anchor.spec
+    loaded.spec.require_same(spec())
+    assert np.array_equal(metadata["projection"], np.eye(4))
+    features = np.random.default_rng(1).normal(size=(20, DS + DM)) * 3
+    expected, actual = anchor.score(features), loaded.score(features)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert np.array_equal(actual[key], expected[key]), key
+
+
+def test_read_metadata_reports_the_facts(anchor, data):
+    metadata = read_metadata(data)
+    assert metadata["format_version"] == anchor_file.FORMAT_VERSION
+    summary = anchor.summary
+    for key in ("backbone", "weights_sha256", "n", "d", "shrinkage", "k", "fpr"):
+        assert metadata[key] == summary[key], key
+    assert (metadata["n"], metadata["d"], metadata["fpr"]) == (500, DS + DM, 0.05)
+
+
+def test_tampered_tensor_is_refused_by_checksum(data):
+    tampered = bytearray(data)
+    tampered[-3] ^= 0x01  # inside the last tensor's bytes
+    with pytest.raises(AnchorFileError, match="checksum"):
+        anchor_from_bytes(bytes(tampered))
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.001])
+def test_truncated_file_is_refused(data, cut):
+    with pytest.raises(AnchorFileError):
+        anchor_from_bytes(data[:int(len(data) * cut)])
+
+
+@pytest.mark.parametrize("junk", [b"", np.random.default_rng(2).bytes(4096), b"\x08" + b"\0" * 7 + b"{}"])
+def test_foreign_bytes_are_refused(junk):
+    with pytest.raises(AnchorFileError):
+        anchor_from_bytes(junk)
+    with pytest.raises(AnchorFileError):
+        read_metadata(junk)
+
+
+def test_other_format_version_is_refused_naming_it(anchor, monkeypatch):
+    monkeypatch.setattr(anchor_file, "FORMAT_VERSION", 2)
+    future = anchor_to_bytes(anchor)
+    monkeypatch.undo()
+    for reader in (read_metadata, anchor_from_bytes):
+        with pytest.raises(AnchorFileError, match="version 2"):
+            reader(future)
+
+
+@pytest.mark.parametrize("field, value", [("backbone", "clip-vit-l14"), ("weights_sha256", "f" * 64)])
+def test_different_spec_is_refused_naming_the_field(field, value):
+    with pytest.raises(IncompatibleAnchorError) as error:
+        spec().require_same(spec(**{field: value}))
+    message = str(error.value)
+    assert f"{field}:" in message and repr(value) in message
+    assert "fit a new anchor" in message and "--backbone synthetic" in message
+    other = {"backbone", "weights_sha256", "preprocessing", "layout"} - {field}
+    assert not any(f"{name}:" in message for name in other)
+
+
+def test_identical_specs_pass():
+    assert spec().require_same(FeatureSpec.from_dict(spec().to_dict())) is None

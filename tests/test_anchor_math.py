@@ -1,0 +1,245 @@
+"""The anchor's maths (METHOD.md sections 4-5) against independent oracles: scikit-learn's OAS,
+exact inverses, eigendecompositions, scipy's combined p-values and KS tests."""
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn.covariance import OAS, oas
+from sklearn.metrics import roc_auc_score
+
+from anchors.anchor import (Anchor, AnchorConfig, AnchorModel, Spectrum, oas_shrinkage,
+                            shrunk_covariance)
+from anchors.calibration import (fisher_log10, holds_out, sketch, tippett_log10,
+                                 upper_tail_log_pvalues)
+from anchors.spec import FeatureSpec
+from anchors.stats import Moments
+
+
+def spec(ds, dm):
+    return FeatureSpec("synthetic", "0" * 64, {"crop": 224}, {"d_semantic": ds, "d_statistical": dm})
+
+
+def joint_gaussian(ds, dm, seed=0):
+    """(mean, Sigma, rng) of [s ; m] with m = s W + noise: m strongly correlated with s."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(ds, ds))
+    sigma_ss = a @ a.T / ds + 0.5 * np.eye(ds)
+    w = rng.normal(size=(ds, dm))
+    b = rng.normal(size=(dm, dm))
+    noise = b @ b.T / dm + 0.1 * np.eye(dm)
+    sigma = np.block([[sigma_ss, sigma_ss @ w], [w.T @ sigma_ss, w.T @ sigma_ss @ w + noise]])
+    return rng.normal(size=ds + dm) * 3, sigma, rng
+
+
+def sample(ds, dm, n, seed=0):
+    mean, sigma, rng = joint_gaussian(ds, dm, seed)
+    return rng.multivariate_normal(mean, sigma, size=n)
+
+
+def test_oas_shrinkage_matches_sklearn():
+    data = sample(6, 14, n=60, seed=1)
+    centred = data - data.mean(axis=0)
+    _, expected = oas(data)
+    assert oas_shrinkage(centred.T @ centred / len(data), len(data)) == pytest.approx(expected,
+                                                                                     rel=1e-12)
+
+
+def test_shrunk_covariance_is_oas_of_the_correlation_rescaled():
+    rng = np.random.default_rng(2)
+    data = sample(5, 10, n=40, seed=2) * rng.uniform(0.01, 100.0, size=15)  # unequal scales
+    shrunk, shrinkage = shrunk_covariance(Moments.of(data))
+    standardised = (data - data.mean(0)) / data.std(0)  # ddof=0: sklearn's emp_cov = correlation
+    reference = OAS().fit(standardised)
+    assert shrinkage == pytest.approx(reference.shrinkage_, rel=1e-10)
+    assert 0.0 < shrinkage <= 1.0
+    scale = data.std(0, ddof=1)  # Moments' covariance uses n - 1
+    np.testing.assert_allclose(shrunk / np.outer(scale, scale), reference.covariance_,
+                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(np.diag(shrunk), np.var(data, 0, ddof=1), rtol=1e-10)
+
+
+def test_decoupled_residual_is_uncorrelated_with_semantic_part():
+    ds, dm = 6, 10
+    data = sample(ds, dm, n=20000, seed=3)
+    model = AnchorModel.fit(Moments.of(data), ds)
+    s, m = data[:, :ds] - model.mean[:ds], data[:, ds:] - model.mean[ds:]
+    residual = m - s @ model.regression
+    cross = np.corrcoef(np.hstack([s, residual]), rowvar=False)[:ds, ds:]
+    raw = np.corrcoef(np.hstack([s, m]), rowvar=False)[:ds, ds:]
+    assert np.abs(cross).max() < 0.05
+    assert np.abs(raw).max() > 0.5
+
+
+def test_spectrum_distances_equal_closed_form():
+    rng = np.random.default_rng(4)
+    basis, _ = np.linalg.qr(rng.normal(size=(15, 15)))
+    covariance = basis @ np.diag(2.0 ** -np.arange(15)) @ basis.T
+    spectrum = Spectrum.fit(covariance, 0.9, max_rank=100)
+    values, vectors = np.linalg.eigh(covariance)
+    values, vectors = values[::-1], vectors[:, ::-1]
+    share = np.cumsum(values) / values.sum()
+    k = next(j + 1 for j in range(15) if share[j] >= 0.9)
+    assert spectrum.k == k
+    residuals = rng.normal(size=(30, 15))
+    t2, spe = spectrum.distances(residuals)
+    kept = vectors[:, :k]
+    np.testing.assert_allclose(t2, ((residuals @ kept) ** 2 / values[:k]).sum(1), rtol=1e-9)
+    tail = residuals - residuals @ kept @ kept.T
+    np.testing.assert_allclose(spe, (tail ** 2).sum(1) / values[k:].mean(), rtol=1e-8)
+
+
+def test_spectrum_rank_is_capped_and_tail_is_mean_of_the_rest():
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(12, 12))
+    covariance = a @ a.T
+    spectrum = Spectrum.fit(covariance, 0.9999, max_rank=3)
+    values = np.linalg.eigvalsh(covariance)[::-1]
+    assert spectrum.k == 3
+    np.testing.assert_allclose(spectrum.eigenvalues, values[:3], rtol=1e-10)
+    assert spectrum.tau == pytest.approx(values[3:].mean(), rel=1e-10)
+
+
+def test_semantic_and_statistical_distances_equal_exact_inverse_oracle():
+    ds, dm = 7, 9
+    data = sample(ds, dm, n=300, seed=6)
+    moments = Moments.of(data)
+    model = AnchorModel.fit(moments, ds, explained_variance=0.9)
+    sigma, _ = shrunk_covariance(moments)
+    precision_ss = np.linalg.inv(sigma[:ds, :ds])
+    features = sample(ds, dm, n=25, seed=7)
+    centred = features - moments.mean
+    s, m = centred[:, :ds], centred[:, ds:]
+    distances = model.distances(features)
+    np.testing.assert_allclose(distances["semantic"],
+                               np.einsum("bi,ij,bj->b", s, precision_ss, s), rtol=1e-9)
+    regression = precision_ss @ sigma[:ds, ds:]
+    schur = sigma[ds:, ds:] - sigma[ds:, :ds] @ regression
+    oracle = Spectrum.fit(schur, 0.9, max_rank=299).distances(m - s @ regression)
+    np.testing.assert_allclose(distances["statistical"], oracle[0] + oracle[1], rtol=1e-8)
+    np.testing.assert_allclose(distances["t2"] + distances["spe"], distances["statistical"])
+
+
+def test_fit_with_fewer_rows_than_dimensions():
+    ds, dm, n = 30, 50, 20
+    data = sample(ds, dm, n=n + 10, seed=8)
+    anchor = Anchor.fit(spec(ds, dm), Moments.of(data[:n]), data[n:])
+    model = anchor.model
+    assert model.decoupled.k <= n - 1 and model.raw.k <= n - 1
+    assert 0.0 < model.shrinkage <= 1.0 and anchor.summary["shrinkage"] == model.shrinkage
+    assert np.isfinite(model.decoupled.tau) and model.decoupled.tau > 0
+    scores = anchor.score(sample(ds, dm, n=10, seed=9))
+    for name in ("semantic", "statistical", "statistical_raw", "score"):
+        assert np.all(np.isfinite(scores[name])) and np.all(scores[name] >= 0)
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    ds, dm = 8, 12
+    mean, sigma, rng = joint_gaussian(ds, dm, seed=10)
+    draw = lambda n: rng.multivariate_normal(mean, sigma, size=n)  # noqa: E731
+    anchor = Anchor.fit(spec(ds, dm), Moments.of(draw(6000)), draw(2000))
+    return anchor, draw, np.sqrt(np.diag(sigma)), ds
+
+
+def test_pvalues_are_uniform_and_suspect_rate_matches_fpr(calibrated):
+    anchor, draw, _, _ = calibrated
+    scores = anchor.score(draw(2000))
+    for name in ("p_semantic", "p_statistical"):
+        assert stats.kstest(scores[name], "uniform").statistic < 0.06, name
+    fpr = anchor.config.fpr
+    assert abs(scores["is_suspect"].mean() - fpr) <= 4 * np.sqrt(fpr * (1 - fpr) / 2000)
+
+
+@pytest.mark.parametrize("change", ["shift", "scale"])
+def test_shifted_statistics_score_much_higher(calibrated, change):
+    anchor, draw, std, ds = calibrated
+    real, fake = draw(1000), draw(1000)
+    if change == "shift":
+        fake[:, ds:] += 4 * std[ds:]
+    else:
+        fake[:, ds:] = anchor.moments.mean[ds:] + 3 * (fake[:, ds:] - anchor.moments.mean[ds:])
+    real_scores, fake_scores = anchor.score(real)["score"], anchor.score(fake)
+    labels = np.r_[np.zeros(1000), np.ones(1000)]
+    assert roc_auc_score(labels, np.r_[real_scores, fake_scores["score"]]) > 0.95
+    assert fake_scores["is_suspect"].mean() > 0.5
+
+
+def test_fisher_matches_scipy():
+    rng = np.random.default_rng(11)
+    for k in (2, 3):
+        pvalues = 10.0 ** -rng.uniform(0, 30, size=(50, k))
+        expected = [-np.log10(stats.combine_pvalues(row, method="fisher").pvalue)
+                    for row in pvalues]
+        np.testing.assert_allclose(fisher_log10(np.log(pvalues)), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_fisher_stays_finite_and_monotone_for_tiny_pvalues():
+    pvalues = 10.0 ** -np.linspace(10, 290, 50)
+    pairs = np.stack([pvalues, np.full_like(pvalues, 1e-200)], axis=1)
+    scores = fisher_log10(np.log(pairs))
+    assert np.all(np.isfinite(scores)) and np.all(np.diff(scores) > 0)
+    half = -np.log(pairs).sum(1)  # chi-square with 4 dof: sf = exp(-h) (1 + h)
+    np.testing.assert_allclose(scores, (half - np.log1p(half)) / np.log(10), rtol=1e-12)
+
+
+def test_tippett_matches_closed_form():
+    rng = np.random.default_rng(12)
+    for k in (2, 3):
+        pvalues = rng.uniform(1e-6, 1, size=(50, k))
+        expected = -np.log10(1 - (1 - pvalues.min(1)) ** k)
+        np.testing.assert_allclose(tippett_log10(np.log(pvalues)), expected, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def chi2_sketch():
+    values = np.random.default_rng(13).chisquare(10, 2000)
+    return sketch(values), len(values)
+
+
+def upper_tail_pvalues(values, quantiles, n):
+    return np.exp(upper_tail_log_pvalues(values, quantiles, n))
+
+
+def test_upper_tail_pvalues_are_monotone_bounded_and_continuous(chi2_sketch):
+    quantiles, n = chi2_sketch
+    grid = np.linspace(quantiles[0] - 1, 3 * quantiles[-1], 200001)
+    p = upper_tail_pvalues(grid, quantiles, n)
+    assert np.all(np.diff(p) <= 0)
+    assert np.all((p > 0) & (p <= 1)) and p[0] == 1.0
+    assert np.abs(np.diff(p)).max() < 2e-3  # no jump, at the tail threshold or elsewhere
+    threshold = np.quantile(quantiles, 0.9)  # the tail starts at the 90th percentile
+    around = upper_tail_pvalues(threshold + np.array([-1e-9, 1e-9]), quantiles, n)
+    np.testing.assert_allclose(around, 0.1, atol=1e-6)
+    above = quantiles[-1] + np.linspace(0, 5 * (quantiles[-1] - quantiles[0]), 100)
+    assert np.all(np.diff(upper_tail_pvalues(above, quantiles, n)) < 0)
+
+
+def test_upper_tail_pvalues_match_empirical_tail_inside_the_body(chi2_sketch):
+    quantiles, n = chi2_sketch
+    for level in (0.2, 0.5, 0.8):
+        value = np.quantile(quantiles, 1 - level)
+        assert upper_tail_pvalues(value, quantiles, n) == pytest.approx(level, abs=2e-3)
+
+
+def test_pvalues_stay_positive_and_ranked_far_beyond_calibration(chi2_sketch):
+    quantiles, n = chi2_sketch
+    far = quantiles[-1] * np.array([10.0, 100.0, 1000.0])
+    log_p = upper_tail_log_pvalues(far, quantiles, n)
+    assert np.all(np.isfinite(log_p)) and np.all(np.diff(log_p) < 0), log_p
+    scores = fisher_log10(np.stack([log_p, np.zeros(3)], axis=1))
+    assert np.all(np.isfinite(scores)) and np.all(np.diff(scores) > 0), scores
+
+
+def test_holds_out_is_deterministic_with_the_right_fraction():
+    uris = [f"gs://bucket/images/{i:06d}.jpg" for i in range(20000)]
+    first = np.array([holds_out(uri, 0.1) for uri in uris])
+    assert np.array_equal(first, [holds_out(uri, 0.1) for uri in uris])
+    assert abs(first.mean() - 0.1) < 4 * np.sqrt(0.1 * 0.9 / 20000)
+
+
+def test_holds_out_keeps_a_group_on_one_side():
+    uris = [f"gs://bucket/photo{i:04d}_crop{j}.jpg" for i in range(2000) for j in range(5)]
+    sides = np.array([holds_out(uri, 0.3, group=r"photo(\d+)_") for uri in uris]).reshape(2000, 5)
+    assert np.all(sides.all(1) | ~sides.any(1))
+    assert abs(sides[:, 0].mean() - 0.3) < 4 * np.sqrt(0.3 * 0.7 / 2000)
+    ungrouped = np.array([holds_out(uri, 0.3) for uri in uris]).reshape(2000, 5)
+    assert not np.all(ungrouped.all(1) | ~ungrouped.any(1))  # the regex is what groups them

@@ -1,0 +1,98 @@
+"""Feature extraction: moments against a numpy reference, attention, projection, the real backbone."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from anchors.backbones import load_backbone, zscore_softmax_attention
+from anchors.features import (SIGMA_EPS, FeatureExtractor, resample_weights, seeded_projection,
+                              weighted_moments)
+from anchors.preprocess import DecodeError, decode_and_crop
+
+
+def test_weighted_moments_match_numpy():
+    rng = np.random.default_rng(0)
+    tokens = rng.normal(size=(2, 5, 3, 4)).astype(np.float32)
+    weights = rng.random((2, 3, 4)).astype(np.float32)
+    weights /= weights.sum(axis=(1, 2), keepdims=True)
+    mean, log_sigma = weighted_moments(torch.from_numpy(tokens), torch.from_numpy(weights))
+    for b in range(2):
+        flat, w = tokens[b].reshape(5, -1).astype(np.float64), weights[b].reshape(-1)
+        expected_mean = flat @ w
+        expected_var = ((flat - expected_mean[:, None]) ** 2) @ w
+        np.testing.assert_allclose(mean[b], expected_mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(log_sigma[b], 0.5 * np.log(expected_var + SIGMA_EPS), rtol=1e-4)
+
+
+def test_attention_weights_sum_to_one_on_every_grid():
+    activations = torch.randn(3, 8, 7, 7)
+    attention = zscore_softmax_attention(activations)
+    torch.testing.assert_close(attention.sum(dim=(1, 2)), torch.ones(3))
+    for size in [(14, 14), (28, 28), (7, 7)]:
+        torch.testing.assert_close(resample_weights(attention, size).sum(dim=(1, 2)), torch.ones(3))
+
+
+def test_zscored_attention_is_spread_over_many_positions():
+    # Activation norms spread over tens of units: a raw softmax puts the weight on one position.
+    generator = torch.Generator().manual_seed(0)
+    norms = 20 + 5 * torch.randn(1, 1, 7, 7, generator=generator)
+    activations = norms * torch.nn.functional.normalize(
+        torch.randn(1, 64, 7, 7, generator=generator), dim=1)
+    raw = (activations.norm(dim=1).flatten(1)).softmax(dim=1)
+    zscored = zscore_softmax_attention(activations).flatten(1)
+    assert 1 / (raw ** 2).sum() < 3
+    assert 1 / (zscored ** 2).sum() > 10
+
+
+def test_projection_is_orthonormal_and_seeded():
+    projection = seeded_projection(50, 20, seed=3)
+    np.testing.assert_allclose(projection.T @ projection, np.eye(20), atol=1e-5)
+    np.testing.assert_array_equal(projection, seeded_projection(50, 20, seed=3))
+    assert not np.allclose(projection, seeded_projection(50, 20, seed=4))
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    return FeatureExtractor(load_backbone())
+
+
+def test_default_backbone_features(extractor):
+    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8))
+    features = extractor(pixels)
+    assert features.vectors.shape == (3, extractor.spec.dim) == (3, 2048)
+    assert np.isfinite(features.vectors).all()
+    assert ((features.attention_positions >= 1) & (features.attention_positions <= 49)).all()
+    # One image's features do not depend on the rest of its batch.
+    alone = extractor(pixels[:1]).vectors[0]
+    np.testing.assert_allclose(alone, features.vectors[0], rtol=1e-4, atol=1e-4)
+
+
+def test_spec_names_backbone_weights_and_layout(extractor):
+    spec = extractor.spec
+    assert spec.backbone == "efficientnet-lite0" and len(spec.weights_sha256) == 64
+    assert spec.layout["d_semantic"] == 1280 and spec.layout["d_statistical"] == 768
+    assert spec.digest() == FeatureExtractor(load_backbone()).spec.digest()
+    assert spec.digest() != FeatureExtractor(load_backbone(attention="uniform")).spec.digest()
+
+
+def test_crop_is_native_resolution_centre(tmp_path):
+    from io import BytesIO
+    from PIL import Image
+
+    image = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    buffer = BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    crop = decode_and_crop(buffer.getvalue(), 224)
+    np.testing.assert_array_equal(crop.pixels, image[38:262, 88:312])
+    assert (crop.width, crop.height, crop.preprocess) == (400, 300, "center_crop")
+
+
+def test_pixel_limit_is_a_decode_error():
+    from io import BytesIO
+    from PIL import Image
+
+    buffer = BytesIO()
+    Image.new("RGB", (300, 300)).save(buffer, format="PNG")
+    with pytest.raises(DecodeError, match="over the limit"):
+        decode_and_crop(buffer.getvalue(), 224, max_pixels=300 * 299)
