@@ -37,6 +37,23 @@ def weighted_moments(token_map: torch.Tensor, weights: torch.Tensor) -> tuple[to
     return mean, 0.5 * torch.log(variance + SIGMA_EPS)
 
 
+@dataclasses.dataclass(frozen=True)
+class BackboneConfig:
+    """Everything needed to build the same feature extractor on the driver and on workers."""
+    name: str
+    weights: str | None = None
+    attention: str | None = None  # None: the backbone's default
+    resize: str = "none"
+    statistical_budget: int = 768
+    projection_seed: int = 0
+    device: str = "cpu"
+
+    def build(self) -> "FeatureExtractor":
+        from anchors.backbones import load_backbone
+        backbone = load_backbone(self.name, self.weights, self.attention, self.resize)
+        return FeatureExtractor(backbone, self.statistical_budget, self.projection_seed, self.device)
+
+
 @dataclasses.dataclass
 class Features:
     vectors: np.ndarray  # (B, d) float32
@@ -46,8 +63,10 @@ class Features:
 class FeatureExtractor:
     """Backbone + moments + projection; ``spec`` names everything the features depend on."""
 
-    def __init__(self, backbone, statistical_budget: int = 768, projection_seed: int = 0):
-        self.backbone = backbone
+    def __init__(self, backbone, statistical_budget: int = 768, projection_seed: int = 0,
+                 device: str = "cpu"):
+        self.device = torch.device(device)
+        self.backbone = backbone.to(self.device)
         raw_dim = 2 * sum(backbone.layout["moment_channels"])
         self.projection = (seeded_projection(raw_dim, statistical_budget, projection_seed)
                            if raw_dim > statistical_budget else None)
@@ -59,12 +78,16 @@ class FeatureExtractor:
                       sigma_eps=SIGMA_EPS)
         self.spec = FeatureSpec(backbone.name, backbone.weights_sha256, backbone.preprocessing,
                                 layout)
-        self._projection_tensor = None if self.projection is None else torch.from_numpy(self.projection)
+        self._projection_tensor = (None if self.projection is None
+                                   else torch.from_numpy(self.projection).to(self.device))
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> Features:
         """``pixels``: (B, H, W, 3) uint8 crops."""
-        output = self.backbone(pixels.permute(0, 3, 1, 2))
+        pixels = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        # bf16 on GPUs (the backbone's matmuls); moments and projection stay in float32.
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            output = self.backbone(pixels)
         parts = []
         for token_map in output.token_maps:
             weights = resample_weights(output.attention, token_map.shape[2:])

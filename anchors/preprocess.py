@@ -25,7 +25,11 @@ class Crop:
     preprocess: str  # what was done: "center_crop" or "upscale+center_crop"
 
 
-def decode_and_crop(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Crop:
+def decode_and_crop(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                    resize: str = "none") -> Crop:
+    """``resize="none"``: centre crop at native resolution, upscaling only images smaller than
+    the crop; ``"shorter_side"``: scale the shorter side to the crop size first (CLIP's own
+    transform), which loses high-frequency artifacts."""
     if not data:
         raise DecodeError("file is empty (0 bytes)")
     try:
@@ -47,11 +51,11 @@ def decode_and_crop(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS
         raise DecodeError(f"cannot decode image: {error}") from None
     width, height = image.size
     preprocess = "center_crop"
-    if min(width, height) < size:
+    if min(width, height) < size or (resize == "shorter_side" and min(width, height) != size):
         scale = size / min(width, height)
         image = image.resize((max(size, round(width * scale)), max(size, round(height * scale))),
                              Image.BICUBIC)
-        preprocess = "upscale+center_crop"
+        preprocess = ("upscale" if scale > 1 else "downscale") + "+center_crop"
     left, top = (image.width - size) // 2, (image.height - size) // 2
     pixels = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
     return Crop(pixels, width, height, preprocess)

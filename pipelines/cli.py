@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from anchors.anchor_file import AnchorFileError
+    from anchors.backbones import MissingWeightsError
     from anchors.spec import IncompatibleAnchorError
+    from anchors.weights import WeightsError
 
     try:
         if command == "info":
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"anchorscan: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
             return 2
-    except (AnchorFileError, IncompatibleAnchorError, FileNotFoundError, ValueError) as error:
+    except (AnchorFileError, IncompatibleAnchorError, MissingWeightsError, WeightsError,
+            FileNotFoundError, ValueError) as error:
         print(f"anchorscan {command}: error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -9,19 +9,11 @@ import apache_beam as beam
 
 from anchors.anchor import AnchorConfig
 from anchors.backbones import DEFAULT_BACKBONE
+from anchors.features import BackboneConfig
+from pipelines.common import build_driver_extractor, read_and_embed
 from pipelines.options import AnchorOptions, counter_totals, pipeline_options, require
-from transforms.decode import DecodeImages
-from transforms.inference import EmbedImages, FeatureModelHandler
-from transforms.io import ListInputs
 from transforms.scoring import FitAnchor, load_anchor
 from transforms.sinks import WriteErrors
-
-
-def model_handler(options, backbone: str, attention: str, statistical_budget: int,
-                  projection_seed: int) -> FeatureModelHandler:
-    return FeatureModelHandler(
-        backbone, options.weights, attention, statistical_budget, projection_seed,
-        max_batch_size=options.batch_size, torch_threads=options.torch_threads)
 
 
 def run(argv=None, test_pipeline=None):
@@ -30,21 +22,17 @@ def run(argv=None, test_pipeline=None):
     require(fit, "input", "anchor")
     config = AnchorConfig(fit.explained_variance, fit.fpr, fit.combine or AnchorConfig.combine,
                           fit.statistical or AnchorConfig.statistical)
-    handler = model_handler(fit, fit.backbone or DEFAULT_BACKBONE, fit.attention or "zscore",
-                            fit.statistical_budget, fit.projection_seed)
-    extractor = handler.build_extractor()  # the spec and projection the anchor records
-    handler.expected_spec_digest = extractor.spec.digest()
+    backbone = BackboneConfig(fit.backbone or DEFAULT_BACKBONE, fit.weights, fit.attention,
+                              fit.resize or "none", fit.statistical_budget, fit.projection_seed, fit.device)
+    extractor = build_driver_extractor(backbone)  # the spec and projection the anchor records
 
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=options)
-    uris, list_errors = pipeline | "List" >> ListInputs(fit.input)
-    images, decode_errors = uris | "Decode" >> DecodeImages(extractor.backbone.crop_size,
-                                                            fit.max_pixels)
-    embedded, embed_errors = images | "Embed" >> EmbedImages(handler)
+    embedded, errors = read_and_embed(pipeline, fit, backbone, extractor)
     _ = embedded | "Fit" >> FitAnchor(fit.anchor, extractor.spec, config, extractor.projection,
                                       fit.calibration_fraction, fit.calibration_group,
                                       version=version("anchorscan"))
-    _ = (list_errors, decode_errors, embed_errors) | WriteErrors(fit.errors or fit.anchor)
+    _ = tuple(errors) | WriteErrors(fit.errors or fit.anchor)
     result = pipeline.run()
     result.wait_until_finish()
     _, metadata = load_anchor(fit.anchor)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from anchors.backbones import ATTENTION, BACKBONES, DEFAULT_BACKBONE
+from anchors.backbones import ATTENTION_MODES, BACKBONE_NAMES, DEFAULT_BACKBONE, RESIZE_MODES
 from anchors.anchor import AnchorConfig, STATISTICAL_MODES
 from anchors.calibration import COMBINERS
 from anchors.preprocess import DEFAULT_MAX_PIXELS
@@ -34,14 +34,22 @@ class AnchorOptions(PipelineOptions):
             help="Images: a glob, a directory (its image files, recursively) or a manifest "
                  "(.txt one URI per line, .csv or .parquet with a 'uri' column). Local or gs://. "
                  "Repeat for several.")
-        parser.add_argument("--backbone", default=None, choices=sorted(BACKBONES),
+        parser.add_argument("--backbone", default=None, choices=BACKBONE_NAMES,
                             help=f"Frozen backbone (default: {DEFAULT_BACKBONE}; when scoring, "
                                  "the anchor's).")
         parser.add_argument("--weights", default=None,
-                            help="Backbone weights file (default: the backbone's bundled weights).")
-        parser.add_argument("--attention", default=None, choices=sorted(ATTENTION),
-                            help="Spatial weights of the moments (fit default: zscore; when "
-                                 "scoring, the anchor's).")
+                            help="Backbone weights file, local or gs:// (default: the backbone's "
+                                 "bundled weights; CLIP backbones need this).")
+        parser.add_argument("--attention", default=None, choices=ATTENTION_MODES,
+                            help="Spatial weights of the moments: zscore (CNN), cls (ViT) or "
+                                 "uniform (default: the backbone's; when scoring, the anchor's).")
+        parser.add_argument("--resize", default=None, choices=RESIZE_MODES,
+                            help="none: centre crop at native resolution (default); shorter_side: "
+                                 "scale the shorter side to the crop first (when scoring, the "
+                                 "anchor's).")
+        parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on GPUs).")
+        parser.add_argument("--large_model", action="store_true",
+                            help="Share one model copy between a worker's processes.")
         parser.add_argument("--batch_size", type=int, default=32,
                             help="Largest inference batch.")
         parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,

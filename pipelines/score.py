@@ -6,11 +6,9 @@ import time
 
 import apache_beam as beam
 
-from pipelines.fit import model_handler
+from anchors.features import BackboneConfig
+from pipelines.common import build_driver_extractor, read_and_embed
 from pipelines.options import AnchorOptions, counter_totals, pipeline_options, require
-from transforms.decode import DecodeImages
-from transforms.inference import EmbedImages
-from transforms.io import ListInputs
 from transforms.scoring import ScoreFeatures, load_anchor
 from transforms.sinks import WriteErrors, WriteScores
 
@@ -20,25 +18,23 @@ def run(argv=None, test_pipeline=None):
     score = options.view_as(AnchorOptions)
     require(score, "input", "anchor", "output")
     anchor, metadata = load_anchor(score.anchor)
-    layout = anchor.spec.layout
-    handler = model_handler(score, score.backbone or anchor.spec.backbone,
-                            score.attention or layout["attention"], layout["d_statistical"],
-                            layout["projection_seed"])
-    extractor = handler.build_extractor()
-    anchor.spec.require_same(extractor.spec, f"anchor {score.anchor}")  # refuse before any work
-    handler.expected_spec_digest = extractor.spec.digest()
+    spec = anchor.spec
+    backbone = BackboneConfig(score.backbone or spec.backbone, score.weights,
+                              score.attention or spec.layout["attention"],
+                              score.resize or spec.preprocessing["resize"],
+                              spec.layout["d_statistical"], spec.layout["projection_seed"],
+                              score.device)
+    extractor = build_driver_extractor(backbone)
+    spec.require_same(extractor.spec, f"anchor {score.anchor}")  # refuse before any work
     anchor.score(anchor.moments.mean[None], score.combine, score.statistical)  # validates choices
 
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=options)
-    uris, list_errors = pipeline | "List" >> ListInputs(score.input)
-    images, decode_errors = uris | "Decode" >> DecodeImages(extractor.backbone.crop_size,
-                                                            score.max_pixels)
-    embedded, embed_errors = images | "Embed" >> EmbedImages(handler)
+    embedded, errors = read_and_embed(pipeline, score, backbone, extractor)
     rows, score_errors = embedded | "Score" >> ScoreFeatures(score.anchor, score.combine,
                                                              score.statistical)
     _ = rows | WriteScores(score.output)
-    _ = (list_errors, decode_errors, embed_errors, score_errors) | WriteErrors(score.output)
+    _ = (*errors, score_errors) | WriteErrors(score.output)
     result = pipeline.run()
     result.wait_until_finish()
 

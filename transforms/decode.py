@@ -23,9 +23,8 @@ class ImageMeta(NamedTuple):
 
 
 class DecodeImageFn(beam.DoFn):
-    def __init__(self, crop_size: int, max_pixels: int = DEFAULT_MAX_PIXELS):
-        self.crop_size = crop_size
-        self.max_pixels = max_pixels
+    def __init__(self, crop_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, resize: str = "none"):
+        self.crop_size, self.max_pixels, self.resize = crop_size, max_pixels, resize
 
     def process(self, uri: str):
         try:
@@ -34,7 +33,7 @@ class DecodeImageFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(ERRORS, error_row(uri, "read", f"cannot read file: {error}"))
             return
         try:
-            crop = decode_and_crop(data, self.crop_size, self.max_pixels)
+            crop = decode_and_crop(data, self.crop_size, self.max_pixels, self.resize)
         except DecodeError as error:
             yield beam.pvalue.TaggedOutput(ERRORS, error_row(uri, "decode", str(error)))
             return
@@ -46,11 +45,13 @@ class DecodeImageFn(beam.DoFn):
 class DecodeImages(beam.PTransform):
     """URIs -> (ImageMeta, uint8 crop) pairs, and error rows."""
 
-    def __init__(self, crop_size: int, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, preprocessing: dict, max_pixels: int = DEFAULT_MAX_PIXELS):
         super().__init__()
-        self.crop_size, self.max_pixels = crop_size, max_pixels
+        self.crop_size, self.resize = preprocessing["crop"], preprocessing["resize"]
+        self.max_pixels = max_pixels
 
     def expand(self, uris):
-        outputs = uris | beam.ParDo(DecodeImageFn(self.crop_size, self.max_pixels)).with_outputs(
+        decode = DecodeImageFn(self.crop_size, self.max_pixels, self.resize)
+        outputs = uris | beam.ParDo(decode).with_outputs(
             ERRORS, main="images")
         return outputs.images, outputs[ERRORS]

@@ -1,6 +1,7 @@
 """Batched feature extraction with RunInference: the backbone is loaded once per worker."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Iterable, Optional, Sequence
 
@@ -9,42 +10,39 @@ import numpy as np
 import torch
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
-from anchors.backbones import load_backbone
-from anchors.features import FeatureExtractor
+from anchors.features import BackboneConfig, FeatureExtractor
 from anchors.spec import IncompatibleAnchorError
+from transforms.io import local_copy
 from transforms.schema import error_row
 
 
 class FeatureModelHandler(ModelHandler[np.ndarray, tuple, FeatureExtractor]):
     """uint8 crops in, (feature vector, effective attention positions) out."""
 
-    def __init__(self, backbone: str, weights: Optional[str] = None, attention: str = "zscore",
-                 statistical_budget: int = 768, projection_seed: int = 0,
-                 expected_spec_digest: Optional[str] = None, min_batch_size: int = 1,
-                 max_batch_size: int = 32, torch_threads: int = 0):
+    def __init__(self, config: BackboneConfig, expected_spec_digest: Optional[str] = None,
+                 min_batch_size: int = 1, max_batch_size: int = 32, torch_threads: int = 0,
+                 large_model: bool = False):
         super().__init__()
-        self.backbone, self.weights, self.attention = backbone, weights, attention
-        self.statistical_budget, self.projection_seed = statistical_budget, projection_seed
-        self.expected_spec_digest = expected_spec_digest
+        self.config, self.expected_spec_digest = config, expected_spec_digest
         self.min_batch_size, self.max_batch_size = min_batch_size, max_batch_size
-        self.torch_threads = torch_threads
-
-    def build_extractor(self) -> FeatureExtractor:
-        return FeatureExtractor(load_backbone(self.backbone, self.weights, self.attention),
-                                self.statistical_budget, self.projection_seed)
+        self.torch_threads, self.large_model = torch_threads, large_model
 
     def load_model(self) -> FeatureExtractor:
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
-        extractor = self.build_extractor()
+        weights = self.config.weights and local_copy(self.config.weights)
+        extractor = dataclasses.replace(self.config, weights=weights).build()
         # A worker with other weights than the driver checked must not write wrong scores.
         if self.expected_spec_digest and extractor.spec.digest() != self.expected_spec_digest:
             raise IncompatibleAnchorError(
                 f"the backbone on this worker ({extractor.spec.backbone}, weights "
                 f"{extractor.spec.weights_sha256[:12]}) does not match the anchor's features")
-        logging.info("loaded backbone %s (weights sha256 %s)", extractor.spec.backbone,
-                     extractor.spec.weights_sha256[:12])
+        logging.info("loaded backbone %s (weights sha256 %s) on %s", extractor.spec.backbone,
+                     extractor.spec.weights_sha256[:12], extractor.device)
         return extractor
+
+    def share_model_across_processes(self) -> bool:
+        return self.large_model
 
     def run_inference(self, batch: Sequence[np.ndarray], model: FeatureExtractor,
                       inference_args: Optional[dict[str, Any]] = None) -> Iterable[tuple]:

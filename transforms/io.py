@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
+import tempfile
 import posixpath
 import uuid
 
@@ -20,6 +22,21 @@ GLOB_CHARACTERS = "*?["
 def read_bytes(uri: str) -> bytes:
     with FileSystems.open(uri, compression_type="uncompressed") as handle:
         return handle.read()
+
+
+def local_copy(uri: str) -> str:
+    """A local path with the contents of ``uri`` (copied once per process for remote files)."""
+    if "://" not in uri or uri.startswith("file://"):
+        return uri.removeprefix("file://")
+    target = os.path.join(tempfile.gettempdir(), "anchorscan-" + hashlib.sha256(uri.encode()).hexdigest()[:16]
+                          + "-" + posixpath.basename(uri))
+    if not os.path.exists(target):
+        partial = f"{target}.{uuid.uuid4().hex}"
+        with FileSystems.open(uri, compression_type="uncompressed") as source, open(partial, "wb") as out:
+            for chunk in iter(lambda: source.read(1 << 24), b""):
+                out.write(chunk)
+        os.replace(partial, target)
+    return target
 
 
 def write_atomically(uri: str, data: bytes) -> None:
