@@ -65,7 +65,7 @@ def fisher_log10(log_pvalues: np.ndarray) -> np.ndarray:
     log_half = np.log(np.maximum(half_stat, 1e-300))
     terms = np.stack([i * log_half - math.lgamma(i + 1) for i in range(k)], axis=-1)
     log_sf = -half_stat + np.logaddexp.reduce(terms, axis=-1)
-    return -np.minimum(log_sf, 0.0) / math.log(10)
+    return np.maximum(-log_sf, 0.0) / math.log(10)
 
 
 def tippett_log10(log_pvalues: np.ndarray) -> np.ndarray:

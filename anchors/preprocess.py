@@ -1,6 +1,7 @@
 """Decoding and cropping. Resizing destroys generation artifacts, so the default is a centre crop
-at native resolution (UnivFD's test protocol); only images smaller than the crop are upscaled,
-and every row records what was done to it."""
+at native resolution (UnivFD's test protocol); only images smaller than the crop are upscaled.
+Every normalisation applied to a file is recorded in its row, and every file that cannot be
+scored gets a sentence saying why."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,10 +12,12 @@ import numpy as np
 from PIL import Image, ImageOps
 
 DEFAULT_MAX_PIXELS = 100_000_000
+# Smaller images would be upscaled more than 7x: the crop would see interpolation, not the image.
+DEFAULT_MIN_SIDE = 32
 
 
 class DecodeError(ValueError):
-    """The bytes are not an image this tool can read; the message says why."""
+    """The bytes are not an image this tool can score; the message says why."""
 
 
 @dataclasses.dataclass
@@ -22,40 +25,84 @@ class Crop:
     pixels: np.ndarray  # (size, size, 3) uint8
     width: int  # of the decoded image, after EXIF orientation
     height: int
-    preprocess: str  # what was done: "center_crop" or "upscale+center_crop"
+    preprocess: str  # what was done, e.g. "exif_rotate+cmyk_to_rgb+center_crop"
+
+
+def _describe_unknown(data: bytes) -> str:
+    head = data[:256].lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
+        return "an HTML or XML page, not an image (a failed download saved under an image name?)"
+    if head.startswith((b"{", b"[")):
+        return "JSON text, not an image"
+    try:
+        data[:256].decode("utf-8")
+        return "text, not an image"
+    except UnicodeDecodeError:
+        return f"not a recognised image format (starts with {data[:12]!r})"
+
+
+def _to_rgb(image: Image.Image, notes: list[str]) -> Image.Image:
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit samples: keep the high byte, as an 8-bit export would.
+        values = np.asarray(image, dtype=np.int64 if mode == "I" else np.uint16)
+        shift = 8 if values.max(initial=0) > 255 else 0
+        image = Image.fromarray((values >> shift).clip(0, 255).astype(np.uint8))
+        notes.append("16bit_to_8bit")
+        mode = "L"
+    if mode == "CMYK":
+        notes.append("cmyk_to_rgb")
+    elif mode in ("L", "LA", "1"):
+        notes.append("gray_to_rgb")
+    elif mode == "P":
+        notes.append("palette_to_rgb")
+    if "A" in mode or "transparency" in image.info:
+        notes.append("alpha_dropped")
+    return image.convert("RGB")
 
 
 def decode_and_crop(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                    resize: str = "none") -> Crop:
+                    resize: str = "none", min_side: int = DEFAULT_MIN_SIDE) -> Crop:
     """``resize="none"``: centre crop at native resolution, upscaling only images smaller than
     the crop; ``"shorter_side"``: scale the shorter side to the crop size first (CLIP's own
     transform), which loses high-frequency artifacts."""
     if not data:
         raise DecodeError("file is empty (0 bytes)")
+    notes: list[str] = []
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below
             image = Image.open(io.BytesIO(data))
             if image.width * image.height > max_pixels:
-                raise DecodeError(f"image is {image.width} x {image.height} pixels, over the limit "
-                                  f"of {max_pixels:,} (raise --max_pixels to allow it)")
-            image.seek(0)  # first frame of animations
-            image = ImageOps.exif_transpose(image)
-            image = image.convert("RGB")
+                raise DecodeError(f"image declares {image.width} x {image.height} pixels, over the "
+                                  f"limit of {max_pixels:,} (a decompression bomb, or raise "
+                                  "--max_pixels)")
+            frames = getattr(image, "n_frames", 1)
+            if frames > 1:
+                image.seek(0)
+                notes.append(f"first_of_{frames}_frames")
+            oriented = ImageOps.exif_transpose(image)
+            if oriented.size != image.size or image.getexif().get(0x0112, 1) != 1:
+                notes.append("exif_rotate")
+            image = _to_rgb(oriented, notes)
     except DecodeError:
         raise
     except Image.UnidentifiedImageError:
-        raise DecodeError(f"not a recognised image format (starts with {data[:16]!r})") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as error:
-        raise DecodeError(f"cannot decode image: {error}") from None
+        raise DecodeError(_describe_unknown(data)) from None
+    except Image.DecompressionBombError as error:
+        raise DecodeError(f"a decompression bomb: {error}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise DecodeError(f"cannot decode image (damaged or truncated file?): {error}") from None
     width, height = image.size
-    preprocess = "center_crop"
-    if min(width, height) < size or (resize == "shorter_side" and min(width, height) != size):
-        scale = size / min(width, height)
-        image = image.resize((max(size, round(width * scale)), max(size, round(height * scale))),
-                             Image.BICUBIC)
-        preprocess = ("upscale" if scale > 1 else "downscale") + "+center_crop"
+    shorter = min(width, height)
+    if shorter < min_side:
+        raise DecodeError(f"image is {width} x {height} pixels: too small to score (the shorter "
+                          f"side must be at least --min_side {min_side})")
+    if shorter < size or (resize == "shorter_side" and shorter != size):
+        # Crop the centre square first, so a long thin image is not upscaled whole.
+        left, top = (width - shorter) // 2, (height - shorter) // 2
+        image = image.crop((left, top, left + shorter, top + shorter)).resize((size, size), Image.BICUBIC)
+        notes.append("upscale" if shorter < size else "downscale")
     left, top = (image.width - size) // 2, (image.height - size) // 2
     pixels = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
-    return Crop(pixels, width, height, preprocess)
+    return Crop(pixels, width, height, "+".join([*notes, "center_crop"]))

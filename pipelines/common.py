@@ -15,14 +15,18 @@ def build_driver_extractor(config: BackboneConfig) -> FeatureExtractor:
     return dataclasses.replace(config, weights=weights, device="cpu").build()
 
 
-def read_and_embed(pipeline, options, config: BackboneConfig, extractor: FeatureExtractor):
-    """Returns (embedded images, [error PCollections]) for the images the options name."""
+def read_and_embed(pipeline, options, config: BackboneConfig, extractor: FeatureExtractor,
+                   previous=None):
+    """Returns (embedded images, [error PCollections], reused rows) for the images the options
+    name; ``previous`` (sha256, score row) pairs are reused instead of scored again."""
     handler = FeatureModelHandler(config, extractor.spec.digest(),
                                   max_batch_size=options.batch_size,
                                   torch_threads=options.torch_threads,
                                   large_model=options.large_model)
     uris, list_errors = pipeline | "List" >> ListInputs(options.input)
-    images, decode_errors = uris | "Decode" >> DecodeImages(extractor.backbone.preprocessing,
-                                                            options.max_pixels)
+    limits = {"max_pixels": options.max_pixels, "max_bytes": options.max_bytes,
+              "min_side": options.min_side, "decode_timeout": options.decode_timeout}
+    images, decode_errors, reused = uris | "Decode" >> DecodeImages(
+        extractor.backbone.preprocessing, limits, previous)
     embedded, embed_errors = images | "Embed" >> EmbedImages(handler)
-    return embedded, [list_errors, decode_errors, embed_errors]
+    return embedded, [list_errors, decode_errors, embed_errors], reused

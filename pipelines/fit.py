@@ -28,7 +28,7 @@ def run(argv=None, test_pipeline=None):
 
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=options)
-    embedded, errors = read_and_embed(pipeline, fit, backbone, extractor)
+    embedded, errors, _ = read_and_embed(pipeline, fit, backbone, extractor)
     _ = embedded | "Fit" >> FitAnchor(fit.anchor, extractor.spec, config, extractor.projection,
                                       fit.calibration_fraction, fit.calibration_group,
                                       version=version("anchorscan"))

@@ -8,7 +8,8 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from anchors.backbones import ATTENTION_MODES, BACKBONE_NAMES, DEFAULT_BACKBONE, RESIZE_MODES
 from anchors.anchor import AnchorConfig, STATISTICAL_MODES
 from anchors.calibration import COMBINERS
-from anchors.preprocess import DEFAULT_MAX_PIXELS
+from anchors.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
+from transforms.decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_BYTES
 
 # The default local runner would first try to download the Prism binary; offline that fails
 # and it falls back, so runs would differ with the network. Pin the in-process runner.
@@ -54,6 +55,16 @@ class AnchorOptions(PipelineOptions):
                             help="Largest inference batch.")
         parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
                             help="Images with more pixels become error rows.")
+        parser.add_argument("--max_bytes", type=int, default=DEFAULT_MAX_BYTES,
+                            help="Files larger than this become error rows.")
+        parser.add_argument("--min_side", type=int, default=DEFAULT_MIN_SIDE,
+                            help="Images whose shorter side is smaller become error rows.")
+        parser.add_argument("--decode_timeout", type=float, default=DEFAULT_DECODE_TIMEOUT,
+                            help="Seconds one image may take to decode before it becomes an error row.")
+        parser.add_argument("--skip_scored", default=None,
+                            help="score: PREFIX or glob of earlier scores; inputs whose content "
+                                 "was scored with the same anchor reuse that row instead of being "
+                                 "scored again.")
         parser.add_argument("--torch_threads", type=int, default=0,
                             help="torch threads per worker (0: torch's default).")
         parser.add_argument("--anchor", default=None,

@@ -10,7 +10,7 @@ from anchors.features import BackboneConfig
 from pipelines.common import build_driver_extractor, read_and_embed
 from pipelines.options import AnchorOptions, counter_totals, pipeline_options, require
 from transforms.scoring import ScoreFeatures, load_anchor
-from transforms.sinks import WriteErrors, WriteScores
+from transforms.sinks import ReadPreviousScores, WriteErrors, WriteScores
 
 
 def run(argv=None, test_pipeline=None):
@@ -28,20 +28,25 @@ def run(argv=None, test_pipeline=None):
     spec.require_same(extractor.spec, f"anchor {score.anchor}")  # refuse before any work
     anchor.score(anchor.moments.mean[None], score.combine, score.statistical)  # validates choices
 
+    anchor_id = metadata["checksum"][:16]
+
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=options)
-    embedded, errors = read_and_embed(pipeline, score, backbone, extractor)
+    previous = (pipeline | "Previous" >> ReadPreviousScores(score.skip_scored, anchor_id)
+                if score.skip_scored else None)
+    embedded, errors, reused = read_and_embed(pipeline, score, backbone, extractor, previous)
     rows, score_errors = embedded | "Score" >> ScoreFeatures(score.anchor, score.combine,
                                                              score.statistical)
-    _ = rows | WriteScores(score.output)
+    _ = (rows, reused) | "AllScores" >> beam.Flatten() | WriteScores(score.output)
     _ = (*errors, score_errors) | WriteErrors(score.output)
     result = pipeline.run()
     result.wait_until_finish()
 
     counters = counter_totals(result)
     summary = {
-        "output": score.output, "anchor_id": metadata["checksum"][:16],
-        "scored": counters.get("images_scored", 0), "suspect": counters.get("images_suspect", 0),
+        "output": score.output, "anchor_id": anchor_id,
+        "scored": counters.get("images_scored", 0), "reused": counters.get("images_reused", 0),
+        "suspect": counters.get("images_suspect", 0),
         "errors": {k[len("errors_"):]: v for k, v in counters.items() if k.startswith("errors_")},
         "seconds": time.time() - started, "fpr": anchor.config.fpr,
     }
@@ -53,7 +58,8 @@ def print_score_summary(summary: dict) -> None:
     scored, errors = summary["scored"], sum(summary["errors"].values())
     by_stage = ", ".join(f"{stage} {count}" for stage, count in sorted(summary["errors"].items()))
     rate = summary["suspect"] / scored if scored else 0.0
-    print(f"scored      {scored} images against anchor {summary['anchor_id']}\n"
+    reused = f" (+{summary['reused']} reused from earlier scans)" if summary["reused"] else ""
+    print(f"scored      {scored} images against anchor {summary['anchor_id']}{reused}\n"
           f"suspect     {summary['suspect']} ({rate:.1%}; expected on real images: "
           f"{summary['fpr']:.1%})\n"
           f"errors      {errors}{f' ({by_stage})' if errors else ''}\n"

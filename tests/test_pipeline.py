@@ -58,7 +58,7 @@ def test_every_input_ends_in_exactly_one_output(fitted_anchor, scan, tmp_path):
     assert stage_of[missing_glob]["stage"] == "list"
     assert stage_of[str(folder / "empty.jpg")]["stage"] == "decode"
     assert "empty" in stage_of[str(folder / "empty.jpg")]["error"]
-    assert "not a recognised image" in stage_of[str(folder / "text.png")]["error"]
+    assert "HTML" in stage_of[str(folder / "text.png")]["error"]
     assert stage_of[str(folder / "truncated.jpg")]["stage"] == "decode"
 
     assert summary["scored"] == len(decodable)

@@ -1,7 +1,10 @@
 """Parquet outputs with explicit schemas."""
 from __future__ import annotations
 
+import logging
+
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from transforms.schema import ERROR_SCHEMA, SCORE_SCHEMA
@@ -36,3 +39,28 @@ class WriteScores(beam.PTransform):
     def expand(self, rows):
         return rows | "WriteScores" >> beam.io.WriteToParquet(
             f"{self.prefix}-scores", SCORE_SCHEMA, file_name_suffix=".parquet")
+
+
+def previous_scores_pattern(prefix_or_glob: str) -> str:
+    if any(c in prefix_or_glob for c in "*?[") or prefix_or_glob.endswith(".parquet"):
+        return prefix_or_glob
+    return f"{prefix_or_glob}-scores-*.parquet"
+
+
+class ReadPreviousScores(beam.PTransform):
+    """Earlier score rows made with the same anchor, as (sha256, row) pairs. Nothing when the
+    pattern matches no file yet (the first night)."""
+
+    def __init__(self, prefix_or_glob: str, anchor_id: str):
+        super().__init__()
+        self.pattern, self.anchor_id = previous_scores_pattern(prefix_or_glob), anchor_id
+
+    def expand(self, pipeline):
+        if not FileSystems.match([self.pattern])[0].metadata_list:
+            logging.warning("--skip_scored: no earlier scores match %s; scoring everything", self.pattern)
+            return pipeline | "NoPreviousScores" >> beam.Create([])
+        anchor_id = self.anchor_id
+        return (pipeline
+                | "ReadPreviousScores" >> beam.io.ReadFromParquet(self.pattern, columns=SCORE_SCHEMA.names)
+                | "SameAnchor" >> beam.Filter(lambda row: row["anchor_id"] == anchor_id)
+                | "BySha256" >> beam.Map(lambda row: (row["sha256"], row)))
