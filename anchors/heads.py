@@ -1,0 +1,313 @@
+"""UnivFD's detectors as heads on anchorscan's features (METHOD.md section 8): nearest neighbour,
+a closed-form linear probe (Fisher LDA) and the paper's logistic regression.
+
+Every head reads the semantic part of the feature vector, ``z[:, :spec.d_semantic]``; its score
+is higher for images more likely generated, and it calls fake what scores above 0. Head files
+follow the anchor file (safetensors tensors, JSON metadata, a checksum over both, never pickled)
+under their own metadata key, so neither reader takes the other's file.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import datetime
+import json
+import struct
+from typing import ClassVar
+
+import numpy as np
+import safetensors.numpy
+
+from anchors.anchor import shrunk_covariance
+from anchors.anchor_file import _checksum
+from anchors.spec import FeatureSpec
+from anchors.stats import Moments
+
+FORMAT_VERSION = 1
+METADATA_KEY = "anchorscan_head"
+REAL, FAKE = 0, 1
+# query rows x bank rows in one similarity block (64 MiB of float32)
+SIMILARITY_BLOCK = 1 << 24
+
+
+class HeadFileError(ValueError):
+    """The bytes are not a readable anchorscan head."""
+
+
+def l2_normalised(rows: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows / np.maximum(norms, np.finfo(rows.dtype).tiny)
+
+
+def semantic_rows(features: np.ndarray, spec: FeatureSpec) -> np.ndarray:
+    """The semantic part of (b, spec.dim) feature rows."""
+    features = np.atleast_2d(np.asarray(features))
+    if features.ndim != 2 or features.shape[1] != spec.dim:
+        raise ValueError(
+            f"features have shape {features.shape}, the feature spec expects rows of {spec.dim} "
+            f"({spec.d_semantic} semantic + {spec.d_statistical} statistical)")
+    return features[:, :spec.d_semantic]
+
+
+def _real_and_fake(features: np.ndarray, labels: np.ndarray,
+                   spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray]:
+    semantic = semantic_rows(features, spec)
+    labels = np.asarray(labels)
+    if labels.shape != (len(semantic),) or not np.isin(labels, (REAL, FAKE)).all():
+        raise ValueError(f"labels must be {REAL} (real) or {FAKE} (fake), one per feature row")
+    real, fake = semantic[labels == REAL], semantic[labels == FAKE]
+    if len(real) == 0 or len(fake) == 0:
+        raise ValueError(f"a head needs real and fake examples, got {len(real)} real and "
+                         f"{len(fake)} fake")
+    return real, fake
+
+
+class Head(abc.ABC):
+    """A fitted detector on the semantic features. Subclasses are dataclasses with a ``spec``
+    field and a ``counts`` attribute ({'real': n, 'fake': n}, the examples it was fitted on)."""
+
+    kind: ClassVar[str]
+    spec: FeatureSpec
+
+    @abc.abstractmethod
+    def _score_semantic(self, semantic: np.ndarray) -> np.ndarray:
+        """Scores of (b, d_semantic) rows."""
+
+    @abc.abstractmethod
+    def _tensors(self) -> dict[str, np.ndarray]:
+        """What the head file stores as tensors."""
+
+    @abc.abstractmethod
+    def _parameters(self) -> dict:
+        """What the head file stores in its metadata besides kind, spec and counts."""
+
+    @classmethod
+    @abc.abstractmethod
+    def _from_file(cls, spec: FeatureSpec, tensors: dict[str, np.ndarray], metadata: dict) -> "Head":
+        """The head that ``_tensors`` and ``_parameters`` describe."""
+
+    def score(self, features: np.ndarray, spec: FeatureSpec | None = None) -> np.ndarray:
+        """Scores of (b, spec.dim) feature rows; ``spec``, the features' own, is checked first."""
+        if spec is not None:
+            self.spec.require_same(spec, f"this {self.kind} head")
+        return self._score_semantic(semantic_rows(features, self.spec))
+
+    def predict(self, features: np.ndarray, spec: FeatureSpec | None = None) -> np.ndarray:
+        """True where the head calls the image generated."""
+        return self.score(features, spec) > 0
+
+    def to_bytes(self, version: str = "") -> bytes:
+        tensors = self._tensors()
+        metadata = {
+            "format_version": FORMAT_VERSION,
+            "anchorscan_version": version,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "kind": self.kind,
+            **self.spec.to_dict(),
+            "counts": self.counts,
+            **self._parameters(),
+        }
+        metadata["checksum"] = _checksum(metadata, tensors)
+        return safetensors.numpy.save(tensors, metadata={METADATA_KEY: json.dumps(metadata)})
+
+
+@dataclasses.dataclass(eq=False)
+class NearestNeighbourHead(Head):
+    """Score: mean cosine similarity to the k nearest fakes minus that to the k nearest reals;
+    with k = 1 an image is fake when its nearest fake is closer than its nearest real."""
+
+    kind: ClassVar[str] = "nn"
+    spec: FeatureSpec
+    real_bank: np.ndarray  # (n_real, d_semantic) unit rows, float32 as banks can be large
+    fake_bank: np.ndarray
+    k: int = 1
+
+    def __post_init__(self):
+        smallest = min(len(self.real_bank), len(self.fake_bank))
+        if not 1 <= self.k <= smallest:
+            raise ValueError(f"k must be in [1, {smallest}] (the smaller bank), got {self.k}")
+
+    @classmethod
+    def fit(cls, spec: FeatureSpec, features: np.ndarray, labels: np.ndarray,
+            k: int = 1) -> "NearestNeighbourHead":
+        real, fake = _real_and_fake(features, labels, spec)
+        return cls(spec, l2_normalised(real.astype(np.float32)),
+                   l2_normalised(fake.astype(np.float32)), k)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {"real": len(self.real_bank), "fake": len(self.fake_bank)}
+
+    def _mean_top_k_similarity(self, queries: np.ndarray, bank: np.ndarray) -> np.ndarray:
+        means = np.empty(len(queries))
+        rows = max(1, SIMILARITY_BLOCK // len(bank))
+        for start in range(0, len(queries), rows):
+            similarity = queries[start:start + rows] @ bank.T
+            top_k = np.partition(similarity, len(bank) - self.k, axis=1)[:, len(bank) - self.k:]
+            means[start:start + rows] = top_k.mean(axis=1, dtype=np.float64)
+        return means
+
+    def _score_semantic(self, semantic):
+        queries = l2_normalised(semantic.astype(np.float32))
+        return (self._mean_top_k_similarity(queries, self.fake_bank)
+                - self._mean_top_k_similarity(queries, self.real_bank))
+
+    def _tensors(self):
+        return {"real_bank": self.real_bank, "fake_bank": self.fake_bank}
+
+    def _parameters(self):
+        return {"k": self.k}
+
+    @classmethod
+    def _from_file(cls, spec, tensors, metadata):
+        return cls(spec, tensors["real_bank"], tensors["fake_bank"], metadata["k"])
+
+
+def semantic_moments(moments: Moments, spec: FeatureSpec) -> Moments:
+    """Moments of the semantic part, from moments of the full features or of that part."""
+    if moments.dim == spec.d_semantic:
+        return moments
+    if moments.dim != spec.dim:
+        raise ValueError(f"moments of dimension {moments.dim} are neither of the features "
+                         f"({spec.dim}) nor of their semantic part ({spec.d_semantic})")
+    semantic = slice(0, spec.d_semantic)
+    return Moments.from_arrays(moments.n, moments.mean[semantic], moments.m2[semantic, semantic])
+
+
+def pooled_within_class(real: Moments, fake: Moments) -> Moments:
+    """Moments of the class-centred rows, whose covariance is the pooled within-class one.
+    Counted one row short so that ``covariance()`` divides by n - 2: two means were estimated."""
+    return Moments.from_arrays(real.n + fake.n - 1, np.zeros(real.dim), real.m2 + fake.m2)
+
+
+@dataclasses.dataclass(eq=False)
+class LinearProbeHead(Head):
+    """Fisher LDA in closed form from per-class moments of the semantic features: the pooled
+    within-class covariance with OAS shrinkage, w = Sigma^-1 (mean_fake - mean_real), and the
+    score is the Gaussian log-odds w.z + b with the class priors of the fitting set."""
+
+    kind: ClassVar[str] = "lda"
+    spec: FeatureSpec
+    real: Moments
+    fake: Moments
+    weights: np.ndarray = dataclasses.field(init=False)
+    bias: float = dataclasses.field(init=False)
+    shrinkage: float = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        for name, moments in (("real", self.real), ("fake", self.fake)):
+            if moments.dim != self.spec.d_semantic:
+                raise ValueError(f"{name} moments have dimension {moments.dim}, the semantic "
+                                 f"features {self.spec.d_semantic}")
+            if moments.n == 0:
+                raise ValueError(f"a linear probe needs {name} examples, got none")
+        if self.real.n + self.fake.n < 3:
+            raise ValueError("a linear probe needs at least 3 examples")
+        covariance, self.shrinkage = shrunk_covariance(pooled_within_class(self.real, self.fake))
+        self.weights = np.linalg.solve(covariance, self.fake.mean - self.real.mean)
+        midpoint = (self.fake.mean + self.real.mean) / 2
+        self.bias = float(np.log(self.fake.n / self.real.n) - self.weights @ midpoint)
+
+    @classmethod
+    def fit(cls, spec: FeatureSpec, real: Moments, fake: Moments) -> "LinearProbeHead":
+        """From the per-class moments that a combiner keyed by label produces."""
+        return cls(spec, semantic_moments(real, spec), semantic_moments(fake, spec))
+
+    @classmethod
+    def fit_from_rows(cls, spec: FeatureSpec, features: np.ndarray,
+                      labels: np.ndarray) -> "LinearProbeHead":
+        real, fake = _real_and_fake(features, labels, spec)
+        return cls(spec, Moments.of(real), Moments.of(fake))
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {"real": self.real.n, "fake": self.fake.n}
+
+    def _score_semantic(self, semantic):
+        return semantic.astype(np.float64) @ self.weights + self.bias
+
+    def _tensors(self):
+        return {"real.mean": self.real.mean, "real.m2": self.real.m2,
+                "fake.mean": self.fake.mean, "fake.m2": self.fake.m2}
+
+    def _parameters(self):
+        return {"shrinkage": self.shrinkage}  # derived again on load; recorded for reading
+
+    @classmethod
+    def _from_file(cls, spec, tensors, metadata):
+        counts = metadata["counts"]
+        return cls(spec, *(Moments.from_arrays(counts[name], tensors[f"{name}.mean"],
+                                               tensors[f"{name}.m2"]) for name in ("real", "fake")))
+
+
+@dataclasses.dataclass(eq=False)
+class LogisticHead(Head):
+    """UnivFD's linear probe variant: logistic regression on the L2-normalised semantic
+    embeddings; the score is its log-odds."""
+
+    kind: ClassVar[str] = "logistic"
+    spec: FeatureSpec
+    coef: np.ndarray  # (d_semantic,)
+    intercept: float
+    counts: dict[str, int]
+    C: float  # scikit-learn's inverse regularisation strength
+
+    @classmethod
+    def fit(cls, spec: FeatureSpec, features: np.ndarray, labels: np.ndarray, C: float = 1.0,
+            max_iter: int = 1000) -> "LogisticHead":
+        from sklearn.linear_model import LogisticRegression  # only this head needs scikit-learn
+
+        real, fake = _real_and_fake(features, labels, spec)
+        rows = l2_normalised(np.concatenate([real, fake]).astype(np.float64))
+        targets = np.r_[np.full(len(real), REAL), np.full(len(fake), FAKE)]
+        model = LogisticRegression(C=C, max_iter=max_iter).fit(rows, targets)
+        return cls(spec, model.coef_[0].copy(), float(model.intercept_[0]),
+                   {"real": len(real), "fake": len(fake)}, C)
+
+    def _score_semantic(self, semantic):
+        return l2_normalised(semantic.astype(np.float64)) @ self.coef + self.intercept
+
+    def _tensors(self):
+        return {"coef": self.coef, "intercept": np.array([self.intercept])}
+
+    def _parameters(self):
+        return {"C": self.C}
+
+    @classmethod
+    def _from_file(cls, spec, tensors, metadata):
+        return cls(spec, tensors["coef"], float(tensors["intercept"][0]), metadata["counts"],
+                   metadata["C"])
+
+
+HEADS: dict[str, type[Head]] = {
+    head.kind: head for head in (NearestNeighbourHead, LinearProbeHead, LogisticHead)}
+
+
+def _read_metadata(data: bytes) -> dict:
+    try:
+        (header_size,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + header_size])
+        metadata = json.loads(header["__metadata__"][METADATA_KEY])
+    except Exception as error:  # any malformed header means the same thing to the user
+        raise HeadFileError(f"not an anchorscan head file (unreadable header: {error!r})") from None
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise HeadFileError(
+            f"head format version {metadata.get('format_version')!r} is not supported "
+            f"(this anchorscan reads version {FORMAT_VERSION})")
+    return metadata
+
+
+def head_from_bytes(data: bytes) -> Head:
+    """The head that ``Head.to_bytes`` wrote; refuses truncated, tampered or foreign files."""
+    metadata = _read_metadata(data)
+    try:
+        tensors = safetensors.numpy.load(data)
+    except Exception as error:
+        raise HeadFileError(f"head file is truncated or corrupted: {error}") from None
+    if metadata.pop("checksum", None) != _checksum(metadata, tensors):
+        raise HeadFileError("head checksum does not match its contents: the file was modified "
+                            "or damaged; refit or restore it")
+    if metadata.get("kind") not in HEADS:
+        raise HeadFileError(f"unknown head kind {metadata.get('kind')!r}; this anchorscan reads "
+                            f"{sorted(HEADS)}")
+    return HEADS[metadata["kind"]]._from_file(FeatureSpec.from_dict(metadata), tensors, metadata)

@@ -1,0 +1,104 @@
+"""Detection metrics against scikit-learn's, on random scores with many ties."""
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, recall_score, roc_auc_score, roc_curve
+
+from anchors.metrics import (accuracy_at_threshold, average_precision, detection_metrics,
+                             tpr_at_fpr)
+
+SEEDS = [0, 1, 2]
+FPRS = [0.0, 0.01, 0.05, 0.1, 0.29, 0.5, 1.0]
+
+
+def tied_scores(seed, n=300):
+    """Labels and integer-valued scores (ties within and across classes), fakes shifted up."""
+    rng = np.random.default_rng(seed)
+    labels = rng.random(n) < 0.4
+    scores = rng.integers(0, 12, n) + 3 * labels
+    return labels.astype(int), scores.astype(float)
+
+
+def roc_tpr_at_fpr(labels, scores, fpr):
+    """Best operating point of the full ROC curve with a false positive rate within ``fpr``."""
+    false_positive_rates, true_positive_rates, _ = roc_curve(labels, scores, drop_intermediate=False)
+    return true_positive_rates[false_positive_rates <= fpr + 1e-12].max()
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_average_precision_matches_sklearn_with_ties(seed):
+    labels, scores = tied_scores(seed)
+    assert average_precision(labels, scores) == pytest.approx(
+        average_precision_score(labels, scores), rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_average_precision_matches_sklearn_on_continuous_scores(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.random(200) < 0.3
+    scores = rng.normal(size=200) + labels
+    assert average_precision(labels, scores) == pytest.approx(
+        average_precision_score(labels, scores), rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("fpr", FPRS)
+def test_tpr_at_fpr_is_the_best_roc_point_within_the_fpr(seed, fpr):
+    labels, scores = tied_scores(seed)
+    assert tpr_at_fpr(labels, scores, fpr) == pytest.approx(roc_tpr_at_fpr(labels, scores, fpr))
+
+
+@pytest.mark.parametrize("fpr", [0.05, 0.29])  # 0.29 * 100 rounds to 28.999...
+def test_tpr_at_fpr_without_ties_lets_exactly_the_allowed_negatives_through(fpr):
+    rng = np.random.default_rng(3)
+    labels = np.r_[np.zeros(100), np.ones(2000)]  # many positives: some between any two negatives
+    scores = rng.normal(size=len(labels)) + labels
+    negatives = np.sort(scores[labels == 0])[::-1]
+    allowed = round(fpr * 100)
+    expected = np.mean(scores[labels == 1] > negatives[allowed])
+    assert tpr_at_fpr(labels, scores, fpr) == expected
+    assert tpr_at_fpr(labels, scores, fpr) == pytest.approx(roc_tpr_at_fpr(labels, scores, fpr))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_accuracy_at_threshold_matches_sklearn_recalls(seed):
+    labels, scores = tied_scores(seed)
+    threshold = float(np.median(scores))  # a tied value: scores equal to it count as real
+    predicted = (scores > threshold).astype(int)
+    acc, real_acc, fake_acc = accuracy_at_threshold(labels, scores, threshold)
+    assert acc == pytest.approx(np.mean(predicted == labels))
+    assert real_acc == pytest.approx(recall_score(labels, predicted, pos_label=0))
+    assert fake_acc == pytest.approx(recall_score(labels, predicted, pos_label=1))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_detection_metrics_gathers_the_metrics(seed):
+    labels, scores = tied_scores(seed)
+    metrics = detection_metrics(labels, scores, threshold=5.0)
+    acc, real_acc, fake_acc = accuracy_at_threshold(labels, scores, 5.0)
+    assert metrics == {
+        "n_real": int(np.sum(labels == 0)), "n_fake": int(np.sum(labels == 1)),
+        "ap": pytest.approx(average_precision_score(labels, scores), rel=1e-12),
+        "auroc": pytest.approx(roc_auc_score(labels, scores), rel=1e-12),
+        "acc": acc, "real_acc": real_acc, "fake_acc": fake_acc,
+        "tpr_at_fpr1": pytest.approx(roc_tpr_at_fpr(labels, scores, 0.01)),
+        "tpr_at_fpr5": pytest.approx(roc_tpr_at_fpr(labels, scores, 0.05)),
+    }
+
+
+def test_one_class_gives_nan_where_a_metric_needs_both():
+    metrics = detection_metrics(np.zeros(5), np.arange(5.0), threshold=2.0)
+    assert (metrics["n_real"], metrics["n_fake"]) == (5, 0)
+    assert metrics["real_acc"] == metrics["acc"] == np.mean(np.arange(5.0) <= 2.0)
+    for key in ("ap", "auroc", "fake_acc", "tpr_at_fpr1", "tpr_at_fpr5"):
+        assert np.isnan(metrics[key]), key
+
+
+@pytest.mark.parametrize("fpr", [-0.1, 1.5])
+def test_fpr_outside_unit_interval_is_refused(fpr):
+    with pytest.raises(ValueError, match="fpr"):
+        tpr_at_fpr([0, 1], [0.0, 1.0], fpr)
+
+
+def test_mismatched_lengths_are_refused():
+    with pytest.raises(ValueError, match="matching"):
+        average_precision([0, 1, 1], [0.1, 0.2])
