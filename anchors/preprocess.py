@@ -9,7 +9,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 
 DEFAULT_MAX_PIXELS = 100_000_000
 # Smaller images would be upscaled more than 7x: the crop would see interpolation, not the image.
@@ -61,11 +61,46 @@ def _to_rgb(image: Image.Image, notes: list[str]) -> Image.Image:
     return image.convert("RGB")
 
 
+def parse_perturbation(spec: str | None):
+    """An evaluation's bias control or robustness perturbation, applied to real and fake images
+    alike: ``jpeg:Q`` (re-encode as JPEG at quality Q), ``png`` (re-encode losslessly),
+    ``blur:SIGMA`` (Gaussian blur) or ``scale:F`` (bicubic rescale). Returns a function of a PIL
+    image, or None."""
+    if not spec:
+        return None
+    kind, _, value = spec.partition(":")
+    try:
+        if kind == "jpeg":
+            quality = int(value)
+            return lambda image: _reencode(image, "JPEG", quality=quality)
+        if kind == "png" and not value:
+            return lambda image: _reencode(image, "PNG")
+        if kind == "blur":
+            radius = float(value)
+            return lambda image: image.filter(ImageFilter.GaussianBlur(radius))
+        if kind == "scale":
+            factor = float(value)
+            return lambda image: image.resize(
+                (max(1, round(image.width * factor)), max(1, round(image.height * factor))), Image.BICUBIC)
+    except ValueError:
+        pass
+    raise ValueError(f"perturbation must be jpeg:QUALITY, png, blur:SIGMA or scale:FACTOR, not {spec!r}")
+
+
+def _reencode(image: Image.Image, fmt: str, **options) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
 def decode_and_crop(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                    resize: str = "none", min_side: int = DEFAULT_MIN_SIDE) -> Crop:
+                    resize: str = "none", min_side: int = DEFAULT_MIN_SIDE,
+                    perturbation: str | None = None) -> Crop:
     """``resize="none"``: centre crop at native resolution, upscaling only images smaller than
     the crop; ``"shorter_side"``: scale the shorter side to the crop size first (CLIP's own
-    transform), which loses high-frequency artifacts."""
+    transform), which loses high-frequency artifacts. ``perturbation``: see
+    ``parse_perturbation``, applied before cropping."""
+    perturb = parse_perturbation(perturbation)
     if not data:
         raise DecodeError("file is empty (0 bytes)")
     notes: list[str] = []
@@ -94,13 +129,16 @@ def decode_and_crop(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise DecodeError(f"cannot decode image (damaged or truncated file?): {error}") from None
     width, height = image.size
-    shorter = min(width, height)
+    if perturb:
+        image = perturb(image)
+        notes.append(perturbation.replace(":", ""))
+    shorter = min(image.size)
     if shorter < min_side:
-        raise DecodeError(f"image is {width} x {height} pixels: too small to score (the shorter "
+        raise DecodeError(f"image is {image.width} x {image.height} pixels: too small to score (the shorter "
                           f"side must be at least --min_side {min_side})")
     if shorter < size or (resize == "shorter_side" and shorter != size):
         # Crop the centre square first, so a long thin image is not upscaled whole.
-        left, top = (width - shorter) // 2, (height - shorter) // 2
+        left, top = (image.width - shorter) // 2, (image.height - shorter) // 2
         image = image.crop((left, top, left + shorter, top + shorter)).resize((size, size), Image.BICUBIC)
         notes.append("upscale" if shorter < size else "downscale")
     left, top = (image.width - size) // 2, (image.height - size) // 2

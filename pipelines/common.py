@@ -1,7 +1,9 @@
-"""The steps fit and score share: list inputs, decode, embed."""
+"""The steps every pipeline shares: list inputs, decode, embed."""
 from __future__ import annotations
 
 import dataclasses
+
+import apache_beam as beam
 
 from anchors.features import BackboneConfig, FeatureExtractor
 from transforms.decode import DecodeImages
@@ -15,18 +17,28 @@ def build_driver_extractor(config: BackboneConfig) -> FeatureExtractor:
     return dataclasses.replace(config, weights=weights, device="cpu").build()
 
 
-def read_and_embed(pipeline, options, config: BackboneConfig, extractor: FeatureExtractor,
-                   previous=None):
-    """Returns (embedded images, [error PCollections], reused rows) for the images the options
-    name; ``previous`` (sha256, score row) pairs are reused instead of scored again."""
-    handler = FeatureModelHandler(config, extractor.spec.digest(),
-                                  max_batch_size=options.batch_size,
-                                  torch_threads=options.torch_threads,
-                                  large_model=options.large_model)
-    uris, list_errors = pipeline | "List" >> ListInputs(options.input)
-    limits = {"max_pixels": options.max_pixels, "max_bytes": options.max_bytes,
-              "min_side": options.min_side, "decode_timeout": options.decode_timeout}
-    images, decode_errors, reused = uris | "Decode" >> DecodeImages(
-        extractor.backbone.preprocessing, limits, previous)
-    embedded, embed_errors = images | "Embed" >> EmbedImages(handler)
-    return embedded, [list_errors, decode_errors, embed_errors], reused
+class ReadAndEmbed(beam.PTransform):
+    """Input patterns -> {"embedded": (ImageMeta, (vector, positions)), "errors": error rows,
+    "reused": earlier score rows}; ``previous`` (sha256, score row) pairs are reused instead of
+    scored again."""
+
+    def __init__(self, patterns, options, config: BackboneConfig, extractor: FeatureExtractor,
+                 previous=None):
+        super().__init__()
+        self.patterns, self.previous = patterns, previous
+        self.preprocessing = extractor.backbone.preprocessing
+        self.limits = {"max_pixels": options.max_pixels, "max_bytes": options.max_bytes,
+                       "min_side": options.min_side, "decode_timeout": options.decode_timeout,
+                       "perturbation": options.perturbation}
+        self.handler = FeatureModelHandler(config, extractor.spec.digest(),
+                                           max_batch_size=options.batch_size,
+                                           torch_threads=options.torch_threads,
+                                           large_model=options.large_model)
+
+    def expand(self, pipeline):
+        uris, list_errors = pipeline | "List" >> ListInputs(self.patterns)
+        images, decode_errors, reused = uris | "Decode" >> DecodeImages(
+            self.preprocessing, self.limits, self.previous)
+        embedded, embed_errors = images | "Embed" >> EmbedImages(self.handler)
+        errors = (list_errors, decode_errors, embed_errors) | "Errors" >> beam.Flatten()
+        return {"embedded": embedded, "errors": errors, "reused": reused}

@@ -10,7 +10,7 @@ import apache_beam as beam
 from anchors.anchor import AnchorConfig
 from anchors.backbones import DEFAULT_BACKBONE
 from anchors.features import BackboneConfig
-from pipelines.common import build_driver_extractor, read_and_embed
+from pipelines.common import ReadAndEmbed, build_driver_extractor
 from pipelines.options import AnchorOptions, counter_totals, pipeline_options, require
 from transforms.scoring import FitAnchor, load_anchor
 from transforms.sinks import WriteErrors
@@ -28,11 +28,11 @@ def run(argv=None, test_pipeline=None):
 
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=options)
-    embedded, errors, _ = read_and_embed(pipeline, fit, backbone, extractor)
-    _ = embedded | "Fit" >> FitAnchor(fit.anchor, extractor.spec, config, extractor.projection,
+    images = pipeline | "Read" >> ReadAndEmbed(fit.input, fit, backbone, extractor)
+    _ = images["embedded"] | "Fit" >> FitAnchor(fit.anchor, extractor.spec, config, extractor.projection,
                                       fit.calibration_fraction, fit.calibration_group,
                                       version=version("anchorscan"))
-    _ = tuple(errors) | WriteErrors(fit.errors or fit.anchor)
+    _ = images["errors"] | WriteErrors(fit.errors or fit.anchor)
     result = pipeline.run()
     result.wait_until_finish()
     _, metadata = load_anchor(fit.anchor)

@@ -61,6 +61,9 @@ class AnchorOptions(PipelineOptions):
                             help="Images whose shorter side is smaller become error rows.")
         parser.add_argument("--decode_timeout", type=float, default=DEFAULT_DECODE_TIMEOUT,
                             help="Seconds one image may take to decode before it becomes an error row.")
+        parser.add_argument("--perturbation", default=None,
+                            help="Applied to every image before cropping, real and fake alike "
+                                 "(evaluation bias controls): jpeg:QUALITY, png, blur:SIGMA, scale:FACTOR.")
         parser.add_argument("--skip_scored", default=None,
                             help="score: PREFIX or glob of earlier scores; inputs whose content "
                                  "was scored with the same anchor reuse that row instead of being "

@@ -7,7 +7,7 @@ import time
 import apache_beam as beam
 
 from anchors.features import BackboneConfig
-from pipelines.common import build_driver_extractor, read_and_embed
+from pipelines.common import ReadAndEmbed, build_driver_extractor
 from pipelines.options import AnchorOptions, counter_totals, pipeline_options, require
 from transforms.scoring import ScoreFeatures, load_anchor
 from transforms.sinks import ReadPreviousScores, WriteErrors, WriteScores
@@ -34,11 +34,11 @@ def run(argv=None, test_pipeline=None):
     pipeline = test_pipeline or beam.Pipeline(options=options)
     previous = (pipeline | "Previous" >> ReadPreviousScores(score.skip_scored, anchor_id)
                 if score.skip_scored else None)
-    embedded, errors, reused = read_and_embed(pipeline, score, backbone, extractor, previous)
-    rows, score_errors = embedded | "Score" >> ScoreFeatures(score.anchor, score.combine,
-                                                             score.statistical)
-    _ = (rows, reused) | "AllScores" >> beam.Flatten() | WriteScores(score.output)
-    _ = (*errors, score_errors) | WriteErrors(score.output)
+    images = pipeline | "Read" >> ReadAndEmbed(score.input, score, backbone, extractor, previous)
+    rows, score_errors = images["embedded"] | "Score" >> ScoreFeatures(
+        score.anchor, score.combine, score.statistical)
+    _ = (rows, images["reused"]) | "AllScores" >> beam.Flatten() | WriteScores(score.output)
+    _ = (images["errors"], score_errors) | WriteErrors(score.output)
     result = pipeline.run()
     result.wait_until_finish()
 

@@ -54,8 +54,8 @@ class DecodeImageFn(beam.DoFn):
 
     def __init__(self, crop_size: int, resize: str = "none", max_pixels: int = DEFAULT_MAX_PIXELS,
                  max_bytes: int = DEFAULT_MAX_BYTES, min_side: int = DEFAULT_MIN_SIDE,
-                 decode_timeout: float = DEFAULT_DECODE_TIMEOUT):
-        self.crop_size, self.resize = crop_size, resize
+                 decode_timeout: float = DEFAULT_DECODE_TIMEOUT, perturbation: str | None = None):
+        self.crop_size, self.resize, self.perturbation = crop_size, resize, perturbation
         self.max_pixels, self.max_bytes, self.min_side = max_pixels, max_bytes, min_side
         self.decode_timeout = decode_timeout
         self.reused = Metrics.counter("anchorscan", "images_reused")
@@ -68,7 +68,7 @@ class DecodeImageFn(beam.DoFn):
 
     def _decode(self, data: bytes):
         future = self._executor.submit(decode_and_crop, data, self.crop_size, self.max_pixels,
-                                       self.resize, self.min_side)
+                                       self.resize, self.min_side, self.perturbation)
         try:
             return future.result(timeout=self.decode_timeout)
         except concurrent.futures.TimeoutError:

@@ -23,9 +23,10 @@ class WriteErrors(beam.PTransform):
         super().__init__()
         self.prefix = prefix
 
-    def expand(self, error_pcollections):
-        return (error_pcollections
-                | "FlattenErrors" >> beam.Flatten()
+    def expand(self, errors):
+        if isinstance(errors, tuple):
+            errors = errors | "FlattenErrors" >> beam.Flatten()
+        return (errors
                 | "CountErrors" >> beam.ParDo(_CountErrors())
                 | "WriteErrors" >> beam.io.WriteToParquet(
                     f"{self.prefix}-errors", ERROR_SCHEMA, file_name_suffix=".parquet"))
