@@ -109,7 +109,7 @@ def _resolve(uri: str, folder: str) -> str:
 def manifest(path: str) -> list[LabelledImage]:
     """A CSV with columns uri,label,generator; labels 0/1 or real/fake, URIs absolute or
     relative to the manifest's folder."""
-    folder = os.path.dirname(path)
+    folder = os.path.dirname(os.path.abspath(path))
     images = []
     with open(path, newline="") as file:
         reader = csv.DictReader(file)

@@ -10,7 +10,9 @@ USAGE = """usage: anchorscan COMMAND [options]
 
 commands:
   fit     --input PATTERN_OR_MANIFEST [--input ...] --anchor OUT_FILE [--backbone NAME] [beam options]
-  score   --input PATTERN_OR_MANIFEST [--input ...] --anchor FILE --output PREFIX [beam options]
+  score   --input PATTERN_OR_MANIFEST [--input ...] --anchor FILE --output PREFIX [--head HEAD] [beam options]
+  fit-head --kind nn|lda|logistic --real PATTERN [--real ...] --fake PATTERN [--fake ...] --output HEAD [--backbone NAME]
+  evaluate --layout forensynths|genimage|manifest ROOT --anchor A [--head anchor|HEAD_FILE] --output DIR
   info    ANCHOR [--json]
 
 `anchorscan COMMAND --help` lists a command's options."""
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from anchors.anchor_file import AnchorFileError
     from anchors.backbones import MissingWeightsError
+    from anchors.heads import HeadFileError
     from anchors.spec import IncompatibleAnchorError
     from anchors.weights import WeightsError
 
@@ -57,10 +60,16 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "score":
             from pipelines import score
             score.run(rest)
+        elif command == "evaluate":
+            from pipelines import evaluate
+            evaluate.run(rest)
+        elif command == "fit-head":
+            from pipelines import fit_head
+            fit_head.run(rest)
         else:
             print(f"anchorscan: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
             return 2
-    except (AnchorFileError, IncompatibleAnchorError, MissingWeightsError, WeightsError,
+    except (AnchorFileError, HeadFileError, IncompatibleAnchorError, MissingWeightsError, WeightsError,
             FileNotFoundError, ValueError) as error:
         print(f"anchorscan {command}: error: {error}", file=sys.stderr)
         return 1

@@ -74,7 +74,7 @@ class AnchorOptions(PipelineOptions):
                             help="Anchor file: written by fit, read by score (local or gs://).")
         parser.add_argument("--output", default=None,
                             help="score: output prefix of PREFIX-scores-*.parquet and "
-                                 "PREFIX-errors-*.parquet.")
+                                 "PREFIX-errors-*.parquet; fit-head: the head file.")
         parser.add_argument("--errors", default=None,
                             help="fit: prefix of the errors table (default: the anchor path).")
         parser.add_argument("--combine", default=None, choices=sorted(COMBINERS),
@@ -97,6 +97,18 @@ class AnchorOptions(PipelineOptions):
         parser.add_argument("--statistical_budget", type=int, default=768,
                             help="fit: largest size of the statistical part (seeded projection).")
         parser.add_argument("--projection_seed", type=int, default=0, help="fit: seed of R.")
+        parser.add_argument("--kind", default=None,
+                            help="fit-head: nn (nearest neighbour), lda (closed-form linear probe) "
+                                 "or logistic (the UnivFD paper's probe).")
+        parser.add_argument("--real", action="append", default=None,
+                            help="fit-head: real images (pattern or manifest); repeat for several.")
+        parser.add_argument("--fake", action="append", default=None,
+                            help="fit-head: generated images (pattern or manifest); repeat.")
+        parser.add_argument("--k", type=int, default=1, help="fit-head nn: neighbours per class.")
+        parser.add_argument("--max_per_class", type=int, default=10000,
+                            help="fit-head nn/logistic: bank size per class (a uniform sample).")
+        parser.add_argument("--head", default=None,
+                            help="score: a head file from fit-head; its score becomes `score`.")
 
 
 def require(options, *names: str) -> None:

@@ -9,7 +9,9 @@ import apache_beam as beam
 from anchors.features import BackboneConfig
 from pipelines.common import ReadAndEmbed, build_driver_extractor
 from pipelines.options import AnchorOptions, counter_totals, pipeline_options, require
-from transforms.scoring import ScoreFeatures, load_anchor
+from anchors.heads import head_from_bytes
+from transforms.io import read_bytes
+from transforms.scoring import ScoreFeatures, head_id, load_anchor
 from transforms.sinks import ReadPreviousScores, WriteErrors, WriteScores
 
 
@@ -27,16 +29,22 @@ def run(argv=None, test_pipeline=None):
     extractor = build_driver_extractor(backbone)
     spec.require_same(extractor.spec, f"anchor {score.anchor}")  # refuse before any work
     anchor.score(anchor.moments.mean[None], score.combine, score.statistical)  # validates choices
+    head = ""
+    if score.head:
+        head_bytes = read_bytes(score.head)
+        fitted_head = head_from_bytes(head_bytes)
+        fitted_head.spec.require_same(extractor.spec, f"head {score.head}")
+        head = head_id(fitted_head, head_bytes)
 
     anchor_id = metadata["checksum"][:16]
 
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=options)
-    previous = (pipeline | "Previous" >> ReadPreviousScores(score.skip_scored, anchor_id)
+    previous = (pipeline | "Previous" >> ReadPreviousScores(score.skip_scored, anchor_id, head)
                 if score.skip_scored else None)
     images = pipeline | "Read" >> ReadAndEmbed(score.input, score, backbone, extractor, previous)
     rows, score_errors = images["embedded"] | "Score" >> ScoreFeatures(
-        score.anchor, score.combine, score.statistical)
+        score.anchor, score.combine, score.statistical, score.head)
     _ = (rows, images["reused"]) | "AllScores" >> beam.Flatten() | WriteScores(score.output)
     _ = (images["errors"], score_errors) | WriteErrors(score.output)
     result = pipeline.run()

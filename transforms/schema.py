@@ -5,8 +5,10 @@ import pyarrow as pa
 SCORE_SCHEMA = pa.schema([
     ("uri", pa.string()),
     ("sha256", pa.string()),  # of the file's bytes
-    ("score", pa.float64()),  # -log10 combined p-value: higher = further from real images
-    ("is_suspect", pa.bool_()),  # combined p-value below the anchor's false-positive rate
+    ("score", pa.float64()),  # higher = more likely generated: the head's, else anchor_score
+    ("is_suspect", pa.bool_()),  # anchor: combined p-value below its fpr; head: score above 0
+    ("anchor_score", pa.float64()),  # -log10 combined p-value: higher = further from real images
+    ("head", pa.string()),  # the head's kind and id, or "" when the anchor decides
     ("p_semantic", pa.float64()),
     ("p_statistical", pa.float64()),
     ("semantic", pa.float64()),  # Mahalanobis distance of the semantic embedding

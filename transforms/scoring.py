@@ -1,6 +1,8 @@
 """Score feature vectors against an anchor (a side input), in batches, and fit one."""
 from __future__ import annotations
 
+import hashlib
+
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
@@ -8,6 +10,7 @@ from apache_beam.metrics import Metrics
 from anchors.anchor import COMPONENTS, Anchor, AnchorConfig, AnchorModel
 from anchors.anchor_file import anchor_from_bytes, anchor_to_bytes
 from anchors.calibration import holds_out
+from anchors.heads import head_from_bytes
 from anchors.spec import FeatureSpec
 from transforms.combine import MomentsCombineFn
 from transforms.io import read_bytes, write_atomically
@@ -18,12 +21,14 @@ MIN_CALIBRATION = 5
 
 
 class ScoreBatchFn(beam.DoFn):
+    """Scores batches against the anchor and, given one, a head whose score then decides."""
+
     def __init__(self, combine: str | None = None, statistical: str | None = None):
         self.combine, self.statistical = combine, statistical
         self.scored = Metrics.counter("anchorscan", "images_scored")
         self.suspects = Metrics.counter("anchorscan", "images_suspect")
 
-    def process(self, batch, anchor: Anchor, anchor_id: str):
+    def process(self, batch, anchor: Anchor, anchor_id: str, head=None, head_id: str = ""):
         finite = []
         for meta, (vector, positions) in batch:
             if np.isfinite(vector).all():
@@ -33,17 +38,21 @@ class ScoreBatchFn(beam.DoFn):
                     ERRORS, error_row(meta.uri, "score", "features are not finite (NaN or inf)"))
         if not finite:
             return
-        scores = anchor.score(np.stack([vector for _, (vector, _) in finite]),
-                              self.combine, self.statistical)
+        vectors = np.stack([vector for _, (vector, _) in finite])
+        scores = anchor.score(vectors, self.combine, self.statistical)
+        scores["anchor_score"] = scores["score"]
+        if head is not None:
+            scores["score"] = head.score(vectors)
+            scores["is_suspect"] = scores["score"] > 0
         self.scored.inc(len(finite))
         self.suspects.inc(int(scores["is_suspect"].sum()))
         for i, (meta, (_, positions)) in enumerate(finite):
             yield {
                 "uri": meta.uri, "sha256": meta.sha256,
                 **{name: float(scores[name][i]) for name in (
-                    "score", "p_semantic", "p_statistical", "semantic", "statistical", "t2",
-                    "spe", "statistical_raw")},
-                "is_suspect": bool(scores["is_suspect"][i]),
+                    "score", "anchor_score", "p_semantic", "p_statistical", "semantic",
+                    "statistical", "t2", "spe", "statistical_raw")},
+                "is_suspect": bool(scores["is_suspect"][i]), "head": head_id,
                 "width": meta.width, "height": meta.height, "preprocess": meta.preprocess,
                 "attention_positions": float(positions), "anchor_id": anchor_id,
             }
@@ -53,15 +62,19 @@ def load_anchor(uri: str) -> tuple[Anchor, dict]:
     return anchor_from_bytes(read_bytes(uri))
 
 
+def head_id(head, data: bytes) -> str:
+    return f"{head.kind}:{hashlib.sha256(data).hexdigest()[:16]}"
+
+
 class ScoreFeatures(beam.PTransform):
     """(ImageMeta, (vector, positions)) -> score rows and error rows; the anchor file is read
     once into a side input."""
 
     def __init__(self, anchor_uri: str, combine: str | None = None, statistical: str | None = None,
-                 max_batch_size: int = 256):
+                 head_uri: str | None = None, max_batch_size: int = 256):
         super().__init__()
         self.anchor_uri, self.combine, self.statistical = anchor_uri, combine, statistical
-        self.max_batch_size = max_batch_size
+        self.head_uri, self.max_batch_size = head_uri, max_batch_size
 
     def expand(self, embedded):
         loaded = (embedded.pipeline | "AnchorUri" >> beam.Create([self.anchor_uri])
@@ -69,10 +82,18 @@ class ScoreFeatures(beam.PTransform):
         anchor = beam.pvalue.AsSingleton(loaded | "Anchor" >> beam.Map(lambda pair: pair[0]))
         anchor_id = beam.pvalue.AsSingleton(
             loaded | "AnchorId" >> beam.Map(lambda pair: pair[1]["checksum"][:16]))
+        head_inputs = []
+        if self.head_uri:
+            head_bytes = (embedded.pipeline | "HeadUri" >> beam.Create([self.head_uri])
+                          | "ReadHead" >> beam.Map(read_bytes))
+            head_inputs = [beam.pvalue.AsSingleton(head_bytes | "Head" >> beam.Map(head_from_bytes)),
+                           beam.pvalue.AsSingleton(head_bytes | "HeadId" >> beam.Map(
+                               lambda data: head_id(head_from_bytes(data), data)))]
         outputs = (embedded
                    | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.max_batch_size)
                    | "Score" >> beam.ParDo(ScoreBatchFn(self.combine, self.statistical),
-                                           anchor, anchor_id).with_outputs(ERRORS, main="scores"))
+                                           anchor, anchor_id, *head_inputs).with_outputs(
+                                               ERRORS, main="scores"))
         return outputs.scores, outputs[ERRORS]
 
 

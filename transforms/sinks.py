@@ -49,19 +49,20 @@ def previous_scores_pattern(prefix_or_glob: str) -> str:
 
 
 class ReadPreviousScores(beam.PTransform):
-    """Earlier score rows made with the same anchor, as (sha256, row) pairs. Nothing when the
-    pattern matches no file yet (the first night)."""
+    """Earlier score rows made with the same anchor and head, as (sha256, row) pairs. Nothing
+    when the pattern matches no file yet (the first night)."""
 
-    def __init__(self, prefix_or_glob: str, anchor_id: str):
+    def __init__(self, prefix_or_glob: str, anchor_id: str, head: str = ""):
         super().__init__()
-        self.pattern, self.anchor_id = previous_scores_pattern(prefix_or_glob), anchor_id
+        self.pattern, self.anchor_id, self.head = previous_scores_pattern(prefix_or_glob), anchor_id, head
 
     def expand(self, pipeline):
         if not FileSystems.match([self.pattern])[0].metadata_list:
             logging.warning("--skip_scored: no earlier scores match %s; scoring everything", self.pattern)
             return pipeline | "NoPreviousScores" >> beam.Create([])
-        anchor_id = self.anchor_id
+        anchor_id, head = self.anchor_id, self.head
         return (pipeline
                 | "ReadPreviousScores" >> beam.io.ReadFromParquet(self.pattern, columns=SCORE_SCHEMA.names)
-                | "SameAnchor" >> beam.Filter(lambda row: row["anchor_id"] == anchor_id)
+                | "SameDetector" >> beam.Filter(
+                    lambda row: row["anchor_id"] == anchor_id and row["head"] == head)
                 | "BySha256" >> beam.Map(lambda row: (row["sha256"], row)))
