@@ -26,6 +26,15 @@ demo: venv
 	$(BIN)/anchorscan score $(RUNNER) --input demo/data/scan/manifest.csv \
 	    --anchor $(DEMO)/anchor.safetensors --output $(DEMO)/scan
 	$(BIN)/python demo/summarize.py --scores $(DEMO)/scan --manifest demo/data/scan/manifest.csv
+	@echo "--- a closed-form LDA probe fitted on half the scenes, evaluated on the other half"
+	$(BIN)/anchorscan fit-head $(RUNNER) --kind lda --real demo/data/scan/head_train_real.txt \
+	    --fake demo/data/scan/head_train_fake.txt --output $(DEMO)/lda.safetensors
+	$(BIN)/anchorscan evaluate $(RUNNER) --layout manifest demo/data/scan/head_eval.csv \
+	    --anchor $(DEMO)/anchor.safetensors --output $(DEMO)/eval-anchor
+	$(BIN)/anchorscan evaluate $(RUNNER) --layout manifest demo/data/scan/head_eval.csv \
+	    --anchor $(DEMO)/anchor.safetensors --head $(DEMO)/lda.safetensors --output $(DEMO)/eval-lda
+	$(BIN)/anchorscan report --scores $(DEMO)/scan --anchor $(DEMO)/anchor.safetensors \
+	    --labels demo/data/scan/manifest.csv --output $(DEMO)/report.html
 
 test: venv
 	$(BIN)/python -m pytest -q

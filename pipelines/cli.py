@@ -13,6 +13,7 @@ commands:
   score   --input PATTERN_OR_MANIFEST [--input ...] --anchor FILE --output PREFIX [--head HEAD] [beam options]
   fit-head --kind nn|lda|logistic --real PATTERN [--real ...] --fake PATTERN [--fake ...] --output HEAD [--backbone NAME]
   evaluate --layout forensynths|genimage|manifest ROOT --anchor A [--head anchor|HEAD_FILE] --output DIR
+  report  --scores PREFIX --output report.html [--anchor A] [--labels MANIFEST]
   info    ANCHOR [--json]
 
 `anchorscan COMMAND --help` lists a command's options."""
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "score":
             from pipelines import score
             score.run(rest)
+        elif command == "report":
+            from pipelines import report
+            report.run(rest)
         elif command == "evaluate":
             from pipelines import evaluate
             evaluate.run(rest)

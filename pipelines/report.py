@@ -1,0 +1,176 @@
+"""`anchorscan report`: one self-contained HTML page about a scan, for a person deciding whether
+to trust a filter: score distributions against the anchor's real images, suspect rate per
+folder, ROC curves when labels are known, and the most and least suspicious images."""
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import glob
+import html
+import io
+import os
+import posixpath
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from anchors.metrics import auroc
+from transforms.io import read_bytes, write_atomically
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="anchorscan report", description=__doc__.splitlines()[0])
+    parser.add_argument("--scores", required=True, help="the PREFIX given to `anchorscan score`")
+    parser.add_argument("--output", required=True, help="the HTML file to write")
+    parser.add_argument("--anchor", default=None,
+                        help="the anchor file, to draw its real calibration images' distances")
+    parser.add_argument("--labels", default=None,
+                        help="a CSV with uri,label,generator columns, for ROC curves")
+    parser.add_argument("--gallery", type=int, default=12, help="thumbnails at each end")
+    return parser.parse_args(argv)
+
+
+def _table(pattern: str) -> list[dict]:
+    files = sorted(glob.glob(pattern))
+    return pq.read_table(files).to_pylist() if files else []
+
+
+def _figure_html(figure, alt: str) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+    plt.close(figure)
+    data = base64.b64encode(buffer.getvalue()).decode()
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>'
+
+
+def distributions_figure(rows: list[dict], calibration: dict | None) -> str:
+    import matplotlib.pyplot as plt
+    names = ("score", "semantic", "statistical")
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+    for axis, name in zip(axes, names):
+        values = np.array([row[name] for row in rows])
+        axis.hist(values, bins=40, density=True, alpha=0.6, label="this scan")
+        if calibration is not None and name in calibration:
+            axis.hist(calibration[name], bins=40, density=True, alpha=0.6,
+                      label="real images (anchor calibration)")
+        axis.set_title(name)
+        axis.legend(fontsize=7)
+    return _figure_html(figure, "score distributions")
+
+
+def folders_figure(rows: list[dict], most: int = 20) -> str:
+    import matplotlib.pyplot as plt
+    folders: dict[str, list[bool]] = {}
+    for row in rows:
+        folders.setdefault(posixpath.dirname(row["uri"]), []).append(row["is_suspect"])
+    busiest = sorted(folders, key=lambda f: -len(folders[f]))[:most]
+    figure, axis = plt.subplots(figsize=(13, 0.35 * len(busiest) + 1))
+    axis.barh([f"{f[-60:]} ({len(folders[f])})" for f in busiest],
+              [100 * np.mean(folders[f]) for f in busiest])
+    axis.invert_yaxis()
+    axis.set_xlabel("suspect rate (%)")
+    return _figure_html(figure, "suspect rate per folder")
+
+
+def roc_figure(rows: list[dict], labels: dict[str, tuple[int, str]]) -> str:
+    import matplotlib.pyplot as plt
+    figure, axis = plt.subplots(figsize=(5, 5))
+    known = [row for row in rows if row["uri"] in labels]
+    reals = np.array([row["score"] for row in known if labels[row["uri"]][0] == 0])
+    for generator in sorted({g for label, g in labels.values() if label == 1}):
+        fakes = np.array([row["score"] for row in known if labels[row["uri"]] == (1, generator)])
+        if not len(fakes) or not len(reals):
+            continue
+        scores = np.r_[reals, fakes]
+        y = np.r_[np.zeros(len(reals)), np.ones(len(fakes))]
+        thresholds = np.unique(scores)[::-1]
+        tpr = [np.mean(fakes >= t) for t in thresholds]
+        fpr = [np.mean(reals >= t) for t in thresholds]
+        axis.plot([0, *fpr, 1], [0, *tpr, 1], label=f"{generator} (AUROC {auroc(y, scores):.2f})")
+    axis.plot([0, 1], [0, 1], "k:", linewidth=0.8)
+    axis.set_xlabel("false-positive rate (real images)")
+    axis.set_ylabel("true-positive rate")
+    axis.legend(fontsize=7)
+    return _figure_html(figure, "ROC curves")
+
+
+def thumbnail(uri: str, size: int = 160) -> str:
+    from PIL import Image
+    try:
+        image = Image.open(io.BytesIO(read_bytes(uri)))
+        image.seek(0)
+        image = image.convert("RGB")
+        image.thumbnail((size, size))
+    except Exception:  # the gallery must not fail on a file that changed since the scan
+        return '<div class="missing">unreadable</div>'
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return f'<img alt="thumbnail" src="data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
+def gallery(rows: list[dict], title: str) -> str:
+    cells = "".join(
+        f'<div class="cell">{thumbnail(row["uri"])}<div>{row["score"]:.3g}'
+        f'{" suspect" if row["is_suspect"] else ""}</div>'
+        f'<div class="uri">{html.escape("/".join(row["uri"].rsplit("/", 2)[-2:]))}</div></div>'
+        for row in rows)
+    return f"<h2>{html.escape(title)}</h2><div class=\"gallery\">{cells}</div>"
+
+
+STYLE = """body{font-family:sans-serif;margin:2em;color:#222}figure{margin:1em 0}
+figure img{max-width:100%}.gallery{display:flex;flex-wrap:wrap;gap:8px}
+.cell{width:170px;font-size:12px;text-align:center}.uri{color:#666;overflow-wrap:anywhere}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}
+.missing{width:160px;height:160px;background:#eee}"""
+
+
+def render(rows: list[dict], errors: list[dict], calibration: dict | None,
+           labels: dict | None, gallery_size: int, title: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    suspect = sum(row["is_suspect"] for row in rows)
+    stages: dict[str, int] = {}
+    for row in errors:
+        stages[row["stage"]] = stages.get(row["stage"], 0) + 1
+    summary = "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in (
+        ("images scored", len(rows)),
+        ("suspect", f"{suspect} ({100 * suspect / max(len(rows), 1):.1f} %)"),
+        ("not scored", ", ".join(f"{stage}: {n}" for stage, n in sorted(stages.items())) or "0"),
+        ("anchor", ", ".join(sorted({row["anchor_id"] for row in rows}))),
+        ("head", ", ".join(sorted({row["head"] for row in rows if row["head"]})) or "none")))
+    ranked = sorted(rows, key=lambda row: -row["score"])
+    parts = [f"<h1>{html.escape(title)}</h1><table>{summary}</table>",
+             "<h2>Distributions</h2>", distributions_figure(rows, calibration),
+             "<h2>Suspect rate per folder</h2>", folders_figure(rows)]
+    if labels:
+        parts += ["<h2>ROC curves</h2>", roc_figure(rows, labels)]
+    parts += [gallery(ranked[:gallery_size], "Most suspicious"),
+              gallery(ranked[::-1][:gallery_size], "Least suspicious")]
+    return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
+
+
+def read_labels(path: str) -> dict[str, tuple[int, str]]:
+    from anchors.layouts import manifest
+    return {image.uri: (image.label, image.generator) for image in manifest(path)}
+
+
+def run(argv=None) -> str:
+    args = parse_args(argv)
+    rows = _table(f"{args.scores}-scores-*.parquet")
+    if not rows:
+        raise ValueError(f"no score rows match {args.scores}-scores-*.parquet")
+    errors = _table(f"{args.scores}-errors-*.parquet")
+    calibration = None
+    if args.anchor:
+        from transforms.scoring import load_anchor
+        anchor, _ = load_anchor(args.anchor)
+        calibration = dict(anchor.calibration)
+    labels = read_labels(args.labels) if args.labels else None
+    page = render(rows, errors, calibration, labels, args.gallery,
+                  f"anchorscan report: {posixpath.basename(args.scores)}")
+    write_atomically(args.output, page.encode())
+    print(f"report      {args.output} ({len(rows)} images, {len(page) // 1024} KiB)")
+    return args.output

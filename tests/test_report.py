@@ -1,0 +1,60 @@
+"""The HTML report: self-contained, and it renders in a real browser without console errors."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import RUNNER
+from pipelines import report, score
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def scanned(fitted_anchor, real_photos, tmp_path_factory):
+    anchor, _ = fitted_anchor
+    folder = tmp_path_factory.mktemp("report")
+    prefix = str(folder / "scan")
+    score.run(["--input", str(real_photos), "--input", str(folder / "missing-*.jpg"),
+               "--anchor", str(anchor), "--output", prefix, *RUNNER])
+    labels = folder / "labels.csv"
+    paths = sorted(real_photos.iterdir())
+    # labels for the ROC panel: call half the photos "fake" (the curve only has to be drawn)
+    labels.write_text("uri,label,generator\n" + "".join(
+        f"{p},{'fake' if i % 2 else 'real'},{'gen' if i % 2 else 'real'}\n" for i, p in enumerate(paths)))
+    page = folder / "report.html"
+    report.run(["--scores", prefix, "--output", str(page), "--anchor", str(anchor),
+                "--labels", str(labels), "--gallery", "4"])
+    return page
+
+
+def test_report_is_self_contained(scanned):
+    page = scanned.read_text()
+    assert page.count('src="data:image/png;base64,') == 3  # distributions, folders, ROC
+    assert page.count('src="data:image/jpeg;base64,') == 8  # 4 most and 4 least suspicious
+    assert not re.search(r'src="(?!data:)', page)  # nothing fetched from elsewhere
+    assert "list: 1" in page  # the unmatched input is counted
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (.ci/run installs it)")
+def test_report_renders_in_chromium(scanned, tmp_path):
+    shot = tmp_path / "shot.png"
+    result = subprocess.run(
+        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr",
+         "--v=0", "--window-size=1300,2400", f"--screenshot={shot}", f"file://{scanned}"],
+        capture_output=True, text=True, timeout=120)
+    assert shot.exists(), result.stderr[-2000:]
+    console = [line for line in result.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert not console, console
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.std() > 20  # plots and thumbnails, not a blank page
+    dom = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile2'}",
+                          "--dump-dom", f"file://{scanned}"], capture_output=True, text=True, timeout=120)
+    assert dom.stdout.count("<img") == 11 and "Most suspicious" in dom.stdout
