@@ -9,6 +9,7 @@ from anchors.features import BackboneConfig, FeatureExtractor
 from transforms.decode import DecodeImages
 from transforms.inference import EmbedImages, FeatureModelHandler
 from transforms.io import ListInputs, local_copy
+from transforms.progress import ReportProgress
 
 
 def build_driver_extractor(config: BackboneConfig) -> FeatureExtractor:
@@ -30,7 +31,10 @@ class ReadAndEmbed(beam.PTransform):
         self.limits = {"max_pixels": options.max_pixels, "max_bytes": options.max_bytes,
                        "min_side": options.min_side, "decode_timeout": options.decode_timeout,
                        "perturbation": options.perturbation}
+        # Fixed-size batches: memory is bounded from the first batch on, and an image's features
+        # do not depend on how the runner happened to batch it.
         self.handler = FeatureModelHandler(config, extractor.spec.digest(),
+                                           min_batch_size=options.batch_size,
                                            max_batch_size=options.batch_size,
                                            torch_threads=options.torch_threads,
                                            large_model=options.large_model)
@@ -40,5 +44,7 @@ class ReadAndEmbed(beam.PTransform):
         images, decode_errors, reused = uris | "Decode" >> DecodeImages(
             self.preprocessing, self.limits, self.previous)
         embedded, embed_errors = images | "Embed" >> EmbedImages(self.handler)
+        total = beam.pvalue.AsSingleton(uris | "CountInputs" >> beam.combiners.Count.Globally())
+        embedded = embedded | "Progress" >> beam.ParDo(ReportProgress("embedded"), total)
         errors = (list_errors, decode_errors, embed_errors) | "Errors" >> beam.Flatten()
         return {"embedded": embedded, "errors": errors, "reused": reused}
