@@ -7,7 +7,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 RUNNER := --runner FnApiRunner
 DEMO := out/demo
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test bench clean
 
 venv: $(VENV)/.installed
 
@@ -38,6 +38,11 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# Throughput of every stage against the bare forward pass, and the backbones against their FLOPs.
+bench: venv
+	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/backbones.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

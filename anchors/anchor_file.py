@@ -73,8 +73,9 @@ def read_metadata(data: bytes) -> dict:
     return metadata
 
 
-def anchor_from_bytes(data: bytes) -> tuple[Anchor, dict]:
-    """Returns the anchor and its metadata; refuses truncated, tampered or foreign files."""
+def verified_contents(data: bytes) -> tuple[dict[str, np.ndarray], dict]:
+    """The tensors and metadata of an anchor file whose checksum holds; refuses truncated,
+    tampered or foreign files. Cheap: no linear algebra."""
     metadata = read_metadata(data)
     try:
         tensors = safetensors.numpy.load(data)
@@ -84,11 +85,17 @@ def anchor_from_bytes(data: bytes) -> tuple[Anchor, dict]:
     if stored != _checksum(metadata, tensors):
         raise AnchorFileError("anchor checksum does not match its contents: the file was "
                               "modified or damaged; refit or restore it")
+    metadata["checksum"] = stored
+    return tensors, metadata
+
+
+def anchor_from_bytes(data: bytes) -> tuple[Anchor, dict]:
+    """Returns the anchor, with its scoring matrices derived, and its metadata."""
+    tensors, metadata = verified_contents(data)
     spec = FeatureSpec.from_dict(metadata)
     moments = Moments.from_arrays(metadata["n"], tensors["mean"], tensors["m2"])
     anchor = Anchor(spec, moments, AnchorConfig(**metadata["config"]),
                     {name: tensors[f"calibration.{name}"] for name in COMPONENTS},
                     metadata["n_calibration"])
-    metadata["checksum"] = stored
     metadata["projection"] = tensors.get("projection")
     return anchor, metadata

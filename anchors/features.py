@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 
 import numpy as np
@@ -13,11 +14,15 @@ from anchors.spec import FeatureSpec
 SIGMA_EPS = 1e-6
 
 
+@functools.lru_cache(maxsize=4)
 def seeded_projection(raw_dim: int, out_dim: int, seed: int) -> np.ndarray:
-    """A fixed orthonormal (raw_dim, out_dim) projection: the same seed gives the same matrix."""
+    """A fixed orthonormal (raw_dim, out_dim) projection: the same seed gives the same matrix
+    (computed once per process; read-only)."""
     gaussian = np.random.default_rng(seed).standard_normal((raw_dim, out_dim))
     q, r = np.linalg.qr(gaussian)
-    return (q * np.sign(np.diag(r))).astype(np.float32)
+    projection = (q * np.sign(np.diag(r))).astype(np.float32)
+    projection.flags.writeable = False
+    return projection
 
 
 def resample_weights(attention: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -79,7 +84,7 @@ class FeatureExtractor:
         self.spec = FeatureSpec(backbone.name, backbone.weights_sha256, backbone.preprocessing,
                                 layout)
         self._projection_tensor = (None if self.projection is None
-                                   else torch.from_numpy(self.projection).to(self.device))
+                                   else torch.tensor(self.projection, device=self.device))
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> Features:

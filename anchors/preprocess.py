@@ -93,6 +93,12 @@ def _reencode(image: Image.Image, fmt: str, **options) -> Image.Image:
     return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
 
 
+def _check_side(width: int, height: int, min_side: int) -> None:
+    if min(width, height) < min_side:
+        raise DecodeError(f"image is {width} x {height} pixels: too small to score (the shorter "
+                          f"side must be at least --min_side {min_side})")
+
+
 def decode_and_crop(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
                     resize: str = "none", min_side: int = DEFAULT_MIN_SIDE,
                     perturbation: str | None = None) -> Crop:
@@ -116,10 +122,18 @@ def decode_and_crop(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS
             if frames > 1:
                 image.seek(0)
                 notes.append(f"first_of_{frames}_frames")
-            oriented = ImageOps.exif_transpose(image)
-            if oriented.size != image.size or image.getexif().get(0x0112, 1) != 1:
+            if image.getexif().get(0x0112, 1) != 1:
+                image = ImageOps.exif_transpose(image)
                 notes.append("exif_rotate")
-            image = _to_rgb(oriented, notes)
+            width, height = image.size
+            _check_side(width, height, min_side)
+            if not perturb and resize == "none" and min(width, height) >= size:
+                # The common case: crop before converting, so only the crop is copied.
+                left, top = (width - size) // 2, (height - size) // 2
+                crop = _to_rgb(image.crop((left, top, left + size, top + size)), notes)
+                return Crop(np.asarray(crop, dtype=np.uint8), width, height,
+                            "+".join([*notes, "center_crop"]))
+            image = _to_rgb(image, notes)
     except DecodeError:
         raise
     except Image.UnidentifiedImageError:
@@ -128,14 +142,11 @@ def decode_and_crop(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS
         raise DecodeError(f"a decompression bomb: {error}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise DecodeError(f"cannot decode image (damaged or truncated file?): {error}") from None
-    width, height = image.size
     if perturb:
         image = perturb(image)
         notes.append(perturbation.replace(":", ""))
+        _check_side(*image.size, min_side)
     shorter = min(image.size)
-    if shorter < min_side:
-        raise DecodeError(f"image is {image.width} x {image.height} pixels: too small to score (the shorter "
-                          f"side must be at least --min_side {min_side})")
     if shorter < size or (resize == "shorter_side" and shorter != size):
         # Crop the centre square first, so a long thin image is not upscaled whole.
         left, top = (image.width - shorter) // 2, (image.height - shorter) // 2

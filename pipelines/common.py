@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import apache_beam as beam
+from apache_beam.options.pipeline_options import DirectOptions
 
 from anchors.features import BackboneConfig, FeatureExtractor
 from transforms.decode import DecodeImages
@@ -16,6 +18,16 @@ def build_driver_extractor(config: BackboneConfig) -> FeatureExtractor:
     """The extractor as workers will build it, for its spec and projection (on the CPU)."""
     weights = config.weights and local_copy(config.weights)
     return dataclasses.replace(config, weights=weights, device="cpu").build()
+
+
+def torch_threads(options) -> int:
+    """--torch_threads, or the cores shared out among local worker processes (each would
+    otherwise start one thread per core, and they would fight over the cores)."""
+    direct = options.view_as(DirectOptions)
+    workers = direct.direct_num_workers or 1
+    if options.torch_threads or direct.direct_running_mode != "multi_processing" or workers <= 1:
+        return options.torch_threads
+    return max(1, (os.cpu_count() or 1) // workers)
 
 
 class ReadAndEmbed(beam.PTransform):
@@ -36,7 +48,7 @@ class ReadAndEmbed(beam.PTransform):
         self.handler = FeatureModelHandler(config, extractor.spec.digest(),
                                            min_batch_size=options.batch_size,
                                            max_batch_size=options.batch_size,
-                                           torch_threads=options.torch_threads,
+                                           torch_threads=torch_threads(options),
                                            large_model=options.large_model)
 
     def expand(self, pipeline):

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 from anchors.layouts import LAYOUTS, read_layout
 from anchors.metrics import detection_metrics
 from pipelines import score
-from transforms.scoring import load_anchor
+from anchors.anchor_file import read_metadata
+from transforms.io import read_bytes
 
 COLUMNS = ("generator", "n_real", "n_fake", "ap", "auroc", "acc", "real_acc", "fake_acc",
            "tpr_at_fpr1", "tpr_at_fpr5")
@@ -106,7 +107,8 @@ def evaluate_once(images, args, passthrough, folder: str, perturbation: str | No
                          columns=["uri", "score"]).to_pylist()
     labels = {image.uri: (image.label, image.generator) for image in images}
     # the anchor calls an image suspect above -log10(fpr); a head above 0
-    threshold = (-math.log10(load_anchor(args.anchor)[0].config.fpr) if args.head == "anchor" else 0.0)
+    fpr = read_metadata(read_bytes(args.anchor))["fpr"]
+    threshold = -math.log10(fpr) if args.head == "anchor" else 0.0
     detector = "anchor" if args.head == "anchor" else f"head {args.head}"
     header = f"{detector}{f', {perturbation}' if perturbation else ''} on {args.layout} {args.root}"
     table = metrics_table(labels, rows, threshold)

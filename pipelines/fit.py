@@ -12,7 +12,9 @@ from anchors.backbones import DEFAULT_BACKBONE
 from anchors.features import BackboneConfig
 from pipelines.common import ReadAndEmbed, build_driver_extractor
 from pipelines.options import AnchorOptions, counter_totals, pipeline_options, require
-from transforms.scoring import FitAnchor, load_anchor
+from anchors.anchor_file import read_metadata
+from transforms.io import read_bytes
+from transforms.scoring import FitAnchor
 from transforms.sinks import WriteErrors
 
 
@@ -35,7 +37,7 @@ def run(argv=None, test_pipeline=None):
     _ = images["errors"] | WriteErrors(fit.errors or fit.anchor)
     result = pipeline.run()
     result.wait_until_finish()
-    _, metadata = load_anchor(fit.anchor)
+    metadata = read_metadata(read_bytes(fit.anchor))
     summary = {"anchor": fit.anchor, "n": metadata["n"], "n_calibration": metadata["n_calibration"],
                "d": metadata["d"], "k": metadata["k"], "shrinkage": metadata["shrinkage"],
                "errors": sum(v for k, v in counter_totals(result).items() if k.startswith("errors_")),

@@ -165,9 +165,10 @@ def run(argv=None) -> str:
     errors = _table(f"{args.scores}-errors-*.parquet")
     calibration = None
     if args.anchor:
-        from transforms.scoring import load_anchor
-        anchor, _ = load_anchor(args.anchor)
-        calibration = dict(anchor.calibration)
+        from anchors.anchor_file import verified_contents
+        tensors, _ = verified_contents(read_bytes(args.anchor))
+        calibration = {name.removeprefix("calibration."): values for name, values in tensors.items()
+                       if name.startswith("calibration.")}
     labels = read_labels(args.labels) if args.labels else None
     page = render(rows, errors, calibration, labels, args.gallery,
                   f"anchorscan report: {posixpath.basename(args.scores)}")

@@ -11,7 +11,10 @@ from pipelines.common import ReadAndEmbed, build_driver_extractor
 from pipelines.options import AnchorOptions, counter_totals, pipeline_options, require
 from anchors.heads import head_from_bytes
 from transforms.io import read_bytes
-from transforms.scoring import ScoreFeatures, head_id, load_anchor
+from anchors.anchor import AnchorConfig
+from anchors.anchor_file import verified_contents
+from anchors.spec import FeatureSpec
+from transforms.scoring import ScoreFeatures, head_id
 from transforms.sinks import ReadPreviousScores, WriteErrors, WriteScores
 
 
@@ -19,8 +22,12 @@ def run(argv=None, test_pipeline=None):
     options = pipeline_options(argv, AnchorOptions)
     score = options.view_as(AnchorOptions)
     require(score, "input", "anchor", "output")
-    anchor, metadata = load_anchor(score.anchor)
-    spec = anchor.spec
+    # The driver only checks the anchor; workers derive its scoring matrices.
+    _, metadata = verified_contents(read_bytes(score.anchor))
+    spec = FeatureSpec.from_dict(metadata)
+    config = AnchorConfig(**metadata["config"])
+    AnchorConfig(combine=score.combine or config.combine,
+                 statistical=score.statistical or config.statistical)  # validates the choices
     backbone = BackboneConfig(score.backbone or spec.backbone, score.weights,
                               score.attention or spec.layout["attention"],
                               score.resize or spec.preprocessing["resize"],
@@ -28,7 +35,6 @@ def run(argv=None, test_pipeline=None):
                               score.device)
     extractor = build_driver_extractor(backbone)
     spec.require_same(extractor.spec, f"anchor {score.anchor}")  # refuse before any work
-    anchor.score(anchor.moments.mean[None], score.combine, score.statistical)  # validates choices
     head = ""
     if score.head:
         head_bytes = read_bytes(score.head)
@@ -56,7 +62,7 @@ def run(argv=None, test_pipeline=None):
         "scored": counters.get("images_scored", 0), "reused": counters.get("images_reused", 0),
         "suspect": counters.get("images_suspect", 0),
         "errors": {k[len("errors_"):]: v for k, v in counters.items() if k.startswith("errors_")},
-        "seconds": time.time() - started, "fpr": anchor.config.fpr,
+        "seconds": time.time() - started, "fpr": config.fpr,
     }
     print_score_summary(summary)
     return summary

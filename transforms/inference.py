@@ -13,6 +13,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunIn
 from anchors.features import BackboneConfig, FeatureExtractor
 from anchors.spec import IncompatibleAnchorError
 from transforms.io import local_copy
+from transforms.threads import limit_blas_threads
 from transforms.schema import error_row
 
 
@@ -30,6 +31,7 @@ class FeatureModelHandler(ModelHandler[np.ndarray, tuple, FeatureExtractor]):
     def load_model(self) -> FeatureExtractor:
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
+        limit_blas_threads()
         weights = self.config.weights and local_copy(self.config.weights)
         extractor = dataclasses.replace(self.config, weights=weights).build()
         # A worker with other weights than the driver checked must not write wrong scores.

@@ -14,6 +14,7 @@ from anchors.heads import head_from_bytes
 from anchors.spec import FeatureSpec
 from transforms.combine import MomentsCombineFn
 from transforms.io import read_bytes, write_atomically
+from transforms.threads import limit_blas_threads
 from transforms.schema import error_row
 
 ERRORS = "errors"
@@ -59,6 +60,7 @@ class ScoreBatchFn(beam.DoFn):
 
 
 def load_anchor(uri: str) -> tuple[Anchor, dict]:
+    limit_blas_threads()  # the anchor's eigendecompositions run beside torch's threads
     return anchor_from_bytes(read_bytes(uri))
 
 
