@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
-import json
-import struct
 
 import numpy as np
-import safetensors.numpy
 
+from anchors import checked_file
 from anchors.anchor import COMPONENTS, Anchor, AnchorConfig
 from anchors.spec import FeatureSpec
 from anchors.stats import Moments
@@ -29,15 +26,6 @@ METADATA_KEY = "anchorscan"
 
 class AnchorFileError(ValueError):
     """The file is not a readable anchorscan anchor."""
-
-
-def _checksum(metadata: dict, tensors: dict[str, np.ndarray]) -> str:
-    digest = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode())
-    for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name])
-        digest.update(f"{name}|{array.dtype.str}|{array.shape}".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
 
 
 def anchor_to_bytes(anchor: Anchor, projection: np.ndarray | None = None,
@@ -54,39 +42,18 @@ def anchor_to_bytes(anchor: Anchor, projection: np.ndarray | None = None,
         "config": dataclasses.asdict(anchor.config),
         **anchor.summary,
     }
-    metadata["checksum"] = _checksum(metadata, tensors)
-    return safetensors.numpy.save(tensors, metadata={METADATA_KEY: json.dumps(metadata)})
+    return checked_file.pack(tensors, metadata, METADATA_KEY)
 
 
 def read_metadata(data: bytes) -> dict:
     """The JSON metadata alone, without reading the tensors (for `anchorscan info`)."""
-    try:
-        (header_size,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8:8 + header_size])
-        metadata = json.loads(header["__metadata__"][METADATA_KEY])
-    except Exception as error:  # any malformed header means the same thing to the user
-        raise AnchorFileError(f"not an anchorscan anchor file (unreadable header: {error})") from None
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise AnchorFileError(
-            f"anchor format version {metadata.get('format_version')!r} is not supported "
-            f"(this anchorscan reads version {FORMAT_VERSION})")
-    return metadata
+    return checked_file.read_metadata(data, METADATA_KEY, FORMAT_VERSION, "anchor", AnchorFileError)
 
 
 def verified_contents(data: bytes) -> tuple[dict[str, np.ndarray], dict]:
     """The tensors and metadata of an anchor file whose checksum holds; refuses truncated,
     tampered or foreign files. Cheap: no linear algebra."""
-    metadata = read_metadata(data)
-    try:
-        tensors = safetensors.numpy.load(data)
-    except Exception as error:
-        raise AnchorFileError(f"anchor file is truncated or corrupted: {error}") from None
-    stored = metadata.pop("checksum", None)
-    if stored != _checksum(metadata, tensors):
-        raise AnchorFileError("anchor checksum does not match its contents: the file was "
-                              "modified or damaged; refit or restore it")
-    metadata["checksum"] = stored
-    return tensors, metadata
+    return checked_file.unpack(data, METADATA_KEY, FORMAT_VERSION, "anchor", AnchorFileError)
 
 
 def anchor_from_bytes(data: bytes) -> tuple[Anchor, dict]:

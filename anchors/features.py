@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from anchors.spec import FeatureSpec
 
 SIGMA_EPS = 1e-6
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 @functools.lru_cache(maxsize=4)
@@ -52,11 +53,13 @@ class BackboneConfig:
     statistical_budget: int = 768
     projection_seed: int = 0
     device: str = "cpu"
+    precision: str = "bf16"  # autocast dtype on GPUs: bf16, fp16 or fp32 (none)
 
     def build(self) -> "FeatureExtractor":
         from anchors.backbones import load_backbone
         backbone = load_backbone(self.name, self.weights, self.attention, self.resize)
-        return FeatureExtractor(backbone, self.statistical_budget, self.projection_seed, self.device)
+        return FeatureExtractor(backbone, self.statistical_budget, self.projection_seed, self.device,
+                                self.precision)
 
 
 @dataclasses.dataclass
@@ -69,8 +72,12 @@ class FeatureExtractor:
     """Backbone + moments + projection; ``spec`` names everything the features depend on."""
 
     def __init__(self, backbone, statistical_budget: int = 768, projection_seed: int = 0,
-                 device: str = "cpu"):
+                 device: str = "cpu", precision: str = "bf16"):
+        if precision not in AUTOCAST_DTYPES:
+            raise ValueError(f"precision must be one of {', '.join(AUTOCAST_DTYPES)}, not {precision!r}")
         self.device = torch.device(device)
+        # On CPUs autocast was measured slower than float32: it is used on GPUs only.
+        self.autocast_dtype = AUTOCAST_DTYPES[precision] if self.device.type == "cuda" else None
         self.backbone = backbone.to(self.device)
         raw_dim = 2 * sum(backbone.layout["moment_channels"])
         self.projection = (seeded_projection(raw_dim, statistical_budget, projection_seed)
@@ -90,8 +97,9 @@ class FeatureExtractor:
     def __call__(self, pixels: torch.Tensor) -> Features:
         """``pixels``: (B, H, W, 3) uint8 crops."""
         pixels = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-        # bf16 on GPUs (the backbone's matmuls); moments and projection stay in float32.
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        # Reduced precision for the backbone's matmuls only; moments and projection stay float32.
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
             output = self.backbone(pixels)
         parts = []
         for token_map in output.token_maps:

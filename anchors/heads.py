@@ -11,15 +11,12 @@ from __future__ import annotations
 import abc
 import dataclasses
 import datetime
-import json
-import struct
 from typing import ClassVar
 
 import numpy as np
-import safetensors.numpy
 
 from anchors.anchor import shrunk_covariance
-from anchors.anchor_file import _checksum
+from anchors import checked_file
 from anchors.spec import FeatureSpec
 from anchors.stats import Moments
 
@@ -107,8 +104,7 @@ class Head(abc.ABC):
             "counts": self.counts,
             **self._parameters(),
         }
-        metadata["checksum"] = _checksum(metadata, tensors)
-        return safetensors.numpy.save(tensors, metadata={METADATA_KEY: json.dumps(metadata)})
+        return checked_file.pack(tensors, metadata, METADATA_KEY)
 
 
 @dataclasses.dataclass(eq=False)
@@ -283,30 +279,9 @@ HEADS: dict[str, type[Head]] = {
     head.kind: head for head in (NearestNeighbourHead, LinearProbeHead, LogisticHead)}
 
 
-def _read_metadata(data: bytes) -> dict:
-    try:
-        (header_size,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8:8 + header_size])
-        metadata = json.loads(header["__metadata__"][METADATA_KEY])
-    except Exception as error:  # any malformed header means the same thing to the user
-        raise HeadFileError(f"not an anchorscan head file (unreadable header: {error!r})") from None
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise HeadFileError(
-            f"head format version {metadata.get('format_version')!r} is not supported "
-            f"(this anchorscan reads version {FORMAT_VERSION})")
-    return metadata
-
-
 def head_from_bytes(data: bytes) -> Head:
     """The head that ``Head.to_bytes`` wrote; refuses truncated, tampered or foreign files."""
-    metadata = _read_metadata(data)
-    try:
-        tensors = safetensors.numpy.load(data)
-    except Exception as error:
-        raise HeadFileError(f"head file is truncated or corrupted: {error}") from None
-    if metadata.pop("checksum", None) != _checksum(metadata, tensors):
-        raise HeadFileError("head checksum does not match its contents: the file was modified "
-                            "or damaged; refit or restore it")
+    tensors, metadata = checked_file.unpack(data, METADATA_KEY, FORMAT_VERSION, "head", HeadFileError)
     if metadata.get("kind") not in HEADS:
         raise HeadFileError(f"unknown head kind {metadata.get('kind')!r}; this anchorscan reads "
                             f"{sorted(HEADS)}")

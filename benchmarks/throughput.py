@@ -36,7 +36,7 @@ from anchors.preprocess import decode_and_crop
 from anchors.stats import BufferedMoments
 from transforms.scoring import MIN_CALIBRATION
 
-BATCH_SIZE = 32  # the pipelines' default --batch_size
+BATCH_SIZE = 16  # the pipelines' default --batch_size
 SIZES = {"0.3mp": (640, 480), "2mp": (1600, 1200), "12mp": (4000, 3000), "png": (1024, 768)}
 # Upsampling of the photo content (the sample photos are 0.2-0.3 MP): large images get smoother
 # content, as from a camera lens, and stay photo-like.
@@ -353,7 +353,7 @@ def report(local: dict, runs: dict, counts: dict, seconds: float) -> None:
     def run_row(stage: str, run: dict, rss_note: str = "") -> tuple:
         return stage, run["images_per_s"], f"{run['peak_rss_mb']:.0f} MB{rss_note}"
 
-    rows = [("(a) backbone forward, batch 32", forward, main_rss),
+    rows = [(f"(a) backbone forward, batch {BATCH_SIZE}", forward, main_rss),
             ("(b) read + decode + crop, mix", local["decode"], main_rss),
             *((f"    {kind}", rate, "") for kind, rate in local["decode_per_kind"].items()),
             run_row(f"(c) score, 1 worker, mix of {counts['mix']}", runs["score"]),
@@ -376,7 +376,7 @@ def report(local: dict, runs: dict, counts: dict, seconds: float) -> None:
     print(f"\nper image, score pipeline, 1 worker          steady state, 0.3 MP   end to end, mix")
     for part, steady, mix in (
             ("read + decode + crop (b)", small_decode_ms, mix_decode_ms),
-            ("backbone forward, batch 32 (a)", forward_ms, forward_ms),
+            (f"backbone forward, batch {BATCH_SIZE} (a)", forward_ms, forward_ms),
             ("rest: Beam, scoring, Parquet", steady_ms - small_decode_ms - forward_ms,
              mix_ms - mix_decode_ms - forward_ms),
             ("total", steady_ms, mix_ms)):

@@ -25,7 +25,8 @@ def run(argv=None, test_pipeline=None):
     config = AnchorConfig(fit.explained_variance, fit.fpr, fit.combine or AnchorConfig.combine,
                           fit.statistical or AnchorConfig.statistical)
     backbone = BackboneConfig(fit.backbone or DEFAULT_BACKBONE, fit.weights, fit.attention,
-                              fit.resize or "none", fit.statistical_budget, fit.projection_seed, fit.device)
+                              fit.resize or "none", fit.statistical_budget, fit.projection_seed,
+                              fit.device, fit.precision)
     extractor = build_driver_extractor(backbone)  # the spec and projection the anchor records
 
     started = time.time()

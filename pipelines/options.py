@@ -48,7 +48,9 @@ class AnchorOptions(PipelineOptions):
                             help="none: centre crop at native resolution (default); shorter_side: "
                                  "scale the shorter side to the crop first (when scoring, the "
                                  "anchor's).")
-        parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on GPUs).")
+        parser.add_argument("--device", default="cpu", help="cpu or cuda.")
+        parser.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"),
+                            help="Autocast of the backbone on GPUs (CPUs run float32).")
         parser.add_argument("--large_model", action="store_true",
                             help="Share one model copy between a worker's processes.")
         parser.add_argument("--batch_size", type=int, default=16,
