@@ -14,8 +14,8 @@ from anchors.heads import head_from_bytes
 from anchors.spec import FeatureSpec
 from transforms.combine import MomentsCombineFn
 from transforms.io import read_bytes, write_atomically
-from transforms.threads import limit_blas_threads
 from transforms.schema import error_row
+from transforms.threads import limit_blas_threads
 
 ERRORS = "errors"
 MIN_CALIBRATION = 5
