@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 # torch and torchvision pinned to the builds the CI machine carries (pip takes them from disk).
 TORCH := torch==2.14.1 torchvision==0.29.1
-RUNNER := --runner FnApiRunner
+RUNNER := --runner=FnApiRunner
 DEMO := out/demo
 
 .PHONY: venv demo test bench clean

@@ -25,8 +25,9 @@ COLUMNS = ("generator", "n_real", "n_fake", "ap", "auroc", "acc", "real_acc", "f
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="anchorscan evaluate",
-        description="Score labelled images and write per-generator metrics. Other options "
-                    "(--runner, --batch_size, ...) pass through to `score`.")
+        description="Score labelled images and write per-generator metrics. Other options pass "
+                    "through to `score`; write them as --name=value (--runner=DataflowRunner) or "
+                    "after ROOT, so that their values are not taken for ROOT.")
     parser.add_argument("root", help="the dataset's root folder, or the manifest file for --layout manifest")
     parser.add_argument("--layout", required=True, choices=sorted(LAYOUTS))
     parser.add_argument("--anchor", required=True)
