@@ -86,3 +86,14 @@ def test_scores_do_not_depend_on_batching(fitted_anchor, scan, tmp_path):
     for uri, row in rows[0].items():
         assert row["sha256"] == rows[1][uri]["sha256"]
         assert row["score"] == pytest.approx(rows[1][uri]["score"], rel=1e-4, abs=1e-6)
+
+
+def test_workers_can_share_one_model(fitted_anchor, scan, tmp_path):
+    anchor, _ = fitted_anchor
+    folder, _ = scan
+    prefix = str(tmp_path / "shared")
+    summary = score.run(["--input", str(folder / "*.png"), "--anchor", str(anchor), "--output", prefix,
+                         "--large_model", "--direct_num_workers", "2",
+                         "--direct_running_mode", "multi_processing", *RUNNER])
+    rows = read_parquet_rows(prefix + "-scores-*.parquet")
+    assert summary["scored"] == len(rows) == len([p for p in folder.glob("*.png") if p.name != "text.png"])
