@@ -54,6 +54,7 @@ class Backbone(nn.Module):
     crop_size = 224
     attention_modes: tuple[str, ...]  # the first is the default
     weights_sha256: str
+    faster_in_onnxruntime = False  # measured by benchmarks/forward_backends.py
 
     def __init__(self, attention: str | None, resize: str):
         super().__init__()
@@ -109,6 +110,7 @@ class EfficientNetLite0(Backbone):
 
     name = "efficientnet-lite0"
     attention_modes = ("zscore", "uniform")
+    faster_in_onnxruntime = True
     # Last block of the stages whose outputs feed the spatial moments: 24@56, 40@28, 112@14, 320@7.
     moment_blocks = (2, 4, 10, 15)
     moment_channels = (24, 40, 112, 320)

@@ -4,15 +4,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
+import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from anchors.spec import FeatureSpec
 
 SIGMA_EPS = 1e-6
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+RUNTIMES = ("auto", "torch", "onnxruntime")
 
 
 @functools.lru_cache(maxsize=4)
@@ -54,12 +58,13 @@ class BackboneConfig:
     projection_seed: int = 0
     device: str = "cpu"
     precision: str = "bf16"  # autocast dtype on GPUs: bf16, fp16 or fp32 (none)
+    runtime: str = "auto"  # see FeatureExtractor
 
     def build(self) -> "FeatureExtractor":
         from anchors.backbones import load_backbone
         backbone = load_backbone(self.name, self.weights, self.attention, self.resize)
         return FeatureExtractor(backbone, self.statistical_budget, self.projection_seed, self.device,
-                                self.precision)
+                                self.precision, self.runtime)
 
 
 @dataclasses.dataclass
@@ -68,16 +73,60 @@ class Features:
     attention_positions: np.ndarray  # (B,) effective number of positions, 1 / sum a_i^2
 
 
+class FeatureModule(nn.Module):
+    """uint8 crops (B, H, W, 3) -> (feature vectors (B, d), effective positions (B,)): the
+    whole extraction as one module, so it can also be exported to ONNX."""
+
+    def __init__(self, backbone, projection: np.ndarray | None, autocast_dtype=None):
+        super().__init__()
+        self.backbone, self.autocast_dtype = backbone, autocast_dtype
+        self.register_buffer("projection", None if projection is None else torch.tensor(projection))
+
+    def forward(self, pixels: torch.Tensor):
+        # Reduced precision for the backbone only; moments and projection stay float32.
+        with torch.autocast(pixels.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            output = self.backbone(pixels.permute(0, 3, 1, 2))
+        parts = []
+        for token_map in output.token_maps:
+            weights = resample_weights(output.attention, token_map.shape[2:])
+            parts.extend(weighted_moments(token_map, weights))
+        statistical = torch.cat(parts, dim=1)
+        if self.projection is not None:
+            statistical = statistical @ self.projection
+        vectors = torch.cat([output.semantic.float(), statistical], dim=1)
+        return vectors, 1.0 / (output.attention.flatten(1) ** 2).sum(dim=1)
+
+
+def onnx_session(module: FeatureModule, crop_size: int):
+    """The module exported to ONNX and loaded in ONNX Runtime with torch's thread count."""
+    import onnxruntime
+
+    buffer = io.BytesIO()
+    example = torch.zeros(1, crop_size, crop_size, 3, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes
+        torch.onnx.export(module, (example,), buffer, input_names=["pixels"],
+                          output_names=["vectors", "positions"],
+                          dynamic_axes={"pixels": {0: "batch"}}, dynamo=False)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    return onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+
+
 class FeatureExtractor:
-    """Backbone + moments + projection; ``spec`` names everything the features depend on."""
+    """Backbone + moments + projection; ``spec`` names everything the features depend on.
+
+    ``runtime``: "torch", "onnxruntime", or "auto" - ONNX Runtime for backbones measured faster
+    with it on CPUs (EfficientNet-Lite0: 3.3x, features equal to 1e-5), torch elsewhere."""
 
     def __init__(self, backbone, statistical_budget: int = 768, projection_seed: int = 0,
-                 device: str = "cpu", precision: str = "bf16"):
+                 device: str = "cpu", precision: str = "bf16", runtime: str = "auto"):
         if precision not in AUTOCAST_DTYPES:
             raise ValueError(f"precision must be one of {', '.join(AUTOCAST_DTYPES)}, not {precision!r}")
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
         self.device = torch.device(device)
-        # On CPUs autocast was measured slower than float32: it is used on GPUs only.
-        self.autocast_dtype = AUTOCAST_DTYPES[precision] if self.device.type == "cuda" else None
         self.backbone = backbone.to(self.device)
         raw_dim = 2 * sum(backbone.layout["moment_channels"])
         self.projection = (seeded_projection(raw_dim, statistical_budget, projection_seed)
@@ -90,24 +139,20 @@ class FeatureExtractor:
                       sigma_eps=SIGMA_EPS)
         self.spec = FeatureSpec(backbone.name, backbone.weights_sha256, backbone.preprocessing,
                                 layout)
-        self._projection_tensor = (None if self.projection is None
-                                   else torch.tensor(self.projection, device=self.device))
+        # On CPUs autocast was measured slower than float32: it is used on GPUs only.
+        autocast_dtype = AUTOCAST_DTYPES[precision] if self.device.type == "cuda" else None
+        self.module = FeatureModule(self.backbone, self.projection, autocast_dtype).to(self.device).eval()
+        if runtime == "auto":
+            runtime = ("onnxruntime" if self.device.type == "cpu" and backbone.faster_in_onnxruntime
+                       else "torch")
+        self.runtime = runtime
+        self._session = onnx_session(self.module, backbone.crop_size) if runtime == "onnxruntime" else None
 
-    @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> Features:
         """``pixels``: (B, H, W, 3) uint8 crops."""
-        pixels = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-        # Reduced precision for the backbone's matmuls only; moments and projection stay float32.
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
-            output = self.backbone(pixels)
-        parts = []
-        for token_map in output.token_maps:
-            weights = resample_weights(output.attention, token_map.shape[2:])
-            parts.extend(weighted_moments(token_map, weights))
-        statistical = torch.cat(parts, dim=1)
-        if self._projection_tensor is not None:
-            statistical = statistical @ self._projection_tensor
-        vectors = torch.cat([output.semantic.float(), statistical], dim=1)
-        positions = 1.0 / (output.attention.flatten(1) ** 2).sum(dim=1)
+        if self._session is not None:
+            vectors, positions = self._session.run(None, {"pixels": pixels.numpy()})
+            return Features(vectors, positions)
+        with torch.inference_mode():
+            vectors, positions = self.module(pixels.to(self.device, non_blocking=True))
         return Features(vectors.cpu().numpy(), positions.cpu().numpy())

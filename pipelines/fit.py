@@ -26,7 +26,7 @@ def run(argv=None, test_pipeline=None):
                           fit.statistical or AnchorConfig.statistical)
     backbone = BackboneConfig(fit.backbone or DEFAULT_BACKBONE, fit.weights, fit.attention,
                               fit.resize or "none", fit.statistical_budget, fit.projection_seed,
-                              fit.device, fit.precision)
+                              fit.device, fit.precision, fit.runtime)
     extractor = build_driver_extractor(backbone)  # the spec and projection the anchor records
 
     started = time.time()

@@ -45,7 +45,7 @@ def run(argv=None, test_pipeline=None):
         raise ValueError(f"--kind must be one of {', '.join(HEAD_KINDS)}, not {opts.kind!r}")
     backbone = BackboneConfig(opts.backbone or DEFAULT_BACKBONE, opts.weights, opts.attention,
                               opts.resize or "none", opts.statistical_budget, opts.projection_seed,
-                              opts.device, opts.precision)
+                              opts.device, opts.precision, opts.runtime)
     extractor = build_driver_extractor(backbone)
     spec = extractor.spec
 

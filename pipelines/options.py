@@ -51,6 +51,9 @@ class AnchorOptions(PipelineOptions):
         parser.add_argument("--device", default="cpu", help="cpu or cuda.")
         parser.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"),
                             help="Autocast of the backbone on GPUs (CPUs run float32).")
+        parser.add_argument("--runtime", default="auto", choices=("auto", "torch", "onnxruntime"),
+                            help="auto: ONNX Runtime for backbones measured faster with it on CPUs "
+                                 "(the default backbone), torch elsewhere.")
         parser.add_argument("--large_model", action="store_true",
                             help="Share one model copy between a worker's processes.")
         parser.add_argument("--batch_size", type=int, default=16,

@@ -32,7 +32,7 @@ def run(argv=None, test_pipeline=None):
                               score.attention or spec.layout["attention"],
                               score.resize or spec.preprocessing["resize"],
                               spec.layout["d_statistical"], spec.layout["projection_seed"],
-                              score.device, score.precision)
+                              score.device, score.precision, score.runtime)
     extractor = build_driver_extractor(backbone)
     spec.require_same(extractor.spec, f"anchor {score.anchor}")  # refuse before any work
     head = ""

@@ -96,3 +96,13 @@ def test_pixel_limit_is_a_decode_error():
     Image.new("RGB", (300, 300)).save(buffer, format="PNG")
     with pytest.raises(DecodeError, match="over the limit"):
         decode_and_crop(buffer.getvalue(), 224, max_pixels=300 * 299)
+
+
+def test_onnxruntime_gives_the_features_of_torch():
+    onnx = FeatureExtractor(load_backbone(), runtime="onnxruntime")
+    eager = FeatureExtractor(load_backbone(), runtime="torch")
+    for batch in (1, 5):
+        pixels = torch.from_numpy(np.random.default_rng(batch).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8))
+        a, b = onnx(pixels), eager(pixels)
+        np.testing.assert_allclose(a.vectors, b.vectors, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(a.attention_positions, b.attention_positions, rtol=1e-4)
