@@ -42,6 +42,7 @@ test: venv
 # Throughput of every stage against the bare forward pass, and the backbones against their FLOPs.
 bench: venv
 	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/forward_backends.py
 	$(BIN)/python benchmarks/backbones.py
 
 clean:
