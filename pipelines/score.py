@@ -9,12 +9,11 @@ import apache_beam as beam
 from anchors.features import BackboneConfig
 from pipelines.common import ReadAndEmbed, build_driver_extractor
 from pipelines.options import AnchorOptions, counter_totals, pipeline_options, require
-from anchors.heads import head_from_bytes
 from transforms.io import read_bytes
 from anchors.anchor import AnchorConfig
 from anchors.anchor_file import verified_contents
 from anchors.spec import FeatureSpec
-from transforms.scoring import ScoreFeatures, head_id
+from transforms.scoring import ScoreFeatures, load_head
 from transforms.sinks import ReadPreviousScores, WriteErrors, WriteScores
 
 
@@ -37,10 +36,8 @@ def run(argv=None, test_pipeline=None):
     spec.require_same(extractor.spec, f"anchor {score.anchor}")  # refuse before any work
     head = ""
     if score.head:
-        head_bytes = read_bytes(score.head)
-        fitted_head = head_from_bytes(head_bytes)
+        fitted_head, head = load_head(score.head)
         fitted_head.spec.require_same(extractor.spec, f"head {score.head}")
-        head = head_id(fitted_head, head_bytes)
 
     anchor_id = metadata["checksum"][:16]
 

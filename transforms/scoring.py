@@ -68,9 +68,15 @@ def head_id(head, data: bytes) -> str:
     return f"{head.kind}:{hashlib.sha256(data).hexdigest()[:16]}"
 
 
+def load_head(uri: str) -> tuple:
+    data = read_bytes(uri)
+    head = head_from_bytes(data)
+    return head, head_id(head, data)
+
+
 class ScoreFeatures(beam.PTransform):
-    """(ImageMeta, (vector, positions)) -> score rows and error rows; the anchor file is read
-    once into a side input."""
+    """(ImageMeta, (vector, positions)) -> score rows and error rows; the anchor (and head) files
+    are read once into side inputs."""
 
     def __init__(self, anchor_uri: str, combine: str | None = None, statistical: str | None = None,
                  head_uri: str | None = None, max_batch_size: int = 256):
@@ -86,11 +92,10 @@ class ScoreFeatures(beam.PTransform):
             loaded | "AnchorId" >> beam.Map(lambda pair: pair[1]["checksum"][:16]))
         head_inputs = []
         if self.head_uri:
-            head_bytes = (embedded.pipeline | "HeadUri" >> beam.Create([self.head_uri])
-                          | "ReadHead" >> beam.Map(read_bytes))
-            head_inputs = [beam.pvalue.AsSingleton(head_bytes | "Head" >> beam.Map(head_from_bytes)),
-                           beam.pvalue.AsSingleton(head_bytes | "HeadId" >> beam.Map(
-                               lambda data: head_id(head_from_bytes(data), data)))]
+            head = (embedded.pipeline | "HeadUri" >> beam.Create([self.head_uri])
+                    | "LoadHead" >> beam.Map(load_head))
+            head_inputs = [beam.pvalue.AsSingleton(head | "Head" >> beam.Map(lambda pair: pair[0])),
+                           beam.pvalue.AsSingleton(head | "HeadId" >> beam.Map(lambda pair: pair[1]))]
         outputs = (embedded
                    | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.max_batch_size)
                    | "Score" >> beam.ParDo(ScoreBatchFn(self.combine, self.statistical),
