@@ -81,6 +81,16 @@ def tippett_log10(log_pvalues: np.ndarray) -> np.ndarray:
     return -log_combined / math.log(10)
 
 
+def max_log_bayes_factor(score: np.ndarray) -> np.ndarray:
+    """The most evidence against "real" that a p-value can carry, as a natural-log Bayes factor:
+    -ln(-e p ln p) for p < 1/e, else 0 (Sellke, Bayarri and Berger 2001). ``score`` is
+    -log10 p, the anchor's score; the result adds to a head's log-odds, combining the two."""
+    log_p = -np.asarray(score, dtype=np.float64) * math.log(10)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        bound = -(1.0 + log_p + np.log(-log_p))
+    return np.where(log_p < -1.0, bound, 0.0)
+
+
 COMBINERS = {"fisher": fisher_log10, "tippett": tippett_log10}
 
 

@@ -64,6 +64,8 @@ class Head(abc.ABC):
     field and a ``counts`` attribute ({'real': n, 'fake': n}, the examples it was fitted on)."""
 
     kind: ClassVar[str]
+    # Whether ``score`` is a natural-log odds of "generated", which evidence can be added to.
+    log_odds: ClassVar[bool] = False
     spec: FeatureSpec
 
     @abc.abstractmethod
@@ -183,6 +185,7 @@ class LinearProbeHead(Head):
     score is the Gaussian log-odds w.z + b with the class priors of the fitting set."""
 
     kind: ClassVar[str] = "lda"
+    log_odds: ClassVar[bool] = True
     spec: FeatureSpec
     real: Moments
     fake: Moments
@@ -242,6 +245,7 @@ class LogisticHead(Head):
     embeddings; the score is its log-odds."""
 
     kind: ClassVar[str] = "logistic"
+    log_odds: ClassVar[bool] = True
     spec: FeatureSpec
     coef: np.ndarray  # (d_semantic,)
     intercept: float

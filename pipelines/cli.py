@@ -12,7 +12,7 @@ commands:
   fit     --input PATTERN_OR_MANIFEST [--input ...] --anchor OUT_FILE [--backbone NAME] [beam options]
   score   --input PATTERN_OR_MANIFEST [--input ...] --anchor FILE --output PREFIX [--head HEAD] [beam options]
   fit-head --kind nn|lda|logistic --real PATTERN [--real ...] --fake PATTERN [--fake ...] --output HEAD [--backbone NAME]
-  evaluate --layout forensynths|genimage|manifest ROOT --anchor A [--head anchor|HEAD_FILE] --output DIR
+  evaluate --layout forensynths|genimage|manifest ROOT --anchor A [--head anchor|HEAD|anchor+HEAD] --output DIR
   report  --scores PREFIX --output report.html [--anchor A] [--labels MANIFEST]
   info    ANCHOR [--json]
 

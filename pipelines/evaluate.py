@@ -32,7 +32,9 @@ def parse_args(argv):
     parser.add_argument("--layout", required=True, choices=sorted(LAYOUTS))
     parser.add_argument("--anchor", required=True)
     parser.add_argument("--head", default="anchor",
-                        help="'anchor' (the calibrated one-class score) or a head file from fit-head")
+                        help="'anchor' (the calibrated one-class score), a head file from fit-head, "
+                             "or anchor+HEAD_FILE: an lda/logistic head's log-odds plus the anchor's "
+                             "evidence")
     parser.add_argument("--output", required=True, help="folder for metrics.csv, metrics.md, metrics.json")
     parser.add_argument("--split", default="val", help="genimage: which split to read")
     parser.add_argument("--perturbation", default=None,
@@ -99,7 +101,9 @@ def evaluate_once(images, args, passthrough, folder: str, perturbation: str | No
         handle.write("\n".join(image.uri for image in images) + "\n")
     prefix = os.path.join(folder, "scores")
     argv = ["--input", manifest, "--anchor", args.anchor, "--output", prefix, *passthrough]
-    if args.head != "anchor":
+    if args.head.startswith("anchor+"):
+        argv += ["--head", args.head[len("anchor+"):], "--with_anchor"]
+    elif args.head != "anchor":
         argv += ["--head", args.head]
     if perturbation:
         argv += ["--perturbation", perturbation]

@@ -114,6 +114,9 @@ class AnchorOptions(PipelineOptions):
                             help="fit-head nn/logistic: bank size per class (a uniform sample).")
         parser.add_argument("--head", default=None,
                             help="score: a head file from fit-head; its score becomes `score`.")
+        parser.add_argument("--with_anchor", action="store_true",
+                            help="score with an lda or logistic --head: add the anchor's evidence "
+                                 "(its p-value's largest Bayes factor) to the head's log-odds.")
 
 
 def require(options, *names: str) -> None:

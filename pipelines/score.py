@@ -36,8 +36,13 @@ def run(argv=None, test_pipeline=None):
     spec.require_same(extractor.spec, f"anchor {score.anchor}")  # refuse before any work
     head = ""
     if score.head:
-        fitted_head, head = load_head(score.head)
+        fitted_head, head = load_head(score.head, score.with_anchor)
         fitted_head.spec.require_same(extractor.spec, f"head {score.head}")
+        if score.with_anchor and not fitted_head.log_odds:
+            raise ValueError(f"--with_anchor adds the anchor's evidence to a head's log-odds; a "
+                             f"{fitted_head.kind} head's score is not one (use lda or logistic)")
+    elif score.with_anchor:
+        raise ValueError("--with_anchor combines the anchor with a --head; no --head was given")
 
     anchor_id = metadata["checksum"][:16]
 
@@ -47,7 +52,7 @@ def run(argv=None, test_pipeline=None):
                 if score.skip_scored else None)
     images = pipeline | "Read" >> ReadAndEmbed(score.input, score, backbone, extractor, previous)
     rows, score_errors = images["embedded"] | "Score" >> ScoreFeatures(
-        score.anchor, score.combine, score.statistical, score.head)
+        score.anchor, score.combine, score.statistical, score.head, score.with_anchor)
     _ = (rows, images["reused"]) | "AllScores" >> beam.Flatten() | WriteScores(score.output)
     _ = (images["errors"], score_errors) | WriteErrors(score.output)
     result = pipeline.run()

@@ -243,3 +243,12 @@ def test_holds_out_keeps_a_group_on_one_side():
     assert abs(sides[:, 0].mean() - 0.3) < 4 * np.sqrt(0.3 * 0.7 / 2000)
     ungrouped = np.array([holds_out(uri, 0.3) for uri in uris]).reshape(2000, 5)
     assert not np.all(ungrouped.all(1) | ~ungrouped.any(1))  # the regex is what groups them
+
+
+def test_max_log_bayes_factor_is_the_sellke_bayarri_berger_bound():
+    from anchors.calibration import max_log_bayes_factor
+    pvalues = np.array([0.9, 1 / np.e, 0.3, 0.05, 1e-3, 1e-12, 1e-200])
+    expected = [-np.log(-np.e * p * np.log(p)) if p < 1 / np.e else 0.0 for p in pvalues]
+    np.testing.assert_allclose(max_log_bayes_factor(-np.log10(pvalues)), expected, atol=1e-9)
+    scores = np.linspace(0, 400, 4001)
+    assert np.all(np.diff(max_log_bayes_factor(scores)) >= 0) and max_log_bayes_factor(scores).min() == 0

@@ -121,3 +121,33 @@ def test_evaluate_sweep_perturbs_both_classes(fitted_anchor, forensynths_tree, t
         assert [row["perturbation"] for row in csv.DictReader(handle)] == ["none", "jpeg:50"]
     rows = read_parquet_rows(str(out / "jpeg50" / "scores-scores-*.parquet"))
     assert len(rows) == 24 and all("jpeg50" in row["preprocess"] for row in rows)
+
+
+def test_anchor_evidence_adds_to_the_heads_log_odds(fitted_anchor, lda_head, forensynths_tree, tmp_path):
+    anchor, _ = fitted_anchor
+    head_path, _, _ = lda_head
+    folder = str(forensynths_tree / "bicubic_b")
+    rows = {}
+    for name, extra in (("head", []), ("both", ["--with_anchor"])):
+        score.run(["--input", folder, "--anchor", str(anchor), "--head", str(head_path),
+                   "--output", str(tmp_path / name), *extra, *RUNNER])
+        rows[name] = {row["uri"]: row for row in read_parquet_rows(str(tmp_path / f"{name}-scores-*.parquet"))}
+    for uri, head_row in rows["head"].items():
+        p = 10.0 ** -head_row["anchor_score"]
+        bound = -np.log(-np.e * p * np.log(p)) if p < 1 / np.e else 0.0  # Sellke-Bayarri-Berger
+        assert rows["both"][uri]["score"] == pytest.approx(head_row["score"] + bound, abs=1e-9)
+        assert rows["both"][uri]["head"] == head_row["head"] + "+anchor"
+    table = evaluate.run(["--layout", "forensynths", str(forensynths_tree), "--anchor", str(anchor),
+                          "--head", f"anchor+{head_path}", "--output", str(tmp_path / "eval"), *RUNNER])
+    assert table[-1]["generator"] == "mean" and 0 <= table[-1]["auroc"] <= 1
+
+
+def test_anchor_evidence_needs_a_log_odds_head(fitted_anchor, real_photos, tmp_path):
+    anchor, _ = fitted_anchor
+    fakes = make_fakes(sorted(str(p) for p in real_photos.glob("*_0.*")), tmp_path / "fake")
+    nn = tmp_path / "nn.safetensors"
+    fit_head.run(["--kind", "nn", "--real", str(real_photos), "--fake", str(tmp_path / "fake"),
+                  "--output", str(nn), *RUNNER])
+    with pytest.raises(ValueError, match="log-odds"):
+        score.run(["--input", fakes[0], "--anchor", str(anchor), "--head", str(nn),
+                   "--with_anchor", "--output", str(tmp_path / "out"), *RUNNER])

@@ -9,7 +9,7 @@ from apache_beam.metrics import Metrics
 
 from anchors.anchor import COMPONENTS, Anchor, AnchorConfig, AnchorModel
 from anchors.anchor_file import anchor_from_bytes, anchor_to_bytes
-from anchors.calibration import holds_out
+from anchors.calibration import holds_out, max_log_bayes_factor
 from anchors.heads import head_from_bytes
 from anchors.spec import FeatureSpec
 from transforms.combine import MomentsCombineFn
@@ -24,8 +24,9 @@ MIN_CALIBRATION = 5
 class ScoreBatchFn(beam.DoFn):
     """Scores batches against the anchor and, given one, a head whose score then decides."""
 
-    def __init__(self, combine: str | None = None, statistical: str | None = None):
-        self.combine, self.statistical = combine, statistical
+    def __init__(self, combine: str | None = None, statistical: str | None = None,
+                 with_anchor: bool = False):
+        self.combine, self.statistical, self.with_anchor = combine, statistical, with_anchor
         self.scored = Metrics.counter("anchorscan", "images_scored")
         self.suspects = Metrics.counter("anchorscan", "images_suspect")
 
@@ -44,6 +45,8 @@ class ScoreBatchFn(beam.DoFn):
         scores["anchor_score"] = scores["score"]
         if head is not None:
             scores["score"] = head.score(vectors)
+            if self.with_anchor:
+                scores["score"] = scores["score"] + max_log_bayes_factor(scores["anchor_score"])
             scores["is_suspect"] = scores["score"] > 0
         self.scored.inc(len(finite))
         self.suspects.inc(int(scores["is_suspect"].sum()))
@@ -68,10 +71,10 @@ def head_id(head, data: bytes) -> str:
     return f"{head.kind}:{hashlib.sha256(data).hexdigest()[:16]}"
 
 
-def load_head(uri: str) -> tuple:
+def load_head(uri: str, with_anchor: bool = False) -> tuple:
     data = read_bytes(uri)
     head = head_from_bytes(data)
-    return head, head_id(head, data)
+    return head, head_id(head, data) + ("+anchor" if with_anchor else "")
 
 
 class ScoreFeatures(beam.PTransform):
@@ -79,10 +82,10 @@ class ScoreFeatures(beam.PTransform):
     are read once into side inputs."""
 
     def __init__(self, anchor_uri: str, combine: str | None = None, statistical: str | None = None,
-                 head_uri: str | None = None, max_batch_size: int = 256):
+                 head_uri: str | None = None, with_anchor: bool = False, max_batch_size: int = 256):
         super().__init__()
         self.anchor_uri, self.combine, self.statistical = anchor_uri, combine, statistical
-        self.head_uri, self.max_batch_size = head_uri, max_batch_size
+        self.head_uri, self.with_anchor, self.max_batch_size = head_uri, with_anchor, max_batch_size
 
     def expand(self, embedded):
         loaded = (embedded.pipeline | "AnchorUri" >> beam.Create([self.anchor_uri])
@@ -93,12 +96,12 @@ class ScoreFeatures(beam.PTransform):
         head_inputs = []
         if self.head_uri:
             head = (embedded.pipeline | "HeadUri" >> beam.Create([self.head_uri])
-                    | "LoadHead" >> beam.Map(load_head))
+                    | "LoadHead" >> beam.Map(load_head, self.with_anchor))
             head_inputs = [beam.pvalue.AsSingleton(head | "Head" >> beam.Map(lambda pair: pair[0])),
                            beam.pvalue.AsSingleton(head | "HeadId" >> beam.Map(lambda pair: pair[1]))]
         outputs = (embedded
                    | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.max_batch_size)
-                   | "Score" >> beam.ParDo(ScoreBatchFn(self.combine, self.statistical),
+                   | "Score" >> beam.ParDo(ScoreBatchFn(self.combine, self.statistical, self.with_anchor),
                                            anchor, anchor_id, *head_inputs).with_outputs(
                                                ERRORS, main="scores"))
         return outputs.scores, outputs[ERRORS]
