@@ -15,7 +15,7 @@ from anchors.backbones import (CLIP_MODELS, ClipVisionBackbone, MissingWeightsEr
 from anchors.features import SIGMA_EPS, weighted_moments
 from anchors.spec import IncompatibleAnchorError
 from anchors.weights import WeightsError, read_state_dict
-from conftest import RUNNER, read_parquet_rows
+from conftest import HOLD_OUT_BY_NAME, RUNNER, read_parquet_rows
 
 
 class _Tower(torch.nn.Module):
@@ -140,6 +140,7 @@ def test_end_to_end_fit_and_score_with_openai_layout(b32_weights, real_photos, t
     anchor = str(tmp_path / "clip.safetensors")
     common = ["--backbone", "clip-vit-b-32", "--weights", b32_weights["openai"], *RUNNER]
     fit.run(["--input", str(real_photos), "--anchor", anchor, "--calibration_fraction", "0.3",
+             *HOLD_OUT_BY_NAME,
              *common])
     summary = score.run(["--input", str(real_photos / "*.png"), "--anchor", anchor,
                          "--output", str(tmp_path / "scan"), "--weights", b32_weights["openai"],
@@ -166,7 +167,8 @@ def test_vit_l14_end_to_end_from_an_openai_layout_file(real_photos, tmp_path):
     for path in sorted(real_photos.iterdir())[:14]:
         (few / path.name).write_bytes(path.read_bytes())
     anchor = str(tmp_path / "l14.safetensors")
-    fit.run(["--input", str(few), "--anchor", anchor, "--calibration_fraction", "0.45",
+    fit.run(["--input", str(few), "--anchor", anchor, "--calibration_fraction", "0.6",
+             *HOLD_OUT_BY_NAME,
              "--backbone", "clip-vit-l-14", "--weights", weights, "--batch_size", "8", *RUNNER])
     summary = score.run(["--input", str(few / "*_0.jpg"), "--anchor", anchor, "--weights", weights,
                          "--output", str(tmp_path / "scan"), *RUNNER])
