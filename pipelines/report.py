@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import argparse
 import base64
-import csv
 import glob
 import html
 import io
-import os
 import posixpath
 
+import matplotlib
 import numpy as np
 import pyarrow.parquet as pq
+from PIL import Image
 
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+from anchors.anchor_file import verified_contents
+from anchors.layouts import manifest
 from anchors.metrics import auroc
 from transforms.io import read_bytes, write_atomically
 
@@ -39,14 +44,12 @@ def _table(pattern: str) -> list[dict]:
 def _figure_html(figure, alt: str) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    import matplotlib.pyplot as plt
     plt.close(figure)
     data = base64.b64encode(buffer.getvalue()).decode()
     return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>'
 
 
 def distributions_figure(rows: list[dict], calibration: dict | None) -> str:
-    import matplotlib.pyplot as plt
     names = ("score", "semantic", "statistical")
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.2))
     for axis, name in zip(axes, names):
@@ -61,7 +64,6 @@ def distributions_figure(rows: list[dict], calibration: dict | None) -> str:
 
 
 def folders_figure(rows: list[dict], most: int = 20) -> str:
-    import matplotlib.pyplot as plt
     folders: dict[str, list[bool]] = {}
     for row in rows:
         folders.setdefault(posixpath.dirname(row["uri"]), []).append(row["is_suspect"])
@@ -75,7 +77,6 @@ def folders_figure(rows: list[dict], most: int = 20) -> str:
 
 
 def roc_figure(rows: list[dict], labels: dict[str, tuple[int, str]]) -> str:
-    import matplotlib.pyplot as plt
     figure, axis = plt.subplots(figsize=(5, 5))
     known = [row for row in rows if row["uri"] in labels]
     reals = np.array([row["score"] for row in known if labels[row["uri"]][0] == 0])
@@ -97,7 +98,6 @@ def roc_figure(rows: list[dict], labels: dict[str, tuple[int, str]]) -> str:
 
 
 def thumbnail(uri: str, size: int = 160) -> str:
-    from PIL import Image
     try:
         image = Image.open(io.BytesIO(read_bytes(uri)))
         image.seek(0)
@@ -128,8 +128,6 @@ table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-
 
 def render(rows: list[dict], errors: list[dict], calibration: dict | None,
            labels: dict | None, gallery_size: int, title: str) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
     suspect = sum(row["is_suspect"] for row in rows)
     stages: dict[str, int] = {}
     for row in errors:
@@ -153,7 +151,6 @@ def render(rows: list[dict], errors: list[dict], calibration: dict | None,
 
 
 def read_labels(path: str) -> dict[str, tuple[int, str]]:
-    from anchors.layouts import manifest
     return {image.uri: (image.label, image.generator) for image in manifest(path)}
 
 
@@ -165,7 +162,6 @@ def run(argv=None) -> str:
     errors = _table(f"{args.scores}-errors-*.parquet")
     calibration = None
     if args.anchor:
-        from anchors.anchor_file import verified_contents
         tensors, _ = verified_contents(read_bytes(args.anchor))
         calibration = {name.removeprefix("calibration."): values for name, values in tensors.items()
                        if name.startswith("calibration.")}

@@ -6,7 +6,7 @@ from scipy import stats
 from sklearn.covariance import OAS, oas
 from sklearn.metrics import roc_auc_score
 
-from anchors.anchor import (Anchor, AnchorConfig, AnchorModel, Spectrum, oas_shrinkage,
+from anchors.anchor import (Anchor, AnchorModel, Spectrum, oas_shrinkage,
                             shrunk_covariance)
 from anchors.calibration import (fisher_log10, holds_out, sketch, tippett_log10,
                                  upper_tail_log_pvalues)
