@@ -33,27 +33,37 @@ def tail_fraction(n_calibration: int) -> float:
     return float(np.clip(MIN_TAIL_POINTS / max(n_calibration, 1), TAIL_FRACTION, 0.5))
 
 
+def _body_cdf(quantiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The sketch's distinct values and a piecewise-linear CDF through them. A run of equal
+    sketch points (few calibration images, or ties) gets the middle of its probabilities, the
+    first and last runs their outer ends: the CDF is continuous and strictly increasing, so
+    features that differ in the last float bits never move a p-value by a whole rank."""
+    probabilities = np.linspace(0.0, 1.0, quantiles.size)
+    unique, first, counts = np.unique(quantiles, return_index=True, return_counts=True)
+    cdf = (probabilities[first] + probabilities[first + counts - 1]) / 2
+    cdf[0], cdf[-1] = 0.0, 1.0
+    return unique, cdf
+
+
 def upper_tail_log_pvalues(values: np.ndarray, quantiles: np.ndarray,
                            n_calibration: int) -> np.ndarray:
     """log P(X >= value) for X drawn like the calibration images; in log space so that images
     far beyond the calibration range keep distinct, finite scores."""
     values = np.asarray(values, dtype=np.float64)
     quantiles = np.sort(np.asarray(quantiles, dtype=np.float64))
-    probabilities = np.linspace(0.0, 1.0, quantiles.size)
+    unique, cdf = _body_cdf(quantiles)
     fraction = tail_fraction(n_calibration)
-    threshold = float(np.interp(1.0 - fraction, probabilities, quantiles))
+    threshold = float(np.interp(1.0 - fraction, cdf, unique))
     excess = quantiles[quantiles > threshold] - threshold
-    spread = quantiles[-1] - quantiles[0]
+    spread = unique[-1] - unique[0]
     scale = max(float(excess.mean()) if excess.size else 0.0, 1e-3 * spread,
                 1e-12 * max(1.0, abs(threshold)))
 
-    # Duplicated sketch points (few calibration images) make a step CDF: keep its right limit.
-    unique, last = np.unique(quantiles[::-1], return_index=True)
-    cdf = probabilities[::-1][last]
-    body = 1.0 - np.interp(values, unique, cdf, left=0.0, right=1.0)
+    body = 1.0 - np.interp(values, unique, cdf, left=0.0)
     log_tail = math.log(fraction) - np.maximum(values - threshold, 0.0) / scale
-    return np.minimum(np.where(values > threshold, log_tail,
-                               np.log(np.maximum(body, fraction))), 0.0)
+    # The body is at least ``fraction`` up to the threshold; the floor only keeps log() quiet
+    # where the tail is used instead.
+    return np.where(values > threshold, log_tail, np.log(np.maximum(body, fraction)))
 
 
 def fisher_log10(log_pvalues: np.ndarray) -> np.ndarray:

@@ -220,6 +220,25 @@ def test_upper_tail_pvalues_match_empirical_tail_inside_the_body(chi2_sketch):
         assert upper_tail_pvalues(value, quantiles, n) == pytest.approx(level, abs=2e-3)
 
 
+def test_few_calibration_images_give_continuous_mid_rank_pvalues():
+    # Ten images make a step-shaped sketch; a step CDF would move a p-value by a whole rank
+    # when features differ in their last bits (as batching on CPU makes them).
+    values = np.sort(np.random.default_rng(3).gamma(4.0, size=10)) * 10
+    quantiles, n = sketch(values), len(values)
+    p_at = upper_tail_pvalues(values, quantiles, n)
+    median = np.median(values)
+    body = values <= median  # ten images: the exponential tail starts at the median
+    ranks = np.arange(1, n + 1)
+    expected = np.where(ranks == 1, 1.0, 1 - (ranks - 0.5) / n)  # Hazen's plotting positions
+    np.testing.assert_allclose(p_at[body], expected[body], atol=1e-3)  # the sketch has 1001 points
+    for value in values:
+        nudged = upper_tail_pvalues(value * (1 + np.array([-1e-9, 1e-9])), quantiles, n)
+        assert abs(nudged[0] - nudged[1]) < 1e-6
+    grid = np.linspace(values[0] - 5, values[-1] * 3, 100001)
+    p = upper_tail_pvalues(grid, quantiles, n)
+    assert np.all(np.diff(p) <= 0) and np.abs(np.diff(p)).max() < 1e-3
+
+
 def test_pvalues_stay_positive_and_ranked_far_beyond_calibration(chi2_sketch):
     quantiles, n = chi2_sketch
     far = quantiles[-1] * np.array([10.0, 100.0, 1000.0])

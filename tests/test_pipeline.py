@@ -97,3 +97,13 @@ def test_workers_can_share_one_model(fitted_anchor, scan, tmp_path):
                          "--direct_running_mode", "multi_processing", *RUNNER])
     rows = read_parquet_rows(prefix + "-scores-*.parquet")
     assert summary["scored"] == len(rows) == len([p for p in folder.glob("*.png") if p.name != "text.png"])
+
+
+def test_progress_counts_each_run_from_zero(capsys):
+    from transforms.progress import ReportProgress
+    for _ in range(2):  # two pipelines in one process, as in tests or a notebook
+        reporter = ReportProgress("embedded", every_seconds=0.0)
+        for i in range(3):
+            list(reporter.process(i, total=3))
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"] * 2
