@@ -5,7 +5,9 @@ scored gets a sentence saying why."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
+import logging
 import warnings
 
 import numpy as np
@@ -93,6 +95,50 @@ def _reencode(image: Image.Image, fmt: str, **options) -> Image.Image:
     return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
 
 
+@functools.cache
+def _turbojpeg():
+    """libjpeg-turbo's TurboJPEG API, or None where the system library is missing."""
+    try:
+        import turbojpeg
+
+        codec = turbojpeg.TurboJPEG()
+    except (ImportError, OSError, RuntimeError) as error:
+        logging.warning("libturbojpeg not available (%s): JPEGs are decoded whole, which is "
+                        "slower; install libturbojpeg0 (Debian) or libjpeg-turbo", error)
+        return None
+    # Its warnings are libjpeg's "corrupt data" notes, which PIL's decoder ignores as well.
+    warnings.filterwarnings("ignore", module="turbojpeg")
+    return codec, turbojpeg.tjMCUWidth, turbojpeg.tjMCUHeight, turbojpeg.TJPF_RGB
+
+
+def _jpeg_center_crop(data: bytes, width: int, height: int, size: int) -> np.ndarray | None:
+    """The centre crop of a JPEG without decoding the rest: a lossless crop of the DCT blocks
+    around it (one block row and column of margin, so that chroma upsampling at the crop's edges
+    sees the same neighbours), then a decode of that small JPEG. The pixels equal a full decode's.
+    None where this does not apply and the caller must decode whole."""
+    turbo = _turbojpeg()
+    # A truncated file decodes with a grey tail here but is an error for PIL: leave it to PIL.
+    if turbo is None or not data[-1024:].rstrip(b"\0").endswith(b"\xff\xd9"):
+        return None
+    codec, mcu_widths, mcu_heights, rgb = turbo
+    try:
+        _, _, subsampling, colorspace = codec.decode_header(data)
+        if colorspace not in (0, 1):  # RGB or YCbCr; grey and CMYK take PIL's conversions
+            return None
+        mcu_width, mcu_height = mcu_widths[subsampling], mcu_heights[subsampling]
+        left, top = (width - size) // 2, (height - size) // 2
+        x0 = max(left - mcu_width, 0) // mcu_width * mcu_width
+        y0 = max(top - mcu_height, 0) // mcu_height * mcu_height
+        x1, y1 = min(left + size + mcu_width, width), min(top + size + mcu_height, height)
+        # preserve=True: with the origin on the block grid, keeps a partial block at the edge.
+        small = codec.crop(data, x0, y0, x1 - x0, y1 - y0, preserve=True)
+        region = codec.decode(small, pixel_format=rgb)
+    except (OSError, ValueError, IndexError):
+        return None
+    pixels = region[top - y0:top - y0 + size, left - x0:left - x0 + size]
+    return np.ascontiguousarray(pixels) if pixels.shape == (size, size, 3) else None
+
+
 def _check_side(width: int, height: int, min_side: int) -> None:
     if min(width, height) < min_side:
         raise DecodeError(f"image is {width} x {height} pixels: too small to score (the shorter "
@@ -128,7 +174,12 @@ def decode_and_crop(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS
             width, height = image.size
             _check_side(width, height, min_side)
             if not perturb and resize == "none" and min(width, height) >= size:
-                # The common case: crop before converting, so only the crop is copied.
+                # The common case. JPEGs decode only around the crop; other images are cropped
+                # before conversion, so only the crop is copied.
+                if image.format == "JPEG" and not notes:
+                    pixels = _jpeg_center_crop(data, width, height, size)
+                    if pixels is not None:
+                        return Crop(pixels, width, height, "center_crop")
                 left, top = (width - size) // 2, (height - size) // 2
                 crop = _to_rgb(image.crop((left, top, left + size, top + size)), notes)
                 return Crop(np.asarray(crop, dtype=np.uint8), width, height,

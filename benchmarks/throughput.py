@@ -32,6 +32,7 @@ from PIL import Image
 from anchors.backbones import DEFAULT_BACKBONE
 from anchors.calibration import holds_out
 from anchors.features import BackboneConfig
+from anchors import preprocess
 from anchors.preprocess import decode_and_crop
 from anchors.stats import BufferedMoments
 from transforms.scoring import MIN_CALIBRATION
@@ -49,6 +50,8 @@ FIT_FRACTION = 0.3
 # Held out by file name, so the same files are held out whatever --workdir is.
 CALIBRATION = ["--calibration_fraction", str(FIT_FRACTION), "--calibration_group", r"([^/]+)$"]
 TWO_WORKERS = ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
+# The behaviour before decoding overlapped the forward pass, for the comparison in the same run.
+SERIAL_DECODE = ["--decode_threads", "1", "--decode_ahead", "1"]
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -122,7 +125,9 @@ def build_corpus(workdir: Path, count: int, large_count: int, rss_count: int) ->
                          f"images (need {MIN_CALIBRATION}); use at least 20")
     rss = linked_copies(workdir / "rss", by_kind["0.3mp"], 10 * rss_count)
     large = linked_copies(workdir / "12mp", by_kind["12mp"], large_count)
-    sets = {"mix": mix, "fit": fit, "12mp": large, "rss_1x": rss[:rss_count], "rss_10x": rss}
+    mix_3x = linked_copies(workdir / "mix_3x", mix, 3 * count)
+    sets = {"mix": mix, "mix_3x": mix_3x, "fit": fit, "12mp": large, "rss_1x": rss[:rss_count],
+            "rss_10x": rss}
     for name, files in sets.items():
         (workdir / f"{name}.txt").write_text("".join(f"{file}\n" for file in files))
     return sets
@@ -148,6 +153,19 @@ def measure_decode(paths: list[Path], crop: int, resize: str):
         crops.append(result.pixels)
     per_kind = {kind: counts[kind] / seconds[kind] for kind in SIZES if counts[kind]}
     return len(paths) / sum(seconds.values()), per_kind, crops
+
+
+def measure_whole_jpeg_decode(paths: list[Path], crop: int, resize: str, crops: list[np.ndarray]):
+    """The same decode with JPEGs decoded whole (no region decode): (12 MP images/s, largest
+    pixel difference to the region decode's crops; 0 means the scores cannot change)."""
+    region_decode = preprocess._jpeg_center_crop
+    preprocess._jpeg_center_crop = lambda *args: None
+    try:
+        _, per_kind, whole = measure_decode(paths, crop, resize)
+    finally:
+        preprocess._jpeg_center_crop = region_decode
+    difference = max(int(np.abs(a.astype(np.int16) - b).max()) for a, b in zip(crops, whole))
+    return per_kind["12mp"], difference
 
 
 def crop_batch(crops: list[np.ndarray]) -> torch.Tensor:
@@ -234,9 +252,13 @@ def measure_in_process(config: BackboneConfig, sets: dict[str, list[Path]], quic
     preprocessing = extractor.backbone.preprocessing
     crop = preprocessing["crop"]
     decode, decode_per_kind, crops = measure_decode(sets["mix"], crop, preprocessing["resize"])
+    whole_12mp, region_difference = measure_whole_jpeg_decode(
+        sets["mix"], crop, preprocessing["resize"], crops)
     batch = crop_batch(crops)
     cores = len(os.sched_getaffinity(0))
     return {"decode": decode, "decode_per_kind": decode_per_kind,
+            "region_decode": preprocess._turbojpeg() is not None,
+            "decode_whole_12mp": whole_12mp, "region_decode_max_pixel_difference": region_difference,
             "forward": measure_forward(extractor, batch, 1 if quick else 4),
             "flops_per_image": forward_flops_per_image(extractor, batch),
             "matmul_peak": matmul_peak_flops(),
@@ -336,8 +358,10 @@ def measure_pipelines(workdir: Path, backbone: str, weights: str | None) -> dict
         return run("score", file_set, ["--output", str(workdir / "out" / file_set), *extra])
 
     return {"fit": run("fit", "fit", ["--backbone", backbone, *CALIBRATION]),
-            "score": score("mix"), "score_2": score("mix", TWO_WORKERS),
-            "score_12mp_2": score("12mp", TWO_WORKERS),
+            "score": score("mix"), "score_3x": score("mix_3x"),
+            "score_serial": score("mix", SERIAL_DECODE),
+            "score_2": score("mix", TWO_WORKERS),
+            "score_12mp": score("12mp"), "score_12mp_2": score("12mp", TWO_WORKERS),
             "rss_1x": score("rss_1x"), "rss_10x": score("rss_10x")}
 
 
@@ -349,6 +373,8 @@ def report(local: dict, runs: dict, counts: dict, seconds: float) -> None:
     # Steady state and start-up from the two 0.3 MP runs: they differ only in image count.
     marginal = (rss_10x["images"] - rss_1x["images"]) / (rss_10x["seconds"] - rss_1x["seconds"])
     startup = rss_1x["seconds"] - rss_1x["images"] / marginal
+    mix_1x, mix_3x = runs["score"], runs["score_3x"]
+    mix_marginal = (mix_3x["images"] - mix_1x["images"]) / (mix_3x["seconds"] - mix_1x["seconds"])
     main_rss = f"{peak_rss_mb():.0f} MB (this process)"
 
     def run_row(stage: str, run: dict, rss_note: str = "") -> tuple:
@@ -357,8 +383,13 @@ def report(local: dict, runs: dict, counts: dict, seconds: float) -> None:
     rows = [(f"(a) backbone forward, batch {BATCH_SIZE}", forward, main_rss),
             ("(b) read + decode + crop, mix", local["decode"], main_rss),
             *((f"    {kind}", rate, "") for kind, rate in local["decode_per_kind"].items()),
+            ("    12mp decoded whole (no region decode)", local["decode_whole_12mp"], ""),
             run_row(f"(c) score, 1 worker, mix of {counts['mix']}", runs["score"]),
+            run_row("    the same, decoding one image at a time", runs["score_serial"]),
+            run_row("(c) score, 1 worker, the mix 3 times over", mix_3x),
+            ("    steady state on the mix (difference of the two)", mix_marginal, ""),
             run_row("(c) score, 2 workers multi_processing, mix", runs["score_2"], " (all processes)"),
+            run_row(f"(c) score, 1 worker, {counts['12mp']} x 12 MP", runs["score_12mp"]),
             run_row(f"(c) score, 2 workers, {counts['12mp']} x 12 MP", runs["score_12mp_2"],
                     " (all processes)"),
             run_row(f"(d) fit, 1 worker, {runs['fit']['images']} of the mix", runs["fit"]),
@@ -400,16 +431,27 @@ def report(local: dict, runs: dict, counts: dict, seconds: float) -> None:
         "forward_images_per_s": forward,
         "decode_images_per_s": local["decode"],
         "decode_12mp_images_per_s": local["decode_per_kind"]["12mp"],
+        "decode_whole_12mp_images_per_s": local["decode_whole_12mp"],
+        "region_decode": local["region_decode"],
+        "region_decode_speedup_12mp": local["decode_per_kind"]["12mp"] / local["decode_whole_12mp"],
+        "region_decode_max_pixel_difference": local["region_decode_max_pixel_difference"],
         "score_images_per_s": runs["score"]["images_per_s"],
+        "score_serial_decode_images_per_s": runs["score_serial"]["images_per_s"],
         "score_2workers_images_per_s": runs["score_2"]["images_per_s"],
+        "score_12mp_images_per_s": runs["score_12mp"]["images_per_s"],
         "score_12mp_2workers_images_per_s": runs["score_12mp_2"]["images_per_s"],
         "score_steady_state_images_per_s": marginal,
         "score_startup_s": startup,
         "fit_images_per_s": runs["fit"]["images_per_s"],
         "dataloader_12mp_images_per_s": local["dataloader"],
+        "score_mix_steady_state_images_per_s": mix_marginal,
         "score_over_forward": runs["score"]["images_per_s"] / forward,
+        "score_steady_state_over_forward_mix": mix_marginal / forward,
+        "score_steady_state_over_forward_small": marginal / forward,
         "fit_over_forward": runs["fit"]["images_per_s"] / forward,
-        "score_over_dataloader_12mp": runs["score_12mp_2"]["images_per_s"] / local["dataloader"],
+        "score_over_serial_decode": runs["score"]["images_per_s"] / runs["score_serial"]["images_per_s"],
+        "score_over_dataloader_12mp": runs["score_12mp"]["images_per_s"] / local["dataloader"],
+        "score_2workers_over_dataloader_12mp": runs["score_12mp_2"]["images_per_s"] / local["dataloader"],
         "stats_share_of_forward": stats_share,
         "rss_growth_10k_over_1k": rss_10x["peak_rss_mb"] / rss_1x["peak_rss_mb"],
         "rss_growth_counts": f"{rss_1x['images']}/{rss_10x['images']}",
@@ -426,18 +468,18 @@ def report(local: dict, runs: dict, counts: dict, seconds: float) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny counts, for development")
-    parser.add_argument("--images", type=int, help="images in the mixed corpus (60; quick 20)")
+    parser.add_argument("--images", type=int, help="images in the mixed corpus (200; quick 20)")
     parser.add_argument("--large_images", type=int,
-                        help="12 MP images of the DataLoader comparison (24; quick 8)")
+                        help="12 MP images of the DataLoader comparison (96; quick 8)")
     parser.add_argument("--rss_images", type=int,
                         help="1x count of the memory test; 10x is ten times it (60; quick 10)")
     parser.add_argument("--workdir", help="corpus and outputs (default: a temporary directory)")
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE)
     parser.add_argument("--weights")
     args = parser.parse_args(argv)
-    # Full-size counts that fit in about 8 minutes on 2 shared cores.
-    counts = {"mix": args.images or (20 if args.quick else 60),
-              "12mp": args.large_images or (8 if args.quick else 24),
+    # Full-size counts that fit in about 5 minutes on 2 cores.
+    counts = {"mix": args.images or (20 if args.quick else 200),
+              "12mp": args.large_images or (8 if args.quick else 96),
               "rss": args.rss_images or (10 if args.quick else 60)}
 
     started = time.perf_counter()

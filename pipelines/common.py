@@ -15,19 +15,29 @@ from transforms.progress import ReportProgress
 
 
 def build_driver_extractor(config: BackboneConfig) -> FeatureExtractor:
-    """The extractor as workers will build it, for its spec and projection (on the CPU)."""
+    """The extractor as workers will build it, for its spec and projection (on the CPU, in
+    torch: the driver runs no images, so it skips the ONNX export)."""
     weights = config.weights and local_copy(config.weights)
-    return dataclasses.replace(config, weights=weights, device="cpu").build()
+    return dataclasses.replace(config, weights=weights, device="cpu", runtime="torch").build()
+
+
+def _local_workers(options) -> int:
+    direct = options.view_as(DirectOptions)
+    return (direct.direct_num_workers or 1) if direct.direct_running_mode == "multi_processing" else 1
 
 
 def torch_threads(options) -> int:
     """--torch_threads, or the cores shared out among local worker processes (each would
     otherwise start one thread per core, and they would fight over the cores)."""
-    direct = options.view_as(DirectOptions)
-    workers = direct.direct_num_workers or 1
-    if options.torch_threads or direct.direct_running_mode != "multi_processing" or workers <= 1:
+    workers = _local_workers(options)
+    if options.torch_threads or workers <= 1:
         return options.torch_threads
     return max(1, (os.cpu_count() or 1) // workers)
+
+
+def decode_threads(options) -> int:
+    """--decode_threads, or the cores of one local worker process."""
+    return options.decode_threads or max(1, (os.cpu_count() or 1) // _local_workers(options))
 
 
 class ReadAndEmbed(beam.PTransform):
@@ -39,6 +49,8 @@ class ReadAndEmbed(beam.PTransform):
                  previous=None):
         super().__init__()
         self.patterns, self.previous = patterns, previous
+        self.decode_threads = decode_threads(options)
+        self.decode_ahead = options.decode_ahead or options.batch_size
         self.preprocessing = extractor.backbone.preprocessing
         self.limits = {"max_pixels": options.max_pixels, "max_bytes": options.max_bytes,
                        "min_side": options.min_side, "decode_timeout": options.decode_timeout,
@@ -54,7 +66,8 @@ class ReadAndEmbed(beam.PTransform):
     def expand(self, pipeline):
         uris, list_errors = pipeline | "List" >> ListInputs(self.patterns)
         images, decode_errors, reused = uris | "Decode" >> DecodeImages(
-            self.preprocessing, self.limits, self.previous)
+            self.preprocessing, self.limits, self.previous, threads=self.decode_threads,
+            ahead=self.decode_ahead)
         embedded, embed_errors = images | "Embed" >> EmbedImages(self.handler)
         total = beam.pvalue.AsSingleton(uris | "CountInputs" >> beam.combiners.Count.Globally())
         embedded = embedded | "Progress" >> beam.ParDo(ReportProgress("embedded"), total)

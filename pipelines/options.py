@@ -75,6 +75,12 @@ class AnchorOptions(PipelineOptions):
                                  "scored again.")
         parser.add_argument("--torch_threads", type=int, default=0,
                             help="torch threads per worker (0: torch's default).")
+        parser.add_argument("--decode_threads", type=int, default=0,
+                            help="Threads decoding images beside the forward pass, per worker "
+                                 "(0: one per core of a local worker).")
+        parser.add_argument("--decode_ahead", type=int, default=0,
+                            help="Images in flight in decoding, per worker (0: one inference batch, "
+                                 "decoded during the previous batch's forward pass; 1: one at a time).")
         parser.add_argument("--anchor", default=None,
                             help="Anchor file: written by fit, read by score (local or gs://).")
         parser.add_argument("--output", default=None,

@@ -1,13 +1,16 @@
 """Read and decode images; anything unreadable becomes an error row, never a crash or a hang."""
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import hashlib
+import time
 from typing import NamedTuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
+from apache_beam.utils.windowed_value import WindowedValue
 
 from anchors.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DecodeError, decode_and_crop
 from transforms.schema import error_row
@@ -16,6 +19,8 @@ ERRORS = "errors"
 REUSED = "reused"
 DEFAULT_MAX_BYTES = 256 * 2 ** 20
 DEFAULT_DECODE_TIMEOUT = 60.0
+# Files waiting to decode are held in memory; past this many bytes, decoding does not run ahead.
+AHEAD_BYTES = 128 * 2 ** 20
 
 
 class ImageMeta(NamedTuple):
@@ -48,36 +53,86 @@ def read_limited(uri: str, max_bytes: int) -> bytes:
     return data
 
 
+class _Decoding:
+    """One image being decoded on the pool; ``started`` is set when a thread picks it up, so a
+    decode waiting in the queue is not yet on the clock."""
+
+    def __init__(self, uri: str, sha256: str, data: bytes, timestamp, window):
+        self.uri, self.sha256, self.data = uri, sha256, data
+        self.timestamp, self.window = timestamp, window
+        self.started: float | None = None
+        self.future: concurrent.futures.Future | None = None
+
+    def run(self, decode):
+        self.started = time.monotonic()
+        return decode(self.data)
+
+    def output(self, value, tag: str | None = None):
+        windowed = WindowedValue(value, self.timestamp, [self.window])
+        return beam.pvalue.TaggedOutput(tag, windowed) if tag else windowed
+
+
 class DecodeImageFn(beam.DoFn):
     """URI -> (ImageMeta, crop); error rows tagged ERRORS; with previously scored content
-    (``previous``: sha256 -> score row), the old row under this URI, tagged REUSED."""
+    (``previous``: sha256 -> score row), the old row under this URI, tagged REUSED.
+
+    Up to ``ahead`` images decode on ``threads`` threads while the bundle goes on, so that
+    decoding overlaps the forward pass that follows in the same worker."""
 
     def __init__(self, crop_size: int, resize: str = "none", max_pixels: int = DEFAULT_MAX_PIXELS,
                  max_bytes: int = DEFAULT_MAX_BYTES, min_side: int = DEFAULT_MIN_SIDE,
-                 decode_timeout: float = DEFAULT_DECODE_TIMEOUT, perturbation: str | None = None):
+                 decode_timeout: float = DEFAULT_DECODE_TIMEOUT, perturbation: str | None = None,
+                 threads: int = 1, ahead: int = 1):
         self.crop_size, self.resize, self.perturbation = crop_size, resize, perturbation
         self.max_pixels, self.max_bytes, self.min_side = max_pixels, max_bytes, min_side
         self.decode_timeout = decode_timeout
+        self.threads, self.ahead = max(threads, 1), max(ahead, 1)
         self.reused = Metrics.counter("anchorscan", "images_reused")
 
     def setup(self):
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self._executor = concurrent.futures.ThreadPoolExecutor(self.threads)
 
     def teardown(self):
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _decode(self, data: bytes):
-        future = self._executor.submit(decode_and_crop, data, self.crop_size, self.max_pixels,
-                                       self.resize, self.min_side, self.perturbation)
-        try:
-            return future.result(timeout=self.decode_timeout)
-        except concurrent.futures.TimeoutError:
-            # The stuck decode cannot be killed; leave it to finish and decode on a new thread.
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-            raise DecodeError(f"decoding took longer than --decode_timeout {self.decode_timeout:g} s") from None
+    def start_bundle(self):
+        # A retried bundle starts afresh: what an earlier attempt left in flight is dropped.
+        self._in_flight: collections.deque[_Decoding] = collections.deque()
 
-    def process(self, uri: str, previous=None):
+    def _decode(self, data: bytes):
+        return decode_and_crop(data, self.crop_size, self.max_pixels, self.resize, self.min_side,
+                               self.perturbation)
+
+    def _submit(self, decoding: _Decoding) -> None:
+        decoding.future = self._executor.submit(decoding.run, self._decode)
+
+    def _result(self, decoding: _Decoding):
+        while True:
+            elapsed = time.monotonic() - decoding.started if decoding.started else 0.0
+            try:
+                return decoding.future.result(timeout=max(self.decode_timeout - elapsed, 0.0))
+            except concurrent.futures.TimeoutError:
+                if decoding.started and time.monotonic() - decoding.started >= self.decode_timeout:
+                    break
+        # A stuck decode cannot be killed: leave its thread to it and move the queue to a new pool.
+        self._executor.shutdown(wait=False)
+        self._executor = concurrent.futures.ThreadPoolExecutor(self.threads)
+        for waiting in self._in_flight:
+            if waiting.future.cancel():
+                self._submit(waiting)
+        raise DecodeError(f"decoding took longer than --decode_timeout {self.decode_timeout:g} s")
+
+    def _finish(self, decoding: _Decoding):
+        try:
+            crop = self._result(decoding)
+        except DecodeError as error:
+            yield decoding.output(error_row(decoding.uri, "decode", str(error)), ERRORS)
+            return
+        meta = ImageMeta(decoding.uri, decoding.sha256, crop.width, crop.height, crop.preprocess)
+        yield decoding.output((meta, crop.pixels))
+
+    def process(self, uri: str, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam,
+                previous=None):
         try:
             data = read_limited(uri, self.max_bytes)
         except ReadError as error:
@@ -88,23 +143,30 @@ class DecodeImageFn(beam.DoFn):
             self.reused.inc()
             yield beam.pvalue.TaggedOutput(REUSED, {**previous[sha256], "uri": uri})
             return
-        try:
-            crop = self._decode(data)
-        except DecodeError as error:
-            yield beam.pvalue.TaggedOutput(ERRORS, error_row(uri, "decode", str(error)))
-            return
-        yield ImageMeta(uri, sha256, crop.width, crop.height, crop.preprocess), crop.pixels
+        decoding = _Decoding(uri, sha256, data, timestamp, window)
+        self._submit(decoding)
+        self._in_flight.append(decoding)
+        while len(self._in_flight) > self.ahead or (
+                len(self._in_flight) > 1 and sum(len(d.data) for d in self._in_flight) > AHEAD_BYTES):
+            yield from self._finish(self._in_flight.popleft())
+
+    def finish_bundle(self):
+        while self._in_flight:
+            yield from self._finish(self._in_flight.popleft())
 
 
 class DecodeImages(beam.PTransform):
     """URIs -> (ImageMeta, uint8 crop) pairs, error rows, and reused score rows."""
 
-    def __init__(self, preprocessing: dict, limits: dict, previous=None):
+    def __init__(self, preprocessing: dict, limits: dict, previous=None, threads: int = 1,
+                 ahead: int = 1):
         super().__init__()
         self.preprocessing, self.limits, self.previous = preprocessing, limits, previous
+        self.threads, self.ahead = threads, ahead
 
     def expand(self, uris):
-        decode = DecodeImageFn(self.preprocessing["crop"], self.preprocessing["resize"], **self.limits)
-        side_inputs = [beam.pvalue.AsDict(self.previous)] if self.previous is not None else []
-        outputs = uris | beam.ParDo(decode, *side_inputs).with_outputs(ERRORS, REUSED, main="images")
+        decode = DecodeImageFn(self.preprocessing["crop"], self.preprocessing["resize"],
+                               **self.limits, threads=self.threads, ahead=self.ahead)
+        side_inputs = {"previous": beam.pvalue.AsDict(self.previous)} if self.previous is not None else {}
+        outputs = uris | beam.ParDo(decode, **side_inputs).with_outputs(ERRORS, REUSED, main="images")
         return outputs.images, outputs[ERRORS], outputs[REUSED]
