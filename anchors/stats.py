@@ -7,6 +7,7 @@ accurate when the mean is large against the spread (raw sums ``sum z z^T`` do no
 from __future__ import annotations
 
 import numpy as np
+from scipy.linalg.blas import dsyrk
 
 
 class Moments:
@@ -64,7 +65,7 @@ class Moments:
         n = self.n + n_b
         delta = mean_b - self.mean
         self.m2 += m2_b
-        self.m2 += np.outer(delta, delta * (self.n * n_b / n))
+        self.m2 += np.outer(delta, delta) * (self.n * n_b / n)  # exactly symmetric
         self.mean += delta * (n_b / n)
         self.n = n
         return self
@@ -92,25 +93,59 @@ class Moments:
 
 
 class BufferedMoments:
-    """Moments that buffer single rows and add them in batches (one BLAS call per batch)."""
+    """Moments that take single rows: rows are buffered, and each full buffer is added with one
+    symmetric rank-k update (BLAS syrk, in place) to a scatter about a fixed reference point,
+    the first buffer's mean. Shifting by a point near the mean keeps the update exact to
+    rounding without centring each batch; the Chan merge into ``moments`` happens only when the
+    moments are read (``flush``), not per buffer."""
 
-    __slots__ = ("moments", "_buffer", "batch_size")
+    __slots__ = ("moments", "batch_size", "_buffer", "_reference", "_count", "_shifted_sum",
+                 "_scatter")
 
     def __init__(self, dim: int, batch_size: int = 256):
         self.moments = Moments(dim)
-        self._buffer: list[np.ndarray] = []
         self.batch_size = batch_size
+        self._buffer: list[np.ndarray] = []
+        self._reset_pending()
+
+    def _reset_pending(self) -> None:
+        self._reference: np.ndarray | None = None
+        self._count = 0
+        self._shifted_sum: np.ndarray | None = None
+        self._scatter: np.ndarray | None = None  # upper triangle only, Fortran order for syrk
 
     def add(self, row: np.ndarray) -> "BufferedMoments":
         self._buffer.append(np.asarray(row, dtype=np.float64))
         if len(self._buffer) >= self.batch_size:
-            self.flush()
+            self._add_buffer()
         return self
 
+    def _add_buffer(self) -> None:
+        rows = np.stack(self._buffer)
+        self._buffer = []
+        if rows.shape[1] != self.moments.dim:
+            raise ValueError(f"rows have {rows.shape[1]} features, the accumulator {self.moments.dim}")
+        if self._reference is None:
+            self._reference = rows.mean(axis=0)
+            self._shifted_sum = np.zeros_like(self._reference)
+        shifted = rows - self._reference
+        self._count += rows.shape[0]
+        self._shifted_sum += shifted.sum(axis=0)
+        # shifted.T is Fortran-ordered, so syrk reads it without a copy.
+        self._scatter = (dsyrk(1.0, shifted.T) if self._scatter is None
+                         else dsyrk(1.0, shifted.T, beta=1.0, c=self._scatter, overwrite_c=1))
+
     def flush(self) -> Moments:
+        """Everything added so far, merged into ``moments``."""
         if self._buffer:
-            self.moments.add_batch(np.stack(self._buffer))
-            self._buffer = []
+            self._add_buffer()
+        if self._count:
+            offset = self._shifted_sum / self._count
+            m2 = np.triu(self._scatter)
+            m2 += np.triu(self._scatter, 1).T
+            m2 -= np.outer(offset, offset) * self._count
+            self.moments.merge(Moments.from_arrays(self._count, self._reference + offset, m2))
+            self._reset_pending()
         return self.moments
 
     def __getstate__(self):
@@ -119,3 +154,4 @@ class BufferedMoments:
     def __setstate__(self, state):
         self.moments, self.batch_size = state
         self._buffer = []
+        self._reset_pending()

@@ -138,7 +138,9 @@ def test_merging_an_empty_accumulator_is_a_no_op(empty_first):
     fn = MomentsCombineFn(dim=5)
     full = fn_with_rows(fn, data)
     pair = [fn.create_accumulator(), full] if empty_first else [full, fn.create_accumulator()]
-    assert fn.extract_output(fn.merge_accumulators(iter(pair))) == Moments.of(data)
+    merged = fn.extract_output(fn.merge_accumulators(iter(pair)))
+    assert merged == fn.extract_output(fn_with_rows(fn, data))  # bit for bit
+    assert_same_moments(merged, Moments.of(data), rtol=1e-12)
 
 
 def test_dimension_mismatch_raises_value_error():
@@ -150,3 +152,17 @@ def test_dimension_mismatch_raises_value_error():
         fn.extract_output(fn_with_rows(fn, rows(n=3, d=6)))
     with pytest.raises(ValueError):
         Moments(5).add_batch(rows(n=3, d=6))
+
+
+def test_buffered_rows_stay_accurate_when_the_mean_drifts_far_from_the_first_buffer():
+    # The scatter is kept about the first buffer's mean; a stream whose mean then moves by
+    # hundreds of standard deviations (on top of a large offset) must not lose digits.
+    rng = np.random.default_rng(11)
+    data = 1e6 + rng.normal(size=(3000, 6)) + np.linspace(0, 500, 3000)[:, None]
+    buffered = BufferedMoments(6, batch_size=64)
+    for row in data:
+        buffered.add(row)
+    moments = buffered.flush()
+    np.testing.assert_allclose(moments.mean, data.mean(axis=0), rtol=1e-13)
+    np.testing.assert_allclose(moments.m2, two_pass_m2(data), rtol=1e-9)
+    assert np.array_equal(moments.m2, moments.m2.T)
