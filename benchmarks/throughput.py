@@ -124,9 +124,10 @@ def build_corpus(workdir: Path, count: int, large_count: int, rss_count: int) ->
         raise SystemExit(f"--images {count} is too few: the fit would hold out {held_out} "
                          f"images (need {MIN_CALIBRATION}); use at least 20")
     rss = linked_copies(workdir / "rss", by_kind["0.3mp"], 10 * rss_count)
-    large = linked_copies(workdir / "12mp", by_kind["12mp"], large_count)
+    large = linked_copies(workdir / "12mp", by_kind["12mp"], 3 * large_count)
     mix_3x = linked_copies(workdir / "mix_3x", mix, 3 * count)
-    sets = {"mix": mix, "mix_3x": mix_3x, "fit": fit, "12mp": large, "rss_1x": rss[:rss_count],
+    sets = {"mix": mix, "mix_3x": mix_3x, "fit": fit, "12mp": large[:large_count],
+            "12mp_3x": large, "rss_1x": rss[:rss_count],
             "rss_10x": rss}
     for name, files in sets.items():
         (workdir / f"{name}.txt").write_text("".join(f"{file}\n" for file in files))
@@ -251,6 +252,7 @@ def measure_in_process(config: BackboneConfig, sets: dict[str, list[Path]], quic
     extractor = config.build()
     preprocessing = extractor.backbone.preprocessing
     crop = preprocessing["crop"]
+    measure_decode(sets["mix"], crop, preprocessing["resize"])  # warm: page cache, libraries
     decode, decode_per_kind, crops = measure_decode(sets["mix"], crop, preprocessing["resize"])
     whole_12mp, region_difference = measure_whole_jpeg_decode(
         sets["mix"], crop, preprocessing["resize"], crops)
@@ -263,7 +265,8 @@ def measure_in_process(config: BackboneConfig, sets: dict[str, list[Path]], quic
             "flops_per_image": forward_flops_per_image(extractor, batch),
             "matmul_peak": matmul_peak_flops(),
             "dim": extractor.spec.dim, "stats_seconds": measure_stats_add(extractor.spec.dim),
-            "cores": cores, "dataloader": measure_dataloader(config, sets["12mp"], crop, cores)}
+            "cores": cores, "dataloader": measure_dataloader(config, sets["12mp"], crop, cores),
+            "dataloader_3x": measure_dataloader(config, sets["12mp_3x"], crop, cores)}
 
 
 # ----------------------------------------------------------------------------- pipeline runs
@@ -361,20 +364,32 @@ def measure_pipelines(workdir: Path, backbone: str, weights: str | None) -> dict
             "score": score("mix"), "score_3x": score("mix_3x"),
             "score_serial": score("mix", SERIAL_DECODE),
             "score_2": score("mix", TWO_WORKERS),
-            "score_12mp": score("12mp"), "score_12mp_2": score("12mp", TWO_WORKERS),
+            "score_12mp": score("12mp"), "score_12mp_3x": score("12mp_3x"),
+            "score_12mp_2": score("12mp", TWO_WORKERS),
             "rss_1x": score("rss_1x"), "rss_10x": score("rss_10x")}
 
 
 # ----------------------------------------------------------------------------- report
 
+def marginal_rate(images: int, seconds: float, more_images: int, more_seconds: float) -> float:
+    """images/s of the images a longer run adds: the rate once start-up is paid."""
+    return (more_images - images) / (more_seconds - seconds)
+
+
 def report(local: dict, runs: dict, counts: dict, seconds: float) -> None:
     forward = local["forward"]
     rss_1x, rss_10x = runs["rss_1x"], runs["rss_10x"]
     # Steady state and start-up from the two 0.3 MP runs: they differ only in image count.
-    marginal = (rss_10x["images"] - rss_1x["images"]) / (rss_10x["seconds"] - rss_1x["seconds"])
+    marginal = marginal_rate(rss_1x["images"], rss_1x["seconds"], rss_10x["images"], rss_10x["seconds"])
     startup = rss_1x["seconds"] - rss_1x["images"] / marginal
     mix_1x, mix_3x = runs["score"], runs["score_3x"]
-    mix_marginal = (mix_3x["images"] - mix_1x["images"]) / (mix_3x["seconds"] - mix_1x["seconds"])
+    mix_marginal = marginal_rate(mix_1x["images"], mix_1x["seconds"], mix_3x["images"], mix_3x["seconds"])
+    large_1x, large_3x = runs["score_12mp"], runs["score_12mp_3x"]
+    large_marginal = marginal_rate(large_1x["images"], large_1x["seconds"], large_3x["images"],
+                                   large_3x["seconds"])
+    large_count = counts["12mp"]
+    loader_marginal = marginal_rate(large_count, large_count / local["dataloader"],
+                                    3 * large_count, 3 * large_count / local["dataloader_3x"])
     main_rss = f"{peak_rss_mb():.0f} MB (this process)"
 
     def run_row(stage: str, run: dict, rss_note: str = "") -> tuple:
@@ -390,11 +405,16 @@ def report(local: dict, runs: dict, counts: dict, seconds: float) -> None:
             ("    steady state on the mix (difference of the two)", mix_marginal, ""),
             run_row("(c) score, 2 workers multi_processing, mix", runs["score_2"], " (all processes)"),
             run_row(f"(c) score, 1 worker, {counts['12mp']} x 12 MP", runs["score_12mp"]),
+            run_row(f"(c) score, 1 worker, {3 * counts['12mp']} x 12 MP", large_3x),
+            ("    steady state on 12 MP (difference of the two)", large_marginal, ""),
             run_row(f"(c) score, 2 workers, {counts['12mp']} x 12 MP", runs["score_12mp_2"],
                     " (all processes)"),
             run_row(f"(d) fit, 1 worker, {runs['fit']['images']} of the mix", runs["fit"]),
             (f"(e) DataLoader ({local['cores']} workers) + forward, {counts['12mp']} x 12 MP",
              local["dataloader"], main_rss),
+            (f"(e) DataLoader ({local['cores']} workers) + forward, {3 * counts['12mp']} x 12 MP",
+             local["dataloader_3x"], main_rss),
+            ("    steady state (difference of the two)", loader_marginal, ""),
             run_row(f"(g) score, 1 worker, {rss_1x['images']} x 0.3 MP", rss_1x),
             run_row(f"(g) score, 1 worker, {rss_10x['images']} x 0.3 MP", rss_10x),
             ("    steady state (difference of the two)", marginal, "")]
@@ -451,6 +471,7 @@ def report(local: dict, runs: dict, counts: dict, seconds: float) -> None:
         "fit_over_forward": runs["fit"]["images_per_s"] / forward,
         "score_over_serial_decode": runs["score"]["images_per_s"] / runs["score_serial"]["images_per_s"],
         "score_over_dataloader_12mp": runs["score_12mp"]["images_per_s"] / local["dataloader"],
+        "score_over_dataloader_12mp_steady_state": large_marginal / loader_marginal,
         "score_2workers_over_dataloader_12mp": runs["score_12mp_2"]["images_per_s"] / local["dataloader"],
         "stats_share_of_forward": stats_share,
         "rss_growth_10k_over_1k": rss_10x["peak_rss_mb"] / rss_1x["peak_rss_mb"],

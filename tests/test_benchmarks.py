@@ -1,0 +1,27 @@
+"""`make bench` keeps working: the throughput script runs end to end at tiny counts and prints
+every NAME=VALUE line the issue names (the values themselves are recorded in docs/BENCHMARKS.md,
+never asserted: timings are not tests)."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REQUIRED = ("score_over_forward", "fit_over_forward", "score_over_dataloader_12mp",
+            "stats_share_of_forward", "rss_growth_10k_over_1k",
+            "forward_gflops_share_of_matmul_peak", "score_steady_state_over_forward_mix",
+            "score_over_dataloader_12mp_steady_state", "region_decode_max_pixel_difference")
+
+
+def test_throughput_benchmark_prints_every_required_value(tmp_path):
+    script = Path(__file__).parents[1] / "benchmarks" / "throughput.py"
+    result = subprocess.run([sys.executable, str(script), "--quick", "--workdir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    values = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line
+                  and " " not in line)
+    for name in REQUIRED:
+        assert name in values, name
+        assert math.isfinite(float(values[name])) and float(values[name]) >= 0, (name, values[name])
+    assert int(values["region_decode_max_pixel_difference"]) == 0  # the scores cannot change
