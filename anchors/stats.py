@@ -33,6 +33,13 @@ class Moments:
         return moments
 
     @classmethod
+    def _wrap(cls, n: int, mean: np.ndarray, m2: np.ndarray) -> "Moments":
+        """Takes ownership of the arrays: no copies and no d x d allocation."""
+        moments = cls.__new__(cls)
+        moments.n, moments.mean, moments.m2 = n, mean, m2
+        return moments
+
+    @classmethod
     def of(cls, rows: np.ndarray) -> "Moments":
         rows = np.atleast_2d(np.asarray(rows, dtype=np.float64))
         moments = cls(rows.shape[1])
@@ -141,10 +148,13 @@ class BufferedMoments:
             self._add_buffer()
         if self._count:
             offset = self._shifted_sum / self._count
-            m2 = np.triu(self._scatter)
-            m2 += np.triu(self._scatter, 1).T
-            m2 -= np.outer(offset, offset) * self._count
-            self.moments.merge(Moments.from_arrays(self._count, self._reference + offset, m2))
+            scatter = self._scatter  # upper triangle; the lower one is zero
+            m2 = scatter + scatter.T
+            np.fill_diagonal(m2, scatter.diagonal())
+            scaled = offset * np.sqrt(self._count)
+            m2 -= np.outer(scaled, scaled)  # exactly symmetric
+            pending = Moments._wrap(self._count, self._reference + offset, m2)
+            self.moments = pending if self.moments.n == 0 else self.moments.merge(pending)
             self._reset_pending()
         return self.moments
 
