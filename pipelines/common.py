@@ -65,11 +65,13 @@ class ReadAndEmbed(beam.PTransform):
 
     def expand(self, pipeline):
         uris, list_errors = pipeline | "List" >> ListInputs(self.patterns)
+        total = beam.pvalue.AsSingleton(uris | "CountInputs" >> beam.combiners.Count.Globally())
+        # Counted before decoding: the runner holds a side input's consumer back until the count
+        # is done, and here that holds back URIs, not every image's features.
+        uris = uris | "Progress" >> beam.ParDo(ReportProgress("progress"), total)
         images, decode_errors, reused = uris | "Decode" >> DecodeImages(
             self.preprocessing, self.limits, self.previous, threads=self.decode_threads,
             ahead=self.decode_ahead)
         embedded, embed_errors = images | "Embed" >> EmbedImages(self.handler)
-        total = beam.pvalue.AsSingleton(uris | "CountInputs" >> beam.combiners.Count.Globally())
-        embedded = embedded | "Progress" >> beam.ParDo(ReportProgress("embedded"), total)
         errors = (list_errors, decode_errors, embed_errors) | "Errors" >> beam.Flatten()
         return {"embedded": embedded, "errors": errors, "reused": reused}
