@@ -26,6 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import threadpoolctl
 import torch
 from PIL import Image
 
@@ -34,7 +35,7 @@ from anchors.calibration import holds_out
 from anchors.features import BackboneConfig
 from anchors import preprocess
 from anchors.preprocess import decode_and_crop
-from anchors.stats import BufferedMoments
+from anchors.stats import BufferedMoments, Moments
 from transforms.scoring import MIN_CALIBRATION
 
 BATCH_SIZE = 16  # the pipelines' default --batch_size
@@ -182,18 +183,32 @@ def measure_forward(extractor, batch: torch.Tensor, batches: int) -> float:
     return batches * len(batch) / (time.perf_counter() - started)
 
 
-def measure_stats_add(dim: int, rows: int = 512) -> float:
-    """Seconds per row of BufferedMoments.add, the CombineFn's add_input (flushes included)."""
+def measure_stats_add(dim: int, rows: int = 2048) -> tuple[float, float]:
+    """Seconds per row of BufferedMoments.add, the CombineFn's add_input (its flush included, as
+    once per bundle), and of the same rows added a buffer at a time with Moments.add_batch
+    (centre, multiply, merge), which BufferedMoments did before it kept a syrk-updated scatter.
+    numpy's BLAS gets one thread, as in the pipelines' workers."""
+    with threadpoolctl.threadpool_limits(1):
+        return _measure_stats_add(dim, rows)
+
+
+def _measure_stats_add(dim: int, rows: int) -> tuple[float, float]:
     accumulator = BufferedMoments(dim)
-    vectors = np.random.default_rng(0).standard_normal((rows + accumulator.batch_size, dim),
-                                                       dtype=np.float32)
-    for vector in vectors[:accumulator.batch_size]:  # warm-up; later flushes are real merges
+    batch = accumulator.batch_size
+    vectors = np.random.default_rng(0).standard_normal((rows + batch, dim), dtype=np.float32)
+    for vector in vectors[:batch]:  # warm-up; later flushes are real merges
         accumulator.add(vector)
     started = time.perf_counter()
-    for vector in vectors[accumulator.batch_size:]:
+    for vector in vectors[batch:]:
         accumulator.add(vector)
     accumulator.flush()
-    return (time.perf_counter() - started) / rows
+    buffered = (time.perf_counter() - started) / rows
+
+    moments = Moments.of(vectors[:batch])
+    started = time.perf_counter()
+    for start in range(batch, rows + batch, batch):
+        moments.add_batch(vectors[start:start + batch])
+    return buffered, (time.perf_counter() - started) / rows
 
 
 def forward_flops_per_image(extractor, batch: torch.Tensor) -> float:
@@ -258,13 +273,15 @@ def measure_in_process(config: BackboneConfig, sets: dict[str, list[Path]], quic
         sets["mix"], crop, preprocessing["resize"], crops)
     batch = crop_batch(crops)
     cores = len(os.sched_getaffinity(0))
+    stats_seconds, stats_seconds_per_batch = measure_stats_add(extractor.spec.dim)
     return {"decode": decode, "decode_per_kind": decode_per_kind,
             "region_decode": preprocess._turbojpeg() is not None,
             "decode_whole_12mp": whole_12mp, "region_decode_max_pixel_difference": region_difference,
             "forward": measure_forward(extractor, batch, 1 if quick else 4),
             "flops_per_image": forward_flops_per_image(extractor, batch),
             "matmul_peak": matmul_peak_flops(),
-            "dim": extractor.spec.dim, "stats_seconds": measure_stats_add(extractor.spec.dim),
+            "dim": extractor.spec.dim, "stats_seconds": stats_seconds,
+            "stats_seconds_per_batch": stats_seconds_per_batch,
             "cores": cores, "dataloader": measure_dataloader(config, sets["12mp"], crop, cores),
             "dataloader_3x": measure_dataloader(config, sets["12mp_3x"], crop, cores)}
 
@@ -438,7 +455,8 @@ def report(local: dict, runs: dict, counts: dict, seconds: float) -> None:
     flops_rate = local["flops_per_image"] * forward
     stats_share = local["stats_seconds"] * forward
     print(f"\n(f) BufferedMoments.add, d={local['dim']}: {local['stats_seconds'] * 1e3:.3f} ms per "
-          f"image, {stats_share:.2%} of the forward time per image\n"
+          f"image, {stats_share:.2%} of the forward time per image (Moments.add_batch per "
+          f"buffer: {local['stats_seconds_per_batch'] * 1e3:.3f} ms)\n"
           f"(h) forward {local['flops_per_image'] / 1e9:.3f} GFLOP/image (FlopCounterMode), "
           f"{flops_rate / 1e9:.1f} GFLOP/s; float32 matmul peak {local['matmul_peak'] / 1e9:.1f} "
           f"GFLOP/s: {flops_rate / local['matmul_peak']:.1%}\n"
@@ -474,6 +492,7 @@ def report(local: dict, runs: dict, counts: dict, seconds: float) -> None:
         "score_over_dataloader_12mp_steady_state": large_marginal / loader_marginal,
         "score_2workers_over_dataloader_12mp": runs["score_12mp_2"]["images_per_s"] / local["dataloader"],
         "stats_share_of_forward": stats_share,
+        "stats_buffered_speedup": local["stats_seconds_per_batch"] / local["stats_seconds"],
         "rss_growth_10k_over_1k": rss_10x["peak_rss_mb"] / rss_1x["peak_rss_mb"],
         "rss_growth_counts": f"{rss_1x['images']}/{rss_10x['images']}",
         "forward_gflops": flops_rate / 1e9,
