@@ -389,7 +389,10 @@ def measure_pipelines(workdir: Path, backbone: str, weights: str | None) -> dict
 # ----------------------------------------------------------------------------- report
 
 def marginal_rate(images: int, seconds: float, more_images: int, more_seconds: float) -> float:
-    """images/s of the images a longer run adds: the rate once start-up is paid."""
+    """images/s of the images a longer run adds: the rate once start-up is paid; nan where the
+    runs are too short for the difference to rise above the noise."""
+    if more_seconds <= seconds:
+        return float("nan")
     return (more_images - images) / (more_seconds - seconds)
 
 
@@ -442,7 +445,7 @@ def report(local: dict, runs: dict, counts: dict, seconds: float) -> None:
     small_decode_ms = 1000 / local["decode_per_kind"]["0.3mp"]
     steady_ms, forward_ms = 1000 / marginal, 1000 / forward
     mix_ms, mix_decode_ms = 1000 / runs["score"]["images_per_s"], 1000 / local["decode"]
-    print(f"\nper image, score pipeline, 1 worker          steady state, 0.3 MP   end to end, mix")
+    print("\nper image, score pipeline, 1 worker          steady state, 0.3 MP   end to end, mix")
     for part, steady, mix in (
             ("read + decode + crop (b)", small_decode_ms, mix_decode_ms),
             (f"backbone forward, batch {BATCH_SIZE} (a)", forward_ms, forward_ms),

