@@ -97,7 +97,8 @@ def _reencode(image: Image.Image, fmt: str, **options) -> Image.Image:
 
 @functools.cache
 def _turbojpeg():
-    """libjpeg-turbo's TurboJPEG API, or None where the system library is missing."""
+    """(codec, module) of libjpeg-turbo's TurboJPEG API, or None where the system library is
+    missing."""
     try:
         import turbojpeg
 
@@ -108,31 +109,31 @@ def _turbojpeg():
         return None
     # Its warnings are libjpeg's "corrupt data" notes, which PIL's decoder ignores as well.
     warnings.filterwarnings("ignore", module="turbojpeg")
-    return codec, turbojpeg.tjMCUWidth, turbojpeg.tjMCUHeight, turbojpeg.TJPF_RGB
+    return codec, turbojpeg
 
 
 def _jpeg_center_crop(data: bytes, width: int, height: int, size: int) -> np.ndarray | None:
     """The centre crop of a JPEG without decoding the rest: a lossless crop of the DCT blocks
-    around it (one block row and column of margin, so that chroma upsampling at the crop's edges
-    sees the same neighbours), then a decode of that small JPEG. The pixels equal a full decode's.
+    around it (one MCU, 8-16 px, of margin on each side, so that chroma upsampling at the crop's
+    edges sees the same neighbours), then a decode of that small JPEG. The pixels equal a full decode's.
     None where this does not apply and the caller must decode whole."""
     turbo = _turbojpeg()
     # A truncated file decodes with a grey tail here but is an error for PIL: leave it to PIL.
     if turbo is None or not data[-1024:].rstrip(b"\0").endswith(b"\xff\xd9"):
         return None
-    codec, mcu_widths, mcu_heights, rgb = turbo
+    codec, tj = turbo
     try:
         _, _, subsampling, colorspace = codec.decode_header(data)
-        if colorspace not in (0, 1):  # RGB or YCbCr; grey and CMYK take PIL's conversions
+        if colorspace not in (tj.TJCS_RGB, tj.TJCS_YCbCr):  # grey and CMYK take PIL's conversions
             return None
-        mcu_width, mcu_height = mcu_widths[subsampling], mcu_heights[subsampling]
+        mcu_width, mcu_height = tj.tjMCUWidth[subsampling], tj.tjMCUHeight[subsampling]
         left, top = (width - size) // 2, (height - size) // 2
         x0 = max(left - mcu_width, 0) // mcu_width * mcu_width
         y0 = max(top - mcu_height, 0) // mcu_height * mcu_height
         x1, y1 = min(left + size + mcu_width, width), min(top + size + mcu_height, height)
         # preserve=True: with the origin on the block grid, keeps a partial block at the edge.
         small = codec.crop(data, x0, y0, x1 - x0, y1 - y0, preserve=True)
-        region = codec.decode(small, pixel_format=rgb)
+        region = codec.decode(small, pixel_format=tj.TJPF_RGB)
     except (OSError, ValueError, IndexError):
         return None
     pixels = region[top - y0:top - y0 + size, left - x0:left - x0 + size]
