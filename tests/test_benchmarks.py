@@ -27,3 +27,5 @@ def test_throughput_benchmark_prints_every_required_value(tmp_path):
         # below the noise, which the script reports as nan rather than as a rate.
         assert value >= 0 or ("steady_state" in name and math.isnan(value)), (name, value)
     assert int(values["region_decode_max_pixel_difference"]) == 0  # the scores cannot change
+    targets = result.stdout.split("\ntargets\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert len(targets) == 4 and all(" met " in line or " not met " in line for line in targets)
