@@ -116,9 +116,9 @@ class BufferedMoments:
         self._reset_pending()
 
     def _reset_pending(self) -> None:
+        self._count = 0  # rows in the pending scatter; none: no reference point yet
         self._reference: np.ndarray | None = None
-        self._count = 0
-        self._shifted_sum: np.ndarray | None = None
+        self._shifted_sum = np.zeros(self.moments.dim)
         self._scatter: np.ndarray | None = None  # upper triangle only, Fortran order for syrk
 
     def add(self, row: np.ndarray) -> "BufferedMoments":
@@ -132,15 +132,14 @@ class BufferedMoments:
         self._buffer = []
         if rows.shape[1] != self.moments.dim:
             raise ValueError(f"rows have {rows.shape[1]} features, the accumulator {self.moments.dim}")
-        if self._reference is None:
+        if not self._count:
             self._reference = rows.mean(axis=0)
-            self._shifted_sum = np.zeros_like(self._reference)
         shifted = rows - self._reference
-        self._count += rows.shape[0]
         self._shifted_sum += shifted.sum(axis=0)
         # shifted.T is Fortran-ordered, so syrk reads it without a copy.
-        self._scatter = (dsyrk(1.0, shifted.T) if self._scatter is None
+        self._scatter = (dsyrk(1.0, shifted.T) if not self._count
                          else dsyrk(1.0, shifted.T, beta=1.0, c=self._scatter, overwrite_c=1))
+        self._count += rows.shape[0]
 
     def flush(self) -> Moments:
         """Everything added so far, merged into ``moments``."""

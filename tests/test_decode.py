@@ -171,15 +171,17 @@ def test_jpegs_the_region_decode_leaves_to_pil(turbo_required):
 
 
 def test_without_libturbojpeg_jpegs_decode_whole(monkeypatch):
+    import turbojpeg
+
+    def missing_library(*args):
+        raise RuntimeError("Unable to locate turbojpeg library automatically")
+
+    monkeypatch.setattr(turbojpeg, "TurboJPEG", missing_library)
     preprocess._turbojpeg.cache_clear()
-    monkeypatch.setattr("ctypes.util.find_library", lambda name: None)
     try:
-        import turbojpeg
-        monkeypatch.setattr(turbojpeg, "TurboJPEG", lambda *a: (_ for _ in ()).throw(RuntimeError("no lib")))
-    except ImportError:
-        pass
-    assert preprocess._turbojpeg() is None
-    pixels = np.random.default_rng(1).integers(0, 256, (300, 320, 3), dtype=np.uint8)
-    crop = preprocess.decode_and_crop(_jpeg(pixels), 224)
-    assert crop.pixels.shape == (224, 224, 3) and crop.preprocess == "center_crop"
-    preprocess._turbojpeg.cache_clear()
+        assert preprocess._turbojpeg() is None
+        pixels = np.random.default_rng(1).integers(0, 256, (300, 320, 3), dtype=np.uint8)
+        crop = preprocess.decode_and_crop(_jpeg(pixels), 224)
+        assert crop.pixels.shape == (224, 224, 3) and crop.preprocess == "center_crop"
+    finally:
+        preprocess._turbojpeg.cache_clear()  # later tests find the real library again
