@@ -10,9 +10,9 @@ import dataclasses
 
 import numpy as np
 
-from anchors.calibration import COMBINERS, sketch, upper_tail_log_pvalues
-from anchors.spec import FeatureSpec
-from anchors.stats import Moments
+from anchorscan.anchors.calibration import COMBINERS, sketch, upper_tail_log_pvalues
+from anchorscan.anchors.spec import FeatureSpec
+from anchorscan.anchors.stats import Moments
 
 # Distances with a calibration; "statistical" is the decoupled one.
 COMPONENTS = ("semantic", "statistical", "statistical_raw")

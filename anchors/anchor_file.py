@@ -15,10 +15,10 @@ import datetime
 
 import numpy as np
 
-from anchors import checked_file
-from anchors.anchor import COMPONENTS, Anchor, AnchorConfig
-from anchors.spec import FeatureSpec
-from anchors.stats import Moments
+from anchorscan.anchors import checked_file
+from anchorscan.anchors.anchor import COMPONENTS, Anchor, AnchorConfig
+from anchorscan.anchors.spec import FeatureSpec
+from anchorscan.anchors.stats import Moments
 
 FORMAT_VERSION = 1
 METADATA_KEY = "anchorscan"

@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import nn
 
-from anchors.weights import WeightsError, read_state_dict
+from anchorscan.anchors.weights import WeightsError, read_state_dict
 
 
 @dataclasses.dataclass

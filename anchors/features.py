@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anchors.spec import FeatureSpec
+from anchorscan.anchors.spec import FeatureSpec
 
 SIGMA_EPS = 1e-6
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -61,7 +61,7 @@ class BackboneConfig:
     runtime: str = "auto"  # see FeatureExtractor
 
     def build(self) -> "FeatureExtractor":
-        from anchors.backbones import load_backbone
+        from anchorscan.anchors.backbones import load_backbone
         backbone = load_backbone(self.name, self.weights, self.attention, self.resize)
         return FeatureExtractor(backbone, self.statistical_budget, self.projection_seed, self.device,
                                 self.precision, self.runtime)

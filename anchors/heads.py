@@ -15,10 +15,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from anchors.anchor import shrunk_covariance
-from anchors import checked_file
-from anchors.spec import FeatureSpec
-from anchors.stats import Moments
+from anchorscan.anchors.anchor import shrunk_covariance
+from anchorscan.anchors import checked_file
+from anchorscan.anchors.spec import FeatureSpec
+from anchorscan.anchors.stats import Moments
 
 FORMAT_VERSION = 1
 METADATA_KEY = "anchorscan_head"

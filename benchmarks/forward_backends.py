@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from anchors.features import BackboneConfig, onnx_session
+from anchorscan.anchors.features import BackboneConfig, onnx_session
 
 
 def rate(run, pixels: torch.Tensor, seconds: float) -> float:

@@ -30,13 +30,13 @@ import threadpoolctl
 import torch
 from PIL import Image
 
-from anchors.backbones import DEFAULT_BACKBONE
-from anchors.calibration import holds_out
-from anchors.features import BackboneConfig
-from anchors import preprocess
-from anchors.preprocess import decode_and_crop
-from anchors.stats import BufferedMoments, Moments
-from transforms.scoring import MIN_CALIBRATION
+from anchorscan.anchors.backbones import DEFAULT_BACKBONE
+from anchorscan.anchors.calibration import holds_out
+from anchorscan.anchors.features import BackboneConfig
+from anchorscan.anchors import preprocess
+from anchorscan.anchors.preprocess import decode_and_crop
+from anchorscan.anchors.stats import BufferedMoments, Moments
+from anchorscan.transforms.scoring import MIN_CALIBRATION
 
 BATCH_SIZE = 16  # the pipelines' default --batch_size
 SIZES = {"0.3mp": (640, 480), "2mp": (1600, 1200), "12mp": (4000, 3000), "png": (1024, 768)}
@@ -341,7 +341,7 @@ def own_peak_rss_mb() -> float:
 
 def timed_pipeline(command: str, argv: list[str]) -> dict:
     """Runs ``pipelines.<command>.run(argv)``; meant for a fresh process (in_fresh_process)."""
-    from pipelines import fit, score
+    from anchorscan.pipelines import fit, score
 
     logging.getLogger("apache_beam").setLevel(logging.ERROR)  # workers' start-up warnings
     with contextlib.redirect_stdout(io.StringIO()), TreeMemory() as memory:  # the run's summary

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 
-from anchors.metrics import auroc
+from anchorscan.anchors.metrics import auroc
 
 
 def main(argv=None) -> None:

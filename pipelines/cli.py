@@ -20,8 +20,8 @@ commands:
 
 
 def info(argv: list[str]) -> int:
-    from anchors.anchor_file import read_metadata
-    from transforms.io import read_bytes
+    from anchorscan.anchors.anchor_file import read_metadata
+    from anchorscan.transforms.io import read_bytes
 
     parser = argparse.ArgumentParser(prog="anchorscan info", description="Print an anchor's metadata.")
     parser.add_argument("anchor")
@@ -46,29 +46,29 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from anchors.anchor_file import AnchorFileError
-    from anchors.backbones import MissingWeightsError
-    from anchors.heads import HeadFileError
-    from anchors.spec import IncompatibleAnchorError
-    from anchors.weights import WeightsError
+    from anchorscan.anchors.anchor_file import AnchorFileError
+    from anchorscan.anchors.backbones import MissingWeightsError
+    from anchorscan.anchors.heads import HeadFileError
+    from anchorscan.anchors.spec import IncompatibleAnchorError
+    from anchorscan.anchors.weights import WeightsError
 
     try:
         if command == "info":
             return info(rest)
         if command == "fit":
-            from pipelines import fit
+            from anchorscan.pipelines import fit
             fit.run(rest)
         elif command == "score":
-            from pipelines import score
+            from anchorscan.pipelines import score
             score.run(rest)
         elif command == "report":
-            from pipelines import report
+            from anchorscan.pipelines import report
             report.run(rest)
         elif command == "evaluate":
-            from pipelines import evaluate
+            from anchorscan.pipelines import evaluate
             evaluate.run(rest)
         elif command == "fit-head":
-            from pipelines import fit_head
+            from anchorscan.pipelines import fit_head
             fit_head.run(rest)
         else:
             print(f"anchorscan: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

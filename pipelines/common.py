@@ -7,11 +7,11 @@ import os
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions
 
-from anchors.features import BackboneConfig, FeatureExtractor
-from transforms.decode import DecodeImages
-from transforms.inference import EmbedImages, FeatureModelHandler
-from transforms.io import ListInputs, local_copy
-from transforms.progress import ReportProgress
+from anchorscan.anchors.features import BackboneConfig, FeatureExtractor
+from anchorscan.transforms.decode import DecodeImages
+from anchorscan.transforms.inference import EmbedImages, FeatureModelHandler
+from anchorscan.transforms.io import ListInputs, local_copy
+from anchorscan.transforms.progress import ReportProgress
 
 
 def build_driver_extractor(config: BackboneConfig) -> FeatureExtractor:

@@ -12,11 +12,11 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 
-from anchors.layouts import LAYOUTS, read_layout
-from anchors.metrics import detection_metrics
-from pipelines import score
-from anchors.anchor_file import read_metadata
-from transforms.io import read_bytes
+from anchorscan.anchors.layouts import LAYOUTS, read_layout
+from anchorscan.anchors.metrics import detection_metrics
+from anchorscan.pipelines import score
+from anchorscan.anchors.anchor_file import read_metadata
+from anchorscan.transforms.io import read_bytes
 
 COLUMNS = ("generator", "n_real", "n_fake", "ap", "auroc", "acc", "real_acc", "fake_acc",
            "tpr_at_fpr1", "tpr_at_fpr5")

@@ -7,15 +7,15 @@ from importlib.metadata import version
 
 import apache_beam as beam
 
-from anchors.anchor import AnchorConfig
-from anchors.backbones import DEFAULT_BACKBONE
-from anchors.features import BackboneConfig
-from pipelines.common import ReadAndEmbed, build_driver_extractor
-from pipelines.options import AnchorOptions, counter_totals, pipeline_options, require
-from anchors.anchor_file import read_metadata
-from transforms.io import read_bytes
-from transforms.scoring import FitAnchor
-from transforms.sinks import WriteErrors
+from anchorscan.anchors.anchor import AnchorConfig
+from anchorscan.anchors.backbones import DEFAULT_BACKBONE
+from anchorscan.anchors.features import BackboneConfig
+from anchorscan.pipelines.common import ReadAndEmbed, build_driver_extractor
+from anchorscan.pipelines.options import AnchorOptions, counter_totals, pipeline_options, require
+from anchorscan.anchors.anchor_file import read_metadata
+from anchorscan.transforms.io import read_bytes
+from anchorscan.transforms.scoring import FitAnchor
+from anchorscan.transforms.sinks import WriteErrors
 
 
 def run(argv=None, test_pipeline=None):

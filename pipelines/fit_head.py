@@ -8,14 +8,14 @@ from importlib.metadata import version
 import apache_beam as beam
 import numpy as np
 
-from anchors.backbones import DEFAULT_BACKBONE
-from anchors.features import BackboneConfig
-from anchors.heads import FAKE, REAL, LinearProbeHead, LogisticHead, NearestNeighbourHead, head_from_bytes
-from pipelines.common import ReadAndEmbed, build_driver_extractor
-from pipelines.options import AnchorOptions, counter_totals, pipeline_options, require
-from transforms.combine import MomentsCombineFn
-from transforms.io import read_bytes, write_atomically
-from transforms.sinks import WriteErrors
+from anchorscan.anchors.backbones import DEFAULT_BACKBONE
+from anchorscan.anchors.features import BackboneConfig
+from anchorscan.anchors.heads import FAKE, REAL, LinearProbeHead, LogisticHead, NearestNeighbourHead, head_from_bytes
+from anchorscan.pipelines.common import ReadAndEmbed, build_driver_extractor
+from anchorscan.pipelines.options import AnchorOptions, counter_totals, pipeline_options, require
+from anchorscan.transforms.combine import MomentsCombineFn
+from anchorscan.transforms.io import read_bytes, write_atomically
+from anchorscan.transforms.sinks import WriteErrors
 
 HEAD_KINDS = ("nn", "lda", "logistic")
 

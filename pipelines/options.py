@@ -5,11 +5,11 @@ from __future__ import annotations
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from anchors.backbones import ATTENTION_MODES, BACKBONE_NAMES, DEFAULT_BACKBONE, RESIZE_MODES
-from anchors.anchor import AnchorConfig, STATISTICAL_MODES
-from anchors.calibration import COMBINERS
-from anchors.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
-from transforms.decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_BYTES
+from anchorscan.anchors.backbones import ATTENTION_MODES, BACKBONE_NAMES, DEFAULT_BACKBONE, RESIZE_MODES
+from anchorscan.anchors.anchor import AnchorConfig, STATISTICAL_MODES
+from anchorscan.anchors.calibration import COMBINERS
+from anchorscan.anchors.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
+from anchorscan.transforms.decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_BYTES
 
 # The default local runner would first try to download the Prism binary; offline that fails
 # and it falls back, so runs would differ with the network. Pin the in-process runner.

@@ -18,10 +18,10 @@ from PIL import Image
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-from anchors.anchor_file import verified_contents
-from anchors.layouts import manifest
-from anchors.metrics import auroc
-from transforms.io import read_bytes, write_atomically
+from anchorscan.anchors.anchor_file import verified_contents
+from anchorscan.anchors.layouts import manifest
+from anchorscan.anchors.metrics import auroc
+from anchorscan.transforms.io import read_bytes, write_atomically
 
 
 def parse_args(argv):

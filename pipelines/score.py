@@ -6,15 +6,15 @@ import time
 
 import apache_beam as beam
 
-from anchors.features import BackboneConfig
-from pipelines.common import ReadAndEmbed, build_driver_extractor
-from pipelines.options import AnchorOptions, counter_totals, pipeline_options, require
-from transforms.io import read_bytes
-from anchors.anchor import AnchorConfig
-from anchors.anchor_file import verified_contents
-from anchors.spec import FeatureSpec
-from transforms.scoring import ScoreFeatures, load_head
-from transforms.sinks import ReadPreviousScores, WriteErrors, WriteScores
+from anchorscan.anchors.features import BackboneConfig
+from anchorscan.pipelines.common import ReadAndEmbed, build_driver_extractor
+from anchorscan.pipelines.options import AnchorOptions, counter_totals, pipeline_options, require
+from anchorscan.transforms.io import read_bytes
+from anchorscan.anchors.anchor import AnchorConfig
+from anchorscan.anchors.anchor_file import verified_contents
+from anchorscan.anchors.spec import FeatureSpec
+from anchorscan.transforms.scoring import ScoreFeatures, load_head
+from anchorscan.transforms.sinks import ReadPreviousScores, WriteErrors, WriteScores
 
 
 def run(argv=None, test_pipeline=None):

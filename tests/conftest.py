@@ -47,7 +47,7 @@ def real_photos(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def fitted_anchor(real_photos, tmp_path_factory):
-    from pipelines import fit
+    from anchorscan.pipelines import fit
 
     anchor = tmp_path_factory.mktemp("anchor") / "anchor.safetensors"
     summary = fit.run(["--input", str(real_photos), "--anchor", str(anchor),

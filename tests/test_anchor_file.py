@@ -5,11 +5,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-import anchors.anchor_file as anchor_file
-from anchors.anchor import COMPONENTS, Anchor, AnchorConfig
-from anchors.anchor_file import AnchorFileError, anchor_from_bytes, anchor_to_bytes, read_metadata
-from anchors.spec import FeatureSpec, IncompatibleAnchorError
-from anchors.stats import Moments
+import anchorscan.anchors.anchor_file as anchor_file
+from anchorscan.anchors.anchor import COMPONENTS, Anchor, AnchorConfig
+from anchorscan.anchors.anchor_file import AnchorFileError, anchor_from_bytes, anchor_to_bytes, read_metadata
+from anchorscan.anchors.spec import FeatureSpec, IncompatibleAnchorError
+from anchorscan.anchors.stats import Moments
 
 DS, DM = 6, 9
 

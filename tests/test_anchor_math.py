@@ -6,12 +6,12 @@ from scipy import stats
 from sklearn.covariance import OAS, oas
 from sklearn.metrics import roc_auc_score
 
-from anchors.anchor import (Anchor, AnchorModel, Spectrum, oas_shrinkage,
+from anchorscan.anchors.anchor import (Anchor, AnchorModel, Spectrum, oas_shrinkage,
                             shrunk_covariance)
-from anchors.calibration import (fisher_log10, holds_out, sketch, tippett_log10,
+from anchorscan.anchors.calibration import (fisher_log10, holds_out, sketch, tippett_log10,
                                  upper_tail_log_pvalues)
-from anchors.spec import FeatureSpec
-from anchors.stats import Moments
+from anchorscan.anchors.spec import FeatureSpec
+from anchorscan.anchors.stats import Moments
 
 
 def spec(ds, dm):
@@ -265,7 +265,7 @@ def test_holds_out_keeps_a_group_on_one_side():
 
 
 def test_max_log_bayes_factor_is_the_sellke_bayarri_berger_bound():
-    from anchors.calibration import max_log_bayes_factor
+    from anchorscan.anchors.calibration import max_log_bayes_factor
     pvalues = np.array([0.9, 1 / np.e, 0.3, 0.05, 1e-3, 1e-12, 1e-200])
     expected = [-np.log(-np.e * p * np.log(p)) if p < 1 / np.e else 0.0 for p in pvalues]
     np.testing.assert_allclose(max_log_bayes_factor(-np.log10(pvalues)), expected, atol=1e-9)

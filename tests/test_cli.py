@@ -4,8 +4,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from anchors.anchor_file import anchor_from_bytes, anchor_to_bytes
-from pipelines.cli import main
+from anchorscan.anchors.anchor_file import anchor_from_bytes, anchor_to_bytes
+from anchorscan.pipelines.cli import main
 
 
 def test_info_json_has_the_documented_keys(fitted_anchor, capsys):

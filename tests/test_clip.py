@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from anchors.backbones import (CLIP_MODELS, ClipVisionBackbone, MissingWeightsError,
+from anchorscan.anchors.backbones import (CLIP_MODELS, ClipVisionBackbone, MissingWeightsError,
                                build_clip_visual, cls_attention)
-from anchors.features import SIGMA_EPS, weighted_moments
-from anchors.spec import IncompatibleAnchorError
-from anchors.weights import WeightsError, read_state_dict
+from anchorscan.anchors.features import SIGMA_EPS, weighted_moments
+from anchorscan.anchors.spec import IncompatibleAnchorError
+from anchorscan.anchors.weights import WeightsError, read_state_dict
 from conftest import HOLD_OUT_BY_NAME, RUNNER, read_parquet_rows
 
 
@@ -135,7 +135,7 @@ def test_a_pickle_with_code_is_refused(tmp_path):
 
 
 def test_end_to_end_fit_and_score_with_openai_layout(b32_weights, real_photos, tmp_path):
-    from pipelines import fit, score
+    from anchorscan.pipelines import fit, score
 
     anchor = str(tmp_path / "clip.safetensors")
     common = ["--backbone", "clip-vit-b-32", "--weights", b32_weights["openai"], *RUNNER]
@@ -157,7 +157,7 @@ def test_end_to_end_fit_and_score_with_openai_layout(b32_weights, real_photos, t
 
 @pytest.mark.slow
 def test_vit_l14_end_to_end_from_an_openai_layout_file(real_photos, tmp_path):
-    from pipelines import fit, score
+    from anchorscan.pipelines import fit, score
 
     torch.manual_seed(0)
     weights = save_openai_layout(build_clip_visual(CLIP_MODELS["clip-vit-l-14"].architecture),
@@ -174,7 +174,7 @@ def test_vit_l14_end_to_end_from_an_openai_layout_file(real_photos, tmp_path):
                          "--output", str(tmp_path / "scan"), *RUNNER])
     rows = read_parquet_rows(str(tmp_path / "scan-scores-*.parquet"))
     assert summary["scored"] == len(rows) > 0
-    from anchors.anchor_file import read_metadata
+    from anchorscan.anchors.anchor_file import read_metadata
     metadata = read_metadata(open(anchor, "rb").read())
     assert metadata["backbone"] == "clip-vit-l-14" and metadata["d_semantic"] == 768
     assert metadata["layout"]["moment_blocks"] == [7, 15, 23]

@@ -14,10 +14,10 @@ from PIL import Image
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 
-import transforms.decode
-from anchors import preprocess
+from anchorscan.transforms import decode as decode_module
+from anchorscan.anchors import preprocess
 from conftest import write_crops
-from transforms.decode import ERRORS, DecodeImageFn
+from anchorscan.transforms.decode import ERRORS, DecodeImageFn
 
 
 def run_bundle(dofn: DecodeImageFn, uris: list[str]) -> list[tuple[str | None, object]]:
@@ -63,7 +63,7 @@ def test_decoding_ahead_on_threads_gives_what_one_at_a_time_gives(crops):
 def test_decodes_run_at_the_same_time(crops, monkeypatch):
     running, most = set(), [0]
     lock = threading.Lock()
-    real_decode = transforms.decode.decode_and_crop
+    real_decode = decode_module.decode_and_crop
 
     def counting_decode(data, *args):
         with lock:
@@ -76,7 +76,7 @@ def test_decodes_run_at_the_same_time(crops, monkeypatch):
             with lock:
                 running.discard(threading.get_ident())
 
-    monkeypatch.setattr(transforms.decode, "decode_and_crop", counting_decode)
+    monkeypatch.setattr(decode_module, "decode_and_crop", counting_decode)
     run_bundle(DecodeImageFn(224, threads=3, ahead=6), crops)
     assert most[0] == 3
 
@@ -84,14 +84,14 @@ def test_decodes_run_at_the_same_time(crops, monkeypatch):
 def test_a_stuck_decode_times_out_alone_while_queued_ones_finish(crops, monkeypatch):
     stuck = open(crops[0], "rb").read()
     release = threading.Event()
-    real_decode = transforms.decode.decode_and_crop
+    real_decode = decode_module.decode_and_crop
 
     def hanging_decode(data, *args):
         if data == stuck:
             release.wait(30)
         return real_decode(data, *args)
 
-    monkeypatch.setattr(transforms.decode, "decode_and_crop", hanging_decode)
+    monkeypatch.setattr(decode_module, "decode_and_crop", hanging_decode)
     # One thread: the images queued behind the stuck one must move to a fresh thread, and the
     # time they spent waiting must not count against them.
     started = time.monotonic()

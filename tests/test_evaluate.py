@@ -9,10 +9,10 @@ import pytest
 from PIL import Image, ImageFilter
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from anchors.heads import head_from_bytes
+from anchorscan.anchors.heads import head_from_bytes
 from conftest import RUNNER, read_parquet_rows, write_crops
-from pipelines import evaluate, fit_head, score
-from pipelines.evaluate import COLUMNS
+from anchorscan.pipelines import evaluate, fit_head, score
+from anchorscan.pipelines.evaluate import COLUMNS
 
 
 def make_fakes(reals, folder):

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from anchors.backbones import load_backbone, zscore_softmax_attention
-from anchors.features import (SIGMA_EPS, FeatureExtractor, resample_weights, seeded_projection,
+from anchorscan.anchors.backbones import load_backbone, zscore_softmax_attention
+from anchorscan.anchors.features import (SIGMA_EPS, FeatureExtractor, resample_weights, seeded_projection,
                               weighted_moments)
-from anchors.preprocess import DecodeError, decode_and_crop
+from anchorscan.anchors.preprocess import DecodeError, decode_and_crop
 
 
 def test_weighted_moments_match_numpy():

@@ -10,14 +10,14 @@ from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import NearestNeighbors
 
-import anchors.heads as heads
-from anchors.anchor import Anchor
-from anchors.anchor_file import anchor_to_bytes
-from anchors.heads import (HeadFileError, LinearProbeHead, LogisticHead, NearestNeighbourHead,
+import anchorscan.anchors.heads as heads
+from anchorscan.anchors.anchor import Anchor
+from anchorscan.anchors.anchor_file import anchor_to_bytes
+from anchorscan.anchors.heads import (HeadFileError, LinearProbeHead, LogisticHead, NearestNeighbourHead,
                            head_from_bytes)
-from anchors.metrics import auroc
-from anchors.spec import FeatureSpec, IncompatibleAnchorError
-from anchors.stats import Moments
+from anchorscan.anchors.metrics import auroc
+from anchorscan.anchors.spec import FeatureSpec, IncompatibleAnchorError
+from anchorscan.anchors.stats import Moments
 
 DS, DM = 8, 4
 

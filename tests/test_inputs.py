@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from transforms.io import expand_input, manifest_uris, read_bytes, write_atomically
+from anchorscan.transforms.io import expand_input, manifest_uris, read_bytes, write_atomically
 
 
 def uris(pattern):

@@ -1,7 +1,7 @@
 """Readers of labelled image trees and manifests, on trees made in tmp_path."""
 import pytest
 
-from anchors.layouts import (LabelledImage, forensynths, genimage, local_files, manifest,
+from anchorscan.anchors.layouts import (LabelledImage, forensynths, genimage, local_files, manifest,
                              read_layout)
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, recall_score, roc_auc_score, roc_curve
 
-from anchors.metrics import (accuracy_at_threshold, average_precision, detection_metrics,
+from anchorscan.anchors.metrics import (accuracy_at_threshold, average_precision, detection_metrics,
                              tpr_at_fpr)
 
 SEEDS = [0, 1, 2]

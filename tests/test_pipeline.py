@@ -8,10 +8,10 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing import test_pipeline
 
-from anchors.anchor_file import read_metadata
+from anchorscan.anchors.anchor_file import read_metadata
 from conftest import RUNNER, read_parquet_rows, write_crops
-from pipelines import score
-from transforms.schema import ERROR_SCHEMA, SCORE_SCHEMA
+from anchorscan.pipelines import score
+from anchorscan.transforms.schema import ERROR_SCHEMA, SCORE_SCHEMA
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_workers_can_share_one_model(fitted_anchor, scan, tmp_path):
 
 
 def test_progress_counts_each_run_from_zero(capsys):
-    from transforms.progress import ReportProgress
+    from anchorscan.transforms.progress import ReportProgress
     for _ in range(2):  # two pipelines in one process, as in tests or a notebook
         reporter = ReportProgress("embedded", every_seconds=0.0)
         for i in range(3):

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import RUNNER
-from pipelines import report, score
+from anchorscan.pipelines import report, score
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

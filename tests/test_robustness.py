@@ -12,12 +12,12 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from PIL import Image
 
-import anchors.anchor
-import transforms.decode
-from anchors.preprocess import DecodeError, decode_and_crop
+from anchorscan.anchors import anchor as anchor_module
+from anchorscan.transforms import decode as decode_module
+from anchorscan.anchors.preprocess import DecodeError, decode_and_crop
 from conftest import RUNNER, read_parquet_rows, write_crops
 from hostile import HOSTILE, write_hostile
-from pipelines import score
+from anchorscan.pipelines import score
 
 
 def outputs(prefix):
@@ -62,14 +62,14 @@ def test_hostile_corpus_through_the_pipeline(fitted_anchor, hostile_folder, tmp_
     anchor, _ = fitted_anchor
     folder, expected = hostile_folder
     locked = str(folder / "gray.jpg")
-    real_open = transforms.decode.FileSystems.open
+    real_open = decode_module.FileSystems.open
 
     def open_unless_locked(uri, *args, **kwargs):  # root reads anything: simulate chmod 000
         if uri == locked:
             raise PermissionError(13, "Permission denied", uri)
         return real_open(uri, *args, **kwargs)
 
-    monkeypatch.setattr(transforms.decode.FileSystems, "open", open_unless_locked)
+    monkeypatch.setattr(decode_module.FileSystems, "open", open_unless_locked)
     manifest = tmp_path / "list.txt"
     gone = str(folder / "deleted-after-listing.jpg")
     inputs = [str(folder / name) for name in expected] + [str(folder / "folder.jpg"), gone]
@@ -98,14 +98,14 @@ def test_limits_become_error_rows(fitted_anchor, tmp_path, monkeypatch):
     folder.mkdir()
     paths = write_crops(folder, count_per_photo=1, seed=5)
     slow = paths[0]
-    real_decode = transforms.decode.decode_and_crop
+    real_decode = decode_module.decode_and_crop
 
     def slow_decode(data, *args):
         if data == open(slow, "rb").read():
             time.sleep(5)
         return real_decode(data, *args)
 
-    monkeypatch.setattr(transforms.decode, "decode_and_crop", slow_decode)
+    monkeypatch.setattr(decode_module, "decode_and_crop", slow_decode)
     big = sorted(paths, key=lambda p: -len(open(p, "rb").read()))[0]
     limit = len(open(big, "rb").read()) - 1
     prefix = str(tmp_path / "out")
@@ -158,7 +158,7 @@ def test_500_files_each_end_in_exactly_one_output(fitted_anchor, mixed_corpus, t
 def test_a_retried_bundle_writes_no_duplicate_rows(fitted_anchor, mixed_corpus, tmp_path, monkeypatch):
     anchor, _ = fitted_anchor
     folder, uris = mixed_corpus
-    real_score = anchors.anchor.Anchor.score
+    real_score = anchor_module.Anchor.score
     calls = {"n": 0}
 
     def flaky_score(self, *args, **kwargs):
@@ -167,7 +167,7 @@ def test_a_retried_bundle_writes_no_duplicate_rows(fitted_anchor, mixed_corpus, 
             raise ConnectionError("transient failure injected by the test")
         return real_score(self, *args, **kwargs)
 
-    monkeypatch.setattr(anchors.anchor.Anchor, "score", flaky_score)
+    monkeypatch.setattr(anchor_module.Anchor, "score", flaky_score)
     prefix = str(tmp_path / "out")
     subset = tmp_path / "subset.txt"
     subset.write_text("\n".join(uris[:120]))
@@ -217,7 +217,7 @@ def test_scoring_twice_gives_the_same_rows(fitted_anchor, real_photos, tmp_path)
 
 PEAK_RSS = """
 import resource, sys
-from pipelines import score
+from anchorscan.pipelines import score
 score.run(sys.argv[1:])
 print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """

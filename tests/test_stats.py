@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from anchors.stats import BufferedMoments, Moments
-from transforms.combine import MomentsCoder, MomentsCombineFn
+from anchorscan.anchors.stats import BufferedMoments, Moments
+from anchorscan.transforms.combine import MomentsCoder, MomentsCombineFn
 
 
 def rows(n=200, d=7, seed=0, offset=0.0):

@@ -7,7 +7,7 @@ import struct
 import apache_beam as beam
 import numpy as np
 
-from anchors.stats import BufferedMoments, Moments
+from anchorscan.anchors.stats import BufferedMoments, Moments
 
 
 class MomentsCoder(beam.coders.Coder):

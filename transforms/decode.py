@@ -12,8 +12,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
-from anchors.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DecodeError, decode_and_crop
-from transforms.schema import error_row
+from anchorscan.anchors.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DecodeError, decode_and_crop
+from anchorscan.transforms.schema import error_row
 
 ERRORS = "errors"
 REUSED = "reused"

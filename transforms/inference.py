@@ -10,11 +10,11 @@ import numpy as np
 import torch
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
-from anchors.features import BackboneConfig, FeatureExtractor
-from anchors.spec import IncompatibleAnchorError
-from transforms.io import local_copy
-from transforms.threads import limit_blas_threads
-from transforms.schema import error_row
+from anchorscan.anchors.features import BackboneConfig, FeatureExtractor
+from anchorscan.anchors.spec import IncompatibleAnchorError
+from anchorscan.transforms.io import local_copy
+from anchorscan.transforms.threads import limit_blas_threads
+from anchorscan.transforms.schema import error_row
 
 
 class FeatureModelHandler(ModelHandler[np.ndarray, tuple, FeatureExtractor]):

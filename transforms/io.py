@@ -12,7 +12,7 @@ import uuid
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.schema import error_row
+from anchorscan.transforms.schema import error_row
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")

@@ -7,15 +7,15 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from anchors.anchor import COMPONENTS, Anchor, AnchorConfig, AnchorModel
-from anchors.anchor_file import anchor_from_bytes, anchor_to_bytes
-from anchors.calibration import holds_out, max_log_bayes_factor
-from anchors.heads import head_from_bytes
-from anchors.spec import FeatureSpec
-from transforms.combine import MomentsCombineFn
-from transforms.io import read_bytes, write_atomically
-from transforms.schema import error_row
-from transforms.threads import limit_blas_threads
+from anchorscan.anchors.anchor import COMPONENTS, Anchor, AnchorConfig, AnchorModel
+from anchorscan.anchors.anchor_file import anchor_from_bytes, anchor_to_bytes
+from anchorscan.anchors.calibration import holds_out, max_log_bayes_factor
+from anchorscan.anchors.heads import head_from_bytes
+from anchorscan.anchors.spec import FeatureSpec
+from anchorscan.transforms.combine import MomentsCombineFn
+from anchorscan.transforms.io import read_bytes, write_atomically
+from anchorscan.transforms.schema import error_row
+from anchorscan.transforms.threads import limit_blas_threads
 
 ERRORS = "errors"
 MIN_CALIBRATION = 5

@@ -7,7 +7,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from transforms.schema import ERROR_SCHEMA, SCORE_SCHEMA
+from anchorscan.transforms.schema import ERROR_SCHEMA, SCORE_SCHEMA
 
 
 class _CountErrors(beam.DoFn):
