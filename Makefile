@@ -29,9 +29,9 @@ demo: venv
 	@echo "--- a closed-form LDA probe fitted on half the scenes, evaluated on the other half"
 	$(BIN)/anchorscan fit-head $(RUNNER) --kind lda --real demo/data/scan/head_train_real.txt \
 	    --fake demo/data/scan/head_train_fake.txt --output $(DEMO)/lda.safetensors
-	$(BIN)/anchorscan evaluate $(RUNNER) --layout manifest demo/data/scan/head_eval.csv \
+	$(BIN)/anchorscan evaluate $(RUNNER) --dataset manifest demo/data/scan/head_eval.csv \
 	    --anchor $(DEMO)/anchor.safetensors --output $(DEMO)/eval-anchor
-	$(BIN)/anchorscan evaluate $(RUNNER) --layout manifest demo/data/scan/head_eval.csv \
+	$(BIN)/anchorscan evaluate $(RUNNER) --dataset manifest demo/data/scan/head_eval.csv \
 	    --anchor $(DEMO)/anchor.safetensors --head $(DEMO)/lda.safetensors --output $(DEMO)/eval-lda
 	$(BIN)/anchorscan report --scores $(DEMO)/scan --anchor $(DEMO)/anchor.safetensors \
 	    --labels demo/data/scan/manifest.csv --output $(DEMO)/report.html

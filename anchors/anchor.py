@@ -7,10 +7,11 @@ part (its covariance is the Schur complement), scored with a PPCA spectrum (T2 +
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
-from anchorscan.anchors.calibration import COMBINERS, sketch, upper_tail_log_pvalues
+from anchorscan.anchors.calibration import COMBINERS, NUM_QUANTILES, sketch, upper_tail_log_pvalues
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.stats import Moments
 
@@ -36,6 +37,11 @@ class AnchorConfig:
         if self.statistical not in STATISTICAL_MODES:
             raise ValueError(
                 f"statistical must be one of {sorted(STATISTICAL_MODES)}, got {self.statistical!r}")
+
+    @property
+    def threshold(self) -> float:
+        """The score (-log10 p) above which an image is suspect: p below the false-positive rate."""
+        return -math.log10(self.fpr)
 
 
 def oas_shrinkage(covariance: np.ndarray, n: int) -> float:
@@ -163,7 +169,7 @@ class Anchor:
 
     @classmethod
     def fit(cls, spec: FeatureSpec, moments: Moments, calibration_features: np.ndarray,
-            config: AnchorConfig = AnchorConfig(), num_quantiles: int = 1001) -> "Anchor":
+            config: AnchorConfig = AnchorConfig(), num_quantiles: int = NUM_QUANTILES) -> "Anchor":
         """In-memory fit; the pipeline does the same with Beam's combiners."""
         model = AnchorModel.fit(moments, spec.d_semantic, config.explained_variance)
         distances = model.distances(calibration_features)
@@ -185,12 +191,13 @@ class Anchor:
         score = COMBINERS[combine](np.stack([log_p_semantic, log_p_statistical], axis=1))
         result.update(p_semantic=np.exp(log_p_semantic), p_statistical=np.exp(log_p_statistical),
                       score=score,
-                      is_suspect=score > -np.log10(self.config.fpr))
+                      is_suspect=score > self.config.threshold)
         return result
 
     @property
     def summary(self) -> dict:
-        """The facts `anchorscan info` prints and the anchor file records."""
+        """The derived facts `anchorscan info` prints and the anchor file records beside its
+        ``config``."""
         return {
             "backbone": self.spec.backbone, "weights_sha256": self.spec.weights_sha256,
             "preprocessing": self.spec.preprocessing, "layout": self.spec.layout,
@@ -198,7 +205,5 @@ class Anchor:
             "d_semantic": self.spec.d_semantic, "d_statistical": self.spec.d_statistical,
             "shrinkage": self.model.shrinkage, "k": self.model.decoupled.k,
             "k_raw": self.model.raw.k, "tau": self.model.decoupled.tau,
-            "fpr": self.config.fpr, "explained_variance": self.config.explained_variance,
-            "combine": self.config.combine, "statistical": self.config.statistical,
             "num_quantiles": int(len(self.calibration["semantic"])),
         }

@@ -11,7 +11,6 @@ statistics.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 
 import numpy as np
 
@@ -28,21 +27,19 @@ class AnchorFileError(ValueError):
     """The file is not a readable anchorscan anchor."""
 
 
-def anchor_to_bytes(anchor: Anchor, projection: np.ndarray | None = None,
-                    version: str = "") -> bytes:
+def anchor_id(metadata: dict) -> str:
+    """The anchor's short name in score rows: the first 16 hex digits of its checksum."""
+    return metadata["checksum"][:16]
+
+
+def anchor_to_bytes(anchor: Anchor, projection: np.ndarray | None = None) -> bytes:
     tensors = {"mean": anchor.moments.mean, "m2": anchor.moments.m2}
     if projection is not None:
         tensors["projection"] = np.asarray(projection)
     for name in COMPONENTS:
         tensors[f"calibration.{name}"] = np.asarray(anchor.calibration[name], dtype=np.float64)
-    metadata = {
-        "format_version": FORMAT_VERSION,
-        "anchorscan_version": version,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "config": dataclasses.asdict(anchor.config),
-        **anchor.summary,
-    }
-    return checked_file.pack(tensors, metadata, METADATA_KEY)
+    metadata = {"config": dataclasses.asdict(anchor.config), **anchor.summary}
+    return checked_file.pack(tensors, metadata, METADATA_KEY, FORMAT_VERSION)
 
 
 def read_metadata(data: bytes) -> dict:

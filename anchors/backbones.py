@@ -111,9 +111,9 @@ class EfficientNetLite0(Backbone):
     name = "efficientnet-lite0"
     attention_modes = ("zscore", "uniform")
     faster_in_onnxruntime = True
-    # Last block of the stages whose outputs feed the spatial moments: 24@56, 40@28, 112@14, 320@7.
-    moment_blocks = (2, 4, 10, 15)
-    moment_channels = (24, 40, 112, 320)
+    # Last block of the stages whose outputs feed the spatial statistics: 24@56, 40@28, 112@14, 320@7.
+    token_blocks = (2, 4, 10, 15)
+    token_channels = (24, 40, 112, 320)
 
     def __init__(self, weights: str | None = None, attention: str | None = None,
                  resize: str = "none"):
@@ -136,8 +136,8 @@ class EfficientNetLite0(Backbone):
     @property
     def layout(self) -> dict:
         return {"semantic": "global_average_pool(head)", "d_semantic": 1280,
-                "moment_blocks": list(self.moment_blocks),
-                "moment_channels": list(self.moment_channels), "attention": self.attention_mode}
+                "token_blocks": list(self.token_blocks),
+                "token_channels": list(self.token_channels), "attention": self.attention_mode}
 
     def forward(self, pixels: torch.Tensor) -> BackboneOutput:
         """``pixels``: (B, 3, H, W) uint8."""
@@ -147,7 +147,7 @@ class EfficientNetLite0(Backbone):
         token_maps = []
         for index, block in enumerate(net._blocks):
             x = block(x)
-            if index in self.moment_blocks:
+            if index in self.token_blocks:
                 token_maps.append(x)
         head = net._swish(net._bn1(net._conv_head(x)))
         attention = (zscore_softmax_attention(head) if self.attention_mode == "zscore"
@@ -159,7 +159,7 @@ class EfficientNetLite0(Backbone):
 class ClipModel:
     architecture: str  # open_clip's configuration name
     official_sha256: str  # of OpenAI's released checkpoint (the digest in its download URL)
-    moment_blocks: tuple[int, ...]  # 0-based blocks: a third, two thirds and the last
+    token_blocks: tuple[int, ...]  # 0-based blocks: a third, two thirds and the last
 
 
 CLIP_MODELS = {
@@ -257,8 +257,8 @@ class ClipVisionBackbone(Backbone):
     def layout(self) -> dict:
         width = self.visual.transformer.width
         return {"semantic": "clip_image_embedding", "d_semantic": self.visual.output_dim,
-                "moment_blocks": list(self.model_info.moment_blocks),
-                "moment_channels": [width] * len(self.model_info.moment_blocks),
+                "token_blocks": list(self.model_info.token_blocks),
+                "token_channels": [width] * len(self.model_info.token_blocks),
                 "attention": self.attention_mode,
                 "weights": "official" if self.weights_verified else "unverified"}
 
@@ -267,7 +267,7 @@ class ClipVisionBackbone(Backbone):
         x = (pixels.float() - self.pixel_mean) / self.pixel_std
         blocks = self.visual.transformer.resblocks
         last_input = len(blocks) - 2
-        indices = sorted(set(self.model_info.moment_blocks) | {last_input})
+        indices = sorted(set(self.model_info.token_blocks) | {last_input})
         output = self.visual.forward_intermediates(x, indices=indices, output_fmt="NLC",
                                                    output_extra_tokens=True)
         patches = dict(zip(indices, output["image_intermediates"]))
@@ -280,7 +280,7 @@ class ClipVisionBackbone(Backbone):
         else:
             attention = uniform_attention(batch, grid, x.device)
         token_maps = [patches[i].transpose(1, 2).reshape(batch, width, *grid)
-                      for i in self.model_info.moment_blocks]
+                      for i in self.model_info.token_blocks]
         return BackboneOutput(output["image_features"], token_maps, attention)
 
 

@@ -16,11 +16,12 @@ import re
 
 import numpy as np
 
+NUM_QUANTILES = 1001  # points of each calibration sketch
 TAIL_FRACTION = 0.1
 MIN_TAIL_POINTS = 10
 
 
-def sketch(values: np.ndarray, num_quantiles: int = 1001) -> np.ndarray:
+def sketch(values: np.ndarray, num_quantiles: int = NUM_QUANTILES) -> np.ndarray:
     """Exact quantile sketch of ``values``; the pipeline builds the same with Beam's
     ApproximateQuantiles."""
     values = np.asarray(values, dtype=np.float64)

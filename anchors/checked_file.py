@@ -3,9 +3,11 @@ object under a metadata key, and a sha256 over both (never a pickle). Anchors an
 each under its own key, so neither reader takes the other's file."""
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import struct
+from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 import safetensors.numpy
@@ -22,8 +24,20 @@ def checksum(metadata: dict, tensors: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def pack(tensors: dict[str, np.ndarray], metadata: dict, key: str) -> bytes:
-    metadata = {**metadata, "checksum": checksum(metadata, tensors)}
+def _software_version() -> str:
+    try:
+        return version("anchorscan")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return ""
+
+
+def pack(tensors: dict[str, np.ndarray], metadata: dict, key: str, format_version: int) -> bytes:
+    """The file's bytes: ``metadata`` after the header every anchorscan file starts with
+    (format version, the software that wrote it, when), then the checksum."""
+    metadata = {"format_version": format_version, "anchorscan_version": _software_version(),
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                **metadata}
+    metadata["checksum"] = checksum(metadata, tensors)
     return safetensors.numpy.save(tensors, metadata={key: json.dumps(metadata)})
 
 

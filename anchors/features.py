@@ -16,6 +16,7 @@ from anchorscan.anchors.spec import FeatureSpec
 
 SIGMA_EPS = 1e-6
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+PRECISIONS = tuple(AUTOCAST_DTYPES)
 RUNTIMES = ("auto", "torch", "onnxruntime")
 
 
@@ -38,7 +39,7 @@ def resample_weights(attention: torch.Tensor, size: tuple[int, int]) -> torch.Te
     return attention / attention.sum(dim=(1, 2), keepdim=True)
 
 
-def weighted_moments(token_map: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def spatial_statistics(token_map: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention-weighted mean and log standard deviation per channel of a (B, C, H, W) map."""
     tokens = token_map.float().flatten(2)  # (B, C, N)
     w = weights.flatten(1)[:, None, :]  # (B, 1, N)
@@ -59,6 +60,15 @@ class BackboneConfig:
     device: str = "cpu"
     precision: str = "bf16"  # autocast dtype on GPUs: bf16, fp16 or fp32 (none)
     runtime: str = "auto"  # see FeatureExtractor
+
+    @classmethod
+    def from_spec(cls, spec: FeatureSpec, **runtime) -> "BackboneConfig":
+        """The extractor that makes the features ``spec`` describes; ``runtime``: weights,
+        device, precision, runtime, which do not change the features."""
+        return cls(spec.backbone, attention=spec.layout["attention"],
+                   resize=spec.preprocessing["resize"],
+                   statistical_budget=spec.layout["d_statistical"],
+                   projection_seed=spec.layout["projection_seed"], **runtime)
 
     def build(self) -> "FeatureExtractor":
         from anchorscan.anchors.backbones import load_backbone
@@ -83,14 +93,14 @@ class FeatureModule(nn.Module):
         self.register_buffer("projection", None if projection is None else torch.tensor(projection))
 
     def forward(self, pixels: torch.Tensor):
-        # Reduced precision for the backbone only; moments and projection stay float32.
+        # Reduced precision for the backbone only; spatial statistics and projection stay float32.
         with torch.autocast(pixels.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             output = self.backbone(pixels.permute(0, 3, 1, 2))
         parts = []
         for token_map in output.token_maps:
             weights = resample_weights(output.attention, token_map.shape[2:])
-            parts.extend(weighted_moments(token_map, weights))
+            parts.extend(spatial_statistics(token_map, weights))
         statistical = torch.cat(parts, dim=1)
         if self.projection is not None:
             statistical = statistical @ self.projection
@@ -115,7 +125,7 @@ def onnx_session(module: FeatureModule, crop_size: int):
 
 
 class FeatureExtractor:
-    """Backbone + moments + projection; ``spec`` names everything the features depend on.
+    """Backbone + spatial statistics + projection; ``spec`` names everything the features depend on.
 
     ``runtime``: "torch", "onnxruntime", or "auto" - ONNX Runtime for backbones measured faster
     with it on CPUs (EfficientNet-Lite0: 3.3x, features equal to 1e-5), torch elsewhere."""
@@ -128,7 +138,7 @@ class FeatureExtractor:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
         self.device = torch.device(device)
         self.backbone = backbone.to(self.device)
-        raw_dim = 2 * sum(backbone.layout["moment_channels"])
+        raw_dim = 2 * sum(backbone.layout["token_channels"])
         self.projection = (seeded_projection(raw_dim, statistical_budget, projection_seed)
                            if raw_dim > statistical_budget else None)
         d_statistical = raw_dim if self.projection is None else statistical_budget

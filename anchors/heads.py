@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import datetime
 from typing import ClassVar
 
 import numpy as np
@@ -95,18 +94,10 @@ class Head(abc.ABC):
         """True where the head calls the image generated."""
         return self.score(features, spec) > 0
 
-    def to_bytes(self, version: str = "") -> bytes:
-        tensors = self._tensors()
-        metadata = {
-            "format_version": FORMAT_VERSION,
-            "anchorscan_version": version,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "kind": self.kind,
-            **self.spec.to_dict(),
-            "counts": self.counts,
-            **self._parameters(),
-        }
-        return checked_file.pack(tensors, metadata, METADATA_KEY)
+    def to_bytes(self) -> bytes:
+        metadata = {"kind": self.kind, **self.spec.to_dict(), "counts": self.counts,
+                    **self._parameters()}
+        return checked_file.pack(self._tensors(), metadata, METADATA_KEY, FORMAT_VERSION)
 
 
 @dataclasses.dataclass(eq=False)

@@ -13,6 +13,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
+# The files a folder input scans and a dataset reader lists.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 100_000_000
 # Smaller images would be upscaled more than 7x: the crop would see interpolation, not the image.
 DEFAULT_MIN_SIDE = 32
@@ -63,6 +65,13 @@ def _to_rgb(image: Image.Image, notes: list[str]) -> Image.Image:
     return image.convert("RGB")
 
 
+PERTURBATION_HELP = "jpeg:QUALITY, png, blur:SIGMA or scale:FACTOR"
+
+
+def is_image_path(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
 def parse_perturbation(spec: str | None):
     """An evaluation's bias control or robustness perturbation, applied to real and fake images
     alike: ``jpeg:Q`` (re-encode as JPEG at quality Q), ``png`` (re-encode losslessly),
@@ -86,7 +95,7 @@ def parse_perturbation(spec: str | None):
                 (max(1, round(image.width * factor)), max(1, round(image.height * factor))), Image.BICUBIC)
     except ValueError:
         pass
-    raise ValueError(f"perturbation must be jpeg:QUALITY, png, blur:SIGMA or scale:FACTOR, not {spec!r}")
+    raise ValueError(f"perturbation must be {PERTURBATION_HELP}, not {spec!r}")
 
 
 def _reencode(image: Image.Image, fmt: str, **options) -> Image.Image:

@@ -141,21 +141,39 @@ class BufferedMoments:
                          else dsyrk(1.0, shifted.T, beta=1.0, c=self._scatter, overwrite_c=1))
         self._count += rows.shape[0]
 
+    def _pending(self) -> Moments | None:
+        """The rows in the pending scatter as moments, leaving the scatter as it is."""
+        if not self._count:
+            return None
+        offset = self._shifted_sum / self._count
+        scatter = self._scatter  # upper triangle; the lower one is zero
+        m2 = scatter + scatter.T
+        np.fill_diagonal(m2, scatter.diagonal())
+        scaled = offset * np.sqrt(self._count)
+        m2 -= np.outer(scaled, scaled)  # exactly symmetric
+        return Moments._wrap(self._count, self._reference + offset, m2)
+
     def flush(self) -> Moments:
         """Everything added so far, merged into ``moments``."""
         if self._buffer:
             self._add_buffer()
-        if self._count:
-            offset = self._shifted_sum / self._count
-            scatter = self._scatter  # upper triangle; the lower one is zero
-            m2 = scatter + scatter.T
-            np.fill_diagonal(m2, scatter.diagonal())
-            scaled = offset * np.sqrt(self._count)
-            m2 -= np.outer(scaled, scaled)  # exactly symmetric
-            pending = Moments._wrap(self._count, self._reference + offset, m2)
+        pending = self._pending()
+        if pending is not None:
             self.moments = pending if self.moments.n == 0 else self.moments.merge(pending)
             self._reset_pending()
         return self.moments
+
+    def value(self) -> Moments:
+        """Everything added so far, as ``flush`` gives it, leaving this accumulator as it is
+        (Beam lets a combiner mutate only the first accumulator of a merge)."""
+        if not self._buffer and not self._count:
+            return self.moments
+        clone = BufferedMoments.__new__(BufferedMoments)
+        clone.moments, clone.batch_size, clone._buffer = self.moments.copy(), self.batch_size, list(self._buffer)
+        clone._count, clone._reference = self._count, self._reference
+        clone._shifted_sum = self._shifted_sum.copy()
+        clone._scatter = None if self._scatter is None else self._scatter.copy(order="F")
+        return clone.flush()
 
     def __getstate__(self):
         return self.flush(), self.batch_size

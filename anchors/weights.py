@@ -1,6 +1,6 @@
 """Reading model weights without unpickling untrusted code.
 
-Three layouts are accepted: safetensors; a ``torch.save`` state dict (read with
+Three formats are accepted: safetensors; a ``torch.save`` state dict (read with
 ``weights_only=True``); and a TorchScript archive such as OpenAI's original CLIP checkpoints,
 whose pickled module tree is read by a restricted unpickler that admits only tensor
 reconstruction and stands in an inert placeholder for every TorchScript class - nothing in the
@@ -24,7 +24,7 @@ _STORAGE_DTYPES = {
 
 
 class WeightsError(ValueError):
-    """The weights file cannot be read as any of the accepted layouts."""
+    """The weights file cannot be read in any of the accepted formats."""
 
 
 class _ScriptObject:

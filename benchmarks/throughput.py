@@ -36,7 +36,7 @@ from anchorscan.anchors.features import BackboneConfig
 from anchorscan.anchors import preprocess
 from anchorscan.anchors.preprocess import decode_and_crop
 from anchorscan.anchors.stats import BufferedMoments, Moments
-from anchorscan.transforms.scoring import MIN_CALIBRATION
+from anchorscan.transforms.fitting import MIN_CALIBRATION
 
 BATCH_SIZE = 16  # the pipelines' default --batch_size
 SIZES = {"0.3mp": (640, 480), "2mp": (1600, 1200), "12mp": (4000, 3000), "png": (1024, 768)}

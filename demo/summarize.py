@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 
-from anchorscan.anchors.metrics import auroc
+from sklearn.metrics import roc_auc_score as auroc
 
 
 def main(argv=None) -> None:

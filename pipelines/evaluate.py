@@ -1,48 +1,48 @@
 """Evaluate a detector like the papers do: per-generator AP, AUROC, accuracies and TPR at low FPR
-on labelled data in the layouts people already have."""
+on labelled datasets in the folder structures people already have."""
 from __future__ import annotations
 
-import argparse
 import csv
-import glob
+import io
 import json
 import math
 import os
 
 import numpy as np
-import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
 
-from anchorscan.anchors.layouts import LAYOUTS, read_layout
+from anchorscan.anchors.anchor import AnchorConfig
+from anchorscan.anchors.anchor_file import read_metadata
+from anchorscan.anchors.datasets import DATASETS, GENIMAGE_SPLITS, read_dataset
 from anchorscan.anchors.metrics import detection_metrics
 from anchorscan.pipelines import score
-from anchorscan.anchors.anchor_file import read_metadata
-from anchorscan.transforms.io import read_bytes
+from anchorscan.pipelines.options import add_decoding_args, add_runtime_args, command_parser, parse
+from anchorscan.transforms.io import files_below, read_bytes, read_parquet_rows, write_atomically
 
 COLUMNS = ("generator", "n_real", "n_fake", "ap", "auroc", "acc", "real_acc", "fake_acc",
            "tpr_at_fpr1", "tpr_at_fpr5")
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        prog="anchorscan evaluate",
-        description="Score labelled images and write per-generator metrics. Other options pass "
-                    "through to `score`; write them as --name=value (--runner=DataflowRunner) or "
-                    "after ROOT, so that their values are not taken for ROOT.")
-    parser.add_argument("root", help="the dataset's root folder, or the manifest file for --layout manifest")
-    parser.add_argument("--layout", required=True, choices=sorted(LAYOUTS))
-    parser.add_argument("--anchor", required=True)
+def parser():
+    parser = command_parser(
+        "evaluate", "Score a labelled dataset and write per-generator metrics. Write Beam's flags "
+                    "as --name=value or after ROOT, so that their values are not taken for ROOT.")
+    parser.add_argument("root", help="the dataset's root folder, or the manifest file for --dataset manifest")
+    parser.add_argument("--dataset", required=True, choices=DATASETS,
+                        help="how the dataset names real and generated images")
+    parser.add_argument("--anchor", required=True, help="the anchor file")
     parser.add_argument("--head", default="anchor",
                         help="'anchor' (the calibrated one-class score), a head file from fit-head, "
-                             "or anchor+HEAD_FILE: an lda/logistic head's log-odds plus the anchor's "
-                             "evidence")
-    parser.add_argument("--output", required=True, help="folder for metrics.csv, metrics.md, metrics.json")
-    parser.add_argument("--split", default="val", help="genimage: which split to read")
-    parser.add_argument("--perturbation", default=None,
-                        help="applied to real and fake images alike: jpeg:Q, png, blur:SIGMA, scale:F")
+                             "or anchor+HEAD_FILE (an lda/logistic head's log-odds plus the anchor's evidence)")
+    parser.add_argument("--output", required=True,
+                        help="folder for metrics.csv, metrics.md, metrics.json (local or gs://)")
+    parser.add_argument("--split", default="val", choices=GENIMAGE_SPLITS, help="genimage: which split")
     parser.add_argument("--sweep", default=None,
-                        help="comma-separated perturbations to evaluate one after another "
+                        help="comma-separated perturbations evaluated one after another "
                              "(e.g. jpeg:95,jpeg:75,blur:1); writes sweep.csv")
-    return parser.parse_known_args(argv)
+    add_runtime_args(parser)
+    add_decoding_args(parser)
+    return parser
 
 
 def metrics_table(labels: dict[str, tuple[int, str]], rows: list[dict], threshold: float) -> list[dict]:
@@ -72,19 +72,22 @@ def metrics_table(labels: dict[str, tuple[int, str]], rows: list[dict], threshol
     return table
 
 
+def _csv(rows: list[dict], columns) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({key: row[key] for key in columns} for row in rows)
+    return buffer.getvalue().encode()
+
+
 def write_table(table: list[dict], folder: str, header: str) -> None:
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "metrics.csv"), "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({key: row[key] for key in COLUMNS} for row in table)
-    with open(os.path.join(folder, "metrics.json"), "w") as handle:
-        json.dump({"detector": header, "metrics": table}, handle, indent=2)
+    write_atomically(FileSystems.join(folder, "metrics.csv"), _csv(table, COLUMNS))
+    write_atomically(FileSystems.join(folder, "metrics.json"),
+                     json.dumps({"detector": header, "metrics": table}, indent=2).encode())
     lines = [f"# {header}", "", "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     for row in table:
         lines.append("| " + " | ".join(_fmt(row[key]) for key in COLUMNS) + " |")
-    with open(os.path.join(folder, "metrics.md"), "w") as handle:
-        handle.write("\n".join(lines) + "\n")
+    write_atomically(FileSystems.join(folder, "metrics.md"), ("\n".join(lines) + "\n").encode())
     print("\n".join(lines[2:]))
 
 
@@ -94,28 +97,33 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def evaluate_once(images, args, passthrough, folder: str, perturbation: str | None) -> list[dict]:
-    os.makedirs(folder, exist_ok=True)
-    manifest = os.path.join(folder, "inputs.txt")
-    with open(manifest, "w") as handle:
-        handle.write("\n".join(image.uri for image in images) + "\n")
-    prefix = os.path.join(folder, "scores")
-    argv = ["--input", manifest, "--anchor", args.anchor, "--output", prefix, *passthrough]
+def score_args(args, inputs: str, prefix: str, perturbation: str | None):
+    """`score`'s flags for one pass over the dataset: evaluate's runtime and decoding flags,
+    the detector that --head names."""
+    scan = score.parser().parse_args(["--input", inputs, "--anchor", args.anchor, "--output", prefix])
+    for name, value in vars(args).items():
+        if hasattr(scan, name) and name not in ("input", "output", "head"):
+            setattr(scan, name, value)
+    scan.perturbation = perturbation
     if args.head.startswith("anchor+"):
-        argv += ["--head", args.head[len("anchor+"):], "--with_anchor"]
+        scan.head, scan.with_anchor = args.head[len("anchor+"):], True
     elif args.head != "anchor":
-        argv += ["--head", args.head]
-    if perturbation:
-        argv += ["--perturbation", perturbation]
-    score.run(argv)
-    rows = pq.read_table(sorted(glob.glob(prefix + "-scores-*.parquet")),
-                         columns=["uri", "score"]).to_pylist()
+        scan.head = args.head
+    return scan
+
+
+def evaluate_once(images, args, options, folder: str, perturbation: str | None) -> list[dict]:
+    inputs = FileSystems.join(folder, "inputs.txt")
+    write_atomically(inputs, ("\n".join(image.uri for image in images) + "\n").encode())
+    prefix = FileSystems.join(folder, "scores")
+    score.score(score_args(args, inputs, prefix, perturbation), options)
+    rows = read_parquet_rows(prefix + "-scores-*.parquet", columns=["uri", "score"])
     labels = {image.uri: (image.label, image.generator) for image in images}
-    # the anchor calls an image suspect above -log10(fpr); a head above 0
-    fpr = read_metadata(read_bytes(args.anchor))["fpr"]
-    threshold = -math.log10(fpr) if args.head == "anchor" else 0.0
+    # The anchor calls an image suspect above its threshold; a head above 0.
+    threshold = (AnchorConfig(**read_metadata(read_bytes(args.anchor))["config"]).threshold
+                 if args.head == "anchor" else 0.0)
     detector = "anchor" if args.head == "anchor" else f"head {args.head}"
-    header = f"{detector}{f', {perturbation}' if perturbation else ''} on {args.layout} {args.root}"
+    header = f"{detector}{f', {perturbation}' if perturbation else ''} on {args.dataset} {args.root}"
     table = metrics_table(labels, rows, threshold)
     write_table(table, folder, header)
     unscored = len(images) - len(rows)
@@ -125,20 +133,16 @@ def evaluate_once(images, args, passthrough, folder: str, perturbation: str | No
 
 
 def run(argv=None) -> list[dict]:
-    args, passthrough = parse_args(argv)
-    kwargs = {"split": args.split} if args.layout == "genimage" else {}
+    args, options = parse(parser(), argv)
     root = args.root if "://" in args.root else os.path.abspath(args.root)
-    images = read_layout(args.layout, root, **kwargs)
+    images = read_dataset(args.dataset, root, files_below, read_bytes, args.split)
     if not args.sweep:
-        return evaluate_once(images, args, passthrough, args.output, args.perturbation)
+        return evaluate_once(images, args, options, args.output, args.perturbation)
     sweep = []
     for perturbation in ["none", *args.sweep.split(",")]:
         slug = perturbation.replace(":", "")
-        table = evaluate_once(images, args, passthrough, os.path.join(args.output, slug),
+        table = evaluate_once(images, args, options, FileSystems.join(args.output, slug),
                               None if perturbation == "none" else perturbation)
         sweep.append({"perturbation": perturbation, **table[-1]})
-    with open(os.path.join(args.output, "sweep.csv"), "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["perturbation", *COLUMNS])
-        writer.writeheader()
-        writer.writerows({key: row[key] for key in ["perturbation", *COLUMNS]} for row in sweep)
+    write_atomically(FileSystems.join(args.output, "sweep.csv"), _csv(sweep, ["perturbation", *COLUMNS]))
     return sweep

@@ -1,48 +1,69 @@
-"""Fit an anchor on real images: read, decode, embed, merge moments, calibrate, write."""
+"""Fit an anchor on real images: list, decode, embed, fit (merge statistics, calibrate), write."""
 from __future__ import annotations
 
-import logging
 import time
-from importlib.metadata import version
 
 import apache_beam as beam
 
-from anchorscan.anchors.anchor import AnchorConfig
-from anchorscan.anchors.backbones import DEFAULT_BACKBONE
-from anchorscan.anchors.features import BackboneConfig
-from anchorscan.pipelines.common import ReadAndEmbed, build_driver_extractor
-from anchorscan.pipelines.options import AnchorOptions, counter_totals, pipeline_options, require
+from anchorscan.anchors.anchor import COMBINERS, STATISTICAL_MODES, AnchorConfig
 from anchorscan.anchors.anchor_file import read_metadata
-from anchorscan.transforms.io import read_bytes
-from anchorscan.transforms.scoring import FitAnchor
+from anchorscan.pipelines.common import decode_step, driver_extractor, embed_step
+from anchorscan.pipelines.options import (INPUT_HELP, add_backbone_args, add_decoding_args,
+                                          add_runtime_args, backbone_config, command_parser,
+                                          counter_totals, error_total, parse)
+from anchorscan.transforms.fitting import FitAnchor
+from anchorscan.transforms.io import ListInputs, read_bytes
 from anchorscan.transforms.sinks import WriteErrors
 
 
-def run(argv=None, test_pipeline=None):
-    options = pipeline_options(argv, AnchorOptions)
-    fit = options.view_as(AnchorOptions)
-    require(fit, "input", "anchor")
-    config = AnchorConfig(fit.explained_variance, fit.fpr, fit.combine or AnchorConfig.combine,
-                          fit.statistical or AnchorConfig.statistical)
-    backbone = BackboneConfig(fit.backbone or DEFAULT_BACKBONE, fit.weights, fit.attention,
-                              fit.resize or "none", fit.statistical_budget, fit.projection_seed,
-                              fit.device, fit.precision, fit.runtime)
-    extractor = build_driver_extractor(backbone)  # the spec and projection the anchor records
+def parser():
+    parser = command_parser("fit", "Fit an anchor on real images.")
+    parser.add_argument("--input", action="append", required=True, help=f"real images: {INPUT_HELP}")
+    parser.add_argument("--anchor", required=True, help="the anchor file to write (local or gs://)")
+    parser.add_argument("--errors", default=None,
+                        help="prefix of the errors table (default: the anchor's path)")
+    group = parser.add_argument_group("anchor")
+    group.add_argument("--calibration_fraction", type=float, default=0.1,
+                       help="share of real images held out (by URI hash) to calibrate p-values")
+    group.add_argument("--calibration_group", default=None,
+                       help="regex: URIs with the same match (its first group) are held out together")
+    group.add_argument("--fpr", type=float, default=AnchorConfig.fpr,
+                       help="false-positive rate on real images at which is_suspect is set")
+    group.add_argument("--explained_variance", type=float, default=AnchorConfig.explained_variance,
+                       help="variance kept by the statistical part's leading eigenpairs")
+    group.add_argument("--combine", default=AnchorConfig.combine, choices=sorted(COMBINERS),
+                       help="how the p-values combine into the score")
+    group.add_argument("--statistical", default=AnchorConfig.statistical,
+                       choices=sorted(STATISTICAL_MODES),
+                       help="statistical distance decoupled from content, or raw")
+    add_backbone_args(parser)
+    add_runtime_args(parser)
+    add_decoding_args(parser)
+    return parser
+
+
+def run(argv=None, test_pipeline=None) -> dict:
+    args, options = parse(parser(), argv)
+    config = AnchorConfig(args.explained_variance, args.fpr, args.combine, args.statistical)
+    backbone = backbone_config(args)
+    extractor = driver_extractor(backbone)  # the spec and projection the anchor records
 
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=options)
-    images = pipeline | "Read" >> ReadAndEmbed(fit.input, fit, backbone, extractor)
-    _ = images["embedded"] | "Fit" >> FitAnchor(fit.anchor, extractor.spec, config, extractor.projection,
-                                      fit.calibration_fraction, fit.calibration_group,
-                                      version=version("anchorscan"))
-    _ = images["errors"] | WriteErrors(fit.errors or fit.anchor)
+    uris, list_errors = pipeline | "List" >> ListInputs(args.input)
+    images, decode_errors, _ = uris | "Decode" >> decode_step(
+        args, options, extractor.backbone.preprocessing)
+    embedded, embed_errors = images | "Embed" >> embed_step(args, options, backbone, extractor)
+    _ = embedded | "Fit" >> FitAnchor(args.anchor, extractor.spec, config, extractor.projection,
+                                      args.calibration_fraction, args.calibration_group)
+    _ = (list_errors, decode_errors, embed_errors) | WriteErrors(args.errors or args.anchor)
     result = pipeline.run()
     result.wait_until_finish()
-    metadata = read_metadata(read_bytes(fit.anchor))
-    summary = {"anchor": fit.anchor, "n": metadata["n"], "n_calibration": metadata["n_calibration"],
+
+    metadata = read_metadata(read_bytes(args.anchor))
+    summary = {"anchor": args.anchor, "n": metadata["n"], "n_calibration": metadata["n_calibration"],
                "d": metadata["d"], "k": metadata["k"], "shrinkage": metadata["shrinkage"],
-               "errors": sum(v for k, v in counter_totals(result).items() if k.startswith("errors_")),
-               "seconds": time.time() - started}
+               "errors": error_total(counter_totals(result)), "seconds": time.time() - started}
     print_fit_summary(summary)
     return summary
 
@@ -54,8 +75,3 @@ def print_fit_summary(summary: dict) -> None:
           f"held out for calibration), {summary['errors']} errors\n"
           f"features    d={summary['d']}, k={summary['k']}, shrinkage={summary['shrinkage']:.3f}\n"
           f"time        {summary['seconds']:.1f} s ({images / max(summary['seconds'], 1e-9):.1f} images/s)")
-
-
-if __name__ == "__main__":
-    logging.getLogger().setLevel(logging.WARNING)
-    run()

@@ -1,23 +1,41 @@
-"""Fit a UnivFD head (nearest neighbour, LDA probe, logistic probe) on labelled images."""
+"""Fit a UnivFD head (nearest neighbour, LDA probe, logistic probe) on labelled images: list,
+decode and embed each class, then per-class statistics or banks, then the head's file."""
 from __future__ import annotations
 
-import logging
 import time
-from importlib.metadata import version
 
 import apache_beam as beam
 import numpy as np
 
-from anchorscan.anchors.backbones import DEFAULT_BACKBONE
-from anchorscan.anchors.features import BackboneConfig
-from anchorscan.anchors.heads import FAKE, REAL, LinearProbeHead, LogisticHead, NearestNeighbourHead, head_from_bytes
-from anchorscan.pipelines.common import ReadAndEmbed, build_driver_extractor
-from anchorscan.pipelines.options import AnchorOptions, counter_totals, pipeline_options, require
+from anchorscan.anchors.heads import (FAKE, HEADS, REAL, LinearProbeHead, LogisticHead,
+                                      NearestNeighbourHead, head_from_bytes)
+from anchorscan.pipelines.common import decode_step, driver_extractor, embed_step
+from anchorscan.pipelines.options import (INPUT_HELP, add_backbone_args, add_decoding_args,
+                                          add_runtime_args, backbone_config, command_parser,
+                                          counter_totals, error_total, parse)
 from anchorscan.transforms.combine import MomentsCombineFn
-from anchorscan.transforms.io import read_bytes, write_atomically
+from anchorscan.transforms.io import ListInputs, read_bytes, write_atomically
 from anchorscan.transforms.sinks import WriteErrors
 
-HEAD_KINDS = ("nn", "lda", "logistic")
+
+def parser():
+    parser = command_parser("fit-head", "Fit a UnivFD head on labelled real and generated images.")
+    parser.add_argument("--kind", required=True, choices=sorted(HEADS),
+                        help="nn: nearest neighbour; lda: closed-form linear probe; logistic: "
+                             "the UnivFD paper's probe")
+    parser.add_argument("--real", action="append", required=True, help=f"real images: {INPUT_HELP}")
+    parser.add_argument("--fake", action="append", required=True,
+                        help=f"generated images: {INPUT_HELP}")
+    parser.add_argument("--output", required=True, help="the head file to write (local or gs://)")
+    parser.add_argument("--errors", default=None,
+                        help="prefix of the errors table (default: the head's path)")
+    parser.add_argument("--k", type=int, default=1, help="nn: neighbours per class")
+    parser.add_argument("--max_per_class", type=int, default=10000,
+                        help="nn and logistic: bank size per class (a uniform sample)")
+    add_backbone_args(parser)
+    add_runtime_args(parser)
+    add_decoding_args(parser)
+    return parser
 
 
 def _fit_from_banks(_, banks: dict, kind: str, spec, k: int):
@@ -38,49 +56,41 @@ def _fit_lda(_, moments: dict, spec):
 
 
 def run(argv=None, test_pipeline=None):
-    options = pipeline_options(argv, AnchorOptions)
-    opts = options.view_as(AnchorOptions)
-    require(opts, "kind", "real", "fake", "output")
-    if opts.kind not in HEAD_KINDS:
-        raise ValueError(f"--kind must be one of {', '.join(HEAD_KINDS)}, not {opts.kind!r}")
-    backbone = BackboneConfig(opts.backbone or DEFAULT_BACKBONE, opts.weights, opts.attention,
-                              opts.resize or "none", opts.statistical_budget, opts.projection_seed,
-                              opts.device, opts.precision, opts.runtime)
-    extractor = build_driver_extractor(backbone)
+    args, options = parse(parser(), argv)
+    backbone = backbone_config(args)
+    extractor = driver_extractor(backbone)
     spec = extractor.spec
 
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=options)
     vectors, errors = [], []
-    for label, name, patterns in ((REAL, "Real", opts.real), (FAKE, "Fake", opts.fake)):
-        images = pipeline | name >> ReadAndEmbed(patterns, opts, backbone, extractor)
-        vectors.append(images["embedded"] | f"{name}Vectors" >> beam.Map(
+    for label, name, patterns in ((REAL, "Real", args.real), (FAKE, "Fake", args.fake)):
+        uris, list_errors = pipeline | f"List{name}" >> ListInputs(patterns, f"{name.lower()} images")
+        images, decode_errors, _ = uris | f"Decode{name}" >> decode_step(
+            args, options, extractor.backbone.preprocessing)
+        embedded, embed_errors = images | f"Embed{name}" >> embed_step(args, options, backbone, extractor)
+        vectors.append(embedded | f"{name}Vectors" >> beam.Map(
             lambda row, label=label: (label, row[1][0])))
-        errors.append(images["errors"])
+        errors += [list_errors, decode_errors, embed_errors]
     labelled = tuple(vectors) | "Labelled" >> beam.Flatten()
-    anchor = pipeline | "Once" >> beam.Create([None])
-    if opts.kind == "lda":
+    once = pipeline | "Once" >> beam.Create([None])
+    if args.kind == "lda":
         moments = (labelled | "ClassMoments" >> beam.CombinePerKey(MomentsCombineFn(spec.dim))
                    | "MomentsByClass" >> beam.combiners.ToDict())
-        head = anchor | "FitHead" >> beam.Map(_fit_lda, beam.pvalue.AsSingleton(moments), spec)
+        head = once | "FitHead" >> beam.Map(_fit_lda, beam.pvalue.AsSingleton(moments), spec)
     else:
-        banks = (labelled | "Banks" >> beam.combiners.Sample.FixedSizePerKey(opts.max_per_class)
+        banks = (labelled | "Banks" >> beam.combiners.Sample.FixedSizePerKey(args.max_per_class)
                  | "BanksByClass" >> beam.combiners.ToDict())
-        head = anchor | "FitHead" >> beam.Map(_fit_from_banks, beam.pvalue.AsSingleton(banks),
-                                              opts.kind, spec, opts.k)
-    _ = head | "WriteHead" >> beam.Map(lambda h: write_atomically(opts.output, h.to_bytes(version("anchorscan"))))
-    _ = tuple(errors) | WriteErrors(opts.errors or opts.output)
+        head = once | "FitHead" >> beam.Map(_fit_from_banks, beam.pvalue.AsSingleton(banks),
+                                            args.kind, spec, args.k)
+    _ = head | "WriteHead" >> beam.Map(lambda fitted: write_atomically(args.output, fitted.to_bytes()))
+    _ = tuple(errors) | WriteErrors(args.errors or args.output)
     result = pipeline.run()
     result.wait_until_finish()
 
-    fitted = head_from_bytes(read_bytes(opts.output))
-    errors_total = sum(v for k, v in counter_totals(result).items() if k.startswith("errors_"))
-    print(f"head        {opts.output} ({opts.kind})\n"
-          f"images      {fitted.counts['real']} real, {fitted.counts['fake']} fake, {errors_total} errors\n"
+    fitted = head_from_bytes(read_bytes(args.output))
+    print(f"head        {args.output} ({args.kind})\n"
+          f"images      {fitted.counts['real']} real, {fitted.counts['fake']} fake, "
+          f"{error_total(counter_totals(result))} errors\n"
           f"time        {time.time() - started:.1f} s")
     return fitted
-
-
-if __name__ == "__main__":
-    logging.getLogger().setLevel(logging.WARNING)
-    run()

@@ -3,42 +3,35 @@ to trust a filter: score distributions against the anchor's real images, suspect
 folder, ROC curves when labels are known, and the most and least suspicious images."""
 from __future__ import annotations
 
-import argparse
 import base64
-import glob
 import html
 import io
 import posixpath
 
 import matplotlib
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image
+from sklearn.metrics import roc_auc_score, roc_curve
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 from anchorscan.anchors.anchor_file import verified_contents
-from anchorscan.anchors.layouts import manifest
-from anchorscan.anchors.metrics import auroc
-from anchorscan.transforms.io import read_bytes, write_atomically
+from anchorscan.anchors.datasets import manifest
+from anchorscan.pipelines.options import command_parser
+from anchorscan.transforms.io import read_bytes, read_parquet_rows, write_atomically
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="anchorscan report", description=__doc__.splitlines()[0])
+def parser():
+    parser = command_parser("report", "Write one self-contained HTML page about a scan.")
     parser.add_argument("--scores", required=True, help="the PREFIX given to `anchorscan score`")
-    parser.add_argument("--output", required=True, help="the HTML file to write")
+    parser.add_argument("--output", required=True, help="the HTML file to write (local or gs://)")
     parser.add_argument("--anchor", default=None,
                         help="the anchor file, to draw its real calibration images' distances")
     parser.add_argument("--labels", default=None,
-                        help="a CSV with uri,label,generator columns, for ROC curves")
+                        help="a manifest with uri,label,generator columns, for ROC curves")
     parser.add_argument("--gallery", type=int, default=12, help="thumbnails at each end")
-    return parser.parse_args(argv)
-
-
-def _table(pattern: str) -> list[dict]:
-    files = sorted(glob.glob(pattern))
-    return pq.read_table(files).to_pylist() if files else []
+    return parser
 
 
 def _figure_html(figure, alt: str) -> str:
@@ -86,10 +79,8 @@ def roc_figure(rows: list[dict], labels: dict[str, tuple[int, str]]) -> str:
             continue
         scores = np.r_[reals, fakes]
         y = np.r_[np.zeros(len(reals)), np.ones(len(fakes))]
-        thresholds = np.unique(scores)[::-1]
-        tpr = [np.mean(fakes >= t) for t in thresholds]
-        fpr = [np.mean(reals >= t) for t in thresholds]
-        axis.plot([0, *fpr, 1], [0, *tpr, 1], label=f"{generator} (AUROC {auroc(y, scores):.2f})")
+        fpr, tpr, _ = roc_curve(y, scores)
+        axis.plot(fpr, tpr, label=f"{generator} (AUROC {roc_auc_score(y, scores):.2f})")
     axis.plot([0, 1], [0, 1], "k:", linewidth=0.8)
     axis.set_xlabel("false-positive rate (real images)")
     axis.set_ylabel("true-positive rate")
@@ -151,15 +142,15 @@ def render(rows: list[dict], errors: list[dict], calibration: dict | None,
 
 
 def read_labels(path: str) -> dict[str, tuple[int, str]]:
-    return {image.uri: (image.label, image.generator) for image in manifest(path)}
+    return {image.uri: (image.label, image.generator) for image in manifest(path, read_bytes(path))}
 
 
 def run(argv=None) -> str:
-    args = parse_args(argv)
-    rows = _table(f"{args.scores}-scores-*.parquet")
+    args = parser().parse_args(argv)
+    rows = read_parquet_rows(f"{args.scores}-scores-*.parquet")
     if not rows:
         raise ValueError(f"no score rows match {args.scores}-scores-*.parquet")
-    errors = _table(f"{args.scores}-errors-*.parquet")
+    errors = read_parquet_rows(f"{args.scores}-errors-*.parquet")
     calibration = None
     if args.anchor:
         tensors, _ = verified_contents(read_bytes(args.anchor))

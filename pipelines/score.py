@@ -1,66 +1,78 @@
-"""Score a corpus against an anchor: read, decode, embed, score, write Parquet."""
+"""Score a corpus against an anchor: list, decode, embed, score, write Parquet."""
 from __future__ import annotations
 
-import logging
 import time
 
 import apache_beam as beam
 
-from anchorscan.anchors.features import BackboneConfig
-from anchorscan.pipelines.common import ReadAndEmbed, build_driver_extractor
-from anchorscan.pipelines.options import AnchorOptions, counter_totals, pipeline_options, require
-from anchorscan.transforms.io import read_bytes
-from anchorscan.anchors.anchor import AnchorConfig
-from anchorscan.anchors.anchor_file import verified_contents
+from anchorscan.anchors.anchor import COMBINERS, STATISTICAL_MODES, AnchorConfig
+from anchorscan.anchors.anchor_file import anchor_id, verified_contents
 from anchorscan.anchors.spec import FeatureSpec
+from anchorscan.pipelines.common import decode_step, driver_extractor, embed_step
+from anchorscan.pipelines.options import (INPUT_HELP, UsageError, add_decoding_args,
+                                          add_runtime_args, backbone_config, command_parser,
+                                          counter_totals, parse)
+from anchorscan.transforms.io import ListInputs, read_bytes
 from anchorscan.transforms.scoring import ScoreFeatures, load_head
 from anchorscan.transforms.sinks import ReadPreviousScores, WriteErrors, WriteScores
 
 
-def run(argv=None, test_pipeline=None):
-    options = pipeline_options(argv, AnchorOptions)
-    score = options.view_as(AnchorOptions)
-    require(score, "input", "anchor", "output")
-    # The driver only checks the anchor; workers derive its scoring matrices.
-    _, metadata = verified_contents(read_bytes(score.anchor))
-    spec = FeatureSpec.from_dict(metadata)
-    config = AnchorConfig(**metadata["config"])
-    AnchorConfig(combine=score.combine or config.combine,
-                 statistical=score.statistical or config.statistical)  # validates the choices
-    backbone = BackboneConfig(score.backbone or spec.backbone, score.weights,
-                              score.attention or spec.layout["attention"],
-                              score.resize or spec.preprocessing["resize"],
-                              spec.layout["d_statistical"], spec.layout["projection_seed"],
-                              score.device, score.precision, score.runtime)
-    extractor = build_driver_extractor(backbone)
-    spec.require_same(extractor.spec, f"anchor {score.anchor}")  # refuse before any work
-    head = ""
-    if score.head:
-        fitted_head, head = load_head(score.head, score.with_anchor)
-        fitted_head.spec.require_same(extractor.spec, f"head {score.head}")
-        if score.with_anchor and not fitted_head.log_odds:
-            raise ValueError(f"--with_anchor adds the anchor's evidence to a head's log-odds; a "
-                             f"{fitted_head.kind} head's score is not one (use lda or logistic)")
-    elif score.with_anchor:
-        raise ValueError("--with_anchor combines the anchor with a --head; no --head was given")
+def parser():
+    parser = command_parser("score", "Score images against an anchor; write Parquet tables of "
+                                     "scores and of the inputs that could not be scored.")
+    parser.add_argument("--input", action="append", required=True, help=f"images: {INPUT_HELP}")
+    parser.add_argument("--anchor", required=True, help="the anchor file (local or gs://)")
+    parser.add_argument("--output", required=True,
+                        help="prefix of PREFIX-scores-*.parquet and PREFIX-errors-*.parquet")
+    parser.add_argument("--head", default=None, help="a head file from fit-head: its score decides")
+    parser.add_argument("--with_anchor", action="store_true",
+                        help="with an lda or logistic --head: add the anchor's evidence to its log-odds")
+    parser.add_argument("--combine", default=None, choices=sorted(COMBINERS),
+                        help="how the p-values combine (default: the anchor's)")
+    parser.add_argument("--statistical", default=None, choices=sorted(STATISTICAL_MODES),
+                        help="statistical distance decoupled or raw (default: the anchor's)")
+    parser.add_argument("--skip_scored", default=None,
+                        help="PREFIX or glob of earlier scores: content scored with the same "
+                             "detector reuses its row")
+    add_runtime_args(parser)
+    add_decoding_args(parser)
+    return parser
 
-    anchor_id = metadata["checksum"][:16]
+
+def run(argv=None, test_pipeline=None) -> dict:
+    args, options = parse(parser(), argv)
+    return score(args, options, test_pipeline)
+
+
+def score(args, options, test_pipeline=None) -> dict:
+    """The scan that ``args`` (this command's flags) describe."""
+    # The driver only checks the anchor; workers derive its scoring matrices.
+    _, metadata = verified_contents(read_bytes(args.anchor))
+    spec, config = FeatureSpec.from_dict(metadata), AnchorConfig(**metadata["config"])
+    backbone = backbone_config(args, spec)
+    extractor = driver_extractor(backbone)
+    spec.require_same(extractor.spec, f"anchor {args.anchor}")  # refuse before any work
+    head = check_head(args, extractor.spec)
+    detector = anchor_id(metadata)
 
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=options)
-    previous = (pipeline | "Previous" >> ReadPreviousScores(score.skip_scored, anchor_id, head)
-                if score.skip_scored else None)
-    images = pipeline | "Read" >> ReadAndEmbed(score.input, score, backbone, extractor, previous)
-    rows, score_errors = images["embedded"] | "Score" >> ScoreFeatures(
-        score.anchor, score.combine, score.statistical, score.head, score.with_anchor)
-    _ = (rows, images["reused"]) | "AllScores" >> beam.Flatten() | WriteScores(score.output)
-    _ = (images["errors"], score_errors) | WriteErrors(score.output)
+    previous = (pipeline | "Previous" >> ReadPreviousScores(args.skip_scored, detector, head)
+                if args.skip_scored else None)
+    uris, list_errors = pipeline | "List" >> ListInputs(args.input)
+    images, decode_errors, reused = uris | "Decode" >> decode_step(
+        args, options, extractor.backbone.preprocessing, previous)
+    embedded, embed_errors = images | "Embed" >> embed_step(args, options, backbone, extractor)
+    rows, score_errors = embedded | "Score" >> ScoreFeatures(
+        args.anchor, args.combine, args.statistical, args.head, args.with_anchor)
+    _ = (rows, reused) | "AllScores" >> beam.Flatten() | WriteScores(args.output)
+    _ = (list_errors, decode_errors, embed_errors, score_errors) | WriteErrors(args.output)
     result = pipeline.run()
     result.wait_until_finish()
 
     counters = counter_totals(result)
     summary = {
-        "output": score.output, "anchor_id": anchor_id,
+        "output": args.output, "anchor_id": detector,
         "scored": counters.get("images_scored", 0), "reused": counters.get("images_reused", 0),
         "suspect": counters.get("images_suspect", 0),
         "errors": {k[len("errors_"):]: v for k, v in counters.items() if k.startswith("errors_")},
@@ -68,6 +80,20 @@ def run(argv=None, test_pipeline=None):
     }
     print_score_summary(summary)
     return summary
+
+
+def check_head(args, spec: FeatureSpec) -> str:
+    """The head's id ("" without one), after checking that it scores these features."""
+    if not args.head:
+        if args.with_anchor:
+            raise UsageError("--with_anchor combines the anchor with a --head; no --head was given")
+        return ""
+    head, head_id = load_head(args.head, args.with_anchor)
+    head.spec.require_same(spec, f"head {args.head}")
+    if args.with_anchor and not head.log_odds:
+        raise UsageError(f"--with_anchor adds the anchor's evidence to a head's log-odds; a "
+                         f"{head.kind} head's score is not one (use lda or logistic)")
+    return head_id
 
 
 def print_score_summary(summary: dict) -> None:
@@ -81,8 +107,3 @@ def print_score_summary(summary: dict) -> None:
           f"errors      {errors}{f' ({by_stage})' if errors else ''}\n"
           f"time        {summary['seconds']:.1f} s ({(scored + errors) / max(summary['seconds'], 1e-9):.1f} images/s)\n"
           f"output      {summary['output']}-scores-*.parquet, {summary['output']}-errors-*.parquet")
-
-
-if __name__ == "__main__":
-    logging.getLogger().setLevel(logging.WARNING)
-    run()

@@ -30,7 +30,7 @@ def anchor():
 
 @pytest.fixture(scope="module")
 def data(anchor):
-    return anchor_to_bytes(anchor, projection=np.eye(4), version="test")
+    return anchor_to_bytes(anchor, projection=np.eye(4))
 
 
 def test_round_trip_reproduces_statistics_calibration_and_scores(anchor, data):
@@ -53,9 +53,11 @@ def test_read_metadata_reports_the_facts(anchor, data):
     metadata = read_metadata(data)
     assert metadata["format_version"] == anchor_file.FORMAT_VERSION
     summary = anchor.summary
-    for key in ("backbone", "weights_sha256", "n", "d", "shrinkage", "k", "fpr"):
+    for key in ("backbone", "weights_sha256", "n", "d", "shrinkage", "k"):
         assert metadata[key] == summary[key], key
-    assert (metadata["n"], metadata["d"], metadata["fpr"]) == (500, DS + DM, 0.05)
+    assert (metadata["n"], metadata["d"], metadata["config"]["fpr"]) == (500, DS + DM, 0.05)
+    # the configuration is recorded once, under "config"
+    assert not set(metadata) & {"fpr", "combine", "statistical", "explained_variance"}
 
 
 def test_tampered_tensor_is_refused_by_checksum(data):

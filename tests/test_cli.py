@@ -12,7 +12,7 @@ def test_info_json_has_the_documented_keys(fitted_anchor, capsys):
     anchor, _ = fitted_anchor
     assert main(["info", str(anchor), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    for key in ("format_version", "backbone", "weights_sha256", "n", "d", "shrinkage", "k", "fpr"):
+    for key in ("format_version", "backbone", "weights_sha256", "n", "d", "shrinkage", "k", "config"):
         assert key in info
     assert info["d"] == 2048
 
@@ -32,5 +32,6 @@ def test_score_refuses_an_anchor_from_other_weights(fitted_anchor, real_photos, 
 
 
 def test_missing_required_option_is_reported(tmp_path, capsys):
-    assert main(["score", "--input", str(tmp_path), "--anchor", "a.safetensors"]) == 1
-    assert "--output" in capsys.readouterr().err
+    assert main(["score", "--input", str(tmp_path), "--anchor", "a.safetensors"]) == 2
+    error = capsys.readouterr().err
+    assert "usage: anchorscan score" in error and "--output" in error

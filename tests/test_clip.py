@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from anchorscan.anchors.backbones import (CLIP_MODELS, ClipVisionBackbone, MissingWeightsError,
                                build_clip_visual, cls_attention)
-from anchorscan.anchors.features import SIGMA_EPS, weighted_moments
+from anchorscan.anchors.features import SIGMA_EPS, spatial_statistics
 from anchorscan.anchors.spec import IncompatibleAnchorError
 from anchorscan.anchors.weights import WeightsError, read_state_dict
 from conftest import HOLD_OUT_BY_NAME, RUNNER, read_parquet_rows
@@ -30,7 +30,7 @@ class _Tower(torch.nn.Module):
         return self.visual(x)
 
 
-def save_openai_layout(visual, path, dtype=torch.float16):
+def save_openai_format(visual, path, dtype=torch.float16):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(_Tower(visual).eval(), torch.zeros(1, 3, 224, 224),
@@ -45,7 +45,7 @@ def b32_weights(tmp_path_factory):
     torch.manual_seed(0)
     visual = build_clip_visual(CLIP_MODELS["clip-vit-b-32"].architecture)
     folder = tmp_path_factory.mktemp("b32")
-    return {"visual": visual, "openai": save_openai_layout(visual, folder / "ViT-B-32.pt"),
+    return {"visual": visual, "openai": save_openai_format(visual, folder / "ViT-B-32.pt"),
             "safetensors": _save_safetensors(visual, folder / "open_clip_model.safetensors")}
 
 
@@ -68,7 +68,7 @@ def test_openai_archive_is_read_without_unpickling_code(b32_weights):
     assert tensors["visual.conv1.weight"].dtype == torch.float16
 
 
-def test_both_layouts_give_the_same_features(b32, b32_weights):
+def test_both_weight_formats_give_the_same_features(b32, b32_weights):
     with pytest.warns(UserWarning):
         other = ClipVisionBackbone("clip-vit-b-32", b32_weights["safetensors"])
     pixels = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
@@ -99,13 +99,13 @@ def test_cls_attention_matches_the_blocks_own_attention(b32):
         torch.testing.assert_close(cls_attention(block, tokens), expected, rtol=1e-4, atol=1e-6)
 
 
-def test_moments_of_clip_tokens_match_numpy(b32):
+def test_spatial_statistics_of_clip_tokens_match_numpy(b32):
     pixels = torch.randint(0, 256, (1, 3, 224, 224), dtype=torch.uint8)
     with torch.inference_mode():
         output = b32(pixels)
     tokens = output.token_maps[-1][0].reshape(768, -1).double().numpy()
     weights = output.attention[0].reshape(-1).double().numpy()
-    mean, log_sigma = weighted_moments(output.token_maps[-1], output.attention)
+    mean, log_sigma = spatial_statistics(output.token_maps[-1], output.attention)
     expected_mean = tokens @ weights
     expected_var = ((tokens - expected_mean[:, None]) ** 2) @ weights
     np.testing.assert_allclose(mean[0].numpy(), expected_mean, rtol=1e-4, atol=1e-4)
@@ -134,7 +134,7 @@ def test_a_pickle_with_code_is_refused(tmp_path):
         read_state_dict(str(path))
 
 
-def test_end_to_end_fit_and_score_with_openai_layout(b32_weights, real_photos, tmp_path):
+def test_end_to_end_fit_and_score_with_openai_format(b32_weights, real_photos, tmp_path):
     from anchorscan.pipelines import fit, score
 
     anchor = str(tmp_path / "clip.safetensors")
@@ -156,11 +156,11 @@ def test_end_to_end_fit_and_score_with_openai_layout(b32_weights, real_photos, t
 
 
 @pytest.mark.slow
-def test_vit_l14_end_to_end_from_an_openai_layout_file(real_photos, tmp_path):
+def test_vit_l14_end_to_end_from_an_openai_format_file(real_photos, tmp_path):
     from anchorscan.pipelines import fit, score
 
     torch.manual_seed(0)
-    weights = save_openai_layout(build_clip_visual(CLIP_MODELS["clip-vit-l-14"].architecture),
+    weights = save_openai_format(build_clip_visual(CLIP_MODELS["clip-vit-l-14"].architecture),
                                  tmp_path / "ViT-L-14.pt")
     few = tmp_path / "few"
     few.mkdir()
@@ -177,4 +177,4 @@ def test_vit_l14_end_to_end_from_an_openai_layout_file(real_photos, tmp_path):
     from anchorscan.anchors.anchor_file import read_metadata
     metadata = read_metadata(open(anchor, "rb").read())
     assert metadata["backbone"] == "clip-vit-l-14" and metadata["d_semantic"] == 768
-    assert metadata["layout"]["moment_blocks"] == [7, 15, 23]
+    assert metadata["layout"]["token_blocks"] == [7, 15, 23]

@@ -1,4 +1,4 @@
-"""UnivFD heads through the pipelines, and `evaluate` on the layouts people have."""
+"""UnivFD heads through the pipelines, and `evaluate` on the datasets people have."""
 from __future__ import annotations
 
 import csv
@@ -91,7 +91,7 @@ def test_evaluate_writes_per_generator_metrics(fitted_anchor, lda_head, forensyn
     anchor, _ = fitted_anchor
     head_path, _, _ = lda_head
     out = tmp_path / "eval"
-    table = evaluate.run(["--layout", "forensynths", str(forensynths_tree), "--anchor", str(anchor),
+    table = evaluate.run(["--dataset", "forensynths", str(forensynths_tree), "--anchor", str(anchor),
                           "--head", str(head_path), "--output", str(out), *RUNNER])
     with open(out / "metrics.csv") as handle:
         reader = csv.DictReader(handle)
@@ -115,7 +115,7 @@ def test_evaluate_writes_per_generator_metrics(fitted_anchor, lda_head, forensyn
 def test_evaluate_sweep_perturbs_both_classes(fitted_anchor, forensynths_tree, tmp_path):
     anchor, _ = fitted_anchor
     out = tmp_path / "sweep"
-    evaluate.run(["--layout", "forensynths", str(forensynths_tree), "--anchor", str(anchor),
+    evaluate.run(["--dataset", "forensynths", str(forensynths_tree), "--anchor", str(anchor),
                   "--output", str(out), "--sweep", "jpeg:50", *RUNNER])
     with open(out / "sweep.csv") as handle:
         assert [row["perturbation"] for row in csv.DictReader(handle)] == ["none", "jpeg:50"]
@@ -137,7 +137,7 @@ def test_anchor_evidence_adds_to_the_heads_log_odds(fitted_anchor, lda_head, for
         bound = -np.log(-np.e * p * np.log(p)) if p < 1 / np.e else 0.0  # Sellke-Bayarri-Berger
         assert rows["both"][uri]["score"] == pytest.approx(head_row["score"] + bound, abs=1e-9)
         assert rows["both"][uri]["head"] == head_row["head"] + "+anchor"
-    table = evaluate.run(["--layout", "forensynths", str(forensynths_tree), "--anchor", str(anchor),
+    table = evaluate.run(["--dataset", "forensynths", str(forensynths_tree), "--anchor", str(anchor),
                           "--head", f"anchor+{head_path}", "--output", str(tmp_path / "eval"), *RUNNER])
     assert table[-1]["generator"] == "mean" and 0 <= table[-1]["auroc"] <= 1
 

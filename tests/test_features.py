@@ -7,16 +7,16 @@ import torch
 
 from anchorscan.anchors.backbones import load_backbone, zscore_softmax_attention
 from anchorscan.anchors.features import (SIGMA_EPS, FeatureExtractor, resample_weights, seeded_projection,
-                              weighted_moments)
+                              spatial_statistics)
 from anchorscan.anchors.preprocess import DecodeError, decode_and_crop
 
 
-def test_weighted_moments_match_numpy():
+def test_spatial_statistics_match_numpy():
     rng = np.random.default_rng(0)
     tokens = rng.normal(size=(2, 5, 3, 4)).astype(np.float32)
     weights = rng.random((2, 3, 4)).astype(np.float32)
     weights /= weights.sum(axis=(1, 2), keepdims=True)
-    mean, log_sigma = weighted_moments(torch.from_numpy(tokens), torch.from_numpy(weights))
+    mean, log_sigma = spatial_statistics(torch.from_numpy(tokens), torch.from_numpy(weights))
     for b in range(2):
         flat, w = tokens[b].reshape(5, -1).astype(np.float64), weights[b].reshape(-1)
         expected_mean = flat @ w

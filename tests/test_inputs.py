@@ -54,7 +54,7 @@ def test_csv_manifest_without_uri_column_is_an_error_row(tree):
     manifest = tree / "bad.csv"
     manifest.write_text("path\nx.jpg\n")
     [(kind, row)] = list(expand_input(str(manifest)))
-    assert kind == "error" and "no 'uri' column" in row["error"]
+    assert kind == "error" and "lacks the column(s) uri (its columns: path)" in row["error"]
 
 
 def test_atomic_write_replaces_the_whole_file(tmp_path):

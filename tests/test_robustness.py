@@ -239,7 +239,7 @@ def test_decoding_embedding_and_scoring_fuse_into_one_stage(fitted_anchor, real_
     anchor, _ = fitted_anchor
     runner = StageRecordingRunner()
     argv = ["--input", str(real_photos), "--anchor", str(anchor), "--output", str(tmp_path / "out")]
-    score.run(argv, test_pipeline=beam.Pipeline(runner=runner, options=PipelineOptions(argv)))
+    score.run(argv, test_pipeline=beam.Pipeline(runner=runner))
 
     def stage_of(step: str) -> int:
         found = {index for index, stage in enumerate(runner.stages)
@@ -247,7 +247,7 @@ def test_decoding_embedding_and_scoring_fuse_into_one_stage(fitted_anchor, real_
         assert len(found) == 1, (step, found)
         return found.pop()
 
-    assert stage_of("Read/Decode/") == stage_of("Read/Embed/") == stage_of("Score/Score")
+    assert stage_of("Decode/") == stage_of("Embed/") == stage_of("Score/Score")
 
 
 @pytest.mark.slow

@@ -166,3 +166,16 @@ def test_buffered_rows_stay_accurate_when_the_mean_drifts_far_from_the_first_buf
     np.testing.assert_allclose(moments.mean, data.mean(axis=0), rtol=1e-13)
     np.testing.assert_allclose(moments.m2, two_pass_m2(data), rtol=1e-9)
     assert np.array_equal(moments.m2, moments.m2.T)
+
+
+def test_merging_leaves_every_accumulator_but_the_first_as_it_was():
+    # Beam's contract: merge_accumulators may mutate only its first argument; the others may
+    # be merged again elsewhere, pending rows and all.
+    data = rows(n=90, d=5, seed=12)
+    fn = MomentsCombineFn(dim=5, batch_size=16)
+    first, second = fn_with_rows(fn, data[:30]), fn_with_rows(fn, data[30:])  # 60: 3 buffers + 12 rows
+    state_before = pickle.dumps((second.moments, second._buffer, second._count, second._scatter))
+    merged = fn.extract_output(fn.merge_accumulators(iter([first, second])))
+    assert pickle.dumps((second.moments, second._buffer, second._count, second._scatter)) == state_before
+    assert_same_moments(merged, Moments.of(data))
+    assert_same_moments(fn.extract_output(second), Moments.of(data[30:]))

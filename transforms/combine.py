@@ -11,7 +11,8 @@ from anchorscan.anchors.stats import BufferedMoments, Moments
 
 
 class MomentsCoder(beam.coders.Coder):
-    """Accumulator bytes: n and d as two int64, then mean and M2 as float64 (no pickle)."""
+    """Accumulator bytes: n, d and the buffer size as three int64, then mean and M2 as float64
+    (no pickle)."""
 
     def encode(self, accumulator: BufferedMoments) -> bytes:
         moments = accumulator.flush()
@@ -46,7 +47,7 @@ class MomentsCombineFn(beam.CombineFn):
         merged = next(accumulators)
         merged.flush()
         for accumulator in accumulators:
-            merged.moments.merge(accumulator.flush())
+            merged.moments.merge(accumulator.value())
         return merged
 
     def compact(self, accumulator: BufferedMoments) -> BufferedMoments:

@@ -17,6 +17,9 @@ from anchorscan.transforms.threads import limit_blas_threads
 from anchorscan.transforms.schema import error_row
 
 
+DEFAULT_BATCH_SIZE = 16  # suits CPUs; GPUs want 64 or more
+
+
 class FeatureModelHandler(ModelHandler[np.ndarray, tuple, FeatureExtractor]):
     """uint8 crops in, (feature vector, effective attention positions) out."""
 

@@ -1,9 +1,7 @@
 """Inputs and files through Beam's FileSystems, so local paths and gs:// behave the same."""
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import os
 import tempfile
 import posixpath
@@ -12,11 +10,11 @@ import uuid
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from anchorscan.anchors.manifests import GLOB_CHARACTERS, is_manifest, read_manifest
+from anchorscan.anchors.preprocess import is_image_path
+from anchorscan.transforms.progress import ReportProgress
 from anchorscan.transforms.schema import error_row
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
-GLOB_CHARACTERS = "*?["
 
 
 def read_bytes(uri: str) -> bytes:
@@ -49,35 +47,30 @@ def write_atomically(uri: str, data: bytes) -> None:
     FileSystems.rename([temporary], [uri])
 
 
-def _resolve(base: str, entry: str) -> str:
-    """Manifest entries are absolute, scheme-qualified, or relative to the manifest's folder."""
-    if "://" in entry or entry.startswith("/"):
-        return entry
-    directory = posixpath.dirname(base) if "://" in base else os.path.dirname(os.path.abspath(base))
-    return FileSystems.join(directory, entry)
+def matching_files(pattern: str) -> list[str]:
+    """Sorted paths that ``pattern`` matches, local or gs:// (none when nothing matches)."""
+    return sorted(metadata.path for metadata in FileSystems.match([pattern])[0].metadata_list)
+
+
+def files_below(root: str) -> list[str]:
+    """Every file below a folder or prefix, as '/'-separated paths relative to it."""
+    root = root.rstrip("/")
+    return [path[len(root) + 1:].replace(os.sep, "/") for path in matching_files(root + "/**")]
+
+
+def read_parquet_rows(pattern: str, columns: list[str] | None = None) -> list[dict]:
+    """The rows of every Parquet file ``pattern`` matches, in file order."""
+    import pyarrow.parquet as pq
+
+    rows = []
+    for path in matching_files(pattern):
+        with FileSystems.open(path, compression_type="uncompressed") as handle:
+            rows += pq.read_table(handle, columns=columns).to_pylist()
+    return rows
 
 
 def manifest_uris(manifest: str) -> list[str]:
-    """URIs in a text (one per line), CSV or Parquet (``uri`` column) manifest."""
-    data = read_bytes(manifest)
-    if manifest.endswith(".parquet"):
-        import pyarrow.parquet as pq
-        table = pq.read_table(io.BytesIO(data), columns=["uri"])
-        entries = table.column("uri").to_pylist()
-    elif manifest.endswith(".csv"):
-        reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig")))
-        if "uri" not in (reader.fieldnames or []):
-            raise ValueError(f"manifest {manifest} has no 'uri' column (columns: {reader.fieldnames})")
-        entries = [row["uri"] for row in reader]
-    else:
-        entries = [line.strip() for line in data.decode("utf-8-sig").splitlines()]
-        entries = [line for line in entries if line and not line.startswith("#")]
-    return [_resolve(manifest, entry.strip()) for entry in entries if entry and entry.strip()]
-
-
-def is_manifest(pattern: str) -> bool:
-    return pattern.lower().endswith(MANIFEST_EXTENSIONS) and not any(
-        c in pattern for c in GLOB_CHARACTERS)
+    return [row["uri"] for row in read_manifest(manifest, read_bytes(manifest)) if row["uri"]]
 
 
 def expand_input(pattern: str):
@@ -94,7 +87,7 @@ def expand_input(pattern: str):
         directory = pattern.rstrip("/")
         if not any(c in pattern for c in GLOB_CHARACTERS) and _is_directory(directory):
             matches = [m.path for m in FileSystems.match([directory + "/**"])[0].metadata_list
-                       if m.path.lower().endswith(IMAGE_EXTENSIONS)]
+                       if is_image_path(m.path)]
         else:
             matches = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
     except Exception as error:  # a bad pattern or manifest must not stop the other inputs
@@ -114,13 +107,14 @@ def _is_directory(path: str) -> bool:
 
 
 class ListInputs(beam.PTransform):
-    """Input patterns -> distinct image URIs, with a 'list' error row for an input that names none."""
+    """Input patterns -> distinct image URIs, with a 'list' error row for an input that names
+    none; long local runs print progress as the URIs are consumed."""
 
-    def __init__(self, patterns: list[str]):
+    def __init__(self, patterns: list[str], progress_label: str = "progress"):
         super().__init__()
         if not patterns:
             raise ValueError("no --input given")
-        self.patterns = list(patterns)
+        self.patterns, self.progress_label = list(patterns), progress_label
 
     def expand(self, pipeline):
         listed = (pipeline
@@ -132,4 +126,8 @@ class ListInputs(beam.PTransform):
                 | "Distinct" >> beam.Distinct()
                 | "Spread" >> beam.Reshuffle())
         errors = listed[1] | "Row" >> beam.Map(lambda kind_value: kind_value[1])
+        total = beam.pvalue.AsSingleton(uris | "CountInputs" >> beam.combiners.Count.Globally())
+        # Counted before decoding: the runner holds a side input's consumer back until the count
+        # is done, and here that holds back URIs, not every image's features.
+        uris = uris | "Progress" >> beam.ParDo(ReportProgress(self.progress_label), total)
         return uris, errors

@@ -1,34 +1,84 @@
 """The two outputs of a scan: one row per scored image, one per input that could not be scored.
-Every input URI ends in exactly one of them."""
+Every input URI ends in exactly one of them. The columns are defined here once: the Arrow
+schemas, the row builders and the README's table (checked by a test) follow from them."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
 import pyarrow as pa
 
-SCORE_SCHEMA = pa.schema([
-    ("uri", pa.string()),
-    ("sha256", pa.string()),  # of the file's bytes
-    ("score", pa.float64()),  # higher = more likely generated: the head's, else anchor_score
-    ("is_suspect", pa.bool_()),  # anchor: combined p-value below its fpr; head: score above 0
-    ("anchor_score", pa.float64()),  # -log10 combined p-value: higher = further from real images
-    ("head", pa.string()),  # the head's kind and id, or "" when the anchor decides
-    ("p_semantic", pa.float64()),
-    ("p_statistical", pa.float64()),
-    ("semantic", pa.float64()),  # Mahalanobis distance of the semantic embedding
-    ("statistical", pa.float64()),  # decoupled statistical distance = t2 + spe
-    ("t2", pa.float64()),
-    ("spe", pa.float64()),
-    ("statistical_raw", pa.float64()),  # statistical distance without regression on content
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("preprocess", pa.string()),
-    ("attention_positions", pa.float32()),  # effective number of positions, 1 / sum a^2
-    ("anchor_id", pa.string()),
-])
 
-ERROR_SCHEMA = pa.schema([
-    ("uri", pa.string()),
-    ("stage", pa.string()),  # list, read, decode, embed or score
-    ("error", pa.string()),
-])
+@dataclasses.dataclass(frozen=True)
+class Column:
+    name: str
+    type: pa.DataType
+    meaning: str
+
+
+SCORE_COLUMNS = (
+    Column("uri", pa.string(), "the input"),
+    Column("sha256", pa.string(), "of the file's bytes"),
+    Column("score", pa.float64(),
+           "higher = more likely generated: the head's score with `--head`, else `anchor_score`"),
+    Column("is_suspect", pa.bool_(), "anchor: combined p-value below its `fpr`; head: `score > 0`"),
+    Column("anchor_score", pa.float64(), "`-log10` of the combined p-value against real images"),
+    Column("head", pa.string(),
+           "the head's kind and digest (`lda:3f2a...`), empty without `--head`"),
+    Column("p_semantic", pa.float64(), "upper-tail p-value of `semantic` against the held-out real images"),
+    Column("p_statistical", pa.float64(),
+           "upper-tail p-value of the statistical distance the anchor scores with"),
+    Column("semantic", pa.float64(), "semantic Mahalanobis distance"),
+    Column("statistical", pa.float64(), "decoupled statistical distance, `t2 + spe`"),
+    Column("t2", pa.float64(), "its part in the kept eigenspace"),
+    Column("spe", pa.float64(), "its part outside the kept eigenspace"),
+    Column("statistical_raw", pa.float64(), "the statistical distance without regression on content"),
+    Column("width", pa.int32(), "decoded width, after EXIF orientation"),
+    Column("height", pa.int32(), "decoded height, after EXIF orientation"),
+    Column("preprocess", pa.string(),
+           "what was done, e.g. `center_crop`, `upscale+center_crop`, `exif_rotate+cmyk_to_rgb+center_crop`"),
+    Column("attention_positions", pa.float32(),
+           "effective number of positions the spatial statistics weigh, `1 / sum a^2`"),
+    Column("anchor_id", pa.string(), "first 16 hex digits of the anchor's checksum"),
+)
+
+ERROR_COLUMNS = (
+    Column("uri", pa.string(), "the input, or the `--input` pattern that matched nothing"),
+    Column("stage", pa.string(), "`list`, `read`, `decode`, `embed` or `score`"),
+    Column("error", pa.string(), "a sentence for a person"),
+)
+
+
+def arrow_schema(columns: tuple[Column, ...]) -> pa.Schema:
+    return pa.schema([(column.name, column.type) for column in columns])
+
+
+SCORE_SCHEMA = arrow_schema(SCORE_COLUMNS)
+ERROR_SCHEMA = arrow_schema(ERROR_COLUMNS)
+# Score columns that come straight from the anchor's (and head's) batch of scores.
+SCORED_FLOATS = tuple(column.name for column in SCORE_COLUMNS if column.type == pa.float64())
+
+
+def score_row(image, scores: dict[str, np.ndarray], index: int, attention_positions: float,
+              head: str, anchor_id: str) -> dict:
+    """Row ``index`` of a scored batch; ``image`` carries uri, sha256, width, height, preprocess."""
+    return {
+        "uri": image.uri, "sha256": image.sha256,
+        **{name: float(scores[name][index]) for name in SCORED_FLOATS},
+        "is_suspect": bool(scores["is_suspect"][index]), "head": head,
+        "width": image.width, "height": image.height, "preprocess": image.preprocess,
+        "attention_positions": float(attention_positions), "anchor_id": anchor_id,
+    }
 
 
 def error_row(uri: str, stage: str, error: str) -> dict:
     return {"uri": uri, "stage": stage, "error": error}
+
+
+def markdown_table(columns: tuple[Column, ...]) -> str:
+    """The README's table of ``columns``."""
+    type_names = {pa.string(): "string", pa.float64(): "float64", pa.float32(): "float32",
+                  pa.int32(): "int32", pa.bool_(): "bool"}
+    lines = ["| column | type | meaning |", "| --- | --- | --- |"]
+    lines += [f"| `{column.name}` | {type_names[column.type]} | {column.meaning} |" for column in columns]
+    return "\n".join(lines)

@@ -1,8 +1,17 @@
 """Readers of labelled image trees and manifests, on trees made in tmp_path."""
 import pytest
 
-from anchorscan.anchors.layouts import (LabelledImage, forensynths, genimage, local_files, manifest,
-                             read_layout)
+from anchorscan.anchors.datasets import LabelledImage, forensynths, genimage, read_dataset
+from anchorscan.anchors.datasets import manifest as read_labelled_manifest
+from anchorscan.transforms.io import files_below, read_bytes
+
+
+def manifest(path):
+    return read_labelled_manifest(path, read_bytes(path))
+
+
+def read_kind(kind, root, split="val"):
+    return read_dataset(kind, root, files_below, read_bytes, split)
 
 
 def make_tree(root, relative_paths):
@@ -35,28 +44,28 @@ FORENSYNTHS_TREE = {
 
 def test_forensynths_with_and_without_categories(tmp_path):
     root = make_tree(tmp_path, [*FORENSYNTHS_TREE, "progan/airplane/0_real/notes.txt", "README.md"])
-    images = forensynths(str(root))
+    images = forensynths(str(root), files_below)
     assert as_triples(images, root) == {(path, *truth) for path, truth in FORENSYNTHS_TREE.items()}
     assert images == sorted(images, key=lambda image: image.uri)
-    assert read_layout("forensynths", str(root)) == images
+    assert read_kind("forensynths", str(root)) == images
 
 
 def test_forensynths_refuses_another_structure_naming_it(tmp_path):
     make_tree(tmp_path, ["sdv4/val/ai/a.png", "sdv4/val/nature/b.png"])
-    with pytest.raises(ValueError, match=r"2 images .* not in the forensynths layout .*0_real"):
-        forensynths(str(tmp_path))
+    with pytest.raises(ValueError, match=r"2 images .* not in the forensynths folder structure .*0_real"):
+        forensynths(str(tmp_path), files_below)
 
 
 def test_forensynths_refuses_a_stray_image(tmp_path):
     make_tree(tmp_path, [*FORENSYNTHS_TREE, "progan/preview.png"])
     with pytest.raises(ValueError, match="progan/preview.png"):
-        forensynths(str(tmp_path))
+        forensynths(str(tmp_path), files_below)
 
 
 def test_a_label_folder_needs_a_file_below_it(tmp_path):
     make_tree(tmp_path, ["biggan/0_real.png"])
-    with pytest.raises(ValueError, match="not in the forensynths layout"):
-        forensynths(str(tmp_path))
+    with pytest.raises(ValueError, match="not in the forensynths folder structure"):
+        forensynths(str(tmp_path), files_below)
 
 
 GENIMAGE_TREE = {
@@ -75,57 +84,57 @@ def test_genimage_reads_one_split(tmp_path, split):
     root = make_tree(tmp_path, GENIMAGE_TREE)
     expected = {(path, label, generator)
                 for path, (label, generator, in_split) in GENIMAGE_TREE.items() if in_split == split}
-    assert as_triples(genimage(str(root), split=split), root) == expected
-    assert as_triples(read_layout("genimage", str(root), split=split), root) == expected
+    assert as_triples(genimage(str(root), files_below, split=split), root) == expected
+    assert as_triples(read_kind("genimage", str(root), split=split), root) == expected
 
 
 def test_genimage_reads_val_by_default(tmp_path):
     root = make_tree(tmp_path, GENIMAGE_TREE)
-    assert genimage(str(root)) == genimage(str(root), split="val")
+    assert genimage(str(root), files_below) == genimage(str(root), files_below, split="val")
 
 
 def test_genimage_refuses_unknown_label_folders_and_splits(tmp_path):
     make_tree(tmp_path, [*GENIMAGE_TREE, "sdv4/val/fake/h.png"])
     with pytest.raises(ValueError, match="sdv4/val/fake/h.png"):
-        genimage(str(tmp_path))
+        genimage(str(tmp_path), files_below)
     with pytest.raises(ValueError, match="split"):
-        genimage(str(tmp_path), split="test")
+        genimage(str(tmp_path), files_below, split="test")
 
 
 def test_genimage_refuses_a_forensynths_tree(tmp_path):
     make_tree(tmp_path, FORENSYNTHS_TREE)
     with pytest.raises(ValueError, match="not in the genimage"):
-        genimage(str(tmp_path))
+        genimage(str(tmp_path), files_below)
 
 
 def test_genimage_split_without_images_is_an_error(tmp_path):
     make_tree(tmp_path, ["sdv4/train/ai/a.png"])
     with pytest.raises(ValueError, match=r"no images .* \(split val\)"):
-        genimage(str(tmp_path))
+        genimage(str(tmp_path), files_below)
 
 
-@pytest.mark.parametrize("layout", ["forensynths", "genimage"])
-def test_a_tree_without_images_is_an_error(tmp_path, layout):
+@pytest.mark.parametrize("kind", ["forensynths", "genimage"])
+def test_a_tree_without_images_is_an_error(tmp_path, kind):
     make_tree(tmp_path, ["progan/cat/0_real/notes.txt"])
     with pytest.raises(ValueError, match="no images"):
-        read_layout(layout, str(tmp_path))
+        read_kind(kind, str(tmp_path))
 
 
 def test_a_missing_root_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match="not a folder"):
-        forensynths(str(tmp_path / "absent"))
+    with pytest.raises(ValueError, match="no images"):
+        forensynths(str(tmp_path / "absent"), files_below)
 
 
 def test_the_file_listing_can_be_replaced():
     listing = ["progan/cat/0_real/a.png", "progan/cat/1_fake/b.png"]
-    images = forensynths("gs://bucket/univfd/", list_files=lambda root: listing)
+    images = forensynths("gs://bucket/univfd/", lambda root: listing)
     assert images == [LabelledImage("gs://bucket/univfd/progan/cat/0_real/a.png", 0, "progan"),
                       LabelledImage("gs://bucket/univfd/progan/cat/1_fake/b.png", 1, "progan")]
 
 
-def test_local_files_lists_relative_paths_below_the_root(tmp_path):
+def test_files_below_lists_relative_paths_below_the_root(tmp_path):
     make_tree(tmp_path, ["a/b/c.png", "d.txt"])
-    assert sorted(local_files(str(tmp_path))) == ["a/b/c.png", "d.txt"]
+    assert sorted(files_below(str(tmp_path))) == ["a/b/c.png", "d.txt"]
 
 
 def write_manifest(path, text):
@@ -149,7 +158,7 @@ def test_manifest_resolves_relative_uris_and_reads_both_label_spellings(tmp_path
         LabelledImage(str(absolute), 0, "none"),
         LabelledImage("gs://bucket/c.png", 1, "sdxl"),
     ]
-    assert read_layout("manifest", path) == manifest(path)
+    assert read_kind("manifest", path) == manifest(path)
 
 
 def test_manifest_refuses_a_missing_column(tmp_path):
@@ -171,6 +180,6 @@ def test_an_empty_manifest_is_an_error(tmp_path):
         manifest(path)
 
 
-def test_unknown_layout_is_refused_listing_the_known_ones(tmp_path):
+def test_unknown_dataset_kind_is_refused_listing_the_known_ones(tmp_path):
     with pytest.raises(ValueError, match="forensynths, genimage, manifest"):
-        read_layout("imagenet", str(tmp_path))
+        read_kind("imagenet", str(tmp_path))

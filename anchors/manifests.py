@@ -1,0 +1,48 @@
+"""Manifests: files that list images, one reader for every command. A manifest is a ``.txt``
+(one URI per line, ``#`` comments), a ``.csv`` or a ``.parquet`` with a ``uri`` column; entries
+are absolute, scheme-qualified (``gs://``), or relative to the manifest's own folder."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import posixpath
+
+MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
+GLOB_CHARACTERS = "*?["
+
+
+def is_manifest(pattern: str) -> bool:
+    return pattern.lower().endswith(MANIFEST_EXTENSIONS) and not any(
+        c in pattern for c in GLOB_CHARACTERS)
+
+
+def resolve(manifest: str, entry: str) -> str:
+    """An entry's URI: as written when absolute or scheme-qualified, else beside the manifest."""
+    if "://" in entry or entry.startswith("/"):
+        return entry
+    if "://" in manifest:
+        return posixpath.join(posixpath.dirname(manifest), entry)
+    return os.path.join(os.path.dirname(os.path.abspath(manifest)), entry)
+
+
+def read_manifest(manifest: str, data: bytes, columns: tuple[str, ...] = ("uri",)) -> list[dict]:
+    """The manifest's rows, every column, in order (row i is line i + 2 of a CSV); ``uri``
+    resolved, or "" where it is blank or null. ``columns`` must all be present (a ``.txt``
+    has only ``uri``; its blank lines and comments are not rows)."""
+    if manifest.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+        rows = pq.read_table(io.BytesIO(data)).to_pylist()
+        names = list(rows[0]) if rows else pq.read_schema(io.BytesIO(data)).names
+    elif manifest.lower().endswith(".csv"):
+        reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig")))
+        rows, names = list(reader), reader.fieldnames or []
+    else:
+        lines = (line.strip() for line in data.decode("utf-8-sig").splitlines())
+        rows, names = [{"uri": line} for line in lines if line and not line.startswith("#")], ["uri"]
+    missing = [column for column in columns if column not in names]
+    if missing:
+        raise ValueError(f"manifest {manifest} lacks the column(s) {', '.join(missing)} "
+                         f"(its columns: {', '.join(names) or 'none'})")
+    return [{**row, "uri": resolve(manifest, uri) if uri else ""}
+            for row, uri in ((row, (row.get("uri") or "").strip()) for row in rows)]

@@ -1,0 +1,32 @@
+"""`anchorscan info`: what an anchor file holds, without deriving anything from it."""
+from __future__ import annotations
+
+import json
+
+from anchorscan.anchors.anchor_file import read_metadata
+from anchorscan.pipelines.options import command_parser
+from anchorscan.transforms.io import read_bytes
+
+FACTS = ("format_version", "anchorscan_version", "created", "backbone", "weights_sha256", "n",
+         "n_calibration", "d", "d_semantic", "d_statistical", "shrinkage", "k", "k_raw", "checksum")
+
+
+def parser():
+    parser = command_parser("info", "Print an anchor's metadata.")
+    parser.add_argument("anchor", help="the anchor file (local or gs://)")
+    parser.add_argument("--json", action="store_true", help="one JSON object")
+    return parser
+
+
+def run(argv=None) -> dict:
+    args = parser().parse_args(argv)
+    metadata = read_metadata(read_bytes(args.anchor))
+    if args.json:
+        print(json.dumps(metadata, sort_keys=True))
+        return metadata
+    for key in FACTS:
+        print(f"{key:20} {metadata.get(key)}")
+    for key, value in metadata["config"].items():
+        print(f"{key:20} {value}")
+    print(f"{'preprocessing':20} {json.dumps(metadata['preprocessing'], sort_keys=True)}")
+    return metadata
