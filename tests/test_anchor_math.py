@@ -8,14 +8,14 @@ from sklearn.metrics import roc_auc_score
 
 from anchorscan.anchors.anchor import (Anchor, AnchorModel, Spectrum, oas_shrinkage,
                             shrunk_covariance)
+from helpers import synthetic_spec
 from anchorscan.anchors.calibration import (fisher_log10, holds_out, sketch, tippett_log10,
                                  upper_tail_log_pvalues)
-from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.stats import Moments
 
 
 def spec(ds, dm):
-    return FeatureSpec("synthetic", "0" * 64, {"crop": 224}, {"d_semantic": ds, "d_statistical": dm})
+    return synthetic_spec(ds, dm)
 
 
 def joint_gaussian(ds, dm, seed=0):

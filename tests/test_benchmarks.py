@@ -4,6 +4,8 @@ never asserted: timings are not tests)."""
 from __future__ import annotations
 
 import math
+
+import pytest
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,9 @@ REQUIRED = ("score_over_forward", "fit_over_forward", "score_over_dataloader_12m
             "stats_share_of_forward", "rss_growth_10k_over_1k",
             "forward_gflops_share_of_matmul_peak", "score_steady_state_over_forward_mix",
             "score_over_dataloader_12mp_steady_state", "region_decode_max_pixel_difference")
+
+
+pytestmark = pytest.mark.slow  # runs the throughput script end to end (about 2 minutes)
 
 
 def test_throughput_benchmark_prints_every_required_value(tmp_path):

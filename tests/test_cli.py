@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+
+import pytest
 
 from anchorscan.anchors.anchor_file import anchor_from_bytes, anchor_to_bytes
 from anchorscan.pipelines.cli import main
@@ -35,3 +38,40 @@ def test_missing_required_option_is_reported(tmp_path, capsys):
     assert main(["score", "--input", str(tmp_path), "--anchor", "a.safetensors"]) == 2
     error = capsys.readouterr().err
     assert "usage: anchorscan score" in error and "--output" in error
+
+
+RUNTIME = {"--weights", "--device", "--precision", "--runtime", "--batch_size", "--torch_threads",
+           "--large_model"}
+DECODING = {"--max_pixels", "--max_bytes", "--min_side", "--decode_timeout", "--decode_threads",
+            "--decode_ahead", "--perturbation"}
+FEATURES = {"--backbone", "--attention", "--resize", "--statistical_budget", "--projection_seed"}
+FLAGS = {
+    "fit": {"--input", "--anchor", "--errors", "--calibration_fraction", "--calibration_group",
+            "--fpr", "--explained_variance", "--combine", "--statistical"} | FEATURES | RUNTIME | DECODING,
+    "score": {"--input", "--anchor", "--output", "--head", "--with_anchor", "--combine",
+              "--statistical", "--skip_scored"} | RUNTIME | DECODING,
+    "fit-head": {"--kind", "--real", "--fake", "--output", "--errors", "--k", "--max_per_class"}
+                | FEATURES | RUNTIME | DECODING,
+    "evaluate": {"--dataset", "--anchor", "--head", "--output", "--split", "--sweep"} | RUNTIME | DECODING,
+    "report": {"--scores", "--output", "--anchor", "--labels", "--gallery"},
+    "info": {"--json"},
+}
+
+
+@pytest.mark.parametrize("command", sorted(FLAGS))
+def test_help_lists_exactly_the_commands_own_flags(command, capsys):
+    assert main([command, "--help"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: anchorscan {command} ")
+    listed = set(re.findall(r"^  (--[a-z_]+)", text, re.MULTILINE))
+    assert listed == FLAGS[command]
+
+
+def test_an_unknown_flag_is_refused_by_name(tmp_path, capsys):
+    code = main(["score", "--input", str(tmp_path), "--anchor", "a", "--output", "o", "--inptu", "x"])
+    assert code == 2 and "--inptu" in capsys.readouterr().err
+
+
+def test_a_closed_set_is_checked_by_the_parser(capsys):
+    assert main(["fit-head", "--kind", "svm", "--real", "r", "--fake", "f", "--output", "h"]) == 2
+    assert "invalid choice: 'svm'" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from anchorscan.anchors.backbones import (CLIP_MODELS, ClipVisionBackbone, Missi
 from anchorscan.anchors.features import SIGMA_EPS, spatial_statistics
 from anchorscan.anchors.spec import IncompatibleAnchorError
 from anchorscan.anchors.weights import WeightsError, read_state_dict
-from conftest import HOLD_OUT_BY_NAME, RUNNER, read_parquet_rows
+from helpers import HOLD_OUT_BY_NAME, RUNNER, read_parquet_rows
 
 
 class _Tower(torch.nn.Module):

@@ -16,7 +16,7 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 
 from anchorscan.transforms import decode as decode_module
 from anchorscan.anchors import preprocess
-from conftest import write_crops
+from helpers import write_crops
 from anchorscan.transforms.decode import ERRORS, DecodeImageFn
 
 

@@ -10,7 +10,7 @@ from PIL import Image, ImageFilter
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from anchorscan.anchors.heads import head_from_bytes
-from conftest import RUNNER, read_parquet_rows, write_crops
+from helpers import RUNNER, read_parquet_rows, write_crops
 from anchorscan.pipelines import evaluate, fit_head, score
 from anchorscan.pipelines.evaluate import COLUMNS
 

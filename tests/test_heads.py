@@ -1,6 +1,5 @@
 """UnivFD's heads (METHOD.md section 8) against brute force and scikit-learn, merge orders of the
 per-class moments, the head file, and refusal of other features."""
-import dataclasses
 import itertools
 import json
 
@@ -11,8 +10,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import NearestNeighbors
 
 import anchorscan.anchors.heads as heads
-from anchorscan.anchors.anchor import Anchor
-from anchorscan.anchors.anchor_file import anchor_to_bytes
+from helpers import synthetic_spec
 from anchorscan.anchors.heads import (HeadFileError, LinearProbeHead, LogisticHead, NearestNeighbourHead,
                            head_from_bytes)
 from sklearn.metrics import roc_auc_score as auroc
@@ -30,8 +28,7 @@ DIRECTION /= np.linalg.norm(DIRECTION)
 
 
 def spec(**changes):
-    base = FeatureSpec("synthetic", "0" * 64, {"crop": 224}, {"d_semantic": DS, "d_statistical": DM})
-    return dataclasses.replace(base, **changes)
+    return synthetic_spec(DS, DM, **changes)
 
 
 def sample(n_real, n_fake, seed, shift=2.0):
@@ -107,7 +104,10 @@ def test_nn_scores_in_blocks_as_in_one_product(training, queries, monkeypatch):
     head = NearestNeighbourHead.fit(spec(), *training, k=3)
     whole = head.score(queries)
     monkeypatch.setattr(heads, "SIMILARITY_BLOCK", 7 * len(head.fake_bank))
-    np.testing.assert_array_equal(head.score(queries), whole)
+    # BLAS picks other kernels for other shapes, so float32 dot products of unit vectors of
+    # length DS may differ by a few DS * eps; the score is a difference of two such means.
+    tolerance = 4 * DS * np.finfo(np.float32).eps
+    np.testing.assert_allclose(head.score(queries), whole, rtol=0, atol=tolerance)
 
 
 def test_nn_refuses_k_larger_than_a_bank(training):
@@ -228,47 +228,12 @@ def test_metadata_records_kind_spec_and_counts(head):
     assert sum(head.counts.values()) == 1000
 
 
-def test_tampered_tensor_is_refused(head):
-    tampered = bytearray(head.to_bytes())
-    tampered[-3] ^= 0x01  # inside the last tensor
-    with pytest.raises(HeadFileError, match="checksum"):
-        head_from_bytes(bytes(tampered))
-
-
 def test_tampered_metadata_is_refused(training):
     data = NearestNeighbourHead.fit(spec(), *training, k=3).to_bytes()
     tampered = data.replace(b'\\"k\\": 3', b'\\"k\\": 1')
     assert tampered != data and len(tampered) == len(data)
     with pytest.raises(HeadFileError, match="checksum"):
         head_from_bytes(tampered)
-
-
-@pytest.mark.parametrize("cut", [0.5, 0.001])
-def test_truncated_file_is_refused(head, cut):
-    data = head.to_bytes()
-    with pytest.raises(HeadFileError):
-        head_from_bytes(data[:int(len(data) * cut)])
-
-
-@pytest.mark.parametrize("junk", [b"", np.random.default_rng(2).bytes(4096), b"\x08" + b"\0" * 7 + b"{}"])
-def test_foreign_bytes_are_refused(junk):
-    with pytest.raises(HeadFileError, match="not an anchorscan head"):
-        head_from_bytes(junk)
-
-
-def test_an_anchor_file_is_not_a_head(training):
-    features = training[0]
-    anchor = Anchor.fit(spec(), Moments.of(features[:300]), features[300:400])
-    with pytest.raises(HeadFileError, match="not an anchorscan head"):
-        head_from_bytes(anchor_to_bytes(anchor))
-
-
-def test_other_format_version_is_refused_naming_it(head, monkeypatch):
-    monkeypatch.setattr(heads, "FORMAT_VERSION", 2)
-    future = head.to_bytes()
-    monkeypatch.undo()
-    with pytest.raises(HeadFileError, match="version 2"):
-        head_from_bytes(future)
 
 
 @pytest.mark.parametrize("field, value", [("backbone", "clip-vit-l14"), ("weights_sha256", "f" * 64)])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import RUNNER
+from helpers import RUNNER
 from anchorscan.pipelines import report, score
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

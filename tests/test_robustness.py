@@ -8,14 +8,13 @@ import time
 import apache_beam as beam
 import numpy as np
 import pytest
-from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from PIL import Image
 
 from anchorscan.anchors import anchor as anchor_module
 from anchorscan.transforms import decode as decode_module
 from anchorscan.anchors.preprocess import DecodeError, decode_and_crop
-from conftest import RUNNER, read_parquet_rows, write_crops
+from helpers import RUNNER, read_parquet_rows, write_crops
 from hostile import HOSTILE, write_hostile
 from anchorscan.pipelines import score
 

@@ -1,0 +1,56 @@
+"""What several test modules share: real photo crops cut from the sample photos that ship in
+installed packages, the runner flags, a synthetic feature spec and a Parquet reader that does
+not go through the product's own."""
+from __future__ import annotations
+
+import dataclasses
+import glob
+
+import numpy as np
+from PIL import Image
+
+from anchorscan.anchors.spec import FeatureSpec
+
+RUNNER = ["--runner", "FnApiRunner"]
+# Hold out by file name, not by the whole path: pytest's temporary folders change from run to run,
+# and the held-out count must not.
+HOLD_OUT_BY_NAME = ["--calibration_group", r"([^/]+)$"]
+
+
+def synthetic_spec(d_semantic: int, d_statistical: int, **changes) -> FeatureSpec:
+    """The spec of made-up features, for the maths and file-format tests."""
+    base = FeatureSpec("synthetic", "0" * 64, {"crop": 224},
+                       {"d_semantic": d_semantic, "d_statistical": d_statistical})
+    return dataclasses.replace(base, **changes)
+
+
+def sample_photos() -> dict[str, np.ndarray]:
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    photos = {name: getattr(skimage.data, name)() for name in ("astronaut", "coffee", "chelsea", "rocket")}
+    photos.update(zip(("china", "flower"), load_sample_images().images))
+    return photos
+
+
+def write_crops(folder, count_per_photo: int, size=(240, 256), seed: int = 0) -> list[str]:
+    """Random crops of the sample photos, alternately PNG and high-quality JPEG."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for name, photo in sample_photos().items():
+        for i in range(count_per_photo):
+            top = rng.integers(0, photo.shape[0] - size[0])
+            left = rng.integers(0, photo.shape[1] - size[1])
+            crop = Image.fromarray(photo[top:top + size[0], left:left + size[1]])
+            path = folder / f"{name}_{i}.{'png' if i % 2 else 'jpg'}"
+            crop.save(path, quality=95)
+            paths.append(str(path))
+    return paths
+
+
+def read_parquet_rows(pattern: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    files = sorted(glob.glob(pattern))
+    assert files, f"no files match {pattern}"
+    return pq.read_table(files).to_pylist()
