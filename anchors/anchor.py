@@ -1,6 +1,6 @@
 """The anchor: a Gaussian model of real images' features and the distances scored against it.
 
-Fitted in closed form from the merged moments (METHOD.md §4): shrunk covariance, semantic
+Fitted in closed form from the merged moments (docs/METHOD.md §4): shrunk covariance, semantic
 Mahalanobis distance, statistical deviation decoupled from content by regression on the semantic
 part (its covariance is the Schur complement), scored with a PPCA spectrum (T2 + SPE).
 """
@@ -57,7 +57,8 @@ def oas_shrinkage(covariance: np.ndarray, n: int) -> float:
 
 def shrunk_covariance(moments: Moments) -> tuple[np.ndarray, float]:
     """OAS on the correlation scale, so that features with a large variance do not set the
-    target for all others; returns the shrunk covariance and the coefficient."""
+    target for all others; returns the shrunk covariance and the coefficient. Hand-written:
+    scikit-learn's OAS shrinks the covariance itself and needs the rows, not merged moments."""
     covariance = moments.covariance()
     scale = np.sqrt(np.maximum(np.diag(covariance), 1e-12 * max(np.diag(covariance).max(), 1e-300)))
     correlation = covariance / np.outer(scale, scale)

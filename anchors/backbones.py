@@ -1,4 +1,4 @@
-"""Frozen vision backbones behind one small interface (METHOD.md §2).
+"""Frozen vision backbones behind one small interface (docs/METHOD.md §2).
 
 A backbone turns a batch of uint8 crops into a semantic embedding, token maps at a few depths
 and attention weights over the last grid's positions, and names everything its features depend
@@ -37,7 +37,7 @@ def zscore_softmax_attention(last_stage: torch.Tensor) -> torch.Tensor:
     """Softmax over positions of the activation norm, standardised per image.
 
     A softmax of the raw norm puts nearly all weight on one position; z-scoring first spreads
-    it over a few dozen (METHOD.md §2)."""
+    it over a few dozen (docs/METHOD.md §2.3)."""
     norms = last_stage.float().norm(dim=1).flatten(1)  # (B, H*W)
     logits = (norms - norms.mean(dim=1, keepdim=True)) / (norms.std(dim=1, keepdim=True) + 1e-6)
     return logits.softmax(dim=1).view(last_stage.shape[0], *last_stage.shape[2:])

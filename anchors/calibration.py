@@ -69,7 +69,8 @@ def upper_tail_log_pvalues(values: np.ndarray, quantiles: np.ndarray,
 
 def fisher_log10(log_pvalues: np.ndarray) -> np.ndarray:
     """-log10 of Fisher's combined p-value of the log p-values on the last axis (chi-square with
-    2k degrees of freedom, closed-form survival function for even degrees of freedom)."""
+    2k degrees of freedom, closed-form survival function for even degrees of freedom).
+    Hand-written: scipy's ``combine_pvalues`` takes p itself, which underflows for far outliers."""
     log_pvalues = np.minimum(np.asarray(log_pvalues, dtype=np.float64), 0.0)
     half_stat = -log_pvalues.sum(axis=-1)  # X / 2 with X = -2 sum log p
     k = log_pvalues.shape[-1]

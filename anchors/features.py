@@ -1,4 +1,4 @@
-"""Feature vectors from one forward pass: z = [semantic ; R (mu_l ; log sigma_l)_l] (METHOD.md §2)."""
+"""Feature vectors from one forward pass: z = [semantic ; R (mu_l ; log sigma_l)_l] (docs/METHOD.md §2)."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""UnivFD's detectors as heads on anchorscan's features (METHOD.md section 8): nearest neighbour,
+"""UnivFD's detectors as heads on anchorscan's features (docs/METHOD.md §6): nearest neighbour,
 a closed-form linear probe (Fisher LDA) and the paper's logistic regression.
 
 Every head reads the semantic part of the feature vector, ``z[:, :spec.d_semantic]``; its score

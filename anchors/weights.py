@@ -39,6 +39,9 @@ def _rebuild_tensor(flat: torch.Tensor, offset: int, size, stride, *_unused) -> 
 
 
 class _ArchiveUnpickler(pickle.Unpickler):
+    """Hand-written: ``torch.load(weights_only=True)`` refuses TorchScript archives, and
+    ``torch.jit.load`` would run their code."""
+
     def __init__(self, archive: zipfile.ZipFile, root: str, data: bytes):
         super().__init__(io.BytesIO(data))
         self.archive, self.root = archive, root

@@ -1,4 +1,4 @@
-"""The anchor file (METHOD.md section 5): exact round trip, refusal of damaged or foreign files,
+"""The anchor file (docs/METHOD.md §5): exact round trip, refusal of damaged or foreign files,
 and refusal to score features made by another backbone."""
 
 import numpy as np

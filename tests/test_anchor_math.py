@@ -1,4 +1,4 @@
-"""The anchor's maths (METHOD.md sections 4-5) against independent oracles: scikit-learn's OAS,
+"""The anchor's maths (docs/METHOD.md §4-5) against independent oracles: scikit-learn's OAS,
 exact inverses, eigendecompositions, scipy's combined p-values and KS tests."""
 import numpy as np
 import pytest

@@ -4,11 +4,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import pytest
 
 from anchorscan.anchors.anchor_file import anchor_from_bytes, anchor_to_bytes
 from anchorscan.pipelines.cli import main
+from anchorscan.transforms.schema import ERROR_COLUMNS, SCORE_COLUMNS, markdown_table
 
 
 def test_info_json_has_the_documented_keys(fitted_anchor, capsys):
@@ -75,3 +77,9 @@ def test_an_unknown_flag_is_refused_by_name(tmp_path, capsys):
 def test_a_closed_set_is_checked_by_the_parser(capsys):
     assert main(["fit-head", "--kind", "svm", "--real", "r", "--fake", "f", "--output", "h"]) == 2
     assert "invalid choice: 'svm'" in capsys.readouterr().err
+
+
+def test_the_readme_tables_are_the_schemas():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert markdown_table(SCORE_COLUMNS) in readme
+    assert markdown_table(ERROR_COLUMNS) in readme

@@ -1,4 +1,4 @@
-"""UnivFD's heads (METHOD.md section 8) against brute force and scikit-learn, merge orders of the
+"""UnivFD's heads (docs/METHOD.md §6) against brute force and scikit-learn, merge orders of the
 per-class moments, the head file, and refusal of other features."""
 import itertools
 import json

@@ -1,4 +1,4 @@
-"""Mergeable moments (METHOD.md section 3): numpy oracles, partitions, orders, pickling, coder."""
+"""Mergeable moments (docs/METHOD.md §3): numpy oracles, partitions, orders, pickling, coder."""
 import pickle
 
 import numpy as np
