@@ -19,8 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: venv
-	$(BIN)/python demo/package_photos.py --output $(DEMO)/package_photos
-	$(BIN)/anchorscan fit $(RUNNER) --input demo/data/fit/real --input $(DEMO)/package_photos \
+	$(BIN)/anchorscan fit $(RUNNER) --input demo/data/fit/real --input demo/data/fit/extra \
 	    --anchor $(DEMO)/anchor.safetensors --calibration_fraction 0.25 --calibration_group '([^/]+)__x'
 	$(BIN)/anchorscan info $(DEMO)/anchor.safetensors
 	$(BIN)/anchorscan score $(RUNNER) --input demo/data/scan/manifest.csv \

@@ -1,8 +1,11 @@
-"""The anchor: a Gaussian model of real images' features and the distances scored against it.
+"""The anchor: models of real images' features, and the distances scored against them.
 
-Fitted in closed form from the merged moments (docs/METHOD.md §4): shrunk covariance, semantic
-Mahalanobis distance, statistical deviation decoupled from content by regression on the semantic
-part (its covariance is the Schur complement), scored with a PPCA spectrum (T2 + SPE).
+The backbone's part is one Gaussian fitted in closed form from the merged moments
+(docs/METHOD.md §4): shrunk covariance, semantic Mahalanobis distance, statistical deviation
+decoupled from content by regression on the semantic part (its covariance is the Schur
+complement), scored with a PPCA spectrum (T2 + SPE). The forensic part is a mixture along the
+softness path of real photos (``forensic.ForensicModel``, docs/METHOD.md §8). Each channel gets a
+p-value against held-out real images; the chosen channels' p-values combine into the score.
 """
 from __future__ import annotations
 
@@ -12,11 +15,13 @@ import math
 import numpy as np
 
 from anchorscan.anchors.calibration import COMBINERS, NUM_QUANTILES, sketch, upper_tail_log_pvalues
+from anchorscan.anchors.forensic import LEVEL_SETS, ForensicModel
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.stats import Moments
 
 # Distances with a calibration; "statistical" is the decoupled one.
-COMPONENTS = ("semantic", "statistical", "statistical_raw")
+COMPONENTS = ("semantic", "statistical", "statistical_raw", "forensic")
+CHANNELS = ("semantic", "statistical", "forensic")  # what the score can combine
 STATISTICAL_MODES = {"decoupled": "statistical", "raw": "statistical_raw"}
 
 
@@ -26,6 +31,9 @@ class AnchorConfig:
     fpr: float = 0.01
     combine: str = "fisher"
     statistical: str = "decoupled"
+    # docs/QUALITY.md, selection rule 1: the forensic channel alone; the others are written out
+    channels: tuple[str, ...] = ("forensic",)
+    forensic_levels: str = "softness_path"
 
     def __post_init__(self):
         if not 0.0 < self.explained_variance <= 1.0:
@@ -37,6 +45,13 @@ class AnchorConfig:
         if self.statistical not in STATISTICAL_MODES:
             raise ValueError(
                 f"statistical must be one of {sorted(STATISTICAL_MODES)}, got {self.statistical!r}")
+        object.__setattr__(self, "channels", tuple(self.channels))  # JSON gives a list
+        if not self.channels or set(self.channels) - set(CHANNELS) or len(set(self.channels)) < len(self.channels):
+            raise ValueError(f"channels must be distinct names among {', '.join(CHANNELS)}, "
+                             f"got {', '.join(self.channels) or 'none'}")
+        if self.forensic_levels not in LEVEL_SETS:
+            raise ValueError(f"forensic_levels must be one of {', '.join(LEVEL_SETS)}, "
+                             f"got {self.forensic_levels!r}")
 
     @property
     def threshold(self) -> float:
@@ -149,18 +164,23 @@ class AnchorModel:
 
 @dataclasses.dataclass
 class Anchor:
-    """A fitted, calibrated anchor: what `fit` writes and `score` reads."""
+    """A fitted, calibrated anchor: what `fit` writes and `score` reads. ``moments`` are the
+    backbone part's sufficient statistics; ``forensic`` holds the pixel channel's own."""
     spec: FeatureSpec
     moments: Moments
+    forensic: ForensicModel
     config: AnchorConfig
     calibration: dict[str, np.ndarray]  # component -> quantile sketch on held-out real images
     n_calibration: int
     model: AnchorModel | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self):
-        if self.moments.dim != self.spec.dim:
-            raise ValueError(f"moments have dimension {self.moments.dim}, the feature spec "
-                             f"{self.spec.dim}")
+        if self.moments.dim != self.spec.d_backbone:
+            raise ValueError(f"moments have dimension {self.moments.dim}, the backbone's part of "
+                             f"the features {self.spec.d_backbone}")
+        if self.forensic.dim != self.spec.d_forensic:
+            raise ValueError(f"the forensic model has dimension {self.forensic.dim}, the "
+                             f"features {self.spec.d_forensic}")
         missing = set(COMPONENTS) - set(self.calibration)
         if missing:
             raise ValueError(f"calibration lacks {sorted(missing)}")
@@ -169,30 +189,56 @@ class Anchor:
                                          self.config.explained_variance)
 
     @classmethod
-    def fit(cls, spec: FeatureSpec, moments: Moments, calibration_features: np.ndarray,
-            config: AnchorConfig = AnchorConfig(), num_quantiles: int = NUM_QUANTILES) -> "Anchor":
+    def uncalibrated(cls, spec: FeatureSpec, moments: Moments, forensic: ForensicModel,
+                     config: AnchorConfig) -> "Anchor":
+        """The fitted models, to score the held-out real images that will calibrate them."""
+        return cls(spec, moments, forensic, config, {name: np.zeros(1) for name in COMPONENTS}, 0)
+
+    def calibrated(self, sketches: dict[str, np.ndarray], n_calibration: int) -> "Anchor":
+        return dataclasses.replace(self, calibration={name: np.asarray(sketches[name])
+                                                      for name in COMPONENTS},
+                                   n_calibration=n_calibration)
+
+    @classmethod
+    def fit(cls, spec: FeatureSpec, moments: Moments, forensic: ForensicModel,
+            calibration_features: np.ndarray, config: AnchorConfig = AnchorConfig(),
+            num_quantiles: int = NUM_QUANTILES) -> "Anchor":
         """In-memory fit; the pipeline does the same with Beam's combiners."""
-        model = AnchorModel.fit(moments, spec.d_semantic, config.explained_variance)
-        distances = model.distances(calibration_features)
-        calibration = {name: sketch(distances[name], num_quantiles) for name in COMPONENTS}
-        return cls(spec, moments, config, calibration, len(calibration_features), model)
+        anchor = cls.uncalibrated(spec, moments, forensic, config)
+        distances = anchor.distances(calibration_features)
+        return anchor.calibrated({name: sketch(distances[name], num_quantiles) for name in COMPONENTS},
+                                 len(calibration_features))
+
+    def distances(self, features: np.ndarray) -> dict[str, np.ndarray]:
+        """Every component's distance for (b, spec.dim) feature rows, and ``softness``: the
+        index of the forensic level that explains each image best (0 = sharp)."""
+        features = np.atleast_2d(np.asarray(features, dtype=np.float64))
+        if features.shape[1] != self.spec.dim:
+            raise ValueError(f"features have {features.shape[1]} columns, the anchor's spec "
+                             f"{self.spec.dim}")
+        result = self.model.distances(features[:, :self.spec.d_backbone])
+        result["forensic"], result["softness"] = self.forensic.distances(
+            features[:, self.spec.d_backbone:])
+        return result
 
     def score(self, features: np.ndarray, combine: str | None = None,
-              statistical: str | None = None) -> dict[str, np.ndarray]:
+              statistical: str | None = None,
+              channels: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         """Distances, their p-values against real images, the combined score and the verdict."""
-        combine = combine or self.config.combine
-        statistical = statistical or self.config.statistical
-        AnchorConfig(combine=combine, statistical=statistical)  # validates the choices
-        result = self.model.distances(features)
-        log_p_semantic = upper_tail_log_pvalues(result["semantic"], self.calibration["semantic"],
-                                                self.n_calibration)
-        component = STATISTICAL_MODES[statistical]
-        log_p_statistical = upper_tail_log_pvalues(
-            result[component], self.calibration[component], self.n_calibration)
-        score = COMBINERS[combine](np.stack([log_p_semantic, log_p_statistical], axis=1))
-        result.update(p_semantic=np.exp(log_p_semantic), p_statistical=np.exp(log_p_statistical),
-                      score=score,
-                      is_suspect=score > self.config.threshold)
+        config = dataclasses.replace(self.config, combine=combine or self.config.combine,
+                                     statistical=statistical or self.config.statistical,
+                                     channels=channels or self.config.channels)  # validated
+        result = self.distances(features)
+        component = {"semantic": "semantic", "statistical": STATISTICAL_MODES[config.statistical],
+                     "forensic": "forensic"}
+        log_p = {channel: upper_tail_log_pvalues(result[component[channel]],
+                                                 self.calibration[component[channel]],
+                                                 self.n_calibration)
+                 for channel in CHANNELS}
+        score = COMBINERS[config.combine](np.stack([log_p[c] for c in config.channels], axis=1))
+        result.update({f"p_{channel}": np.exp(log_p[channel]) for channel in CHANNELS})
+        result.update(score=score, is_suspect=score > config.threshold,
+                      softness=np.asarray(self.forensic.level_names)[result["softness"]])
         return result
 
     @property
@@ -204,7 +250,9 @@ class Anchor:
             "preprocessing": self.spec.preprocessing, "layout": self.spec.layout,
             "n": self.moments.n, "n_calibration": self.n_calibration, "d": self.spec.dim,
             "d_semantic": self.spec.d_semantic, "d_statistical": self.spec.d_statistical,
+            "d_forensic": self.spec.d_forensic,
             "shrinkage": self.model.shrinkage, "k": self.model.decoupled.k,
             "k_raw": self.model.raw.k, "tau": self.model.decoupled.tau,
+            "forensic_levels": list(self.forensic.level_names),
             "num_quantiles": int(len(self.calibration["semantic"])),
         }

@@ -1,8 +1,9 @@
 """The anchor file: safetensors tensors plus JSON metadata, with a checksum over both.
 
-Never pickled. Tensors: ``mean`` (d), ``m2`` (d x d) in float64 - the sufficient statistics, so
-anchors can be merged and updated - ``projection`` (the seeded statistical projection, when
-used) and ``calibration.<component>`` quantile sketches. Metadata key ``anchorscan`` holds a JSON
+Never pickled. Tensors: ``mean`` (d), ``m2`` (d x d) in float64 - the backbone part's sufficient
+statistics, so anchors can be merged and updated - ``forensic.n`` (L), ``forensic.mean`` (L x p)
+and ``forensic.m2`` (L x p x p), the forensic channel's per softness level, ``projection`` (the
+seeded statistical projection, when used) and ``calibration.<component>`` quantile sketches. Metadata key ``anchorscan`` holds a JSON
 object: format_version, the feature spec, the fit configuration, derived facts (shrinkage, k, ...)
 and ``checksum``, the sha256 of the metadata without it and of every tensor's name, dtype, shape
 and bytes. The whitening matrices are derived again on load, so they cannot disagree with the
@@ -16,10 +17,11 @@ import numpy as np
 
 from anchorscan.anchors import checked_file
 from anchorscan.anchors.anchor import COMPONENTS, Anchor, AnchorConfig
+from anchorscan.anchors.forensic import ForensicModel
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.stats import Moments
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the forensic channel
 METADATA_KEY = "anchorscan"
 
 
@@ -33,7 +35,10 @@ def anchor_id(metadata: dict) -> str:
 
 
 def anchor_to_bytes(anchor: Anchor, projection: np.ndarray | None = None) -> bytes:
-    tensors = {"mean": anchor.moments.mean, "m2": anchor.moments.m2}
+    tensors = {"mean": anchor.moments.mean, "m2": anchor.moments.m2,
+               "forensic.n": np.array([level.n for level in anchor.forensic.moments], dtype=np.int64),
+               "forensic.mean": np.stack([level.mean for level in anchor.forensic.moments]),
+               "forensic.m2": np.stack([level.m2 for level in anchor.forensic.moments])}
     if projection is not None:
         tensors["projection"] = np.asarray(projection)
     for name in COMPONENTS:
@@ -58,7 +63,10 @@ def anchor_from_bytes(data: bytes) -> tuple[Anchor, dict]:
     tensors, metadata = verified_contents(data)
     spec = FeatureSpec.from_dict(metadata)
     moments = Moments.from_arrays(metadata["n"], tensors["mean"], tensors["m2"])
-    anchor = Anchor(spec, moments, AnchorConfig(**metadata["config"]),
+    forensic = ForensicModel(tuple(metadata["forensic_levels"]), [
+        Moments.from_arrays(n, mean, m2) for n, mean, m2 in zip(
+            tensors["forensic.n"], tensors["forensic.mean"], tensors["forensic.m2"])])
+    anchor = Anchor(spec, moments, forensic, AnchorConfig(**metadata["config"]),
                     {name: tensors[f"calibration.{name}"] for name in COMPONENTS},
                     metadata["n_calibration"])
     metadata["projection"] = tensors.get("projection")

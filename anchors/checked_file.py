@@ -51,7 +51,7 @@ def read_metadata(data: bytes, key: str, version: int, what: str, error: type[Ex
         raise error(f"not an anchorscan {what} file (unreadable header: {problem})") from None
     if metadata.get("format_version") != version:
         raise error(f"{what} format version {metadata.get('format_version')!r} is not supported "
-                    f"(this anchorscan reads version {version})")
+                    f"(this anchorscan reads version {version}): fit it again with this anchorscan")
     return metadata
 
 

@@ -1,4 +1,6 @@
-"""Feature vectors from one forward pass: z = [semantic ; R (mu_l ; log sigma_l)_l] (docs/METHOD.md §2)."""
+"""Feature vectors of a crop: z = [semantic ; R (mu_l ; log sigma_l)_l ; forensic], the first two
+from one forward pass of the backbone (docs/METHOD.md §2), the last from the pixels
+(``forensic``, docs/METHOD.md §8)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anchorscan.anchors.forensic import FEATURE_NAMES as FORENSIC_FEATURES
+from anchorscan.anchors.forensic import ResidualFeatures, soften
 from anchorscan.anchors.spec import FeatureSpec
 
 SIGMA_EPS = 1e-6
@@ -144,9 +148,12 @@ class FeatureExtractor:
         d_statistical = raw_dim if self.projection is None else statistical_budget
         projection_digest = ("none" if self.projection is None
                              else hashlib.sha256(self.projection.tobytes()).hexdigest())
+        self.forensic = ResidualFeatures()
         layout = dict(backbone.layout, d_statistical=d_statistical, statistical_raw_dim=raw_dim,
                       projection_seed=projection_seed, projection_sha256=projection_digest,
-                      sigma_eps=SIGMA_EPS)
+                      sigma_eps=SIGMA_EPS, d_forensic=len(FORENSIC_FEATURES),
+                      forensic_features=list(FORENSIC_FEATURES),
+                      forensic_predictor_sha256=self.forensic.digest)
         self.spec = FeatureSpec(backbone.name, backbone.weights_sha256, backbone.preprocessing,
                                 layout)
         # On CPUs autocast was measured slower than float32: it is used on GPUs only.
@@ -158,11 +165,25 @@ class FeatureExtractor:
         self.runtime = runtime
         self._session = onnx_session(self.module, backbone.crop_size) if runtime == "onnxruntime" else None
 
-    def __call__(self, pixels: torch.Tensor) -> Features:
-        """``pixels``: (B, H, W, 3) uint8 crops."""
+    def backbone_features(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(rows of [semantic ; statistical], effective attention positions) of (B, H, W, 3)
+        uint8 crops: one forward pass."""
         if self._session is not None:
-            vectors, positions = self._session.run(None, {"pixels": pixels.numpy()})
-            return Features(vectors, positions)
+            return tuple(self._session.run(None, {"pixels": pixels.numpy()}))
         with torch.inference_mode():
             vectors, positions = self.module(pixels.to(self.device, non_blocking=True))
-        return Features(vectors.cpu().numpy(), positions.cpu().numpy())
+        return vectors.cpu().numpy(), positions.cpu().numpy()
+
+    def forensic_features(self, pixels: torch.Tensor, softened: tuple = ()) -> np.ndarray:
+        """The forensic features of the crops, then, for each of ``softened`` (fit time: the
+        softness levels after "sharp", see ``forensic.SOFTNESS_PATH``), of the crops softened
+        so, side by side. In torch beside the backbone: ONNX export has no FFT here."""
+        with torch.inference_mode():
+            return torch.cat([self.forensic(soften(pixels, how)) for how in (None, *softened)], 1).numpy()
+
+    def __call__(self, pixels: torch.Tensor, softened: tuple = ()) -> Features:
+        """``pixels``: (B, H, W, 3) uint8 crops. Rows are [semantic ; statistical ; forensic]
+        (and the softened copies' forensic features, see ``forensic_features``)."""
+        vectors, positions = self.backbone_features(pixels)
+        return Features(np.concatenate([vectors, self.forensic_features(pixels, softened)], axis=1),
+                        positions)

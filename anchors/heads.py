@@ -1,8 +1,9 @@
 """UnivFD's detectors as heads on anchorscan's features (docs/METHOD.md §6): nearest neighbour,
 a closed-form linear probe (Fisher LDA) and the paper's logistic regression.
 
-Every head reads the semantic part of the feature vector, ``z[:, :spec.d_semantic]``; its score
-is higher for images more likely generated, and it calls fake what scores above 0. Head files
+Every head reads the semantic part of the feature vector, ``z[:, :spec.d_semantic]`` (UnivFD's
+protocol); the LDA probe can read every channel instead (``parts="all"``). A head's score is
+higher for images more likely generated, and it calls fake what scores above 0. Head files
 follow the anchor file (safetensors tensors, JSON metadata, a checksum over both, never pickled)
 under their own metadata key, so neither reader takes the other's file.
 """
@@ -19,7 +20,7 @@ from anchorscan.anchors import checked_file
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.stats import Moments
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the forensic channel in the features, the LDA probe's parts
 METADATA_KEY = "anchorscan_head"
 REAL, FAKE = 0, 1
 # query rows x bank rows in one similarity block (64 MiB of float32)
@@ -35,19 +36,29 @@ def l2_normalised(rows: np.ndarray) -> np.ndarray:
     return rows / np.maximum(norms, np.finfo(rows.dtype).tiny)
 
 
-def semantic_rows(features: np.ndarray, spec: FeatureSpec) -> np.ndarray:
-    """The semantic part of (b, spec.dim) feature rows."""
+PARTS = ("semantic", "all")  # what a head reads: the semantic embedding, or every channel
+
+
+def part_width(spec: FeatureSpec, parts: str) -> int:
+    if parts not in PARTS:
+        raise ValueError(f"a head reads {' or '.join(PARTS)} features, not {parts!r}")
+    return spec.d_semantic if parts == "semantic" else spec.dim
+
+
+def feature_part(features: np.ndarray, spec: FeatureSpec, parts: str = "semantic") -> np.ndarray:
+    """The part of (b, spec.dim) feature rows that a head reads."""
     features = np.atleast_2d(np.asarray(features))
     if features.ndim != 2 or features.shape[1] != spec.dim:
         raise ValueError(
             f"features have shape {features.shape}, the feature spec expects rows of {spec.dim} "
-            f"({spec.d_semantic} semantic + {spec.d_statistical} statistical)")
-    return features[:, :spec.d_semantic]
+            f"({spec.d_semantic} semantic + {spec.d_statistical} statistical + "
+            f"{spec.d_forensic} forensic)")
+    return features[:, :part_width(spec, parts)]
 
 
-def _real_and_fake(features: np.ndarray, labels: np.ndarray,
-                   spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray]:
-    semantic = semantic_rows(features, spec)
+def _real_and_fake(features: np.ndarray, labels: np.ndarray, spec: FeatureSpec,
+                   parts: str = "semantic") -> tuple[np.ndarray, np.ndarray]:
+    semantic = feature_part(features, spec, parts)
     labels = np.asarray(labels)
     if labels.shape != (len(semantic),) or not np.isin(labels, (REAL, FAKE)).all():
         raise ValueError(f"labels must be {REAL} (real) or {FAKE} (fake), one per feature row")
@@ -59,17 +70,19 @@ def _real_and_fake(features: np.ndarray, labels: np.ndarray,
 
 
 class Head(abc.ABC):
-    """A fitted detector on the semantic features. Subclasses are dataclasses with a ``spec``
-    field and a ``counts`` attribute ({'real': n, 'fake': n}, the examples it was fitted on)."""
+    """A fitted detector on a part of the features (``parts``). Subclasses are dataclasses with
+    a ``spec`` field and a ``counts`` attribute ({'real': n, 'fake': n}, the examples it was
+    fitted on)."""
 
     kind: ClassVar[str]
     # Whether ``score`` is a natural-log odds of "generated", which evidence can be added to.
     log_odds: ClassVar[bool] = False
+    parts: ClassVar[str] = "semantic"
     spec: FeatureSpec
 
     @abc.abstractmethod
-    def _score_semantic(self, semantic: np.ndarray) -> np.ndarray:
-        """Scores of (b, d_semantic) rows."""
+    def _score_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Scores of rows of the part the head reads."""
 
     @abc.abstractmethod
     def _tensors(self) -> dict[str, np.ndarray]:
@@ -88,7 +101,7 @@ class Head(abc.ABC):
         """Scores of (b, spec.dim) feature rows; ``spec``, the features' own, is checked first."""
         if spec is not None:
             self.spec.require_same(spec, f"this {self.kind} head")
-        return self._score_semantic(semantic_rows(features, self.spec))
+        return self._score_rows(feature_part(features, self.spec, self.parts))
 
     def predict(self, features: np.ndarray, spec: FeatureSpec | None = None) -> np.ndarray:
         """True where the head calls the image generated."""
@@ -136,8 +149,8 @@ class NearestNeighbourHead(Head):
             means[start:start + rows] = top_k.mean(axis=1, dtype=np.float64)
         return means
 
-    def _score_semantic(self, semantic):
-        queries = l2_normalised(semantic.astype(np.float32))
+    def _score_rows(self, rows):
+        queries = l2_normalised(rows.astype(np.float32))
         return (self._mean_top_k_similarity(queries, self.fake_bank)
                 - self._mean_top_k_similarity(queries, self.real_bank))
 
@@ -152,15 +165,15 @@ class NearestNeighbourHead(Head):
         return cls(spec, tensors["real_bank"], tensors["fake_bank"], metadata["k"])
 
 
-def semantic_moments(moments: Moments, spec: FeatureSpec) -> Moments:
-    """Moments of the semantic part, from moments of the full features or of that part."""
-    if moments.dim == spec.d_semantic:
+def part_moments(moments: Moments, spec: FeatureSpec, parts: str) -> Moments:
+    """Moments of the part a head reads, from moments of the full features or of that part."""
+    width = part_width(spec, parts)
+    if moments.dim == width:
         return moments
     if moments.dim != spec.dim:
         raise ValueError(f"moments of dimension {moments.dim} are neither of the features "
-                         f"({spec.dim}) nor of their semantic part ({spec.d_semantic})")
-    semantic = slice(0, spec.d_semantic)
-    return Moments.from_arrays(moments.n, moments.mean[semantic], moments.m2[semantic, semantic])
+                         f"({spec.dim}) nor of their {parts} part ({width})")
+    return Moments.from_arrays(moments.n, moments.mean[:width], moments.m2[:width, :width])
 
 
 def pooled_within_class(real: Moments, fake: Moments) -> Moments:
@@ -171,24 +184,27 @@ def pooled_within_class(real: Moments, fake: Moments) -> Moments:
 
 @dataclasses.dataclass(eq=False)
 class LinearProbeHead(Head):
-    """Fisher LDA in closed form from per-class moments of the semantic features: the pooled
-    within-class covariance with OAS shrinkage, w = Sigma^-1 (mean_fake - mean_real), and the
-    score is the Gaussian log-odds w.z + b with the class priors of the fitting set."""
+    """Fisher LDA in closed form from per-class moments of the features it reads (``parts``:
+    the semantic embedding, or every channel): the pooled within-class covariance with OAS
+    shrinkage (on the correlation scale, so channels of any scale weigh alike),
+    w = Sigma^-1 (mean_fake - mean_real), and the score is the Gaussian log-odds w.z + b with the
+    class priors of the fitting set."""
 
     kind: ClassVar[str] = "lda"
     log_odds: ClassVar[bool] = True
     spec: FeatureSpec
     real: Moments
     fake: Moments
+    parts: str = "semantic"
     weights: np.ndarray = dataclasses.field(init=False)
     bias: float = dataclasses.field(init=False)
     shrinkage: float = dataclasses.field(init=False)
 
     def __post_init__(self):
         for name, moments in (("real", self.real), ("fake", self.fake)):
-            if moments.dim != self.spec.d_semantic:
-                raise ValueError(f"{name} moments have dimension {moments.dim}, the semantic "
-                                 f"features {self.spec.d_semantic}")
+            if moments.dim != part_width(self.spec, self.parts):
+                raise ValueError(f"{name} moments have dimension {moments.dim}, the {self.parts} "
+                                 f"features {part_width(self.spec, self.parts)}")
             if moments.n == 0:
                 raise ValueError(f"a linear probe needs {name} examples, got none")
         if self.real.n + self.fake.n < 3:
@@ -199,35 +215,37 @@ class LinearProbeHead(Head):
         self.bias = float(np.log(self.fake.n / self.real.n) - self.weights @ midpoint)
 
     @classmethod
-    def fit(cls, spec: FeatureSpec, real: Moments, fake: Moments) -> "LinearProbeHead":
+    def fit(cls, spec: FeatureSpec, real: Moments, fake: Moments,
+            parts: str = "semantic") -> "LinearProbeHead":
         """From the per-class moments that a combiner keyed by label produces."""
-        return cls(spec, semantic_moments(real, spec), semantic_moments(fake, spec))
+        return cls(spec, part_moments(real, spec, parts), part_moments(fake, spec, parts), parts)
 
     @classmethod
-    def fit_from_rows(cls, spec: FeatureSpec, features: np.ndarray,
-                      labels: np.ndarray) -> "LinearProbeHead":
-        real, fake = _real_and_fake(features, labels, spec)
-        return cls(spec, Moments.of(real), Moments.of(fake))
+    def fit_from_rows(cls, spec: FeatureSpec, features: np.ndarray, labels: np.ndarray,
+                      parts: str = "semantic") -> "LinearProbeHead":
+        real, fake = _real_and_fake(features, labels, spec, parts)
+        return cls(spec, Moments.of(real), Moments.of(fake), parts)
 
     @property
     def counts(self) -> dict[str, int]:
         return {"real": self.real.n, "fake": self.fake.n}
 
-    def _score_semantic(self, semantic):
-        return semantic.astype(np.float64) @ self.weights + self.bias
+    def _score_rows(self, rows):
+        return rows.astype(np.float64) @ self.weights + self.bias
 
     def _tensors(self):
         return {"real.mean": self.real.mean, "real.m2": self.real.m2,
                 "fake.mean": self.fake.mean, "fake.m2": self.fake.m2}
 
     def _parameters(self):
-        return {"shrinkage": self.shrinkage}  # derived again on load; recorded for reading
+        return {"parts": self.parts, "shrinkage": self.shrinkage}  # shrinkage: derived again on load
 
     @classmethod
     def _from_file(cls, spec, tensors, metadata):
         counts = metadata["counts"]
         return cls(spec, *(Moments.from_arrays(counts[name], tensors[f"{name}.mean"],
-                                               tensors[f"{name}.m2"]) for name in ("real", "fake")))
+                                               tensors[f"{name}.m2"]) for name in ("real", "fake")),
+                   metadata["parts"])
 
 
 @dataclasses.dataclass(eq=False)
@@ -255,8 +273,8 @@ class LogisticHead(Head):
         return cls(spec, model.coef_[0].copy(), float(model.intercept_[0]),
                    {"real": len(real), "fake": len(fake)}, C)
 
-    def _score_semantic(self, semantic):
-        return l2_normalised(semantic.astype(np.float64)) @ self.coef + self.intercept
+    def _score_rows(self, rows):
+        return l2_normalised(rows.astype(np.float64)) @ self.coef + self.intercept
 
     def _tensors(self):
         return {"coef": self.coef, "intercept": np.array([self.intercept])}

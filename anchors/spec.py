@@ -15,7 +15,7 @@ class FeatureSpec:
     backbone: str
     weights_sha256: str
     preprocessing: dict
-    layout: dict  # at least d_semantic, d_statistical and the projection's digest
+    layout: dict  # at least d_semantic, d_statistical, d_forensic and the projection's digest
 
     @property
     def d_semantic(self) -> int:
@@ -26,8 +26,17 @@ class FeatureSpec:
         return int(self.layout["d_statistical"])
 
     @property
-    def dim(self) -> int:
+    def d_forensic(self) -> int:
+        return int(self.layout["d_forensic"])
+
+    @property
+    def d_backbone(self) -> int:
+        """The semantic and statistical parts: what the backbone's forward pass gives."""
         return self.d_semantic + self.d_statistical
+
+    @property
+    def dim(self) -> int:
+        return self.d_backbone + self.d_forensic
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,18 +1,21 @@
-"""Per-class mean score, suspect rate and AUROC of a scored demo folder.
+"""Per-class mean score, suspect rate, AUROC of the score and of each channel, and the most
+frequent softness, of a scored demo folder.
 
 Usage: python demo/summarize.py --scores PREFIX --manifest demo/data/scan/manifest.csv
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import glob
 import os
 
 import numpy as np
 import pyarrow.parquet as pq
+from sklearn.metrics import roc_auc_score
 
-from sklearn.metrics import roc_auc_score as auroc
+COLUMNS = ("score", "semantic", "statistical", "forensic")
 
 
 def main(argv=None) -> None:
@@ -27,25 +30,25 @@ def main(argv=None) -> None:
                         for row in csv.DictReader(handle)}
     table = pq.read_table(sorted(glob.glob(f"{args.scores}-scores-*.parquet"))).to_pydict()
     generators = np.array([generator_of[uri] for uri in table["uri"]])
-    scores = {name: np.asarray(table[name]) for name in ("score", "semantic", "statistical")}
+    values = {name: np.asarray(table[name]) for name in COLUMNS}
     suspect = np.asarray(table["is_suspect"])
+    softness = np.asarray(table["softness"])
     real = generators == "real"
 
-    print(f"{'class':12} {'n':>4} {'mean score':>11} {'suspect':>8} "
-          f"{'AUROC score':>12} {'semantic':>9} {'statistical':>12}")
-    for generator in ["real"] + sorted(set(generators) - {"real"}):
-        rows = generators == generator
-        line = (f"{generator:12} {rows.sum():4d} {scores['score'][rows].mean():11.3f} "
+    print(f"{'class':12} {'n':>4} {'mean score':>11} {'suspect':>8} {'AUROC score':>12} "
+          f"{'semantic':>9} {'statistical':>12} {'forensic':>9}  most frequent softness")
+    for generator in ["real"] + sorted(set(generators) - {"real"}) + ["all fakes"]:
+        rows = ~real if generator == "all fakes" else generators == generator
+        line = (f"{generator:12} {rows.sum():4d} {values['score'][rows].mean():11.3f} "
                 f"{suspect[rows].mean():8.1%}")
-        if generator != "real":
+        if generator == "real":
+            line += " " * 45
+        else:
             pair = real | rows
-            line += "".join(f" {auroc(~real[pair], values[pair]):{width}.3f}" for values, width
-                            in zip(scores.values(), (12, 9, 12)))
-        print(line)
-    fake = ~real
-    print(f"{'all fakes':12} {fake.sum():4d} {scores['score'][fake].mean():11.3f} "
-          f"{suspect[fake].mean():8.1%} {auroc(fake, scores['score']):12.3f} "
-          f"{auroc(fake, scores['semantic']):9.3f} {auroc(fake, scores['statistical']):12.3f}")
+            line += "".join(f" {roc_auc_score(~real[pair], values[name][pair]):{width}.3f}"
+                            for name, width in zip(COLUMNS, (12, 9, 12, 9)))
+        (common, count), = collections.Counter(softness[rows]).most_common(1)
+        print(f"{line}  {common} ({count}/{rows.sum()})")
 
 
 if __name__ == "__main__":

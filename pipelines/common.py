@@ -23,10 +23,11 @@ def decode_step(args, options, preprocessing: dict, previous=None) -> DecodeImag
                         ahead=args.decode_ahead or args.batch_size)
 
 
-def embed_step(args, options, config: BackboneConfig, extractor: FeatureExtractor) -> EmbedImages:
+def embed_step(args, options, config: BackboneConfig, extractor: FeatureExtractor,
+               softened: tuple = ()) -> EmbedImages:
     # Fixed-size batches: memory is bounded from the first batch on, and an image's features
     # do not depend on how the runner happened to batch it.
     return EmbedImages(FeatureModelHandler(
         config, extractor.spec.digest(), min_batch_size=args.batch_size,
         max_batch_size=args.batch_size, torch_threads=torch_threads(args, options),
-        large_model=args.large_model))
+        large_model=args.large_model, softened=softened))

@@ -11,12 +11,13 @@ import os
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from anchorscan.anchors.anchor import AnchorConfig
+from anchorscan.anchors.anchor import COMBINERS, AnchorConfig
 from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.datasets import DATASETS, GENIMAGE_SPLITS, read_dataset
 from anchorscan.anchors.metrics import detection_metrics
 from anchorscan.pipelines import score
-from anchorscan.pipelines.options import add_decoding_args, add_runtime_args, command_parser, parse
+from anchorscan.pipelines.options import (add_decoding_args, add_runtime_args, channel_list,
+                                          command_parser, parse)
 from anchorscan.transforms.io import files_below, read_bytes, read_parquet_rows, write_atomically
 
 COLUMNS = ("generator", "n_real", "n_fake", "ap", "auroc", "acc", "real_acc", "fake_acc",
@@ -37,6 +38,10 @@ def parser():
     parser.add_argument("--output", required=True,
                         help="folder for metrics.csv, metrics.md, metrics.json (local or gs://)")
     parser.add_argument("--split", default="val", choices=GENIMAGE_SPLITS, help="genimage: which split")
+    parser.add_argument("--channels", default=None, type=channel_list,
+                        help="comma-separated channels the anchor's score combines (default: the anchor's)")
+    parser.add_argument("--combine", default=None, choices=sorted(COMBINERS),
+                        help="how the anchor's p-values combine (default: the anchor's)")
     parser.add_argument("--sweep", default=None,
                         help="comma-separated perturbations evaluated one after another "
                              "(e.g. jpeg:95,jpeg:75,blur:1); writes sweep.csv")

@@ -5,12 +5,13 @@ import time
 
 import apache_beam as beam
 
-from anchorscan.anchors.anchor import COMBINERS, STATISTICAL_MODES, AnchorConfig
+from anchorscan.anchors.anchor import CHANNELS, COMBINERS, STATISTICAL_MODES, AnchorConfig
 from anchorscan.anchors.anchor_file import read_metadata
+from anchorscan.anchors.forensic import LEVEL_SETS
 from anchorscan.pipelines.common import decode_step, driver_extractor, embed_step
 from anchorscan.pipelines.options import (INPUT_HELP, add_backbone_args, add_decoding_args,
-                                          add_runtime_args, backbone_config, command_parser,
-                                          counter_totals, error_total, parse)
+                                          add_runtime_args, backbone_config, channel_list,
+                                          command_parser, counter_totals, error_total, parse)
 from anchorscan.transforms.fitting import FitAnchor
 from anchorscan.transforms.io import ListInputs, read_bytes
 from anchorscan.transforms.sinks import WriteErrors
@@ -36,6 +37,12 @@ def parser():
     group.add_argument("--statistical", default=AnchorConfig.statistical,
                        choices=sorted(STATISTICAL_MODES),
                        help="statistical distance decoupled from content, or raw")
+    group.add_argument("--channels", default=",".join(AnchorConfig.channels), type=channel_list,
+                       help=f"comma-separated channels the score combines, among {', '.join(CHANNELS)}")
+    group.add_argument("--forensic_levels", default=AnchorConfig.forensic_levels,
+                       choices=sorted(LEVEL_SETS),
+                       help="softness_path: real photos' focus blur and upscales are real; sharp: "
+                            "only for corpora known to be sharp (more recall, soft photos flagged)")
     add_backbone_args(parser)
     add_runtime_args(parser)
     add_decoding_args(parser)
@@ -44,7 +51,8 @@ def parser():
 
 def run(argv=None, test_pipeline=None) -> dict:
     args, options = parse(parser(), argv)
-    config = AnchorConfig(args.explained_variance, args.fpr, args.combine, args.statistical)
+    config = AnchorConfig(args.explained_variance, args.fpr, args.combine, args.statistical,
+                          args.channels, args.forensic_levels)
     backbone = backbone_config(args)
     extractor = driver_extractor(backbone)  # the spec and projection the anchor records
 
@@ -53,7 +61,9 @@ def run(argv=None, test_pipeline=None) -> dict:
     uris, list_errors = pipeline | "List" >> ListInputs(args.input)
     images, decode_errors, _ = uris | "Decode" >> decode_step(
         args, options, extractor.backbone.preprocessing)
-    embedded, embed_errors = images | "Embed" >> embed_step(args, options, backbone, extractor)
+    # The forensic channel's softness levels are simulated on each real crop while it is decoded.
+    softened = tuple(how for _, how in LEVEL_SETS[config.forensic_levels][1:])
+    embedded, embed_errors = images | "Embed" >> embed_step(args, options, backbone, extractor, softened)
     _ = embedded | "Fit" >> FitAnchor(args.anchor, extractor.spec, config, extractor.projection,
                                       args.calibration_fraction, args.calibration_group)
     _ = (list_errors, decode_errors, embed_errors) | WriteErrors(args.errors or args.anchor)

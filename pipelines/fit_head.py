@@ -7,12 +7,12 @@ import time
 import apache_beam as beam
 import numpy as np
 
-from anchorscan.anchors.heads import (FAKE, HEADS, REAL, LinearProbeHead, LogisticHead,
+from anchorscan.anchors.heads import (FAKE, HEADS, PARTS, REAL, LinearProbeHead, LogisticHead,
                                       NearestNeighbourHead, head_from_bytes)
 from anchorscan.pipelines.common import decode_step, driver_extractor, embed_step
-from anchorscan.pipelines.options import (INPUT_HELP, add_backbone_args, add_decoding_args,
-                                          add_runtime_args, backbone_config, command_parser,
-                                          counter_totals, error_total, parse)
+from anchorscan.pipelines.options import (INPUT_HELP, UsageError, add_backbone_args,
+                                          add_decoding_args, add_runtime_args, backbone_config,
+                                          command_parser, counter_totals, error_total, parse)
 from anchorscan.transforms.combine import MomentsCombineFn
 from anchorscan.transforms.io import ListInputs, read_bytes, write_atomically
 from anchorscan.transforms.sinks import WriteErrors
@@ -29,6 +29,9 @@ def parser():
     parser.add_argument("--output", required=True, help="the head file to write (local or gs://)")
     parser.add_argument("--errors", default=None,
                         help="prefix of the errors table (default: the head's path)")
+    parser.add_argument("--features", default="semantic", choices=PARTS,
+                        help="what the head reads: the semantic embedding (UnivFD), or every "
+                             "channel (semantic, statistical, forensic; lda only)")
     parser.add_argument("--k", type=int, default=1, help="nn: neighbours per class")
     parser.add_argument("--max_per_class", type=int, default=10000,
                         help="nn and logistic: bank size per class (a uniform sample)")
@@ -49,14 +52,17 @@ def _fit_from_banks(_, banks: dict, kind: str, spec, k: int):
     return LogisticHead.fit(spec, features, labels)
 
 
-def _fit_lda(_, moments: dict, spec):
+def _fit_lda(_, moments: dict, spec, parts: str):
     if REAL not in moments or FAKE not in moments:
         raise ValueError("a head needs both real and fake images that can be embedded")
-    return LinearProbeHead.fit(spec, moments[REAL], moments[FAKE])
+    return LinearProbeHead.fit(spec, moments[REAL], moments[FAKE], parts)
 
 
 def run(argv=None, test_pipeline=None):
     args, options = parse(parser(), argv)
+    if args.features != "semantic" and args.kind != "lda":
+        raise UsageError(f"--features {args.features} is for the lda head; {args.kind} heads read "
+                         "the semantic embedding, as in UnivFD")
     backbone = backbone_config(args)
     extractor = driver_extractor(backbone)
     spec = extractor.spec
@@ -77,7 +83,8 @@ def run(argv=None, test_pipeline=None):
     if args.kind == "lda":
         moments = (labelled | "ClassMoments" >> beam.CombinePerKey(MomentsCombineFn(spec.dim))
                    | "MomentsByClass" >> beam.combiners.ToDict())
-        head = once | "FitHead" >> beam.Map(_fit_lda, beam.pvalue.AsSingleton(moments), spec)
+        head = once | "FitHead" >> beam.Map(_fit_lda, beam.pvalue.AsSingleton(moments), spec,
+                                            args.features)
     else:
         banks = (labelled | "Banks" >> beam.combiners.Sample.FixedSizePerKey(args.max_per_class)
                  | "BanksByClass" >> beam.combiners.ToDict())

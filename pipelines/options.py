@@ -87,6 +87,16 @@ def add_decoding_args(parser: argparse.ArgumentParser, perturbation: bool = True
                            help=f"applied to every image before cropping: {PERTURBATION_HELP}")
 
 
+def channel_list(text: str) -> tuple[str, ...]:
+    """--channels semantic,forensic -> ("semantic", "forensic"), checked."""
+    from anchorscan.anchors.anchor import CHANNELS
+
+    channels = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not channels or set(channels) - set(CHANNELS):
+        raise argparse.ArgumentTypeError(f"choose among {', '.join(CHANNELS)}, comma-separated")
+    return channels
+
+
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None):
     """(our flags, Beam's options); Beam's runner defaults to the in-process one."""
     args, rest = parser.parse_known_args(argv)

@@ -10,8 +10,8 @@ from anchorscan.anchors.anchor_file import anchor_id, verified_contents
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.pipelines.common import decode_step, driver_extractor, embed_step
 from anchorscan.pipelines.options import (INPUT_HELP, UsageError, add_decoding_args,
-                                          add_runtime_args, backbone_config, command_parser,
-                                          counter_totals, parse)
+                                          add_runtime_args, backbone_config, channel_list,
+                                          command_parser, counter_totals, parse)
 from anchorscan.transforms.io import ListInputs, read_bytes
 from anchorscan.transforms.scoring import ScoreFeatures, load_head
 from anchorscan.transforms.sinks import ReadPreviousScores, WriteErrors, WriteScores
@@ -31,6 +31,8 @@ def parser():
                         help="how the p-values combine (default: the anchor's)")
     parser.add_argument("--statistical", default=None, choices=sorted(STATISTICAL_MODES),
                         help="statistical distance decoupled or raw (default: the anchor's)")
+    parser.add_argument("--channels", default=None, type=channel_list,
+                        help="comma-separated channels the score combines (default: the anchor's)")
     parser.add_argument("--skip_scored", default=None,
                         help="PREFIX or glob of earlier scores: content scored with the same "
                              "detector reuses its row")
@@ -64,7 +66,7 @@ def score(args, options, test_pipeline=None) -> dict:
         args, options, extractor.backbone.preprocessing, previous)
     embedded, embed_errors = images | "Embed" >> embed_step(args, options, backbone, extractor)
     rows, score_errors = embedded | "Score" >> ScoreFeatures(
-        args.anchor, args.combine, args.statistical, args.head, args.with_anchor)
+        args.anchor, args.combine, args.statistical, args.channels, args.head, args.with_anchor)
     _ = (rows, reused) | "AllScores" >> beam.Flatten() | WriteScores(args.output)
     _ = (list_errors, decode_errors, embed_errors, score_errors) | WriteErrors(args.output)
     result = pipeline.run()

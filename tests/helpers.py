@@ -9,7 +9,10 @@ import glob
 import numpy as np
 from PIL import Image
 
+from anchorscan.anchors.anchor import Anchor, AnchorConfig
+from anchorscan.anchors.forensic import ForensicModel
 from anchorscan.anchors.spec import FeatureSpec
+from anchorscan.anchors.stats import Moments
 
 RUNNER = ["--runner", "FnApiRunner"]
 # Hold out by file name, not by the whole path: pytest's temporary folders change from run to run,
@@ -17,11 +20,31 @@ RUNNER = ["--runner", "FnApiRunner"]
 HOLD_OUT_BY_NAME = ["--calibration_group", r"([^/]+)$"]
 
 
-def synthetic_spec(d_semantic: int, d_statistical: int, **changes) -> FeatureSpec:
+D_FORENSIC = 3  # synthetic forensic columns
+
+
+def synthetic_spec(d_semantic: int, d_statistical: int, d_forensic: int = D_FORENSIC,
+                   **changes) -> FeatureSpec:
     """The spec of made-up features, for the maths and file-format tests."""
     base = FeatureSpec("synthetic", "0" * 64, {"crop": 224},
-                       {"d_semantic": d_semantic, "d_statistical": d_statistical})
+                       {"d_semantic": d_semantic, "d_statistical": d_statistical,
+                        "d_forensic": d_forensic})
     return dataclasses.replace(base, **changes)
+
+
+def with_forensic(rows: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Backbone-part rows with D_FORENSIC standard normal forensic columns after them."""
+    noise = np.random.default_rng(seed + 1000).normal(size=(len(rows), D_FORENSIC))
+    return np.hstack([rows, noise])
+
+
+def fit_synthetic_anchor(spec: FeatureSpec, rows: np.ndarray, n_fit: int,
+                         config: AnchorConfig = AnchorConfig()) -> Anchor:
+    """An anchor fitted in memory on rows[:n_fit] (full width), calibrated on the rest; the
+    forensic channel with its sharp level only."""
+    fitted = rows[:n_fit]
+    forensic = ForensicModel(("sharp",), [Moments.of(fitted[:, spec.d_backbone:])])
+    return Anchor.fit(spec, Moments.of(fitted[:, :spec.d_backbone]), forensic, rows[n_fit:], config)
 
 
 def sample_photos() -> dict[str, np.ndarray]:

@@ -5,11 +5,10 @@ import numpy as np
 import pytest
 
 import anchorscan.anchors.anchor_file as anchor_file
-from helpers import synthetic_spec
-from anchorscan.anchors.anchor import COMPONENTS, Anchor, AnchorConfig
+from helpers import D_FORENSIC, fit_synthetic_anchor, synthetic_spec
+from anchorscan.anchors.anchor import COMPONENTS, AnchorConfig
 from anchorscan.anchors.anchor_file import anchor_from_bytes, anchor_to_bytes, read_metadata
 from anchorscan.anchors.spec import FeatureSpec, IncompatibleAnchorError
-from anchorscan.anchors.stats import Moments
 
 DS, DM = 6, 9
 
@@ -21,10 +20,9 @@ def spec(**changes):
 @pytest.fixture(scope="module")
 def anchor():
     rng = np.random.default_rng(0)
-    mixing = rng.normal(size=(DS + DM, DS + DM))
-    data = 5.0 + rng.normal(size=(700, DS + DM)) @ mixing
-    return Anchor.fit(spec(), Moments.of(data[:500]), data[500:],
-                      AnchorConfig(fpr=0.05, combine="tippett"))
+    mixing = rng.normal(size=(DS + DM + D_FORENSIC, DS + DM + D_FORENSIC))
+    data = 5.0 + rng.normal(size=(700, DS + DM + D_FORENSIC)) @ mixing
+    return fit_synthetic_anchor(spec(), data, 500, AnchorConfig(fpr=0.05, combine="tippett"))
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +39,7 @@ def test_round_trip_reproduces_statistics_calibration_and_scores(anchor, data):
     assert loaded.spec == anchor.spec
     loaded.spec.require_same(spec())
     assert np.array_equal(metadata["projection"], np.eye(4))
-    features = np.random.default_rng(1).normal(size=(20, DS + DM)) * 3
+    features = np.random.default_rng(1).normal(size=(20, DS + DM + D_FORENSIC)) * 3
     expected, actual = anchor.score(features), loaded.score(features)
     assert expected.keys() == actual.keys()
     for key in expected:
@@ -54,7 +52,7 @@ def test_read_metadata_reports_the_facts(anchor, data):
     summary = anchor.summary
     for key in ("backbone", "weights_sha256", "n", "d", "shrinkage", "k"):
         assert metadata[key] == summary[key], key
-    assert (metadata["n"], metadata["d"], metadata["config"]["fpr"]) == (500, DS + DM, 0.05)
+    assert (metadata["n"], metadata["d"], metadata["config"]["fpr"]) == (500, DS + DM + D_FORENSIC, 0.05)
     # the configuration is recorded once, under "config"
     assert not set(metadata) & {"fpr", "combine", "statistical", "explained_variance"}
 

@@ -6,9 +6,9 @@ from scipy import stats
 from sklearn.covariance import OAS, oas
 from sklearn.metrics import roc_auc_score
 
-from anchorscan.anchors.anchor import (Anchor, AnchorModel, Spectrum, oas_shrinkage,
+from anchorscan.anchors.anchor import (AnchorModel, Spectrum, oas_shrinkage,
                             shrunk_covariance)
-from helpers import synthetic_spec
+from helpers import fit_synthetic_anchor, synthetic_spec, with_forensic
 from anchorscan.anchors.calibration import (fisher_log10, holds_out, sketch, tippett_log10,
                                  upper_tail_log_pvalues)
 from anchorscan.anchors.stats import Moments
@@ -121,13 +121,13 @@ def test_semantic_and_statistical_distances_equal_exact_inverse_oracle():
 def test_fit_with_fewer_rows_than_dimensions():
     ds, dm, n = 30, 50, 20
     data = sample(ds, dm, n=n + 10, seed=8)
-    anchor = Anchor.fit(spec(ds, dm), Moments.of(data[:n]), data[n:])
+    anchor = fit_synthetic_anchor(spec(ds, dm), with_forensic(data), n)
     model = anchor.model
     assert model.decoupled.k <= n - 1 and model.raw.k <= n - 1
     assert 0.0 < model.shrinkage <= 1.0 and anchor.summary["shrinkage"] == model.shrinkage
     assert np.isfinite(model.decoupled.tau) and model.decoupled.tau > 0
-    scores = anchor.score(sample(ds, dm, n=10, seed=9))
-    for name in ("semantic", "statistical", "statistical_raw", "score"):
+    scores = anchor.score(with_forensic(sample(ds, dm, n=10, seed=9)))
+    for name in ("semantic", "statistical", "statistical_raw", "forensic", "score"):
         assert np.all(np.isfinite(scores[name])) and np.all(scores[name] >= 0)
 
 
@@ -135,15 +135,15 @@ def test_fit_with_fewer_rows_than_dimensions():
 def calibrated():
     ds, dm = 8, 12
     mean, sigma, rng = joint_gaussian(ds, dm, seed=10)
-    draw = lambda n: rng.multivariate_normal(mean, sigma, size=n)  # noqa: E731
-    anchor = Anchor.fit(spec(ds, dm), Moments.of(draw(6000)), draw(2000))
+    draw = lambda n: with_forensic(rng.multivariate_normal(mean, sigma, size=n), seed=n)  # noqa: E731
+    anchor = fit_synthetic_anchor(spec(ds, dm), np.vstack([draw(6000), draw(2000)]), 6000)
     return anchor, draw, np.sqrt(np.diag(sigma)), ds
 
 
 def test_pvalues_are_uniform_and_suspect_rate_matches_fpr(calibrated):
     anchor, draw, _, _ = calibrated
     scores = anchor.score(draw(2000))
-    for name in ("p_semantic", "p_statistical"):
+    for name in ("p_semantic", "p_statistical", "p_forensic"):
         assert stats.kstest(scores[name], "uniform").statistic < 0.06, name
     fpr = anchor.config.fpr
     assert abs(scores["is_suspect"].mean() - fpr) <= 4 * np.sqrt(fpr * (1 - fpr) / 2000)
@@ -153,11 +153,14 @@ def test_pvalues_are_uniform_and_suspect_rate_matches_fpr(calibrated):
 def test_shifted_statistics_score_much_higher(calibrated, change):
     anchor, draw, std, ds = calibrated
     real, fake = draw(1000), draw(1000)
+    statistical = slice(ds, len(std))
     if change == "shift":
-        fake[:, ds:] += 4 * std[ds:]
+        fake[:, statistical] += 4 * std[ds:]
     else:
-        fake[:, ds:] = anchor.moments.mean[ds:] + 3 * (fake[:, ds:] - anchor.moments.mean[ds:])
-    real_scores, fake_scores = anchor.score(real)["score"], anchor.score(fake)
+        mean = anchor.moments.mean[ds:]
+        fake[:, statistical] = mean + 3 * (fake[:, statistical] - mean)
+    channels = ("semantic", "statistical")  # the channel under test, and one that must not hide it
+    real_scores, fake_scores = anchor.score(real, channels=channels)["score"], anchor.score(fake, channels=channels)
     labels = np.r_[np.zeros(1000), np.ones(1000)]
     assert roc_auc_score(labels, np.r_[real_scores, fake_scores["score"]]) > 0.95
     assert fake_scores["is_suspect"].mean() > 0.5

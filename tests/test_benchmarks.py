@@ -13,7 +13,8 @@ from pathlib import Path
 REQUIRED = ("score_over_forward", "fit_over_forward", "score_over_dataloader_12mp",
             "stats_share_of_forward", "rss_growth_10k_over_1k",
             "forward_gflops_share_of_matmul_peak", "score_steady_state_over_forward_mix",
-            "score_over_dataloader_12mp_steady_state", "region_decode_max_pixel_difference")
+            "score_over_dataloader_12mp_steady_state", "region_decode_max_pixel_difference",
+            "forensic_share_of_forward", "score_over_bound", "score_steady_state_over_bound")
 
 
 pytestmark = pytest.mark.slow  # runs the throughput script end to end (about 2 minutes)
@@ -33,4 +34,4 @@ def test_throughput_benchmark_prints_every_required_value(tmp_path):
         assert value >= 0 or ("steady_state" in name and math.isnan(value)), (name, value)
     assert int(values["region_decode_max_pixel_difference"]) == 0  # the scores cannot change
     targets = result.stdout.split("\ntargets\n", 1)[1].split("\n\n", 1)[0].splitlines()
-    assert len(targets) == 4 and all(" met " in line or " not met " in line for line in targets)
+    assert len(targets) == 6 and all(" met " in line or " not met " in line for line in targets)

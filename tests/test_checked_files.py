@@ -10,9 +10,7 @@ import pytest
 import anchorscan.anchors.anchor_file as anchor_file
 import anchorscan.anchors.heads as heads
 from anchorscan.anchors import checked_file
-from anchorscan.anchors.anchor import Anchor
-from anchorscan.anchors.stats import Moments
-from helpers import synthetic_spec
+from helpers import D_FORENSIC, fit_synthetic_anchor, synthetic_spec
 
 DS, DM = 6, 9
 
@@ -27,12 +25,12 @@ class FileKind:
 
 def _features(n, seed=0):
     rng = np.random.default_rng(seed)
-    return 5.0 + rng.normal(size=(n, DS + DM)) @ rng.normal(size=(DS + DM, DS + DM))
+    width = DS + DM + D_FORENSIC
+    return 5.0 + rng.normal(size=(n, width)) @ rng.normal(size=(width, width))
 
 
 def _anchor_bytes():
-    data = _features(400)
-    return anchor_file.anchor_to_bytes(Anchor.fit(synthetic_spec(DS, DM), Moments.of(data[:300]), data[300:]))
+    return anchor_file.anchor_to_bytes(fit_synthetic_anchor(synthetic_spec(DS, DM), _features(400), 300))
 
 
 def _head_bytes():
@@ -77,10 +75,11 @@ def test_foreign_bytes_are_refused(kind, junk):
 
 def test_another_format_version_is_refused_naming_it(kind, monkeypatch):
     _, file_kind = kind
-    monkeypatch.setattr(file_kind.module, "FORMAT_VERSION", 2)
+    future_version = file_kind.module.FORMAT_VERSION + 1
+    monkeypatch.setattr(file_kind.module, "FORMAT_VERSION", future_version)
     future = file_kind.write()
     monkeypatch.undo()
-    with pytest.raises(file_kind.error, match="version 2"):
+    with pytest.raises(file_kind.error, match=f"version {future_version}"):
         file_kind.read(future)
 
 

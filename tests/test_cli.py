@@ -19,7 +19,7 @@ def test_info_json_has_the_documented_keys(fitted_anchor, capsys):
     info = json.loads(capsys.readouterr().out)
     for key in ("format_version", "backbone", "weights_sha256", "n", "d", "shrinkage", "k", "config"):
         assert key in info
-    assert info["d"] == 2048
+    assert info["d"] == 1280 + 768 + 10  # semantic, statistical, forensic
 
 
 def test_score_refuses_an_anchor_from_other_weights(fitted_anchor, real_photos, tmp_path, capsys):
@@ -49,12 +49,16 @@ DECODING = {"--max_pixels", "--max_bytes", "--min_side", "--decode_timeout", "--
 FEATURES = {"--backbone", "--attention", "--resize", "--statistical_budget", "--projection_seed"}
 FLAGS = {
     "fit": {"--input", "--anchor", "--errors", "--calibration_fraction", "--calibration_group",
-            "--fpr", "--explained_variance", "--combine", "--statistical"} | FEATURES | RUNTIME | DECODING,
+            "--fpr", "--explained_variance", "--combine", "--statistical", "--channels",
+            "--forensic_levels"} | FEATURES | RUNTIME | DECODING,
     "score": {"--input", "--anchor", "--output", "--head", "--with_anchor", "--combine",
-              "--statistical", "--skip_scored"} | RUNTIME | DECODING,
-    "fit-head": {"--kind", "--real", "--fake", "--output", "--errors", "--k", "--max_per_class"}
+              "--statistical", "--channels", "--skip_scored"} | RUNTIME | DECODING,
+    "fit-head": {"--kind", "--real", "--fake", "--output", "--errors", "--k", "--max_per_class",
+                 "--features"}
                 | FEATURES | RUNTIME | DECODING,
-    "evaluate": {"--dataset", "--anchor", "--head", "--output", "--split", "--sweep"} | RUNTIME | DECODING,
+    "evaluate": {"--dataset", "--anchor", "--head", "--output", "--split", "--sweep", "--channels",
+                 "--combine"}
+                | RUNTIME | DECODING,
     "report": {"--scores", "--output", "--anchor", "--labels", "--gallery"},
     "info": {"--json"},
 }

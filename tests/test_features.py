@@ -60,7 +60,7 @@ def extractor():
 def test_default_backbone_features(extractor):
     pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8))
     features = extractor(pixels)
-    assert features.vectors.shape == (3, extractor.spec.dim) == (3, 2048)
+    assert features.vectors.shape == (3, extractor.spec.dim) == (3, 1280 + 768 + 10)
     assert np.isfinite(features.vectors).all()
     assert ((features.attention_positions >= 1) & (features.attention_positions <= 49)).all()
     # One image's features do not depend on the rest of its batch.

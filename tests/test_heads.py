@@ -28,7 +28,7 @@ DIRECTION /= np.linalg.norm(DIRECTION)
 
 
 def spec(**changes):
-    return synthetic_spec(DS, DM, **changes)
+    return synthetic_spec(DS, DM, d_forensic=0, **changes)  # heads never read the forensic part
 
 
 def sample(n_real, n_fake, seed, shift=2.0):
@@ -255,3 +255,19 @@ def test_fitting_needs_both_classes(kind, training):
     features, labels = training
     with pytest.raises(ValueError, match="real and fake"):
         fit_head(kind, features[labels == 0], labels[labels == 0])
+
+
+def test_lda_on_every_channel_reads_the_whole_row():
+    features, labels = sample(600, 400, seed=6)
+    features[labels == 1, DS:] += 40.0  # the fakes also differ outside the semantic part
+    head = LinearProbeHead.fit_from_rows(spec(), features, labels, parts="all")
+    assert head.weights.shape == (DS + DM,)
+    loaded = head_from_bytes(head.to_bytes())
+    assert loaded.parts == "all"
+    queries, _ = sample(50, 50, seed=7)
+    np.testing.assert_allclose(loaded.score(queries), head.score(queries), rtol=1e-12)
+    semantic_only = LinearProbeHead.fit_from_rows(spec(), features, labels)
+    test_features, test_labels = sample(300, 300, seed=8)
+    test_features[test_labels == 1, DS:] += 40.0
+    assert (auroc(test_labels, head.score(test_features))
+            > auroc(test_labels, semantic_only.score(test_features)))

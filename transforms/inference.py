@@ -21,15 +21,17 @@ DEFAULT_BATCH_SIZE = 16  # suits CPUs; GPUs want 64 or more
 
 
 class FeatureModelHandler(ModelHandler[np.ndarray, tuple, FeatureExtractor]):
-    """uint8 crops in, (feature vector, effective attention positions) out."""
+    """uint8 crops in, (feature vector, effective attention positions) out. ``softened``: the
+    softness levels whose forensic features follow (fitting; see ``FeatureExtractor``)."""
 
     def __init__(self, config: BackboneConfig, expected_spec_digest: Optional[str] = None,
                  min_batch_size: int = 1, max_batch_size: int = 32, torch_threads: int = 0,
-                 large_model: bool = False):
+                 large_model: bool = False, softened: tuple = ()):
         super().__init__()
         self.config, self.expected_spec_digest = config, expected_spec_digest
         self.min_batch_size, self.max_batch_size = min_batch_size, max_batch_size
         self.torch_threads, self.large_model = torch_threads, large_model
+        self.softened = tuple(softened)
 
     def load_model(self) -> FeatureExtractor:
         if self.torch_threads:
@@ -51,7 +53,7 @@ class FeatureModelHandler(ModelHandler[np.ndarray, tuple, FeatureExtractor]):
 
     def run_inference(self, batch: Sequence[np.ndarray], model: FeatureExtractor,
                       inference_args: Optional[dict[str, Any]] = None) -> Iterable[tuple]:
-        features = model(torch.from_numpy(np.stack(batch)))
+        features = model(torch.from_numpy(np.stack(batch)), self.softened)
         return list(zip(features.vectors, features.attention_positions.tolist()))
 
     def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:

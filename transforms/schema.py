@@ -28,11 +28,19 @@ SCORE_COLUMNS = (
     Column("p_semantic", pa.float64(), "upper-tail p-value of `semantic` against the held-out real images"),
     Column("p_statistical", pa.float64(),
            "upper-tail p-value of the statistical distance the anchor scores with"),
+    Column("p_forensic", pa.float64(), "upper-tail p-value of `forensic`"),
     Column("semantic", pa.float64(), "semantic Mahalanobis distance"),
     Column("statistical", pa.float64(), "decoupled statistical distance, `t2 + spe`"),
     Column("t2", pa.float64(), "its part in the kept eigenspace"),
     Column("spe", pa.float64(), "its part outside the kept eigenspace"),
     Column("statistical_raw", pa.float64(), "the statistical distance without regression on content"),
+    Column("forensic", pa.float64(),
+           "pixel-level distance: how much more predictable the fine scales are than in real "
+           "photos of the same softness"),
+    Column("softness", pa.string(),
+           "the real-photo softness that explains the pixels best: `sharp`, `blur0.4` ... "
+           "`blur1.5` (focus blur, Gaussian sigma in px), `upscale1.25x` ... `upscale2x` "
+           "(an upscaled smaller image)"),
     Column("width", pa.int32(), "decoded width, after EXIF orientation"),
     Column("height", pa.int32(), "decoded height, after EXIF orientation"),
     Column("preprocess", pa.string(),
@@ -66,6 +74,7 @@ def score_row(image, scores: dict[str, np.ndarray], index: int, attention_positi
         "uri": image.uri, "sha256": image.sha256,
         **{name: float(scores[name][index]) for name in SCORED_FLOATS},
         "is_suspect": bool(scores["is_suspect"][index]), "head": head,
+        "softness": str(scores["softness"][index]),
         "width": image.width, "height": image.height, "preprocess": image.preprocess,
         "attention_positions": float(attention_positions), "anchor_id": anchor_id,
     }

@@ -22,8 +22,9 @@ class ScoreBatchFn(beam.DoFn):
     """Scores batches against the anchor and, given one, a head whose score then decides."""
 
     def __init__(self, combine: str | None = None, statistical: str | None = None,
-                 with_anchor: bool = False):
-        self.combine, self.statistical, self.with_anchor = combine, statistical, with_anchor
+                 channels: tuple[str, ...] | None = None, with_anchor: bool = False):
+        self.combine, self.statistical, self.channels = combine, statistical, channels
+        self.with_anchor = with_anchor
         self.scored = Metrics.counter("anchorscan", "images_scored")
         self.suspects = Metrics.counter("anchorscan", "images_suspect")
 
@@ -38,7 +39,7 @@ class ScoreBatchFn(beam.DoFn):
         if not finite:
             return
         vectors = np.stack([vector for _, (vector, _) in finite])
-        scores = anchor.score(vectors, self.combine, self.statistical)
+        scores = anchor.score(vectors, self.combine, self.statistical, self.channels)
         scores["anchor_score"] = scores["score"]
         if head is not None:
             scores["score"] = head.score(vectors)
@@ -71,9 +72,11 @@ class ScoreFeatures(beam.PTransform):
     are read once into side inputs."""
 
     def __init__(self, anchor_uri: str, combine: str | None = None, statistical: str | None = None,
-                 head_uri: str | None = None, with_anchor: bool = False, max_batch_size: int = 256):
+                 channels: tuple[str, ...] | None = None, head_uri: str | None = None,
+                 with_anchor: bool = False, max_batch_size: int = 256):
         super().__init__()
         self.anchor_uri, self.combine, self.statistical = anchor_uri, combine, statistical
+        self.channels = channels
         self.head_uri, self.with_anchor, self.max_batch_size = head_uri, with_anchor, max_batch_size
 
     def expand(self, embedded):
@@ -90,7 +93,8 @@ class ScoreFeatures(beam.PTransform):
                            beam.pvalue.AsSingleton(head | "HeadId" >> beam.Map(lambda pair: pair[1]))]
         outputs = (embedded
                    | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.max_batch_size)
-                   | "Score" >> beam.ParDo(ScoreBatchFn(self.combine, self.statistical, self.with_anchor),
+                   | "Score" >> beam.ParDo(ScoreBatchFn(self.combine, self.statistical, self.channels,
+                                                        self.with_anchor),
                                            anchor, anchor_id, *head_inputs).with_outputs(
                                                ERRORS, main="scores"))
         return outputs.scores, outputs[ERRORS]
