@@ -17,6 +17,7 @@ from anchorscan.anchors.datasets import DATASETS, GENIMAGE_SPLITS, read_dataset
 from anchorscan.anchors.metrics import detection_metrics
 from anchorscan.pipelines import score
 from anchorscan.pipelines.options import add_decoding_args, add_runtime_args, command_parser, parse
+from anchorscan.transforms.gcs import check_paths
 from anchorscan.transforms.io import files_below, read_bytes, read_parquet_rows, write_atomically
 
 COLUMNS = ("generator", "n_real", "n_fake", "ap", "auroc", "acc", "real_acc", "fake_acc",
@@ -134,6 +135,7 @@ def evaluate_once(images, args, options, folder: str, perturbation: str | None) 
 
 def run(argv=None) -> list[dict]:
     args, options = parse(parser(), argv)
+    check_paths([args.root, args.anchor, args.head.removeprefix("anchor+"), args.output, args.weights])
     root = args.root if "://" in args.root else os.path.abspath(args.root)
     images = read_dataset(args.dataset, root, files_below, read_bytes, args.split)
     if not args.sweep:

@@ -12,6 +12,7 @@ from anchorscan.pipelines.options import (INPUT_HELP, add_backbone_args, add_dec
                                           add_runtime_args, backbone_config, command_parser,
                                           counter_totals, error_total, parse)
 from anchorscan.transforms.fitting import FitAnchor
+from anchorscan.transforms.gcs import check_paths
 from anchorscan.transforms.io import ListInputs, read_bytes
 from anchorscan.transforms.sinks import WriteErrors
 
@@ -44,6 +45,7 @@ def parser():
 
 def run(argv=None, test_pipeline=None) -> dict:
     args, options = parse(parser(), argv)
+    check_paths([*args.input, args.anchor, args.errors, args.weights])
     config = AnchorConfig(args.explained_variance, args.fpr, args.combine, args.statistical)
     backbone = backbone_config(args)
     extractor = driver_extractor(backbone)  # the spec and projection the anchor records

@@ -14,6 +14,7 @@ from anchorscan.pipelines.options import (INPUT_HELP, add_backbone_args, add_dec
                                           add_runtime_args, backbone_config, command_parser,
                                           counter_totals, error_total, parse)
 from anchorscan.transforms.combine import MomentsCombineFn
+from anchorscan.transforms.gcs import check_paths
 from anchorscan.transforms.io import ListInputs, read_bytes, write_atomically
 from anchorscan.transforms.sinks import WriteErrors
 
@@ -57,6 +58,7 @@ def _fit_lda(_, moments: dict, spec):
 
 def run(argv=None, test_pipeline=None):
     args, options = parse(parser(), argv)
+    check_paths([*args.real, *args.fake, args.output, args.errors, args.weights])
     backbone = backbone_config(args)
     extractor = driver_extractor(backbone)
     spec = extractor.spec

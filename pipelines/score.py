@@ -12,6 +12,7 @@ from anchorscan.pipelines.common import decode_step, driver_extractor, embed_ste
 from anchorscan.pipelines.options import (INPUT_HELP, UsageError, add_decoding_args,
                                           add_runtime_args, backbone_config, command_parser,
                                           counter_totals, parse)
+from anchorscan.transforms.gcs import check_paths
 from anchorscan.transforms.io import ListInputs, read_bytes
 from anchorscan.transforms.scoring import ScoreFeatures, load_head
 from anchorscan.transforms.sinks import ReadPreviousScores, WriteErrors, WriteScores
@@ -46,6 +47,7 @@ def run(argv=None, test_pipeline=None) -> dict:
 
 def score(args, options, test_pipeline=None) -> dict:
     """The scan that ``args`` (this command's flags) describe."""
+    check_paths([*args.input, args.anchor, args.output, args.head, args.skip_scored, args.weights])
     # The driver only checks the anchor; workers derive its scoring matrices.
     _, metadata = verified_contents(read_bytes(args.anchor))
     spec, config = FeatureSpec.from_dict(metadata), AnchorConfig(**metadata["config"])

@@ -13,6 +13,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
 from anchorscan.anchors.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DecodeError, decode_and_crop
+from anchorscan.transforms.gcs import storage_errors
 from anchorscan.transforms.schema import error_row
 
 ERRORS = "errors"
@@ -38,7 +39,7 @@ class ReadError(OSError):
 
 def read_limited(uri: str, max_bytes: int) -> bytes:
     try:
-        with FileSystems.open(uri, compression_type="uncompressed") as handle:
+        with storage_errors(uri), FileSystems.open(uri, compression_type="uncompressed") as handle:
             data = handle.read(max_bytes + 1)
     except FileNotFoundError:
         raise ReadError("file not found (removed after it was listed?)") from None

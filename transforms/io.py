@@ -12,13 +12,14 @@ from apache_beam.io.filesystems import FileSystems
 
 from anchorscan.anchors.manifests import GLOB_CHARACTERS, is_manifest, read_manifest
 from anchorscan.anchors.preprocess import is_image_path
+from anchorscan.transforms.gcs import describe, is_gcs, storage_errors
 from anchorscan.transforms.progress import ReportProgress
 from anchorscan.transforms.schema import error_row
 
 
 
 def read_bytes(uri: str) -> bytes:
-    with FileSystems.open(uri, compression_type="uncompressed") as handle:
+    with storage_errors(uri), FileSystems.open(uri, compression_type="uncompressed") as handle:
         return handle.read()
 
 
@@ -30,7 +31,8 @@ def local_copy(uri: str) -> str:
                           + "-" + posixpath.basename(uri))
     if not os.path.exists(target):
         partial = f"{target}.{uuid.uuid4().hex}"
-        with FileSystems.open(uri, compression_type="uncompressed") as source, open(partial, "wb") as out:
+        with (storage_errors(uri), FileSystems.open(uri, compression_type="uncompressed") as source,
+              open(partial, "wb") as out):
             for chunk in iter(lambda: source.read(1 << 24), b""):
                 out.write(chunk)
         os.replace(partial, target)
@@ -91,6 +93,8 @@ def expand_input(pattern: str):
         else:
             matches = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
     except Exception as error:  # a bad pattern or manifest must not stop the other inputs
+        if is_gcs(pattern):
+            error = describe(pattern, error, is_listing=not is_manifest(pattern))
         yield "error", error_row(pattern, "list", f"cannot list input: {error}")
         return
     if not matches:
