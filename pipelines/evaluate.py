@@ -16,7 +16,8 @@ from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.datasets import DATASETS, GENIMAGE_SPLITS, read_dataset
 from anchorscan.anchors.metrics import detection_metrics
 from anchorscan.pipelines import score
-from anchorscan.pipelines.options import add_decoding_args, add_runtime_args, command_parser, parse
+from anchorscan.pipelines.options import (add_decoding_args, add_http_args, add_runtime_args,
+                                          command_parser, parse)
 from anchorscan.transforms.gcs import check_paths
 from anchorscan.transforms.io import files_below, read_bytes, read_parquet_rows, write_atomically
 
@@ -43,6 +44,7 @@ def parser():
                              "(e.g. jpeg:95,jpeg:75,blur:1); writes sweep.csv")
     add_runtime_args(parser)
     add_decoding_args(parser)
+    add_http_args(parser)
     return parser
 
 

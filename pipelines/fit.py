@@ -9,8 +9,8 @@ from anchorscan.anchors.anchor import COMBINERS, STATISTICAL_MODES, AnchorConfig
 from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.pipelines.common import decode_step, driver_extractor, embed_step
 from anchorscan.pipelines.options import (INPUT_HELP, add_backbone_args, add_decoding_args,
-                                          add_runtime_args, backbone_config, command_parser,
-                                          counter_totals, error_total, parse)
+                                          add_http_args, add_runtime_args, backbone_config,
+                                          command_parser, counter_totals, error_total, parse)
 from anchorscan.transforms.fitting import FitAnchor
 from anchorscan.transforms.gcs import check_paths
 from anchorscan.transforms.io import ListInputs, read_bytes
@@ -40,6 +40,7 @@ def parser():
     add_backbone_args(parser)
     add_runtime_args(parser)
     add_decoding_args(parser)
+    add_http_args(parser)
     return parser
 
 

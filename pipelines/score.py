@@ -10,8 +10,8 @@ from anchorscan.anchors.anchor_file import anchor_id, verified_contents
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.pipelines.common import decode_step, driver_extractor, embed_step
 from anchorscan.pipelines.options import (INPUT_HELP, UsageError, add_decoding_args,
-                                          add_runtime_args, backbone_config, command_parser,
-                                          counter_totals, parse)
+                                          add_http_args, add_runtime_args, backbone_config,
+                                          command_parser, counter_totals, parse)
 from anchorscan.transforms.gcs import check_paths
 from anchorscan.transforms.io import ListInputs, read_bytes
 from anchorscan.transforms.scoring import ScoreFeatures, load_head
@@ -37,6 +37,7 @@ def parser():
                              "detector reuses its row")
     add_runtime_args(parser)
     add_decoding_args(parser)
+    add_http_args(parser)
     return parser
 
 

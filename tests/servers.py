@@ -107,3 +107,133 @@ def environment_for_subprocesses() -> dict:
     env = dict(os.environ)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     return env
+
+
+class CrawlSite:
+    """A web server on 127.0.0.1 with the failures a crawl meets, by path:
+
+    /img/NAME        the bytes put in ``images[NAME]``
+    /redirect/NAME   301 to /img/NAME
+    /404             404 Not Found
+    /flaky/NAME      500 on the first request for NAME, then /img/NAME
+    /down            503 always
+    /slow            answers after ``slow_seconds`` (headers and all)
+    /stall           headers and 100 bytes, then nothing for ``slow_seconds``
+    /drip            one byte every 0.1 s, without end
+    /truncated       declares 10,000 bytes, sends 100 and closes
+    /big             declares ``big_bytes`` and sends them
+    /endless         no length, bytes until the client goes away (``disconnected`` then names it)
+    /loop            302 to itself; /ping and /pong redirect to each other
+    /hop/N           302 to /hop/N+1, without end
+    /to-file         302 to file:///etc/passwd
+    /busy/NAME       /img/NAME after 0.3 s; ``max_in_flight`` records the most requests at once
+    """
+
+    def __init__(self, slow_seconds: float = 3.0, big_bytes: int = 5_000_000):
+        import http.server
+        import threading
+
+        self.images: dict[str, bytes] = {}
+        self.requests: dict[str, int] = {}
+        self.disconnected: set[str] = set()
+        self.in_flight = self.max_in_flight = 0
+        self.slow_seconds, self.big_bytes = slow_seconds, big_bytes
+        self._lock = threading.Lock()
+        site = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                with site._lock:
+                    site.requests[self.path] = site.requests.get(self.path, 0) + 1
+                    count = site.requests[self.path]
+                try:
+                    site.respond(self, self.path, count)
+                except (BrokenPipeError, ConnectionResetError):  # the client stopped reading
+                    with site._lock:
+                        site.disconnected.add(self.path)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://{LOOPBACK}:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    @staticmethod
+    def _send(handler, status: int, body: bytes = b"", headers: dict | None = None,
+              length: int | None = None) -> None:
+        handler.send_response(status)
+        for name, value in (headers or {}).items():
+            handler.send_header(name, value)
+        handler.send_header("Content-Length", str(len(body) if length is None else length))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    def _redirect(self, handler, location: str, status: int = 302) -> None:
+        self._send(handler, status, headers={"Location": location})
+
+    def respond(self, handler, path: str, count: int) -> None:
+        import time
+
+        name = path.rsplit("/", 1)[-1]
+        if path.startswith("/img/") and name in self.images:
+            self._send(handler, 200, self.images[name], {"Content-Type": "image/png"})
+        elif path.startswith("/redirect/"):
+            self._redirect(handler, f"/img/{name}", 301)
+        elif path.startswith("/flaky/"):
+            if count == 1:
+                self._send(handler, 500, b"try again")
+            else:
+                self._send(handler, 200, self.images[name])
+        elif path == "/down":
+            self._send(handler, 503, b"down")
+        elif path == "/slow":
+            time.sleep(self.slow_seconds)
+            self._send(handler, 200, b"late")
+        elif path == "/stall":
+            self._send(handler, 200, b"x" * 100, length=10_000)
+            handler.wfile.flush()
+            time.sleep(self.slow_seconds)
+        elif path == "/drip":
+            handler.send_response(200)
+            handler.end_headers()
+            while True:
+                handler.wfile.write(b"x")
+                handler.wfile.flush()
+                time.sleep(0.1)
+        elif path == "/truncated":
+            self._send(handler, 200, b"x" * 100, length=10_000)
+        elif path == "/big":
+            self._send(handler, 200, b"x" * self.big_bytes)
+        elif path == "/endless":
+            handler.send_response(200)
+            handler.end_headers()
+            while True:
+                handler.wfile.write(b"x" * 65536)
+        elif path == "/loop":
+            self._redirect(handler, "/loop")
+        elif path in ("/ping", "/pong"):
+            self._redirect(handler, "/pong" if path == "/ping" else "/ping")
+        elif path.startswith("/hop/"):
+            self._redirect(handler, f"/hop/{int(name) + 1}")
+        elif path == "/to-file":
+            self._redirect(handler, "file:///etc/passwd")
+        elif path.startswith("/busy/"):
+            with self._lock:
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            time.sleep(0.3)
+            with self._lock:
+                self.in_flight -= 1
+            self._send(handler, 200, self.images[name])
+        else:
+            self._send(handler, 404, b"<html>Not Found</html>", {"Content-Type": "text/html"})

@@ -44,15 +44,16 @@ RUNTIME = {"--weights", "--device", "--precision", "--runtime", "--batch_size", 
            "--large_model"}
 DECODING = {"--max_pixels", "--max_bytes", "--min_side", "--decode_timeout", "--decode_threads",
             "--decode_ahead", "--perturbation"}
+HTTP = {"--http_timeout", "--http_retries", "--http_max_per_host", "--http_max_time"}
 FEATURES = {"--backbone", "--attention", "--resize", "--statistical_budget", "--projection_seed"}
 FLAGS = {
     "fit": {"--input", "--anchor", "--errors", "--calibration_fraction", "--calibration_group",
-            "--fpr", "--explained_variance", "--combine", "--statistical"} | FEATURES | RUNTIME | DECODING,
+            "--fpr", "--explained_variance", "--combine", "--statistical"} | FEATURES | RUNTIME | DECODING | HTTP,
     "score": {"--input", "--anchor", "--output", "--head", "--with_anchor", "--combine",
-              "--statistical", "--skip_scored"} | RUNTIME | DECODING,
+              "--statistical", "--skip_scored"} | RUNTIME | DECODING | HTTP,
     "fit-head": {"--kind", "--real", "--fake", "--output", "--errors", "--k", "--max_per_class"}
-                | FEATURES | RUNTIME | DECODING,
-    "evaluate": {"--dataset", "--anchor", "--head", "--output", "--split", "--sweep"} | RUNTIME | DECODING,
+                | FEATURES | RUNTIME | DECODING | HTTP,
+    "evaluate": {"--dataset", "--anchor", "--head", "--output", "--split", "--sweep"} | RUNTIME | DECODING | HTTP,
     "report": {"--scores", "--output", "--anchor", "--labels", "--gallery"},
     "info": {"--json"},
 }

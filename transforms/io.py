@@ -12,13 +12,19 @@ from apache_beam.io.filesystems import FileSystems
 
 from anchorscan.anchors.manifests import GLOB_CHARACTERS, is_manifest, read_manifest
 from anchorscan.anchors.preprocess import is_image_path
+from anchorscan.transforms.fetch import fetch, is_http
 from anchorscan.transforms.gcs import describe, is_gcs, storage_errors
 from anchorscan.transforms.progress import ReportProgress
 from anchorscan.transforms.schema import error_row
 
 
+# Files read whole from web servers (manifests, thumbnails): a cap against endless responses.
+MAX_HTTP_FILE_BYTES = 2 ** 30
+
 
 def read_bytes(uri: str) -> bytes:
+    if is_http(uri):  # a manifest or a report's thumbnail on a web server
+        return fetch(uri, MAX_HTTP_FILE_BYTES)
     with storage_errors(uri), FileSystems.open(uri, compression_type="uncompressed") as handle:
         return handle.read()
 
@@ -81,6 +87,9 @@ def expand_input(pattern: str):
     A manifest lists its images; a directory stands for the image files below it (by extension);
     anything else is a glob and matches exactly what it says.
     """
+    if is_http(pattern) and not is_manifest(pattern):  # a web server lists nothing: one image
+        yield "uri", pattern
+        return
     try:
         if is_manifest(pattern):
             for uri in manifest_uris(pattern):
