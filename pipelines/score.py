@@ -12,6 +12,7 @@ from anchorscan.pipelines.common import decode_step, driver_extractor, embed_ste
 from anchorscan.pipelines.options import (INPUT_HELP, UsageError, add_decoding_args,
                                           add_http_args, add_runtime_args, backbone_config,
                                           command_parser, counter_totals, parse)
+from anchorscan.transforms.carried import CarryManifestColumns, carried_columns, score_schema
 from anchorscan.transforms.gcs import check_paths
 from anchorscan.transforms.io import ListInputs, read_bytes
 from anchorscan.transforms.scoring import ScoreFeatures, load_head
@@ -57,6 +58,7 @@ def score(args, options, test_pipeline=None) -> dict:
     spec.require_same(extractor.spec, f"anchor {args.anchor}")  # refuse before any work
     head = check_head(args, extractor.spec)
     detector = anchor_id(metadata)
+    carried = carried_columns(args.input)  # the manifests' other columns, for the score table
 
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=options)
@@ -68,7 +70,9 @@ def score(args, options, test_pipeline=None) -> dict:
     embedded, embed_errors = images | "Embed" >> embed_step(args, options, backbone, extractor)
     rows, score_errors = embedded | "Score" >> ScoreFeatures(
         args.anchor, args.combine, args.statistical, args.head, args.with_anchor)
-    _ = (rows, reused) | "AllScores" >> beam.Flatten() | WriteScores(args.output)
+    _ = ((rows, reused) | "AllScores" >> beam.Flatten()
+         | "Carry" >> CarryManifestColumns(args.input, carried)
+         | WriteScores(args.output, score_schema(carried)))
     _ = (list_errors, decode_errors, embed_errors, score_errors) | WriteErrors(args.output)
     result = pipeline.run()
     result.wait_until_finish()

@@ -89,10 +89,13 @@ def _read_body(response: requests.Response, max_bytes: int, deadline: float,
     except urllib3.exceptions.ReadTimeoutError:
         raise _Transient("timed out while reading the response") from None
     except (urllib3.exceptions.HTTPError, OSError) as error:  # reset, or closed early
-        raise _Transient(f"truncated response ({_cause(error)})") from None
-    if declared is not None and len(body) < declared:
+        truncated = error
+    else:
+        if declared is None or len(body) >= declared:
+            return bytes(body)
+    if declared is not None:
         raise _Transient(f"truncated response ({len(body):,} of {declared:,} bytes)")
-    return bytes(body)
+    raise _Transient(f"truncated response ({len(body):,} bytes, then {_cause(truncated)})")
 
 
 def _chain(error: BaseException) -> list[BaseException]:
