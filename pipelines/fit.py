@@ -44,7 +44,9 @@ def parser():
     return parser
 
 
-def run(argv=None, test_pipeline=None) -> dict:
+def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
+    """Fits and writes the anchor; ``wait=False`` (a Flex template's launcher) returns once the
+    job is submitted."""
     args, options = parse(parser(), argv)
     check_paths([*args.input, args.anchor, args.errors, args.weights])
     config = AnchorConfig(args.explained_variance, args.fpr, args.combine, args.statistical)
@@ -61,6 +63,8 @@ def run(argv=None, test_pipeline=None) -> dict:
                                       args.calibration_fraction, args.calibration_group)
     _ = (list_errors, decode_errors, embed_errors) | WriteErrors(args.errors or args.anchor)
     result = pipeline.run()
+    if not wait:
+        return {"anchor": args.anchor}
     result.wait_until_finish()
 
     metadata = read_metadata(read_bytes(args.anchor))

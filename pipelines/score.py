@@ -42,13 +42,14 @@ def parser():
     return parser
 
 
-def run(argv=None, test_pipeline=None) -> dict:
+def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
     args, options = parse(parser(), argv)
-    return score(args, options, test_pipeline)
+    return score(args, options, test_pipeline, wait)
 
 
-def score(args, options, test_pipeline=None) -> dict:
-    """The scan that ``args`` (this command's flags) describe."""
+def score(args, options, test_pipeline=None, wait: bool = True) -> dict:
+    """The scan that ``args`` (this command's flags) describe; ``wait=False`` (a Flex template's
+    launcher) returns once the job is submitted."""
     check_paths([*args.input, args.anchor, args.output, args.head, args.skip_scored, args.weights])
     # The driver only checks the anchor; workers derive its scoring matrices.
     _, metadata = verified_contents(read_bytes(args.anchor))
@@ -75,6 +76,8 @@ def score(args, options, test_pipeline=None) -> dict:
          | WriteScores(args.output, score_schema(carried)))
     _ = (list_errors, decode_errors, embed_errors, score_errors) | WriteErrors(args.output)
     result = pipeline.run()
+    if not wait:
+        return {"output": args.output, "anchor_id": detector}
     result.wait_until_finish()
 
     counters = counter_totals(result)
