@@ -19,27 +19,29 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_for_port(port: int, process: subprocess.Popen | None = None, seconds: float = 30.0) -> None:
+def wait_for_port(port: int, process: subprocess.Popen | None = None, seconds: float = 30.0,
+                  host: str = LOOPBACK) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited with {process.returncode} before listening")
+            raise RuntimeError(f"{process.args} exited with {process.returncode} before listening")
         try:
-            socket.create_connection((LOOPBACK, port), timeout=0.5).close()
+            socket.create_connection((host, port), timeout=0.5).close()
             return
         except OSError:
             time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on {LOOPBACK}:{port} after {seconds:.0f} s")
+    raise TimeoutError(f"nothing listens on {host}:{port} after {seconds:.0f} s")
 
 
 @contextlib.contextmanager
-def started(command: list[str], port: int, log_path, env: dict | None = None):
-    """A service process listening on ``port``, terminated (then killed) on exit; its output
-    goes to ``log_path``."""
+def started(command: list[str], port: int, log_path, env: dict | None = None,
+            host: str = LOOPBACK, seconds: float = 30.0):
+    """A service process listening on ``host``:``port``, terminated (then killed) on exit; its
+    output goes to ``log_path``."""
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            wait_for_port(port, process)
+            wait_for_port(port, process, seconds, host)
             yield process
         finally:
             process.terminate()
