@@ -71,7 +71,8 @@ def crawl(monkeypatch, tmp_path):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setattr(fetch_module, "BACKOFF_SECONDS", 0.05)
     with CrawlSite(slow_seconds=3.0, big_bytes=3_000_000) as site:
-        for path in write_crops(tmp_path / "..", count_per_photo=1, seed=7)[:3]:
+        (tmp_path / "crops").mkdir()
+        for path in write_crops(tmp_path / "crops", count_per_photo=1, seed=7)[:3]:
             site.images[path.rsplit("/", 1)[1]] = open(path, "rb").read()
         yield site
 
@@ -109,3 +110,12 @@ def test_a_crawled_manifest_is_scored_with_its_columns(fitted_anchor, crawl, tmp
     assert {uri.rsplit("/", 1)[1]: row["error"] for uri, row in errors.items()} == expected
     assert {row["stage"] for row in errors.values()} == {"read"}
     assert crawl.requests[f"/flaky/{good[2]}"] == 2 and crawl.requests["/404"] == 1
+
+
+def test_an_http_input_is_one_image_and_an_http_manifest_is_read(crawl):
+    from anchorscan.transforms.io import expand_input
+
+    assert list(expand_input(f"{crawl.url}/img/a.png")) == [("uri", f"{crawl.url}/img/a.png")]
+    crawl.images["list.txt"] = f"{crawl.url}/img/b.png\nrelative.png\n".encode()
+    assert [value for _, value in expand_input(f"{crawl.url}/img/list.txt")] == [
+        f"{crawl.url}/img/b.png", f"{crawl.url}/img/relative.png"]
