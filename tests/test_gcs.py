@@ -237,13 +237,17 @@ def test_without_credentials_the_message_says_what_to_set(tmp_path, capsys):
     assert "gcloud auth application-default login" in error and "GOOGLE_APPLICATION_CREDENTIALS" in error
 
 
-def test_unreachable_storage_fails_in_seconds(capsys):
-    # A closed port (connection refused, retried) and a listener that never answers (timeouts).
+def test_unreachable_storage_fails_in_seconds(capsys, monkeypatch):
+    # A closed port (connection refused, retried for CHECK_SECONDS), then a listener that never
+    # answers (each attempt waits for its read timeout; shortened here to keep the suite quick).
     with socket.socket() as closed, socket.socket() as silent:
         closed.bind((LOOPBACK, 0))
         silent.bind((LOOPBACK, 0))
         silent.listen(8)
         for sock in (closed, silent):
+            if sock is silent:
+                monkeypatch.setattr(gcs, "CHECK_SECONDS", 2.0)
+                monkeypatch.setattr(gcs, "REQUEST_TIMEOUT", (0.5, 0.5))
             endpoint = f"http://{LOOPBACK}:{sock.getsockname()[1]}"
             with environment(STORAGE_EMULATOR_HOST=endpoint):
                 started = time.monotonic()
