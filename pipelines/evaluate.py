@@ -16,8 +16,9 @@ from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.datasets import DATASETS, GENIMAGE_SPLITS, read_dataset
 from anchorscan.anchors.metrics import detection_metrics
 from anchorscan.pipelines import score
-from anchorscan.pipelines.options import (add_decoding_args, add_runtime_args, channel_list,
-                                          command_parser, parse)
+from anchorscan.pipelines.options import (add_decoding_args, add_http_args, add_runtime_args,
+                                          channel_list, command_parser, parse)
+from anchorscan.transforms.gcs import check_paths
 from anchorscan.transforms.io import files_below, read_bytes, read_parquet_rows, write_atomically
 
 COLUMNS = ("generator", "n_real", "n_fake", "ap", "auroc", "acc", "real_acc", "fake_acc",
@@ -47,6 +48,7 @@ def parser():
                              "(e.g. jpeg:95,jpeg:75,blur:1); writes sweep.csv")
     add_runtime_args(parser)
     add_decoding_args(parser)
+    add_http_args(parser)
     return parser
 
 
@@ -139,6 +141,7 @@ def evaluate_once(images, args, options, folder: str, perturbation: str | None) 
 
 def run(argv=None) -> list[dict]:
     args, options = parse(parser(), argv)
+    check_paths([args.root, args.anchor, args.head.removeprefix("anchor+"), args.output, args.weights])
     root = args.root if "://" in args.root else os.path.abspath(args.root)
     images = read_dataset(args.dataset, root, files_below, read_bytes, args.split)
     if not args.sweep:

@@ -10,9 +10,11 @@ from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.forensic import LEVEL_SETS
 from anchorscan.pipelines.common import decode_step, driver_extractor, embed_step
 from anchorscan.pipelines.options import (INPUT_HELP, add_backbone_args, add_decoding_args,
-                                          add_runtime_args, backbone_config, channel_list,
-                                          command_parser, counter_totals, error_total, parse)
+                                          add_http_args, add_runtime_args, backbone_config,
+                                          channel_list, command_parser, counter_totals,
+                                          error_total, parse)
 from anchorscan.transforms.fitting import FitAnchor
+from anchorscan.transforms.gcs import check_paths
 from anchorscan.transforms.io import ListInputs, read_bytes
 from anchorscan.transforms.sinks import WriteErrors
 
@@ -46,11 +48,15 @@ def parser():
     add_backbone_args(parser)
     add_runtime_args(parser)
     add_decoding_args(parser)
+    add_http_args(parser)
     return parser
 
 
-def run(argv=None, test_pipeline=None) -> dict:
+def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
+    """Fits and writes the anchor; ``wait=False`` (a Flex template's launcher) returns once the
+    job is submitted."""
     args, options = parse(parser(), argv)
+    check_paths([*args.input, args.anchor, args.errors, args.weights])
     config = AnchorConfig(args.explained_variance, args.fpr, args.combine, args.statistical,
                           args.channels, args.forensic_levels)
     backbone = backbone_config(args)
@@ -68,6 +74,8 @@ def run(argv=None, test_pipeline=None) -> dict:
                                       args.calibration_fraction, args.calibration_group)
     _ = (list_errors, decode_errors, embed_errors) | WriteErrors(args.errors or args.anchor)
     result = pipeline.run()
+    if not wait:
+        return {"anchor": args.anchor}
     result.wait_until_finish()
 
     metadata = read_metadata(read_bytes(args.anchor))

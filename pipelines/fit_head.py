@@ -11,9 +11,11 @@ from anchorscan.anchors.heads import (FAKE, HEADS, PARTS, REAL, LinearProbeHead,
                                       NearestNeighbourHead, head_from_bytes)
 from anchorscan.pipelines.common import decode_step, driver_extractor, embed_step
 from anchorscan.pipelines.options import (INPUT_HELP, UsageError, add_backbone_args,
-                                          add_decoding_args, add_runtime_args, backbone_config,
-                                          command_parser, counter_totals, error_total, parse)
+                                          add_decoding_args, add_http_args, add_runtime_args,
+                                          backbone_config, command_parser, counter_totals,
+                                          error_total, parse)
 from anchorscan.transforms.combine import MomentsCombineFn
+from anchorscan.transforms.gcs import check_paths
 from anchorscan.transforms.io import ListInputs, read_bytes, write_atomically
 from anchorscan.transforms.sinks import WriteErrors
 
@@ -38,6 +40,7 @@ def parser():
     add_backbone_args(parser)
     add_runtime_args(parser)
     add_decoding_args(parser)
+    add_http_args(parser)
     return parser
 
 
@@ -63,6 +66,7 @@ def run(argv=None, test_pipeline=None):
     if args.features != "semantic" and args.kind != "lda":
         raise UsageError(f"--features {args.features} is for the lda head; {args.kind} heads read "
                          "the semantic embedding, as in UnivFD")
+    check_paths([*args.real, *args.fake, args.output, args.errors, args.weights])
     backbone = backbone_config(args)
     extractor = driver_extractor(backbone)
     spec = extractor.spec

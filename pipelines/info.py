@@ -5,6 +5,7 @@ import json
 
 from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.pipelines.options import command_parser
+from anchorscan.transforms.gcs import check_paths
 from anchorscan.transforms.io import read_bytes
 
 FACTS = ("format_version", "anchorscan_version", "created", "backbone", "weights_sha256", "n",
@@ -20,6 +21,7 @@ def parser():
 
 def run(argv=None) -> dict:
     args = parser().parse_args(argv)
+    check_paths([args.anchor])
     metadata = read_metadata(read_bytes(args.anchor))
     if args.json:
         print(json.dumps(metadata, sort_keys=True))

@@ -14,6 +14,7 @@ from anchorscan.anchors.features import PRECISIONS, RUNTIMES, BackboneConfig
 from anchorscan.anchors.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, PERTURBATION_HELP
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.transforms.decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_BYTES
+from anchorscan.transforms.fetch import HttpConfig
 from anchorscan.transforms.inference import DEFAULT_BATCH_SIZE
 
 # The default local runner would first try to download the Prism binary; offline that fails
@@ -95,6 +96,27 @@ def channel_list(text: str) -> tuple[str, ...]:
     if not channels or set(channels) - set(CHANNELS):
         raise argparse.ArgumentTypeError(f"choose among {', '.join(CHANNELS)}, comma-separated")
     return channels
+
+
+def add_http_args(parser: argparse.ArgumentParser) -> None:
+    """How http(s):// inputs (crawled manifests) are fetched; --max_bytes caps them too."""
+    group = parser.add_argument_group("http(s) inputs")
+    group.add_argument("--http_timeout", type=float, default=HttpConfig.timeout,
+                       help="seconds to connect, and to wait for the next bytes of a response")
+    group.add_argument("--http_retries", type=int, default=HttpConfig.retries,
+                       help="retries on 5xx, timeouts and broken connections (never on 4xx)")
+    group.add_argument("--http_max_per_host", type=int, default=HttpConfig.max_per_host,
+                       help="requests in flight to one host from one worker process")
+    group.add_argument("--http_max_time", type=float, default=HttpConfig.max_time,
+                       help="seconds one URI may take, all attempts and redirects together")
+
+
+def http_config(args) -> HttpConfig:
+    if (args.http_timeout <= 0 or args.http_max_time <= 0 or args.http_retries < 0
+            or args.http_max_per_host < 1):
+        raise UsageError("--http_timeout and --http_max_time must be positive, --http_retries at "
+                         "least 0 and --http_max_per_host at least 1")
+    return HttpConfig(args.http_timeout, args.http_retries, args.http_max_per_host, args.http_max_time)
 
 
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None):

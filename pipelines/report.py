@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 from anchorscan.anchors.anchor_file import verified_contents
 from anchorscan.anchors.datasets import manifest
 from anchorscan.pipelines.options import command_parser
+from anchorscan.transforms.gcs import check_paths
 from anchorscan.transforms.io import read_bytes, read_parquet_rows, write_atomically
 
 
@@ -147,6 +148,7 @@ def read_labels(path: str) -> dict[str, tuple[int, str]]:
 
 def run(argv=None) -> str:
     args = parser().parse_args(argv)
+    check_paths([args.scores, args.output, args.anchor, args.labels])
     rows = read_parquet_rows(f"{args.scores}-scores-*.parquet")
     if not rows:
         raise ValueError(f"no score rows match {args.scores}-scores-*.parquet")

@@ -10,8 +10,10 @@ from anchorscan.anchors.anchor_file import anchor_id, verified_contents
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.pipelines.common import decode_step, driver_extractor, embed_step
 from anchorscan.pipelines.options import (INPUT_HELP, UsageError, add_decoding_args,
-                                          add_runtime_args, backbone_config, channel_list,
-                                          command_parser, counter_totals, parse)
+                                          add_http_args, add_runtime_args, backbone_config,
+                                          channel_list, command_parser, counter_totals, parse)
+from anchorscan.transforms.carried import CarryManifestColumns, carried_columns, score_schema
+from anchorscan.transforms.gcs import check_paths
 from anchorscan.transforms.io import ListInputs, read_bytes
 from anchorscan.transforms.scoring import ScoreFeatures, load_head
 from anchorscan.transforms.sinks import ReadPreviousScores, WriteErrors, WriteScores
@@ -38,16 +40,19 @@ def parser():
                              "detector reuses its row")
     add_runtime_args(parser)
     add_decoding_args(parser)
+    add_http_args(parser)
     return parser
 
 
-def run(argv=None, test_pipeline=None) -> dict:
+def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
     args, options = parse(parser(), argv)
-    return score(args, options, test_pipeline)
+    return score(args, options, test_pipeline, wait)
 
 
-def score(args, options, test_pipeline=None) -> dict:
-    """The scan that ``args`` (this command's flags) describe."""
+def score(args, options, test_pipeline=None, wait: bool = True) -> dict:
+    """The scan that ``args`` (this command's flags) describe; ``wait=False`` (a Flex template's
+    launcher) returns once the job is submitted."""
+    check_paths([*args.input, args.anchor, args.output, args.head, args.skip_scored, args.weights])
     # The driver only checks the anchor; workers derive its scoring matrices.
     _, metadata = verified_contents(read_bytes(args.anchor))
     spec, config = FeatureSpec.from_dict(metadata), AnchorConfig(**metadata["config"])
@@ -56,6 +61,7 @@ def score(args, options, test_pipeline=None) -> dict:
     spec.require_same(extractor.spec, f"anchor {args.anchor}")  # refuse before any work
     head = check_head(args, extractor.spec)
     detector = anchor_id(metadata)
+    carried = carried_columns(args.input)  # the manifests' other columns, for the score table
 
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=options)
@@ -67,9 +73,13 @@ def score(args, options, test_pipeline=None) -> dict:
     embedded, embed_errors = images | "Embed" >> embed_step(args, options, backbone, extractor)
     rows, score_errors = embedded | "Score" >> ScoreFeatures(
         args.anchor, args.combine, args.statistical, args.channels, args.head, args.with_anchor)
-    _ = (rows, reused) | "AllScores" >> beam.Flatten() | WriteScores(args.output)
+    _ = ((rows, reused) | "AllScores" >> beam.Flatten()
+         | "Carry" >> CarryManifestColumns(args.input, carried)
+         | WriteScores(args.output, score_schema(carried)))
     _ = (list_errors, decode_errors, embed_errors, score_errors) | WriteErrors(args.output)
     result = pipeline.run()
+    if not wait:
+        return {"output": args.output, "anchor_id": detector}
     result.wait_until_finish()
 
     counters = counter_totals(result)

@@ -1,10 +1,35 @@
 """Fixtures shared by the test modules: real photo crops and an anchor fitted on them once per
-session."""
+session; every test runs behind a guard that refuses connections outside loopback."""
 from __future__ import annotations
 
-import pytest
+import os
 
-from helpers import HOLD_OUT_BY_NAME, RUNNER, write_crops
+# Read by google-auth when it is imported: never probe the cloud metadata server (link-local).
+os.environ["NO_GCE_CHECK"] = "true"
+
+import pytest  # noqa: E402
+
+from helpers import HOLD_OUT_BY_NAME, RUNNER, write_crops  # noqa: E402
+from servers import LoopbackGuard  # noqa: E402
+
+_guard = LoopbackGuard()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def loopback_guard():
+    _guard.install()
+    yield _guard
+    _guard.uninstall()
+
+
+@pytest.fixture(autouse=True)
+def nothing_leaves_loopback(loopback_guard):
+    """Fails a test in which anything tried to connect outside loopback, even if the code
+    under test turned the refusal into an error row."""
+    loopback_guard.refused.clear()
+    yield
+    refused, loopback_guard.refused[:] = list(loopback_guard.refused), []
+    assert not refused, f"connections outside loopback were attempted: {refused}"
 
 
 @pytest.fixture(scope="session")

@@ -46,19 +46,18 @@ RUNTIME = {"--weights", "--device", "--precision", "--runtime", "--batch_size", 
            "--large_model"}
 DECODING = {"--max_pixels", "--max_bytes", "--min_side", "--decode_timeout", "--decode_threads",
             "--decode_ahead", "--perturbation"}
+HTTP = {"--http_timeout", "--http_retries", "--http_max_per_host", "--http_max_time"}
 FEATURES = {"--backbone", "--attention", "--resize", "--statistical_budget", "--projection_seed"}
 FLAGS = {
     "fit": {"--input", "--anchor", "--errors", "--calibration_fraction", "--calibration_group",
             "--fpr", "--explained_variance", "--combine", "--statistical", "--channels",
-            "--forensic_levels"} | FEATURES | RUNTIME | DECODING,
+            "--forensic_levels"} | FEATURES | RUNTIME | DECODING | HTTP,
     "score": {"--input", "--anchor", "--output", "--head", "--with_anchor", "--combine",
-              "--statistical", "--channels", "--skip_scored"} | RUNTIME | DECODING,
+              "--statistical", "--channels", "--skip_scored"} | RUNTIME | DECODING | HTTP,
     "fit-head": {"--kind", "--real", "--fake", "--output", "--errors", "--k", "--max_per_class",
-                 "--features"}
-                | FEATURES | RUNTIME | DECODING,
+                 "--features"} | FEATURES | RUNTIME | DECODING | HTTP,
     "evaluate": {"--dataset", "--anchor", "--head", "--output", "--split", "--sweep", "--channels",
-                 "--combine"}
-                | RUNTIME | DECODING,
+                 "--combine"} | RUNTIME | DECODING | HTTP,
     "report": {"--scores", "--output", "--anchor", "--labels", "--gallery"},
     "info": {"--json"},
 }

@@ -13,6 +13,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
 from anchorscan.anchors.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DecodeError, decode_and_crop
+from anchorscan.transforms.fetch import FetchError, HttpConfig, fetch, is_http
+from anchorscan.transforms.gcs import storage_errors
 from anchorscan.transforms.schema import error_row
 
 ERRORS = "errors"
@@ -36,9 +38,14 @@ class ReadError(OSError):
     """The file could not be read; the message says why in words."""
 
 
-def read_limited(uri: str, max_bytes: int) -> bytes:
+def read_limited(uri: str, max_bytes: int, http: HttpConfig = HttpConfig()) -> bytes:
+    if is_http(uri):
+        try:
+            return fetch(uri, max_bytes, http)
+        except FetchError as error:
+            raise ReadError(str(error)) from None
     try:
-        with FileSystems.open(uri, compression_type="uncompressed") as handle:
+        with storage_errors(uri), FileSystems.open(uri, compression_type="uncompressed") as handle:
             data = handle.read(max_bytes + 1)
     except FileNotFoundError:
         raise ReadError("file not found (removed after it was listed?)") from None
@@ -82,8 +89,9 @@ class DecodeImageFn(beam.DoFn):
     def __init__(self, crop_size: int, resize: str = "none", max_pixels: int = DEFAULT_MAX_PIXELS,
                  max_bytes: int = DEFAULT_MAX_BYTES, min_side: int = DEFAULT_MIN_SIDE,
                  decode_timeout: float = DEFAULT_DECODE_TIMEOUT, perturbation: str | None = None,
-                 threads: int = 1, ahead: int = 1):
+                 threads: int = 1, ahead: int = 1, http: HttpConfig = HttpConfig()):
         self.crop_size, self.resize, self.perturbation = crop_size, resize, perturbation
+        self.http = http
         self.max_pixels, self.max_bytes, self.min_side = max_pixels, max_bytes, min_side
         self.decode_timeout = decode_timeout
         self.threads, self.ahead = max(threads, 1), max(ahead, 1)
@@ -134,7 +142,7 @@ class DecodeImageFn(beam.DoFn):
     def process(self, uri: str, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam,
                 previous=None):
         try:
-            data = read_limited(uri, self.max_bytes)
+            data = read_limited(uri, self.max_bytes, self.http)
         except ReadError as error:
             yield beam.pvalue.TaggedOutput(ERRORS, error_row(uri, "read", str(error)))
             return
@@ -159,14 +167,14 @@ class DecodeImages(beam.PTransform):
     """URIs -> (ImageMeta, uint8 crop) pairs, error rows, and reused score rows."""
 
     def __init__(self, preprocessing: dict, limits: dict, previous=None, threads: int = 1,
-                 ahead: int = 1):
+                 ahead: int = 1, http: HttpConfig = HttpConfig()):
         super().__init__()
         self.preprocessing, self.limits, self.previous = preprocessing, limits, previous
-        self.threads, self.ahead = threads, ahead
+        self.threads, self.ahead, self.http = threads, ahead, http
 
     def expand(self, uris):
         decode = DecodeImageFn(self.preprocessing["crop"], self.preprocessing["resize"],
-                               **self.limits, threads=self.threads, ahead=self.ahead)
+                               **self.limits, threads=self.threads, ahead=self.ahead, http=self.http)
         side_inputs = {"previous": beam.pvalue.AsDict(self.previous)} if self.previous is not None else {}
         outputs = uris | beam.ParDo(decode, **side_inputs).with_outputs(ERRORS, REUSED, main="images")
         return outputs.images, outputs[ERRORS], outputs[REUSED]

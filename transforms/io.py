@@ -12,13 +12,20 @@ from apache_beam.io.filesystems import FileSystems
 
 from anchorscan.anchors.manifests import GLOB_CHARACTERS, is_manifest, read_manifest
 from anchorscan.anchors.preprocess import is_image_path
+from anchorscan.transforms.fetch import fetch, is_http
+from anchorscan.transforms.gcs import describe, is_gcs, storage_errors
 from anchorscan.transforms.progress import ReportProgress
 from anchorscan.transforms.schema import error_row
 
 
+# Files read whole from web servers (manifests, thumbnails): a cap against endless responses.
+MAX_HTTP_FILE_BYTES = 2 ** 30
+
 
 def read_bytes(uri: str) -> bytes:
-    with FileSystems.open(uri, compression_type="uncompressed") as handle:
+    if is_http(uri):  # a manifest or a report's thumbnail on a web server
+        return fetch(uri, MAX_HTTP_FILE_BYTES)
+    with storage_errors(uri), FileSystems.open(uri, compression_type="uncompressed") as handle:
         return handle.read()
 
 
@@ -30,7 +37,8 @@ def local_copy(uri: str) -> str:
                           + "-" + posixpath.basename(uri))
     if not os.path.exists(target):
         partial = f"{target}.{uuid.uuid4().hex}"
-        with FileSystems.open(uri, compression_type="uncompressed") as source, open(partial, "wb") as out:
+        with (storage_errors(uri), FileSystems.open(uri, compression_type="uncompressed") as source,
+              open(partial, "wb") as out):
             for chunk in iter(lambda: source.read(1 << 24), b""):
                 out.write(chunk)
         os.replace(partial, target)
@@ -79,6 +87,9 @@ def expand_input(pattern: str):
     A manifest lists its images; a directory stands for the image files below it (by extension);
     anything else is a glob and matches exactly what it says.
     """
+    if is_http(pattern) and not is_manifest(pattern):  # a web server lists nothing: one image
+        yield "uri", pattern
+        return
     try:
         if is_manifest(pattern):
             for uri in manifest_uris(pattern):
@@ -91,6 +102,8 @@ def expand_input(pattern: str):
         else:
             matches = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
     except Exception as error:  # a bad pattern or manifest must not stop the other inputs
+        if is_gcs(pattern):
+            error = describe(pattern, error, is_listing=not is_manifest(pattern))
         yield "error", error_row(pattern, "list", f"cannot list input: {error}")
         return
     if not matches:

@@ -33,13 +33,16 @@ class WriteErrors(beam.PTransform):
 
 
 class WriteScores(beam.PTransform):
-    def __init__(self, prefix: str):
+    """Score rows -> ``PREFIX-scores-*.parquet``; ``schema``: the score columns and any carried
+    from manifests."""
+
+    def __init__(self, prefix: str, schema=SCORE_SCHEMA):
         super().__init__()
-        self.prefix = prefix
+        self.prefix, self.schema = prefix, schema
 
     def expand(self, rows):
         return rows | "WriteScores" >> beam.io.WriteToParquet(
-            f"{self.prefix}-scores", SCORE_SCHEMA, file_name_suffix=".parquet")
+            f"{self.prefix}-scores", self.schema, file_name_suffix=".parquet")
 
 
 def previous_scores_pattern(prefix_or_glob: str) -> str:

@@ -1,0 +1,181 @@
+"""http(s):// inputs, as crawled manifests list them: fetched with requests, with timeouts,
+bounded retries, a size cap, a per-host concurrency cap and guarded redirects. Every failure is
+a FetchError whose message gives the status or the cause."""
+from __future__ import annotations
+
+import dataclasses
+import socket
+import threading
+import time
+import urllib.parse
+
+import requests
+import urllib3
+
+HTTP_SCHEMES = ("http", "https")
+MAX_REDIRECTS = 5
+BACKOFF_SECONDS = 0.5  # before the first retry; doubles with each further one
+CHUNK_BYTES = 1 << 16
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpConfig:
+    timeout: float = 30.0  # seconds to connect, and between two reads of a response
+    retries: int = 3  # on 5xx, timeouts, refused or reset connections and truncated bodies
+    max_per_host: int = 4  # requests in flight to one host from one worker process
+    max_time: float = 300.0  # one URI, all attempts and redirects together
+
+
+class FetchError(OSError):
+    """The URI could not be fetched; the message says why (status or cause)."""
+
+
+class _Transient(Exception):
+    """A failure worth another attempt."""
+
+
+def is_http(uri: str) -> bool:
+    return urllib.parse.urlsplit(uri).scheme.lower() in HTTP_SCHEMES
+
+
+_local = threading.local()
+_slots: dict[str, threading.BoundedSemaphore] = {}
+_slots_lock = threading.Lock()
+
+
+def _session() -> requests.Session:
+    # A session per thread: connections are reused, and no session is shared between threads.
+    if not hasattr(_local, "session"):
+        _local.session = requests.Session()
+        _local.session.headers.update({"User-Agent": "anchorscan", "Accept-Encoding": "identity"})
+    return _local.session
+
+
+def _host_slot(url: str, max_per_host: int) -> threading.BoundedSemaphore:
+    parts = urllib.parse.urlsplit(url)
+    key = f"{parts.scheme.lower()}://{parts.netloc.lower()}"
+    with _slots_lock:
+        if key not in _slots:
+            _slots[key] = threading.BoundedSemaphore(max_per_host)
+        return _slots[key]
+
+
+def _remaining(deadline: float, config: HttpConfig) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise FetchError(f"gave up after --http_max_time {config.max_time:g} s")
+    return left
+
+
+def _read_body(response: requests.Response, max_bytes: int, deadline: float,
+               config: HttpConfig) -> bytes:
+    declared = response.headers.get("Content-Length")
+    declared = int(declared) if declared and declared.isdigit() else None
+    if declared is not None and declared > max_bytes:
+        raise FetchError(f"response is larger than --max_bytes {max_bytes:,} "
+                         f"(Content-Length {declared:,}); not read")
+    body = bytearray()
+    try:
+        # read1 returns what one read brings, so a response that drips bytes still meets the
+        # deadline check (iter_content would wait to fill each chunk).
+        while chunk := response.raw.read1(CHUNK_BYTES):
+            body += chunk
+            if len(body) > max_bytes:
+                raise FetchError(f"response is larger than --max_bytes {max_bytes:,}; "
+                                 f"stopped reading")
+            _remaining(deadline, config)
+    except FetchError:
+        raise
+    except urllib3.exceptions.ReadTimeoutError:
+        raise _Transient("timed out while reading the response") from None
+    except (urllib3.exceptions.HTTPError, OSError) as error:  # reset, or closed early
+        truncated = error
+    else:
+        if declared is None or len(body) >= declared:
+            return bytes(body)
+    if declared is not None:
+        raise _Transient(f"truncated response ({len(body):,} of {declared:,} bytes)")
+    raise _Transient(f"truncated response ({len(body):,} bytes, then {_cause(truncated)})")
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """``error`` and the errors it wraps (reason, arguments, cause), outermost first."""
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        nested = [arg for arg in getattr(error, "args", ()) if isinstance(arg, BaseException)]
+        reason = getattr(error, "reason", None)
+        error = (reason if isinstance(reason, BaseException) else nested[0] if nested
+                 else error.__cause__ or error.__context__)
+    return chain
+
+
+def _cause(error: BaseException) -> str:
+    """The root of a requests/urllib3 error, in a few words."""
+    chain = _chain(error)
+    for kind, words in ((ConnectionRefusedError, "connection refused"),
+                        (ConnectionResetError, "connection reset by the server"),
+                        (socket.gaierror, "host name not resolved")):
+        if any(isinstance(e, kind) for e in chain):
+            return words
+    # urllib3's NewConnectionError derives from its ConnectTimeoutError without being a timeout.
+    if any(isinstance(e, (TimeoutError, urllib3.exceptions.TimeoutError))
+           and not isinstance(e, urllib3.exceptions.NewConnectionError) for e in chain):
+        return "timed out"
+    return f"{type(chain[-1]).__name__}: {chain[-1]}"
+
+
+def _fetch_once(uri: str, max_bytes: int, deadline: float, config: HttpConfig) -> bytes:
+    url, seen = uri, {uri}
+    for _ in range(MAX_REDIRECTS + 1):
+        slot = _host_slot(url, config.max_per_host)
+        if not slot.acquire(timeout=_remaining(deadline, config)):
+            raise FetchError(f"no free connection to the host within --http_max_time {config.max_time:g} s")
+        try:
+            timeout = min(config.timeout, _remaining(deadline, config))
+            try:
+                response = _session().get(url, stream=True, allow_redirects=False,
+                                          timeout=(timeout, timeout))
+            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as error:
+                raise _Transient(_cause(error)) from None  # refused, reset or timed out
+            except requests.exceptions.RequestException as error:  # e.g. a malformed URL
+                raise FetchError(_cause(error)) from None
+            with response:
+                if response.is_redirect:
+                    target = urllib.parse.urljoin(url, response.headers["Location"])
+                    if urllib.parse.urlsplit(target).scheme.lower() not in HTTP_SCHEMES:
+                        raise FetchError(f"HTTP {response.status_code} redirect to {target}: only "
+                                         f"http(s) redirects are followed")
+                    if target in seen:
+                        raise FetchError(f"HTTP {response.status_code} redirect loop back to {target}")
+                    url = target
+                    seen.add(url)
+                    continue
+                status = f"HTTP {response.status_code} {response.reason or ''}".rstrip()
+                if response.status_code >= 500:
+                    raise _Transient(status)
+                if response.status_code >= 400:
+                    raise FetchError(status)
+                return _read_body(response, max_bytes, deadline, config)
+        finally:
+            slot.release()
+    raise FetchError(f"more than {MAX_REDIRECTS} redirects")
+
+
+def fetch(uri: str, max_bytes: int, config: HttpConfig = HttpConfig()) -> bytes:
+    """The body of ``uri``: at most ``max_bytes``, retried on transient failures with
+    exponential backoff, never past ``config.max_time``."""
+    deadline, attempt = time.monotonic() + config.max_time, 0
+    while True:
+        try:
+            return _fetch_once(uri, max_bytes, deadline, config)
+        except _Transient as error:
+            attempts = f" (after {attempt + 1} attempts)" if attempt else ""
+            if attempt == config.retries:
+                raise FetchError(f"{error}{attempts}") from None
+            pause = BACKOFF_SECONDS * 2 ** attempt
+            if time.monotonic() + pause >= deadline:
+                raise FetchError(f"{error}{attempts}; no time left for a retry within "
+                                 f"--http_max_time {config.max_time:g} s") from None
+            time.sleep(pause)
+            attempt += 1
