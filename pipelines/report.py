@@ -44,8 +44,8 @@ def _figure_html(figure, alt: str) -> str:
 
 
 def distributions_figure(rows: list[dict], calibration: dict | None) -> str:
-    names = ("score", "semantic", "statistical")
-    figure, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+    names = ("score", "forensic", "semantic", "statistical")
+    figure, axes = plt.subplots(1, len(names), figsize=(16, 3.2))
     for axis, name in zip(axes, names):
         values = np.array([row[name] for row in rows])
         axis.hist(values, bins=40, density=True, alpha=0.6, label="this scan")
