@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from anchorscan.anchors.calibration import COMBINERS, NUM_QUANTILES, sketch, upper_tail_log_pvalues
+from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.stats import Moments
 
@@ -29,14 +30,14 @@ class AnchorConfig:
 
     def __post_init__(self):
         if not 0.0 < self.explained_variance <= 1.0:
-            raise ValueError(f"explained_variance must be in (0, 1], got {self.explained_variance}")
+            raise UsageError(f"--explained_variance must be in (0, 1], got {self.explained_variance}")
         if not 0.0 < self.fpr < 1.0:
-            raise ValueError(f"fpr must be in (0, 1), got {self.fpr}")
+            raise UsageError(f"--fpr must be in (0, 1), got {self.fpr}")
         if self.combine not in COMBINERS:
-            raise ValueError(f"combine must be one of {sorted(COMBINERS)}, got {self.combine!r}")
+            raise UsageError(f"--combine must be one of {sorted(COMBINERS)}, got {self.combine!r}")
         if self.statistical not in STATISTICAL_MODES:
-            raise ValueError(
-                f"statistical must be one of {sorted(STATISTICAL_MODES)}, got {self.statistical!r}")
+            raise UsageError(
+                f"--statistical must be one of {sorted(STATISTICAL_MODES)}, got {self.statistical!r}")
 
     @property
     def threshold(self) -> float:

@@ -16,6 +16,7 @@ import numpy as np
 
 from anchorscan.anchors import checked_file
 from anchorscan.anchors.anchor import COMPONENTS, Anchor, AnchorConfig
+from anchorscan.anchors.errors import UserError
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.stats import Moments
 
@@ -23,7 +24,7 @@ FORMAT_VERSION = 1
 METADATA_KEY = "anchorscan"
 
 
-class AnchorFileError(ValueError):
+class AnchorFileError(UserError, ValueError):
     """The file is not a readable anchorscan anchor."""
 
 

@@ -8,8 +8,14 @@ import io
 import os
 import posixpath
 
+from anchorscan.anchors.errors import UserError
+
 MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
 GLOB_CHARACTERS = "*?["
+
+
+class ManifestError(UserError, ValueError):
+    """A manifest that cannot be read as one."""
 
 
 def is_manifest(pattern: str) -> bool:
@@ -42,7 +48,7 @@ def read_manifest(manifest: str, data: bytes, columns: tuple[str, ...] = ("uri",
         rows, names = [{"uri": line} for line in lines if line and not line.startswith("#")], ["uri"]
     missing = [column for column in columns if column not in names]
     if missing:
-        raise ValueError(f"manifest {manifest} lacks the column(s) {', '.join(missing)} "
+        raise ManifestError(f"manifest {manifest} lacks the column(s) {', '.join(missing)} "
                          f"(its columns: {', '.join(names) or 'none'})")
     return [{**row, "uri": resolve(manifest, uri) if uri else ""}
             for row, uri in ((row, (row.get("uri") or "").strip()) for row in rows)]

@@ -13,6 +13,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
+from anchorscan.anchors.errors import UsageError
+
 # The files a folder input scans and a dataset reader lists.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -95,7 +97,7 @@ def parse_perturbation(spec: str | None):
                 (max(1, round(image.width * factor)), max(1, round(image.height * factor))), Image.BICUBIC)
     except ValueError:
         pass
-    raise ValueError(f"perturbation must be {PERTURBATION_HELP}, not {spec!r}")
+    raise UsageError(f"--perturbation must be {PERTURBATION_HELP}, not {spec!r}")
 
 
 def _reencode(image: Image.Image, fmt: str, **options) -> Image.Image:

@@ -17,7 +17,8 @@ from anchorscan.anchors.datasets import DATASETS, GENIMAGE_SPLITS, read_dataset
 from anchorscan.anchors.metrics import detection_metrics
 from anchorscan.pipelines import score
 from anchorscan.pipelines.options import add_decoding_args, add_runtime_args, command_parser, parse
-from anchorscan.transforms.io import files_below, read_bytes, read_parquet_rows, write_atomically
+from anchorscan.transforms.io import (check_writable, files_below, read_bytes, read_parquet_rows,
+                                      write_atomically)
 
 COLUMNS = ("generator", "n_real", "n_fake", "ap", "auroc", "acc", "real_acc", "fake_acc",
            "tpr_at_fpr1", "tpr_at_fpr5")
@@ -105,6 +106,7 @@ def score_args(args, inputs: str, prefix: str, perturbation: str | None):
         if hasattr(scan, name) and name not in ("input", "output", "head"):
             setattr(scan, name, value)
     scan.perturbation = perturbation
+    scan.overwrite = True  # the scores under evaluate's --output are its own, remade each run
     if args.head.startswith("anchor+"):
         scan.head, scan.with_anchor = args.head[len("anchor+"):], True
     elif args.head != "anchor":
@@ -134,6 +136,7 @@ def evaluate_once(images, args, options, folder: str, perturbation: str | None) 
 
 def run(argv=None) -> list[dict]:
     args, options = parse(parser(), argv)
+    check_writable(FileSystems.join(args.output, "metrics.csv"), "--output")
     root = args.root if "://" in args.root else os.path.abspath(args.root)
     images = read_dataset(args.dataset, root, files_below, read_bytes, args.split)
     if not args.sweep:

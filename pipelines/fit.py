@@ -12,7 +12,7 @@ from anchorscan.pipelines.options import (INPUT_HELP, add_backbone_args, add_dec
                                           add_runtime_args, backbone_config, command_parser,
                                           counter_totals, error_total, parse)
 from anchorscan.transforms.fitting import FitAnchor
-from anchorscan.transforms.io import ListInputs, read_bytes
+from anchorscan.transforms.io import ListInputs, check_writable, read_bytes
 from anchorscan.transforms.sinks import WriteErrors
 
 
@@ -44,6 +44,8 @@ def parser():
 
 def run(argv=None, test_pipeline=None) -> dict:
     args, options = parse(parser(), argv)
+    check_writable(args.anchor, "--anchor")
+    check_writable(args.errors or args.anchor, "--errors")
     config = AnchorConfig(args.explained_variance, args.fpr, args.combine, args.statistical)
     backbone = backbone_config(args)
     extractor = driver_extractor(backbone)  # the spec and projection the anchor records

@@ -23,10 +23,6 @@ INPUT_HELP = ("a glob, a folder (its image files, recursively) or a manifest (.t
               "line, .csv or .parquet with a 'uri' column), local or gs://; repeat for several")
 
 
-class UsageError(ValueError):
-    """A command line that cannot run; the message says which flag and why."""
-
-
 def command_parser(command: str, description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(
         prog=f"anchorscan {command}", description=description,

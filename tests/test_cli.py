@@ -28,9 +28,10 @@ def test_score_refuses_an_anchor_from_other_weights(fitted_anchor, real_photos, 
     foreign.write_bytes(anchor_to_bytes(anchor, metadata["projection"]))
     code = main(["score", "--input", str(real_photos), "--anchor", str(foreign),
                  "--output", str(tmp_path / "out"), "--runner", "FnApiRunner"])
-    assert code == 1
+    assert code == 2
     message = capsys.readouterr().err
     assert "weights_sha256" in message and "fitted on different features" in message
+    assert len(message.strip().splitlines()) == 1 and "Traceback" not in message
     assert not list(tmp_path.glob("out-*"))  # refused before any work
 
 
@@ -49,7 +50,7 @@ FLAGS = {
     "fit": {"--input", "--anchor", "--errors", "--calibration_fraction", "--calibration_group",
             "--fpr", "--explained_variance", "--combine", "--statistical"} | FEATURES | RUNTIME | DECODING,
     "score": {"--input", "--anchor", "--output", "--head", "--with_anchor", "--combine",
-              "--statistical", "--skip_scored"} | RUNTIME | DECODING,
+              "--statistical", "--skip_scored", "--overwrite"} | RUNTIME | DECODING,
     "fit-head": {"--kind", "--real", "--fake", "--output", "--errors", "--k", "--max_per_class"}
                 | FEATURES | RUNTIME | DECODING,
     "evaluate": {"--dataset", "--anchor", "--head", "--output", "--split", "--sweep"} | RUNTIME | DECODING,
@@ -75,3 +76,62 @@ def test_an_unknown_flag_is_refused_by_name(tmp_path, capsys):
 def test_a_closed_set_is_checked_by_the_parser(capsys):
     assert main(["fit-head", "--kind", "svm", "--real", "r", "--fake", "f", "--output", "h"]) == 2
     assert "invalid choice: 'svm'" in capsys.readouterr().err
+
+
+def one_line_error(capsys) -> str:
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "Traceback" not in error, error
+    return error
+
+
+def test_a_missing_anchor_is_one_line_and_exit_2(tmp_path, capsys):
+    missing = tmp_path / "nowhere.safetensors"
+    code = main(["score", "--input", str(tmp_path), "--anchor", str(missing), "--output",
+                 str(tmp_path / "out")])
+    assert code == 2
+    assert one_line_error(capsys) == f"anchorscan score: error: {missing}: file not found"
+
+
+def test_info_on_a_file_that_is_not_an_anchor_is_one_line_and_exit_2(tmp_path, capsys):
+    other = tmp_path / "photo.jpg"
+    other.write_bytes(b"\xff\xd8 not an anchor")
+    assert main(["info", str(other)]) == 2
+    assert "not an anchorscan anchor file" in one_line_error(capsys)
+
+
+def test_a_bad_flag_value_is_one_line_and_exit_2(tmp_path, capsys):
+    code = main(["fit", "--input", str(tmp_path), "--anchor", str(tmp_path / "a.safetensors"),
+                 "--fpr", "2"])
+    assert code == 2
+    assert "--fpr must be in (0, 1), got 2.0" in one_line_error(capsys)
+
+
+def test_an_output_under_a_regular_file_is_one_line_and_exit_2(fitted_anchor, tmp_path, capsys):
+    anchor, _ = fitted_anchor
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    code = main(["score", "--input", str(tmp_path), "--anchor", str(anchor),
+                 "--output", str(blocker / "out"), "--runner", "FnApiRunner"])
+    assert code == 2
+    error = one_line_error(capsys)
+    assert error == (f"anchorscan score: error: cannot write {blocker}/out.lock, the lock beside "
+                     f"--output: a file, not a folder ({blocker})")
+
+
+def test_debug_shows_the_traceback_of_a_user_error(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "missing"), "--debug"]) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" in error and error.strip().endswith("file not found")
+
+
+def test_an_unexpected_error_is_an_internal_error_with_its_traceback(monkeypatch, capsys):
+    from anchorscan.pipelines import info
+
+    def broken(argv=None):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(info, "run", broken)
+    assert main(["info", "anything"]) == 1
+    error = capsys.readouterr().err
+    assert "anchorscan info: internal error" in error
+    assert "Traceback" in error and "KeyError: 'a bug'" in error

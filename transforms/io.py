@@ -10,6 +10,7 @@ import uuid
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from anchorscan.anchors.errors import UnreadableFileError, UnwritableOutputError
 from anchorscan.anchors.manifests import GLOB_CHARACTERS, is_manifest, read_manifest
 from anchorscan.anchors.preprocess import is_image_path
 from anchorscan.transforms.progress import ReportProgress
@@ -18,8 +19,17 @@ from anchorscan.transforms.schema import error_row
 
 
 def read_bytes(uri: str) -> bytes:
-    with FileSystems.open(uri, compression_type="uncompressed") as handle:
-        return handle.read()
+    """The whole file: an anchor, a head, a manifest. A file that cannot be read is the user's
+    to fix (a wrong path, a missing permission), so the error says which file and why."""
+    try:
+        with FileSystems.open(uri, compression_type="uncompressed") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise UnreadableFileError(f"{uri}: file not found") from None
+    except IsADirectoryError:
+        raise UnreadableFileError(f"{uri}: is a folder, not a file") from None
+    except OSError as error:
+        raise UnreadableFileError(f"cannot read {uri}: {error.strerror or error}") from None
 
 
 def local_copy(uri: str) -> str:
@@ -45,6 +55,27 @@ def write_atomically(uri: str, data: bytes) -> None:
     if FileSystems.exists(uri):
         FileSystems.delete([uri])
     FileSystems.rename([temporary], [uri])
+
+
+def check_writable(uri: str, flag: str) -> None:
+    """Fails now, not after the work, where a local output cannot be written (a file where a
+    folder should be, no permission): writes and deletes an empty file beside it. Object stores
+    are left to their first write."""
+    if "://" in uri and not uri.startswith("file://"):
+        return
+    path = uri.removeprefix("file://")
+    probe = os.path.join(os.path.dirname(os.path.abspath(path)), f".anchorscan-probe-{uuid.uuid4().hex}")
+    try:
+        os.makedirs(os.path.dirname(probe), exist_ok=True)
+        with open(probe, "wb"):
+            pass
+        os.unlink(probe)
+    except FileExistsError:  # makedirs: a file stands where the folder should be
+        raise UnwritableOutputError(f"cannot write {flag} {uri}: {os.path.dirname(probe)} or a "
+                                    "folder above it is a file, not a folder") from None
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename else ""
+        raise UnwritableOutputError(f"cannot write {flag} {uri}: {error.strerror or error}{where}") from None
 
 
 def matching_files(pattern: str) -> list[str]:
