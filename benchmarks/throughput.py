@@ -52,7 +52,7 @@ FIT_FRACTION = 0.3
 CALIBRATION = ["--calibration_fraction", str(FIT_FRACTION), "--calibration_group", r"([^/]+)$"]
 TWO_WORKERS = ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
 # The behaviour before decoding overlapped the forward pass, for the comparison in the same run.
-SERIAL_DECODE = ["--decode_threads", "1", "--decode_ahead", "1"]
+SERIAL_DECODE = ["--decode_processes", "1", "--decode_ahead", "1"]
 
 
 # ----------------------------------------------------------------------------- corpus

@@ -43,7 +43,8 @@ def test_missing_required_option_is_reported(tmp_path, capsys):
 
 RUNTIME = {"--weights", "--device", "--precision", "--runtime", "--batch_size", "--torch_threads",
            "--large_model"}
-DECODING = {"--max_pixels", "--max_bytes", "--min_side", "--decode_timeout", "--decode_threads",
+DECODING = {"--max_pixels", "--max_bytes", "--min_side", "--decode_timeout", "--read_timeout",
+            "--decode_processes",
             "--decode_ahead", "--perturbation"}
 FEATURES = {"--backbone", "--attention", "--resize", "--statistical_budget", "--projection_seed"}
 FLAGS = {
