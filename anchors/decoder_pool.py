@@ -29,6 +29,10 @@ from anchorscan.anchors.errors import exception_name
 from anchorscan.anchors.preprocess import DecodeError
 
 
+# Starting an interpreter that imports numpy and Pillow: a second when idle, more when loaded.
+START_TIMEOUT = 120.0
+
+
 class DecodeFailed(DecodeError):
     """A decode that failed in a worker process; ``error_type`` names what stopped it: the
     decoder's exception class, ``TimeoutError`` or ``DecoderCrash``. ``escaped``: the decode
@@ -68,7 +72,9 @@ def _child_main(fd: int) -> None:
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     connection = Connection(fd)
     sys.path[:] = connection.recv()  # before the decode function is unpickled
-    _serve(connection, pickle.loads(connection.recv_bytes()))
+    decode = pickle.loads(connection.recv_bytes())
+    connection.send("ready")
+    _serve(connection, decode)
 
 
 class Job:
@@ -93,6 +99,18 @@ class _Worker:
         self.connection.send_bytes(decode)
         self.job: Job | None = None
 
+    def wait_ready(self) -> "_Worker":
+        """Ready before any decode's clock starts: a loaded machine may take seconds to start an
+        interpreter, and that time is not the image's."""
+        try:
+            ready = self.connection.poll(START_TIMEOUT) and self.connection.recv() == "ready"
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
+            self.stop()
+            raise RuntimeError(f"a decoder process did not start within {START_TIMEOUT:g} s")
+        return self
+
     def stop(self) -> None:
         self.process.kill()
         self.process.wait()  # SIGKILL cannot be ignored: this returns at once
@@ -116,7 +134,8 @@ class DecoderPool:
 
     def __init__(self, decode: Callable[[bytes], Any], processes: int, timeout: float):
         self.decode, self.timeout = pickle.dumps(decode), timeout
-        self._workers = [_Worker(self.decode) for _ in range(max(processes, 1))]
+        self._workers = [worker.wait_ready() for worker in
+                         [_Worker(self.decode) for _ in range(max(processes, 1))]]
         self._waiting: collections.deque[Job] = collections.deque()
         _POOLS.add(self)
 
@@ -147,7 +166,7 @@ class DecoderPool:
 
     def _replace(self, worker: _Worker) -> None:
         worker.stop()
-        self._workers[self._workers.index(worker)] = _Worker(self.decode)
+        self._workers[self._workers.index(worker)] = _Worker(self.decode).wait_ready()
 
     def _dispatch(self) -> None:
         for worker in list(self._workers):

@@ -57,8 +57,8 @@ def read_parquet_rows(pattern: str) -> list[dict]:
 
 
 def decode_that_sleeps(data: bytes) -> tuple[int, float, float]:
-    """A stand-in decoder for the decoder pool's tests: sleeps as many hundredths of a second
-    as the first byte says, then returns (its pid, start, end); b"crash" kills its process."""
+    """A stand-in decoder for the decoder pool's tests: sleeps as many tenths of a second as the
+    first byte says, then returns (its pid, start, end); b"crash" kills its process."""
     import os
     import signal
     import time
@@ -66,5 +66,5 @@ def decode_that_sleeps(data: bytes) -> tuple[int, float, float]:
     if data == b"crash":
         os.kill(os.getpid(), signal.SIGSEGV)
     started = time.time()
-    time.sleep(data[0] / 100)
+    time.sleep(data[0] / 10)
     return os.getpid(), started, time.time()

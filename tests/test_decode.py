@@ -66,7 +66,7 @@ def test_decoding_ahead_in_processes_gives_what_one_at_a_time_gives(crops):
 def test_decodes_run_at_the_same_time_in_separate_processes():
     pool = DecoderPool(decode_that_sleeps, processes=3, timeout=30)
     try:
-        jobs = [pool.submit(bytes([20])) for _ in range(6)]
+        jobs = [pool.submit(bytes([3])) for _ in range(6)]
         spans = [pool.result(job) for job in jobs]
     finally:
         pool.close()
@@ -78,17 +78,18 @@ def test_decodes_run_at_the_same_time_in_separate_processes():
 def test_a_decode_past_its_timeout_is_killed_and_its_process_replaced():
     pool = DecoderPool(decode_that_sleeps, processes=2, timeout=0.5)
     try:
-        stuck = pool.submit(bytes([250]))  # 2.5 s
+        stuck = pool.submit(bytes([200]))  # 20 s
         quick = [pool.submit(bytes([1])) for _ in range(4)]
+        [stuck_process] = [worker.process for worker in pool._workers if worker.job is stuck]
         started = time.monotonic()
         with pytest.raises(DecodeFailed, match="longer than --decode_timeout 0.5 s") as failed:
             pool.result(stuck)
-        assert time.monotonic() - started < 2.0 and failed.value.error_type == "TimeoutError"
-        killed = [pid for pid, _, _ in (pool.result(job) for job in quick)]
+        assert time.monotonic() - started < 10 and failed.value.error_type == "TimeoutError"
+        assert stuck_process.poll() is not None  # killed, not left to run
+        assert all(pool.result(job)[0] != stuck_process.pid for job in quick)
         assert len(pool._workers) == 2 and all(worker.process.poll() is None for worker in pool._workers)
     finally:
         pool.close()
-    assert killed  # the other decodes went on meanwhile
 
 
 def test_a_decoder_that_crashes_costs_its_own_image_only():
