@@ -123,9 +123,18 @@ def torch_threads(args, options: PipelineOptions) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
+# Runners that run the pipeline's workers on this machine, as _local_workers counts them.
+LOCAL_RUNNERS = {DEFAULT_LOCAL_RUNNER, "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner"}
+
+
 def decode_processes(args, options: PipelineOptions) -> int:
-    """--decode_processes, or the cores of one local worker process."""
-    return args.decode_processes or max(1, (os.cpu_count() or 1) // _local_workers(options))
+    """--decode_processes, or the cores of one local worker process; 1 on other runners, whose
+    machines run an SDK process per core (Dataflow's default for Python), each with its own."""
+    if args.decode_processes:
+        return args.decode_processes
+    if str(options.view_as(StandardOptions).runner) not in LOCAL_RUNNERS:
+        return 1
+    return max(1, (os.cpu_count() or 1) // _local_workers(options))
 
 
 def decode_limits(args) -> dict:

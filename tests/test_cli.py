@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 
 import pytest
@@ -136,3 +137,17 @@ def test_an_unexpected_error_is_an_internal_error_with_its_traceback(monkeypatch
     error = capsys.readouterr().err
     assert "anchorscan info: internal error" in error
     assert "Traceback" in error and "KeyError: 'a bug'" in error
+
+
+@pytest.mark.parametrize("beam_flags, expected", [
+    ([], os.cpu_count()),
+    (["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"], max(1, os.cpu_count() // 2)),
+    (["--runner", "DataflowRunner"], 1),  # an SDK process per core, each with its own decoder
+    (["--decode_processes", "3", "--runner", "DataflowRunner"], 3),
+], ids=["in_process", "multi_process", "dataflow", "given"])
+def test_decode_processes_share_the_cores_among_sdk_processes(beam_flags, expected):
+    from anchorscan.pipelines import score
+    from anchorscan.pipelines.options import decode_processes, parse
+
+    args, options = parse(score.parser(), ["--input", "x", "--anchor", "a", "--output", "o", *beam_flags])
+    assert decode_processes(args, options) == expected
