@@ -375,7 +375,9 @@ def measure_pipelines(workdir: Path, backbone: str, weights: str | None) -> dict
             "--batch_size", str(BATCH_SIZE), "--anchor", anchor, *weights_args, *extra])
 
     def score(file_set: str, extra: Sequence[str] = ()) -> dict:  # the anchor names the backbone
-        return run("score", file_set, ["--output", str(workdir / "out" / file_set), *extra])
+        # Runs of one file set share a prefix: each replaces the last one's tables.
+        return run("score", file_set, ["--output", str(workdir / "out" / file_set), "--overwrite",
+                                       *extra])
 
     return {"fit": run("fit", "fit", ["--backbone", backbone, *CALIBRATION]),
             "score": score("mix"), "score_3x": score("mix_3x"),
