@@ -16,6 +16,7 @@ from anchorscan.transforms.sinks import PrefixLock
 from helpers import RUNNER, read_parquet_rows, write_crops
 
 MULTI_PROCESS = ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
+RUNNERS = {"in_process": [], "multi_process": MULTI_PROCESS}
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +54,14 @@ def test_a_second_scan_into_the_same_prefix_refuses_and_overwrite_leaves_only_it
     assert sorted(row["uri"] for row in rows) == uris  # once each, from the new scan only
 
 
-def test_a_scan_refuses_a_prefix_that_another_scan_is_writing(fitted_anchor, few_images, tmp_path, capsys):
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_a_scan_refuses_a_prefix_that_another_scan_is_writing(fitted_anchor, few_images, tmp_path,
+                                                             capsys, runner):
     anchor, _ = fitted_anchor
     folder, _ = few_images
     prefix = tmp_path / "out"
     with PrefixLock(str(prefix)):
-        assert scan(anchor, folder, prefix) == 2
+        assert scan(anchor, folder, prefix, *RUNNERS[runner]) == 2
     error = capsys.readouterr().err
     assert f"another scan (pid {os.getpid()} on " in error and f"{prefix}.lock is locked" in error
     assert not list(tmp_path.glob("out-*.parquet"))

@@ -96,8 +96,10 @@ def corpus(tmp_path_factory):
 
     removed = folder / "removed-after-listing.jpg"
     manifest = root / "list.csv"
-    manifest.write_text(f"uri,label\n{folder / 'crop001.png'},real\n,real\n{removed},real\n   ,fake\n")
+    manifest.write_text(f"uri,label\n{folder / 'crop001.png'},real\n,real\n{removed},real\n   ,fake\n"
+                        f"{folder / 'folder.jpg'},real\n")
     expected[str(removed)] = ("read", "file not found (removed after it was listed?)")
+    expected[str(folder / "folder.jpg")] = ("read", "is a directory, not a file")
     for row in (2, 4):
         expected[f"{manifest}#row={row}"] = ("list", f"row {row} of the manifest (line {row + 1}) has no uri")
     (root / "empty.txt").write_text("")

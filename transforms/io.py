@@ -25,7 +25,7 @@ def read_bytes(uri: str) -> bytes:
     """The whole file: an anchor, a head, a manifest. A file that cannot be read is the user's
     to fix (a wrong path, a missing permission), so the error says which file and why."""
     try:
-        with FileSystems.open(uri, compression_type="uncompressed") as handle:
+        with FileSystems.open(local_path(uri) or uri, compression_type="uncompressed") as handle:
             return handle.read()
     except FileNotFoundError:
         raise UnreadableFileError(f"{uri}: file not found") from None
@@ -109,7 +109,7 @@ def manifest_entries(manifest: str):
     nothing at all."""
     rows = read_manifest(manifest, read_bytes(manifest))
     if not rows:
-        yield "error", error_row(manifest, "list", "the manifest lists no images (it is empty or "
+        yield "error", error_row(uri_text(manifest), "list", "the manifest lists no images (it is empty or "
                                                    "has a header only)")
     csv_line = " (line {})" if manifest.lower().endswith(".csv") else ""
     for number, row in enumerate(rows, start=1):
@@ -117,7 +117,7 @@ def manifest_entries(manifest: str):
             yield "uri", uri_text(row["uri"])
         else:
             where = csv_line.format(number + 1)
-            yield "error", error_row(f"{manifest}#row={number}", "list",
+            yield "error", error_row(uri_text(f"{manifest}#row={number}"), "list",
                                      f"row {number} of the manifest{where} has no uri (blank or null)")
 
 
@@ -129,23 +129,23 @@ def expand_input(pattern: str):
     anything else is a glob and matches exactly what it says. Local folders linked from inside
     are followed, as a shell's glob follows them.
     """
-    found = False
+    reported = False  # a URI, or a row about this input
     try:
         if is_manifest(pattern):
             for kind, value in manifest_entries(pattern):
-                found = True
+                reported = True
                 yield kind, value
             return
         path = local_path(pattern)
         listing = _list_local(path) if path is not None else _list_remote(pattern)
         for kind, value in listing:
-            found = found or kind == "uri"
+            reported = reported or kind == "uri"
             yield kind, value
     except Exception as error:  # a bad pattern or manifest must not stop the other inputs
-        found = True
+        reported = True
         yield "error", error_row(uri_text(pattern), "list", f"cannot list input: {error}",
                                  exception_name(error))
-    if not found:
+    if not reported:
         yield "error", error_row(uri_text(pattern), "list", "no files match this input")
 
 
