@@ -333,3 +333,24 @@ def test_memory_does_not_grow_with_the_corpus(fitted_anchor, tmp_path):
                                  *RUNNER], capture_output=True, text=True, check=True)
         peaks[count] = int(result.stdout.rsplit("PEAK_RSS_KB", 1)[1])
     assert peaks[2000] <= 1.15 * peaks[200], peaks
+
+
+def test_non_finite_features_and_a_failed_forward_pass_are_error_rows(fitted_anchor):
+    from anchorscan.anchors.anchor_file import anchor_from_bytes
+    from anchorscan.transforms.decode import ImageMeta
+    from anchorscan.transforms.inference import _failed_batch_rows
+    from anchorscan.transforms.scoring import ScoreBatchFn
+
+    anchor_path, _ = fitted_anchor
+    anchor, _ = anchor_from_bytes(anchor_path.read_bytes())
+    finite, broken = (ImageMeta(name, "0" * 64, 300, 260, "center_crop") for name in ("finite", "nan"))
+    vector = np.zeros(anchor.spec.dim)
+    outputs = list(ScoreBatchFn().process([(finite, (vector, 9.0)), (broken, (vector + np.nan, 9.0))],
+                                          anchor, "anchor-id"))
+    [error] = [output.value for output in outputs if isinstance(output, beam.pvalue.TaggedOutput)]
+    assert (error["uri"], error["stage"], error["error"]) == ("nan", "score", "features are not finite (NaN or inf)")
+    assert [row["uri"] for row in outputs if isinstance(row, dict)] == ["finite"]
+
+    failure = ([(finite, None), (broken, None)], (RuntimeError, "RuntimeError('out of memory')", []))
+    assert [(row["uri"], row["stage"], row["error_type"]) for row in _failed_batch_rows(failure)] == [
+        ("finite", "embed", "RuntimeError"), ("nan", "embed", "RuntimeError")]
