@@ -16,6 +16,7 @@ import numpy as np
 
 from anchorscan.anchors.calibration import COMBINERS, NUM_QUANTILES, sketch, upper_tail_log_pvalues
 from anchorscan.anchors.forensic import LEVEL_SETS, ForensicModel
+from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.stats import Moments
 
@@ -37,20 +38,20 @@ class AnchorConfig:
 
     def __post_init__(self):
         if not 0.0 < self.explained_variance <= 1.0:
-            raise ValueError(f"explained_variance must be in (0, 1], got {self.explained_variance}")
+            raise UsageError(f"--explained_variance must be in (0, 1], got {self.explained_variance}")
         if not 0.0 < self.fpr < 1.0:
-            raise ValueError(f"fpr must be in (0, 1), got {self.fpr}")
+            raise UsageError(f"--fpr must be in (0, 1), got {self.fpr}")
         if self.combine not in COMBINERS:
-            raise ValueError(f"combine must be one of {sorted(COMBINERS)}, got {self.combine!r}")
+            raise UsageError(f"--combine must be one of {sorted(COMBINERS)}, got {self.combine!r}")
         if self.statistical not in STATISTICAL_MODES:
-            raise ValueError(
-                f"statistical must be one of {sorted(STATISTICAL_MODES)}, got {self.statistical!r}")
+            raise UsageError(
+                f"--statistical must be one of {sorted(STATISTICAL_MODES)}, got {self.statistical!r}")
         object.__setattr__(self, "channels", tuple(self.channels))  # JSON gives a list
         if not self.channels or set(self.channels) - set(CHANNELS) or len(set(self.channels)) < len(self.channels):
-            raise ValueError(f"channels must be distinct names among {', '.join(CHANNELS)}, "
+            raise UsageError(f"--channels must be distinct names among {', '.join(CHANNELS)}, "
                              f"got {', '.join(self.channels) or 'none'}")
         if self.forensic_levels not in LEVEL_SETS:
-            raise ValueError(f"forensic_levels must be one of {', '.join(LEVEL_SETS)}, "
+            raise UsageError(f"--forensic_levels must be one of {', '.join(LEVEL_SETS)}, "
                              f"got {self.forensic_levels!r}")
 
     @property

@@ -17,6 +17,7 @@ import numpy as np
 
 from anchorscan.anchors import checked_file
 from anchorscan.anchors.anchor import COMPONENTS, Anchor, AnchorConfig
+from anchorscan.anchors.errors import UserError
 from anchorscan.anchors.forensic import ForensicModel
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.stats import Moments
@@ -25,7 +26,7 @@ FORMAT_VERSION = 2  # 2: the forensic channel
 METADATA_KEY = "anchorscan"
 
 
-class AnchorFileError(ValueError):
+class AnchorFileError(UserError, ValueError):
     """The file is not a readable anchorscan anchor."""
 
 

@@ -15,6 +15,7 @@ import warnings
 import torch
 from torch import nn
 
+from anchorscan.anchors.errors import UserError
 from anchorscan.anchors.weights import WeightsError, read_state_dict
 
 
@@ -177,7 +178,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class MissingWeightsError(ValueError):
+class MissingWeightsError(UserError, ValueError):
     """A backbone whose weights do not ship with anchorscan was asked for without --weights."""
 
 

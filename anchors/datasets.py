@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable
 
+from anchorscan.anchors.errors import UserError
 from anchorscan.anchors.manifests import read_manifest
 from anchorscan.anchors.preprocess import IMAGE_EXTENSIONS, is_image_path
 
@@ -21,6 +22,10 @@ MANIFEST_LABELS = {"0": 0, "1": 1, "real": 0, "fake": 1}
 MANIFEST_COLUMNS = ("uri", "label", "generator")
 
 FileLister = Callable[[str], Iterable[str]]
+
+
+class DatasetError(UserError, ValueError):
+    """A labelled dataset that is not laid out or labelled as its --dataset says."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +56,11 @@ def _checked(images: list[LabelledImage], strays: list[list[str]], root: str, ki
              structure: str) -> list[LabelledImage]:
     if strays:
         examples = ", ".join("/".join(parts) for parts in strays[:3])
-        raise ValueError(f"{len(strays)} images under {root} are not in the {kind} folder "
+        raise DatasetError(f"{len(strays)} images under {root} are not in the {kind} folder "
                          f"structure {structure} (e.g. {examples}); choose the --dataset these "
                          "folders follow")
     if not images:
-        raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {root} "
+        raise DatasetError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {root} "
                          f"in the {kind} folder structure {structure}")
     return images
 
@@ -79,7 +84,7 @@ def genimage(root: str, list_files: FileLister, split: str = "val") -> list[Labe
     """``ROOT/<generator>/[<subset>/]{train,val}/{nature,ai}/...``: GenImage's folders, whose
     downloads nest one folder per generator (e.g. ``imagenet_ai_0419_sdv4``) before the split."""
     if split not in GENIMAGE_SPLITS:
-        raise ValueError(f"split must be one of {GENIMAGE_SPLITS}, got {split!r}")
+        raise DatasetError(f"split must be one of {GENIMAGE_SPLITS}, got {split!r}")
     images, strays = [], []
     for parts in _image_paths(root, list_files):
         index = _marker_index(parts, GENIMAGE_SPLITS)
@@ -98,11 +103,11 @@ def manifest(path: str, data: bytes) -> list[LabelledImage]:
     for line, row in enumerate(read_manifest(path, data, MANIFEST_COLUMNS), start=2):
         label, generator = ((row[column] or "").strip() for column in MANIFEST_COLUMNS[1:])
         if not row["uri"] or label.lower() not in MANIFEST_LABELS:
-            raise ValueError(f"manifest {path} line {line}: needs a uri and a label 0, 1, real "
+            raise DatasetError(f"manifest {path} line {line}: needs a uri and a label 0, 1, real "
                              f"or fake, got uri {row['uri']!r} and label {label!r}")
         images.append(LabelledImage(row["uri"], MANIFEST_LABELS[label.lower()], generator))
     if not images:
-        raise ValueError(f"manifest {path} lists no images")
+        raise DatasetError(f"manifest {path} lists no images")
     return images
 
 
@@ -118,4 +123,4 @@ def read_dataset(kind: str, root: str, list_files: FileLister, read_bytes: Calla
         return genimage(root, list_files, split)
     if kind == "manifest":
         return manifest(root, read_bytes(root))
-    raise ValueError(f"unknown dataset kind {kind!r}; choose one of {', '.join(DATASETS)}")
+    raise DatasetError(f"unknown dataset kind {kind!r}; choose one of {', '.join(DATASETS)}")

@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from anchorscan.anchors.errors import UserError
 from anchorscan.anchors.anchor import shrunk_covariance
 from anchorscan.anchors import checked_file
 from anchorscan.anchors.spec import FeatureSpec
@@ -27,7 +28,7 @@ REAL, FAKE = 0, 1
 SIMILARITY_BLOCK = 1 << 24
 
 
-class HeadFileError(ValueError):
+class HeadFileError(UserError, ValueError):
     """The bytes are not a readable anchorscan head."""
 
 

@@ -8,8 +8,14 @@ import io
 import os
 import posixpath
 
+from anchorscan.anchors.errors import UserError
+
 MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
 GLOB_CHARACTERS = "*?["
+
+
+class ManifestError(UserError, ValueError):
+    """A manifest that cannot be read as one."""
 
 
 def is_manifest(pattern: str) -> bool:
@@ -29,20 +35,22 @@ def resolve(manifest: str, entry: str) -> str:
 def read_manifest(manifest: str, data: bytes, columns: tuple[str, ...] = ("uri",)) -> list[dict]:
     """The manifest's rows, every column, in order (row i is line i + 2 of a CSV); ``uri``
     resolved, or "" where it is blank or null. ``columns`` must all be present (a ``.txt``
-    has only ``uri``; its blank lines and comments are not rows)."""
+    has only ``uri``; its blank lines and comments are not rows). Bytes of a text manifest that
+    are not UTF-8 (a file name in another encoding) are kept as surrogate escapes, as Python
+    keeps them in file names."""
     if manifest.lower().endswith(".parquet"):
         import pyarrow.parquet as pq
         rows = pq.read_table(io.BytesIO(data)).to_pylist()
         names = list(rows[0]) if rows else pq.read_schema(io.BytesIO(data)).names
     elif manifest.lower().endswith(".csv"):
-        reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig")))
+        reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig", "surrogateescape")))
         rows, names = list(reader), reader.fieldnames or []
     else:
-        lines = (line.strip() for line in data.decode("utf-8-sig").splitlines())
+        lines = (line.strip() for line in data.decode("utf-8-sig", "surrogateescape").splitlines())
         rows, names = [{"uri": line} for line in lines if line and not line.startswith("#")], ["uri"]
     missing = [column for column in columns if column not in names]
     if missing:
-        raise ValueError(f"manifest {manifest} lacks the column(s) {', '.join(missing)} "
+        raise ManifestError(f"manifest {manifest} lacks the column(s) {', '.join(missing)} "
                          f"(its columns: {', '.join(names) or 'none'})")
     return [{**row, "uri": resolve(manifest, uri) if uri else ""}
             for row, uri in ((row, (row.get("uri") or "").strip()) for row in rows)]

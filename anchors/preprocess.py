@@ -11,17 +11,24 @@ import logging
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageFilter
+
+from anchorscan.anchors.errors import UsageError, exception_name
 
 # The files a folder input scans and a dataset reader lists.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif")
+# The only formats Pillow may open, whatever a file's name says: never PostScript or PDF (which
+# Pillow hands to Ghostscript where it is installed), nor the dozens of rarer plugins. A JPEG
+# with a camera's multi-picture data opens as JPEG (Pillow's MPO).
+DECODED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 DEFAULT_MAX_PIXELS = 100_000_000
 # Smaller images would be upscaled more than 7x: the crop would see interpolation, not the image.
 DEFAULT_MIN_SIDE = 32
 
 
 class DecodeError(ValueError):
-    """The bytes are not an image this tool can score; the message says why."""
+    """The bytes are not an image this tool can score; the message says why. Its ``__cause__``
+    is the decoder's own exception, where there was one."""
 
 
 @dataclasses.dataclass
@@ -34,6 +41,10 @@ class Crop:
 
 def _describe_unknown(data: bytes) -> str:
     head = data[:256].lstrip().lower()
+    if head.startswith(b"%!ps") or data.startswith(b"\xc5\xd0\xd3\xc6"):
+        return "a PostScript (EPS) document, not an image: it is not opened"
+    if head.startswith(b"%pdf"):
+        return "a PDF document, not an image: it is not opened"
     if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
         return "an HTML or XML page, not an image (a failed download saved under an image name?)"
     if head.startswith((b"{", b"[")):
@@ -42,7 +53,8 @@ def _describe_unknown(data: bytes) -> str:
         data[:256].decode("utf-8")
         return "text, not an image"
     except UnicodeDecodeError:
-        return f"not a recognised image format (starts with {data[:12]!r})"
+        return (f"not an image in a format this tool reads ({', '.join(DECODED_FORMATS)}; "
+            f"the file starts with {data[:12]!r})")
 
 
 def _to_rgb(image: Image.Image, notes: list[str]) -> Image.Image:
@@ -110,7 +122,7 @@ def parse_perturbation(spec: str | None):
                 (max(1, round(image.width * factor)), max(1, round(image.height * factor))), Image.BICUBIC)
     except ValueError:
         pass
-    raise ValueError(f"perturbation must be {PERTURBATION_HELP}, not {spec!r}")
+    raise UsageError(f"--perturbation must be {PERTURBATION_HELP}, not {spec!r}")
 
 
 def _supersampled(inside, radius: float, supersample: int = 8) -> np.ndarray:
@@ -188,10 +200,63 @@ def _jpeg_center_crop(data: bytes, width: int, height: int, size: int) -> np.nda
         # preserve=True: with the origin on the block grid, keeps a partial block at the edge.
         small = codec.crop(data, x0, y0, x1 - x0, y1 - y0, preserve=True)
         region = codec.decode(small, pixel_format=tj.TJPF_RGB)
-    except (OSError, ValueError, IndexError):
+    except Exception:  # whatever libjpeg-turbo makes of a damaged file, PIL decides
         return None
     pixels = region[top - y0:top - y0 + size, left - x0:left - x0 + size]
     return np.ascontiguousarray(pixels) if pixels.shape == (size, size, 3) else None
+
+
+# EXIF orientation -> the transpose that shows the picture upright. ImageOps.exif_transpose does
+# the same but also rewrites the EXIF block, which fails on damaged GPS or rational tags; only
+# the pixels matter here.
+ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
+
+
+def _upright(image: Image.Image, notes: list[str]) -> Image.Image:
+    try:
+        orientation = int(image.getexif().get(0x0112, 1))
+    except Exception:  # a damaged EXIF block says nothing reliable about the picture
+        notes.append("damaged_exif_ignored")
+        return image
+    if orientation not in ORIENTATIONS:
+        return image
+    notes.append("exif_rotate")
+    return image.transpose(ORIENTATIONS[orientation])
+
+
+def _webp_first_frame_box(data: bytes) -> tuple[int, int, int, int] | None:
+    """The first ANMF frame's box on an animated WebP's canvas (RIFF chunks; offsets are stored
+    halved, sizes minus one, as 24-bit little-endian numbers)."""
+    position = 12
+    while position + 8 <= len(data):
+        kind, size = data[position:position + 4], int.from_bytes(data[position + 4:position + 8], "little")
+        if kind == b"ANMF" and position + 20 <= len(data):
+            x, y, width, height = (int.from_bytes(data[position + 8 + 3 * i:position + 11 + 3 * i], "little")
+                                   for i in range(4))
+            return 2 * x, 2 * y, 2 * x + width + 1, 2 * y + height + 1
+        position += 8 + size + (size & 1)
+    return None
+
+
+def _first_frame_box(image: Image.Image, data: bytes) -> tuple[int, int, int, int] | None:
+    """Where a GIF's or animated WebP's first frame lies on its logical screen, when smaller:
+    the rest of the screen is background, not picture."""
+    if image.format == "GIF" and image.tile:
+        box = tuple(image.tile[0][1])
+    elif image.format == "WEBP":
+        box = _webp_first_frame_box(data)
+    else:
+        return None
+    if box is None:
+        return None
+    left, top = max(box[0], 0), max(box[1], 0)
+    right, bottom = min(box[2], image.width), min(box[3], image.height)
+    if right <= left or bottom <= top or (right - left, bottom - top) == image.size:
+        return None
+    return left, top, right, bottom
 
 
 def _check_side(width: int, height: int, min_side: int) -> None:
@@ -213,8 +278,9 @@ def decode_and_crop(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS
     notes: list[str] = []
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below
-            image = Image.open(io.BytesIO(data))
+            # The size is checked below; damaged files make plugins warn, and the row says why.
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(data), formats=DECODED_FORMATS)
             if image.width * image.height > max_pixels:
                 raise DecodeError(f"image declares {image.width} x {image.height} pixels, over the "
                                   f"limit of {max_pixels:,} (a decompression bomb, or raise "
@@ -223,9 +289,11 @@ def decode_and_crop(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS
             if frames > 1:
                 image.seek(0)
                 notes.append(f"first_of_{frames}_frames")
-            if image.getexif().get(0x0112, 1) != 1:
-                image = ImageOps.exif_transpose(image)
-                notes.append("exif_rotate")
+            frame = _first_frame_box(image, data)
+            if frame:
+                image = image.crop(frame)
+                notes.append("cropped_to_frame")
+            image = _upright(image, notes)
             width, height = image.size
             _check_side(width, height, min_side)
             if not perturb and resize == "none" and min(width, height) >= size:
@@ -247,7 +315,12 @@ def decode_and_crop(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS
     except Image.DecompressionBombError as error:
         raise DecodeError(f"a decompression bomb: {error}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise DecodeError(f"cannot decode image (damaged or truncated file?): {error}") from None
+        raise DecodeError(f"cannot decode image (damaged or truncated file?): {error}") from error
+    except Exception as error:
+        # Pillow's plugins raise more than they document (TypeError, KeyError, IndexError,
+        # struct.error, RuntimeError, found by tests/test_fuzz.py): still one damaged file.
+        raise DecodeError(f"cannot decode image (damaged file?): the decoder failed with "
+                          f"{exception_name(error)}: {error}") from error
     if perturb:
         image = perturb(image)
         notes.append(perturbation.replace(":", ""))

@@ -5,8 +5,10 @@ import dataclasses
 import hashlib
 import json
 
+from anchorscan.anchors.errors import UserError
 
-class IncompatibleAnchorError(ValueError):
+
+class IncompatibleAnchorError(UserError, ValueError):
     """The anchor was fitted on features made differently from the ones being scored."""
 
 

@@ -15,6 +15,8 @@ import zipfile
 
 import torch
 
+from anchorscan.anchors.errors import UserError
+
 _STORAGE_DTYPES = {
     "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
     "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
@@ -23,7 +25,7 @@ _STORAGE_DTYPES = {
 }
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """The weights file cannot be read in any of the accepted formats."""
 
 

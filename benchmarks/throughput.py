@@ -52,7 +52,7 @@ FIT_FRACTION = 0.3
 CALIBRATION = ["--calibration_fraction", str(FIT_FRACTION), "--calibration_group", r"([^/]+)$"]
 TWO_WORKERS = ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
 # The behaviour before decoding overlapped the forward pass, for the comparison in the same run.
-SERIAL_DECODE = ["--decode_threads", "1", "--decode_ahead", "1"]
+SERIAL_DECODE = ["--decode_processes", "1", "--decode_ahead", "1"]
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -382,7 +382,9 @@ def measure_pipelines(workdir: Path, backbone: str, weights: str | None) -> dict
             "--batch_size", str(BATCH_SIZE), "--anchor", anchor, *weights_args, *extra])
 
     def score(file_set: str, extra: Sequence[str] = ()) -> dict:  # the anchor names the backbone
-        return run("score", file_set, ["--output", str(workdir / "out" / file_set), *extra])
+        # Runs of one file set share a prefix: each replaces the last one's tables.
+        return run("score", file_set, ["--output", str(workdir / "out" / file_set), "--overwrite",
+                                       *extra])
 
     return {"fit": run("fit", "fit", ["--backbone", backbone, *CALIBRATION]),
             "score": score("mix"), "score_3x": score("mix_3x"),

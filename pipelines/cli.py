@@ -4,6 +4,9 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+import traceback
+
+from anchorscan.anchors.errors import UserError
 
 # command -> (module under anchorscan.pipelines, one line of usage)
 COMMANDS = {
@@ -14,13 +17,19 @@ COMMANDS = {
     "report": ("report", "--scores PREFIX --output report.html [--anchor A] [--labels MANIFEST]"),
     "info": ("info", "ANCHOR [--json]"),
 }
-USAGE = "usage: anchorscan COMMAND [options]\n\ncommands:\n" + "\n".join(
+USAGE = "usage: anchorscan [--debug] COMMAND [options]\n\ncommands:\n" + "\n".join(
     f"  {name:9} {usage}" for name, (_, usage) in COMMANDS.items()
-) + "\n\n`anchorscan COMMAND --help` lists a command's options; pipelines pass other flags to Beam."
+) + ("\n\n`anchorscan COMMAND --help` lists a command's options; pipelines pass other flags to Beam."
+   "\n--debug prints the traceback of an error (exit status 2: a mistake in the command line or "
+   "its files; 1: an internal error).")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 0 on success, 2 on a mistake the user can fix (one line says what and how),
+    1 on an internal error (with its traceback). ``--debug`` anywhere: tracebacks for both."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [arg for arg in argv if arg != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
@@ -29,19 +38,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"anchorscan: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from anchorscan.anchors.anchor_file import AnchorFileError
-    from anchorscan.anchors.backbones import MissingWeightsError
-    from anchorscan.anchors.heads import HeadFileError
-    from anchorscan.anchors.spec import IncompatibleAnchorError
-    from anchorscan.anchors.weights import WeightsError
-
     try:
         importlib.import_module(f"anchorscan.pipelines.{COMMANDS[command][0]}").run(rest)
     except SystemExit as exit_:  # argparse: --help, or a usage error already printed
         return exit_.code if isinstance(exit_.code, int) else 2
-    except (AnchorFileError, HeadFileError, IncompatibleAnchorError, MissingWeightsError, WeightsError,
-            FileNotFoundError, ValueError) as error:
-        print(f"anchorscan {command}: error: {error}", file=sys.stderr)
+    except UserError as error:
+        if debug:
+            traceback.print_exc()
+        print(f"anchorscan {command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"anchorscan {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        print(f"anchorscan {command}: internal error (a bug in anchorscan or a library it uses; "
+              "please report it with this traceback):", file=sys.stderr)
+        traceback.print_exc()
         return 1
     return 0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from anchorscan.anchors.features import BackboneConfig, FeatureExtractor
-from anchorscan.pipelines.options import decode_limits, decode_threads, http_config, torch_threads
+from anchorscan.pipelines.options import decode_limits, decode_processes, http_config, torch_threads
 from anchorscan.transforms.decode import DecodeImages
 from anchorscan.transforms.inference import EmbedImages, FeatureModelHandler
 from anchorscan.transforms.io import local_copy
@@ -19,7 +19,7 @@ def driver_extractor(config: BackboneConfig) -> FeatureExtractor:
 
 def decode_step(args, options, preprocessing: dict, previous=None) -> DecodeImages:
     return DecodeImages(preprocessing, decode_limits(args), previous,
-                        threads=decode_threads(args, options),
+                        processes=decode_processes(args, options),
                         ahead=args.decode_ahead or args.batch_size, http=http_config(args))
 
 

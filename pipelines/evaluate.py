@@ -19,7 +19,8 @@ from anchorscan.pipelines import score
 from anchorscan.pipelines.options import (add_decoding_args, add_http_args, add_runtime_args,
                                           channel_list, command_parser, parse)
 from anchorscan.transforms.gcs import check_paths
-from anchorscan.transforms.io import files_below, read_bytes, read_parquet_rows, write_atomically
+from anchorscan.transforms.io import (check_writable, files_below, read_bytes, read_parquet_rows,
+                                      write_atomically)
 
 COLUMNS = ("generator", "n_real", "n_fake", "ap", "auroc", "acc", "real_acc", "fake_acc",
            "tpr_at_fpr1", "tpr_at_fpr5")
@@ -112,6 +113,7 @@ def score_args(args, inputs: str, prefix: str, perturbation: str | None):
         if hasattr(scan, name) and name not in ("input", "output", "head"):
             setattr(scan, name, value)
     scan.perturbation = perturbation
+    scan.overwrite = True  # the scores under evaluate's --output are its own, remade each run
     if args.head.startswith("anchor+"):
         scan.head, scan.with_anchor = args.head[len("anchor+"):], True
     elif args.head != "anchor":
@@ -142,6 +144,7 @@ def evaluate_once(images, args, options, folder: str, perturbation: str | None) 
 def run(argv=None) -> list[dict]:
     args, options = parse(parser(), argv)
     check_paths([args.root, args.anchor, args.head.removeprefix("anchor+"), args.output, args.weights])
+    check_writable(FileSystems.join(args.output, "metrics.csv"), "--output")
     root = args.root if "://" in args.root else os.path.abspath(args.root)
     images = read_dataset(args.dataset, root, files_below, read_bytes, args.split)
     if not args.sweep:

@@ -15,7 +15,7 @@ from anchorscan.pipelines.options import (INPUT_HELP, add_backbone_args, add_dec
                                           error_total, parse)
 from anchorscan.transforms.fitting import FitAnchor
 from anchorscan.transforms.gcs import check_paths
-from anchorscan.transforms.io import ListInputs, read_bytes
+from anchorscan.transforms.io import ListInputs, check_writable, read_bytes
 from anchorscan.transforms.sinks import WriteErrors
 
 
@@ -57,6 +57,8 @@ def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
     job is submitted."""
     args, options = parse(parser(), argv)
     check_paths([*args.input, args.anchor, args.errors, args.weights])
+    check_writable(args.anchor, "--anchor")
+    check_writable(args.errors or args.anchor, "--errors")
     config = AnchorConfig(args.explained_variance, args.fpr, args.combine, args.statistical,
                           args.channels, args.forensic_levels)
     backbone = backbone_config(args)

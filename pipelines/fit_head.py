@@ -7,16 +7,17 @@ import time
 import apache_beam as beam
 import numpy as np
 
+from anchorscan.anchors.errors import NotEnoughImagesError, UsageError
 from anchorscan.anchors.heads import (FAKE, HEADS, PARTS, REAL, LinearProbeHead, LogisticHead,
                                       NearestNeighbourHead, head_from_bytes)
 from anchorscan.pipelines.common import decode_step, driver_extractor, embed_step
-from anchorscan.pipelines.options import (INPUT_HELP, UsageError, add_backbone_args,
+from anchorscan.pipelines.options import (INPUT_HELP, add_backbone_args,
                                           add_decoding_args, add_http_args, add_runtime_args,
                                           backbone_config, command_parser, counter_totals,
                                           error_total, parse)
 from anchorscan.transforms.combine import MomentsCombineFn
 from anchorscan.transforms.gcs import check_paths
-from anchorscan.transforms.io import ListInputs, read_bytes, write_atomically
+from anchorscan.transforms.io import ListInputs, check_writable, read_bytes, write_atomically
 from anchorscan.transforms.sinks import WriteErrors
 
 
@@ -47,7 +48,7 @@ def parser():
 def _fit_from_banks(_, banks: dict, kind: str, spec, k: int):
     for label, name in ((REAL, "real"), (FAKE, "fake")):
         if not banks.get(label):
-            raise ValueError(f"no {name} image could be embedded: a head needs both classes")
+            raise NotEnoughImagesError(f"no {name} image could be embedded: a head needs both classes")
     features = np.concatenate([np.stack(banks[REAL]), np.stack(banks[FAKE])])
     labels = np.r_[np.full(len(banks[REAL]), REAL), np.full(len(banks[FAKE]), FAKE)]
     if kind == "nn":
@@ -57,7 +58,7 @@ def _fit_from_banks(_, banks: dict, kind: str, spec, k: int):
 
 def _fit_lda(_, moments: dict, spec, parts: str):
     if REAL not in moments or FAKE not in moments:
-        raise ValueError("a head needs both real and fake images that can be embedded")
+        raise NotEnoughImagesError("a head needs both real and fake images that can be embedded")
     return LinearProbeHead.fit(spec, moments[REAL], moments[FAKE], parts)
 
 
@@ -67,6 +68,7 @@ def run(argv=None, test_pipeline=None):
         raise UsageError(f"--features {args.features} is for the lda head; {args.kind} heads read "
                          "the semantic embedding, as in UnivFD")
     check_paths([*args.real, *args.fake, args.output, args.errors, args.weights])
+    check_writable(args.output, "--output")
     backbone = backbone_config(args)
     extractor = driver_extractor(backbone)
     spec = extractor.spec

@@ -10,10 +10,11 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from anchorscan.anchors.backbones import ATTENTION_MODES, BACKBONE_NAMES, DEFAULT_BACKBONE, RESIZE_MODES
+from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.features import PRECISIONS, RUNTIMES, BackboneConfig
 from anchorscan.anchors.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, PERTURBATION_HELP
 from anchorscan.anchors.spec import FeatureSpec
-from anchorscan.transforms.decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_BYTES
+from anchorscan.transforms.decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_BYTES, DEFAULT_READ_TIMEOUT
 from anchorscan.transforms.fetch import HttpConfig
 from anchorscan.transforms.inference import DEFAULT_BATCH_SIZE
 
@@ -22,10 +23,6 @@ from anchorscan.transforms.inference import DEFAULT_BATCH_SIZE
 DEFAULT_LOCAL_RUNNER = "FnApiRunner"
 INPUT_HELP = ("a glob, a folder (its image files, recursively) or a manifest (.txt one URI per "
               "line, .csv or .parquet with a 'uri' column), local or gs://; repeat for several")
-
-
-class UsageError(ValueError):
-    """A command line that cannot run; the message says which flag and why."""
 
 
 def command_parser(command: str, description: str) -> argparse.ArgumentParser:
@@ -78,9 +75,11 @@ def add_decoding_args(parser: argparse.ArgumentParser, perturbation: bool = True
     group.add_argument("--min_side", type=int, default=DEFAULT_MIN_SIDE,
                        help="images with a shorter side become error rows")
     group.add_argument("--decode_timeout", type=float, default=DEFAULT_DECODE_TIMEOUT,
-                       help="seconds one image may take to decode")
-    group.add_argument("--decode_threads", type=int, default=0,
-                       help="decoding threads per worker (0: one per core of a local worker)")
+                       help="seconds one image may take to decode (its decoder is then stopped)")
+    group.add_argument("--read_timeout", type=float, default=DEFAULT_READ_TIMEOUT,
+                       help="seconds one file may take to read")
+    group.add_argument("--decode_processes", type=int, default=0,
+                       help="decoding processes per worker (0: one per core of a local worker)")
     group.add_argument("--decode_ahead", type=int, default=0,
                        help="images decoding ahead of the forward pass (0: one batch)")
     if perturbation:
@@ -157,14 +156,24 @@ def torch_threads(args, options: PipelineOptions) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
-def decode_threads(args, options: PipelineOptions) -> int:
-    """--decode_threads, or the cores of one local worker process."""
-    return args.decode_threads or max(1, (os.cpu_count() or 1) // _local_workers(options))
+# Runners that run the pipeline's workers on this machine, as _local_workers counts them.
+LOCAL_RUNNERS = {DEFAULT_LOCAL_RUNNER, "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner"}
+
+
+def decode_processes(args, options: PipelineOptions) -> int:
+    """--decode_processes, or the cores of one local worker process; 1 on other runners, whose
+    machines run an SDK process per core (Dataflow's default for Python), each with its own."""
+    if args.decode_processes:
+        return args.decode_processes
+    if str(options.view_as(StandardOptions).runner) not in LOCAL_RUNNERS:
+        return 1
+    return max(1, (os.cpu_count() or 1) // _local_workers(options))
 
 
 def decode_limits(args) -> dict:
     return {"max_pixels": args.max_pixels, "max_bytes": args.max_bytes, "min_side": args.min_side,
-            "decode_timeout": args.decode_timeout, "perturbation": getattr(args, "perturbation", None)}
+            "decode_timeout": args.decode_timeout, "read_timeout": args.read_timeout,
+            "perturbation": getattr(args, "perturbation", None)}
 
 
 def counter_totals(result) -> dict[str, int]:

@@ -18,9 +18,10 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 from anchorscan.anchors.anchor_file import verified_contents
 from anchorscan.anchors.datasets import manifest
+from anchorscan.anchors.errors import UsageError
 from anchorscan.pipelines.options import command_parser
 from anchorscan.transforms.gcs import check_paths
-from anchorscan.transforms.io import read_bytes, read_parquet_rows, write_atomically
+from anchorscan.transforms.io import check_writable, read_bytes, read_parquet_rows, write_atomically
 
 
 def parser():
@@ -149,9 +150,10 @@ def read_labels(path: str) -> dict[str, tuple[int, str]]:
 def run(argv=None) -> str:
     args = parser().parse_args(argv)
     check_paths([args.scores, args.output, args.anchor, args.labels])
+    check_writable(args.output, "--output")
     rows = read_parquet_rows(f"{args.scores}-scores-*.parquet")
     if not rows:
-        raise ValueError(f"no score rows match {args.scores}-scores-*.parquet")
+        raise UsageError(f"--scores {args.scores}: no score rows match {args.scores}-scores-*.parquet")
     errors = read_parquet_rows(f"{args.scores}-errors-*.parquet")
     calibration = None
     if args.anchor:

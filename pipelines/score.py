@@ -7,16 +7,18 @@ import apache_beam as beam
 
 from anchorscan.anchors.anchor import COMBINERS, STATISTICAL_MODES, AnchorConfig
 from anchorscan.anchors.anchor_file import anchor_id, verified_contents
+from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.pipelines.common import decode_step, driver_extractor, embed_step
-from anchorscan.pipelines.options import (INPUT_HELP, UsageError, add_decoding_args,
-                                          add_http_args, add_runtime_args, backbone_config,
-                                          channel_list, command_parser, counter_totals, parse)
+from anchorscan.pipelines.options import (INPUT_HELP, add_decoding_args, add_http_args,
+                                          add_runtime_args, backbone_config, channel_list,
+                                          command_parser, counter_totals, parse)
 from anchorscan.transforms.carried import CarryManifestColumns, carried_columns, score_schema
 from anchorscan.transforms.gcs import check_paths
 from anchorscan.transforms.io import ListInputs, read_bytes
 from anchorscan.transforms.scoring import ScoreFeatures, load_head
-from anchorscan.transforms.sinks import ReadPreviousScores, WriteErrors, WriteScores
+from anchorscan.transforms.sinks import (PrefixLock, ReadPreviousScores, WriteErrors, WriteScores,
+                                         clear_tables, score_tables)
 
 
 def parser():
@@ -38,6 +40,9 @@ def parser():
     parser.add_argument("--skip_scored", default=None,
                         help="PREFIX or glob of earlier scores: content scored with the same "
                              "detector reuses its row")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the tables that --output already holds (deleted before "
+                             "the scan writes)")
     add_runtime_args(parser)
     add_decoding_args(parser)
     add_http_args(parser)
@@ -63,9 +68,32 @@ def score(args, options, test_pipeline=None, wait: bool = True) -> dict:
     detector = anchor_id(metadata)
     carried = carried_columns(args.input)  # the manifests' other columns, for the score table
 
-    started = time.time()
+    previous_tables = score_tables(args.skip_scored) if args.skip_scored else []
+    with PrefixLock(args.output):
+        clear_tables(args.output, args.overwrite, keep=previous_tables)
+        started = time.time()
+        result = run_scan(args, options, extractor, backbone, detector, head, previous_tables,
+                          carried, test_pipeline)
+        if not wait:
+            return {"output": args.output, "anchor_id": detector}
+        result.wait_until_finish()
+    counters = counter_totals(result)
+    summary = {
+        "output": args.output, "anchor_id": detector,
+        "scored": counters.get("images_scored", 0), "reused": counters.get("images_reused", 0),
+        "suspect": counters.get("images_suspect", 0),
+        "errors": {k[len("errors_"):]: v for k, v in counters.items() if k.startswith("errors_")},
+        "seconds": time.time() - started, "fpr": config.fpr,
+    }
+    print_score_summary(summary)
+    return summary
+
+
+def run_scan(args, options, extractor, backbone, detector: str, head: str,
+             previous_tables: list[str], carried: list, test_pipeline=None):
+    """List, decode, embed, score, carry the manifests' columns, write: the pipeline, started."""
     pipeline = test_pipeline or beam.Pipeline(options=options)
-    previous = (pipeline | "Previous" >> ReadPreviousScores(args.skip_scored, detector, head)
+    previous = (pipeline | "Previous" >> ReadPreviousScores(previous_tables, detector, head)
                 if args.skip_scored else None)
     uris, list_errors = pipeline | "List" >> ListInputs(args.input)
     images, decode_errors, reused = uris | "Decode" >> decode_step(
@@ -77,21 +105,7 @@ def score(args, options, test_pipeline=None, wait: bool = True) -> dict:
          | "Carry" >> CarryManifestColumns(args.input, carried)
          | WriteScores(args.output, score_schema(carried)))
     _ = (list_errors, decode_errors, embed_errors, score_errors) | WriteErrors(args.output)
-    result = pipeline.run()
-    if not wait:
-        return {"output": args.output, "anchor_id": detector}
-    result.wait_until_finish()
-
-    counters = counter_totals(result)
-    summary = {
-        "output": args.output, "anchor_id": detector,
-        "scored": counters.get("images_scored", 0), "reused": counters.get("images_reused", 0),
-        "suspect": counters.get("images_suspect", 0),
-        "errors": {k[len("errors_"):]: v for k, v in counters.items() if k.startswith("errors_")},
-        "seconds": time.time() - started, "fpr": config.fpr,
-    }
-    print_score_summary(summary)
-    return summary
+    return pipeline.run()
 
 
 def check_head(args, spec: FeatureSpec) -> str:

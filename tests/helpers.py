@@ -77,3 +77,17 @@ def read_parquet_rows(pattern: str) -> list[dict]:
     files = sorted(glob.glob(pattern))
     assert files, f"no files match {pattern}"
     return pq.read_table(files).to_pylist()
+
+
+def decode_that_sleeps(data: bytes) -> tuple[int, float, float]:
+    """A stand-in decoder for the decoder pool's tests: sleeps as many tenths of a second as the
+    first byte says, then returns (its pid, start, end); b"crash" kills its process."""
+    import os
+    import signal
+    import time
+
+    if data == b"crash":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    started = time.time()
+    time.sleep(data[0] / 10)
+    return os.getpid(), started, time.time()

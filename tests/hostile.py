@@ -1,10 +1,13 @@
 """A corpus of hostile inputs, generated (not committed): each kind with its documented outcome.
 
 `HOSTILE` maps a file name to (bytes factory, expected outcome): ("scored", note expected in the
-row's `preprocess`) or (stage, words expected in the error message)."""
+row's `preprocess`) or (stage, words expected in the error message). `write_hostile` adds what
+is not a file's bytes: a folder, a FIFO, links, a name that is not UTF-8."""
 from __future__ import annotations
 
 import io
+import os
+import pathlib
 import struct
 import zlib
 
@@ -46,6 +49,19 @@ def png_rgb16(pixels: np.ndarray) -> bytes:
             + _png_chunk(b"IDAT", zlib.compress(rows)) + _png_chunk(b"IEND", b""))
 
 
+def slow_jpeg(scans: int = 40_000, side: int = 10_000) -> bytes:
+    """A progressive JPEG of ``scans`` empty scans over a ``side`` x ``side`` image: 400 KB that
+    libjpeg decodes for minutes (each scan walks every block) in 250 MB of coefficients."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(buffer, "JPEG", progressive=True)
+    data = buffer.getvalue()
+    header = bytearray(data[:data.index(b"\xff\xda")])  # up to the first scan
+    frame = header.index(b"\xff\xc2")
+    header[frame + 5:frame + 9] = struct.pack(">HH", side, side)
+    empty_scan = b"\xff\xda\x00\x08\x01\x01\x00\x00\x00\x00"  # DC scan, no data follows
+    return bytes(header) + empty_scan * scans + b"\xff\xd9"
+
+
 def _exif_rotated_jpeg() -> bytes:
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
@@ -65,6 +81,34 @@ def _palette_alpha_png() -> bytes:
 def _gray16_png() -> bytes:
     return _encode(Image.fromarray((_photo()[..., 0].astype(np.uint16) * 257)), "PNG")
 
+
+def _damaged_gps_exif() -> bytes:
+    """EXIF with an orientation and a GPS directory whose latitude claims to be text: Pillow's
+    exif_transpose, rewriting it, raised TypeError."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x8825] = {2: (51.0, 30.0, 0.0)}
+    data = bytearray(exif.tobytes())
+    latitude = data.index(struct.pack("<HH", 2, 5))  # tag 2 (GPSLatitude), type 5 (RATIONAL)
+    data[latitude + 2:latitude + 4] = struct.pack("<H", 2)  # type 2 (ASCII)
+    return bytes(data)
+
+
+def _multipage_tiff_cut_in_first_page() -> bytes:
+    frames = [Image.fromarray(_photo(seed=seed)) for seed in range(3)]
+    return _encode(frames[0], "TIFF", save_all=True, append_images=frames[1:])[:100_000]
+
+
+def gif_on_a_large_screen(width: int = 10_000, height: int = 10_000) -> bytes:
+    """A 300 x 260 GIF frame at the corner of a ``width`` x ``height`` logical screen."""
+    data = bytearray(_encode(Image.fromarray(_photo()).convert("P", palette=Image.Palette.ADAPTIVE), "GIF"))
+    data[6:10] = struct.pack("<HH", width, height)
+    return bytes(data)
+
+
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 300 260\nnewpath 0 0 moveto 300 260 lineto "
+       b"stroke\nshowpage\n%%EOF\n")
+REGRESSIONS = pathlib.Path(__file__).parent / "data" / "decode_regressions"
 
 good_jpeg = lambda: _encode(Image.fromarray(_photo()), "JPEG", quality=92)  # noqa: E731
 
@@ -90,12 +134,45 @@ HOSTILE = {
                    ("decode", "too small")),
     "small.png": (lambda: _encode(Image.fromarray(_photo(120, 100)), "PNG"),
                   ("scored", "upscale+center_crop")),
+    "multipage-cut.tif": (_multipage_tiff_cut_in_first_page, ("decode", "TypeError: Missing dimensions")),
+    "flipped.avif": (lambda: (REGRESSIONS / "avif-color-planes-RuntimeError.avif").read_bytes(),
+                     ("decode", "RuntimeError: Failed to decode")),
+    "exif-damaged-gps.jpg": (lambda: _encode(Image.fromarray(_photo()), "JPEG", exif=_damaged_gps_exif()),
+                             ("scored", "exif_rotate")),
+    "exif-damaged-gps.webp": (lambda: _encode(Image.fromarray(_photo()), "WEBP", exif=_damaged_gps_exif()),
+                              ("scored", "exif_rotate")),
+    "large-screen.gif": (gif_on_a_large_screen, ("scored", "cropped_to_frame")),
+    "postscript.jpg": (lambda: EPS, ("decode", "PostScript")),
 }
+# Decodes for minutes: only with a short --decode_timeout (see tests/test_robustness.py).
+SLOW = {"slow-a.jpg": slow_jpeg, "slow-b.jpg": slow_jpeg}
 
 
-def write_hostile(folder) -> dict[str, tuple]:
-    """Writes every hostile file into ``folder``; returns name -> expected outcome."""
-    for name, (make, _) in HOSTILE.items():
+NOT_UTF8_NAME = b"caf\xe9.png"
+
+
+def write_hostile(folder: pathlib.Path) -> dict[str, tuple]:
+    """Writes every hostile file and what is not a file into ``folder``; returns the URI each
+    input has in the tables -> expected outcome, as above."""
+    expected = {}
+    for name, (make, outcome) in HOSTILE.items():
         (folder / name).write_bytes(make())
-    (folder / "folder.jpg").mkdir()  # a directory named like an image
-    return {name: outcome for name, (_, outcome) in HOSTILE.items()}
+        expected[str(folder / name)] = outcome
+    (folder / "folder.jpg").mkdir()  # a directory named like an image: not listed, not an input
+    os.mkfifo(folder / "pipe.jpg")
+    expected[str(folder / "pipe.jpg")] = ("read", "a named pipe (FIFO), not a file")
+    with open(os.fsencode(folder) + b"/" + NOT_UTF8_NAME, "wb") as handle:
+        handle.write(_encode(Image.fromarray(_photo(seed=4)), "PNG"))
+    expected[f"file://{folder}/caf%E9.png"] = ("scored", "center_crop")
+    elsewhere = folder.parent / f"{folder.name}-elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "inside.png").write_bytes(_encode(Image.fromarray(_photo(seed=5)), "PNG"))
+    (folder / "linked").symlink_to(elsewhere)
+    expected[str(folder / "linked" / "inside.png")] = ("scored", "center_crop")
+    (folder / "loop").symlink_to(folder)
+    expected[str(folder / "loop")] = ("list", "a symbolic link loop")
+    (folder / "dangling.jpg").symlink_to(folder / "gone.jpg")
+    expected[str(folder / "dangling.jpg")] = ("read", "a broken symbolic link")
+    (folder / "self.jpg").symlink_to(folder / "self.jpg")
+    expected[str(folder / "self.jpg")] = ("read", "a symbolic link loop")
+    return expected

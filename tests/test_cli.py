@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from pathlib import Path
 
@@ -30,9 +31,10 @@ def test_score_refuses_an_anchor_from_other_weights(fitted_anchor, real_photos, 
     foreign.write_bytes(anchor_to_bytes(anchor, metadata["projection"]))
     code = main(["score", "--input", str(real_photos), "--anchor", str(foreign),
                  "--output", str(tmp_path / "out"), "--runner", "FnApiRunner"])
-    assert code == 1
+    assert code == 2
     message = capsys.readouterr().err
     assert "weights_sha256" in message and "fitted on different features" in message
+    assert len(message.strip().splitlines()) == 1 and "Traceback" not in message
     assert not list(tmp_path.glob("out-*"))  # refused before any work
 
 
@@ -44,7 +46,8 @@ def test_missing_required_option_is_reported(tmp_path, capsys):
 
 RUNTIME = {"--weights", "--device", "--precision", "--runtime", "--batch_size", "--torch_threads",
            "--large_model"}
-DECODING = {"--max_pixels", "--max_bytes", "--min_side", "--decode_timeout", "--decode_threads",
+DECODING = {"--max_pixels", "--max_bytes", "--min_side", "--decode_timeout", "--read_timeout",
+            "--decode_processes",
             "--decode_ahead", "--perturbation"}
 HTTP = {"--http_timeout", "--http_retries", "--http_max_per_host", "--http_max_time"}
 FEATURES = {"--backbone", "--attention", "--resize", "--statistical_budget", "--projection_seed"}
@@ -53,7 +56,7 @@ FLAGS = {
             "--fpr", "--explained_variance", "--combine", "--statistical", "--channels",
             "--forensic_levels"} | FEATURES | RUNTIME | DECODING | HTTP,
     "score": {"--input", "--anchor", "--output", "--head", "--with_anchor", "--combine",
-              "--statistical", "--channels", "--skip_scored"} | RUNTIME | DECODING | HTTP,
+              "--statistical", "--channels", "--skip_scored", "--overwrite"} | RUNTIME | DECODING | HTTP,
     "fit-head": {"--kind", "--real", "--fake", "--output", "--errors", "--k", "--max_per_class",
                  "--features"} | FEATURES | RUNTIME | DECODING | HTTP,
     "evaluate": {"--dataset", "--anchor", "--head", "--output", "--split", "--sweep", "--channels",
@@ -86,3 +89,76 @@ def test_the_readme_tables_are_the_schemas():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert markdown_table(SCORE_COLUMNS) in readme
     assert markdown_table(ERROR_COLUMNS) in readme
+
+
+def one_line_error(capsys) -> str:
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "Traceback" not in error, error
+    return error
+
+
+def test_a_missing_anchor_is_one_line_and_exit_2(tmp_path, capsys):
+    missing = tmp_path / "nowhere.safetensors"
+    code = main(["score", "--input", str(tmp_path), "--anchor", str(missing), "--output",
+                 str(tmp_path / "out")])
+    assert code == 2
+    assert one_line_error(capsys) == f"anchorscan score: error: {missing}: file not found"
+
+
+def test_info_on_a_file_that_is_not_an_anchor_is_one_line_and_exit_2(tmp_path, capsys):
+    other = tmp_path / "photo.jpg"
+    other.write_bytes(b"\xff\xd8 not an anchor")
+    assert main(["info", str(other)]) == 2
+    assert "not an anchorscan anchor file" in one_line_error(capsys)
+
+
+def test_a_bad_flag_value_is_one_line_and_exit_2(tmp_path, capsys):
+    code = main(["fit", "--input", str(tmp_path), "--anchor", str(tmp_path / "a.safetensors"),
+                 "--fpr", "2"])
+    assert code == 2
+    assert "--fpr must be in (0, 1), got 2.0" in one_line_error(capsys)
+
+
+def test_an_output_under_a_regular_file_is_one_line_and_exit_2(fitted_anchor, tmp_path, capsys):
+    anchor, _ = fitted_anchor
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    code = main(["score", "--input", str(tmp_path), "--anchor", str(anchor),
+                 "--output", str(blocker / "out"), "--runner", "FnApiRunner"])
+    assert code == 2
+    error = one_line_error(capsys)
+    assert error == (f"anchorscan score: error: cannot write {blocker}/out.lock, the lock beside "
+                     f"--output: a file, not a folder ({blocker})")
+
+
+def test_debug_shows_the_traceback_of_a_user_error(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "missing"), "--debug"]) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" in error and error.strip().endswith("file not found")
+
+
+def test_an_unexpected_error_is_an_internal_error_with_its_traceback(monkeypatch, capsys):
+    from anchorscan.pipelines import info
+
+    def broken(argv=None):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(info, "run", broken)
+    assert main(["info", "anything"]) == 1
+    error = capsys.readouterr().err
+    assert "anchorscan info: internal error" in error
+    assert "Traceback" in error and "KeyError: 'a bug'" in error
+
+
+@pytest.mark.parametrize("beam_flags, expected", [
+    ([], os.cpu_count()),
+    (["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"], max(1, os.cpu_count() // 2)),
+    (["--runner", "DataflowRunner"], 1),  # an SDK process per core, each with its own decoder
+    (["--decode_processes", "3", "--runner", "DataflowRunner"], 3),
+], ids=["in_process", "multi_process", "dataflow", "given"])
+def test_decode_processes_share_the_cores_among_sdk_processes(beam_flags, expected):
+    from anchorscan.pipelines import score
+    from anchorscan.pipelines.options import decode_processes, parse
+
+    args, options = parse(score.parser(), ["--input", "x", "--anchor", "a", "--output", "o", *beam_flags])
+    assert decode_processes(args, options) == expected

@@ -1,5 +1,5 @@
-"""The decoding DoFn on its own: decodes overlap, yet every URI comes out once, in order, and a
-stuck decode costs only its own image."""
+"""The decoding DoFn and its worker processes on their own: decodes overlap, yet every URI comes
+out once, in order; a stuck decode, a crashed decoder or a stalled read costs only its own image."""
 from __future__ import annotations
 
 import io
@@ -14,10 +14,12 @@ from PIL import Image
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 
-from anchorscan.transforms import decode as decode_module
 from anchorscan.anchors import preprocess
-from helpers import write_crops
+from anchorscan.anchors.decoder_pool import DecodeFailed, DecoderPool
+from anchorscan.transforms import decode as decode_module
 from anchorscan.transforms.decode import ERRORS, DecodeImageFn
+from helpers import decode_that_sleeps, write_crops
+from hostile import slow_jpeg
 
 
 def run_bundle(dofn: DecodeImageFn, uris: list[str]) -> list[tuple[str | None, object]]:
@@ -46,65 +48,78 @@ def crops(tmp_path_factory):
     return [str(path) for path in write_crops(tmp_path_factory.mktemp("crops"), count_per_photo=2, seed=9)]
 
 
-def test_decoding_ahead_on_threads_gives_what_one_at_a_time_gives(crops):
+def test_decoding_ahead_in_processes_gives_what_one_at_a_time_gives(crops):
     missing = "/nonexistent/file.jpg"
     uris = crops[:3] + [missing] + crops[3:]
     serial = dict((uri_of(*output), output) for output in run_bundle(DecodeImageFn(224), uris))
-    ahead = run_bundle(DecodeImageFn(224, threads=2, ahead=5), uris)
+    ahead = run_bundle(DecodeImageFn(224, processes=2, ahead=5), uris)
     assert sorted(uri_of(*output) for output in ahead) == sorted(serial) == sorted(uris)
     for tag, value in ahead:
         if tag == ERRORS:
             assert value == serial[missing][1] and "not found" in value["error"]
+            assert value["error_type"] == "FileNotFoundError"
         else:
             assert value[0] == serial[value[0].uri][1][0]
             assert np.array_equal(value[1], serial[value[0].uri][1][1])
 
 
-def test_decodes_run_at_the_same_time(crops, monkeypatch):
-    running, most = set(), [0]
-    lock = threading.Lock()
-    real_decode = decode_module.decode_and_crop
-
-    def counting_decode(data, *args):
-        with lock:
-            running.add(threading.get_ident())
-            most[0] = max(most[0], len(running))
-        time.sleep(0.05)
-        try:
-            return real_decode(data, *args)
-        finally:
-            with lock:
-                running.discard(threading.get_ident())
-
-    monkeypatch.setattr(decode_module, "decode_and_crop", counting_decode)
-    run_bundle(DecodeImageFn(224, threads=3, ahead=6), crops)
-    assert most[0] == 3
+def test_decodes_run_at_the_same_time_in_separate_processes():
+    pool = DecoderPool(decode_that_sleeps, processes=3, timeout=30)
+    try:
+        jobs = [pool.submit(bytes([3])) for _ in range(6)]
+        spans = [pool.result(job) for job in jobs]
+    finally:
+        pool.close()
+    assert len({pid for pid, _, _ in spans}) == 3 and os.getpid() not in {pid for pid, _, _ in spans}
+    most = max(sum(start <= moment < end for _, start, end in spans) for _, moment, _ in spans)
+    assert most == 3
 
 
-def test_a_stuck_decode_times_out_alone_while_queued_ones_finish(crops, monkeypatch):
-    stuck = open(crops[0], "rb").read()
-    release = threading.Event()
-    real_decode = decode_module.decode_and_crop
+def test_a_decode_past_its_timeout_is_killed_and_its_process_replaced():
+    pool = DecoderPool(decode_that_sleeps, processes=2, timeout=0.5)
+    try:
+        stuck = pool.submit(bytes([200]))  # 20 s
+        quick = [pool.submit(bytes([1])) for _ in range(4)]
+        [stuck_process] = [worker.process for worker in pool._workers if worker.job is stuck]
+        started = time.monotonic()
+        with pytest.raises(DecodeFailed, match="longer than --decode_timeout 0.5 s") as failed:
+            pool.result(stuck)
+        assert time.monotonic() - started < 10 and failed.value.error_type == "TimeoutError"
+        assert stuck_process.poll() is not None  # killed, not left to run
+        assert all(pool.result(job)[0] != stuck_process.pid for job in quick)
+        assert len(pool._workers) == 2 and all(worker.process.poll() is None for worker in pool._workers)
+    finally:
+        pool.close()
 
-    def hanging_decode(data, *args):
-        if data == stuck:
-            release.wait(30)
-        return real_decode(data, *args)
 
-    monkeypatch.setattr(decode_module, "decode_and_crop", hanging_decode)
-    # One thread: the images queued behind the stuck one must move to a fresh thread, and the
+def test_a_decoder_that_crashes_costs_its_own_image_only():
+    pool = DecoderPool(decode_that_sleeps, processes=1, timeout=30)
+    try:
+        crash, after = pool.submit(b"crash"), pool.submit(bytes([1]))
+        with pytest.raises(DecodeFailed, match=r"the decoder crashed \(signal SIGSEGV\)") as failed:
+            pool.result(crash)
+        assert failed.value.error_type == "DecoderCrash"
+        assert pool.result(after)[0] != os.getpid()
+    finally:
+        pool.close()
+
+
+def test_a_stuck_decode_times_out_alone_while_queued_ones_finish(crops, tmp_path):
+    stuck = tmp_path / "40000-empty-scans.jpg"
+    stuck.write_bytes(slow_jpeg())
+    uris = [str(stuck)] + crops[:4]
+    # One process: the images queued behind the stuck one must go to a fresh process, and the
     # time they spent waiting must not count against them.
     started = time.monotonic()
-    outputs = run_bundle(DecodeImageFn(224, decode_timeout=1.0, threads=1, ahead=4), crops[:5])
-    release.set()
+    outputs = run_bundle(DecodeImageFn(224, decode_timeout=1.0, processes=1, ahead=4), uris)
     assert time.monotonic() - started < 10
-    assert [uri_of(*output) for output in outputs] == crops[:5]
-    assert outputs[0][0] == ERRORS and "--decode_timeout 1" in outputs[0][1]["error"]
+    assert [uri_of(*output) for output in outputs] == uris
+    assert outputs[0][0] == ERRORS and "--decode_timeout 1 s" in outputs[0][1]["error"]
     assert all(tag is None for tag, _ in outputs[1:])
 
 
 def test_a_retried_bundle_drops_what_the_failed_attempt_left_in_flight(crops):
-    dofn = DecodeImageFn(224, threads=2, ahead=8)
+    dofn = DecodeImageFn(224, processes=2, ahead=8)
     dofn.setup()
     dofn.start_bundle()
     for uri in crops[:3]:
@@ -115,6 +130,44 @@ def test_a_retried_bundle_drops_what_the_failed_attempt_left_in_flight(crops):
     flushed = list(dofn.finish_bundle())
     dofn.teardown()
     assert [output.value[0].uri for output in flushed] == crops[3:5]
+
+
+def test_a_fifo_is_an_error_row_found_before_any_open(tmp_path):
+    fifo = tmp_path / "x.jpg"
+    os.mkfifo(fifo)
+    [(tag, row)] = run_bundle(DecodeImageFn(224, read_timeout=5), [str(fifo)])
+    assert tag == ERRORS and row["stage"] == "read" and row["error_type"] == "ReadError"
+    assert row["error"] == "a named pipe (FIFO), not a file: not opened (reading it could wait forever)"
+
+
+def test_a_read_past_its_timeout_is_an_error_row_and_stuck_reads_are_capped(crops, monkeypatch):
+    release = threading.Event()
+    real_read = decode_module.read_limited
+
+    def stalled_read(uri, max_bytes, http):
+        if uri.startswith("/stalled/"):
+            release.wait(30)
+        return real_read(uri, max_bytes, http)
+
+    monkeypatch.setattr(decode_module, "read_limited", stalled_read)
+    cap = decode_module.MAX_STUCK_READS
+    dofn = DecodeImageFn(224, read_timeout=0.2)
+    dofn.setup()
+    dofn.start_bundle()
+    started = time.monotonic()
+    errors = [output.value["error"] for i in range(cap + 2)
+              for output in dofn.process(f"/stalled/{i}.jpg", MIN_TIMESTAMP, GlobalWindow())]
+    assert time.monotonic() - started < 0.2 * cap + 2  # refused at once past the cap
+    assert errors[:cap] == ["reading took longer than --read_timeout 0.2 s (a stalled disk or "
+                            "network?)"] * cap
+    assert errors[cap:] == [f"not read: {cap} earlier reads on this worker are stuck past "
+                            "--read_timeout (the storage is not answering)"] * 2
+    release.set()  # the storage answers again: reads go on
+    time.sleep(0.5)
+    list(dofn.process(crops[0], MIN_TIMESTAMP, GlobalWindow()))
+    [decoded] = list(dofn.finish_bundle())
+    dofn.teardown()
+    assert decoded.value[0].uri == crops[0]
 
 
 def _jpeg(pixels: np.ndarray, **options) -> bytes:

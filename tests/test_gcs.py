@@ -99,11 +99,11 @@ def test_missing_bucket_and_missing_object_are_named(emulator, capsys):
     assert kind == "error" and row["error"] == "no files match this input"
 
     # The command line says it in one line, before any work.
-    assert main(["info", f"{ROOT}/nothing.safetensors"]) == 1
+    assert main(["info", f"{ROOT}/nothing.safetensors"]) == 2
     assert capsys.readouterr().err.strip() == (
         f"anchorscan info: error: {ROOT}/nothing.safetensors: no such object")
     assert main(["score", "--input", f"{ROOT}/real", "--anchor", f"{ROOT}/a.safetensors",
-                 "--output", "gs://no-such-bucket/scan", *RUNNER]) == 1
+                 "--output", "gs://no-such-bucket/scan", *RUNNER]) == 2
     assert "bucket 'no-such-bucket' does not exist" in capsys.readouterr().err
 
 
@@ -230,7 +230,7 @@ def test_without_credentials_the_message_says_what_to_set(tmp_path, capsys):
             GOOGLE_APPLICATION_CREDENTIALS=str(tmp_path / "no-such-key.json"),
             CLOUDSDK_CONFIG=str(tmp_path)):
         started = time.monotonic()
-        assert main(["info", "gs://private-bucket/anchors/a.safetensors"]) == 1
+        assert main(["info", "gs://private-bucket/anchors/a.safetensors"]) == 2
         assert time.monotonic() - started < 5
     error = capsys.readouterr().err
     assert "access denied to anonymous requests" in error
@@ -255,7 +255,7 @@ def test_unreachable_storage_fails_in_seconds(capsys, monkeypatch):
                              "gs://bucket/a.safetensors", "--output", "gs://bucket/out", *RUNNER])
                 elapsed = time.monotonic() - started
             message = capsys.readouterr().err
-            assert code == 1 and message.count("\n") == 1, message
+            assert code == 2 and message.count("\n") == 1, message
             assert f"cannot reach Google Cloud Storage at {endpoint}" in message
             assert "STORAGE_EMULATOR_HOST" in message
             # The bounded retries: CHECK_SECONDS, plus one request's timeout past the deadline.

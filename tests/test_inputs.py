@@ -1,11 +1,13 @@
 """Turning --input values into image URIs: globs, directories, manifests."""
 from __future__ import annotations
 
+import os
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from anchorscan.transforms.io import expand_input, manifest_uris, read_bytes, write_atomically
+from anchorscan.transforms.io import expand_input, manifest_entries, read_bytes, write_atomically
 
 
 def uris(pattern):
@@ -46,8 +48,8 @@ def test_manifest_entries_resolve_relative_to_the_manifest(tree, kind):
         manifest.write_text("label,uri\n" + "".join(f"real,{entry}\n" for entry in entries))
     else:
         pq.write_table(pa.table({"uri": entries}), manifest)
-    assert manifest_uris(str(manifest)) == [str(tree / "a/one.jpg"), str(tree / "a/b/two.PNG"),
-                                            "gs://bucket/x.jpg"]
+    assert list(manifest_entries(str(manifest))) == [
+        ("uri", str(tree / "a/one.jpg")), ("uri", str(tree / "a/b/two.PNG")), ("uri", "gs://bucket/x.jpg")]
 
 
 def test_csv_manifest_without_uri_column_is_an_error_row(tree):
@@ -63,3 +65,97 @@ def test_atomic_write_replaces_the_whole_file(tmp_path):
     write_atomically(target, b"second")
     assert read_bytes(target) == b"second"
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
+
+
+def rows(pattern):
+    """(kind, uri or (uri, stage, error)) of everything an input lists."""
+    return [(kind, value if kind == "uri" else (value["uri"], value["stage"], value["error"]))
+            for kind, value in expand_input(pattern)]
+
+
+@pytest.fixture
+def linked(tmp_path):
+    """photos/ with a link to a folder outside it, a link back to itself and a dangling link."""
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "inside.jpg").write_bytes(b"x")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "own.jpg").write_bytes(b"x")
+    (photos / "linked").symlink_to(tmp_path / "elsewhere")
+    (photos / "loop").symlink_to(photos)
+    (photos / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    return photos
+
+
+def test_a_folder_follows_links_to_folders_and_reports_loops(linked):
+    listed = rows(str(linked))
+    loop = str(linked / "loop")
+    assert listed == [
+        ("uri", str(linked / "dangling.jpg")),  # listed: its read reports the broken link
+        ("uri", str(linked / "linked" / "inside.jpg")),
+        ("error", (loop, "list", f"a symbolic link loop: {loop} leads back to {linked}, a folder "
+                                 "above it; not followed")),
+        ("uri", str(linked / "own.jpg")),
+    ]
+
+
+def test_a_glob_follows_links_as_a_shell_does(linked):
+    assert rows(str(linked / "*" / "*.jpg")) == [("uri", str(linked / "linked" / "inside.jpg")),
+                                                 ("uri", str(linked / "loop" / "dangling.jpg")),
+                                                 ("uri", str(linked / "loop" / "own.jpg"))]
+    loop = str(linked / "loop")
+    assert rows(str(linked / "**.jpg")) == [
+        ("uri", str(linked / "dangling.jpg")), ("uri", str(linked / "linked" / "inside.jpg")),
+        ("error", (loop, "list", f"a symbolic link loop: {loop} leads back to {linked}, a folder "
+                                 "above it; not followed")),
+        ("uri", str(linked / "own.jpg"))]
+
+
+def test_a_link_that_leads_to_itself_is_listed_and_left_to_the_read(tmp_path):
+    (tmp_path / "self.jpg").symlink_to(tmp_path / "self.jpg")
+    assert rows(str(tmp_path)) == [("uri", str(tmp_path / "self.jpg"))]
+
+
+def test_names_that_are_not_utf8_are_listed_as_reversible_text(tmp_path):
+    from anchorscan.anchors.uris import local_path
+    name = os.fsencode(str(tmp_path)) + b"/caf\xe9.png"
+    with open(name, "wb") as handle:
+        handle.write(b"x")
+    [(kind, uri)] = rows(str(tmp_path))
+    assert kind == "uri" and uri == f"file://{tmp_path}/caf%E9.png"
+    uri.encode("utf-8")  # what every coder and Parquet column needs
+    assert os.fsencode(local_path(uri)) == name
+
+
+def test_a_text_manifest_may_name_files_that_are_not_utf8(tmp_path):
+    manifest = tmp_path / "list.txt"
+    manifest.write_bytes(b"caf\xe9.png\n")
+    assert rows(str(manifest)) == [("uri", f"file://{tmp_path}/caf%E9.png")]
+
+
+@pytest.mark.parametrize("content", ["", "uri\n", "# only a comment\n"], ids=["empty", "header", "comment"])
+def test_a_manifest_that_lists_nothing_is_an_error_row(tmp_path, content):
+    manifest = tmp_path / ("list.csv" if content == "uri\n" else "list.txt")
+    manifest.write_text(content)
+    assert rows(str(manifest)) == [("error", (str(manifest), "list", "the manifest lists no images "
+                                                                       "(it is empty or has a header only)"))]
+
+
+def test_each_blank_or_null_uri_of_a_manifest_is_an_error_row(tmp_path):
+    csv_manifest = tmp_path / "list.csv"
+    csv_manifest.write_text("uri,label\na.jpg,real\n,fake\n  ,real\n")
+    assert rows(str(csv_manifest)) == [
+        ("uri", str(tmp_path / "a.jpg")),
+        ("error", (f"{csv_manifest}#row=2", "list", "row 2 of the manifest (line 3) has no uri (blank or null)")),
+        ("error", (f"{csv_manifest}#row=3", "list", "row 3 of the manifest (line 4) has no uri (blank or null)")),
+    ]
+    parquet_manifest = tmp_path / "list.parquet"
+    pq.write_table(pa.table({"uri": ["a.jpg", None, ""]}), parquet_manifest)
+    assert [value for kind, value in rows(str(parquet_manifest)) if kind == "error"] == [
+        (f"{parquet_manifest}#row=2", "list", "row 2 of the manifest has no uri (blank or null)"),
+        (f"{parquet_manifest}#row=3", "list", "row 3 of the manifest has no uri (blank or null)")]
+
+
+def test_repeated_inputs_are_listed_once():
+    from anchorscan.transforms.io import distinct_patterns
+    assert distinct_patterns(["a/*.jpg", "photos/", "a/*.jpg", "photos", "/"]) == ["a/*.jpg", "photos", "/"]

@@ -9,6 +9,7 @@ import numpy as np
 from anchorscan.anchors.anchor import COMPONENTS, Anchor, AnchorConfig
 from anchorscan.anchors.anchor_file import anchor_to_bytes
 from anchorscan.anchors.calibration import NUM_QUANTILES, holds_out
+from anchorscan.anchors.errors import NotEnoughImagesError, UsageError
 from anchorscan.anchors.forensic import LEVEL_SETS, ForensicModel
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.stats import Moments
@@ -34,7 +35,7 @@ def _fit_models(backbone: Moments, forensic: Moments, spec: FeatureSpec,
 
 def _calibrate(anchor: Anchor, sketches: dict, n_calibration: int) -> Anchor:
     if n_calibration < MIN_CALIBRATION:
-        raise ValueError(
+        raise NotEnoughImagesError(
             f"only {n_calibration} real images were held out for calibration (need at least "
             f"{MIN_CALIBRATION}): add real images or raise --calibration_fraction")
     return anchor.calibrated(sketches, n_calibration)
@@ -60,7 +61,7 @@ class FitAnchor(beam.PTransform):
                  num_quantiles: int = NUM_QUANTILES, fanout: int = 4):
         super().__init__()
         if not 0.0 < calibration_fraction < 1.0:
-            raise ValueError(f"calibration_fraction must be in (0, 1), got {calibration_fraction}")
+            raise UsageError(f"--calibration_fraction must be in (0, 1), got {calibration_fraction}")
         self.anchor_uri, self.spec, self.config = anchor_uri, spec, config
         self.projection = projection
         self.calibration_fraction, self.calibration_group = calibration_fraction, calibration_group

@@ -15,6 +15,8 @@ import functools
 import logging
 import os
 
+from anchorscan.anchors.errors import MissingFileError, UserError
+
 EMULATOR_VARIABLE = "STORAGE_EMULATOR_HOST"
 CHECK_SECONDS = 10.0  # all attempts of one check together
 REQUEST_TIMEOUT = (3.05, 5.0)  # connect, read (seconds)
@@ -23,7 +25,7 @@ CREDENTIALS_HINT = ("set up Application Default Credentials (`gcloud auth applic
                     "STORAGE_EMULATOR_HOST at a local emulator")
 
 
-class GcsSetupError(ValueError):
+class GcsSetupError(UserError, ValueError):
     """gs:// paths cannot be used as set up here; the message says what to set."""
 
 
@@ -135,9 +137,9 @@ def describe(uri: str, error: BaseException, is_listing: bool = False) -> Except
         return error
     if isinstance(error, exceptions.NotFound):
         if is_listing or not _bucket_exists(bucket):
-            return FileNotFoundError(f"{uri}: bucket '{bucket}' does not exist (or is not "
+            return MissingFileError(f"{uri}: bucket '{bucket}' does not exist (or is not "
                                      f"visible to these credentials)")
-        return FileNotFoundError(f"{uri}: no such object")
+        return MissingFileError(f"{uri}: no such object")
     # A 401 makes the client refresh its credentials, which anonymous ones cannot.
     if isinstance(error, (exceptions.Forbidden, exceptions.Unauthorized, InvalidOperation)):
         if _credentials() is None and not os.environ.get(EMULATOR_VARIABLE):

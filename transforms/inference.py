@@ -67,9 +67,9 @@ class FeatureModelHandler(ModelHandler[np.ndarray, tuple, FeatureExtractor]):
 
 
 def _failed_batch_rows(failure):
-    batch, (_, message, _) = failure
+    batch, (kind, message, _) = failure
     for meta, _ in batch:
-        yield error_row(meta.uri, "embed", f"feature extraction failed: {message}")
+        yield error_row(meta.uri, "embed", f"feature extraction failed: {message}", kind.__name__)
 
 
 class EmbedImages(beam.PTransform):

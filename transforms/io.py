@@ -3,15 +3,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import posixpath
+import re
+import tempfile
 import uuid
 
 import apache_beam as beam
+from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
 
+from anchorscan.anchors.errors import (MissingFileError, UnreadableFileError, UnwritableOutputError,
+                                      exception_name)
 from anchorscan.anchors.manifests import GLOB_CHARACTERS, is_manifest, read_manifest
 from anchorscan.anchors.preprocess import is_image_path
+from anchorscan.anchors.uris import local_path, uri_text
 from anchorscan.transforms.fetch import fetch, is_http
 from anchorscan.transforms.gcs import describe, is_gcs, storage_errors
 from anchorscan.transforms.progress import ReportProgress
@@ -23,10 +28,22 @@ MAX_HTTP_FILE_BYTES = 2 ** 30
 
 
 def read_bytes(uri: str) -> bytes:
+    """The whole file: an anchor, a head, a manifest. A file that cannot be read is the user's
+    to fix (a wrong path, a missing permission), so the error says which file and why."""
     if is_http(uri):  # a manifest or a report's thumbnail on a web server
         return fetch(uri, MAX_HTTP_FILE_BYTES)
-    with storage_errors(uri), FileSystems.open(uri, compression_type="uncompressed") as handle:
-        return handle.read()
+    try:
+        with storage_errors(uri), FileSystems.open(local_path(uri) or uri,
+                                                   compression_type="uncompressed") as handle:
+            return handle.read()
+    except MissingFileError:  # gs:// errors already name the path and the cause
+        raise
+    except FileNotFoundError:
+        raise MissingFileError(f"{uri}: file not found") from None
+    except IsADirectoryError:
+        raise UnreadableFileError(f"{uri}: is a folder, not a file") from None
+    except OSError as error:
+        raise UnreadableFileError(f"cannot read {uri}: {error.strerror or error}") from None
 
 
 def local_copy(uri: str) -> str:
@@ -55,6 +72,27 @@ def write_atomically(uri: str, data: bytes) -> None:
     FileSystems.rename([temporary], [uri])
 
 
+def check_writable(uri: str, flag: str) -> None:
+    """Fails now, not after the work, where a local output cannot be written (a file where a
+    folder should be, no permission): writes and deletes an empty file beside it. Object stores
+    are left to their first write."""
+    if "://" in uri and not uri.startswith("file://"):
+        return
+    path = uri.removeprefix("file://")
+    probe = os.path.join(os.path.dirname(os.path.abspath(path)), f".anchorscan-probe-{uuid.uuid4().hex}")
+    try:
+        os.makedirs(os.path.dirname(probe), exist_ok=True)
+        with open(probe, "wb"):
+            pass
+        os.unlink(probe)
+    except FileExistsError:  # makedirs: a file stands where the folder should be
+        raise UnwritableOutputError(f"cannot write {flag} {uri}: {os.path.dirname(probe)} or a "
+                                    "folder above it is a file, not a folder") from None
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename else ""
+        raise UnwritableOutputError(f"cannot write {flag} {uri}: {error.strerror or error}{where}") from None
+
+
 def matching_files(pattern: str) -> list[str]:
     """Sorted paths that ``pattern`` matches, local or gs:// (none when nothing matches)."""
     return sorted(metadata.path for metadata in FileSystems.match([pattern])[0].metadata_list)
@@ -77,57 +115,143 @@ def read_parquet_rows(pattern: str, columns: list[str] | None = None) -> list[di
     return rows
 
 
-def manifest_uris(manifest: str) -> list[str]:
-    return [row["uri"] for row in read_manifest(manifest, read_bytes(manifest)) if row["uri"]]
+def manifest_entries(manifest: str):
+    """('uri', uri) for each entry of a manifest; ('error', row) for each blank or null entry
+    (its URI is ``MANIFEST#row=N``, N counting data rows from 1) and for a manifest that lists
+    nothing at all."""
+    rows = read_manifest(manifest, read_bytes(manifest))
+    if not rows:
+        yield "error", error_row(uri_text(manifest), "list", "the manifest lists no images (it is empty or "
+                                                   "has a header only)")
+    csv_line = " (line {})" if manifest.lower().endswith(".csv") else ""
+    for number, row in enumerate(rows, start=1):
+        if row["uri"]:
+            yield "uri", uri_text(row["uri"])
+        else:
+            where = csv_line.format(number + 1)
+            yield "error", error_row(uri_text(f"{manifest}#row={number}"), "list",
+                                     f"row {number} of the manifest{where} has no uri (blank or null)")
 
 
 def expand_input(pattern: str):
-    """Yields ('uri', uri) for each image an --input names, or ('error', row) when it names none.
+    """Yields ('uri', uri) for each image an --input names, or ('error', row) where it names
+    none or where its listing met a problem (a link loop, a folder that cannot be read).
 
     A manifest lists its images; a directory stands for the image files below it (by extension);
-    anything else is a glob and matches exactly what it says.
+    anything else is a glob and matches exactly what it says. Local folders linked from inside
+    are followed, as a shell's glob follows them.
     """
     if is_http(pattern) and not is_manifest(pattern):  # a web server lists nothing: one image
         yield "uri", pattern
         return
+    reported = False  # a URI, or a row about this input
     try:
         if is_manifest(pattern):
-            for uri in manifest_uris(pattern):
-                yield "uri", uri
+            for kind, value in manifest_entries(pattern):
+                reported = True
+                yield kind, value
             return
-        directory = pattern.rstrip("/")
-        if not any(c in pattern for c in GLOB_CHARACTERS) and _is_directory(directory):
-            matches = [m.path for m in FileSystems.match([directory + "/**"])[0].metadata_list
-                       if is_image_path(m.path)]
-        else:
-            matches = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+        path = local_path(pattern)
+        listing = _list_local(path) if path is not None else _list_remote(pattern)
+        for kind, value in listing:
+            reported = reported or kind == "uri"
+            yield kind, value
     except Exception as error:  # a bad pattern or manifest must not stop the other inputs
+        reported = True
         if is_gcs(pattern):
             error = describe(pattern, error, is_listing=not is_manifest(pattern))
-        yield "error", error_row(pattern, "list", f"cannot list input: {error}")
-        return
-    if not matches:
-        yield "error", error_row(pattern, "list", "no files match this input")
+        yield "error", error_row(uri_text(pattern), "list", f"cannot list input: {error}",
+                                 exception_name(error))
+    if not reported:
+        yield "error", error_row(uri_text(pattern), "list", "no files match this input")
+
+
+def _list_remote(pattern: str):
+    directory = pattern.rstrip("/")
+    if not any(c in pattern for c in GLOB_CHARACTERS) and FileSystems.match(
+            [directory + "/*"], limits=[1])[0].metadata_list:
+        # Object stores have no directories: a prefix with objects below it counts as one.
+        matches = [m.path for m in FileSystems.match([directory + "/**"])[0].metadata_list
+                   if is_image_path(m.path)]
+    else:
+        matches = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
     for path in sorted(matches):
         yield "uri", path
 
 
-def _is_directory(path: str) -> bool:
-    if "://" in path and not path.startswith("file://"):
-        # Object stores have no directories: a prefix with objects below it counts as one.
-        return bool(FileSystems.match([path + "/*"], limits=[1])[0].metadata_list)
-    return os.path.isdir(path)
+def _list_local(path: str):
+    if not any(c in path for c in GLOB_CHARACTERS):
+        folder = path.rstrip("/") or "/"
+        if os.path.isdir(folder):
+            yield from _walk(folder, None, is_image_path)
+        elif os.path.lexists(path):  # a file, or a broken or looping link: its read says which
+            yield "uri", uri_text(path)
+        return
+    parts = path.split("/")
+    fixed = next(i for i, part in enumerate(parts) if any(c in part for c in GLOB_CHARACTERS))
+    below = parts[fixed:]
+    depth = None if any("**" in part for part in below) else len(below)
+    pattern = re.compile(FileSystem.translate_pattern(path))
+    yield from _walk("/".join(parts[:fixed]), depth, lambda name: pattern.fullmatch(name))
+
+
+def _walk(root: str, depth: int | None, wanted):
+    """('uri', path) for the files below ``root`` (``depth`` levels down, or all) that ``wanted``
+    accepts; links to folders are followed. A walk without a depth visits each folder once along
+    a path: a link back to a folder above it is a loop, reported as an error row, not followed."""
+    def visit(folder: str, level: int, ancestors: frozenset):
+        try:
+            entries = sorted(os.scandir(folder or "."), key=lambda entry: entry.name)
+        except OSError as error:
+            yield "error", error_row(uri_text(folder), "list", f"cannot list folder: "
+                                     f"{error.strerror or error}", exception_name(error))
+            return
+        for entry in entries:
+            path = os.path.join(folder, entry.name)
+            try:
+                is_folder = entry.is_dir()  # follows links
+            except OSError:
+                is_folder = False
+            if not is_folder:
+                if (depth is None or level == depth) and wanted(path):
+                    yield "uri", uri_text(path)
+                continue
+            if depth is not None and level >= depth:
+                continue
+            try:
+                status = os.stat(path)
+            except OSError:  # gone since the folder was listed
+                continue
+            key = (status.st_dev, status.st_ino)
+            if depth is None and key in ancestors:  # a bounded walk ends, loop or not
+                yield "error", error_row(
+                    uri_text(path), "list", f"a symbolic link loop: {path} leads back to "
+                    f"{os.path.realpath(path)}, a folder above it; not followed")
+                continue
+            yield from visit(path, level + 1, ancestors | {key})
+
+    status = os.stat(root or ".")
+    yield from visit(root, 1, frozenset({(status.st_dev, status.st_ino)}))
+
+
+def distinct_patterns(patterns: list[str]) -> list[str]:
+    """Each --input once, in order (a folder with or without its trailing '/' is one input),
+    as text that Beam's coders accept (see anchors/uris.py)."""
+    return list(dict.fromkeys(uri_text(pattern.rstrip("/") or pattern) for pattern in patterns))
+
+
+def _first_row(rows):
+    return min(rows, key=lambda row: (row["stage"], row["error"]))
 
 
 class ListInputs(beam.PTransform):
-    """Input patterns -> distinct image URIs, with a 'list' error row for an input that names
-    none; long local runs print progress as the URIs are consumed."""
+    """Input patterns -> distinct image URIs, with 'list' error rows (one per URI) for inputs
+    that name none and problems met while listing; long local runs print progress as the URIs
+    are consumed."""
 
     def __init__(self, patterns: list[str], progress_label: str = "progress"):
         super().__init__()
-        if not patterns:
-            raise ValueError("no --input given")
-        self.patterns, self.progress_label = list(patterns), progress_label
+        self.patterns, self.progress_label = distinct_patterns(patterns), progress_label
 
     def expand(self, pipeline):
         listed = (pipeline
@@ -138,7 +262,11 @@ class ListInputs(beam.PTransform):
                 | "Uri" >> beam.Map(lambda kind_value: kind_value[1])
                 | "Distinct" >> beam.Distinct()
                 | "Spread" >> beam.Reshuffle())
-        errors = listed[1] | "Row" >> beam.Map(lambda kind_value: kind_value[1])
+        # Two inputs can meet the same problem (a loop below both): one row for it.
+        errors = (listed[1]
+                  | "ByUri" >> beam.Map(lambda kind_value: (kind_value[1]["uri"], kind_value[1]))
+                  | "OnePerUri" >> beam.CombinePerKey(_first_row)
+                  | "Row" >> beam.Values())
         total = beam.pvalue.AsSingleton(uris | "CountInputs" >> beam.combiners.Count.Globally())
         # Counted before decoding: the runner holds a side input's consumer back until the count
         # is done, and here that holds back URIs, not every image's features.

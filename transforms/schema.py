@@ -54,6 +54,10 @@ ERROR_COLUMNS = (
     Column("uri", pa.string(), "the input, or the `--input` pattern that matched nothing"),
     Column("stage", pa.string(), "`list`, `read`, `decode`, `embed` or `score`"),
     Column("error", pa.string(), "a sentence for a person"),
+    Column("error_type", pa.string(),
+           "the exception behind it (`FileNotFoundError`, `TypeError`, `struct.error`), what "
+           "stopped a decode (`TimeoutError`, `DecoderCrash`), the check that refused the input "
+           "(`ReadError`, `DecodeError`), or empty where no exception was involved"),
 )
 
 
@@ -80,8 +84,8 @@ def score_row(image, scores: dict[str, np.ndarray], index: int, attention_positi
     }
 
 
-def error_row(uri: str, stage: str, error: str) -> dict:
-    return {"uri": uri, "stage": stage, "error": error}
+def error_row(uri: str, stage: str, error: str, error_type: str = "") -> dict:
+    return {"uri": uri, "stage": stage, "error": error, "error_type": error_type}
 
 
 def markdown_table(columns: tuple[Column, ...]) -> str:

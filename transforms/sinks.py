@@ -1,13 +1,29 @@
-"""Parquet outputs with explicit schemas."""
+"""Parquet outputs with explicit schemas; the earlier score tables a scan reuses; the lock and the
+refusal that keep two scans, or an old and a new one, from mixing their tables under one prefix."""
 from __future__ import annotations
 
+import errno
+import fcntl
+import json
 import logging
+import os
+import socket
+import time
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from anchorscan.anchors.errors import UnwritableOutputError, UsageError, UserError
 from anchorscan.transforms.schema import ERROR_SCHEMA, SCORE_SCHEMA
+
+
+class OutputExistsError(UserError):
+    """The output already holds tables and replacing them was not asked for."""
+
+
+class OutputLockedError(UserError):
+    """Another scan holds the output's lock."""
 
 
 class _CountErrors(beam.DoFn):
@@ -51,21 +67,147 @@ def previous_scores_pattern(prefix_or_glob: str) -> str:
     return f"{prefix_or_glob}-scores-*.parquet"
 
 
-class ReadPreviousScores(beam.PTransform):
-    """Earlier score rows made with the same anchor and head, as (sha256, row) pairs. Nothing
-    when the pattern matches no file yet (the first night)."""
+def _is_score_table(path: str) -> bool:
+    import pyarrow.parquet as pq
 
-    def __init__(self, prefix_or_glob: str, anchor_id: str, head: str = ""):
+    try:
+        with FileSystems.open(path, compression_type="uncompressed") as handle:
+            names = set(pq.read_schema(handle).names)
+    except Exception:  # not Parquet at all (a lock, a report): not a score table either
+        return False
+    return set(SCORE_SCHEMA.names) <= names
+
+
+def score_tables(prefix_or_glob: str) -> list[str]:
+    """The score tables among the files that a --skip_scored value matches: a glob may also
+    match errors tables and other files, which are left out (with a warning)."""
+    pattern = previous_scores_pattern(prefix_or_glob)
+    files = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+    tables = [path for path in files if _is_score_table(path)]
+    if len(tables) < len(files):
+        logging.warning("--skip_scored: %d of the %d files that %s matches are not score tables "
+                        "(errors tables, other files) and are not read", len(files) - len(tables),
+                        len(files), pattern)
+    if not tables:
+        logging.warning("--skip_scored: no earlier scores match %s; scoring everything", pattern)
+    return tables
+
+
+class ReadPreviousScores(beam.PTransform):
+    """Earlier score rows made with the same anchor and head, as (sha256, row) pairs, from the
+    score tables ``files`` (see ``score_tables``)."""
+
+    def __init__(self, files: list[str], anchor_id: str, head: str = ""):
         super().__init__()
-        self.pattern, self.anchor_id, self.head = previous_scores_pattern(prefix_or_glob), anchor_id, head
+        self.files, self.anchor_id, self.head = list(files), anchor_id, head
 
     def expand(self, pipeline):
-        if not FileSystems.match([self.pattern])[0].metadata_list:
-            logging.warning("--skip_scored: no earlier scores match %s; scoring everything", self.pattern)
+        if not self.files:
             return pipeline | "NoPreviousScores" >> beam.Create([])
         anchor_id, head = self.anchor_id, self.head
         return (pipeline
-                | "ReadPreviousScores" >> beam.io.ReadFromParquet(self.pattern, columns=SCORE_SCHEMA.names)
+                | "ScoreTables" >> beam.Create(self.files)
+                | "ReadPreviousScores" >> beam.io.ReadAllFromParquet(columns=SCORE_SCHEMA.names)
                 | "SameDetector" >> beam.Filter(
                     lambda row: row["anchor_id"] == anchor_id and row["head"] == head)
                 | "BySha256" >> beam.Map(lambda row: (row["sha256"], row)))
+
+
+def table_files(prefix: str) -> list[str]:
+    """The score and errors tables under ``prefix``, as a scan writes them."""
+    patterns = [f"{prefix}-scores-*.parquet", f"{prefix}-errors-*.parquet"]
+    return sorted(m.path for result in FileSystems.match(patterns) for m in result.metadata_list)
+
+
+def clear_tables(prefix: str, overwrite: bool, keep: list[str] = ()) -> None:
+    """Makes room for a scan's tables under ``prefix``: refuses where tables are there already,
+    unless ``overwrite``, which deletes them before the scan writes, so that old and new shards
+    (whose counts may differ) are never mixed. ``keep``: files the scan still reads."""
+    existing = table_files(prefix)
+    if not existing:
+        return
+    if not overwrite:
+        raise OutputExistsError(
+            f"--output {prefix} already holds {len(existing)} table files (e.g. {existing[0]}): "
+            "choose another --output, or pass --overwrite to replace them")
+    reused = sorted(set(existing) & set(keep))
+    if reused:
+        raise UsageError(f"--skip_scored reads {reused[0]}, which --overwrite would delete: write "
+                         "the new scan to another --output")
+    FileSystems.delete(existing)
+
+
+class PrefixLock:
+    """``PREFIX.lock``, held while a scan writes ``PREFIX-*``: a second scan of the same prefix
+    refuses instead of deleting the first one's rows. Locally an flock, which the system drops
+    when the process dies, so a killed scan leaves no stale lock; on object stores a file that
+    the scan deletes when it ends (there, a scan killed hard leaves it behind, and the message
+    says to delete it)."""
+
+    def __init__(self, prefix: str):
+        self.path = f"{prefix}.lock"
+        self.local = "://" not in prefix or prefix.startswith("file://")
+        self._fd: int | None = None
+
+    def __enter__(self):
+        holder = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                             "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
+        try:
+            if self.local:
+                self._lock_local(holder)
+            else:
+                self._lock_remote(holder)
+        except OSError as error:
+            where = f" ({error.filename})" if error.filename else ""
+            raise UnwritableOutputError(f"cannot write {self.path}, the lock beside --output: "
+                                        f"{error.strerror or error}{where}") from None
+        return self
+
+    def _refuse(self, holder: bytes, hint: str = ""):
+        try:
+            other = json.loads(holder)
+            who = f"pid {other['pid']} on {other['host']}, started {other['started']}"
+        except (ValueError, KeyError, TypeError):
+            who = "holder unknown"
+        raise OutputLockedError(f"another scan ({who}) is writing this --output ({self.path} is "
+                                f"locked): wait for it to finish or choose another --output{hint}")
+
+    def _lock_local(self, holder: bytes) -> None:
+        path = self.path.removeprefix("file://")
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except FileExistsError:  # a file stands where the folder should be
+            raise NotADirectoryError(errno.ENOTDIR, "a file, not a folder", folder) from None
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                with os.fdopen(fd, "rb") as handle:
+                    self._refuse(handle.read())
+            # The holder before us may have deleted the file between our open and our lock.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, holder)
+        self._fd = fd
+
+    def _lock_remote(self, holder: bytes) -> None:
+        if FileSystems.exists(self.path):
+            with FileSystems.open(self.path, compression_type="uncompressed") as handle:
+                self._refuse(handle.read(), " (if no scan is running, delete the lock)")
+        with FileSystems.create(self.path) as handle:
+            handle.write(holder)
+
+    def __exit__(self, *exc_info):
+        if self.local:
+            os.unlink(self.path.removeprefix("file://"))
+            os.close(self._fd)
+        else:
+            FileSystems.delete([self.path])
