@@ -16,7 +16,7 @@ from servers import environment_for_subprocesses, free_port, started
 
 # One image per forward pass and one thread everywhere: an image's features are then the same
 # bits on every runner, and only the order in which statistics merge differs.
-SAME_FEATURES = ["--batch_size", "1", "--torch_threads", "1", "--decode_threads", "1"]
+SAME_FEATURES = ["--batch_size", "1", "--torch_threads", "1", "--decode_processes", "1"]
 # Float64 statistics merged in another order differ in their last bits (~1e-15 relative); the
 # issue asks for 1e-9. Entries are compared relative to the largest one of their tensor, as
 # covariance entries near zero have no relative precision of their own.
@@ -26,8 +26,8 @@ RELATIVE = 1e-9
 # sums, and the distance divides by it; merged in another order it moved 5e-7 (relative) on
 # the multi-process runner, while the p-values and scores built on it stayed within 1e-10.
 SEMANTIC_RELATIVE = 1e-6
-SCORE_FLOATS = ("score", "anchor_score", "p_semantic", "p_statistical", "statistical", "t2",
-                "spe", "statistical_raw", "attention_positions")
+SCORE_FLOATS = ("score", "anchor_score", "p_semantic", "p_statistical", "p_forensic",
+                "statistical", "t2", "spe", "statistical_raw", "forensic", "attention_positions")
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +91,9 @@ def test_the_same_fit_gives_the_same_anchor(runs, runner):
     assert expected["n_calibration"] >= 5 and expected["n"] + expected["n_calibration"] == 18
     assert metadata["shrinkage"] == pytest.approx(expected["shrinkage"], rel=RELATIVE)
     assert sorted(tensors) == sorted(reference)
-    for name in ("mean", "m2", "projection"):  # the statistics, and the seeded projection
-        close(tensors[name], reference[name])
-    for name in ("calibration.statistical", "calibration.statistical_raw"):
+    for name in ("mean", "m2", "projection", "forensic.n", "forensic.mean", "forensic.m2"):
+        close(tensors[name], reference[name])  # the statistics, and the seeded projection
+    for name in ("calibration.statistical", "calibration.statistical_raw", "calibration.forensic"):
         close(tensors[name], reference[name])
     close(tensors["calibration.semantic"], reference["calibration.semantic"], SEMANTIC_RELATIVE)
     assert runs[runner]["fit"]["errors"] == 0
@@ -105,7 +105,7 @@ def test_the_same_anchor_gives_the_same_scores(runs, runner):
     rows, expected = runs[runner]["scores"], runs["in-process"]["scores"]
     assert sorted(rows) == sorted(expected) and len(rows) == 6
     for uri, row in rows.items():
-        for column in ("sha256", "is_suspect", "width", "height", "preprocess"):
+        for column in ("sha256", "is_suspect", "width", "height", "preprocess", "softness"):
             assert row[column] == expected[uri][column], (uri, column)
         for column in SCORE_FLOATS:
             close(row[column], expected[uri][column])
