@@ -7,12 +7,14 @@ By hand, longer: ``ANCHORSCAN_FUZZ_CASES=20000 .venv/bin/python -m pytest tests/
 (``ANCHORSCAN_FUZZ_SEED`` picks another sequence)."""
 from __future__ import annotations
 
-import io
 import random
 import struct
 
 import numpy as np
 from PIL import Image
+
+from hostile import _encode
+from hostile import _photo as hostile_photo
 
 # Small enough that a case takes milliseconds, large enough to hold several JPEG blocks and to
 # reach the region decode (crop 64 within 96 x 80).
@@ -23,16 +25,7 @@ FUZZ_MAX_PIXELS = 4_000_000
 
 
 def _photo(width: int, height: int, seed: int = 0) -> np.ndarray:
-    import skimage.data
-    photo = skimage.data.chelsea()
-    top, left = np.random.default_rng(seed).integers(0, 100, 2)
-    return np.ascontiguousarray(photo[top:top + height, left:left + width])
-
-
-def _save(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
+    return hostile_photo(width, height, seed, name="chelsea")
 
 
 def _exif_with_gps() -> bytes:
@@ -47,24 +40,24 @@ def seeds() -> dict[str, bytes]:
     rgb = Image.fromarray(_photo(96, 80))
     frames = [Image.fromarray(_photo(96, 80, seed)) for seed in (1, 2, 3)]
     return {
-        "png": _save(rgb, "PNG"),
-        "png-interlaced-palette-alpha": _save(
+        "png": _encode(rgb, "PNG"),
+        "png-interlaced-palette-alpha": _encode(
             rgb.convert("P", palette=Image.Palette.ADAPTIVE), "PNG", transparency=0, interlace=1),
-        "png-gray16": _save(Image.fromarray(_photo(96, 80)[..., 0].astype(np.uint16) * 257), "PNG"),
-        "jpeg": _save(rgb, "JPEG", quality=90),
-        "jpeg-progressive-exif-gps": _save(rgb, "JPEG", progressive=True, exif=_exif_with_gps()),
-        "jpeg-cmyk": _save(rgb.convert("CMYK"), "JPEG"),
-        "jpeg-restart-markers": _save(rgb, "JPEG", restart_marker_blocks=4),
-        "webp-lossy": _save(rgb, "WEBP", quality=80),
-        "webp-lossless-exif": _save(rgb, "WEBP", lossless=True, exif=_exif_with_gps()),
-        "webp-animated": _save(frames[0], "WEBP", save_all=True, append_images=frames[1:]),
-        "tiff": _save(rgb, "TIFF"),
-        "tiff-lzw-multipage": _save(frames[0], "TIFF", compression="tiff_lzw", save_all=True,
+        "png-gray16": _encode(Image.fromarray(_photo(96, 80)[..., 0].astype(np.uint16) * 257), "PNG"),
+        "jpeg": _encode(rgb, "JPEG", quality=90),
+        "jpeg-progressive-exif-gps": _encode(rgb, "JPEG", progressive=True, exif=_exif_with_gps()),
+        "jpeg-cmyk": _encode(rgb.convert("CMYK"), "JPEG"),
+        "jpeg-restart-markers": _encode(rgb, "JPEG", restart_marker_blocks=4),
+        "webp-lossy": _encode(rgb, "WEBP", quality=80),
+        "webp-lossless-exif": _encode(rgb, "WEBP", lossless=True, exif=_exif_with_gps()),
+        "webp-animated": _encode(frames[0], "WEBP", save_all=True, append_images=frames[1:]),
+        "tiff": _encode(rgb, "TIFF"),
+        "tiff-lzw-multipage": _encode(frames[0], "TIFF", compression="tiff_lzw", save_all=True,
                                     append_images=frames[1:]),
-        "gif": _save(rgb.convert("P"), "GIF"),
-        "gif-animated": _save(frames[0], "GIF", save_all=True, append_images=frames[1:]),
-        "avif": _save(rgb, "AVIF", quality=60),
-        "bmp": _save(rgb, "BMP"),
+        "gif": _encode(rgb.convert("P"), "GIF"),
+        "gif-animated": _encode(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+        "avif": _encode(rgb, "AVIF", quality=60),
+        "bmp": _encode(rgb, "BMP"),
     }
 
 
