@@ -254,6 +254,6 @@ class Anchor:
             "d_forensic": self.spec.d_forensic,
             "shrinkage": self.model.shrinkage, "k": self.model.decoupled.k,
             "k_raw": self.model.raw.k, "tau": self.model.decoupled.tau,
-            "forensic_levels": list(self.forensic.level_names),
+            "forensic_level_names": list(self.forensic.level_names),
             "num_quantiles": int(len(self.calibration["semantic"])),
         }

@@ -64,7 +64,7 @@ def anchor_from_bytes(data: bytes) -> tuple[Anchor, dict]:
     tensors, metadata = verified_contents(data)
     spec = FeatureSpec.from_dict(metadata)
     moments = Moments.from_arrays(metadata["n"], tensors["mean"], tensors["m2"])
-    forensic = ForensicModel(tuple(metadata["forensic_levels"]), [
+    forensic = ForensicModel(tuple(metadata["forensic_level_names"]), [
         Moments.from_arrays(n, mean, m2) for n, mean, m2 in zip(
             tensors["forensic.n"], tensors["forensic.mean"], tensors["forensic.m2"])])
     anchor = Anchor(spec, moments, forensic, AnchorConfig(**metadata["config"]),

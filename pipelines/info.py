@@ -9,7 +9,8 @@ from anchorscan.transforms.gcs import check_paths
 from anchorscan.transforms.io import read_bytes
 
 FACTS = ("format_version", "anchorscan_version", "created", "backbone", "weights_sha256", "n",
-         "n_calibration", "d", "d_semantic", "d_statistical", "shrinkage", "k", "k_raw", "checksum")
+         "n_calibration", "d", "d_semantic", "d_statistical", "d_forensic", "shrinkage", "k",
+         "k_raw", "forensic_level_names", "checksum")
 
 
 def parser():

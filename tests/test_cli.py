@@ -162,3 +162,12 @@ def test_decode_processes_share_the_cores_among_sdk_processes(beam_flags, expect
 
     args, options = parse(score.parser(), ["--input", "x", "--anchor", "a", "--output", "o", *beam_flags])
     assert decode_processes(args, options) == expected
+
+
+def test_info_names_the_forensic_channel(fitted_anchor, capsys):
+    anchor, _ = fitted_anchor
+    assert main(["info", str(anchor)]) == 0
+    lines = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert lines["d_forensic"] == "10"
+    assert lines["forensic_level_names"].startswith("['sharp', 'blur0.4'")
+    assert lines["channels"] == "['forensic']" and lines["forensic_levels"] == "softness_path"
