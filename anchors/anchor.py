@@ -38,6 +38,9 @@ class AnchorConfig:
     # docs/QUALITY.md, selection rule 1: the forensic channel alone; the others are written out
     channels: tuple[str, ...] = ("forensic",)
     forensic_levels: str = "softness_path"
+    # the hold-out rule (§5.1), recorded so that `update` holds out new images the same way
+    calibration_fraction: float = 0.1
+    calibration_group: str | None = None
 
     def __post_init__(self):
         if not 0.0 < self.explained_variance <= 1.0:
@@ -53,6 +56,8 @@ class AnchorConfig:
         if not self.channels or set(self.channels) - set(CHANNELS) or len(set(self.channels)) < len(self.channels):
             raise ValueError(f"channels must be distinct names among {', '.join(CHANNELS)}, "
                              f"got {', '.join(self.channels) or 'none'}")
+        if not 0.0 < self.calibration_fraction < 1.0:
+            raise ValueError(f"calibration_fraction must be in (0, 1), got {self.calibration_fraction}")
         if self.forensic_levels not in LEVEL_SETS:
             raise ValueError(f"forensic_levels must be one of {', '.join(LEVEL_SETS)}, "
                              f"got {self.forensic_levels!r}")
@@ -321,8 +326,9 @@ class Anchor:
               statistical: str | None = None,
               channels: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         """Distances, their p-values against real images, the combined score and the verdict.
-        Flagged generators' p-values join the channels' combined one by Tippett's rule (§9.3),
-        and ``component`` names the channel or flagged generator with the smallest p-value."""
+        Flagged generators that fire join the channels' combined p-value by Tippett's rule
+        (§9.3), and ``component`` names the channel or flagged generator with the smallest
+        p-value."""
         config = dataclasses.replace(self.config, combine=combine or self.config.combine,
                                      statistical=statistical or self.config.statistical,
                                      channels=channels or self.config.channels)  # validated
@@ -336,11 +342,19 @@ class Anchor:
         score = COMBINERS[config.combine](np.stack([log_p[c] for c in config.channels], axis=1))
         candidates = list(config.channels)
         if self.flag_models:
+            # A flagged generator joins only where it fires on its own (its Sidak-corrected
+            # p-value below fpr), so on real images it moves at most that share of scores (§9.3).
             flags = [FLAG_PREFIX + name for name in self.flag_models]
             log_p.update({flag: upper_tail_log_pvalues(result[flag], self.calibration[flag],
                                                        self.n_calibration) for flag in flags})
-            score = tippett_log10(np.stack([-score * math.log(10), *(log_p[f] for f in flags)], axis=1))
+            k = 1 + len(flags)
+            fired = {flag: tippett_log10(np.stack([log_p[flag]] + [np.zeros_like(score)] * (k - 1), axis=1))
+                     > config.threshold for flag in flags}
+            score = tippett_log10(np.stack([-score * math.log(10)]
+                                           + [np.where(fired[f], log_p[f], 0.0) for f in flags], axis=1))
             result["p_flagged"] = np.exp(np.min([log_p[flag] for flag in flags], axis=0))
+            for flag in flags:  # a flag that did not fire is not what fired
+                log_p[flag] = np.where(fired[flag], log_p[flag], 0.0)
             candidates += flags
         else:
             result["p_flagged"] = np.ones(len(score))

@@ -126,6 +126,7 @@ def holds_out(uri: str, fraction: float, group: str | None = None) -> bool:
 # a uniform sample of the held-out slice that merges exactly (the smallest keys of a union are
 # the smallest of the parts' smallest).
 MAX_CALIBRATION_ROWS = 4096
+MIN_CALIBRATION = 5  # fewer held-out images cannot calibrate a p-value
 
 
 def uri_key(uri: str) -> int:

@@ -52,7 +52,8 @@ def parser():
 def run(argv=None, test_pipeline=None) -> dict:
     args, options = parse(parser(), argv)
     config = AnchorConfig(args.explained_variance, args.fpr, args.combine, args.statistical,
-                          args.channels, args.forensic_levels)
+                          args.channels, args.forensic_levels, args.calibration_fraction,
+                          args.calibration_group)
     backbone = backbone_config(args)
     extractor = driver_extractor(backbone)  # the spec and projection the anchor records
 

@@ -8,15 +8,13 @@ import numpy as np
 
 from anchorscan.anchors.anchor import Anchor, AnchorConfig
 from anchorscan.anchors.anchor_file import anchor_to_bytes
-from anchorscan.anchors.calibration import (MAX_CALIBRATION_ROWS, NUM_QUANTILES, CalibrationRows,
-                                            holds_out, uri_key)
+from anchorscan.anchors.calibration import (MAX_CALIBRATION_ROWS, MIN_CALIBRATION, NUM_QUANTILES,
+                                            CalibrationRows, holds_out, uri_key)
 from anchorscan.anchors.forensic import LEVEL_SETS, ForensicModel
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.stats import Moments
 from anchorscan.transforms.combine import MomentsCombineFn
 from anchorscan.transforms.io import write_atomically
-
-MIN_CALIBRATION = 5
 
 
 def _fit_models(backbone: Moments, forensic: Moments, spec: FeatureSpec,
