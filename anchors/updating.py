@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from anchorscan.anchors.anchor import Anchor
+from anchorscan.anchors.anchor import Anchor, AnchorConfig
 from anchorscan.anchors.anchor_file import statistics_id
 from anchorscan.anchors.calibration import MIN_CALIBRATION, NUM_QUANTILES, CalibrationRows
 from anchorscan.anchors.stats import Moments
@@ -79,12 +79,12 @@ def flagged(anchor: Anchor, generator: str, images: Moments) -> Anchor:
     return recalibrated(anchor, statistics, None, child_lineage(anchor))
 
 
-def admission_threshold(anchor: Anchor, admit: str) -> float | None:
+def admission_threshold(config: AnchorConfig, admit: str) -> float | None:
     """``--admit``: 'fpr' (the anchor's own false-positive rate: admit what it does not flag),
     a p-value in (0, 1), or 'none' (admit everything)."""
     if admit == "none":
         return None
-    p = anchor.config.fpr if admit == "fpr" else float(admit)
+    p = config.fpr if admit == "fpr" else float(admit)
     if not 0.0 < p < 1.0:
         raise ValueError(f"--admit must be 'fpr', 'none' or a p-value in (0, 1), got {admit!r}")
     return p

@@ -113,7 +113,7 @@ def update_by_hash(anchor: Anchor, uris: list[str], rows: np.ndarray, admit: str
     from anchorscan.anchors.calibration import CalibrationRows, holds_out, uri_key
     from anchorscan.anchors.updating import admission_threshold, admitted, updated
 
-    keep = admitted(anchor, rows, admission_threshold(anchor, admit))
+    keep = admitted(anchor, rows, admission_threshold(anchor.config, admit))
     uris, rows = [uri for uri, k in zip(uris, keep) if k], rows[keep]
     config = anchor.config
     held = np.array([holds_out(uri, config.calibration_fraction, config.calibration_group) for uri in uris])

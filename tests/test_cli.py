@@ -61,6 +61,10 @@ FLAGS = {
                 | RUNTIME | DECODING,
     "report": {"--scores", "--output", "--anchor", "--labels", "--gallery"},
     "info": {"--json"},
+    "update": {"--anchor", "--input", "--output", "--admit", "--forgetting", "--errors"} | RUNTIME | DECODING,
+    "flag": {"--anchor", "--generator", "--input", "--output", "--errors"} | RUNTIME | DECODING,
+    "export-delta": {"--anchor", "--since", "--output", "--min_count", "--noise", "--rank", "--seed"},
+    "merge": {"--output"},
 }
 
 

@@ -193,11 +193,11 @@ def test_admit_accepts_fpr_none_or_a_pvalue():
     from anchorscan.anchors.updating import admission_threshold
 
     anchor = fit_by_hash(SPEC, *real(300, 1, "a"), CONFIG)
-    assert admission_threshold(anchor, "fpr") == anchor.config.fpr
-    assert admission_threshold(anchor, "none") is None
-    assert admission_threshold(anchor, "0.001") == 0.001
+    assert admission_threshold(anchor.config, "fpr") == anchor.config.fpr
+    assert admission_threshold(anchor.config, "none") is None
+    assert admission_threshold(anchor.config, "0.001") == 0.001
     with pytest.raises(ValueError, match="--admit"):
-        admission_threshold(anchor, "2")
+        admission_threshold(anchor.config, "2")
 
 
 def test_config_records_the_hold_out_rule():

@@ -60,6 +60,12 @@ ERROR_COLUMNS = (
     Column("error", pa.string(), "a sentence for a person"),
 )
 
+# `update`'s record of the images its poisoning guard refused (docs/METHOD.md §9.2).
+REFUSED_COLUMNS = (
+    Column("uri", pa.string(), "an image given as real that the current anchor flags"),
+    Column("anchor_score", pa.float64(), "its score against the anchor being updated"),
+)
+
 
 def arrow_schema(columns: tuple[Column, ...]) -> pa.Schema:
     return pa.schema([(column.name, column.type) for column in columns])
@@ -67,6 +73,7 @@ def arrow_schema(columns: tuple[Column, ...]) -> pa.Schema:
 
 SCORE_SCHEMA = arrow_schema(SCORE_COLUMNS)
 ERROR_SCHEMA = arrow_schema(ERROR_COLUMNS)
+REFUSED_SCHEMA = arrow_schema(REFUSED_COLUMNS)
 # Score columns that come straight from the anchor's (and head's) batch of scores.
 SCORED_FLOATS = tuple(column.name for column in SCORE_COLUMNS if column.type == pa.float64())
 
