@@ -17,6 +17,7 @@ COMMANDS = {
     "flag": ("flag", "--anchor A --generator NAME --input PATTERN --output A2"),
     "export-delta": ("export_delta", "--anchor SITE --since BASE --output DELTA [--noise S] [--rank R]"),
     "merge": ("merge", "BASE DELTA [DELTA ...] --output A"),
+    "stream": ("stream", "--watch LOCATION --anchor A --output PREFIX [--window_seconds 60] [--learn_real PATTERN]"),
 }
 USAGE = "usage: anchorscan COMMAND [options]\n\ncommands:\n" + "\n".join(
     f"  {name:12} {usage}" for name, (_, usage) in COMMANDS.items()
