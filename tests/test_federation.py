@@ -13,7 +13,7 @@ from anchorscan.anchors.federation import (DeltaFileError, DeltaRefused, delta_f
                                            delta_to_bytes, export_delta, merge, subtract)
 from anchorscan.anchors.stats import Moments
 from anchorscan.anchors.updating import flagged
-from helpers import LEVELS, fit_by_hash, leveled_rows, update_by_hash
+from helpers import LEVELS, fit_by_hash, update_by_hash
 from test_updating import CONFIG, D, SPEC, assert_same_scores, fake, real, unit
 
 

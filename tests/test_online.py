@@ -100,8 +100,10 @@ def test_refresh_policy(rows):
     model = online(rows, 1000, refresh_every=10 ** 9, max_growth=0.05, ridge_drift=1e9, tolerance=1e9)
     assert model.add(rows[1000:1040, :D]) is None
     assert model.add(rows[1040:1060, :D]) == "growth"  # 1060 > 1.05 * 1000
-    model = online(rows, 1000, refresh_every=10 ** 9, max_growth=1e9, ridge_drift=1e-6, tolerance=1e9)
-    assert model.add(rows[1000:1100, :D]) == "shrinkage"  # OAS's ridge moves with n
+    model = online(rows, 1000, refresh_every=10 ** 9, max_growth=1e9, ridge_drift=1e-6, tolerance=1e9,
+                   check_every=2)
+    assert model.add(rows[1000:1050, :D]) is None  # the O(d^2) checks wait for their turn
+    assert model.add(rows[1050:1100, :D]) == "shrinkage"  # OAS's ridge moves with n
 
 
 def test_forgetting_factor_weights_the_old_statistics(rows):

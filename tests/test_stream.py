@@ -13,7 +13,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 from apache_beam.io.filesystem import FileMetadata
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.testing import test_pipeline, test_stream
 from apache_beam.transforms.window import TimestampedValue
 
@@ -47,10 +47,6 @@ def two_anchors(fitted_anchor, tmp_path_factory):
     changed = dataclasses.replace(anchor, config=dataclasses.replace(anchor.config, fpr=0.05))
     second.write_bytes(anchor_to_bytes(changed, metadata["projection"]))
     return first, second
-
-
-def metadata_of(path) -> FileMetadata:
-    return FileMetadata(str(path), os.path.getsize(path), last_updated_in_seconds=os.path.getmtime(path))
 
 
 def test_three_windows_each_image_once_and_the_anchor_swap(two_anchors, tmp_path):
