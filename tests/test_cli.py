@@ -65,6 +65,8 @@ FLAGS = {
     "flag": {"--anchor", "--generator", "--input", "--output", "--errors"} | RUNTIME | DECODING,
     "export-delta": {"--anchor", "--since", "--output", "--min_count", "--noise", "--rank", "--seed"},
     "merge": {"--output"},
+    "stream": {"--watch", "--anchor", "--output", "--window_seconds", "--learn_real", "--poll_seconds",
+               "--stop_after_seconds", "--pubsub_subscription"} | RUNTIME | (DECODING - {"--perturbation"}),
 }
 
 

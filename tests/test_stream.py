@@ -162,3 +162,25 @@ def test_the_watcher_scores_files_added_while_it_runs_and_learns(two_anchors, tm
     after = read_metadata(anchor.read_bytes())
     assert after["n"] + after["n_calibration"] > n_before + read_metadata(first.read_bytes())["n_calibration"]
     assert after["n"] + after["n_calibration"] <= n_before + read_metadata(first.read_bytes())["n_calibration"] + len(real)
+
+
+def test_cloud_storage_notifications_name_finalised_objects():
+    from apache_beam.io.gcp.pubsub import PubsubMessage
+
+    from anchorscan.transforms.streaming import gcs_notification_uri
+
+    finalised = PubsubMessage(b"{}", {"eventType": "OBJECT_FINALIZE", "bucketId": "b", "objectId": "in/x.jpg"})
+    deleted = PubsubMessage(b"{}", {"eventType": "OBJECT_DELETE", "bucketId": "b", "objectId": "in/x.jpg"})
+    assert gcs_notification_uri(finalised) == "gs://b/in/x.jpg"
+    assert gcs_notification_uri(deleted) is None
+
+
+def test_watch_pattern_and_window_file_names():
+    from apache_beam.transforms.window import IntervalWindow
+
+    from anchorscan.transforms.streaming import window_file_name
+
+    assert stream.watch_pattern("gs://bucket/incoming/") == "gs://bucket/incoming/**"
+    assert stream.watch_pattern("/data/*.jpg") == "/data/*.jpg"
+    assert window_file_name("out/scan", "scores", IntervalWindow(60, 120), 0) == \
+        "out/scan-scores-19700101T000100-19700101T000200-00000.parquet"
