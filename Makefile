@@ -45,11 +45,13 @@ test-fast: venv
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# Throughput of every stage against the bare forward pass, and the backbones against their FLOPs.
+# Throughput of every stage against the bare forward pass, the backbones against their FLOPs,
+# online updates against full re-derivations and a delta's size.
 bench: venv
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/forward_backends.py
 	$(BIN)/python benchmarks/backbones.py
+	$(BIN)/python benchmarks/online_update.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import numpy as np
 
-from anchorscan.anchors.calibration import COMBINERS, NUM_QUANTILES, sketch, upper_tail_log_pvalues
+from anchorscan.anchors.calibration import (COMBINERS, NUM_QUANTILES, CalibrationRows, sketch,
+                                            tippett_log10, upper_tail_log_pvalues)
 from anchorscan.anchors.forensic import LEVEL_SETS, ForensicModel
 from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.spec import FeatureSpec
@@ -24,6 +26,8 @@ from anchorscan.anchors.stats import Moments
 COMPONENTS = ("semantic", "statistical", "statistical_raw", "forensic")
 CHANNELS = ("semantic", "statistical", "forensic")  # what the score can combine
 STATISTICAL_MODES = {"decoupled": "statistical", "raw": "statistical_raw"}
+FLAG_PREFIX = "flag:"  # a flagged generator's component: "flag:NAME"
+GENERATOR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +39,9 @@ class AnchorConfig:
     # docs/QUALITY.md, selection rule 1: the forensic channel alone; the others are written out
     channels: tuple[str, ...] = ("forensic",)
     forensic_levels: str = "softness_path"
+    # the hold-out rule (§5.1), recorded so that `update` holds out new images the same way
+    calibration_fraction: float = 0.1
+    calibration_group: str | None = None
 
     def __post_init__(self):
         if not 0.0 < self.explained_variance <= 1.0:
@@ -50,6 +57,8 @@ class AnchorConfig:
         if not self.channels or set(self.channels) - set(CHANNELS) or len(set(self.channels)) < len(self.channels):
             raise UsageError(f"--channels must be distinct names among {', '.join(CHANNELS)}, "
                              f"got {', '.join(self.channels) or 'none'}")
+        if not 0.0 < self.calibration_fraction < 1.0:
+            raise ValueError(f"calibration_fraction must be in (0, 1), got {self.calibration_fraction}")
         if self.forensic_levels not in LEVEL_SETS:
             raise UsageError(f"--forensic_levels must be one of {', '.join(LEVEL_SETS)}, "
                              f"got {self.forensic_levels!r}")
@@ -163,17 +172,58 @@ class AnchorModel:
         }
 
 
+class FlaggedClass:
+    """A generator flagged from a few of its images (docs/METHOD.md §9.3): Fisher's discriminant
+    between the real images and this class, both sharing the pooled within-class covariance,
+    per block: the backbone part's OAS-shrunk (§4.1) and the forensic part's sharp level, plain
+    with the forensic model's ridge (§8.3). The blocks' covariances are taken as independent
+    (the anchor keeps no cross-moments between them), so the log-odds is their sum."""
+
+    def __init__(self, real_backbone: Moments, real_forensic: Moments, fake: Moments):
+        split = real_backbone.dim
+        if fake.dim != split + real_forensic.dim:
+            raise ValueError(f"flagged moments have dimension {fake.dim}, the features "
+                             f"{split + real_forensic.dim}")
+        if fake.n < 2:
+            raise ValueError(f"a flagged generator needs at least 2 images, got {fake.n}")
+        weights = []
+        for block, real in ((slice(0, split), real_backbone), (slice(split, fake.dim), real_forensic)):
+            pooled = Moments.from_arrays(real.n + fake.n - 1, np.zeros(real.dim),
+                                         real.m2 + fake.m2[block, block])
+            if block.start == 0:
+                covariance, _ = shrunk_covariance(pooled)
+            else:
+                covariance = pooled.covariance()
+                covariance = covariance + ForensicModel.RIDGE * np.trace(covariance) / len(covariance) * np.eye(len(covariance))
+            weights.append(np.linalg.solve(covariance, fake.mean[block] - real.mean))
+        self.weights = np.concatenate(weights)
+        real_mean = np.concatenate([real_backbone.mean, real_forensic.mean])
+        self.bias = float(np.log(fake.n / real_backbone.n) - self.weights @ (fake.mean + real_mean) / 2)
+
+    def log_odds(self, features: np.ndarray) -> np.ndarray:
+        """Gaussian log-odds of this generator against real images (the fitting set's priors)."""
+        return features @ self.weights + self.bias
+
+
 @dataclasses.dataclass
 class Anchor:
     """A fitted, calibrated anchor: what `fit` writes and `score` reads. ``moments`` are the
-    backbone part's sufficient statistics; ``forensic`` holds the pixel channel's own."""
+    backbone part's sufficient statistics; ``forensic`` holds the pixel channel's own;
+    ``flagged`` the moments of each flagged generator's images (full scoring features, §9.3).
+    ``calibration_rows`` are the held-out real images' features that the sketches were taken
+    on (§5.1), so that an update or merge can calibrate again; ``lineage`` the statistics ids of
+    the anchors this one was made from by adding images (§9.4)."""
     spec: FeatureSpec
     moments: Moments
     forensic: ForensicModel
     config: AnchorConfig
     calibration: dict[str, np.ndarray]  # component -> quantile sketch on held-out real images
     n_calibration: int
+    flagged: dict[str, Moments] = dataclasses.field(default_factory=dict)
+    calibration_rows: CalibrationRows | None = dataclasses.field(default=None, repr=False)
+    lineage: tuple[str, ...] = ()
     model: AnchorModel | None = dataclasses.field(default=None, repr=False)
+    flag_models: dict[str, FlaggedClass] = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self):
         if self.moments.dim != self.spec.d_backbone:
@@ -182,33 +232,82 @@ class Anchor:
         if self.forensic.dim != self.spec.d_forensic:
             raise ValueError(f"the forensic model has dimension {self.forensic.dim}, the "
                              f"features {self.spec.d_forensic}")
-        missing = set(COMPONENTS) - set(self.calibration)
+        for name in self.flagged:
+            if not GENERATOR_NAME.match(name):
+                raise ValueError(f"generator name {name!r}: use letters, digits, '_', '.', '-'")
+        missing = set(self.components) - set(self.calibration)
         if missing:
             raise ValueError(f"calibration lacks {sorted(missing)}")
+        self.lineage = tuple(self.lineage)
         if self.model is None:
             self.model = AnchorModel.fit(self.moments, self.spec.d_semantic,
                                          self.config.explained_variance)
+        if self.flag_models is None:
+            self.flag_models = {name: FlaggedClass(self.moments, self.forensic.moments[0], fake)
+                                for name, fake in sorted(self.flagged.items())}
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """Every calibrated distance: the channels' and one per flagged generator."""
+        return COMPONENTS + tuple(FLAG_PREFIX + name for name in sorted(self.flagged))
 
     @classmethod
     def uncalibrated(cls, spec: FeatureSpec, moments: Moments, forensic: ForensicModel,
-                     config: AnchorConfig) -> "Anchor":
+                     config: AnchorConfig, flagged: dict[str, Moments] | None = None,
+                     lineage: tuple[str, ...] = ()) -> "Anchor":
         """The fitted models, to score the held-out real images that will calibrate them."""
-        return cls(spec, moments, forensic, config, {name: np.zeros(1) for name in COMPONENTS}, 0)
+        flagged = dict(flagged or {})
+        names = COMPONENTS + tuple(FLAG_PREFIX + name for name in flagged)
+        return cls(spec, moments, forensic, config, {name: np.zeros(1) for name in names}, 0,
+                   flagged, None, lineage)
 
     def calibrated(self, sketches: dict[str, np.ndarray], n_calibration: int) -> "Anchor":
         return dataclasses.replace(self, calibration={name: np.asarray(sketches[name])
-                                                      for name in COMPONENTS},
+                                                      for name in self.components},
                                    n_calibration=n_calibration)
+
+    def calibrated_on(self, rows: CalibrationRows, num_quantiles: int = NUM_QUANTILES) -> "Anchor":
+        """Calibrated on the held-out rows: every component's exact quantile sketch (§5.2)."""
+        distances = self.distances(rows.features)
+        anchor = self.calibrated({name: sketch(distances[name], num_quantiles)
+                                  for name in self.components}, len(rows))
+        anchor.calibration_rows = rows
+        return anchor
 
     @classmethod
     def fit(cls, spec: FeatureSpec, moments: Moments, forensic: ForensicModel,
             calibration_features: np.ndarray, config: AnchorConfig = AnchorConfig(),
-            num_quantiles: int = NUM_QUANTILES) -> "Anchor":
-        """In-memory fit; the pipeline does the same with Beam's combiners."""
-        anchor = cls.uncalibrated(spec, moments, forensic, config)
-        distances = anchor.distances(calibration_features)
-        return anchor.calibrated({name: sketch(distances[name], num_quantiles) for name in COMPONENTS},
-                                 len(calibration_features))
+            num_quantiles: int = NUM_QUANTILES, calibration_keys: np.ndarray | None = None,
+            flagged: dict[str, Moments] | None = None) -> "Anchor":
+        """In-memory fit; the pipeline does the same with Beam's combiners. Without keys the
+        calibration rows are numbered in order."""
+        keys = np.arange(len(calibration_features)) if calibration_keys is None else calibration_keys
+        return cls.uncalibrated(spec, moments, forensic, config, flagged).calibrated_on(
+            CalibrationRows.merged([CalibrationRows(keys, calibration_features)]), num_quantiles)
+
+    def statistics(self) -> dict[str, Moments]:
+        """Every sufficient statistic by name: what update, merge and federation add up, the
+        same way for every channel (§9)."""
+        named = {"backbone": self.moments}
+        named.update({f"forensic.{level}": moments for level, moments in
+                      zip(self.forensic.level_names, self.forensic.moments)})
+        named.update({f"flag.{name}": moments for name, moments in sorted(self.flagged.items())})
+        return named
+
+    def with_statistics(self, statistics: dict[str, Moments], lineage: tuple[str, ...]) -> "Anchor":
+        """An uncalibrated anchor of the same spec and configuration on other statistics (as
+        ``statistics`` names them); its models are derived from them afresh."""
+        levels = self.forensic.level_names
+        known = {"backbone", *(f"forensic.{level}" for level in levels)}
+        flagged = {name[len("flag."):]: moments for name, moments in statistics.items()
+                   if name.startswith("flag.")}
+        unknown = set(statistics) - known - {f"flag.{name}" for name in flagged}
+        if unknown or known - set(statistics):
+            raise ValueError(f"statistics {sorted(statistics)} do not fit this anchor's channels "
+                             f"{sorted(known)}")
+        forensic = ForensicModel(levels, [statistics[f"forensic.{level}"] for level in levels])
+        return Anchor.uncalibrated(self.spec, statistics["backbone"], forensic, self.config,
+                                   flagged, lineage)
 
     def distances(self, features: np.ndarray) -> dict[str, np.ndarray]:
         """Every component's distance for (b, spec.dim) feature rows, and ``softness``: the
@@ -220,12 +319,17 @@ class Anchor:
         result = self.model.distances(features[:, :self.spec.d_backbone])
         result["forensic"], result["softness"] = self.forensic.distances(
             features[:, self.spec.d_backbone:])
+        for name, flagged in self.flag_models.items():
+            result[FLAG_PREFIX + name] = flagged.log_odds(features)
         return result
 
     def score(self, features: np.ndarray, combine: str | None = None,
               statistical: str | None = None,
               channels: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-        """Distances, their p-values against real images, the combined score and the verdict."""
+        """Distances, their p-values against real images, the combined score and the verdict.
+        Flagged generators that fire join the channels' combined p-value by Tippett's rule
+        (§9.3), and ``component`` names the channel or flagged generator with the smallest
+        p-value."""
         config = dataclasses.replace(self.config, combine=combine or self.config.combine,
                                      statistical=statistical or self.config.statistical,
                                      channels=channels or self.config.channels)  # validated
@@ -237,8 +341,28 @@ class Anchor:
                                                  self.n_calibration)
                  for channel in CHANNELS}
         score = COMBINERS[config.combine](np.stack([log_p[c] for c in config.channels], axis=1))
+        candidates = list(config.channels)
+        if self.flag_models:
+            # A flagged generator joins only where it fires on its own (its Sidak-corrected
+            # p-value below fpr), so on real images it moves at most that share of scores (§9.3).
+            flags = [FLAG_PREFIX + name for name in self.flag_models]
+            log_p.update({flag: upper_tail_log_pvalues(result[flag], self.calibration[flag],
+                                                       self.n_calibration) for flag in flags})
+            k = 1 + len(flags)
+            fired = {flag: tippett_log10(np.stack([log_p[flag]] + [np.zeros_like(score)] * (k - 1), axis=1))
+                     > config.threshold for flag in flags}
+            score = tippett_log10(np.stack([-score * math.log(10)]
+                                           + [np.where(fired[f], log_p[f], 0.0) for f in flags], axis=1))
+            result["p_flagged"] = np.exp(np.min([log_p[flag] for flag in flags], axis=0))
+            for flag in flags:  # a flag that did not fire is not what fired
+                log_p[flag] = np.where(fired[flag], log_p[flag], 0.0)
+            candidates += flags
+        else:
+            result["p_flagged"] = np.ones(len(score))
+        smallest = np.argmin(np.stack([log_p[c] for c in candidates], axis=1), axis=1)
         result.update({f"p_{channel}": np.exp(log_p[channel]) for channel in CHANNELS})
         result.update(score=score, is_suspect=score > config.threshold,
+                      component=np.asarray(candidates)[smallest],
                       softness=np.asarray(self.forensic.level_names)[result["softness"]])
         return result
 
@@ -255,5 +379,6 @@ class Anchor:
             "shrinkage": self.model.shrinkage, "k": self.model.decoupled.k,
             "k_raw": self.model.raw.k, "tau": self.model.decoupled.tau,
             "forensic_level_names": list(self.forensic.level_names),
+            "flagged": {name: moments.n for name, moments in sorted(self.flagged.items())},
             "num_quantiles": int(len(self.calibration["semantic"])),
         }

@@ -1,13 +1,16 @@
 """The anchor file: safetensors tensors plus JSON metadata, with a checksum over both.
 
-Never pickled. Tensors: ``mean`` (d), ``m2`` (d x d) in float64 - the backbone part's sufficient
-statistics, so anchors can be merged and updated - ``forensic.n`` (L), ``forensic.mean`` (L x p)
-and ``forensic.m2`` (L x p x p), the forensic channel's per softness level, ``projection`` (the
-seeded statistical projection, when used) and ``calibration.<component>`` quantile sketches. Metadata key ``anchorscan`` holds a JSON
-object: format_version, the feature spec, the fit configuration, derived facts (shrinkage, k, ...)
-and ``checksum``, the sha256 of the metadata without it and of every tensor's name, dtype, shape
-and bytes. The whitening matrices are derived again on load, so they cannot disagree with the
-statistics.
+Never pickled. Every sufficient statistic the anchor holds (``Anchor.statistics``: the backbone
+part's, the forensic channel's per softness level, each flagged generator's) is stored the same
+way, ``moments.<name>.mean`` and ``moments.<name>.m2`` in float64 with its count in the
+metadata's ``moments``, so anchors can be merged and updated channel by channel without code per
+channel. Beside them: ``projection`` (the seeded statistical projection, when used),
+``calibration.<component>`` quantile sketches, and ``calibration.keys`` / ``calibration.features``,
+the held-out real images' URI keys and feature rows the sketches were taken on. Metadata key
+``anchorscan`` holds a JSON object: format_version, the feature spec, the fit configuration,
+derived facts (shrinkage, k, ...), ``lineage`` and ``checksum``, the sha256 of the metadata
+without it and of every tensor's name, dtype, shape and bytes. The whitening matrices are
+derived again on load, so they cannot disagree with the statistics.
 """
 from __future__ import annotations
 
@@ -16,13 +19,14 @@ import dataclasses
 import numpy as np
 
 from anchorscan.anchors import checked_file
-from anchorscan.anchors.anchor import COMPONENTS, Anchor, AnchorConfig
+from anchorscan.anchors.anchor import Anchor, AnchorConfig
+from anchorscan.anchors.calibration import CalibrationRows
 from anchorscan.anchors.errors import UserError
 from anchorscan.anchors.forensic import ForensicModel
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.stats import Moments
 
-FORMAT_VERSION = 2  # 2: the forensic channel
+FORMAT_VERSION = 3  # 2: the forensic channel; 3: named statistics, flagged generators, calibration rows
 METADATA_KEY = "anchorscan"
 
 
@@ -35,16 +39,38 @@ def anchor_id(metadata: dict) -> str:
     return metadata["checksum"][:16]
 
 
+def statistics_tensors(statistics: dict[str, Moments]) -> tuple[dict[str, np.ndarray], dict]:
+    """Named moments as tensors ``moments.<name>.mean|m2`` and their counts by name."""
+    tensors = {}
+    for name, moments in statistics.items():
+        tensors[f"moments.{name}.mean"], tensors[f"moments.{name}.m2"] = moments.mean, moments.m2
+    return tensors, {name: moments.n for name, moments in statistics.items()}
+
+
+def statistics_from_tensors(tensors: dict[str, np.ndarray], counts: dict) -> dict[str, Moments]:
+    return {name: Moments.from_arrays(n, tensors[f"moments.{name}.mean"], tensors[f"moments.{name}.m2"])
+            for name, n in counts.items()}
+
+
+def statistics_id(statistics: dict[str, Moments]) -> str:
+    """sha256 of the named statistics alone (not of calibration or configuration): what an
+    update's lineage and a delta's base refer to."""
+    tensors, counts = statistics_tensors(statistics)
+    return checked_file.checksum({"moments": counts}, tensors)
+
+
 def anchor_to_bytes(anchor: Anchor, projection: np.ndarray | None = None) -> bytes:
-    tensors = {"mean": anchor.moments.mean, "m2": anchor.moments.m2,
-               "forensic.n": np.array([level.n for level in anchor.forensic.moments], dtype=np.int64),
-               "forensic.mean": np.stack([level.mean for level in anchor.forensic.moments]),
-               "forensic.m2": np.stack([level.m2 for level in anchor.forensic.moments])}
+    statistics = anchor.statistics()
+    tensors, counts = statistics_tensors(statistics)
     if projection is not None:
         tensors["projection"] = np.asarray(projection)
-    for name in COMPONENTS:
+    for name in anchor.components:
         tensors[f"calibration.{name}"] = np.asarray(anchor.calibration[name], dtype=np.float64)
-    metadata = {"config": dataclasses.asdict(anchor.config), **anchor.summary}
+    if anchor.calibration_rows is not None:
+        tensors["calibration.keys"] = anchor.calibration_rows.keys
+        tensors["calibration.features"] = anchor.calibration_rows.features
+    metadata = {"config": dataclasses.asdict(anchor.config), **anchor.summary, "moments": counts,
+                "statistics_id": statistics_id(statistics), "lineage": list(anchor.lineage)}
     return checked_file.pack(tensors, metadata, METADATA_KEY, FORMAT_VERSION)
 
 
@@ -63,12 +89,17 @@ def anchor_from_bytes(data: bytes) -> tuple[Anchor, dict]:
     """Returns the anchor, with its scoring matrices derived, and its metadata."""
     tensors, metadata = verified_contents(data)
     spec = FeatureSpec.from_dict(metadata)
-    moments = Moments.from_arrays(metadata["n"], tensors["mean"], tensors["m2"])
-    forensic = ForensicModel(tuple(metadata["forensic_level_names"]), [
-        Moments.from_arrays(n, mean, m2) for n, mean, m2 in zip(
-            tensors["forensic.n"], tensors["forensic.mean"], tensors["forensic.m2"])])
-    anchor = Anchor(spec, moments, forensic, AnchorConfig(**metadata["config"]),
-                    {name: tensors[f"calibration.{name}"] for name in COMPONENTS},
-                    metadata["n_calibration"])
+    statistics = statistics_from_tensors(tensors, metadata["moments"])
+    rows = (CalibrationRows(tensors["calibration.keys"], tensors["calibration.features"])
+            if "calibration.keys" in tensors else None)
+    levels = tuple(metadata["forensic_level_names"])
+    forensic = ForensicModel(levels, [statistics[f"forensic.{level}"] for level in levels])
+    flagged = {name[len("flag."):]: moments for name, moments in statistics.items()
+               if name.startswith("flag.")}
+    anchor = Anchor(spec, statistics["backbone"], forensic, AnchorConfig(**metadata["config"]),
+                    {name[len("calibration."):]: tensor for name, tensor in tensors.items()
+                     if name.startswith("calibration.") and name not in ("calibration.keys",
+                                                                          "calibration.features")},
+                    metadata["n_calibration"], flagged, rows, tuple(metadata.get("lineage", ())))
     metadata["projection"] = tensors.get("projection")
     return anchor, metadata

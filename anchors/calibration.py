@@ -119,3 +119,42 @@ def holds_out(uri: str, fraction: float, group: str | None = None) -> bool:
             key = match.group(1) if match.groups() else match.group(0)
     bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
     return bucket < fraction * 2 ** 64
+
+
+# Held-out images whose features an anchor keeps, so that an update or a merge can score them
+# again under the new model (docs/METHOD.md §5.1, §9.2): the ones with the smallest URI keys,
+# a uniform sample of the held-out slice that merges exactly (the smallest keys of a union are
+# the smallest of the parts' smallest).
+MAX_CALIBRATION_ROWS = 4096
+MIN_CALIBRATION = 5  # fewer held-out images cannot calibrate a p-value
+
+
+def uri_key(uri: str) -> int:
+    """The first 8 bytes of sha256(uri), big-endian: a held-out image's place in the sample."""
+    return int.from_bytes(hashlib.sha256(uri.encode()).digest()[:8], "big")
+
+
+class CalibrationRows:
+    """Feature rows of held-out real images with their URI keys, at most ``MAX_CALIBRATION_ROWS``
+    (the smallest keys); a key seen twice is one image and is kept once."""
+
+    __slots__ = ("keys", "features")
+
+    def __init__(self, keys, features):
+        self.keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
+        self.features = np.atleast_2d(np.asarray(features))
+        if len(self.keys) != len(self.features):
+            raise ValueError(f"{len(self.keys)} keys for {len(self.features)} calibration rows")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @classmethod
+    def merged(cls, parts, limit: int = MAX_CALIBRATION_ROWS) -> "CalibrationRows":
+        parts = [part for part in parts if len(part)]
+        if not parts:
+            raise ValueError("no calibration rows")
+        keys = np.concatenate([part.keys for part in parts])
+        features = np.concatenate([part.features for part in parts])
+        keys, first = np.unique(keys, return_index=True)  # sorted, one row per key
+        return cls(keys[:limit], features[first[:limit]])

@@ -27,7 +27,7 @@ class Moments:
     @classmethod
     def from_arrays(cls, n: int, mean: np.ndarray, m2: np.ndarray) -> "Moments":
         moments = cls(mean.shape[0])
-        moments.n = int(n)
+        moments.n = int(n) if float(n).is_integer() else float(n)  # a weight after forgetting
         moments.mean = np.asarray(mean, dtype=np.float64).copy()
         moments.m2 = np.asarray(m2, dtype=np.float64).copy()
         return moments
@@ -76,6 +76,13 @@ class Moments:
         self.mean += delta * (n_b / n)
         self.n = n
         return self
+
+    def scaled(self, weight: float) -> "Moments":
+        """These moments counted ``weight`` times (0 < weight <= 1: a forgetting factor's
+        discount of old rows; n becomes a weight, docs/METHOD.md §9.1)."""
+        if not 0.0 < weight <= 1.0:
+            raise ValueError(f"a forgetting weight must be in (0, 1], got {weight}")
+        return Moments.from_arrays(self.n * weight, self.mean, self.m2 * weight)
 
     def covariance(self, ddof: int = 1) -> np.ndarray:
         if self.n <= ddof:

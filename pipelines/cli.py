@@ -16,9 +16,14 @@ COMMANDS = {
     "evaluate": ("evaluate", "ROOT --dataset forensynths|genimage|manifest --anchor A --output DIR"),
     "report": ("report", "--scores PREFIX --output report.html [--anchor A] [--labels MANIFEST]"),
     "info": ("info", "ANCHOR [--json]"),
+    "update": ("update", "--anchor A --input PATTERN [--input ...] --output A2 [--admit fpr|none|P]"),
+    "flag": ("flag", "--anchor A --generator NAME --input PATTERN --output A2"),
+    "export-delta": ("export_delta", "--anchor SITE --since BASE --output DELTA [--noise S] [--rank R]"),
+    "merge": ("merge", "BASE DELTA [DELTA ...] --output A"),
+    "stream": ("stream", "--watch LOCATION --anchor A --output PREFIX [--window_seconds 60] [--learn_real PATTERN]"),
 }
 USAGE = "usage: anchorscan [--debug] COMMAND [options]\n\ncommands:\n" + "\n".join(
-    f"  {name:9} {usage}" for name, (_, usage) in COMMANDS.items()
+    f"  {name:12} {usage}" for name, (_, usage) in COMMANDS.items()
 ) + ("\n\n`anchorscan COMMAND --help` lists a command's options; pipelines pass other flags to Beam."
    "\n--debug prints the traceback of an error (exit status 2: a mistake in the command line or "
    "its files; 1: an internal error).")

@@ -5,6 +5,7 @@ import dataclasses
 
 from anchorscan.anchors.features import BackboneConfig, FeatureExtractor
 from anchorscan.pipelines.options import decode_limits, decode_processes, http_config, torch_threads
+from anchorscan.transforms.fetch import HttpConfig
 from anchorscan.transforms.decode import DecodeImages
 from anchorscan.transforms.inference import EmbedImages, FeatureModelHandler
 from anchorscan.transforms.io import local_copy
@@ -20,7 +21,9 @@ def driver_extractor(config: BackboneConfig) -> FeatureExtractor:
 def decode_step(args, options, preprocessing: dict, previous=None) -> DecodeImages:
     return DecodeImages(preprocessing, decode_limits(args), previous,
                         processes=decode_processes(args, options),
-                        ahead=args.decode_ahead or args.batch_size, http=http_config(args))
+                        ahead=args.decode_ahead or args.batch_size,
+                        # stream watches storage, not web servers: it has no http flags
+                        http=http_config(args) if hasattr(args, "http_timeout") else HttpConfig())
 
 
 def embed_step(args, options, config: BackboneConfig, extractor: FeatureExtractor,

@@ -60,7 +60,8 @@ def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
     check_writable(args.anchor, "--anchor")
     check_writable(args.errors or args.anchor, "--errors")
     config = AnchorConfig(args.explained_variance, args.fpr, args.combine, args.statistical,
-                          args.channels, args.forensic_levels)
+                          args.channels, args.forensic_levels, args.calibration_fraction,
+                          args.calibration_group)
     backbone = backbone_config(args)
     extractor = driver_extractor(backbone)  # the spec and projection the anchor records
 

@@ -3,12 +3,11 @@ launcher's entry point (templates/launch.py) that turns template parameters into
 flags, submits the job and returns.
 
 `python -m anchorscan.pipelines.templates` rewrites templates/<command>/metadata.json for every
-command whose module exists; stream's file is written by hand until its command lands."""
+command."""
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -19,7 +18,10 @@ DESCRIPTIONS = {
            "on real images.",
     "score": "anchorscan score: score images against an anchor; Parquet tables of scores and of "
              "the inputs that could not be scored.",
+    "stream": "anchorscan stream: score new images as they arrive in a folder or gs:// prefix, "
+              "in windows, against the newest anchor file.",
 }
+STREAMING = {"stream"}
 
 GCS_PATH = r"^gs://[a-z0-9][-_.a-z0-9]*[a-z0-9](/\S*)?$"
 INPUT_LIST = r"^(gs|https?)://[^\s,]+(,(gs|https?)://[^\s,]+)*$"
@@ -36,6 +38,8 @@ PATHS = {
     "skip_scored": ("TEXT", GCS_PATH),
     "output": ("TEXT", GCS_PATH),  # a prefix: PREFIX-scores-*.parquet
     "errors": ("TEXT", GCS_PATH),
+    "watch": ("TEXT", GCS_PATH),  # stream: a gs:// prefix or glob
+    "learn_real": ("TEXT", GCS_PATH),
 }
 WRITTEN = {("fit", "anchor"): "GCS_WRITE_FILE"}
 
@@ -79,18 +83,15 @@ def parameter(command: str, action: argparse.Action) -> dict:
     return entry
 
 
-def command_parser(command: str) -> argparse.ArgumentParser | None:
-    """The command's parser, or None while its module does not exist."""
-    module = f"anchorscan.pipelines.{TEMPLATE_COMMANDS[command]}"
-    if importlib.util.find_spec(module) is None:
-        return None
-    return importlib.import_module(module).parser()
+def command_parser(command: str) -> argparse.ArgumentParser:
+    return importlib.import_module(f"anchorscan.pipelines.{TEMPLATE_COMMANDS[command]}").parser()
 
 
 def metadata(command: str) -> dict:
     parser = command_parser(command)
     return {"name": f"anchorscan-{command}", "description": DESCRIPTIONS[command],
-            "parameters": [parameter(command, action) for action in template_options(parser)]}
+            "parameters": [parameter(command, action) for action in template_options(parser)],
+            **({"streaming": True} if command in STREAMING else {})}
 
 
 def template_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
@@ -121,8 +122,6 @@ def launch(command: str, argv: list[str]):
     if command not in TEMPLATE_COMMANDS:
         raise ValueError(f"ANCHORSCAN_COMMAND must be one of {', '.join(TEMPLATE_COMMANDS)}, not {command!r}")
     parser = command_parser(command)
-    if parser is None:
-        raise ValueError(f"this anchorscan has no `{command}` command yet")
     module = importlib.import_module(f"anchorscan.pipelines.{TEMPLATE_COMMANDS[command]}")
     return module.run(template_argv(parser, argv), wait=False)
 
@@ -130,8 +129,6 @@ def launch(command: str, argv: list[str]):
 def write_metadata(folder: str) -> list[str]:
     written = []
     for command in TEMPLATE_COMMANDS:
-        if command_parser(command) is None:
-            continue
         path = os.path.join(folder, command, "metadata.json")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as handle:

@@ -91,3 +91,47 @@ def decode_that_sleeps(data: bytes) -> tuple[int, float, float]:
     started = time.time()
     time.sleep(data[0] / 10)
     return os.getpid(), started, time.time()
+
+
+# --- updates, flags and federation in memory (docs/METHOD.md §9) ---------------------------------
+
+LEVELS = ("sharp", "blur0.4")  # two forensic levels: rows carry both side by side, as fit's do
+
+
+def leveled_rows(rows: np.ndarray, spec: FeatureSpec, seed: int = 0) -> np.ndarray:
+    """Scoring rows (spec.dim wide) with a second, softer forensic level appended."""
+    soft = rows[:, spec.d_backbone:] * 0.7 + np.random.default_rng(seed).normal(
+        scale=0.1, size=(len(rows), spec.d_forensic))
+    return np.hstack([rows, soft])
+
+
+def fit_by_hash(spec: FeatureSpec, uris: list[str], rows: np.ndarray,
+                config: AnchorConfig = AnchorConfig()) -> Anchor:
+    """What `fit` computes, in memory: hold out by the URI hash rule, merge the rest's
+    statistics, calibrate on the held-out images (rows as ``leveled_rows`` makes them)."""
+    from anchorscan.anchors.calibration import holds_out, uri_key
+    from anchorscan.anchors.updating import split_levels
+
+    held = np.array([holds_out(uri, config.calibration_fraction, config.calibration_group) for uri in uris])
+    fitted = rows[~held]
+    levels = split_levels(Moments.of(fitted[:, spec.d_backbone:]), LEVELS)
+    forensic = ForensicModel(LEVELS, [levels[f"forensic.{name}"] for name in LEVELS])
+    keys = np.array([uri_key(uri) for uri, h in zip(uris, held) if h], dtype=np.uint64)
+    return Anchor.fit(spec, Moments.of(fitted[:, :spec.d_backbone]), forensic,
+                      rows[held][:, :spec.dim], config, calibration_keys=keys)
+
+
+def update_by_hash(anchor: Anchor, uris: list[str], rows: np.ndarray, admit: str = "none",
+                   forgetting: float = 1.0) -> Anchor:
+    """What `update` computes, in memory: the guard, the same hold-out rule, the merge."""
+    from anchorscan.anchors.calibration import CalibrationRows, holds_out, uri_key
+    from anchorscan.anchors.updating import admission_threshold, admitted, updated
+
+    keep = admitted(anchor, rows, admission_threshold(anchor.config, admit))
+    uris, rows = [uri for uri, k in zip(uris, keep) if k], rows[keep]
+    config = anchor.config
+    held = np.array([holds_out(uri, config.calibration_fraction, config.calibration_group) for uri in uris])
+    fitted = rows[~held]
+    d = anchor.spec.d_backbone
+    held_out = CalibrationRows([uri_key(uri) for uri, h in zip(uris, held) if h], rows[held][:, :anchor.spec.dim])
+    return updated(anchor, Moments.of(fitted[:, :d]), Moments.of(fitted[:, d:]), held_out, forgetting)

@@ -35,3 +35,14 @@ def test_throughput_benchmark_prints_every_required_value(tmp_path):
     assert int(values["region_decode_max_pixel_difference"]) == 0  # the scores cannot change
     targets = result.stdout.split("\ntargets\n", 1)[1].split("\n\n", 1)[0].splitlines()
     assert len(targets) == 6 and all(" met " in line or " not met " in line for line in targets)
+
+
+def test_online_update_benchmark_prints_its_values():
+    script = Path(__file__).parents[1] / "benchmarks" / "online_update.py"
+    result = subprocess.run([sys.executable, str(script), "--dims", "64", "--ks", "1,4", "--updates", "4"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    values = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line
+                  and " " not in line)
+    for name in ("online_speedup_d64_k1", "online_speedup_d64_k4", "delta_mb_d64", "delta_rank64_mb_d64"):
+        assert math.isfinite(float(values[name])) and float(values[name]) > 0, name

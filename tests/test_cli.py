@@ -63,6 +63,12 @@ FLAGS = {
                  "--combine"} | RUNTIME | DECODING | HTTP,
     "report": {"--scores", "--output", "--anchor", "--labels", "--gallery"},
     "info": {"--json"},
+    "update": {"--anchor", "--input", "--output", "--admit", "--forgetting", "--errors"} | RUNTIME | DECODING,
+    "flag": {"--anchor", "--generator", "--input", "--output", "--errors"} | RUNTIME | DECODING,
+    "export-delta": {"--anchor", "--since", "--output", "--min_count", "--noise", "--rank", "--seed"},
+    "merge": {"--output"},
+    "stream": {"--watch", "--anchor", "--output", "--window_seconds", "--learn_real", "--poll_seconds",
+               "--stop_after_seconds", "--pubsub_subscription"} | RUNTIME | (DECODING - {"--perturbation"}),
 }
 
 

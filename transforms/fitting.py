@@ -6,25 +6,16 @@ from __future__ import annotations
 import apache_beam as beam
 import numpy as np
 
-from anchorscan.anchors.anchor import COMPONENTS, Anchor, AnchorConfig
+from anchorscan.anchors.anchor import Anchor, AnchorConfig
 from anchorscan.anchors.anchor_file import anchor_to_bytes
-from anchorscan.anchors.calibration import NUM_QUANTILES, holds_out
+from anchorscan.anchors.calibration import (MAX_CALIBRATION_ROWS, MIN_CALIBRATION, NUM_QUANTILES,
+                                            CalibrationRows, holds_out, uri_key)
 from anchorscan.anchors.errors import NotEnoughImagesError, UsageError
 from anchorscan.anchors.forensic import LEVEL_SETS, ForensicModel
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.stats import Moments
 from anchorscan.transforms.combine import MomentsCombineFn
 from anchorscan.transforms.io import write_atomically
-
-MIN_CALIBRATION = 5
-
-
-class _CalibrationDistances(beam.DoFn):
-    def process(self, batch, anchor: Anchor):
-        distances = anchor.distances(np.stack([vector[:anchor.spec.dim] for _, (vector, _) in batch]))
-        for name in COMPONENTS:
-            for value in distances[name]:
-                yield name, float(value)
 
 
 def _fit_models(backbone: Moments, forensic: Moments, spec: FeatureSpec,
@@ -33,12 +24,33 @@ def _fit_models(backbone: Moments, forensic: Moments, spec: FeatureSpec,
     return Anchor.uncalibrated(spec, backbone, ForensicModel.from_levels(levels, forensic), config)
 
 
-def _calibrate(anchor: Anchor, sketches: dict, n_calibration: int) -> Anchor:
-    if n_calibration < MIN_CALIBRATION:
+def calibration_row(row, dim: int) -> tuple[int, np.ndarray]:
+    """A held-out image as (its URI key, its scoring features)."""
+    meta, (vector, _) = row
+    return uri_key(meta.uri), vector[:dim]
+
+
+def smallest_keys(limit: int = MAX_CALIBRATION_ROWS) -> beam.PTransform:
+    """The calibration sample: the held-out rows with the smallest URI keys (§5.1)."""
+    return beam.combiners.Top.Of(limit, key=lambda pair: pair[0], reverse=True)
+
+
+def calibration_rows(pairs: list) -> CalibrationRows:
+    if not pairs:
+        return CalibrationRows([], np.zeros((0, 0)))
+    return CalibrationRows([key for key, _ in pairs], np.stack([vector for _, vector in pairs]))
+
+
+def calibrate(anchor: Anchor, rows: CalibrationRows, num_quantiles: int = NUM_QUANTILES) -> Anchor:
+    if len(rows) < MIN_CALIBRATION:
         raise NotEnoughImagesError(
-            f"only {n_calibration} real images were held out for calibration (need at least "
+            f"only {len(rows)} real images were held out for calibration (need at least "
             f"{MIN_CALIBRATION}): add real images or raise --calibration_fraction")
-    return anchor.calibrated(sketches, n_calibration)
+    return anchor.calibrated_on(rows, num_quantiles)
+
+
+def _calibrate(anchor: Anchor, pairs: list, num_quantiles: int) -> Anchor:
+    return calibrate(anchor, calibration_rows(pairs), num_quantiles)
 
 
 def _write_anchor(anchor: Anchor, uri: str, projection) -> str:
@@ -51,9 +63,9 @@ class FitAnchor(beam.PTransform):
 
     The rows are [semantic ; statistical ; forensic at each softness level] (the extractor's
     ``softened`` output). A stable hash of each URI (or of its ``calibration_group`` match)
-    holds out ``calibration_fraction`` of the images: the rest feed the two channels' moments,
-    the held-out ones are scored against the fitted models and their distances sketched with
-    ApproximateQuantiles.
+    holds out ``calibration_fraction`` of the images: the rest feed the two channels' moments;
+    of the held-out ones, the ``MAX_CALIBRATION_ROWS`` with the smallest URI keys are kept (their
+    features go into the anchor), scored against the fitted models and sketched exactly.
     """
 
     def __init__(self, anchor_uri: str, spec: FeatureSpec, config: AnchorConfig, projection,
@@ -83,15 +95,10 @@ class FitAnchor(beam.PTransform):
                         MomentsCombineFn(levels * self.spec.d_forensic)).with_fanout(self.fanout))
         models = backbone | "FitModels" >> beam.Map(
             _fit_models, beam.pvalue.AsSingleton(forensic), self.spec, self.config)
-        sketches = (calibration_rows
-                    | "CalibrationBatch" >> beam.BatchElements(max_batch_size=256)
-                    | "Distances" >> beam.ParDo(_CalibrationDistances(),
-                                                beam.pvalue.AsSingleton(models))
-                    | "Quantiles" >> beam.ApproximateQuantiles.PerKey(num_quantiles=self.num_quantiles)
-                    | "ToDict" >> beam.combiners.ToDict())
-        n_calibration = calibration_rows | "CountCalibration" >> beam.combiners.Count.Globally()
+        held_out = (calibration_rows
+                    | "CalibrationRows" >> beam.Map(calibration_row, self.spec.dim)
+                    | "SmallestKeys" >> smallest_keys())
         return (models
-                | "Calibrate" >> beam.Map(_calibrate,
-                                          beam.pvalue.AsSingleton(sketches, default_value={}),
-                                          beam.pvalue.AsSingleton(n_calibration))
+                | "Calibrate" >> beam.Map(_calibrate, beam.pvalue.AsSingleton(held_out),
+                                          self.num_quantiles)
                 | "WriteAnchor" >> beam.Map(_write_anchor, self.anchor_uri, self.projection))

@@ -29,6 +29,10 @@ SCORE_COLUMNS = (
     Column("p_statistical", pa.float64(),
            "upper-tail p-value of the statistical distance the anchor scores with"),
     Column("p_forensic", pa.float64(), "upper-tail p-value of `forensic`"),
+    Column("p_flagged", pa.float64(),
+           "smallest upper-tail p-value of the anchor's flagged generators (`anchorscan flag`); 1 without one"),
+    Column("component", pa.string(),
+           "what fired: the combined channel or `flag:GENERATOR` with the smallest p-value"),
     Column("semantic", pa.float64(), "semantic Mahalanobis distance"),
     Column("statistical", pa.float64(), "decoupled statistical distance, `t2 + spe`"),
     Column("t2", pa.float64(), "its part in the kept eigenspace"),
@@ -60,6 +64,12 @@ ERROR_COLUMNS = (
            "(`ReadError`, `DecodeError`), or empty where no exception was involved"),
 )
 
+# `update`'s record of the images its poisoning guard refused (docs/METHOD.md §9.2).
+REFUSED_COLUMNS = (
+    Column("uri", pa.string(), "an image given as real that the current anchor flags"),
+    Column("anchor_score", pa.float64(), "its score against the anchor being updated"),
+)
+
 
 def arrow_schema(columns: tuple[Column, ...]) -> pa.Schema:
     return pa.schema([(column.name, column.type) for column in columns])
@@ -67,6 +77,7 @@ def arrow_schema(columns: tuple[Column, ...]) -> pa.Schema:
 
 SCORE_SCHEMA = arrow_schema(SCORE_COLUMNS)
 ERROR_SCHEMA = arrow_schema(ERROR_COLUMNS)
+REFUSED_SCHEMA = arrow_schema(REFUSED_COLUMNS)
 # Score columns that come straight from the anchor's (and head's) batch of scores.
 SCORED_FLOATS = tuple(column.name for column in SCORE_COLUMNS if column.type == pa.float64())
 
@@ -78,7 +89,7 @@ def score_row(image, scores: dict[str, np.ndarray], index: int, attention_positi
         "uri": image.uri, "sha256": image.sha256,
         **{name: float(scores[name][index]) for name in SCORED_FLOATS},
         "is_suspect": bool(scores["is_suspect"][index]), "head": head,
-        "softness": str(scores["softness"][index]),
+        "softness": str(scores["softness"][index]), "component": str(scores["component"][index]),
         "width": image.width, "height": image.height, "preprocess": image.preprocess,
         "attention_positions": float(attention_positions), "anchor_id": anchor_id,
     }

@@ -1,0 +1,139 @@
+"""Federation (docs/METHOD.md §9.4): deltas since a common base, their refusals, their file, and
+a merge that scores as a fit on the union."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+
+from anchorscan.anchors.anchor import Anchor
+from anchorscan.anchors.federation import (DeltaFileError, DeltaRefused, delta_from_bytes,
+                                           delta_to_bytes, export_delta, merge, subtract)
+from anchorscan.anchors.stats import Moments
+from anchorscan.anchors.updating import flagged
+from helpers import LEVELS, fit_by_hash, update_by_hash
+from test_updating import CONFIG, D, SPEC, assert_same_scores, fake, real, unit
+
+
+@pytest.fixture(scope="module")
+def sites():
+    """A base fitted at the coordinator and three sites that each updated it with their own
+    images (one also flagged a generator)."""
+    uris_a, rows_a = real(500, 1, "coordinator")
+    base = fit_by_hash(SPEC, uris_a, rows_a, CONFIG)
+    images = [real(n, 10 + i, f"site{i}") for i, n in enumerate((300, 200, 250))]
+    site_anchors = [update_by_hash(base, uris, rows) for uris, rows in images]
+    generator = fake(20, 50, unit(3), 2.0)[:, :D]
+    site_anchors[2] = flagged(site_anchors[2], "newgen", Moments.of(generator))
+    return base, site_anchors, images, (uris_a, rows_a), generator
+
+
+def union_anchor(base: Anchor, images, generator) -> Anchor:
+    """An anchor fitted on the coordinator's images and every site image the sites fitted (a
+    site's held-out images stay at the site), calibrated on the coordinator's held-out images."""
+    from anchorscan.anchors.calibration import holds_out
+
+    fitted = [rows[~np.array([holds_out(u, CONFIG.calibration_fraction) for u in uris])]
+              for uris, rows in images]
+    rows = np.vstack(fitted)
+    d = SPEC.d_backbone
+    extra = {"backbone": Moments.of(rows[:, :d]), "forensic": Moments.of(rows[:, d:])}
+    from anchorscan.anchors.updating import merged_statistics, recalibrated, split_levels
+
+    additions = {"backbone": extra["backbone"], **split_levels(extra["forensic"], LEVELS),
+                 "flag.newgen": Moments.of(generator)}
+    return recalibrated(base, merged_statistics(base.statistics(), additions), None, ())
+
+
+def test_subtract_inverts_chans_merge():
+    rows = np.random.default_rng(0).normal(size=(500, 6)) * 3 + 100
+    part = subtract(Moments.of(rows), Moments.of(rows[:350]))
+    assert part.n == 150
+    assert np.allclose(part.mean, rows[350:].mean(axis=0), rtol=1e-12)
+    # numpy's two-pass scatter as the oracle; subtraction amplifies rounding by n / n_added
+    assert np.allclose(part.m2, Moments.of(rows[350:]).m2, rtol=1e-9)
+
+
+def test_merged_deltas_score_as_a_fit_on_the_union_in_any_order(sites):
+    base, site_anchors, images, _, generator = sites
+    deltas = [delta_from_bytes(delta_to_bytes(export_delta(site, base))) for site in site_anchors]
+    union = union_anchor(base, images, generator)
+    features = np.vstack([real(40, 99, "x")[1], fake(40, 98, unit(2), 3.0)])[:, :D]
+    for order in itertools.permutations(range(3)):
+        merged = merge(base, [deltas[i] for i in order])
+        assert merged.moments.n == union.moments.n and set(merged.flagged) == {"newgen"}
+        # the same statistics merged in other orders; 1e-6 is the issue's bound
+        assert_same_scores(merged, union, features, rtol=1e-6)
+
+
+def test_delta_below_the_minimum_count_is_refused(sites):
+    base, _, _, _, _ = sites
+    small = update_by_hash(base, *real(40, 60, "small"))
+    with pytest.raises(DeltaRefused, match=r"added \d+ real images .* at least 64"):
+        export_delta(small, base)
+    assert export_delta(small, base, min_count=10).n < 64
+
+
+def test_delta_from_an_unrelated_anchor_or_other_base_is_refused(sites):
+    base, site_anchors, _, (uris_a, rows_a), _ = sites
+    stranger = fit_by_hash(SPEC, *real(500, 70, "stranger"), CONFIG)
+    with pytest.raises(DeltaRefused, match="not made from this base"):
+        export_delta(site_anchors[0], stranger)
+    delta = export_delta(site_anchors[0], base)
+    with pytest.raises(DeltaRefused, match="another base"):
+        merge(stranger, [delta])
+    with pytest.raises(DeltaRefused, match="twice"):
+        merge(base, [delta, delta])
+
+
+@pytest.mark.parametrize("field, value", [("backbone", "clip-vit-b-16"), ("weights_sha256", "f" * 64),
+                                          ("layout", {"d_semantic": 5, "d_statistical": 7, "d_forensic": 3, "x": 1})])
+def test_delta_from_other_features_is_refused_before_merging(sites, field, value):
+    base, site_anchors, _, _, _ = sites
+    delta = export_delta(site_anchors[0], base)
+    foreign = dataclasses.replace(delta, spec=dataclasses.replace(delta.spec, **{field: value}))
+    before = base.moments.copy()
+    with pytest.raises(DeltaRefused, match=field):
+        merge(base, [delta, foreign])  # the good one first: nothing may be merged
+    assert base.moments == before
+
+
+def test_noise_is_recorded_and_has_its_scale(sites):
+    base, site_anchors, _, _, _ = sites
+    exact = export_delta(site_anchors[0], base)
+    noisy = delta_from_bytes(delta_to_bytes(
+        export_delta(site_anchors[0], base, noise=0.5, rng=np.random.default_rng(1))))
+    assert noisy.noise == 0.5
+    difference = noisy.statistics["backbone"].m2 - exact.statistics["backbone"].m2
+    assert np.allclose(difference, difference.T)
+    # symmetric Gaussian noise, standard deviation sigma off the diagonal: 66 independent
+    # entries estimate it to about 9 %, so the band is 3.5 standard errors wide
+    off_diagonal = difference[np.triu_indices(len(difference), 1)]
+    assert 0.35 < off_diagonal.std() < 0.65
+
+
+def test_low_rank_delta_keeps_its_rank_and_shrinks_the_file(sites):
+    base, site_anchors, _, _, _ = sites
+    full = export_delta(site_anchors[0], base)
+    low = delta_from_bytes(delta_to_bytes(export_delta(site_anchors[0], base, rank=4)))
+    m2 = low.statistics["backbone"].m2
+    assert np.linalg.matrix_rank(m2) == 4 and low.factors["backbone"].shape == (SPEC.d_backbone, 4)
+    eigenvalues = np.linalg.eigvalsh(full.statistics["backbone"].m2)[::-1]
+    assert low.kept_energy["backbone"] == pytest.approx(eigenvalues[:4].sum() / eigenvalues.sum())
+    # the best rank-4 approximation (Eckart-Young): the error is the discarded eigenvalues
+    assert np.linalg.norm(full.statistics["backbone"].m2 - m2, 2) == pytest.approx(eigenvalues[4], rel=1e-8)
+    assert len(delta_to_bytes(low)) < len(delta_to_bytes(full))
+    merge(base, [low])  # a low-rank delta merges like any other
+
+
+def test_delta_file_is_checked(sites):
+    base, site_anchors, _, _, _ = sites
+    data = bytearray(delta_to_bytes(export_delta(site_anchors[0], base)))
+    data[-5] ^= 0xFF
+    with pytest.raises(DeltaFileError, match="checksum"):
+        delta_from_bytes(bytes(data))
+    from anchorscan.anchors.anchor_file import anchor_to_bytes
+    with pytest.raises(DeltaFileError, match="not an anchorscan delta"):
+        delta_from_bytes(anchor_to_bytes(base))

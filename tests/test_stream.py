@@ -1,0 +1,186 @@
+"""anchorscan stream (docs/METHOD.md §10): windows, exactly-once scoring, the anchor swap and
+learning, with TestStream on BundleBasedDirectRunner; and the real watcher on the in-process
+runner while files are added. Every Parquet file written is read back whole (its footer
+included): a probe once found corrupt windowed files."""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import threading
+import time
+
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.io.filesystem import FileMetadata
+from apache_beam.options.pipeline_options import StandardOptions
+from apache_beam.testing import test_pipeline, test_stream
+from apache_beam.transforms.window import TimestampedValue
+
+from anchorscan.anchors.anchor_file import anchor_from_bytes, anchor_id, anchor_to_bytes, read_metadata
+from anchorscan.pipelines import stream
+from anchorscan.pipelines.options import parse
+from anchorscan.transforms.schema import ERROR_SCHEMA, SCORE_SCHEMA
+from helpers import RUNNER, write_crops
+
+WINDOW = 10
+
+
+def every_table(pattern: str, schema) -> dict[str, list[dict]]:
+    """Rows of every file matching ``pattern``, each file read whole and checked."""
+    tables = {}
+    for path in sorted(glob.glob(pattern)):
+        table = pq.read_table(path)  # reads the footer: a truncated file raises here
+        assert table.schema.equals(schema, check_metadata=False), path
+        tables[path] = table.to_pylist()
+    return tables
+
+
+@pytest.fixture(scope="module")
+def two_anchors(fitted_anchor, tmp_path_factory):
+    """The fitted anchor and a second one that differs (its fpr), so rows name which scored them."""
+    path, _ = fitted_anchor
+    anchor, metadata = anchor_from_bytes(path.read_bytes())
+    folder = tmp_path_factory.mktemp("anchors")
+    first, second = folder / "first.safetensors", folder / "second.safetensors"
+    first.write_bytes(path.read_bytes())
+    changed = dataclasses.replace(anchor, config=dataclasses.replace(anchor.config, fpr=0.05))
+    second.write_bytes(anchor_to_bytes(changed, metadata["projection"]))
+    return first, second
+
+
+def test_three_windows_each_image_once_and_the_anchor_swap(two_anchors, tmp_path):
+    first, second = two_anchors
+    images = [FileMetadata(path, 1, last_updated_in_seconds=1.0) for path in
+              write_crops(tmp_path, count_per_photo=1, seed=7)]  # six images, two per window
+    (tmp_path / "notes.txt").write_text("not an image")
+    note = FileMetadata(str(tmp_path / "notes.txt"), 12, last_updated_in_seconds=1.0)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really")
+    broken_file = FileMetadata(str(broken), 11, last_updated_in_seconds=1.0)
+
+    def at(t, *values):
+        return [TimestampedValue(value, t) for value in values]
+
+    events = (test_stream.TestStream(output_tags={"files", "ticks"})
+              .advance_watermark_to(0, tag="files").advance_watermark_to(0, tag="ticks")
+              .add_elements(at(0, str(first)), tag="ticks")
+              .add_elements(at(1, images[0], images[1], note), tag="files")
+              .add_elements(at(2, images[0], images[1]), tag="files")  # a re-listing poll
+              .add_elements(at(5, str(second)), tag="ticks")  # replaced mid-window 0 ...
+              .advance_watermark_to(WINDOW, tag="files").advance_watermark_to(WINDOW, tag="ticks")
+              .add_elements(at(WINDOW, str(second)), tag="ticks")  # ... seen from window 1 on
+              .add_elements(at(WINDOW + 1, images[0], images[2], images[3], broken_file), tag="files")
+              .advance_watermark_to(2 * WINDOW, tag="files").advance_watermark_to(2 * WINDOW, tag="ticks")
+              .add_elements(at(2 * WINDOW, str(second)), tag="ticks")
+              .add_elements(at(2 * WINDOW + 1, *images), tag="files")
+              .advance_watermark_to_infinity(tag="files").advance_watermark_to_infinity(tag="ticks"))
+    output = tmp_path / "out" / "scan"
+    args, options = parse(stream.parser(), ["--watch", str(tmp_path), "--anchor", str(first),
+                                            "--output", str(output), "--window_seconds", str(WINDOW),
+                                            "--runner", "BundleBasedDirectRunner"])
+    options.view_as(StandardOptions).streaming = True
+    with test_pipeline.TestPipeline(options=options) as pipeline:
+        inputs = pipeline | events
+        # window 0's tick is the first file's, read at the window's start; the swap at t=5
+        # is a tick inside window 0 in event time only to show that the window's *first* tick
+        # is not what decides: Latest takes the newest tick of the window
+        stream.stream_graph(args, options, inputs["files"], inputs["ticks"])
+
+    scores = every_table(f"{output}-scores-*.parquet", SCORE_SCHEMA)
+    errors = every_table(f"{output}-errors-*.parquet", ERROR_SCHEMA)
+    rows = [row for table in scores.values() for row in table]
+    assert sorted(row["uri"] for row in rows) == sorted(m.path for m in images)  # each once
+    assert len(scores) == 3  # one file per window
+    ids = {str(path): anchor_id(read_metadata(path.read_bytes())) for path in (first, second)}
+    by_window = [sorted(row["anchor_id"] for row in table) for _, table in sorted(scores.items())]
+    assert by_window == [[ids[str(second)]] * 2] * 3
+    assert [row["uri"] for table in errors.values() for row in table] == [str(broken)]
+
+
+def test_an_anchor_tick_decides_its_window(two_anchors, tmp_path):
+    """A replacement is read by the next window's tick; windows before it keep the old file."""
+    first, second = two_anchors
+    images = [FileMetadata(path, 1, last_updated_in_seconds=1.0) for path in
+              write_crops(tmp_path, count_per_photo=1, seed=8)[:4]]
+    events = (test_stream.TestStream(output_tags={"files", "ticks"})
+              .advance_watermark_to(0, tag="files").advance_watermark_to(0, tag="ticks")
+              .add_elements([TimestampedValue(str(first), 0)], tag="ticks")
+              .add_elements([TimestampedValue(images[0], 1), TimestampedValue(images[1], 9)], tag="files")
+              .advance_watermark_to(WINDOW, tag="files").advance_watermark_to(WINDOW, tag="ticks")
+              .add_elements([TimestampedValue(str(second), WINDOW)], tag="ticks")
+              .add_elements([TimestampedValue(images[2], WINDOW + 1), TimestampedValue(images[3], WINDOW + 2)],
+                            tag="files")
+              .advance_watermark_to_infinity(tag="files").advance_watermark_to_infinity(tag="ticks"))
+    output = tmp_path / "scan"
+    args, options = parse(stream.parser(), ["--watch", str(tmp_path), "--anchor", str(first),
+                                            "--output", str(output), "--window_seconds", str(WINDOW),
+                                            "--runner", "BundleBasedDirectRunner"])
+    options.view_as(StandardOptions).streaming = True
+    with test_pipeline.TestPipeline(options=options) as pipeline:
+        inputs = pipeline | events
+        stream.stream_graph(args, options, inputs["files"], inputs["ticks"])
+    ids = {path: anchor_id(read_metadata(path.read_bytes())) for path in (first, second)}
+    rows = {row["uri"]: row["anchor_id"] for table in every_table(f"{output}-scores-*.parquet", SCORE_SCHEMA).values()
+            for row in table}
+    assert rows == {images[0].path: ids[first], images[1].path: ids[first],
+                    images[2].path: ids[second], images[3].path: ids[second]}
+
+
+def test_the_watcher_scores_files_added_while_it_runs_and_learns(two_anchors, tmp_path):
+    first, _ = two_anchors
+    watched, trusted = tmp_path / "incoming", tmp_path / "trusted"
+    watched.mkdir()
+    trusted.mkdir()
+    anchor = tmp_path / "live.safetensors"
+    anchor.write_bytes(first.read_bytes())
+    n_before = read_metadata(anchor.read_bytes())["n"]
+    early = write_crops(watched, count_per_photo=1, seed=9)
+    (tmp_path / "late").mkdir()
+    (tmp_path / "real").mkdir()
+    late = write_crops(tmp_path / "late", count_per_photo=1, seed=10)[:3]
+    real = write_crops(tmp_path / "real", count_per_photo=2, seed=11)[:8]
+
+    def add_files():
+        time.sleep(3.0)
+        for path in late:  # renamed in, as writers should: a file appears whole
+            os.replace(path, watched / f"late_{os.path.basename(path)}")
+        for path in real:
+            os.replace(path, trusted / os.path.basename(path))
+
+    adder = threading.Thread(target=add_files)
+    adder.start()
+    output = tmp_path / "out" / "scan"
+    stream.run(["--watch", str(watched), "--anchor", str(anchor), "--output", str(output),
+                "--window_seconds", "2", "--poll_seconds", "0.5", "--stop_after_seconds", "7",
+                "--learn_real", str(trusted), *RUNNER])
+    adder.join()
+    rows = [row for table in every_table(f"{output}-scores-*.parquet", SCORE_SCHEMA).values() for row in table]
+    expected = sorted(early + [str(watched / f"late_{os.path.basename(path)}") for path in late])
+    assert sorted(row["uri"] for row in rows) == expected  # the added ones too, each once
+    assert not every_table(f"{output}-errors-*.parquet", ERROR_SCHEMA)
+    after = read_metadata(anchor.read_bytes())
+    assert after["n"] + after["n_calibration"] > n_before + read_metadata(first.read_bytes())["n_calibration"]
+    assert after["n"] + after["n_calibration"] <= n_before + read_metadata(first.read_bytes())["n_calibration"] + len(real)
+
+
+def test_cloud_storage_notifications_name_finalised_objects():
+    from apache_beam.io.gcp.pubsub import PubsubMessage
+
+    from anchorscan.transforms.streaming import gcs_notification_uri
+
+    finalised = PubsubMessage(b"{}", {"eventType": "OBJECT_FINALIZE", "bucketId": "b", "objectId": "in/x.jpg"})
+    deleted = PubsubMessage(b"{}", {"eventType": "OBJECT_DELETE", "bucketId": "b", "objectId": "in/x.jpg"})
+    assert gcs_notification_uri(finalised) == "gs://b/in/x.jpg"
+    assert gcs_notification_uri(deleted) is None
+
+
+def test_watch_pattern_and_window_file_names():
+    from apache_beam.transforms.window import IntervalWindow
+
+    from anchorscan.transforms.streaming import window_file_name
+
+    assert stream.watch_pattern("gs://bucket/incoming/") == "gs://bucket/incoming/**"
+    assert stream.watch_pattern("/data/*.jpg") == "/data/*.jpg"
+    assert window_file_name("out/scan", "scores", IntervalWindow(60, 120), 0) == \
+        "out/scan-scores-19700101T000100-19700101T000200-00000.parquet"
