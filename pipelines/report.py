@@ -86,7 +86,8 @@ def roc_figure(rows: list[dict], labels: dict[str, tuple[int, str]]) -> str:
     axis.plot([0, 1], [0, 1], "k:", linewidth=0.8)
     axis.set_xlabel("false-positive rate (real images)")
     axis.set_ylabel("true-positive rate")
-    axis.legend(fontsize=7)
+    if axis.get_legend_handles_labels()[0]:  # no curve when the labelled images were not scored
+        axis.legend(fontsize=7)
     return _figure_html(figure, "ROC curves")
 
 
