@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import dataclasses
 
+from anchorscan.anchors.anchor_file import verified_contents
 from anchorscan.anchors.features import BackboneConfig, FeatureExtractor
-from anchorscan.pipelines.options import decode_limits, decode_processes, http_config, torch_threads
+from anchorscan.anchors.spec import FeatureSpec
+from anchorscan.pipelines.options import (backbone_config, decode_limits, decode_processes,
+                                          http_config, torch_threads)
 from anchorscan.transforms.fetch import HttpConfig
 from anchorscan.transforms.decode import DecodeImages
 from anchorscan.transforms.inference import EmbedImages, FeatureModelHandler
-from anchorscan.transforms.io import local_copy
+from anchorscan.transforms.io import ListInputs, local_copy, read_bytes
 
 
 def driver_extractor(config: BackboneConfig) -> FeatureExtractor:
@@ -34,3 +37,23 @@ def embed_step(args, options, config: BackboneConfig, extractor: FeatureExtracto
         config, extractor.spec.digest(), min_batch_size=args.batch_size,
         max_batch_size=args.batch_size, torch_threads=torch_threads(args, options),
         large_model=args.large_model, softened=softened))
+
+
+def anchor_and_extractor(args):
+    """(tensors, metadata, spec, backbone config, driver extractor) of the anchor that --anchor
+    names, refused before any work when this anchorscan would make other features."""
+    tensors, metadata = verified_contents(read_bytes(args.anchor))
+    spec = FeatureSpec.from_dict(metadata)
+    backbone = backbone_config(args, spec)
+    extractor = driver_extractor(backbone)
+    spec.require_same(extractor.spec, f"anchor {args.anchor}")
+    return tensors, metadata, spec, backbone, extractor
+
+
+def list_and_embed(pipeline, args, options, backbone: BackboneConfig, extractor: FeatureExtractor,
+                   softened: tuple = ()):
+    """--input's images listed, decoded and embedded: (embedded rows, their error rows)."""
+    uris, list_errors = pipeline | "List" >> ListInputs(args.input)
+    images, decode_errors, _ = uris | "Decode" >> decode_step(args, options, extractor.backbone.preprocessing)
+    embedded, embed_errors = images | "Embed" >> embed_step(args, options, backbone, extractor, softened)
+    return embedded, (list_errors, decode_errors, embed_errors)

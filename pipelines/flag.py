@@ -6,13 +6,12 @@ import time
 
 import apache_beam as beam
 
-from anchorscan.anchors.anchor_file import read_metadata, verified_contents
-from anchorscan.anchors.spec import FeatureSpec
-from anchorscan.pipelines.common import decode_step, driver_extractor, embed_step
+from anchorscan.anchors.anchor_file import read_metadata
+from anchorscan.pipelines.common import anchor_and_extractor, list_and_embed
 from anchorscan.pipelines.options import (INPUT_HELP, add_decoding_args, add_runtime_args,
-                                          backbone_config, command_parser, counter_totals,
-                                          error_total, parse)
-from anchorscan.transforms.io import ListInputs, read_bytes
+                                          command_parser, counter_totals, error_total, parse)
+from anchorscan.transforms.gcs import check_paths
+from anchorscan.transforms.io import check_writable, read_bytes
 from anchorscan.transforms.scoring import load_anchor
 from anchorscan.transforms.sinks import WriteErrors
 from anchorscan.transforms.updating import FlagGenerator
@@ -36,22 +35,18 @@ def parser():
 
 def run(argv=None, test_pipeline=None) -> dict:
     args, options = parse(parser(), argv)
-    tensors, metadata = verified_contents(read_bytes(args.anchor))
-    spec = FeatureSpec.from_dict(metadata)
-    backbone = backbone_config(args, spec)
-    extractor = driver_extractor(backbone)
-    spec.require_same(extractor.spec, f"anchor {args.anchor}")
+    check_paths([*args.input, args.anchor, args.output, args.errors, args.weights])
+    check_writable(args.output, "--output")
+    tensors, metadata, spec, backbone, extractor = anchor_and_extractor(args)
 
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=options)
     anchor = (pipeline | "AnchorUri" >> beam.Create([args.anchor])
               | "LoadAnchor" >> beam.Map(lambda uri: load_anchor(uri)[0]))
-    uris, list_errors = pipeline | "List" >> ListInputs(args.input)
-    images, decode_errors, _ = uris | "Decode" >> decode_step(args, options, extractor.backbone.preprocessing)
-    embedded, embed_errors = images | "Embed" >> embed_step(args, options, backbone, extractor)
+    embedded, errors = list_and_embed(pipeline, args, options, backbone, extractor)
     _ = embedded | "Flag" >> FlagGenerator(anchor, args.output, spec, tensors.get("projection"),
                                            args.generator)
-    _ = (list_errors, decode_errors, embed_errors) | WriteErrors(args.errors or args.output)
+    _ = errors | WriteErrors(args.errors or args.output)
     result = pipeline.run()
     result.wait_until_finish()
 

@@ -7,15 +7,15 @@ import time
 import apache_beam as beam
 
 from anchorscan.anchors.anchor import AnchorConfig
-from anchorscan.anchors.anchor_file import read_metadata, verified_contents
+from anchorscan.anchors.anchor_file import read_metadata
+from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.forensic import LEVEL_SETS
-from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.updating import admission_threshold
-from anchorscan.pipelines.common import decode_step, driver_extractor, embed_step
+from anchorscan.pipelines.common import anchor_and_extractor, list_and_embed
 from anchorscan.pipelines.options import (INPUT_HELP, add_decoding_args, add_runtime_args,
-                                          backbone_config, command_parser, counter_totals,
-                                          error_total, parse)
-from anchorscan.transforms.io import ListInputs, read_bytes
+                                          command_parser, counter_totals, error_total, parse)
+from anchorscan.transforms.gcs import check_paths
+from anchorscan.transforms.io import check_writable, read_bytes
 from anchorscan.transforms.scoring import load_anchor
 from anchorscan.transforms.sinks import WriteErrors
 from anchorscan.transforms.updating import UpdateAnchor, WriteRefused
@@ -43,28 +43,25 @@ def parser():
 
 def run(argv=None, test_pipeline=None) -> dict:
     args, options = parse(parser(), argv)
-    tensors, metadata = verified_contents(read_bytes(args.anchor))
-    spec, config = FeatureSpec.from_dict(metadata), AnchorConfig(**metadata["config"])
-    backbone = backbone_config(args, spec)
-    extractor = driver_extractor(backbone)
-    spec.require_same(extractor.spec, f"anchor {args.anchor}")
+    check_paths([*args.input, args.anchor, args.output, args.errors, args.weights])
+    check_writable(args.output, "--output")
+    tensors, metadata, spec, backbone, extractor = anchor_and_extractor(args)
+    config = AnchorConfig(**metadata["config"])
     threshold = admission_threshold(config, args.admit)
     if not 0.0 < args.forgetting <= 1.0:
-        raise ValueError(f"--forgetting must be in (0, 1], got {args.forgetting}")
+        raise UsageError(f"--forgetting must be in (0, 1], got {args.forgetting}")
 
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=options)
     anchor = (pipeline | "AnchorUri" >> beam.Create([args.anchor])
               | "LoadAnchor" >> beam.Map(lambda uri: load_anchor(uri)[0]))
-    uris, list_errors = pipeline | "List" >> ListInputs(args.input)
-    images, decode_errors, _ = uris | "Decode" >> decode_step(args, options, extractor.backbone.preprocessing)
     softened = tuple(how for _, how in LEVEL_SETS[config.forensic_levels][1:])
-    embedded, embed_errors = images | "Embed" >> embed_step(args, options, backbone, extractor, softened)
+    embedded, errors = list_and_embed(pipeline, args, options, backbone, extractor, softened)
     _, refused = embedded | "Update" >> UpdateAnchor(anchor, args.output, spec, config,
                                                       tensors.get("projection"), threshold, args.forgetting)
     prefix = args.errors or args.output
     _ = refused | WriteRefused(prefix)
-    _ = (list_errors, decode_errors, embed_errors) | WriteErrors(prefix)
+    _ = errors | WriteErrors(prefix)
     result = pipeline.run()
     result.wait_until_finish()
 
