@@ -178,8 +178,15 @@ class FeatureExtractor:
         """The forensic features of the crops, then, for each of ``softened`` (fit time: the
         softness levels after "sharp", see ``forensic.SOFTNESS_PATH``), of the crops softened
         so, side by side. In torch beside the backbone: ONNX export has no FFT here."""
-        with torch.inference_mode():
-            return torch.cat([self.forensic(soften(pixels, how)) for how in (None, *softened)], 1).numpy()
+        # One thread: its small FFTs gain little from more, and beside decoder processes the
+        # other threads' barrier waits cost more cores than they save (docs/BENCHMARKS.md).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.inference_mode():
+                return torch.cat([self.forensic(soften(pixels, how)) for how in (None, *softened)], 1).numpy()
+        finally:
+            torch.set_num_threads(threads)
 
     def __call__(self, pixels: torch.Tensor, softened: tuple = ()) -> Features:
         """``pixels``: (B, H, W, 3) uint8 crops. Rows are [semantic ; statistical ; forensic]

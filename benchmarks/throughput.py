@@ -484,7 +484,10 @@ def report(local: dict, runs: dict, counts: dict, seconds: float) -> None:
     core_seconds = {"decode": 1 / local["decode"], "forward": local["forward_cpu"],
                     "forensic": local["forensic_cpu"]}
     bound = local["cores"] / sum(core_seconds.values())
-    forensic_share = forward / local["forensic"]
+    # Core time, the cost the bound counts: the forensic pass runs on one thread by design
+    # (anchors/features.py), the forward on all of them, so their wall times compare unlike work.
+    forensic_share = local["forensic_cpu"] / local["forward_cpu"]
+    forensic_wall_share = forward / local["forensic"]
     print("core-seconds per image: " + ", ".join(f"{part} {1e3 * value:.1f} ms"
                                                   for part, value in core_seconds.items())
           + f"; bound {bound:.1f} images/s on {local['cores']} cores\n")
@@ -494,7 +497,7 @@ def report(local: dict, runs: dict, counts: dict, seconds: float) -> None:
     score_ratio = runs["score"]["images_per_s"] / forward
     targets = (  # name, value, met, note
         ("forensic features <= 25 % of forward", forensic_share, forensic_share <= 0.25,
-         "time per image, same batch, same run"),
+         f"core time per image, same batch, same run; wall time {forensic_wall_share:.2f}"),
         ("score / bound >= 0.9", mix_marginal / bound, mix_marginal / bound >= 0.9,
          f"steady state on the mix; end to end {runs['score']['images_per_s'] / bound:.2f}"),
         ("score / forward >= 0.9", score_ratio, score_ratio >= 0.9,
@@ -514,6 +517,7 @@ def report(local: dict, runs: dict, counts: dict, seconds: float) -> None:
         "forward_images_per_s": forward,
         "forensic_images_per_s": local["forensic"],
         "forensic_share_of_forward": forensic_share,
+        "forensic_wall_share_of_forward": forensic_wall_share,
         "bound_images_per_s": bound,
         "score_over_bound": runs["score"]["images_per_s"] / bound,
         "score_steady_state_over_bound": mix_marginal / bound,

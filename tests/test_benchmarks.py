@@ -14,7 +14,7 @@ REQUIRED = ("score_over_forward", "fit_over_forward", "score_over_dataloader_12m
             "stats_share_of_forward", "rss_growth_10k_over_1k",
             "forward_gflops_share_of_matmul_peak", "score_steady_state_over_forward_mix",
             "score_over_dataloader_12mp_steady_state", "region_decode_max_pixel_difference",
-            "forensic_share_of_forward", "score_over_bound", "score_steady_state_over_bound")
+            "forensic_share_of_forward", "forensic_wall_share_of_forward", "score_over_bound", "score_steady_state_over_bound")
 
 
 pytestmark = pytest.mark.slow  # runs the throughput script end to end (about 2 minutes)

@@ -106,3 +106,25 @@ def test_onnxruntime_gives_the_features_of_torch():
         a, b = onnx(pixels), eager(pixels)
         np.testing.assert_allclose(a.vectors, b.vectors, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(a.attention_positions, b.attention_positions, rtol=1e-4)
+
+
+def test_forensic_features_run_on_one_thread_and_leave_the_thread_count(extractor, monkeypatch):
+    pixels = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (4, 224, 224, 3), dtype=np.uint8))
+    module, threads_seen = extractor.forensic, []
+
+    def recording(batch):
+        threads_seen.append(torch.get_num_threads())
+        return module(batch)
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        with torch.inference_mode():
+            threaded = module(pixels).numpy()  # the same module on the caller's threads
+        monkeypatch.setattr(extractor, "forensic", recording)
+        features = extractor.forensic_features(pixels)
+        assert threads_seen == [1] and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    # float32 FFT sums split over threads differ in order only: last bits of log energies
+    np.testing.assert_allclose(features, threaded, rtol=1e-5, atol=1e-5)
