@@ -11,7 +11,8 @@ from anchorscan.pipelines.options import (backbone_config, decode_limits, decode
 from anchorscan.transforms.fetch import HttpConfig
 from anchorscan.transforms.decode import DecodeImages
 from anchorscan.transforms.inference import EmbedImages, FeatureModelHandler
-from anchorscan.transforms.io import ListInputs, local_copy, read_bytes
+from anchorscan.transforms.gcs import check_paths
+from anchorscan.transforms.io import ListInputs, check_writable, local_copy, read_bytes
 
 
 def driver_extractor(config: BackboneConfig) -> FeatureExtractor:
@@ -41,7 +42,10 @@ def embed_step(args, options, config: BackboneConfig, extractor: FeatureExtracto
 
 def anchor_and_extractor(args):
     """(tensors, metadata, spec, backbone config, driver extractor) of the anchor that --anchor
-    names, refused before any work when this anchorscan would make other features."""
+    names, for a command that reads --input and writes an anchor to --output: paths, output and
+    anchor refused before any work (an anchor this anchorscan would make other features for)."""
+    check_paths([*args.input, args.anchor, args.output, args.errors, args.weights])
+    check_writable(args.output, "--output")
     tensors, metadata = verified_contents(read_bytes(args.anchor))
     spec = FeatureSpec.from_dict(metadata)
     backbone = backbone_config(args, spec)

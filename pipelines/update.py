@@ -14,8 +14,7 @@ from anchorscan.anchors.updating import admission_threshold
 from anchorscan.pipelines.common import anchor_and_extractor, list_and_embed
 from anchorscan.pipelines.options import (INPUT_HELP, add_decoding_args, add_runtime_args,
                                           command_parser, counter_totals, error_total, parse)
-from anchorscan.transforms.gcs import check_paths
-from anchorscan.transforms.io import check_writable, read_bytes
+from anchorscan.transforms.io import read_bytes
 from anchorscan.transforms.scoring import load_anchor
 from anchorscan.transforms.sinks import WriteErrors
 from anchorscan.transforms.updating import UpdateAnchor, WriteRefused
@@ -43,8 +42,6 @@ def parser():
 
 def run(argv=None, test_pipeline=None) -> dict:
     args, options = parse(parser(), argv)
-    check_paths([*args.input, args.anchor, args.output, args.errors, args.weights])
-    check_writable(args.output, "--output")
     tensors, metadata, spec, backbone, extractor = anchor_and_extractor(args)
     config = AnchorConfig(**metadata["config"])
     threshold = admission_threshold(config, args.admit)

@@ -36,6 +36,17 @@ def every_table(pattern: str, schema) -> dict[str, list[dict]]:
     return tables
 
 
+def stream_events(events, watched, anchor, output) -> None:
+    """The stream command's graph over a TestStream of "files" and "ticks" (anchor paths)."""
+    args, options = parse(stream.parser(), ["--watch", str(watched), "--anchor", str(anchor),
+                                            "--output", str(output), "--window_seconds", str(WINDOW),
+                                            "--runner", "BundleBasedDirectRunner"])
+    options.view_as(StandardOptions).streaming = True
+    with test_pipeline.TestPipeline(options=options) as pipeline:
+        inputs = pipeline | events
+        stream.stream_graph(args, options, inputs["files"], inputs["ticks"])
+
+
 @pytest.fixture(scope="module")
 def two_anchors(fitted_anchor, tmp_path_factory):
     """The fitted anchor and a second one that differs (its fpr), so rows name which scored them."""
@@ -76,16 +87,10 @@ def test_three_windows_each_image_once_and_the_anchor_swap(two_anchors, tmp_path
               .add_elements(at(2 * WINDOW + 1, *images), tag="files")
               .advance_watermark_to_infinity(tag="files").advance_watermark_to_infinity(tag="ticks"))
     output = tmp_path / "out" / "scan"
-    args, options = parse(stream.parser(), ["--watch", str(tmp_path), "--anchor", str(first),
-                                            "--output", str(output), "--window_seconds", str(WINDOW),
-                                            "--runner", "BundleBasedDirectRunner"])
-    options.view_as(StandardOptions).streaming = True
-    with test_pipeline.TestPipeline(options=options) as pipeline:
-        inputs = pipeline | events
-        # window 0's tick is the first file's, read at the window's start; the swap at t=5
-        # is a tick inside window 0 in event time only to show that the window's *first* tick
-        # is not what decides: Latest takes the newest tick of the window
-        stream.stream_graph(args, options, inputs["files"], inputs["ticks"])
+    # window 0's tick is the first file's, read at the window's start; the swap at t=5
+    # is a tick inside window 0 in event time only to show that the window's *first* tick
+    # is not what decides: Latest takes the newest tick of the window
+    stream_events(events, tmp_path, first, output)
 
     scores = every_table(f"{output}-scores-*.parquet", SCORE_SCHEMA)
     errors = every_table(f"{output}-errors-*.parquet", ERROR_SCHEMA)
@@ -113,13 +118,7 @@ def test_an_anchor_tick_decides_its_window(two_anchors, tmp_path):
                             tag="files")
               .advance_watermark_to_infinity(tag="files").advance_watermark_to_infinity(tag="ticks"))
     output = tmp_path / "scan"
-    args, options = parse(stream.parser(), ["--watch", str(tmp_path), "--anchor", str(first),
-                                            "--output", str(output), "--window_seconds", str(WINDOW),
-                                            "--runner", "BundleBasedDirectRunner"])
-    options.view_as(StandardOptions).streaming = True
-    with test_pipeline.TestPipeline(options=options) as pipeline:
-        inputs = pipeline | events
-        stream.stream_graph(args, options, inputs["files"], inputs["ticks"])
+    stream_events(events, tmp_path, first, output)
     ids = {path: anchor_id(read_metadata(path.read_bytes())) for path in (first, second)}
     rows = {row["uri"]: row["anchor_id"] for table in every_table(f"{output}-scores-*.parquet", SCORE_SCHEMA).values()
             for row in table}
