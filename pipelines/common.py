@@ -1,7 +1,9 @@
-"""The steps every pipeline builds the same way from its flags: decode and embed."""
+"""The steps every pipeline builds the same way from its flags: the anchor, decode and embed."""
 from __future__ import annotations
 
 import dataclasses
+
+import apache_beam as beam
 
 from anchorscan.anchors.anchor_file import verified_contents
 from anchorscan.anchors.features import BackboneConfig, FeatureExtractor
@@ -13,6 +15,7 @@ from anchorscan.transforms.decode import DecodeImages
 from anchorscan.transforms.inference import EmbedImages, FeatureModelHandler
 from anchorscan.transforms.gcs import check_paths
 from anchorscan.transforms.io import ListInputs, check_writable, local_copy, read_bytes
+from anchorscan.transforms.scoring import load_anchor
 
 
 def driver_extractor(config: BackboneConfig) -> FeatureExtractor:
@@ -52,6 +55,12 @@ def anchor_and_extractor(args):
     extractor = driver_extractor(backbone)
     spec.require_same(extractor.spec, f"anchor {args.anchor}")
     return tensors, metadata, spec, backbone, extractor
+
+
+def anchor_model(pipeline, uri: str):
+    """The anchor file's model as a one-element PCollection, read where the pipeline runs."""
+    return (pipeline | "AnchorUri" >> beam.Create([uri])
+            | "LoadAnchor" >> beam.Map(lambda anchor_uri: load_anchor(anchor_uri)[0]))
 
 
 def list_and_embed(pipeline, args, options, backbone: BackboneConfig, extractor: FeatureExtractor,

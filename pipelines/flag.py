@@ -7,11 +7,10 @@ import time
 import apache_beam as beam
 
 from anchorscan.anchors.anchor_file import read_metadata
-from anchorscan.pipelines.common import anchor_and_extractor, list_and_embed
+from anchorscan.pipelines.common import anchor_and_extractor, anchor_model, list_and_embed
 from anchorscan.pipelines.options import (INPUT_HELP, add_decoding_args, add_runtime_args,
                                           command_parser, counter_totals, error_total, parse)
 from anchorscan.transforms.io import read_bytes
-from anchorscan.transforms.scoring import load_anchor
 from anchorscan.transforms.sinks import WriteErrors
 from anchorscan.transforms.updating import FlagGenerator
 
@@ -38,8 +37,7 @@ def run(argv=None, test_pipeline=None) -> dict:
 
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=options)
-    anchor = (pipeline | "AnchorUri" >> beam.Create([args.anchor])
-              | "LoadAnchor" >> beam.Map(lambda uri: load_anchor(uri)[0]))
+    anchor = anchor_model(pipeline, args.anchor)
     embedded, errors = list_and_embed(pipeline, args, options, backbone, extractor)
     _ = embedded | "Flag" >> FlagGenerator(anchor, args.output, spec, tensors.get("projection"),
                                            args.generator)
