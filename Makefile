@@ -18,12 +18,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
+# --overwrite: a demo run replaces the last one's tables (out/demo belongs to the demo)
 demo: venv
 	$(BIN)/anchorscan fit $(RUNNER) --input demo/data/fit/real --input demo/data/fit/extra \
 	    --anchor $(DEMO)/anchor.safetensors --calibration_fraction 0.25 --calibration_group '([^/]+)__x'
 	$(BIN)/anchorscan info $(DEMO)/anchor.safetensors
 	$(BIN)/anchorscan score $(RUNNER) --input demo/data/scan/manifest.csv \
-	    --anchor $(DEMO)/anchor.safetensors --output $(DEMO)/scan
+	    --anchor $(DEMO)/anchor.safetensors --output $(DEMO)/scan --overwrite
 	$(BIN)/python demo/summarize.py --scores $(DEMO)/scan --manifest demo/data/scan/manifest.csv
 	@echo "--- a closed-form LDA probe fitted on half the scenes, evaluated on the other half"
 	$(BIN)/anchorscan fit-head $(RUNNER) --kind lda --real demo/data/scan/head_train_real.txt \
