@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import threading
 import warnings
 
 import numpy as np
@@ -128,6 +129,9 @@ def onnx_session(module: FeatureModule, crop_size: int):
     return onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
 
+_ONE_TORCH_THREAD = threading.Lock()
+
+
 class FeatureExtractor:
     """Backbone + spatial statistics + projection; ``spec`` names everything the features depend on.
 
@@ -180,13 +184,15 @@ class FeatureExtractor:
         so, side by side. In torch beside the backbone: ONNX export has no FFT here."""
         # One thread: its small FFTs gain little from more, and beside decoder processes the
         # other threads' barrier waits cost more cores than they save (docs/BENCHMARKS.md).
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with torch.inference_mode():
-                return torch.cat([self.forensic(soften(pixels, how)) for how in (None, *softened)], 1).numpy()
-        finally:
-            torch.set_num_threads(threads)
+        # The count is process-wide: the lock keeps two threads' save and restore from interleaving.
+        with _ONE_TORCH_THREAD:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with torch.inference_mode():
+                    return torch.cat([self.forensic(soften(pixels, how)) for how in (None, *softened)], 1).numpy()
+            finally:
+                torch.set_num_threads(threads)
 
     def __call__(self, pixels: torch.Tensor, softened: tuple = ()) -> Features:
         """``pixels``: (B, H, W, 3) uint8 crops. Rows are [semantic ; statistical ; forensic]

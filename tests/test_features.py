@@ -1,6 +1,9 @@
 """Feature extraction: moments against a numpy reference, attention, projection, the real backbone."""
 from __future__ import annotations
 
+import concurrent.futures
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -128,3 +131,33 @@ def test_forensic_features_run_on_one_thread_and_leave_the_thread_count(extracto
         torch.set_num_threads(before)
     # float32 FFT sums split over threads differ in order only: last bits of log energies
     np.testing.assert_allclose(features, threaded, rtol=1e-5, atol=1e-5)
+
+
+
+def test_concurrent_forensic_passes_restore_the_callers_thread_count(extractor, monkeypatch):
+    """Workers in one process (Beam's multi-threaded runner) share torch's thread count: two
+    passes that overlapped would save each other's 1 and leave it behind."""
+    pixels = torch.zeros(1, 64, 64, 3, dtype=torch.uint8)
+    module, inside, second_entered = extractor.forensic, [], threading.Event()
+
+    def slow_pass(batch):
+        inside.append(1)
+        if len(inside) == 1:  # give the other thread every chance to enter meanwhile
+            second_entered.wait(0.5)
+        else:
+            second_entered.set()
+        result = module(batch)
+        overlapped = len(inside) > 1
+        inside.pop()
+        assert not overlapped
+        return result
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        monkeypatch.setattr(extractor, "forensic", slow_pass)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda _: extractor.forensic_features(pixels), range(2)))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
