@@ -7,7 +7,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 RUNNER := --runner=FnApiRunner
 DEMO := out/demo
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo lint test test-fast bench clean
 
 venv: $(VENV)/.installed
 
@@ -36,14 +36,18 @@ demo: venv
 	$(BIN)/anchorscan report --scores $(DEMO)/scan --anchor $(DEMO)/anchor.safetensors \
 	    --labels demo/data/scan/manifest.csv --output $(DEMO)/report.html
 
-# The whole suite, as CI runs it; the import layers first (pipelines > transforms > anchors).
-test: venv
+# Lint, format, the import layers (pipelines > transforms > anchors).
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+
+# The whole suite, as CI runs it; the import layers first (pipelines > transforms > anchors).
+test: venv lint
 	$(BIN)/python -m pytest -q
 
 # Development loop: everything but the tests marked slow (pipelines running the backbone).
-test-fast: venv
-	$(BIN)/lint-imports
+test-fast: venv lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # Throughput of every stage against the bare forward pass, the backbones against their FLOPs,

@@ -7,6 +7,7 @@ complement), scored with a PPCA spectrum (T2 + SPE). The forensic part is a mixt
 softness path of real photos (``forensic.ForensicModel``, docs/METHOD.md §8). Each channel gets a
 p-value against held-out real images; the chosen channels' p-values combine into the score.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,10 +16,16 @@ import re
 
 import numpy as np
 
-from anchorscan.anchors.calibration import (COMBINERS, NUM_QUANTILES, CalibrationRows, sketch,
-                                            tippett_log10, upper_tail_log_pvalues)
-from anchorscan.anchors.forensic import LEVEL_SETS, ForensicModel
+from anchorscan.anchors.calibration import (
+    COMBINERS,
+    NUM_QUANTILES,
+    CalibrationRows,
+    sketch,
+    tippett_log10,
+    upper_tail_log_pvalues,
+)
 from anchorscan.anchors.errors import UsageError
+from anchorscan.anchors.forensic import LEVEL_SETS, ForensicModel
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.stats import Moments
 
@@ -52,16 +59,24 @@ class AnchorConfig:
             raise UsageError(f"--combine must be one of {sorted(COMBINERS)}, got {self.combine!r}")
         if self.statistical not in STATISTICAL_MODES:
             raise UsageError(
-                f"--statistical must be one of {sorted(STATISTICAL_MODES)}, got {self.statistical!r}")
+                f"--statistical must be one of {sorted(STATISTICAL_MODES)}, got {self.statistical!r}"
+            )
         object.__setattr__(self, "channels", tuple(self.channels))  # JSON gives a list
-        if not self.channels or set(self.channels) - set(CHANNELS) or len(set(self.channels)) < len(self.channels):
-            raise UsageError(f"--channels must be distinct names among {', '.join(CHANNELS)}, "
-                             f"got {', '.join(self.channels) or 'none'}")
+        if (
+            not self.channels
+            or set(self.channels) - set(CHANNELS)
+            or len(set(self.channels)) < len(self.channels)
+        ):
+            raise UsageError(
+                f"--channels must be distinct names among {', '.join(CHANNELS)}, "
+                f"got {', '.join(self.channels) or 'none'}"
+            )
         if not 0.0 < self.calibration_fraction < 1.0:
             raise ValueError(f"calibration_fraction must be in (0, 1), got {self.calibration_fraction}")
         if self.forensic_levels not in LEVEL_SETS:
-            raise UsageError(f"--forensic_levels must be one of {', '.join(LEVEL_SETS)}, "
-                             f"got {self.forensic_levels!r}")
+            raise UsageError(
+                f"--forensic_levels must be one of {', '.join(LEVEL_SETS)}, got {self.forensic_levels!r}"
+            )
 
     @property
     def threshold(self) -> float:
@@ -74,9 +89,9 @@ def oas_shrinkage(covariance: np.ndarray, n: int) -> float:
     in the form scikit-learn uses."""
     d = covariance.shape[0]
     mu = np.trace(covariance) / d
-    alpha = np.mean(covariance ** 2)
-    numerator = alpha + mu ** 2
-    denominator = (n + 1.0) * (alpha - mu ** 2 / d)
+    alpha = np.mean(covariance**2)
+    numerator = alpha + mu**2
+    denominator = (n + 1.0) * (alpha - mu**2 / d)
     return 1.0 if denominator == 0 else float(min(numerator / denominator, 1.0))
 
 
@@ -96,12 +111,13 @@ def shrunk_covariance(moments: Moments) -> tuple[np.ndarray, float]:
 @dataclasses.dataclass
 class Spectrum:
     """PPCA distance: top-k eigenpairs kept, the tail replaced by its mean variance ``tau``."""
+
     components: np.ndarray  # (p, k)
     eigenvalues: np.ndarray  # (k,)
     tau: float
 
     @classmethod
-    def fit(cls, covariance: np.ndarray, explained_variance: float, max_rank: int) -> "Spectrum":
+    def fit(cls, covariance: np.ndarray, explained_variance: float, max_rank: int) -> Spectrum:
         eigenvalues, vectors = np.linalg.eigh((covariance + covariance.T) / 2)
         eigenvalues, vectors = eigenvalues[::-1].clip(min=0.0), vectors[:, ::-1]
         p = len(eigenvalues)
@@ -120,14 +136,15 @@ class Spectrum:
     def distances(self, residuals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Returns (T2, SPE) for rows of residuals."""
         projected = residuals @ self.components
-        t2 = (projected ** 2 / self.eigenvalues).sum(axis=1)
-        tail_energy = np.maximum((residuals ** 2).sum(axis=1) - (projected ** 2).sum(axis=1), 0.0)
+        t2 = (projected**2 / self.eigenvalues).sum(axis=1)
+        tail_energy = np.maximum((residuals**2).sum(axis=1) - (projected**2).sum(axis=1), 0.0)
         return t2, tail_energy / self.tau
 
 
 @dataclasses.dataclass
 class AnchorModel:
     """Precomputed whitening for batched scoring; fitted from moments, nothing inverted per image."""
+
     mean: np.ndarray
     d_semantic: int
     semantic_whitening: np.ndarray  # (d_s, d_s): D_sem = ||(s - mu_s) W||^2
@@ -137,7 +154,7 @@ class AnchorModel:
     shrinkage: float
 
     @classmethod
-    def fit(cls, moments: Moments, d_semantic: int, explained_variance: float = 0.95) -> "AnchorModel":
+    def fit(cls, moments: Moments, d_semantic: int, explained_variance: float = 0.95) -> AnchorModel:
         if moments.n < 3:
             raise ValueError(f"an anchor needs at least 3 real images, got {moments.n}")
         if not 0 < d_semantic < moments.dim:
@@ -152,22 +169,27 @@ class AnchorModel:
         schur = sigma_mm - sigma_sm.T @ regression
         max_rank = moments.n - 1
         return cls(
-            mean=moments.mean.copy(), d_semantic=d_semantic,
-            semantic_whitening=semantic_whitening, regression=regression,
+            mean=moments.mean.copy(),
+            d_semantic=d_semantic,
+            semantic_whitening=semantic_whitening,
+            regression=regression,
             decoupled=Spectrum.fit(schur, explained_variance, max_rank),
             raw=Spectrum.fit(sigma_mm, explained_variance, max_rank),
-            shrinkage=shrinkage)
+            shrinkage=shrinkage,
+        )
 
     def distances(self, features: np.ndarray) -> dict[str, np.ndarray]:
         """All distances for a (b, d) batch; higher is further from the real images."""
         centred = np.atleast_2d(np.asarray(features, dtype=np.float64)) - self.mean
-        semantic, statistical = centred[:, :self.d_semantic], centred[:, self.d_semantic:]
+        semantic, statistical = centred[:, : self.d_semantic], centred[:, self.d_semantic :]
         residual = statistical - semantic @ self.regression
         t2, spe = self.decoupled.distances(residual)
         raw_t2, raw_spe = self.raw.distances(statistical)
         return {
             "semantic": ((semantic @ self.semantic_whitening) ** 2).sum(axis=1),
-            "statistical": t2 + spe, "t2": t2, "spe": spe,
+            "statistical": t2 + spe,
+            "t2": t2,
+            "spe": spe,
             "statistical_raw": raw_t2 + raw_spe,
         }
 
@@ -182,19 +204,23 @@ class FlaggedClass:
     def __init__(self, real_backbone: Moments, real_forensic: Moments, fake: Moments):
         split = real_backbone.dim
         if fake.dim != split + real_forensic.dim:
-            raise ValueError(f"flagged moments have dimension {fake.dim}, the features "
-                             f"{split + real_forensic.dim}")
+            raise ValueError(
+                f"flagged moments have dimension {fake.dim}, the features {split + real_forensic.dim}"
+            )
         if fake.n < 2:
             raise ValueError(f"a flagged generator needs at least 2 images, got {fake.n}")
         weights = []
         for block, real in ((slice(0, split), real_backbone), (slice(split, fake.dim), real_forensic)):
-            pooled = Moments.from_arrays(real.n + fake.n - 1, np.zeros(real.dim),
-                                         real.m2 + fake.m2[block, block])
+            pooled = Moments.from_arrays(
+                real.n + fake.n - 1, np.zeros(real.dim), real.m2 + fake.m2[block, block]
+            )
             if block.start == 0:
                 covariance, _ = shrunk_covariance(pooled)
             else:
                 covariance = pooled.covariance()
-                covariance = covariance + ForensicModel.RIDGE * np.trace(covariance) / len(covariance) * np.eye(len(covariance))
+                covariance = covariance + ForensicModel.RIDGE * np.trace(covariance) / len(
+                    covariance
+                ) * np.eye(len(covariance))
             weights.append(np.linalg.solve(covariance, fake.mean[block] - real.mean))
         self.weights = np.concatenate(weights)
         real_mean = np.concatenate([real_backbone.mean, real_forensic.mean])
@@ -213,6 +239,7 @@ class Anchor:
     ``calibration_rows`` are the held-out real images' features that the sketches were taken
     on (§5.1), so that an update or merge can calibrate again; ``lineage`` the statistics ids of
     the anchors this one was made from by adding images (§9.4)."""
+
     spec: FeatureSpec
     moments: Moments
     forensic: ForensicModel
@@ -227,11 +254,14 @@ class Anchor:
 
     def __post_init__(self):
         if self.moments.dim != self.spec.d_backbone:
-            raise ValueError(f"moments have dimension {self.moments.dim}, the backbone's part of "
-                             f"the features {self.spec.d_backbone}")
+            raise ValueError(
+                f"moments have dimension {self.moments.dim}, the backbone's part of "
+                f"the features {self.spec.d_backbone}"
+            )
         if self.forensic.dim != self.spec.d_forensic:
-            raise ValueError(f"the forensic model has dimension {self.forensic.dim}, the "
-                             f"features {self.spec.d_forensic}")
+            raise ValueError(
+                f"the forensic model has dimension {self.forensic.dim}, the features {self.spec.d_forensic}"
+            )
         for name in self.flagged:
             if not GENERATOR_NAME.match(name):
                 raise ValueError(f"generator name {name!r}: use letters, digits, '_', '.', '-'")
@@ -240,11 +270,12 @@ class Anchor:
             raise ValueError(f"calibration lacks {sorted(missing)}")
         self.lineage = tuple(self.lineage)
         if self.model is None:
-            self.model = AnchorModel.fit(self.moments, self.spec.d_semantic,
-                                         self.config.explained_variance)
+            self.model = AnchorModel.fit(self.moments, self.spec.d_semantic, self.config.explained_variance)
         if self.flag_models is None:
-            self.flag_models = {name: FlaggedClass(self.moments, self.forensic.moments[0], fake)
-                                for name, fake in sorted(self.flagged.items())}
+            self.flag_models = {
+                name: FlaggedClass(self.moments, self.forensic.moments[0], fake)
+                for name, fake in sorted(self.flagged.items())
+            }
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -252,107 +283,148 @@ class Anchor:
         return COMPONENTS + tuple(FLAG_PREFIX + name for name in sorted(self.flagged))
 
     @classmethod
-    def uncalibrated(cls, spec: FeatureSpec, moments: Moments, forensic: ForensicModel,
-                     config: AnchorConfig, flagged: dict[str, Moments] | None = None,
-                     lineage: tuple[str, ...] = ()) -> "Anchor":
+    def uncalibrated(
+        cls,
+        spec: FeatureSpec,
+        moments: Moments,
+        forensic: ForensicModel,
+        config: AnchorConfig,
+        flagged: dict[str, Moments] | None = None,
+        lineage: tuple[str, ...] = (),
+    ) -> Anchor:
         """The fitted models, to score the held-out real images that will calibrate them."""
         flagged = dict(flagged or {})
         names = COMPONENTS + tuple(FLAG_PREFIX + name for name in flagged)
-        return cls(spec, moments, forensic, config, {name: np.zeros(1) for name in names}, 0,
-                   flagged, None, lineage)
+        return cls(
+            spec, moments, forensic, config, {name: np.zeros(1) for name in names}, 0, flagged, None, lineage
+        )
 
-    def calibrated(self, sketches: dict[str, np.ndarray], n_calibration: int) -> "Anchor":
-        return dataclasses.replace(self, calibration={name: np.asarray(sketches[name])
-                                                      for name in self.components},
-                                   n_calibration=n_calibration)
+    def calibrated(self, sketches: dict[str, np.ndarray], n_calibration: int) -> Anchor:
+        return dataclasses.replace(
+            self,
+            calibration={name: np.asarray(sketches[name]) for name in self.components},
+            n_calibration=n_calibration,
+        )
 
-    def calibrated_on(self, rows: CalibrationRows, num_quantiles: int = NUM_QUANTILES) -> "Anchor":
+    def calibrated_on(self, rows: CalibrationRows, num_quantiles: int = NUM_QUANTILES) -> Anchor:
         """Calibrated on the held-out rows: every component's exact quantile sketch (§5.2)."""
         distances = self.distances(rows.features)
-        anchor = self.calibrated({name: sketch(distances[name], num_quantiles)
-                                  for name in self.components}, len(rows))
+        anchor = self.calibrated(
+            {name: sketch(distances[name], num_quantiles) for name in self.components}, len(rows)
+        )
         anchor.calibration_rows = rows
         return anchor
 
     @classmethod
-    def fit(cls, spec: FeatureSpec, moments: Moments, forensic: ForensicModel,
-            calibration_features: np.ndarray, config: AnchorConfig = AnchorConfig(),
-            num_quantiles: int = NUM_QUANTILES, calibration_keys: np.ndarray | None = None,
-            flagged: dict[str, Moments] | None = None) -> "Anchor":
+    def fit(
+        cls,
+        spec: FeatureSpec,
+        moments: Moments,
+        forensic: ForensicModel,
+        calibration_features: np.ndarray,
+        config: AnchorConfig = AnchorConfig(),
+        num_quantiles: int = NUM_QUANTILES,
+        calibration_keys: np.ndarray | None = None,
+        flagged: dict[str, Moments] | None = None,
+    ) -> Anchor:
         """In-memory fit; the pipeline does the same with Beam's combiners. Without keys the
         calibration rows are numbered in order."""
         keys = np.arange(len(calibration_features)) if calibration_keys is None else calibration_keys
         return cls.uncalibrated(spec, moments, forensic, config, flagged).calibrated_on(
-            CalibrationRows.merged([CalibrationRows(keys, calibration_features)]), num_quantiles)
+            CalibrationRows.merged([CalibrationRows(keys, calibration_features)]), num_quantiles
+        )
 
     def statistics(self) -> dict[str, Moments]:
         """Every sufficient statistic by name: what update, merge and federation add up, the
         same way for every channel (§9)."""
         named = {"backbone": self.moments}
-        named.update({f"forensic.{level}": moments for level, moments in
-                      zip(self.forensic.level_names, self.forensic.moments)})
+        named.update(
+            {
+                f"forensic.{level}": moments
+                for level, moments in zip(self.forensic.level_names, self.forensic.moments)
+            }
+        )
         named.update({f"flag.{name}": moments for name, moments in sorted(self.flagged.items())})
         return named
 
-    def with_statistics(self, statistics: dict[str, Moments], lineage: tuple[str, ...]) -> "Anchor":
+    def with_statistics(self, statistics: dict[str, Moments], lineage: tuple[str, ...]) -> Anchor:
         """An uncalibrated anchor of the same spec and configuration on other statistics (as
         ``statistics`` names them); its models are derived from them afresh."""
         levels = self.forensic.level_names
         known = {"backbone", *(f"forensic.{level}" for level in levels)}
-        flagged = {name[len("flag."):]: moments for name, moments in statistics.items()
-                   if name.startswith("flag.")}
+        flagged = {
+            name[len("flag.") :]: moments for name, moments in statistics.items() if name.startswith("flag.")
+        }
         unknown = set(statistics) - known - {f"flag.{name}" for name in flagged}
         if unknown or known - set(statistics):
-            raise ValueError(f"statistics {sorted(statistics)} do not fit this anchor's channels "
-                             f"{sorted(known)}")
+            raise ValueError(
+                f"statistics {sorted(statistics)} do not fit this anchor's channels {sorted(known)}"
+            )
         forensic = ForensicModel(levels, [statistics[f"forensic.{level}"] for level in levels])
-        return Anchor.uncalibrated(self.spec, statistics["backbone"], forensic, self.config,
-                                   flagged, lineage)
+        return Anchor.uncalibrated(self.spec, statistics["backbone"], forensic, self.config, flagged, lineage)
 
     def distances(self, features: np.ndarray) -> dict[str, np.ndarray]:
         """Every component's distance for (b, spec.dim) feature rows, and ``softness``: the
         index of the forensic level that explains each image best (0 = sharp)."""
         features = np.atleast_2d(np.asarray(features, dtype=np.float64))
         if features.shape[1] != self.spec.dim:
-            raise ValueError(f"features have {features.shape[1]} columns, the anchor's spec "
-                             f"{self.spec.dim}")
-        result = self.model.distances(features[:, :self.spec.d_backbone])
-        result["forensic"], result["softness"] = self.forensic.distances(
-            features[:, self.spec.d_backbone:])
+            raise ValueError(f"features have {features.shape[1]} columns, the anchor's spec {self.spec.dim}")
+        result = self.model.distances(features[:, : self.spec.d_backbone])
+        result["forensic"], result["softness"] = self.forensic.distances(features[:, self.spec.d_backbone :])
         for name, flagged in self.flag_models.items():
             result[FLAG_PREFIX + name] = flagged.log_odds(features)
         return result
 
-    def score(self, features: np.ndarray, combine: str | None = None,
-              statistical: str | None = None,
-              channels: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    def score(
+        self,
+        features: np.ndarray,
+        combine: str | None = None,
+        statistical: str | None = None,
+        channels: tuple[str, ...] | None = None,
+    ) -> dict[str, np.ndarray]:
         """Distances, their p-values against real images, the combined score and the verdict.
         Flagged generators that fire join the channels' combined p-value by Tippett's rule
         (§9.3), and ``component`` names the channel or flagged generator with the smallest
         p-value."""
-        config = dataclasses.replace(self.config, combine=combine or self.config.combine,
-                                     statistical=statistical or self.config.statistical,
-                                     channels=channels or self.config.channels)  # validated
+        config = dataclasses.replace(
+            self.config,
+            combine=combine or self.config.combine,
+            statistical=statistical or self.config.statistical,
+            channels=channels or self.config.channels,
+        )  # validated
         result = self.distances(features)
-        component = {"semantic": "semantic", "statistical": STATISTICAL_MODES[config.statistical],
-                     "forensic": "forensic"}
-        log_p = {channel: upper_tail_log_pvalues(result[component[channel]],
-                                                 self.calibration[component[channel]],
-                                                 self.n_calibration)
-                 for channel in CHANNELS}
+        component = {
+            "semantic": "semantic",
+            "statistical": STATISTICAL_MODES[config.statistical],
+            "forensic": "forensic",
+        }
+        log_p = {
+            channel: upper_tail_log_pvalues(
+                result[component[channel]], self.calibration[component[channel]], self.n_calibration
+            )
+            for channel in CHANNELS
+        }
         score = COMBINERS[config.combine](np.stack([log_p[c] for c in config.channels], axis=1))
         candidates = list(config.channels)
         if self.flag_models:
             # A flagged generator joins only where it fires on its own (its Sidak-corrected
             # p-value below fpr), so on real images it moves at most that share of scores (§9.3).
             flags = [FLAG_PREFIX + name for name in self.flag_models]
-            log_p.update({flag: upper_tail_log_pvalues(result[flag], self.calibration[flag],
-                                                       self.n_calibration) for flag in flags})
+            log_p.update(
+                {
+                    flag: upper_tail_log_pvalues(result[flag], self.calibration[flag], self.n_calibration)
+                    for flag in flags
+                }
+            )
             k = 1 + len(flags)
-            fired = {flag: tippett_log10(np.stack([log_p[flag]] + [np.zeros_like(score)] * (k - 1), axis=1))
-                     > config.threshold for flag in flags}
-            score = tippett_log10(np.stack([-score * math.log(10)]
-                                           + [np.where(fired[f], log_p[f], 0.0) for f in flags], axis=1))
+            fired = {
+                flag: tippett_log10(np.stack([log_p[flag]] + [np.zeros_like(score)] * (k - 1), axis=1))
+                > config.threshold
+                for flag in flags
+            }
+            score = tippett_log10(
+                np.stack([-score * math.log(10)] + [np.where(fired[f], log_p[f], 0.0) for f in flags], axis=1)
+            )
             result["p_flagged"] = np.exp(np.min([log_p[flag] for flag in flags], axis=0))
             for flag in flags:  # a flag that did not fire is not what fired
                 log_p[flag] = np.where(fired[flag], log_p[flag], 0.0)
@@ -361,9 +433,12 @@ class Anchor:
             result["p_flagged"] = np.ones(len(score))
         smallest = np.argmin(np.stack([log_p[c] for c in candidates], axis=1), axis=1)
         result.update({f"p_{channel}": np.exp(log_p[channel]) for channel in CHANNELS})
-        result.update(score=score, is_suspect=score > config.threshold,
-                      component=np.asarray(candidates)[smallest],
-                      softness=np.asarray(self.forensic.level_names)[result["softness"]])
+        result.update(
+            score=score,
+            is_suspect=score > config.threshold,
+            component=np.asarray(candidates)[smallest],
+            softness=np.asarray(self.forensic.level_names)[result["softness"]],
+        )
         return result
 
     @property
@@ -371,14 +446,21 @@ class Anchor:
         """The derived facts `anchorscan info` prints and the anchor file records beside its
         ``config``."""
         return {
-            "backbone": self.spec.backbone, "weights_sha256": self.spec.weights_sha256,
-            "preprocessing": self.spec.preprocessing, "layout": self.spec.layout,
-            "n": self.moments.n, "n_calibration": self.n_calibration, "d": self.spec.dim,
-            "d_semantic": self.spec.d_semantic, "d_statistical": self.spec.d_statistical,
+            "backbone": self.spec.backbone,
+            "weights_sha256": self.spec.weights_sha256,
+            "preprocessing": self.spec.preprocessing,
+            "layout": self.spec.layout,
+            "n": self.moments.n,
+            "n_calibration": self.n_calibration,
+            "d": self.spec.dim,
+            "d_semantic": self.spec.d_semantic,
+            "d_statistical": self.spec.d_statistical,
             "d_forensic": self.spec.d_forensic,
-            "shrinkage": self.model.shrinkage, "k": self.model.decoupled.k,
-            "k_raw": self.model.raw.k, "tau": self.model.decoupled.tau,
+            "shrinkage": self.model.shrinkage,
+            "k": self.model.decoupled.k,
+            "k_raw": self.model.raw.k,
+            "tau": self.model.decoupled.tau,
             "forensic_level_names": list(self.forensic.level_names),
             "flagged": {name: moments.n for name, moments in sorted(self.flagged.items())},
-            "num_quantiles": int(len(self.calibration["semantic"])),
+            "num_quantiles": len(self.calibration["semantic"]),
         }

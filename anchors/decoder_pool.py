@@ -9,6 +9,7 @@ Children are fresh interpreters (``python -m anchorscan.anchors.decoder_pool``),
 the worker, whose threads (gRPC, torch) a fork would copy mid-state, nor multiprocessing's
 spawned processes, which re-import the caller's main script. A child exits when its parent
 does, even in the middle of a decode."""
+
 from __future__ import annotations
 
 import atexit
@@ -22,12 +23,12 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
-from typing import Any, Callable
+from typing import Any
 
 from anchorscan.anchors.errors import exception_name
 from anchorscan.anchors.preprocess import DecodeError
-
 
 # Starting an interpreter that imports numpy and Pillow: a second when idle, more when loaded.
 START_TIMEOUT = 120.0
@@ -56,8 +57,11 @@ def _serve(connection: Connection, decode: Callable[[bytes], Any]) -> None:
             cause = error.__cause__
             outcome = ("error", exception_name(cause) if cause else "DecodeError", str(error))
         except Exception as error:  # whatever escapes the decoder is still this image's error
-            outcome = ("escape", exception_name(error),
-                       f"cannot decode image: {exception_name(error)}: {error}")
+            outcome = (
+                "escape",
+                exception_name(error),
+                f"cannot decode image: {exception_name(error)}: {error}",
+            )
         connection.send(outcome)
 
 
@@ -79,7 +83,8 @@ def _child_main(fd: int) -> None:
 
 class Job:
     """One decode: waiting for a process, then running on one, then done (``outcome`` set)."""
-    __slots__ = ("data", "started", "outcome")
+
+    __slots__ = ("data", "outcome", "started")
 
     def __init__(self, data: bytes):
         self.data: bytes | None = data
@@ -92,14 +97,16 @@ class _Worker:
         ours, theirs = socket.socketpair()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "anchorscan.anchors.decoder_pool", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+        )
         theirs.close()
         self.connection = Connection(ours.detach())
         self.connection.send(sys.path)
         self.connection.send_bytes(decode)
         self.job: Job | None = None
 
-    def wait_ready(self) -> "_Worker":
+    def wait_ready(self) -> _Worker:
         """Ready before any decode's clock starts: a loaded machine may take seconds to start an
         interpreter, and that time is not the image's."""
         try:
@@ -134,8 +141,9 @@ class DecoderPool:
 
     def __init__(self, decode: Callable[[bytes], Any], processes: int, timeout: float):
         self.decode, self.timeout = pickle.dumps(decode), timeout
-        self._workers = [worker.wait_ready() for worker in
-                         [_Worker(self.decode) for _ in range(max(processes, 1))]]
+        self._workers = [
+            worker.wait_ready() for worker in [_Worker(self.decode) for _ in range(max(processes, 1))]
+        ]
         self._waiting: collections.deque[Job] = collections.deque()
         _POOLS.add(self)
 
@@ -200,15 +208,22 @@ class DecoderPool:
                         code = worker.process.wait(1)
                     except subprocess.TimeoutExpired:
                         code = None
-                    how = (f"signal {signal.Signals(-code).name}" if code and code < 0
-                           else f"exit status {code}")
-                    job.outcome = ("error", "DecoderCrash",
-                                   f"the decoder crashed ({how}) on this file: a damaged file that "
-                                   "trips a bug in an image library")
+                    how = (
+                        f"signal {signal.Signals(-code).name}" if code and code < 0 else f"exit status {code}"
+                    )
+                    job.outcome = (
+                        "error",
+                        "DecoderCrash",
+                        f"the decoder crashed ({how}) on this file: a damaged file that "
+                        "trips a bug in an image library",
+                    )
             elif time.monotonic() - job.started >= self.timeout:
-                job.outcome = ("error", "TimeoutError",
-                               f"decoding took longer than --decode_timeout {self.timeout:g} s "
-                               "(the decoder was stopped)")
+                job.outcome = (
+                    "error",
+                    "TimeoutError",
+                    f"decoding took longer than --decode_timeout {self.timeout:g} s "
+                    "(the decoder was stopped)",
+                )
             else:
                 continue
             self._replace(worker)

@@ -2,6 +2,7 @@
 file, a bad flag value, an unwritable output, an anchor that does not fit the features); its
 message says what and how, and the command line prints it as one line (exit status 2). Any
 other exception is a bug in anchorscan or a library: the command line says "internal error"."""
+
 from __future__ import annotations
 
 

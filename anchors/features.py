@@ -1,6 +1,7 @@
 """Feature vectors of a crop: z = [semantic ; R (mu_l ; log sigma_l)_l ; forensic], the first two
 from one forward pass of the backbone (docs/METHOD.md §2), the last from the pixels
 (``forensic``, docs/METHOD.md §8)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,9 @@ def seeded_projection(raw_dim: int, out_dim: int, seed: int) -> np.ndarray:
 def resample_weights(attention: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Attention (B, h, w) moved to another grid, still summing to 1 per image."""
     if tuple(attention.shape[1:]) != tuple(size):
-        attention = F.interpolate(attention[:, None], size=size, mode="bilinear",
-                                  align_corners=False)[:, 0].clamp_min(0)
+        attention = F.interpolate(attention[:, None], size=size, mode="bilinear", align_corners=False)[
+            :, 0
+        ].clamp_min(0)
     return attention / attention.sum(dim=(1, 2), keepdim=True)
 
 
@@ -56,6 +58,7 @@ def spatial_statistics(token_map: torch.Tensor, weights: torch.Tensor) -> tuple[
 @dataclasses.dataclass(frozen=True)
 class BackboneConfig:
     """Everything needed to build the same feature extractor on the driver and on workers."""
+
     name: str
     weights: str | None = None
     attention: str | None = None  # None: the backbone's default
@@ -67,19 +70,25 @@ class BackboneConfig:
     runtime: str = "auto"  # see FeatureExtractor
 
     @classmethod
-    def from_spec(cls, spec: FeatureSpec, **runtime) -> "BackboneConfig":
+    def from_spec(cls, spec: FeatureSpec, **runtime) -> BackboneConfig:
         """The extractor that makes the features ``spec`` describes; ``runtime``: weights,
         device, precision, runtime, which do not change the features."""
-        return cls(spec.backbone, attention=spec.layout["attention"],
-                   resize=spec.preprocessing["resize"],
-                   statistical_budget=spec.layout["d_statistical"],
-                   projection_seed=spec.layout["projection_seed"], **runtime)
+        return cls(
+            spec.backbone,
+            attention=spec.layout["attention"],
+            resize=spec.preprocessing["resize"],
+            statistical_budget=spec.layout["d_statistical"],
+            projection_seed=spec.layout["projection_seed"],
+            **runtime,
+        )
 
-    def build(self) -> "FeatureExtractor":
+    def build(self) -> FeatureExtractor:
         from anchorscan.anchors.backbones import load_backbone
+
         backbone = load_backbone(self.name, self.weights, self.attention, self.resize)
-        return FeatureExtractor(backbone, self.statistical_budget, self.projection_seed, self.device,
-                                self.precision, self.runtime)
+        return FeatureExtractor(
+            backbone, self.statistical_budget, self.projection_seed, self.device, self.precision, self.runtime
+        )
 
 
 @dataclasses.dataclass
@@ -99,8 +108,11 @@ class FeatureModule(nn.Module):
 
     def forward(self, pixels: torch.Tensor):
         # Reduced precision for the backbone only; spatial statistics and projection stay float32.
-        with torch.autocast(pixels.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
+        with torch.autocast(
+            pixels.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        ):
             output = self.backbone(pixels.permute(0, 3, 1, 2))
         parts = []
         for token_map in output.token_maps:
@@ -121,9 +133,15 @@ def onnx_session(module: FeatureModule, crop_size: int):
     example = torch.zeros(1, crop_size, crop_size, 3, dtype=torch.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes
-        torch.onnx.export(module, (example,), buffer, input_names=["pixels"],
-                          output_names=["vectors", "positions"],
-                          dynamic_axes={"pixels": {0: "batch"}}, dynamo=False)
+        torch.onnx.export(
+            module,
+            (example,),
+            buffer,
+            input_names=["pixels"],
+            output_names=["vectors", "positions"],
+            dynamic_axes={"pixels": {0: "batch"}},
+            dynamo=False,
+        )
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     return onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
@@ -138,8 +156,15 @@ class FeatureExtractor:
     ``runtime``: "torch", "onnxruntime", or "auto" - ONNX Runtime for backbones measured faster
     with it on CPUs (EfficientNet-Lite0: 3.3x, features equal to 1e-5), torch elsewhere."""
 
-    def __init__(self, backbone, statistical_budget: int = 768, projection_seed: int = 0,
-                 device: str = "cpu", precision: str = "bf16", runtime: str = "auto"):
+    def __init__(
+        self,
+        backbone,
+        statistical_budget: int = 768,
+        projection_seed: int = 0,
+        device: str = "cpu",
+        precision: str = "bf16",
+        runtime: str = "auto",
+    ):
         if precision not in AUTOCAST_DTYPES:
             raise ValueError(f"precision must be one of {', '.join(AUTOCAST_DTYPES)}, not {precision!r}")
         if runtime not in RUNTIMES:
@@ -147,25 +172,35 @@ class FeatureExtractor:
         self.device = torch.device(device)
         self.backbone = backbone.to(self.device)
         raw_dim = 2 * sum(backbone.layout["token_channels"])
-        self.projection = (seeded_projection(raw_dim, statistical_budget, projection_seed)
-                           if raw_dim > statistical_budget else None)
+        self.projection = (
+            seeded_projection(raw_dim, statistical_budget, projection_seed)
+            if raw_dim > statistical_budget
+            else None
+        )
         d_statistical = raw_dim if self.projection is None else statistical_budget
-        projection_digest = ("none" if self.projection is None
-                             else hashlib.sha256(self.projection.tobytes()).hexdigest())
+        projection_digest = (
+            "none" if self.projection is None else hashlib.sha256(self.projection.tobytes()).hexdigest()
+        )
         self.forensic = ResidualFeatures()
-        layout = dict(backbone.layout, d_statistical=d_statistical, statistical_raw_dim=raw_dim,
-                      projection_seed=projection_seed, projection_sha256=projection_digest,
-                      sigma_eps=SIGMA_EPS, d_forensic=len(FORENSIC_FEATURES),
-                      forensic_features=list(FORENSIC_FEATURES),
-                      forensic_predictor_sha256=self.forensic.digest)
-        self.spec = FeatureSpec(backbone.name, backbone.weights_sha256, backbone.preprocessing,
-                                layout)
+        layout = dict(
+            backbone.layout,
+            d_statistical=d_statistical,
+            statistical_raw_dim=raw_dim,
+            projection_seed=projection_seed,
+            projection_sha256=projection_digest,
+            sigma_eps=SIGMA_EPS,
+            d_forensic=len(FORENSIC_FEATURES),
+            forensic_features=list(FORENSIC_FEATURES),
+            forensic_predictor_sha256=self.forensic.digest,
+        )
+        self.spec = FeatureSpec(backbone.name, backbone.weights_sha256, backbone.preprocessing, layout)
         # On CPUs autocast was measured slower than float32: it is used on GPUs only.
         autocast_dtype = AUTOCAST_DTYPES[precision] if self.device.type == "cuda" else None
         self.module = FeatureModule(self.backbone, self.projection, autocast_dtype).to(self.device).eval()
         if runtime == "auto":
-            runtime = ("onnxruntime" if self.device.type == "cpu" and backbone.faster_in_onnxruntime
-                       else "torch")
+            runtime = (
+                "onnxruntime" if self.device.type == "cpu" and backbone.faster_in_onnxruntime else "torch"
+            )
         self.runtime = runtime
         self._session = onnx_session(self.module, backbone.crop_size) if runtime == "onnxruntime" else None
 
@@ -190,7 +225,9 @@ class FeatureExtractor:
             torch.set_num_threads(1)
             try:
                 with torch.inference_mode():
-                    return torch.cat([self.forensic(soften(pixels, how)) for how in (None, *softened)], 1).numpy()
+                    return torch.cat(
+                        [self.forensic(soften(pixels, how)) for how in (None, *softened)], 1
+                    ).numpy()
             finally:
                 torch.set_num_threads(threads)
 
@@ -198,5 +235,6 @@ class FeatureExtractor:
         """``pixels``: (B, H, W, 3) uint8 crops. Rows are [semantic ; statistical ; forensic]
         (and the softened copies' forensic features, see ``forensic_features``)."""
         vectors, positions = self.backbone_features(pixels)
-        return Features(np.concatenate([vectors, self.forensic_features(pixels, softened)], axis=1),
-                        positions)
+        return Features(
+            np.concatenate([vectors, self.forensic_features(pixels, softened)], axis=1), positions
+        )

@@ -10,6 +10,7 @@ tensors ``delta.<name>.mean`` and ``delta.<name>.m2`` or ``delta.<name>.factor``
 feature spec, the forensic levels, the base's and the site's statistics ids, the counts, the
 minimum count it was checked against, the noise scale and the ranks.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,8 +68,14 @@ class Delta:
         return self.statistics["backbone"].n if "backbone" in self.statistics else 0
 
 
-def export_delta(site: Anchor, base: Anchor, min_count: int = MIN_COUNT, rank: int | None = None,
-                 noise: float = 0.0, rng: np.random.Generator | None = None) -> Delta:
+def export_delta(
+    site: Anchor,
+    base: Anchor,
+    min_count: int = MIN_COUNT,
+    rank: int | None = None,
+    noise: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> Delta:
     """What ``site`` learned since ``base``; refused when the site was not made from the base by
     adding images, or when it added fewer than ``min_count`` real images."""
     site.spec.require_same(base.spec, "the base")
@@ -77,7 +84,8 @@ def export_delta(site: Anchor, base: Anchor, min_count: int = MIN_COUNT, rank: i
         raise DeltaRefused(
             f"the site anchor was not made from this base by adding images (base statistics id "
             f"{base_id[:16]} is not in its lineage): export against the anchor the site started "
-            "from, and note that an update with --forgetting starts a new lineage")
+            "from, and note that an update with --forgetting starts a new lineage"
+        )
     base_statistics = base.statistics()
     added = {}
     for name, moments in site.statistics().items():
@@ -89,7 +97,8 @@ def export_delta(site: Anchor, base: Anchor, min_count: int = MIN_COUNT, rank: i
         raise DeltaRefused(
             f"the site added {n_real} real images since the base; a delta must summarise at least "
             f"{min_count} (--min_count), because the means and covariances of a few images can "
-            "reveal those images' features. Add more images first")
+            "reveal those images' features. Add more images first"
+        )
     rng = rng or np.random.default_rng()
     factors, kept = {}, {}
     for name, moments in added.items():
@@ -103,8 +112,17 @@ def export_delta(site: Anchor, base: Anchor, min_count: int = MIN_COUNT, rank: i
             factors[name] = vectors[:, ::-1][:, :rank] * np.sqrt(top)
             moments.m2 = factors[name] @ factors[name].T
             kept[name] = float(top.sum() / max(eigenvalues.clip(min=0.0).sum(), 1e-300))
-    return Delta(site.spec, site.forensic.level_names, base_id, statistics_id(site.statistics()),
-                 added, min_count, float(noise), factors, kept)
+    return Delta(
+        site.spec,
+        site.forensic.level_names,
+        base_id,
+        statistics_id(site.statistics()),
+        added,
+        min_count,
+        float(noise),
+        factors,
+        kept,
+    )
 
 
 def delta_to_bytes(delta: Delta) -> bytes:
@@ -115,12 +133,17 @@ def delta_to_bytes(delta: Delta) -> bytes:
             tensors[f"delta.{name}.factor"] = delta.factors[name]
         else:
             tensors[f"delta.{name}.m2"] = moments.m2
-    metadata = {**delta.spec.to_dict(), "forensic_level_names": list(delta.forensic_levels),
-                "base": delta.base_id, "site": delta.site_id,
-                "counts": {name: moments.n for name, moments in delta.statistics.items()},
-                "min_count": delta.min_count, "noise_sigma": delta.noise,
-                "ranks": {name: factor.shape[1] for name, factor in delta.factors.items()},
-                "kept_energy": delta.kept_energy}
+    metadata = {
+        **delta.spec.to_dict(),
+        "forensic_level_names": list(delta.forensic_levels),
+        "base": delta.base_id,
+        "site": delta.site_id,
+        "counts": {name: moments.n for name, moments in delta.statistics.items()},
+        "min_count": delta.min_count,
+        "noise_sigma": delta.noise,
+        "ranks": {name: factor.shape[1] for name, factor in delta.factors.items()},
+        "kept_energy": delta.kept_energy,
+    }
     return checked_file.pack(tensors, metadata, METADATA_KEY, FORMAT_VERSION)
 
 
@@ -134,9 +157,17 @@ def delta_from_bytes(data: bytes) -> Delta:
         else:
             m2 = tensors[f"delta.{name}.m2"]
         statistics[name] = Moments.from_arrays(n, tensors[f"delta.{name}.mean"], m2)
-    return Delta(FeatureSpec.from_dict(metadata), tuple(metadata["forensic_level_names"]), metadata["base"],
-                 metadata["site"], statistics, metadata["min_count"], metadata["noise_sigma"],
-                 factors, dict(metadata["kept_energy"]))
+    return Delta(
+        FeatureSpec.from_dict(metadata),
+        tuple(metadata["forensic_level_names"]),
+        metadata["base"],
+        metadata["site"],
+        statistics,
+        metadata["min_count"],
+        metadata["noise_sigma"],
+        factors,
+        dict(metadata["kept_energy"]),
+    )
 
 
 def merge(base: Anchor, deltas: list[Delta]) -> Anchor:
@@ -151,15 +182,20 @@ def merge(base: Anchor, deltas: list[Delta]) -> Anchor:
         except IncompatibleAnchorError as error:
             raise DeltaRefused(f"delta {i} comes from other features than the base:\n{error}") from None
         if delta.forensic_levels != base.forensic.level_names:
-            raise DeltaRefused(f"delta {i} models the forensic levels {list(delta.forensic_levels)}, "
-                               f"the base {list(base.forensic.level_names)}")
+            raise DeltaRefused(
+                f"delta {i} models the forensic levels {list(delta.forensic_levels)}, "
+                f"the base {list(base.forensic.level_names)}"
+            )
         if delta.base_id != base_id:
-            raise DeltaRefused(f"delta {i} was exported against another base (statistics id "
-                               f"{delta.base_id[:16]}, this base {base_id[:16]}): merge it into the "
-                               "anchor it was exported against")
+            raise DeltaRefused(
+                f"delta {i} was exported against another base (statistics id "
+                f"{delta.base_id[:16]}, this base {base_id[:16]}): merge it into the "
+                "anchor it was exported against"
+            )
         if delta.site_id in sites:
-            raise DeltaRefused(f"delta {i} repeats a site's delta already given: it would count its "
-                               "images twice")
+            raise DeltaRefused(
+                f"delta {i} repeats a site's delta already given: it would count its images twice"
+            )
         sites.add(delta.site_id)
     statistics = base.statistics()
     for delta in deltas:

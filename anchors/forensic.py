@@ -25,6 +25,7 @@ with the same predictor merge. Soft real photos (focus blur, upscaled thumbnails
 (``ForensicModel``: one Gaussian per level, the distance the smallest over levels), and the
 level that explains an image best is written out, so a curator can tell soft from generated.
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,7 +45,11 @@ MAX_LAG = 27  # the widest predictor (S2 from 7 taps 4 px apart, 4x4 boxes) span
 TAPER = 8  # px of cosine taper at the crop's border: no jump for the FFT to see
 PREDICTORS = ("e0", "e1", "e2", "x01", "x12", "x02")
 FEATURE_NAMES = tuple(f"log_{name}" for name in PREDICTORS) + (
-    "spread_e0_mod2", "spread_e0_mod4", "spread_e1_mod2", "spread_e2_mod4")
+    "spread_e0_mod2",
+    "spread_e0_mod4",
+    "spread_e1_mod2",
+    "spread_e2_mod4",
+)
 EPS = 1e-6
 PREDICTOR_FILE = Path(__file__).with_name("forensic_predictor.safetensors")
 _FRAME = MAX_LAG + 1  # every element kernel lives in a frame of this many pixels
@@ -55,9 +60,14 @@ _FRAME = MAX_LAG + 1  # every element kernel lives in a frame of this many pixel
 # it is the softness held out to check that the mixture generalises.
 SOFTNESS_PATH = (
     ("sharp", None),
-    ("blur0.4", ("blur", 0.4)), ("blur0.6", ("blur", 0.6)), ("blur0.8", ("blur", 0.8)),
-    ("blur1.0", ("blur", 1.0)), ("blur1.25", ("blur", 1.25)), ("blur1.5", ("blur", 1.5)),
-    ("upscale1.25x", ("thumbnail", 0.8)), ("upscale1.6x", ("thumbnail", 0.625)),
+    ("blur0.4", ("blur", 0.4)),
+    ("blur0.6", ("blur", 0.6)),
+    ("blur0.8", ("blur", 0.8)),
+    ("blur1.0", ("blur", 1.0)),
+    ("blur1.25", ("blur", 1.25)),
+    ("blur1.5", ("blur", 1.5)),
+    ("upscale1.25x", ("thumbnail", 0.8)),
+    ("upscale1.6x", ("thumbnail", 0.625)),
     ("upscale2x", ("thumbnail", 0.5)),
 )
 # `fit --forensic_levels`: the default mixture, or the sharp level alone for corpora known to
@@ -67,11 +77,12 @@ LEVEL_SETS = {"softness_path": SOFTNESS_PATH, "sharp": SOFTNESS_PATH[:1]}
 
 # --- the predictors as kernels on S0 -----------------------------------------------------------
 
+
 def _box(scale: int, top: int, left: int) -> np.ndarray:
     """The S_scale sample whose 2^s x 2^s block starts at (top, left), as a kernel on S0."""
     kernel = np.zeros((_FRAME, _FRAME))
-    side = 2 ** scale
-    kernel[top:top + side, left:left + side] = 1.0 / (side * side)
+    side = 2**scale
+    kernel[top : top + side, left : left + side] = 1.0 / (side * side)
     return kernel
 
 
@@ -84,15 +95,22 @@ def predictor_elements() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     (2^c, 2^c) from the 4x4 coarse samples around it."""
     elements = {}
     for scale in range(3):
-        d = 2 ** scale
-        neighbours = [_box(scale, 3 * d + d * a, 3 * d + d * b)
-                      for a in range(-3, 4) for b in range(-3, 4) if (a, b) != (0, 0)]
+        d = 2**scale
+        neighbours = [
+            _box(scale, 3 * d + d * a, 3 * d + d * b)
+            for a in range(-3, 4)
+            for b in range(-3, 4)
+            if (a, b) != (0, 0)
+        ]
         elements[f"e{scale}"] = (np.stack(neighbours), _box(scale, 3 * d, 3 * d)[None])
     for name, coarse, fine in (("x01", 1, 0), ("x12", 2, 1), ("x02", 2, 0)):
-        step, fine_step, phases = 2 ** coarse, 2 ** fine, 2 ** (coarse - fine)
+        step, fine_step, phases = 2**coarse, 2**fine, 2 ** (coarse - fine)
         neighbours = [_box(coarse, step * a, step * b) for a in range(4) for b in range(4)]
-        targets = [_box(fine, step + fine_step * i, step + fine_step * j)
-                   for i in range(phases) for j in range(phases)]
+        targets = [
+            _box(fine, step + fine_step * i, step + fine_step * j)
+            for i in range(phases)
+            for j in range(phases)
+        ]
         elements[name] = (np.stack(neighbours), np.stack(targets))
     return elements
 
@@ -101,12 +119,12 @@ def residual_kernels(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per predictor, its residual (target - prediction) as kernels (phases, F, F) on S0."""
     kernels = {}
     for name, (neighbours, targets) in predictor_elements().items():
-        kernels[name] = targets - np.einsum("pq,qyx->pyx", np.asarray(weights[name], np.float64),
-                                            neighbours)
+        kernels[name] = targets - np.einsum("pq,qyx->pyx", np.asarray(weights[name], np.float64), neighbours)
     return kernels
 
 
 # --- fitting the predictors --------------------------------------------------------------------
+
 
 def luma(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float32 luma (B, H, W), each image's mean removed."""
@@ -118,8 +136,9 @@ def taper_window(height: int, width: int) -> torch.Tensor:
     def ramp(n: int) -> torch.Tensor:
         window = torch.ones(n)
         edge = 0.5 - 0.5 * torch.cos(torch.pi * (torch.arange(TAPER) + 0.5) / TAPER)
-        window[:TAPER], window[n - TAPER:] = edge, edge.flip(0)
+        window[:TAPER], window[n - TAPER :] = edge, edge.flip(0)
         return window
+
     return ramp(height)[:, None] * ramp(width)[None, :]
 
 
@@ -136,9 +155,9 @@ def autocorrelation(pixels: torch.Tensor) -> torch.Tensor:
     window = taper_window(*y.shape[-2:])
     size = _fft_size(*y.shape[-2:])
     spectrum = torch.fft.rfft2(y * window, s=(size, size))
-    correlation = torch.fft.irfft2(spectrum.real ** 2 + spectrum.imag ** 2, s=(size, size))
+    correlation = torch.fft.irfft2(spectrum.real**2 + spectrum.imag**2, s=(size, size))
     correlation = torch.roll(correlation, shifts=(MAX_LAG, MAX_LAG), dims=(-2, -1))
-    return correlation[..., :2 * MAX_LAG + 1, :2 * MAX_LAG + 1] / (window * window).sum()
+    return correlation[..., : 2 * MAX_LAG + 1, : 2 * MAX_LAG + 1] / (window * window).sum()
 
 
 def _toeplitz_index() -> np.ndarray:
@@ -159,13 +178,13 @@ class GramAccumulator:
         self.n = 0
         self.sum = np.zeros((2 * MAX_LAG + 1,) * 2)
 
-    def add(self, pixels: torch.Tensor) -> "GramAccumulator":
+    def add(self, pixels: torch.Tensor) -> GramAccumulator:
         with torch.inference_mode():
             self.sum += autocorrelation(pixels).double().sum(0).numpy()
         self.n += len(pixels)
         return self
 
-    def merge(self, other: "GramAccumulator") -> "GramAccumulator":
+    def merge(self, other: GramAccumulator) -> GramAccumulator:
         self.n += other.n
         self.sum += other.sum
         return self
@@ -182,30 +201,37 @@ class GramAccumulator:
             kernels = np.concatenate([neighbours, targets]).reshape(q + len(targets), -1)
             gram = kernels @ toeplitz @ kernels.T
             g_xx, g_xy = gram[:q, :q], gram[:q, q:]
-            weights[name] = np.ascontiguousarray(np.linalg.solve(
-                g_xx + ridge * np.trace(g_xx) / q * np.eye(q), g_xy).T, dtype=np.float32)
+            weights[name] = np.ascontiguousarray(
+                np.linalg.solve(g_xx + ridge * np.trace(g_xx) / q * np.eye(q), g_xy).T, dtype=np.float32
+            )
         return weights
 
 
 def predictor_digest(weights: dict[str, np.ndarray]) -> str:
-    return hashlib.sha256(b"".join(np.ascontiguousarray(weights[name]).tobytes()
-                                   for name in PREDICTORS)).hexdigest()
+    return hashlib.sha256(
+        b"".join(np.ascontiguousarray(weights[name]).tobytes() for name in PREDICTORS)
+    ).hexdigest()
 
 
 def save_predictor(weights: dict[str, np.ndarray], path, description: str) -> None:
     import safetensors.numpy
-    safetensors.numpy.save_file({name: np.ascontiguousarray(weights[name]) for name in PREDICTORS}, str(path),
-                                metadata={"description": description,
-                                          "sha256": predictor_digest(weights)})
+
+    safetensors.numpy.save_file(
+        {name: np.ascontiguousarray(weights[name]) for name in PREDICTORS},
+        str(path),
+        metadata={"description": description, "sha256": predictor_digest(weights)},
+    )
 
 
 @functools.cache
 def shipped_predictor() -> dict[str, np.ndarray]:
     import safetensors.numpy
+
     return safetensors.numpy.load_file(str(PREDICTOR_FILE))
 
 
 # --- features ----------------------------------------------------------------------------------
+
 
 def _kernel_power_weights(kernels: np.ndarray, size: int) -> torch.Tensor:
     """Phase-averaged |K(w)|^2 on rfft2's half spectrum, counted twice where the half stands for
@@ -213,7 +239,7 @@ def _kernel_power_weights(kernels: np.ndarray, size: int) -> torch.Tensor:
     power = torch.fft.rfft2(torch.tensor(kernels, dtype=torch.float32), s=(size, size)).abs() ** 2
     multiplicity = torch.full((size // 2 + 1,), 2.0)
     multiplicity[0] = multiplicity[-1] = 1.0
-    return (power.mean(0) * multiplicity / size ** 2).flatten()
+    return (power.mean(0) * multiplicity / size**2).flatten()
 
 
 class ResidualFeatures(nn.Module):
@@ -229,12 +255,11 @@ class ResidualFeatures(nn.Module):
     def _spectra(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(conjugate spectra of the intra residual kernels, the profile's power weights)."""
         if size not in self._spectral:
-            intra = torch.tensor(np.stack([self._kernels[f"e{s}"][0] for s in range(3)]),
-                                 dtype=torch.float32)
+            intra = torch.tensor(np.stack([self._kernels[f"e{s}"][0] for s in range(3)]), dtype=torch.float32)
             self._spectral[size] = (
                 torch.conj(torch.fft.rfft2(intra, s=(size, size))),
-                torch.stack([_kernel_power_weights(self._kernels[name], size)
-                             for name in PREDICTORS], 1))
+                torch.stack([_kernel_power_weights(self._kernels[name], size) for name in PREDICTORS], 1),
+            )
         return self._spectral[size]
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -243,7 +268,7 @@ class ResidualFeatures(nn.Module):
         size = _fft_size(*y.shape[-2:])
         spectrum = torch.fft.rfft2(y * window, s=(size, size))
         intra, power_weights = self._spectra(size)
-        power = (spectrum.real ** 2 + spectrum.imag ** 2).flatten(1)
+        power = (spectrum.real**2 + spectrum.imag**2).flatten(1)
         profile = torch.log(power @ power_weights / (window * window).sum() + EPS)
         return torch.cat([profile, self._spreads(spectrum, intra, size)], 1)
 
@@ -260,11 +285,13 @@ class ResidualFeatures(nn.Module):
             logs = torch.log(classes + EPS)
             return logs.max(-1).values - logs.min(-1).values
 
-        return torch.stack([spread(mod2[:, 0]), spread(mod4[:, 0]), spread(mod2[:, 1]),
-                            spread(mod4[:, 2])], 1)
+        return torch.stack(
+            [spread(mod2[:, 0]), spread(mod4[:, 0]), spread(mod2[:, 1]), spread(mod4[:, 2])], 1
+        )
 
 
 # --- softened copies of real photos (fit time) -------------------------------------------------
+
 
 def gaussian_blur(pixels: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of uint8 (B, H, W, 3), reflected at the borders, back to uint8."""
@@ -283,8 +310,7 @@ def upscaled_thumbnail(pixels: torch.Tensor, scale: float) -> torch.Tensor:
     height, width = pixels.shape[1:3]
     x = pixels.permute(0, 3, 1, 2).float()
     small = F.interpolate(x, size=(round(height * scale), round(width * scale)), mode="area")
-    up = F.interpolate(small.round().clamp(0, 255), size=(height, width), mode="bicubic",
-                       align_corners=False)
+    up = F.interpolate(small.round().clamp(0, 255), size=(height, width), mode="bicubic", align_corners=False)
     return up.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
@@ -297,6 +323,7 @@ def soften(pixels: torch.Tensor, how) -> torch.Tensor:
 
 
 # --- the one-class model -----------------------------------------------------------------------
+
 
 class ForensicModel:
     """One Gaussian of the forensic features per softness level of real photos.
@@ -317,19 +344,28 @@ class ForensicModel:
         self._whitening = []
         for level in moments:
             covariance = level.covariance()
-            covariance = covariance + self.RIDGE * np.trace(covariance) / len(covariance) * np.eye(len(covariance))
+            covariance = covariance + self.RIDGE * np.trace(covariance) / len(covariance) * np.eye(
+                len(covariance)
+            )
             # D = ||L^-1 (x - mu)||^2 with covariance = L L^T
             self._whitening.append(np.linalg.inv(np.linalg.cholesky(covariance)).T)
 
     @classmethod
-    def from_levels(cls, level_names: tuple[str, ...], joint: Moments) -> "ForensicModel":
+    def from_levels(cls, level_names: tuple[str, ...], joint: Moments) -> ForensicModel:
         """From the moments of each image's features at every level side by side, (L * p)
         wide: level j's moments are the j-th diagonal block (its cross-level terms unused)."""
         width = joint.dim // len(level_names)
-        return cls(level_names, [
-            Moments.from_arrays(joint.n, joint.mean[j * width:(j + 1) * width],
-                                joint.m2[j * width:(j + 1) * width, j * width:(j + 1) * width])
-            for j in range(len(level_names))])
+        return cls(
+            level_names,
+            [
+                Moments.from_arrays(
+                    joint.n,
+                    joint.mean[j * width : (j + 1) * width],
+                    joint.m2[j * width : (j + 1) * width, j * width : (j + 1) * width],
+                )
+                for j in range(len(level_names))
+            ],
+        )
 
     @property
     def dim(self) -> int:
@@ -338,6 +374,11 @@ class ForensicModel:
     def distances(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(distance, level index) for (b, dim) feature rows."""
         features = np.atleast_2d(np.asarray(features, dtype=np.float64))
-        per_level = np.stack([(((features - level.mean) @ whitening) ** 2).sum(axis=1)
-                              for level, whitening in zip(self.moments, self._whitening)], axis=1)
+        per_level = np.stack(
+            [
+                (((features - level.mean) @ whitening) ** 2).sum(axis=1)
+                for level, whitening in zip(self.moments, self._whitening)
+            ],
+            axis=1,
+        )
         return per_level.min(axis=1), per_level.argmin(axis=1)

@@ -7,6 +7,7 @@ higher for images more likely generated, and it calls fake what scores above 0. 
 follow the anchor file (safetensors tensors, JSON metadata, a checksum over both, never pickled)
 under their own metadata key, so neither reader takes the other's file.
 """
+
 from __future__ import annotations
 
 import abc
@@ -15,9 +16,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from anchorscan.anchors.errors import UserError
-from anchorscan.anchors.anchor import shrunk_covariance
 from anchorscan.anchors import checked_file
+from anchorscan.anchors.anchor import shrunk_covariance
+from anchorscan.anchors.errors import UserError
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.stats import Moments
 
@@ -53,20 +54,21 @@ def feature_part(features: np.ndarray, spec: FeatureSpec, parts: str = "semantic
         raise ValueError(
             f"features have shape {features.shape}, the feature spec expects rows of {spec.dim} "
             f"({spec.d_semantic} semantic + {spec.d_statistical} statistical + "
-            f"{spec.d_forensic} forensic)")
-    return features[:, :part_width(spec, parts)]
+            f"{spec.d_forensic} forensic)"
+        )
+    return features[:, : part_width(spec, parts)]
 
 
-def _real_and_fake(features: np.ndarray, labels: np.ndarray, spec: FeatureSpec,
-                   parts: str = "semantic") -> tuple[np.ndarray, np.ndarray]:
+def _real_and_fake(
+    features: np.ndarray, labels: np.ndarray, spec: FeatureSpec, parts: str = "semantic"
+) -> tuple[np.ndarray, np.ndarray]:
     semantic = feature_part(features, spec, parts)
     labels = np.asarray(labels)
     if labels.shape != (len(semantic),) or not np.isin(labels, (REAL, FAKE)).all():
         raise ValueError(f"labels must be {REAL} (real) or {FAKE} (fake), one per feature row")
     real, fake = semantic[labels == REAL], semantic[labels == FAKE]
     if len(real) == 0 or len(fake) == 0:
-        raise ValueError(f"a head needs real and fake examples, got {len(real)} real and "
-                         f"{len(fake)} fake")
+        raise ValueError(f"a head needs real and fake examples, got {len(real)} real and {len(fake)} fake")
     return real, fake
 
 
@@ -95,7 +97,7 @@ class Head(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def _from_file(cls, spec: FeatureSpec, tensors: dict[str, np.ndarray], metadata: dict) -> "Head":
+    def _from_file(cls, spec: FeatureSpec, tensors: dict[str, np.ndarray], metadata: dict) -> Head:
         """The head that ``_tensors`` and ``_parameters`` describe."""
 
     def score(self, features: np.ndarray, spec: FeatureSpec | None = None) -> np.ndarray:
@@ -109,8 +111,7 @@ class Head(abc.ABC):
         return self.score(features, spec) > 0
 
     def to_bytes(self) -> bytes:
-        metadata = {"kind": self.kind, **self.spec.to_dict(), "counts": self.counts,
-                    **self._parameters()}
+        metadata = {"kind": self.kind, **self.spec.to_dict(), "counts": self.counts, **self._parameters()}
         return checked_file.pack(self._tensors(), metadata, METADATA_KEY, FORMAT_VERSION)
 
 
@@ -131,11 +132,11 @@ class NearestNeighbourHead(Head):
             raise ValueError(f"k must be in [1, {smallest}] (the smaller bank), got {self.k}")
 
     @classmethod
-    def fit(cls, spec: FeatureSpec, features: np.ndarray, labels: np.ndarray,
-            k: int = 1) -> "NearestNeighbourHead":
+    def fit(
+        cls, spec: FeatureSpec, features: np.ndarray, labels: np.ndarray, k: int = 1
+    ) -> NearestNeighbourHead:
         real, fake = _real_and_fake(features, labels, spec)
-        return cls(spec, l2_normalised(real.astype(np.float32)),
-                   l2_normalised(fake.astype(np.float32)), k)
+        return cls(spec, l2_normalised(real.astype(np.float32)), l2_normalised(fake.astype(np.float32)), k)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -145,15 +146,16 @@ class NearestNeighbourHead(Head):
         means = np.empty(len(queries))
         rows = max(1, SIMILARITY_BLOCK // len(bank))
         for start in range(0, len(queries), rows):
-            similarity = queries[start:start + rows] @ bank.T
-            top_k = np.partition(similarity, len(bank) - self.k, axis=1)[:, len(bank) - self.k:]
-            means[start:start + rows] = top_k.mean(axis=1, dtype=np.float64)
+            similarity = queries[start : start + rows] @ bank.T
+            top_k = np.partition(similarity, len(bank) - self.k, axis=1)[:, len(bank) - self.k :]
+            means[start : start + rows] = top_k.mean(axis=1, dtype=np.float64)
         return means
 
     def _score_rows(self, rows):
         queries = l2_normalised(rows.astype(np.float32))
-        return (self._mean_top_k_similarity(queries, self.fake_bank)
-                - self._mean_top_k_similarity(queries, self.real_bank))
+        return self._mean_top_k_similarity(queries, self.fake_bank) - self._mean_top_k_similarity(
+            queries, self.real_bank
+        )
 
     def _tensors(self):
         return {"real_bank": self.real_bank, "fake_bank": self.fake_bank}
@@ -172,8 +174,10 @@ def part_moments(moments: Moments, spec: FeatureSpec, parts: str) -> Moments:
     if moments.dim == width:
         return moments
     if moments.dim != spec.dim:
-        raise ValueError(f"moments of dimension {moments.dim} are neither of the features "
-                         f"({spec.dim}) nor of their {parts} part ({width})")
+        raise ValueError(
+            f"moments of dimension {moments.dim} are neither of the features "
+            f"({spec.dim}) nor of their {parts} part ({width})"
+        )
     return Moments.from_arrays(moments.n, moments.mean[:width], moments.m2[:width, :width])
 
 
@@ -204,8 +208,10 @@ class LinearProbeHead(Head):
     def __post_init__(self):
         for name, moments in (("real", self.real), ("fake", self.fake)):
             if moments.dim != part_width(self.spec, self.parts):
-                raise ValueError(f"{name} moments have dimension {moments.dim}, the {self.parts} "
-                                 f"features {part_width(self.spec, self.parts)}")
+                raise ValueError(
+                    f"{name} moments have dimension {moments.dim}, the {self.parts} "
+                    f"features {part_width(self.spec, self.parts)}"
+                )
             if moments.n == 0:
                 raise ValueError(f"a linear probe needs {name} examples, got none")
         if self.real.n + self.fake.n < 3:
@@ -216,14 +222,14 @@ class LinearProbeHead(Head):
         self.bias = float(np.log(self.fake.n / self.real.n) - self.weights @ midpoint)
 
     @classmethod
-    def fit(cls, spec: FeatureSpec, real: Moments, fake: Moments,
-            parts: str = "semantic") -> "LinearProbeHead":
+    def fit(cls, spec: FeatureSpec, real: Moments, fake: Moments, parts: str = "semantic") -> LinearProbeHead:
         """From the per-class moments that a combiner keyed by label produces."""
         return cls(spec, part_moments(real, spec, parts), part_moments(fake, spec, parts), parts)
 
     @classmethod
-    def fit_from_rows(cls, spec: FeatureSpec, features: np.ndarray, labels: np.ndarray,
-                      parts: str = "semantic") -> "LinearProbeHead":
+    def fit_from_rows(
+        cls, spec: FeatureSpec, features: np.ndarray, labels: np.ndarray, parts: str = "semantic"
+    ) -> LinearProbeHead:
         real, fake = _real_and_fake(features, labels, spec, parts)
         return cls(spec, Moments.of(real), Moments.of(fake), parts)
 
@@ -235,8 +241,12 @@ class LinearProbeHead(Head):
         return rows.astype(np.float64) @ self.weights + self.bias
 
     def _tensors(self):
-        return {"real.mean": self.real.mean, "real.m2": self.real.m2,
-                "fake.mean": self.fake.mean, "fake.m2": self.fake.m2}
+        return {
+            "real.mean": self.real.mean,
+            "real.m2": self.real.m2,
+            "fake.mean": self.fake.mean,
+            "fake.m2": self.fake.m2,
+        }
 
     def _parameters(self):
         return {"parts": self.parts, "shrinkage": self.shrinkage}  # shrinkage: derived again on load
@@ -244,9 +254,14 @@ class LinearProbeHead(Head):
     @classmethod
     def _from_file(cls, spec, tensors, metadata):
         counts = metadata["counts"]
-        return cls(spec, *(Moments.from_arrays(counts[name], tensors[f"{name}.mean"],
-                                               tensors[f"{name}.m2"]) for name in ("real", "fake")),
-                   metadata["parts"])
+        return cls(
+            spec,
+            *(
+                Moments.from_arrays(counts[name], tensors[f"{name}.mean"], tensors[f"{name}.m2"])
+                for name in ("real", "fake")
+            ),
+            metadata["parts"],
+        )
 
 
 @dataclasses.dataclass(eq=False)
@@ -263,16 +278,18 @@ class LogisticHead(Head):
     C: float  # scikit-learn's inverse regularisation strength
 
     @classmethod
-    def fit(cls, spec: FeatureSpec, features: np.ndarray, labels: np.ndarray, C: float = 1.0,
-            max_iter: int = 1000) -> "LogisticHead":
+    def fit(
+        cls, spec: FeatureSpec, features: np.ndarray, labels: np.ndarray, C: float = 1.0, max_iter: int = 1000
+    ) -> LogisticHead:
         from sklearn.linear_model import LogisticRegression  # only this head needs scikit-learn
 
         real, fake = _real_and_fake(features, labels, spec)
         rows = l2_normalised(np.concatenate([real, fake]).astype(np.float64))
         targets = np.r_[np.full(len(real), REAL), np.full(len(fake), FAKE)]
         model = LogisticRegression(C=C, max_iter=max_iter).fit(rows, targets)
-        return cls(spec, model.coef_[0].copy(), float(model.intercept_[0]),
-                   {"real": len(real), "fake": len(fake)}, C)
+        return cls(
+            spec, model.coef_[0].copy(), float(model.intercept_[0]), {"real": len(real), "fake": len(fake)}, C
+        )
 
     def _score_rows(self, rows):
         return l2_normalised(rows.astype(np.float64)) @ self.coef + self.intercept
@@ -285,18 +302,19 @@ class LogisticHead(Head):
 
     @classmethod
     def _from_file(cls, spec, tensors, metadata):
-        return cls(spec, tensors["coef"], float(tensors["intercept"][0]), metadata["counts"],
-                   metadata["C"])
+        return cls(spec, tensors["coef"], float(tensors["intercept"][0]), metadata["counts"], metadata["C"])
 
 
 HEADS: dict[str, type[Head]] = {
-    head.kind: head for head in (NearestNeighbourHead, LinearProbeHead, LogisticHead)}
+    head.kind: head for head in (NearestNeighbourHead, LinearProbeHead, LogisticHead)
+}
 
 
 def head_from_bytes(data: bytes) -> Head:
     """The head that ``Head.to_bytes`` wrote; refuses truncated, tampered or foreign files."""
     tensors, metadata = checked_file.unpack(data, METADATA_KEY, FORMAT_VERSION, "head", HeadFileError)
     if metadata.get("kind") not in HEADS:
-        raise HeadFileError(f"unknown head kind {metadata.get('kind')!r}; this anchorscan reads "
-                            f"{sorted(HEADS)}")
+        raise HeadFileError(
+            f"unknown head kind {metadata.get('kind')!r}; this anchorscan reads {sorted(HEADS)}"
+        )
     return HEADS[metadata["kind"]]._from_file(FeatureSpec.from_dict(metadata), tensors, metadata)

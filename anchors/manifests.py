@@ -1,6 +1,7 @@
 """Manifests: files that list images, one reader for every command. A manifest is a ``.txt``
 (one URI per line, ``#`` comments), a ``.csv`` or a ``.parquet`` with a ``uri`` column; entries
 are absolute, scheme-qualified (``gs://``), or relative to the manifest's own folder."""
+
 from __future__ import annotations
 
 import csv
@@ -19,8 +20,7 @@ class ManifestError(UserError, ValueError):
 
 
 def is_manifest(pattern: str) -> bool:
-    return pattern.lower().endswith(MANIFEST_EXTENSIONS) and not any(
-        c in pattern for c in GLOB_CHARACTERS)
+    return pattern.lower().endswith(MANIFEST_EXTENSIONS) and not any(c in pattern for c in GLOB_CHARACTERS)
 
 
 def resolve(manifest: str, entry: str) -> str:
@@ -40,6 +40,7 @@ def read_manifest(manifest: str, data: bytes, columns: tuple[str, ...] = ("uri",
     keeps them in file names."""
     if manifest.lower().endswith(".parquet"):
         import pyarrow.parquet as pq
+
         rows = pq.read_table(io.BytesIO(data)).to_pylist()
         names = list(rows[0]) if rows else pq.read_schema(io.BytesIO(data)).names
     elif manifest.lower().endswith(".csv"):
@@ -50,7 +51,11 @@ def read_manifest(manifest: str, data: bytes, columns: tuple[str, ...] = ("uri",
         rows, names = [{"uri": line} for line in lines if line and not line.startswith("#")], ["uri"]
     missing = [column for column in columns if column not in names]
     if missing:
-        raise ManifestError(f"manifest {manifest} lacks the column(s) {', '.join(missing)} "
-                         f"(its columns: {', '.join(names) or 'none'})")
-    return [{**row, "uri": resolve(manifest, uri) if uri else ""}
-            for row, uri in ((row, (row.get("uri") or "").strip()) for row in rows)]
+        raise ManifestError(
+            f"manifest {manifest} lacks the column(s) {', '.join(missing)} "
+            f"(its columns: {', '.join(names) or 'none'})"
+        )
+    return [
+        {**row, "uri": resolve(manifest, uri) if uri else ""}
+        for row, uri in ((row, (row.get("uri") or "").strip()) for row in rows)
+    ]

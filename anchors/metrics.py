@@ -1,6 +1,7 @@
 """Detection metrics of one evaluation set (labels 1 = generated), from scikit-learn's; only the
 papers' operating points (TPR at a false-positive rate, accuracy at the detector's own
 threshold) are composed here."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -49,10 +50,13 @@ def detection_metrics(labels, scores, threshold: float) -> dict:
     both = _both_classes(labels)
     acc, real_acc, fake_acc = accuracy_at_threshold(labels, scores, threshold)
     return {
-        "n_real": int((~labels).sum()), "n_fake": int(labels.sum()),
+        "n_real": int((~labels).sum()),
+        "n_fake": int(labels.sum()),
         "ap": float(average_precision_score(labels, scores)) if both else float("nan"),
         "auroc": float(roc_auc_score(labels, scores)) if both else float("nan"),
-        "acc": acc, "real_acc": real_acc, "fake_acc": fake_acc,
+        "acc": acc,
+        "real_acc": real_acc,
+        "fake_acc": fake_acc,
         "tpr_at_fpr1": tpr_at_fpr(labels, scores, 0.01),
         "tpr_at_fpr5": tpr_at_fpr(labels, scores, 0.05),
     }

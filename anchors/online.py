@@ -12,6 +12,7 @@ raw variant the same on ``Sigma_mm`` alone; for a forensic level the plain covar
 ridge. Between refreshes ``M2`` grows by Chan's rank-(k + 1) factor and ``(M2 + K)^-1`` follows
 by Woodbury; ``a`` follows ``n``.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,7 +39,8 @@ def chan_factor(moments, rows: np.ndarray) -> np.ndarray:
 
 class _Location:
     """What Chan's factor needs of moments: the count and the mean."""
-    __slots__ = ("n", "mean")
+
+    __slots__ = ("mean", "n")
 
     def __init__(self, n, mean):
         self.n, self.mean = n, mean
@@ -101,10 +103,19 @@ class OnlineAnchorModel:
     (docs/METHOD.md §3.2) and merge them when read. ``forgetting`` < 1 discounts the old
     statistics at each update."""
 
-    def __init__(self, moments: Moments, forensic: ForensicModel, d_semantic: int,
-                 explained_variance: float = 0.95, refresh_every: int = 256,
-                 max_growth: float = 0.1, ridge_drift: float = 0.05, tolerance: float = 1e-8,
-                 forgetting: float = 1.0, check_every: int = 16):
+    def __init__(
+        self,
+        moments: Moments,
+        forensic: ForensicModel,
+        d_semantic: int,
+        explained_variance: float = 0.95,
+        refresh_every: int = 256,
+        max_growth: float = 0.1,
+        ridge_drift: float = 0.05,
+        tolerance: float = 1e-8,
+        forgetting: float = 1.0,
+        check_every: int = 16,
+    ):
         if not 0.0 < forgetting <= 1.0:
             raise ValueError(f"forgetting must be in (0, 1], got {forgetting}")
         self._moments = BufferedMoments(moments.dim)
@@ -135,8 +146,10 @@ class OnlineAnchorModel:
         model = AnchorModel.fit(moments, self.d_semantic, self.explained_variance)
         sigma, rho = shrunk_covariance(moments)
         if rho >= 1.0:
-            raise ValueError("the shrinkage is total (too few images for their dimension): an "
-                             "online update has no data-driven covariance to follow; refit")
+            raise ValueError(
+                "the shrinkage is total (too few images for their dimension): an "
+                "online update has no data-driven covariance to follow; refit"
+            )
         self.rho = rho
         scale = (1.0 - rho) / (moments.n - 1)
         regression = model.regression
@@ -214,7 +227,7 @@ class OnlineAnchorModel:
             forensic_rows = np.atleast_2d(np.asarray(forensic_rows, dtype=np.float64))
             width = self.levels[0].dim
             for j, (level, precision) in enumerate(zip(self.levels, self._forensic)):
-                block = forensic_rows[:, j * width:(j + 1) * width]
+                block = forensic_rows[:, j * width : (j + 1) * width]
                 base = level.scaled(weight) if weight != 1.0 else level
                 precision.add(chan_factor(base, block), weight)
                 self.levels[j] = base.add_batch(block)
@@ -233,9 +246,18 @@ class OnlineAnchorModel:
         centred = features[:, :d] - self.moments.mean
         scale = (1.0 - self.rho) / (self.moments.n - 1)
         full = self._full.quadratic(centred) / scale
-        semantic = self._semantic.quadratic(centred[:, :self.d_semantic]) / scale
-        raw = self._raw.quadratic(centred[:, self.d_semantic:]) / scale
-        forensic = np.stack([precision.quadratic(features[:, d:] - level.mean) * (level.n - 1)
-                             for level, precision in zip(self.levels, self._forensic)], axis=1)
-        return {"semantic": semantic, "statistical": full - semantic, "statistical_raw": raw,
-                "forensic": forensic.min(axis=1)}
+        semantic = self._semantic.quadratic(centred[:, : self.d_semantic]) / scale
+        raw = self._raw.quadratic(centred[:, self.d_semantic :]) / scale
+        forensic = np.stack(
+            [
+                precision.quadratic(features[:, d:] - level.mean) * (level.n - 1)
+                for level, precision in zip(self.levels, self._forensic)
+            ],
+            axis=1,
+        )
+        return {
+            "semantic": semantic,
+            "statistical": full - semantic,
+            "statistical_raw": raw,
+            "forensic": forensic.min(axis=1),
+        }

@@ -2,6 +2,7 @@
 at native resolution (UnivFD's test protocol); only images smaller than the crop are upscaled.
 Every normalisation applied to a file is recorded in its row, and every file that cannot be
 scored gets a sentence saying why."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,8 +54,10 @@ def _describe_unknown(data: bytes) -> str:
         data[:256].decode("utf-8")
         return "text, not an image"
     except UnicodeDecodeError:
-        return (f"not an image in a format this tool reads ({', '.join(DECODED_FORMATS)}; "
-            f"the file starts with {data[:12]!r})")
+        return (
+            f"not an image in a format this tool reads ({', '.join(DECODED_FORMATS)}; "
+            f"the file starts with {data[:12]!r})"
+        )
 
 
 def _to_rgb(image: Image.Image, notes: list[str]) -> Image.Image:
@@ -77,8 +80,10 @@ def _to_rgb(image: Image.Image, notes: list[str]) -> Image.Image:
     return image.convert("RGB")
 
 
-PERTURBATION_HELP = ("jpeg:QUALITY, webp:QUALITY, png, blur:SIGMA, defocus:RADIUS, motion:LENGTH, "
-                     "thumbnail:SCALE, median:SIZE or scale:FACTOR")
+PERTURBATION_HELP = (
+    "jpeg:QUALITY, webp:QUALITY, png, blur:SIGMA, defocus:RADIUS, motion:LENGTH, "
+    "thumbnail:SCALE, median:SIZE or scale:FACTOR"
+)
 
 
 def is_image_path(path: str) -> bool:
@@ -112,14 +117,15 @@ def parse_perturbation(spec: str | None):
         if kind == "thumbnail":
             scale = float(value)
             return lambda image: image.resize(
-                (max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                Image.BOX).resize(image.size, Image.BICUBIC)
+                (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BOX
+            ).resize(image.size, Image.BICUBIC)
         if kind == "median":
             return lambda image: image.filter(ImageFilter.MedianFilter(int(value)))
         if kind == "scale":
             factor = float(value)
             return lambda image: image.resize(
-                (max(1, round(image.width * factor)), max(1, round(image.height * factor))), Image.BICUBIC)
+                (max(1, round(image.width * factor)), max(1, round(image.height * factor))), Image.BICUBIC
+            )
     except ValueError:
         pass
     raise UsageError(f"--perturbation must be {PERTURBATION_HELP}, not {spec!r}")
@@ -136,15 +142,16 @@ def _supersampled(inside, radius: float, supersample: int = 8) -> np.ndarray:
 
 
 def _disk(radius: float) -> np.ndarray:
-    return _supersampled(lambda y, x: x ** 2 + y ** 2 <= radius ** 2, radius)
+    return _supersampled(lambda y, x: x**2 + y**2 <= radius**2, radius)
 
 
 def _line(length: float, angle: float) -> np.ndarray:
     direction = np.deg2rad(angle)
     along = lambda y, x: x * np.cos(direction) + y * np.sin(direction)  # noqa: E731
     across = lambda y, x: -x * np.sin(direction) + y * np.cos(direction)  # noqa: E731
-    return _supersampled(lambda y, x: (np.abs(along(y, x)) <= length / 2) & (np.abs(across(y, x)) <= 0.5),
-                         length / 2)
+    return _supersampled(
+        lambda y, x: (np.abs(along(y, x)) <= length / 2) & (np.abs(across(y, x)) <= 0.5), length / 2
+    )
 
 
 def _convolve(image: Image.Image, kernel: np.ndarray) -> Image.Image:
@@ -170,8 +177,11 @@ def _turbojpeg():
 
         codec = turbojpeg.TurboJPEG()
     except (ImportError, OSError, RuntimeError) as error:
-        logging.warning("libturbojpeg not available (%s): JPEGs are decoded whole, which is "
-                        "slower; install libturbojpeg0 (Debian) or libjpeg-turbo", error)
+        logging.warning(
+            "libturbojpeg not available (%s): JPEGs are decoded whole, which is "
+            "slower; install libturbojpeg0 (Debian) or libjpeg-turbo",
+            error,
+        )
         return None
     # Its warnings are libjpeg's "corrupt data" notes, which PIL's decoder ignores as well.
     warnings.filterwarnings("ignore", module="turbojpeg")
@@ -202,17 +212,22 @@ def _jpeg_center_crop(data: bytes, width: int, height: int, size: int) -> np.nda
         region = codec.decode(small, pixel_format=tj.TJPF_RGB)
     except Exception:  # whatever libjpeg-turbo makes of a damaged file, PIL decides
         return None
-    pixels = region[top - y0:top - y0 + size, left - x0:left - x0 + size]
+    pixels = region[top - y0 : top - y0 + size, left - x0 : left - x0 + size]
     return np.ascontiguousarray(pixels) if pixels.shape == (size, size, 3) else None
 
 
 # EXIF orientation -> the transpose that shows the picture upright. ImageOps.exif_transpose does
 # the same but also rewrites the EXIF block, which fails on damaged GPS or rational tags; only
 # the pixels matter here.
-ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-                6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-                8: Image.Transpose.ROTATE_90}
+ORIENTATIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def _upright(image: Image.Image, notes: list[str]) -> Image.Image:
@@ -232,10 +247,14 @@ def _webp_first_frame_box(data: bytes) -> tuple[int, int, int, int] | None:
     halved, sizes minus one, as 24-bit little-endian numbers)."""
     position = 12
     while position + 8 <= len(data):
-        kind, size = data[position:position + 4], int.from_bytes(data[position + 4:position + 8], "little")
+        kind, size = (
+            data[position : position + 4],
+            int.from_bytes(data[position + 4 : position + 8], "little"),
+        )
         if kind == b"ANMF" and position + 20 <= len(data):
-            x, y, width, height = (int.from_bytes(data[position + 8 + 3 * i:position + 11 + 3 * i], "little")
-                                   for i in range(4))
+            x, y, width, height = (
+                int.from_bytes(data[position + 8 + 3 * i : position + 11 + 3 * i], "little") for i in range(4)
+            )
             return 2 * x, 2 * y, 2 * x + width + 1, 2 * y + height + 1
         position += 8 + size + (size & 1)
     return None
@@ -261,13 +280,20 @@ def _first_frame_box(image: Image.Image, data: bytes) -> tuple[int, int, int, in
 
 def _check_side(width: int, height: int, min_side: int) -> None:
     if min(width, height) < min_side:
-        raise DecodeError(f"image is {width} x {height} pixels: too small to score (the shorter "
-                          f"side must be at least --min_side {min_side})")
+        raise DecodeError(
+            f"image is {width} x {height} pixels: too small to score (the shorter "
+            f"side must be at least --min_side {min_side})"
+        )
 
 
-def decode_and_crop(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                    resize: str = "none", min_side: int = DEFAULT_MIN_SIDE,
-                    perturbation: str | None = None) -> Crop:
+def decode_and_crop(
+    data: bytes,
+    size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    resize: str = "none",
+    min_side: int = DEFAULT_MIN_SIDE,
+    perturbation: str | None = None,
+) -> Crop:
     """``resize="none"``: centre crop at native resolution, upscaling only images smaller than
     the crop; ``"shorter_side"``: scale the shorter side to the crop size first (CLIP's own
     transform), which loses high-frequency artifacts. ``perturbation``: see
@@ -282,9 +308,11 @@ def decode_and_crop(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS
             warnings.simplefilter("ignore")
             image = Image.open(io.BytesIO(data), formats=DECODED_FORMATS)
             if image.width * image.height > max_pixels:
-                raise DecodeError(f"image declares {image.width} x {image.height} pixels, over the "
-                                  f"limit of {max_pixels:,} (a decompression bomb, or raise "
-                                  "--max_pixels)")
+                raise DecodeError(
+                    f"image declares {image.width} x {image.height} pixels, over the "
+                    f"limit of {max_pixels:,} (a decompression bomb, or raise "
+                    "--max_pixels)"
+                )
             frames = getattr(image, "n_frames", 1)
             if frames > 1:
                 image.seek(0)
@@ -305,8 +333,9 @@ def decode_and_crop(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS
                         return Crop(pixels, width, height, "center_crop")
                 left, top = (width - size) // 2, (height - size) // 2
                 crop = _to_rgb(image.crop((left, top, left + size, top + size)), notes)
-                return Crop(np.asarray(crop, dtype=np.uint8), width, height,
-                            "+".join([*notes, "center_crop"]))
+                return Crop(
+                    np.asarray(crop, dtype=np.uint8), width, height, "+".join([*notes, "center_crop"])
+                )
             image = _to_rgb(image, notes)
     except DecodeError:
         raise
@@ -319,8 +348,9 @@ def decode_and_crop(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS
     except Exception as error:
         # Pillow's plugins raise more than they document (TypeError, KeyError, IndexError,
         # struct.error, RuntimeError, found by tests/test_fuzz.py): still one damaged file.
-        raise DecodeError(f"cannot decode image (damaged file?): the decoder failed with "
-                          f"{exception_name(error)}: {error}") from error
+        raise DecodeError(
+            f"cannot decode image (damaged file?): the decoder failed with {exception_name(error)}: {error}"
+        ) from error
     if perturb:
         image = perturb(image)
         notes.append(perturbation.replace(":", ""))

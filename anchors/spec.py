@@ -1,4 +1,5 @@
 """What the features of an image depend on; an anchor only scores features with the same spec."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,14 +45,15 @@ class FeatureSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "FeatureSpec":
-        return cls(data["backbone"], data["weights_sha256"], dict(data["preprocessing"]),
-                   dict(data["layout"]))
+    def from_dict(cls, data: dict) -> FeatureSpec:
+        return cls(
+            data["backbone"], data["weights_sha256"], dict(data["preprocessing"]), dict(data["layout"])
+        )
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
-    def require_same(self, other: "FeatureSpec", anchor_name: str = "the anchor") -> None:
+    def require_same(self, other: FeatureSpec, anchor_name: str = "the anchor") -> None:
         """Raises IncompatibleAnchorError naming every field that differs."""
         differences = [
             f"{field}: anchor has {getattr(self, field)!r}, features have {getattr(other, field)!r}"
@@ -63,4 +65,5 @@ class FeatureSpec:
                 f"{anchor_name} was fitted on different features and cannot score these:\n  "
                 + "\n  ".join(differences)
                 + f"\nScore with --backbone {self.backbone} and the same weights and preprocessing, "
-                  "or fit a new anchor for this backbone.")
+                "or fit a new anchor for this backbone."
+            )

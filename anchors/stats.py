@@ -4,6 +4,7 @@ The accumulator keeps ``(n, mean, M2)`` in float64 with ``M2 = sum (z - mean)(z 
 Batches and partial accumulators are combined with Chan et al.'s pairwise update, which stays
 accurate when the mean is large against the spread (raw sums ``sum z z^T`` do not).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,7 +14,7 @@ from scipy.linalg.blas import dsyrk
 class Moments:
     """Count, mean and centred scatter matrix of a stream of d-dimensional rows."""
 
-    __slots__ = ("n", "mean", "m2")
+    __slots__ = ("m2", "mean", "n")
 
     def __init__(self, dim: int):
         self.n = 0
@@ -25,7 +26,7 @@ class Moments:
         return self.mean.shape[0]
 
     @classmethod
-    def from_arrays(cls, n: int, mean: np.ndarray, m2: np.ndarray) -> "Moments":
+    def from_arrays(cls, n: int, mean: np.ndarray, m2: np.ndarray) -> Moments:
         moments = cls(mean.shape[0])
         moments.n = int(n) if float(n).is_integer() else float(n)  # a weight after forgetting
         moments.mean = np.asarray(mean, dtype=np.float64).copy()
@@ -33,20 +34,20 @@ class Moments:
         return moments
 
     @classmethod
-    def _wrap(cls, n: int, mean: np.ndarray, m2: np.ndarray) -> "Moments":
+    def _wrap(cls, n: int, mean: np.ndarray, m2: np.ndarray) -> Moments:
         """Takes ownership of the arrays: no copies and no d x d allocation."""
         moments = cls.__new__(cls)
         moments.n, moments.mean, moments.m2 = n, mean, m2
         return moments
 
     @classmethod
-    def of(cls, rows: np.ndarray) -> "Moments":
+    def of(cls, rows: np.ndarray) -> Moments:
         rows = np.atleast_2d(np.asarray(rows, dtype=np.float64))
         moments = cls(rows.shape[1])
         moments.add_batch(rows)
         return moments
 
-    def add_batch(self, rows: np.ndarray) -> "Moments":
+    def add_batch(self, rows: np.ndarray) -> Moments:
         """Adds a (b, d) batch with one matrix product."""
         rows = np.atleast_2d(np.asarray(rows, dtype=np.float64))
         if rows.shape[0] == 0:
@@ -57,13 +58,13 @@ class Moments:
         centred = rows - batch_mean
         return self._merge_parts(rows.shape[0], batch_mean, centred.T @ centred)
 
-    def merge(self, other: "Moments") -> "Moments":
+    def merge(self, other: Moments) -> Moments:
         """Chan's pairwise merge of ``other`` into this accumulator."""
         if other.dim != self.dim:
             raise ValueError(f"cannot merge moments of dimension {other.dim} into {self.dim}")
         return self._merge_parts(other.n, other.mean, other.m2)
 
-    def _merge_parts(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray) -> "Moments":
+    def _merge_parts(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray) -> Moments:
         if n_b == 0:
             return self
         if self.n == 0:
@@ -77,7 +78,7 @@ class Moments:
         self.n = n
         return self
 
-    def scaled(self, weight: float) -> "Moments":
+    def scaled(self, weight: float) -> Moments:
         """These moments counted ``weight`` times (0 < weight <= 1: a forgetting factor's
         discount of old rows; n becomes a weight, docs/METHOD.md §9.1)."""
         if not 0.0 < weight <= 1.0:
@@ -89,12 +90,16 @@ class Moments:
             raise ValueError(f"need more than {ddof} rows for a covariance, have {self.n}")
         return self.m2 / (self.n - ddof)
 
-    def copy(self) -> "Moments":
+    def copy(self) -> Moments:
         return Moments.from_arrays(self.n, self.mean, self.m2)
 
     def __eq__(self, other) -> bool:
-        return (isinstance(other, Moments) and self.n == other.n
-                and np.array_equal(self.mean, other.mean) and np.array_equal(self.m2, other.m2))
+        return (
+            isinstance(other, Moments)
+            and self.n == other.n
+            and np.array_equal(self.mean, other.mean)
+            and np.array_equal(self.m2, other.m2)
+        )
 
     def __repr__(self) -> str:
         return f"Moments(n={self.n}, dim={self.dim})"
@@ -113,8 +118,15 @@ class BufferedMoments:
     rounding without centring each batch; the Chan merge into ``moments`` happens only when the
     moments are read (``flush``), not per buffer."""
 
-    __slots__ = ("moments", "batch_size", "_buffer", "_reference", "_count", "_shifted_sum",
-                 "_scatter")
+    __slots__ = (
+        "_buffer",
+        "_count",
+        "_reference",
+        "_scatter",
+        "_shifted_sum",
+        "batch_size",
+        "moments",
+    )
 
     def __init__(self, dim: int, batch_size: int = 256):
         self.moments = Moments(dim)
@@ -128,7 +140,7 @@ class BufferedMoments:
         self._shifted_sum = np.zeros(self.moments.dim)
         self._scatter: np.ndarray | None = None  # upper triangle only, Fortran order for syrk
 
-    def add(self, row: np.ndarray) -> "BufferedMoments":
+    def add(self, row: np.ndarray) -> BufferedMoments:
         self._buffer.append(np.asarray(row, dtype=np.float64))
         if len(self._buffer) >= self.batch_size:
             self._add_buffer()
@@ -144,8 +156,11 @@ class BufferedMoments:
         shifted = rows - self._reference
         self._shifted_sum += shifted.sum(axis=0)
         # shifted.T is Fortran-ordered, so syrk reads it without a copy.
-        self._scatter = (dsyrk(1.0, shifted.T) if not self._count
-                         else dsyrk(1.0, shifted.T, beta=1.0, c=self._scatter, overwrite_c=1))
+        self._scatter = (
+            dsyrk(1.0, shifted.T)
+            if not self._count
+            else dsyrk(1.0, shifted.T, beta=1.0, c=self._scatter, overwrite_c=1)
+        )
         self._count += rows.shape[0]
 
     def _pending(self) -> Moments | None:
@@ -176,7 +191,11 @@ class BufferedMoments:
         if not self._buffer and not self._count:
             return self.moments
         clone = BufferedMoments.__new__(BufferedMoments)
-        clone.moments, clone.batch_size, clone._buffer = self.moments.copy(), self.batch_size, list(self._buffer)
+        clone.moments, clone.batch_size, clone._buffer = (
+            self.moments.copy(),
+            self.batch_size,
+            list(self._buffer),
+        )
         clone._count, clone._reference = self._count, self._reference
         clone._shifted_sum = self._shifted_sum.copy()
         clone._scatter = None if self._scatter is None else self._scatter.copy(order="F")

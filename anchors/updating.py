@@ -3,6 +3,7 @@ named sufficient statistic (``Anchor.statistics``) is merged by Chan's update, t
 the CombineFn's merge, whatever the channel; the models are derived again from the merged
 statistics and calibrated again on the held-out real images the anchor keeps, joined by the new
 ones. No channel has code of its own here."""
+
 from __future__ import annotations
 
 import math
@@ -19,21 +20,30 @@ def split_levels(joint: Moments, level_names: tuple[str, ...]) -> dict[str, Mome
     """Moments of the forensic features at every level side by side (L * p wide, as the fit's
     extractor makes them) -> ``forensic.<level>`` moments (the diagonal blocks)."""
     width = joint.dim // len(level_names)
-    return {f"forensic.{name}": Moments.from_arrays(
-        joint.n, joint.mean[j * width:(j + 1) * width],
-        joint.m2[j * width:(j + 1) * width, j * width:(j + 1) * width])
-        for j, name in enumerate(level_names)}
+    return {
+        f"forensic.{name}": Moments.from_arrays(
+            joint.n,
+            joint.mean[j * width : (j + 1) * width],
+            joint.m2[j * width : (j + 1) * width, j * width : (j + 1) * width],
+        )
+        for j, name in enumerate(level_names)
+    }
 
 
-def merged_statistics(base: dict[str, Moments], additions: dict[str, Moments],
-                      forgetting: float = 1.0) -> dict[str, Moments]:
+def merged_statistics(
+    base: dict[str, Moments], additions: dict[str, Moments], forgetting: float = 1.0
+) -> dict[str, Moments]:
     """Each named statistic of ``base`` (discounted by ``forgetting``) merged with the
     same-named one of ``additions``; names only in ``additions`` (a newly flagged generator)
     are taken as they are. Flagged generators are never discounted: they are labels, not a
     drifting corpus."""
     merged = {}
     for name, moments in base.items():
-        start = moments.scaled(forgetting) if forgetting != 1.0 and not name.startswith("flag.") else moments.copy()
+        start = (
+            moments.scaled(forgetting)
+            if forgetting != 1.0 and not name.startswith("flag.")
+            else moments.copy()
+        )
         merged[name] = start.merge(additions[name]) if name in additions else start
     for name, moments in additions.items():
         if name not in merged:
@@ -41,13 +51,20 @@ def merged_statistics(base: dict[str, Moments], additions: dict[str, Moments],
     return merged
 
 
-def recalibrated(anchor: Anchor, statistics: dict[str, Moments], held_out: CalibrationRows | None,
-                 lineage: tuple[str, ...], num_quantiles: int = NUM_QUANTILES) -> Anchor:
+def recalibrated(
+    anchor: Anchor,
+    statistics: dict[str, Moments],
+    held_out: CalibrationRows | None,
+    lineage: tuple[str, ...],
+    num_quantiles: int = NUM_QUANTILES,
+) -> Anchor:
     """An anchor on ``statistics``, calibrated on the kept held-out rows and ``held_out``."""
     parts = [rows for rows in (anchor.calibration_rows, held_out) if rows is not None and len(rows)]
     if not parts or sum(len(rows) for rows in parts) < MIN_CALIBRATION:
-        raise ValueError(f"need at least {MIN_CALIBRATION} held-out real images to calibrate; the "
-                         "anchor keeps none (fitted by an older anchorscan?): fit it again")
+        raise ValueError(
+            f"need at least {MIN_CALIBRATION} held-out real images to calibrate; the "
+            "anchor keeps none (fitted by an older anchorscan?): fit it again"
+        )
     rows = CalibrationRows.merged(parts)
     return anchor.with_statistics(statistics, lineage).calibrated_on(rows, num_quantiles)
 
@@ -61,13 +78,22 @@ def child_lineage(anchor: Anchor, forgetting: float = 1.0) -> tuple[str, ...]:
     return anchor.lineage + (statistics_id(anchor.statistics()),)
 
 
-def updated(anchor: Anchor, backbone: Moments, forensic_levels: Moments,
-            held_out: CalibrationRows | None, forgetting: float = 1.0) -> Anchor:
+def updated(
+    anchor: Anchor,
+    backbone: Moments,
+    forensic_levels: Moments,
+    held_out: CalibrationRows | None,
+    forgetting: float = 1.0,
+) -> Anchor:
     """``anchor`` with more real images: the backbone part's moments, the forensic moments of
     every level side by side, and the held-out images' rows."""
     additions = {"backbone": backbone, **split_levels(forensic_levels, anchor.forensic.level_names)}
-    return recalibrated(anchor, merged_statistics(anchor.statistics(), additions, forgetting),
-                        held_out, child_lineage(anchor, forgetting))
+    return recalibrated(
+        anchor,
+        merged_statistics(anchor.statistics(), additions, forgetting),
+        held_out,
+        child_lineage(anchor, forgetting),
+    )
 
 
 def flagged(anchor: Anchor, generator: str, images: Moments) -> Anchor:
@@ -95,4 +121,4 @@ def admitted(anchor: Anchor, features: np.ndarray, threshold: float | None) -> n
     least ``threshold`` (its score at most -log10 threshold); all of them without one."""
     if threshold is None:
         return np.ones(len(features), dtype=bool)
-    return anchor.score(np.atleast_2d(features)[:, :anchor.spec.dim])["score"] <= -math.log10(threshold)
+    return anchor.score(np.atleast_2d(features)[:, : anchor.spec.dim])["score"] <= -math.log10(threshold)

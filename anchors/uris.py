@@ -4,6 +4,7 @@ surrogate escapes (PEP 383), which no UTF-8 coder or Parquet column accepts; suc
 written as an RFC 8089 ``file://`` URI, percent-encoded byte by byte (``/data/caf\\xe9.png``
 becomes ``file:///data/caf%E9.png``), which ``local_path`` turns back into the same bytes. Any
 ``file://`` input is read that way."""
+
 from __future__ import annotations
 
 import os
@@ -31,5 +32,5 @@ def local_path(uri: str) -> str | None:
     """The local path that ``uri`` names (bytes that are not UTF-8 as surrogate escapes), or
     None for a remote URI."""
     if uri.startswith(FILE_SCHEME):
-        return os.fsdecode(urllib.parse.unquote_to_bytes(uri[len(FILE_SCHEME):]))
+        return os.fsdecode(urllib.parse.unquote_to_bytes(uri[len(FILE_SCHEME) :]))
     return None if is_remote(uri) else uri

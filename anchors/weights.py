@@ -6,6 +6,7 @@ whose pickled module tree is read by a restricted unpickler that admits only ten
 reconstruction and stands in an inert placeholder for every TorchScript class - nothing in the
 file is ever executed.
 """
+
 from __future__ import annotations
 
 import collections
@@ -18,9 +19,15 @@ import torch
 from anchorscan.anchors.errors import UserError
 
 _STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
-    "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "DoubleStorage": torch.float64,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
     "BoolStorage": torch.bool,
 }
 
@@ -62,7 +69,9 @@ class _ArchiveUnpickler(pickle.Unpickler):
     def persistent_load(self, persistent_id):
         _, dtype, key, _location, numel = persistent_id
         data = self.archive.read(f"{self.root}/data/{key}")
-        return torch.frombuffer(bytearray(data), dtype=dtype)[:numel] if numel else torch.empty(0, dtype=dtype)
+        return (
+            torch.frombuffer(bytearray(data), dtype=dtype)[:numel] if numel else torch.empty(0, dtype=dtype)
+        )
 
 
 def _collect(obj, prefix: str, out: dict) -> None:
@@ -99,6 +108,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Tensors by name from safetensors, a weights-only torch checkpoint or a TorchScript archive."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
+
         return load_file(path)
     if _is_torchscript(path):
         return read_torchscript_tensors(path)

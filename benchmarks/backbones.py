@@ -6,6 +6,7 @@ CLIP models use random weights (speed does not depend on the values). Prints, pe
 images/s, GFLOP per image (counted by torch's FlopCounterMode), achieved GFLOP/s and its share
 of the device's measured matmul peak (float32 on a CPU, bf16 on a GPU), then NAME=VALUE lines.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,7 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int = 409
         a @ b
         repeats += 1
     _sync(device)
-    return 2 * size ** 3 * repeats / (time.perf_counter() - started) / 1e9
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
 def _sync(device: torch.device) -> None:
@@ -42,6 +43,7 @@ def _sync(device: torch.device) -> None:
 def random_clip_weights(name: str, folder: str) -> str:
     path = f"{folder}/{name}.safetensors"
     from safetensors.torch import save_file
+
     visual = build_clip_visual(CLIP_MODELS[name].architecture)
     save_file({f"visual.{k}": v.contiguous() for k, v in visual.state_dict().items()}, path)
     return path
@@ -63,15 +65,20 @@ def measure(name: str, device: str, batch: int, seconds: float, folder: str) -> 
         images += batch
     _sync(extractor.device)
     rate = images / (time.perf_counter() - started)
-    return {"backbone": name, "images_per_s": rate, "gflop_per_image": gflop_per_image,
-            "gflops": rate * gflop_per_image}
+    return {
+        "backbone": name,
+        "images_per_s": rate,
+        "gflop_per_image": gflop_per_image,
+        "gflops": rate * gflop_per_image,
+    }
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backbones", nargs="+",
-                        default=[DEFAULT_BACKBONE, "clip-vit-b-16", "clip-vit-l-14"])
+    parser.add_argument(
+        "--backbones", nargs="+", default=[DEFAULT_BACKBONE, "clip-vit-b-16", "clip-vit-l-14"]
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=20.0)
     args = parser.parse_args(argv)
@@ -84,8 +91,10 @@ def main(argv=None) -> None:
         for name in args.backbones:
             result = measure(name, args.device, args.batch, args.seconds, folder)
             results.append(result)
-            print(f"{name:20} {result['images_per_s']:9.2f} {result['gflop_per_image']:10.1f} "
-                  f"{result['gflops']:9.1f} {result['gflops'] / peak:8.1%}")
+            print(
+                f"{name:20} {result['images_per_s']:9.2f} {result['gflop_per_image']:10.1f} "
+                f"{result['gflops']:9.1f} {result['gflops'] / peak:8.1%}"
+            )
     print(f"matmul_peak_gflops={peak:.1f}")
     for result in results:
         key = result["backbone"].replace("-", "_")

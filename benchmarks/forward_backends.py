@@ -6,6 +6,7 @@ Measures images/s of the whole feature extraction (backbone, moments, projection
 CPU and the largest absolute difference of each backend's features from eager PyTorch, so a
 faster backend is only taken if it gives the same features. Ends with NAME=VALUE lines.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     extractor = BackboneConfig("efficientnet-lite0", runtime="torch").build()
     module = extractor.module
-    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (args.batch, 224, 224, 3), dtype=np.uint8))
+    pixels = torch.from_numpy(
+        np.random.default_rng(0).integers(0, 256, (args.batch, 224, 224, 3), dtype=np.uint8)
+    )
     with torch.inference_mode():
         reference = module(pixels)[0].numpy()
         eager = rate(module, pixels, args.seconds)
@@ -48,9 +51,14 @@ def main(argv=None) -> None:
     onnx_features = session.run(None, {"pixels": pixels.numpy()})[0]
     onnx_rate = rate(lambda x: session.run(None, {"pixels": x.numpy()}), pixels, args.seconds)
 
-    results = {"eager": (eager, 0.0), "torch_compile": (compiled_rate, np.abs(compiled_features - reference).max()),
-               "onnxruntime": (onnx_rate, np.abs(onnx_features - reference).max())}
-    print(f"batch {args.batch}, {torch.get_num_threads()} threads; torch.compile took {compile_seconds:.0f} s")
+    results = {
+        "eager": (eager, 0.0),
+        "torch_compile": (compiled_rate, np.abs(compiled_features - reference).max()),
+        "onnxruntime": (onnx_rate, np.abs(onnx_features - reference).max()),
+    }
+    print(
+        f"batch {args.batch}, {torch.get_num_threads()} threads; torch.compile took {compile_seconds:.0f} s"
+    )
     print(f"{'backend':15} {'images/s':>9} {'x eager':>8} {'max |diff|':>11}")
     for name, (images_per_s, difference) in results.items():
         print(f"{name:15} {images_per_s:9.2f} {images_per_s / eager:8.2f} {difference:11.2e}")

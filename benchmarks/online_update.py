@@ -6,6 +6,7 @@ followed inverses (full, semantic, raw) and the cheap drift check; a full re-der
 loading an anchor or a refresh costs: OAS, the semantic eigendecomposition, the regression and
 two PPCA spectra (``AnchorModel.fit``). Synthetic features (timing does not depend on values);
 half the dimensions semantic, as the default backbone's 1280 + 768 are roughly."""
+
 from __future__ import annotations
 
 import argparse
@@ -37,14 +38,15 @@ def measure(d: int, ks: tuple[int, ...], updates: int) -> dict:
     forensic = ForensicModel(("sharp",), [Moments.of(rng.normal(size=(n, FORENSIC)))])
     full = min(timed(lambda: AnchorModel.fit(moments, d // 2)) for _ in range(2))
     # no refresh inside the measured updates: the refresh *is* the full re-derivation
-    online = OnlineAnchorModel(moments, forensic, d // 2, refresh_every=10 ** 9, max_growth=1e9,
-                               ridge_drift=1e9, tolerance=1e9)
+    online = OnlineAnchorModel(
+        moments, forensic, d // 2, refresh_every=10**9, max_growth=1e9, ridge_drift=1e9, tolerance=1e9
+    )
     result = {"d": d, "full_s": full}
     start = n
     for k in ks:
-        batches = [rows[start + i * k:start + (i + 1) * k] for i in range(updates)]
+        batches = [rows[start + i * k : start + (i + 1) * k] for i in range(updates)]
         start += k * updates
-        result[k] = timed(lambda: [online.add(batch) for batch in batches]) / updates
+        result[k] = timed(lambda batches=batches: [online.add(batch) for batch in batches]) / updates
     return result
 
 
@@ -62,11 +64,19 @@ def delta_bytes(d: int, rank: int | None) -> int:
     from anchorscan.anchors.spec import FeatureSpec
 
     rng = np.random.default_rng(1)
-    spec = FeatureSpec("synthetic", "0" * 64, {"crop": 224},
-                       {"d_semantic": d // 2, "d_statistical": d - d // 2, "d_forensic": FORENSIC})
+    spec = FeatureSpec(
+        "synthetic",
+        "0" * 64,
+        {"crop": 224},
+        {"d_semantic": d // 2, "d_statistical": d - d // 2, "d_forensic": FORENSIC},
+    )
     statistics = {"backbone": Moments.from_arrays(64, rng.normal(size=d), np.eye(d))}
-    statistics.update({f"forensic.level{j}": Moments.from_arrays(64, np.zeros(FORENSIC), np.eye(FORENSIC))
-                       for j in range(10)})
+    statistics.update(
+        {
+            f"forensic.level{j}": Moments.from_arrays(64, np.zeros(FORENSIC), np.eye(FORENSIC))
+            for j in range(10)
+        }
+    )
     factors = {}
     if rank is not None:
         factors["backbone"] = rng.normal(size=(d, rank))
@@ -96,12 +106,15 @@ def main() -> None:
     for line in lines:
         print(line)
     print(f"\ndelta size against the images it summarises (a JPEG taken as {JPEG_BYTES // 1000} kB)")
-    print(f"{'d':>6} {'full delta':>12} {'rank 64':>10} " + " ".join(f"{f'n={n:,}':>12}" for n in (64, 1_000, 100_000)))
+    print(
+        f"{'d':>6} {'full delta':>12} {'rank 64':>10} "
+        + " ".join(f"{f'n={n:,}':>12}" for n in (64, 1_000, 100_000))
+    )
     for d in dims:
         full, low = delta_bytes(d, None), delta_bytes(d, 64)
         ratios = " ".join(f"{full / (n * JPEG_BYTES):12.4f}" for n in (64, 1_000, 100_000))
-        print(f"{d:6d} {full / 2 ** 20:10.1f}MB {low / 2 ** 20:8.2f}MB {ratios}")
-        print(f"delta_mb_d{d}={full / 2 ** 20:.2f}", f"delta_rank64_mb_d{d}={low / 2 ** 20:.2f}", sep="\n")
+        print(f"{d:6d} {full / 2**20:10.1f}MB {low / 2**20:8.2f}MB {ratios}")
+        print(f"delta_mb_d{d}={full / 2**20:.2f}", f"delta_rank64_mb_d{d}={low / 2**20:.2f}", sep="\n")
     print("(the n= columns: the full delta's size over that many images' bytes)")
 
 

@@ -9,6 +9,7 @@ forward, decoding, the score and fit pipelines on the local runner, a plain PyTo
 loop, the statistics accumulator, memory, and FLOPs against this CPU's matmul peak. Prints a
 table, then ``NAME=VALUE`` lines as the last lines.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,10 +31,10 @@ import threadpoolctl
 import torch
 from PIL import Image
 
+from anchorscan.anchors import preprocess
 from anchorscan.anchors.backbones import DEFAULT_BACKBONE
 from anchorscan.anchors.calibration import holds_out
 from anchorscan.anchors.features import BackboneConfig
-from anchorscan.anchors import preprocess
 from anchorscan.anchors.preprocess import decode_and_crop
 from anchorscan.anchors.stats import BufferedMoments, Moments
 from anchorscan.transforms.fitting import MIN_CALIBRATION
@@ -57,6 +58,7 @@ SERIAL_DECODE = ["--decode_processes", "1", "--decode_ahead", "1"]
 
 # ----------------------------------------------------------------------------- corpus
 
+
 def sample_photos() -> list[np.ndarray]:
     import skimage.data
     from sklearn.datasets import load_sample_images
@@ -74,7 +76,7 @@ def photo_picture(photo: np.ndarray, kind: str, rng: np.random.Generator) -> np.
         photo = np.asarray(Image.fromarray(photo).resize(size, Image.BICUBIC))
     top, left = int(rng.integers(photo.shape[0])), int(rng.integers(photo.shape[1]))
     tiled = np.pad(photo, ((0, top + height), (0, left + width), (0, 0)), mode="symmetric")
-    picture = tiled[top:top + height, left:left + width].astype(np.int16)
+    picture = tiled[top : top + height, left : left + width].astype(np.int16)
     picture += rng.integers(-NOISE, NOISE + 1, picture.shape, dtype=np.int16)
     return np.clip(picture, 0, 255).astype(np.uint8)
 
@@ -90,8 +92,9 @@ def write_images(folder: Path, count: int) -> list[Path]:
         if not path.exists():
             picture = photo_picture(photos[index % len(photos)], kind, np.random.default_rng(index))
             partial = path.with_name(path.name + ".partial")
-            Image.fromarray(picture).save(partial, format="PNG" if kind == "png" else "JPEG",
-                                          quality=JPEG_QUALITY)
+            Image.fromarray(picture).save(
+                partial, format="PNG" if kind == "png" else "JPEG", quality=JPEG_QUALITY
+            )
             partial.rename(path)
         paths.append(path)
     return paths
@@ -118,24 +121,33 @@ def linked_copies(folder: Path, sources: list[Path], count: int) -> list[Path]:
 def build_corpus(workdir: Path, count: int, large_count: int, rss_count: int) -> dict[str, list[Path]]:
     """The file sets the measurements use, each also written as a .txt manifest."""
     mix = write_images(workdir / "corpus", count)
-    fit = mix[:max(count // 2, 20)]
+    fit = mix[: max(count // 2, 20)]
     by_kind = {kind: [path for path in mix if kind_of(path) == kind] for kind in SIZES}
     held_out = sum(holds_out(str(path), FIT_FRACTION, CALIBRATION[-1]) for path in fit)
     if held_out < MIN_CALIBRATION or not by_kind["12mp"]:
-        raise SystemExit(f"--images {count} is too few: the fit would hold out {held_out} "
-                         f"images (need {MIN_CALIBRATION}); use at least 20")
+        raise SystemExit(
+            f"--images {count} is too few: the fit would hold out {held_out} "
+            f"images (need {MIN_CALIBRATION}); use at least 20"
+        )
     rss = linked_copies(workdir / "rss", by_kind["0.3mp"], 10 * rss_count)
     large = linked_copies(workdir / "12mp", by_kind["12mp"], 3 * large_count)
     mix_3x = linked_copies(workdir / "mix_3x", mix, 3 * count)
-    sets = {"mix": mix, "mix_3x": mix_3x, "fit": fit, "12mp": large[:large_count],
-            "12mp_3x": large, "rss_1x": rss[:rss_count],
-            "rss_10x": rss}
+    sets = {
+        "mix": mix,
+        "mix_3x": mix_3x,
+        "fit": fit,
+        "12mp": large[:large_count],
+        "12mp_3x": large,
+        "rss_1x": rss[:rss_count],
+        "rss_10x": rss,
+    }
     for name, files in sets.items():
         (workdir / f"{name}.txt").write_text("".join(f"{file}\n" for file in files))
     return sets
 
 
 # ----------------------------------------------------------------------------- in this process
+
 
 def peak_rss_mb() -> float:
     """This process's peak (getrusage; Linux reports KiB)."""
@@ -211,7 +223,7 @@ def _measure_stats_add(dim: int, rows: int) -> tuple[float, float]:
     moments = Moments.of(vectors[:batch])
     started = time.perf_counter()
     for start in range(batch, rows + batch, batch):
-        moments.add_batch(vectors[start:start + batch])
+        moments.add_batch(vectors[start : start + batch])
     return buffered, (time.perf_counter() - started) / rows
 
 
@@ -233,7 +245,7 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
         started = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - started)
-    return 2 * size ** 3 / best
+    return 2 * size**3 / best
 
 
 class CenterCropDataset(torch.utils.data.Dataset):
@@ -258,8 +270,9 @@ def measure_dataloader(config: BackboneConfig, paths: list[Path], crop: int, wor
     runs include theirs)."""
     started = time.perf_counter()
     extractor = config.build()
-    loader = torch.utils.data.DataLoader(CenterCropDataset(paths, crop), batch_size=BATCH_SIZE,
-                                         num_workers=workers)
+    loader = torch.utils.data.DataLoader(
+        CenterCropDataset(paths, crop), batch_size=BATCH_SIZE, num_workers=workers
+    )
     images = 0
     for batch in loader:
         extractor(batch)
@@ -274,26 +287,37 @@ def measure_in_process(config: BackboneConfig, sets: dict[str, list[Path]], quic
     measure_decode(sets["mix"], crop, preprocessing["resize"])  # warm: page cache, libraries
     decode, decode_per_kind, crops = measure_decode(sets["mix"], crop, preprocessing["resize"])
     whole_12mp, region_difference = measure_whole_jpeg_decode(
-        sets["mix"], crop, preprocessing["resize"], crops)
+        sets["mix"], crop, preprocessing["resize"], crops
+    )
     batch = crop_batch(crops)
     cores = len(os.sched_getaffinity(0))
     stats_seconds, stats_seconds_per_batch = measure_stats_add(extractor.spec.d_backbone)
     batches = 1 if quick else 4
     forward, forward_cpu = measure_batches(extractor.backbone_features, batch, batches)
     forensic, forensic_cpu = measure_batches(extractor.forensic_features, batch, batches)
-    return {"forward": forward, "forward_cpu": forward_cpu, "forensic": forensic,
-            "forensic_cpu": forensic_cpu,"decode": decode, "decode_per_kind": decode_per_kind,
-            "region_decode": preprocess._turbojpeg() is not None,
-            "decode_whole_12mp": whole_12mp, "region_decode_max_pixel_difference": region_difference,
-            "flops_per_image": forward_flops_per_image(extractor, batch),
-            "matmul_peak": matmul_peak_flops(),
-            "dim": extractor.spec.d_backbone, "stats_seconds": stats_seconds,
-            "stats_seconds_per_batch": stats_seconds_per_batch,
-            "cores": cores, "dataloader": measure_dataloader(config, sets["12mp"], crop, cores),
-            "dataloader_3x": measure_dataloader(config, sets["12mp_3x"], crop, cores)}
+    return {
+        "forward": forward,
+        "forward_cpu": forward_cpu,
+        "forensic": forensic,
+        "forensic_cpu": forensic_cpu,
+        "decode": decode,
+        "decode_per_kind": decode_per_kind,
+        "region_decode": preprocess._turbojpeg() is not None,
+        "decode_whole_12mp": whole_12mp,
+        "region_decode_max_pixel_difference": region_difference,
+        "flops_per_image": forward_flops_per_image(extractor, batch),
+        "matmul_peak": matmul_peak_flops(),
+        "dim": extractor.spec.d_backbone,
+        "stats_seconds": stats_seconds,
+        "stats_seconds_per_batch": stats_seconds_per_batch,
+        "cores": cores,
+        "dataloader": measure_dataloader(config, sets["12mp"], crop, cores),
+        "dataloader_3x": measure_dataloader(config, sets["12mp_3x"], crop, cores),
+    }
 
 
 # ----------------------------------------------------------------------------- pipeline runs
+
 
 def process_tree(pid: int) -> list[int]:
     """``pid`` and its descendants, from /proc."""
@@ -310,7 +334,7 @@ def process_tree(pid: int) -> list[int]:
 def rss_mb(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except OSError:
         return 0.0
 
@@ -326,7 +350,7 @@ class TreeMemory:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    def __enter__(self) -> "TreeMemory":
+    def __enter__(self) -> TreeMemory:
         self._thread.start()
         return self
 
@@ -361,8 +385,12 @@ def timed_pipeline(command: str, argv: list[str]) -> dict:
         images, errors = summary["scored"], sum(summary["errors"].values())
     if errors:
         raise RuntimeError(f"{command} {argv}: {errors} error rows, the rate would be wrong")
-    return {"images": images, "seconds": seconds, "images_per_s": images / seconds,
-            "peak_rss_mb": max(own_peak_rss_mb(), memory.peak_mb)}
+    return {
+        "images": images,
+        "seconds": seconds,
+        "images_per_s": images / seconds,
+        "peak_rss_mb": max(own_peak_rss_mb(), memory.peak_mb),
+    }
 
 
 def in_fresh_process(function, *args):
@@ -377,25 +405,43 @@ def measure_pipelines(workdir: Path, backbone: str, weights: str | None) -> dict
     anchor = str(workdir / "anchor.safetensors")
 
     def run(command: str, file_set: str, extra: Sequence[str]) -> dict:
-        return in_fresh_process(timed_pipeline, command, [
-            "--input", str(workdir / f"{file_set}.txt"), "--runner", "FnApiRunner",
-            "--batch_size", str(BATCH_SIZE), "--anchor", anchor, *weights_args, *extra])
+        return in_fresh_process(
+            timed_pipeline,
+            command,
+            [
+                "--input",
+                str(workdir / f"{file_set}.txt"),
+                "--runner",
+                "FnApiRunner",
+                "--batch_size",
+                str(BATCH_SIZE),
+                "--anchor",
+                anchor,
+                *weights_args,
+                *extra,
+            ],
+        )
 
     def score(file_set: str, extra: Sequence[str] = ()) -> dict:  # the anchor names the backbone
         # Runs of one file set share a prefix: each replaces the last one's tables.
-        return run("score", file_set, ["--output", str(workdir / "out" / file_set), "--overwrite",
-                                       *extra])
+        return run("score", file_set, ["--output", str(workdir / "out" / file_set), "--overwrite", *extra])
 
-    return {"fit": run("fit", "fit", ["--backbone", backbone, *CALIBRATION]),
-            "score": score("mix"), "score_3x": score("mix_3x"),
-            "score_serial_3x": score("mix_3x", SERIAL_DECODE),
-            "score_2": score("mix", TWO_WORKERS),
-            "score_12mp": score("12mp"), "score_12mp_3x": score("12mp_3x"),
-            "score_12mp_2": score("12mp", TWO_WORKERS),
-            "rss_1x": score("rss_1x"), "rss_10x": score("rss_10x")}
+    return {
+        "fit": run("fit", "fit", ["--backbone", backbone, *CALIBRATION]),
+        "score": score("mix"),
+        "score_3x": score("mix_3x"),
+        "score_serial_3x": score("mix_3x", SERIAL_DECODE),
+        "score_2": score("mix", TWO_WORKERS),
+        "score_12mp": score("12mp"),
+        "score_12mp_3x": score("12mp_3x"),
+        "score_12mp_2": score("12mp", TWO_WORKERS),
+        "rss_1x": score("rss_1x"),
+        "rss_10x": score("rss_10x"),
+    }
 
 
 # ----------------------------------------------------------------------------- report
+
 
 def marginal_rate(images: int, seconds: float, more_images: int, more_seconds: float) -> float:
     """images/s of the images a longer run adds: the rate once start-up is paid; nan where the
@@ -414,40 +460,52 @@ def report(local: dict, runs: dict, counts: dict, seconds: float) -> None:
     mix_1x, mix_3x = runs["score"], runs["score_3x"]
     mix_marginal = marginal_rate(mix_1x["images"], mix_1x["seconds"], mix_3x["images"], mix_3x["seconds"])
     large_1x, large_3x = runs["score_12mp"], runs["score_12mp_3x"]
-    large_marginal = marginal_rate(large_1x["images"], large_1x["seconds"], large_3x["images"],
-                                   large_3x["seconds"])
+    large_marginal = marginal_rate(
+        large_1x["images"], large_1x["seconds"], large_3x["images"], large_3x["seconds"]
+    )
     large_count = counts["12mp"]
-    loader_marginal = marginal_rate(large_count, large_count / local["dataloader"],
-                                    3 * large_count, 3 * large_count / local["dataloader_3x"])
+    loader_marginal = marginal_rate(
+        large_count,
+        large_count / local["dataloader"],
+        3 * large_count,
+        3 * large_count / local["dataloader_3x"],
+    )
     main_rss = f"{peak_rss_mb():.0f} MB (this process)"
 
     def run_row(stage: str, run: dict, rss_note: str = "") -> tuple:
         return stage, run["images_per_s"], f"{run['peak_rss_mb']:.0f} MB{rss_note}"
 
-    rows = [(f"(a) backbone forward, batch {BATCH_SIZE}", forward, main_rss),
-            (f"(a') forensic features, batch {BATCH_SIZE}", local["forensic"], main_rss),
-            ("(b) read + decode + crop, mix", local["decode"], main_rss),
-            *((f"    {kind}", rate, "") for kind, rate in local["decode_per_kind"].items()),
-            ("    12mp decoded whole (no region decode)", local["decode_whole_12mp"], ""),
-            run_row(f"(c) score, 1 worker, mix of {counts['mix']}", runs["score"]),
-            run_row("(c) score, 1 worker, the mix 3 times over", mix_3x),
-            run_row("    the same, decoding one image at a time", runs["score_serial_3x"]),
-            ("    steady state on the mix (difference of the two)", mix_marginal, ""),
-            run_row("(c) score, 2 workers multi_processing, mix", runs["score_2"], " (all processes)"),
-            run_row(f"(c) score, 1 worker, {counts['12mp']} x 12 MP", runs["score_12mp"]),
-            run_row(f"(c) score, 1 worker, {3 * counts['12mp']} x 12 MP", large_3x),
-            ("    steady state on 12 MP (difference of the two)", large_marginal, ""),
-            run_row(f"(c) score, 2 workers, {counts['12mp']} x 12 MP", runs["score_12mp_2"],
-                    " (all processes)"),
-            run_row(f"(d) fit, 1 worker, {runs['fit']['images']} of the mix", runs["fit"]),
-            (f"(e) DataLoader ({local['cores']} workers) + forward, {counts['12mp']} x 12 MP",
-             local["dataloader"], main_rss),
-            (f"(e) DataLoader ({local['cores']} workers) + forward, {3 * counts['12mp']} x 12 MP",
-             local["dataloader_3x"], main_rss),
-            ("    steady state (difference of the two)", loader_marginal, ""),
-            run_row(f"(g) score, 1 worker, {rss_1x['images']} x 0.3 MP", rss_1x),
-            run_row(f"(g) score, 1 worker, {rss_10x['images']} x 0.3 MP", rss_10x),
-            ("    steady state (difference of the two)", marginal, "")]
+    rows = [
+        (f"(a) backbone forward, batch {BATCH_SIZE}", forward, main_rss),
+        (f"(a') forensic features, batch {BATCH_SIZE}", local["forensic"], main_rss),
+        ("(b) read + decode + crop, mix", local["decode"], main_rss),
+        *((f"    {kind}", rate, "") for kind, rate in local["decode_per_kind"].items()),
+        ("    12mp decoded whole (no region decode)", local["decode_whole_12mp"], ""),
+        run_row(f"(c) score, 1 worker, mix of {counts['mix']}", runs["score"]),
+        run_row("(c) score, 1 worker, the mix 3 times over", mix_3x),
+        run_row("    the same, decoding one image at a time", runs["score_serial_3x"]),
+        ("    steady state on the mix (difference of the two)", mix_marginal, ""),
+        run_row("(c) score, 2 workers multi_processing, mix", runs["score_2"], " (all processes)"),
+        run_row(f"(c) score, 1 worker, {counts['12mp']} x 12 MP", runs["score_12mp"]),
+        run_row(f"(c) score, 1 worker, {3 * counts['12mp']} x 12 MP", large_3x),
+        ("    steady state on 12 MP (difference of the two)", large_marginal, ""),
+        run_row(f"(c) score, 2 workers, {counts['12mp']} x 12 MP", runs["score_12mp_2"], " (all processes)"),
+        run_row(f"(d) fit, 1 worker, {runs['fit']['images']} of the mix", runs["fit"]),
+        (
+            f"(e) DataLoader ({local['cores']} workers) + forward, {counts['12mp']} x 12 MP",
+            local["dataloader"],
+            main_rss,
+        ),
+        (
+            f"(e) DataLoader ({local['cores']} workers) + forward, {3 * counts['12mp']} x 12 MP",
+            local["dataloader_3x"],
+            main_rss,
+        ),
+        ("    steady state (difference of the two)", loader_marginal, ""),
+        run_row(f"(g) score, 1 worker, {rss_1x['images']} x 0.3 MP", rss_1x),
+        run_row(f"(g) score, 1 worker, {rss_10x['images']} x 0.3 MP", rss_10x),
+        ("    steady state (difference of the two)", marginal, ""),
+    ]
     print(f"\n{'stage':<48} {'images/s':>9} {'x forward':>10}  peak RSS")
     for stage, rate, rss in rows:
         print(f"{stage:<48} {rate:>9.2f} {rate / forward:>10.2f}  {rss}")
@@ -457,57 +515,89 @@ def report(local: dict, runs: dict, counts: dict, seconds: float) -> None:
     mix_ms, mix_decode_ms = 1000 / runs["score"]["images_per_s"], 1000 / local["decode"]
     print("\nper image, score pipeline, 1 worker          steady state, 0.3 MP   end to end, mix")
     for part, steady, mix in (
-            ("read + decode + crop (b)", small_decode_ms, mix_decode_ms),
-            (f"backbone forward, batch {BATCH_SIZE} (a)", forward_ms, forward_ms),
-            ("rest: Beam, scoring, Parquet", steady_ms - small_decode_ms - forward_ms,
-             mix_ms - mix_decode_ms - forward_ms),
-            ("total", steady_ms, mix_ms)):
+        ("read + decode + crop (b)", small_decode_ms, mix_decode_ms),
+        (f"backbone forward, batch {BATCH_SIZE} (a)", forward_ms, forward_ms),
+        (
+            "rest: Beam, scoring, Parquet",
+            steady_ms - small_decode_ms - forward_ms,
+            mix_ms - mix_decode_ms - forward_ms,
+        ),
+        ("total", steady_ms, mix_ms),
+    ):
         print(f"  {part:<42} {steady:>9.1f} ms {mix:>14.1f} ms")
     print(f"  start-up per run (in 'rest' end to end)    {startup:>9.1f} s")
 
     flops_rate = local["flops_per_image"] * forward
     stats_share = local["stats_seconds"] * forward
-    print(f"\n(f) BufferedMoments.add, d={local['dim']}: {local['stats_seconds'] * 1e3:.3f} ms per "
-          f"image, {stats_share:.2%} of the forward time per image (Moments.add_batch per "
-          f"buffer: {local['stats_seconds_per_batch'] * 1e3:.3f} ms)\n"
-          f"(h) forward {local['flops_per_image'] / 1e9:.3f} GFLOP/image (FlopCounterMode), "
-          f"{flops_rate / 1e9:.1f} GFLOP/s; float32 matmul peak {local['matmul_peak'] / 1e9:.1f} "
-          f"GFLOP/s: {flops_rate / local['matmul_peak']:.1%}\n"
-          f"(g) memory test: {rss_1x['images']} and {rss_10x['images']} images (the target compares "
-          f"1,000 and 10,000: --rss_images 1000); rss_growth_10k_over_1k is their peak RSS ratio\n"
-          f"load average {', '.join(f'{load:.1f}' for load in os.getloadavg())} on "
-          f"{local['cores']} cores; benchmark wall time {seconds:.0f} s\n")
+    print(
+        f"\n(f) BufferedMoments.add, d={local['dim']}: {local['stats_seconds'] * 1e3:.3f} ms per "
+        f"image, {stats_share:.2%} of the forward time per image (Moments.add_batch per "
+        f"buffer: {local['stats_seconds_per_batch'] * 1e3:.3f} ms)\n"
+        f"(h) forward {local['flops_per_image'] / 1e9:.3f} GFLOP/image (FlopCounterMode), "
+        f"{flops_rate / 1e9:.1f} GFLOP/s; float32 matmul peak {local['matmul_peak'] / 1e9:.1f} "
+        f"GFLOP/s: {flops_rate / local['matmul_peak']:.1%}\n"
+        f"(g) memory test: {rss_1x['images']} and {rss_10x['images']} images (the target compares "
+        f"1,000 and 10,000: --rss_images 1000); rss_growth_10k_over_1k is their peak RSS ratio\n"
+        f"load average {', '.join(f'{load:.1f}' for load in os.getloadavg())} on "
+        f"{local['cores']} cores; benchmark wall time {seconds:.0f} s\n"
+    )
 
     # The bound: every core busy with the per-image work and nothing else. Core-seconds per
     # image: decoding runs on one thread (its wall time), the forward pass and the forensic
     # features on all of torch's threads (their CPU time).
-    core_seconds = {"decode": 1 / local["decode"], "forward": local["forward_cpu"],
-                    "forensic": local["forensic_cpu"]}
+    core_seconds = {
+        "decode": 1 / local["decode"],
+        "forward": local["forward_cpu"],
+        "forensic": local["forensic_cpu"],
+    }
     bound = local["cores"] / sum(core_seconds.values())
     # Core time, the cost the bound counts: the forensic pass runs on one thread by design
     # (anchors/features.py), the forward on all of them, so their wall times compare unlike work.
     forensic_share = local["forensic_cpu"] / local["forward_cpu"]
     forensic_wall_share = forward / local["forensic"]
-    print("core-seconds per image: " + ", ".join(f"{part} {1e3 * value:.1f} ms"
-                                                  for part, value in core_seconds.items())
-          + f"; bound {bound:.1f} images/s on {local['cores']} cores\n")
+    print(
+        "core-seconds per image: "
+        + ", ".join(f"{part} {1e3 * value:.1f} ms" for part, value in core_seconds.items())
+        + f"; bound {bound:.1f} images/s on {local['cores']} cores\n"
+    )
 
     rss_growth = rss_10x["peak_rss_mb"] / rss_1x["peak_rss_mb"]
     large_ratio = runs["score_12mp"]["images_per_s"] / local["dataloader"]
     score_ratio = runs["score"]["images_per_s"] / forward
     targets = (  # name, value, met, note
-        ("forensic features <= 25 % of forward", forensic_share, forensic_share <= 0.25,
-         f"core time per image, same batch, same run; wall time {forensic_wall_share:.2f}"),
-        ("score / bound >= 0.9", mix_marginal / bound, mix_marginal / bound >= 0.9,
-         f"steady state on the mix; end to end {runs['score']['images_per_s'] / bound:.2f}"),
-        ("score / forward >= 0.9", score_ratio, score_ratio >= 0.9,
-         f"end to end; steady state {mix_marginal / forward:.2f} on the mix, "
-         f"{marginal / forward:.2f} on 0.3 MP"),
-        ("score >= 1.5 x DataLoader, 12 MP", large_ratio, large_ratio >= 1.5,
-         f"end to end; steady state {large_marginal / loader_marginal:.2f}"),
+        (
+            "forensic features <= 25 % of forward",
+            forensic_share,
+            forensic_share <= 0.25,
+            f"core time per image, same batch, same run; wall time {forensic_wall_share:.2f}",
+        ),
+        (
+            "score / bound >= 0.9",
+            mix_marginal / bound,
+            mix_marginal / bound >= 0.9,
+            f"steady state on the mix; end to end {runs['score']['images_per_s'] / bound:.2f}",
+        ),
+        (
+            "score / forward >= 0.9",
+            score_ratio,
+            score_ratio >= 0.9,
+            f"end to end; steady state {mix_marginal / forward:.2f} on the mix, "
+            f"{marginal / forward:.2f} on 0.3 MP",
+        ),
+        (
+            "score >= 1.5 x DataLoader, 12 MP",
+            large_ratio,
+            large_ratio >= 1.5,
+            f"end to end; steady state {large_marginal / loader_marginal:.2f}",
+        ),
         ("statistics <= 2 % of forward", stats_share, stats_share <= 0.02, ""),
-        (f"peak RSS {rss_10x['images']} / {rss_1x['images']} images <= 1.1", rss_growth,
-         rss_growth <= 1.1, ""))
+        (
+            f"peak RSS {rss_10x['images']} / {rss_1x['images']} images <= 1.1",
+            rss_growth,
+            rss_growth <= 1.1,
+            "",
+        ),
+    )
     print("targets")
     for name, value, met, note in targets:
         print(f"  {name:<36} {value:>7.3f}  {'met' if met else 'not met':<8} {note}")
@@ -563,27 +653,32 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny counts, for development")
     parser.add_argument("--images", type=int, help="images in the mixed corpus (200; quick 20)")
-    parser.add_argument("--large_images", type=int,
-                        help="12 MP images of the DataLoader comparison (96; quick 8)")
-    parser.add_argument("--rss_images", type=int,
-                        help="1x count of the memory test; 10x is ten times it (60; quick 10)")
+    parser.add_argument(
+        "--large_images", type=int, help="12 MP images of the DataLoader comparison (96; quick 8)"
+    )
+    parser.add_argument(
+        "--rss_images", type=int, help="1x count of the memory test; 10x is ten times it (60; quick 10)"
+    )
     parser.add_argument("--workdir", help="corpus and outputs (default: a temporary directory)")
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE)
     parser.add_argument("--weights")
     args = parser.parse_args(argv)
     # Full-size counts that fit in about 5 minutes on 2 cores.
-    counts = {"mix": args.images or (20 if args.quick else 200),
-              "12mp": args.large_images or (8 if args.quick else 96),
-              "rss": args.rss_images or (10 if args.quick else 60)}
+    counts = {
+        "mix": args.images or (20 if args.quick else 200),
+        "12mp": args.large_images or (8 if args.quick else 96),
+        "rss": args.rss_images or (10 if args.quick else 60),
+    }
 
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         workdir = Path(args.workdir or stack.enter_context(tempfile.TemporaryDirectory())).resolve()
         sets = build_corpus(workdir, counts["mix"], counts["12mp"], counts["rss"])
-        kinds = ", ".join(f"{sum(kind_of(path) == kind for path in sets['mix'])} x {kind}"
-                          for kind in SIZES)
-        print(f"corpus in {workdir}: {counts['mix']} images ({kinds}), "
-              f"{time.perf_counter() - started:.0f} s", flush=True)
+        kinds = ", ".join(f"{sum(kind_of(path) == kind for path in sets['mix'])} x {kind}" for kind in SIZES)
+        print(
+            f"corpus in {workdir}: {counts['mix']} images ({kinds}), {time.perf_counter() - started:.0f} s",
+            flush=True,
+        )
         config = BackboneConfig(args.backbone, args.weights)
         local = measure_in_process(config, sets, args.quick)
         runs = measure_pipelines(workdir, args.backbone, args.weights)

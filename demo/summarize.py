@@ -3,6 +3,7 @@ frequent softness, of a scored demo folder.
 
 Usage: python demo/summarize.py --scores PREFIX --manifest demo/data/scan/manifest.csv
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,7 @@ def main(argv=None) -> None:
 
     root = os.path.dirname(os.path.abspath(args.manifest))
     with open(args.manifest, newline="") as handle:
-        generator_of = {os.path.join(root, row["uri"]): row["generator"]
-                        for row in csv.DictReader(handle)}
+        generator_of = {os.path.join(root, row["uri"]): row["generator"] for row in csv.DictReader(handle)}
     table = pq.read_table(sorted(glob.glob(f"{args.scores}-scores-*.parquet"))).to_pydict()
     generators = np.array([generator_of[uri] for uri in table["uri"]])
     values = {name: np.asarray(table[name]) for name in COLUMNS}
@@ -35,19 +35,24 @@ def main(argv=None) -> None:
     softness = np.asarray(table["softness"])
     real = generators == "real"
 
-    print(f"{'class':12} {'n':>4} {'mean score':>11} {'suspect':>8} {'AUROC score':>12} "
-          f"{'semantic':>9} {'statistical':>12} {'forensic':>9}  most frequent softness")
+    print(
+        f"{'class':12} {'n':>4} {'mean score':>11} {'suspect':>8} {'AUROC score':>12} "
+        f"{'semantic':>9} {'statistical':>12} {'forensic':>9}  most frequent softness"
+    )
     for generator in ["real"] + sorted(set(generators) - {"real"}) + ["all fakes"]:
         rows = ~real if generator == "all fakes" else generators == generator
-        line = (f"{generator:12} {rows.sum():4d} {values['score'][rows].mean():11.3f} "
-                f"{suspect[rows].mean():8.1%}")
+        line = (
+            f"{generator:12} {rows.sum():4d} {values['score'][rows].mean():11.3f} {suspect[rows].mean():8.1%}"
+        )
         if generator == "real":
             line += " " * 45
         else:
             pair = real | rows
-            line += "".join(f" {roc_auc_score(~real[pair], values[name][pair]):{width}.3f}"
-                            for name, width in zip(COLUMNS, (12, 9, 12, 9)))
-        (common, count), = collections.Counter(softness[rows]).most_common(1)
+            line += "".join(
+                f" {roc_auc_score(~real[pair], values[name][pair]):{width}.3f}"
+                for name, width in zip(COLUMNS, (12, 9, 12, 9))
+            )
+        ((common, count),) = collections.Counter(softness[rows]).most_common(1)
         print(f"{line}  {common} ({count}/{rows.sum()})")
 
 

@@ -1,4 +1,5 @@
 """The `anchorscan` command: one subcommand per pipeline, each with its own parser."""
+
 from __future__ import annotations
 
 import importlib
@@ -11,7 +12,10 @@ from anchorscan.anchors.errors import UserError
 # command -> (module under anchorscan.pipelines, one line of usage)
 COMMANDS = {
     "fit": ("fit", "--input PATTERN_OR_MANIFEST [--input ...] --anchor OUT_FILE [--backbone NAME]"),
-    "score": ("score", "--input PATTERN_OR_MANIFEST [--input ...] --anchor FILE --output PREFIX [--head HEAD]"),
+    "score": (
+        "score",
+        "--input PATTERN_OR_MANIFEST [--input ...] --anchor FILE --output PREFIX [--head HEAD]",
+    ),
     "fit-head": ("fit_head", "--kind nn|lda|logistic --real PATTERN --fake PATTERN --output HEAD"),
     "evaluate": ("evaluate", "ROOT --dataset forensynths|genimage|manifest --anchor A --output DIR"),
     "report": ("report", "--scores PREFIX --output report.html [--anchor A] [--labels MANIFEST]"),
@@ -20,13 +24,20 @@ COMMANDS = {
     "flag": ("flag", "--anchor A --generator NAME --input PATTERN --output A2"),
     "export-delta": ("export_delta", "--anchor SITE --since BASE --output DELTA [--noise S] [--rank R]"),
     "merge": ("merge", "BASE DELTA [DELTA ...] --output A"),
-    "stream": ("stream", "--watch LOCATION --anchor A --output PREFIX [--window_seconds 60] [--learn_real PATTERN]"),
+    "stream": (
+        "stream",
+        "--watch LOCATION --anchor A --output PREFIX [--window_seconds 60] [--learn_real PATTERN]",
+    ),
 }
-USAGE = "usage: anchorscan [--debug] COMMAND [options]\n\ncommands:\n" + "\n".join(
-    f"  {name:12} {usage}" for name, (_, usage) in COMMANDS.items()
-) + ("\n\n`anchorscan COMMAND --help` lists a command's options; pipelines pass other flags to Beam."
-   "\n--debug prints the traceback of an error (exit status 2: a mistake in the command line or "
-   "its files; 1: an internal error).")
+USAGE = (
+    "usage: anchorscan [--debug] COMMAND [options]\n\ncommands:\n"
+    + "\n".join(f"  {name:12} {usage}" for name, (_, usage) in COMMANDS.items())
+    + (
+        "\n\n`anchorscan COMMAND --help` lists a command's options; pipelines pass other flags to Beam."
+        "\n--debug prints the traceback of an error (exit status 2: a mistake in the command line or "
+        "its files; 1: an internal error)."
+    )
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,8 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"anchorscan {command}: interrupted", file=sys.stderr)
         return 130
     except Exception:
-        print(f"anchorscan {command}: internal error (a bug in anchorscan or a library it uses; "
-              "please report it with this traceback):", file=sys.stderr)
+        print(
+            f"anchorscan {command}: internal error (a bug in anchorscan or a library it uses; "
+            "please report it with this traceback):",
+            file=sys.stderr,
+        )
         traceback.print_exc()
         return 1
     return 0

@@ -1,4 +1,5 @@
 """The steps every pipeline builds the same way from its flags: the anchor, decode and embed."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,12 +9,17 @@ import apache_beam as beam
 from anchorscan.anchors.anchor_file import verified_contents
 from anchorscan.anchors.features import BackboneConfig, FeatureExtractor
 from anchorscan.anchors.spec import FeatureSpec
-from anchorscan.pipelines.options import (backbone_config, decode_limits, decode_processes,
-                                          http_config, torch_threads)
-from anchorscan.transforms.fetch import HttpConfig
+from anchorscan.pipelines.options import (
+    backbone_config,
+    decode_limits,
+    decode_processes,
+    http_config,
+    torch_threads,
+)
 from anchorscan.transforms.decode import DecodeImages
-from anchorscan.transforms.inference import EmbedImages, FeatureModelHandler
+from anchorscan.transforms.fetch import HttpConfig
 from anchorscan.transforms.gcs import check_paths
+from anchorscan.transforms.inference import EmbedImages, FeatureModelHandler
 from anchorscan.transforms.io import ListInputs, check_writable, local_copy, read_bytes
 from anchorscan.transforms.scoring import load_anchor
 
@@ -26,21 +32,33 @@ def driver_extractor(config: BackboneConfig) -> FeatureExtractor:
 
 
 def decode_step(args, options, preprocessing: dict, previous=None) -> DecodeImages:
-    return DecodeImages(preprocessing, decode_limits(args), previous,
-                        processes=decode_processes(args, options),
-                        ahead=args.decode_ahead or args.batch_size,
-                        # stream watches storage, not web servers: it has no http flags
-                        http=http_config(args) if hasattr(args, "http_timeout") else HttpConfig())
+    return DecodeImages(
+        preprocessing,
+        decode_limits(args),
+        previous,
+        processes=decode_processes(args, options),
+        ahead=args.decode_ahead or args.batch_size,
+        # stream watches storage, not web servers: it has no http flags
+        http=http_config(args) if hasattr(args, "http_timeout") else HttpConfig(),
+    )
 
 
-def embed_step(args, options, config: BackboneConfig, extractor: FeatureExtractor,
-               softened: tuple = ()) -> EmbedImages:
+def embed_step(
+    args, options, config: BackboneConfig, extractor: FeatureExtractor, softened: tuple = ()
+) -> EmbedImages:
     # Fixed-size batches: memory is bounded from the first batch on, and an image's features
     # do not depend on how the runner happened to batch it.
-    return EmbedImages(FeatureModelHandler(
-        config, extractor.spec.digest(), min_batch_size=args.batch_size,
-        max_batch_size=args.batch_size, torch_threads=torch_threads(args, options),
-        large_model=args.large_model, softened=softened))
+    return EmbedImages(
+        FeatureModelHandler(
+            config,
+            extractor.spec.digest(),
+            min_batch_size=args.batch_size,
+            max_batch_size=args.batch_size,
+            torch_threads=torch_threads(args, options),
+            large_model=args.large_model,
+            softened=softened,
+        )
+    )
 
 
 def anchor_and_extractor(args):
@@ -59,12 +77,16 @@ def anchor_and_extractor(args):
 
 def anchor_model(pipeline, uri: str):
     """The anchor file's model as a one-element PCollection, read where the pipeline runs."""
-    return (pipeline | "AnchorUri" >> beam.Create([uri])
-            | "LoadAnchor" >> beam.Map(lambda anchor_uri: load_anchor(anchor_uri)[0]))
+    return (
+        pipeline
+        | "AnchorUri" >> beam.Create([uri])
+        | "LoadAnchor" >> beam.Map(lambda anchor_uri: load_anchor(anchor_uri)[0])
+    )
 
 
-def list_and_embed(pipeline, args, options, backbone: BackboneConfig, extractor: FeatureExtractor,
-                   softened: tuple = ()):
+def list_and_embed(
+    pipeline, args, options, backbone: BackboneConfig, extractor: FeatureExtractor, softened: tuple = ()
+):
     """--input's images listed, decoded and embedded: (embedded rows, their error rows)."""
     uris, list_errors = pipeline | "List" >> ListInputs(args.input)
     images, decode_errors, _ = uris | "Decode" >> decode_step(args, options, extractor.backbone.preprocessing)

@@ -1,5 +1,6 @@
 """Evaluate a detector like the papers do: per-generator AP, AUROC, accuracies and TPR at low FPR
 on labelled datasets in the folder structures people already have."""
+
 from __future__ import annotations
 
 import csv
@@ -16,37 +17,76 @@ from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.datasets import DATASETS, GENIMAGE_SPLITS, read_dataset
 from anchorscan.anchors.metrics import detection_metrics
 from anchorscan.pipelines import score
-from anchorscan.pipelines.options import (add_decoding_args, add_http_args, add_runtime_args,
-                                          channel_list, command_parser, parse)
+from anchorscan.pipelines.options import (
+    add_decoding_args,
+    add_http_args,
+    add_runtime_args,
+    channel_list,
+    command_parser,
+    parse,
+)
 from anchorscan.transforms.gcs import check_paths
-from anchorscan.transforms.io import (check_writable, files_below, read_bytes, read_parquet_rows,
-                                      write_atomically)
+from anchorscan.transforms.io import (
+    check_writable,
+    files_below,
+    read_bytes,
+    read_parquet_rows,
+    write_atomically,
+)
 
-COLUMNS = ("generator", "n_real", "n_fake", "ap", "auroc", "acc", "real_acc", "fake_acc",
-           "tpr_at_fpr1", "tpr_at_fpr5")
+COLUMNS = (
+    "generator",
+    "n_real",
+    "n_fake",
+    "ap",
+    "auroc",
+    "acc",
+    "real_acc",
+    "fake_acc",
+    "tpr_at_fpr1",
+    "tpr_at_fpr5",
+)
 
 
 def parser():
     parser = command_parser(
-        "evaluate", "Score a labelled dataset and write per-generator metrics. Write Beam's flags "
-                    "as --name=value or after ROOT, so that their values are not taken for ROOT.")
+        "evaluate",
+        "Score a labelled dataset and write per-generator metrics. Write Beam's flags "
+        "as --name=value or after ROOT, so that their values are not taken for ROOT.",
+    )
     parser.add_argument("root", help="the dataset's root folder, or the manifest file for --dataset manifest")
-    parser.add_argument("--dataset", required=True, choices=DATASETS,
-                        help="how the dataset names real and generated images")
+    parser.add_argument(
+        "--dataset", required=True, choices=DATASETS, help="how the dataset names real and generated images"
+    )
     parser.add_argument("--anchor", required=True, help="the anchor file")
-    parser.add_argument("--head", default="anchor",
-                        help="'anchor' (the calibrated one-class score), a head file from fit-head, "
-                             "or anchor+HEAD_FILE (an lda/logistic head's log-odds plus the anchor's evidence)")
-    parser.add_argument("--output", required=True,
-                        help="folder for metrics.csv, metrics.md, metrics.json (local or gs://)")
+    parser.add_argument(
+        "--head",
+        default="anchor",
+        help="'anchor' (the calibrated one-class score), a head file from fit-head, "
+        "or anchor+HEAD_FILE (an lda/logistic head's log-odds plus the anchor's evidence)",
+    )
+    parser.add_argument(
+        "--output", required=True, help="folder for metrics.csv, metrics.md, metrics.json (local or gs://)"
+    )
     parser.add_argument("--split", default="val", choices=GENIMAGE_SPLITS, help="genimage: which split")
-    parser.add_argument("--channels", default=None, type=channel_list,
-                        help="comma-separated channels the anchor's score combines (default: the anchor's)")
-    parser.add_argument("--combine", default=None, choices=sorted(COMBINERS),
-                        help="how the anchor's p-values combine (default: the anchor's)")
-    parser.add_argument("--sweep", default=None,
-                        help="comma-separated perturbations evaluated one after another "
-                             "(e.g. jpeg:95,jpeg:75,blur:1); writes sweep.csv")
+    parser.add_argument(
+        "--channels",
+        default=None,
+        type=channel_list,
+        help="comma-separated channels the anchor's score combines (default: the anchor's)",
+    )
+    parser.add_argument(
+        "--combine",
+        default=None,
+        choices=sorted(COMBINERS),
+        help="how the anchor's p-values combine (default: the anchor's)",
+    )
+    parser.add_argument(
+        "--sweep",
+        default=None,
+        help="comma-separated perturbations evaluated one after another "
+        "(e.g. jpeg:95,jpeg:75,blur:1); writes sweep.csv",
+    )
     add_runtime_args(parser)
     add_decoding_args(parser)
     add_http_args(parser)
@@ -68,11 +108,13 @@ def metrics_table(labels: dict[str, tuple[int, str]], rows: list[dict], threshol
         reals = scored.get((0, generator), all_reals)
         fakes = scored[(1, generator)]
         y = np.r_[np.zeros(len(reals)), np.ones(len(fakes))]
-        table.append({"generator": generator,
-                      **detection_metrics(y, np.r_[reals, fakes], threshold)})
+        table.append({"generator": generator, **detection_metrics(y, np.r_[reals, fakes], threshold)})
     if table:
-        mean = {"generator": "mean", "n_real": sum(r["n_real"] for r in table),
-                "n_fake": sum(r["n_fake"] for r in table)}
+        mean = {
+            "generator": "mean",
+            "n_real": sum(r["n_real"] for r in table),
+            "n_fake": sum(r["n_fake"] for r in table),
+        }
         for key in COLUMNS[3:]:
             values = [r[key] for r in table if not math.isnan(r[key])]
             mean[key] = float(np.mean(values)) if values else float("nan")
@@ -90,8 +132,10 @@ def _csv(rows: list[dict], columns) -> bytes:
 
 def write_table(table: list[dict], folder: str, header: str) -> None:
     write_atomically(FileSystems.join(folder, "metrics.csv"), _csv(table, COLUMNS))
-    write_atomically(FileSystems.join(folder, "metrics.json"),
-                     json.dumps({"detector": header, "metrics": table}, indent=2).encode())
+    write_atomically(
+        FileSystems.join(folder, "metrics.json"),
+        json.dumps({"detector": header, "metrics": table}, indent=2).encode(),
+    )
     lines = [f"# {header}", "", "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     for row in table:
         lines.append("| " + " | ".join(_fmt(row[key]) for key in COLUMNS) + " |")
@@ -115,7 +159,7 @@ def score_args(args, inputs: str, prefix: str, perturbation: str | None):
     scan.perturbation = perturbation
     scan.overwrite = True  # the scores under evaluate's --output are its own, remade each run
     if args.head.startswith("anchor+"):
-        scan.head, scan.with_anchor = args.head[len("anchor+"):], True
+        scan.head, scan.with_anchor = args.head[len("anchor+") :], True
     elif args.head != "anchor":
         scan.head = args.head
     return scan
@@ -129,8 +173,11 @@ def evaluate_once(images, args, options, folder: str, perturbation: str | None) 
     rows = read_parquet_rows(prefix + "-scores-*.parquet", columns=["uri", "score"])
     labels = {image.uri: (image.label, image.generator) for image in images}
     # The anchor calls an image suspect above its threshold; a head above 0.
-    threshold = (AnchorConfig(**read_metadata(read_bytes(args.anchor))["config"]).threshold
-                 if args.head == "anchor" else 0.0)
+    threshold = (
+        AnchorConfig(**read_metadata(read_bytes(args.anchor))["config"]).threshold
+        if args.head == "anchor"
+        else 0.0
+    )
     detector = "anchor" if args.head == "anchor" else f"head {args.head}"
     header = f"{detector}{f', {perturbation}' if perturbation else ''} on {args.dataset} {args.root}"
     table = metrics_table(labels, rows, threshold)
@@ -152,8 +199,13 @@ def run(argv=None) -> list[dict]:
     sweep = []
     for perturbation in ["none", *args.sweep.split(",")]:
         slug = perturbation.replace(":", "")
-        table = evaluate_once(images, args, options, FileSystems.join(args.output, slug),
-                              None if perturbation == "none" else perturbation)
+        table = evaluate_once(
+            images,
+            args,
+            options,
+            FileSystems.join(args.output, slug),
+            None if perturbation == "none" else perturbation,
+        )
         sweep.append({"perturbation": perturbation, **table[-1]})
     write_atomically(FileSystems.join(args.output, "sweep.csv"), _csv(sweep, ["perturbation", *COLUMNS]))
     return sweep

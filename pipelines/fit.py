@@ -1,4 +1,5 @@
 """Fit an anchor on real images: list, decode, embed, fit (merge statistics, calibrate), write."""
+
 from __future__ import annotations
 
 import time
@@ -9,10 +10,19 @@ from anchorscan.anchors.anchor import CHANNELS, COMBINERS, STATISTICAL_MODES, An
 from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.forensic import LEVEL_SETS
 from anchorscan.pipelines.common import decode_step, driver_extractor, embed_step
-from anchorscan.pipelines.options import (INPUT_HELP, add_backbone_args, add_decoding_args,
-                                          add_http_args, add_runtime_args, backbone_config,
-                                          channel_list, command_parser, counter_totals,
-                                          error_total, parse)
+from anchorscan.pipelines.options import (
+    INPUT_HELP,
+    add_backbone_args,
+    add_decoding_args,
+    add_http_args,
+    add_runtime_args,
+    backbone_config,
+    channel_list,
+    command_parser,
+    counter_totals,
+    error_total,
+    parse,
+)
 from anchorscan.transforms.fitting import FitAnchor
 from anchorscan.transforms.gcs import check_paths
 from anchorscan.transforms.io import ListInputs, check_writable, read_bytes
@@ -23,28 +33,58 @@ def parser():
     parser = command_parser("fit", "Fit an anchor on real images.")
     parser.add_argument("--input", action="append", required=True, help=f"real images: {INPUT_HELP}")
     parser.add_argument("--anchor", required=True, help="the anchor file to write (local or gs://)")
-    parser.add_argument("--errors", default=None,
-                        help="prefix of the errors table (default: the anchor's path)")
+    parser.add_argument(
+        "--errors", default=None, help="prefix of the errors table (default: the anchor's path)"
+    )
     group = parser.add_argument_group("anchor")
-    group.add_argument("--calibration_fraction", type=float, default=0.1,
-                       help="share of real images held out (by URI hash) to calibrate p-values")
-    group.add_argument("--calibration_group", default=None,
-                       help="regex: URIs with the same match (its first group) are held out together")
-    group.add_argument("--fpr", type=float, default=AnchorConfig.fpr,
-                       help="false-positive rate on real images at which is_suspect is set")
-    group.add_argument("--explained_variance", type=float, default=AnchorConfig.explained_variance,
-                       help="variance kept by the statistical part's leading eigenpairs")
-    group.add_argument("--combine", default=AnchorConfig.combine, choices=sorted(COMBINERS),
-                       help="how the p-values combine into the score")
-    group.add_argument("--statistical", default=AnchorConfig.statistical,
-                       choices=sorted(STATISTICAL_MODES),
-                       help="statistical distance decoupled from content, or raw")
-    group.add_argument("--channels", default=",".join(AnchorConfig.channels), type=channel_list,
-                       help=f"comma-separated channels the score combines, among {', '.join(CHANNELS)}")
-    group.add_argument("--forensic_levels", default=AnchorConfig.forensic_levels,
-                       choices=sorted(LEVEL_SETS),
-                       help="softness_path: real photos' focus blur and upscales are real; sharp: "
-                            "only for corpora known to be sharp (more recall, soft photos flagged)")
+    group.add_argument(
+        "--calibration_fraction",
+        type=float,
+        default=0.1,
+        help="share of real images held out (by URI hash) to calibrate p-values",
+    )
+    group.add_argument(
+        "--calibration_group",
+        default=None,
+        help="regex: URIs with the same match (its first group) are held out together",
+    )
+    group.add_argument(
+        "--fpr",
+        type=float,
+        default=AnchorConfig.fpr,
+        help="false-positive rate on real images at which is_suspect is set",
+    )
+    group.add_argument(
+        "--explained_variance",
+        type=float,
+        default=AnchorConfig.explained_variance,
+        help="variance kept by the statistical part's leading eigenpairs",
+    )
+    group.add_argument(
+        "--combine",
+        default=AnchorConfig.combine,
+        choices=sorted(COMBINERS),
+        help="how the p-values combine into the score",
+    )
+    group.add_argument(
+        "--statistical",
+        default=AnchorConfig.statistical,
+        choices=sorted(STATISTICAL_MODES),
+        help="statistical distance decoupled from content, or raw",
+    )
+    group.add_argument(
+        "--channels",
+        default=",".join(AnchorConfig.channels),
+        type=channel_list,
+        help=f"comma-separated channels the score combines, among {', '.join(CHANNELS)}",
+    )
+    group.add_argument(
+        "--forensic_levels",
+        default=AnchorConfig.forensic_levels,
+        choices=sorted(LEVEL_SETS),
+        help="softness_path: real photos' focus blur and upscales are real; sharp: "
+        "only for corpora known to be sharp (more recall, soft photos flagged)",
+    )
     add_backbone_args(parser)
     add_runtime_args(parser)
     add_decoding_args(parser)
@@ -59,22 +99,34 @@ def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
     check_paths([*args.input, args.anchor, args.errors, args.weights])
     check_writable(args.anchor, "--anchor")
     check_writable(args.errors or args.anchor, "--errors")
-    config = AnchorConfig(args.explained_variance, args.fpr, args.combine, args.statistical,
-                          args.channels, args.forensic_levels, args.calibration_fraction,
-                          args.calibration_group)
+    config = AnchorConfig(
+        args.explained_variance,
+        args.fpr,
+        args.combine,
+        args.statistical,
+        args.channels,
+        args.forensic_levels,
+        args.calibration_fraction,
+        args.calibration_group,
+    )
     backbone = backbone_config(args)
     extractor = driver_extractor(backbone)  # the spec and projection the anchor records
 
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=options)
     uris, list_errors = pipeline | "List" >> ListInputs(args.input)
-    images, decode_errors, _ = uris | "Decode" >> decode_step(
-        args, options, extractor.backbone.preprocessing)
+    images, decode_errors, _ = uris | "Decode" >> decode_step(args, options, extractor.backbone.preprocessing)
     # The forensic channel's softness levels are simulated on each real crop while it is decoded.
     softened = tuple(how for _, how in LEVEL_SETS[config.forensic_levels][1:])
     embedded, embed_errors = images | "Embed" >> embed_step(args, options, backbone, extractor, softened)
-    _ = embedded | "Fit" >> FitAnchor(args.anchor, extractor.spec, config, extractor.projection,
-                                      args.calibration_fraction, args.calibration_group)
+    _ = embedded | "Fit" >> FitAnchor(
+        args.anchor,
+        extractor.spec,
+        config,
+        extractor.projection,
+        args.calibration_fraction,
+        args.calibration_group,
+    )
     _ = (list_errors, decode_errors, embed_errors) | WriteErrors(args.errors or args.anchor)
     result = pipeline.run()
     if not wait:
@@ -82,17 +134,26 @@ def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
     result.wait_until_finish()
 
     metadata = read_metadata(read_bytes(args.anchor))
-    summary = {"anchor": args.anchor, "n": metadata["n"], "n_calibration": metadata["n_calibration"],
-               "d": metadata["d"], "k": metadata["k"], "shrinkage": metadata["shrinkage"],
-               "errors": error_total(counter_totals(result)), "seconds": time.time() - started}
+    summary = {
+        "anchor": args.anchor,
+        "n": metadata["n"],
+        "n_calibration": metadata["n_calibration"],
+        "d": metadata["d"],
+        "k": metadata["k"],
+        "shrinkage": metadata["shrinkage"],
+        "errors": error_total(counter_totals(result)),
+        "seconds": time.time() - started,
+    }
     print_fit_summary(summary)
     return summary
 
 
 def print_fit_summary(summary: dict) -> None:
     images = summary["n"] + summary["n_calibration"]
-    print(f"anchor      {summary['anchor']}\n"
-          f"images      {images} real ({summary['n']} fitted, {summary['n_calibration']} "
-          f"held out for calibration), {summary['errors']} errors\n"
-          f"features    d={summary['d']}, k={summary['k']}, shrinkage={summary['shrinkage']:.3f}\n"
-          f"time        {summary['seconds']:.1f} s ({images / max(summary['seconds'], 1e-9):.1f} images/s)")
+    print(
+        f"anchor      {summary['anchor']}\n"
+        f"images      {images} real ({summary['n']} fitted, {summary['n_calibration']} "
+        f"held out for calibration), {summary['errors']} errors\n"
+        f"features    d={summary['d']}, k={summary['k']}, shrinkage={summary['shrinkage']:.3f}\n"
+        f"time        {summary['seconds']:.1f} s ({images / max(summary['seconds'], 1e-9):.1f} images/s)"
+    )

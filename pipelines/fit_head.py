@@ -1,5 +1,6 @@
 """Fit a UnivFD head (nearest neighbour, LDA probe, logistic probe) on labelled images: list,
 decode and embed each class, then per-class statistics or banks, then the head's file."""
+
 from __future__ import annotations
 
 import time
@@ -8,13 +9,29 @@ import apache_beam as beam
 import numpy as np
 
 from anchorscan.anchors.errors import NotEnoughImagesError, UsageError
-from anchorscan.anchors.heads import (FAKE, HEADS, PARTS, REAL, LinearProbeHead, LogisticHead,
-                                      NearestNeighbourHead, head_from_bytes)
+from anchorscan.anchors.heads import (
+    FAKE,
+    HEADS,
+    PARTS,
+    REAL,
+    LinearProbeHead,
+    LogisticHead,
+    NearestNeighbourHead,
+    head_from_bytes,
+)
 from anchorscan.pipelines.common import decode_step, driver_extractor, embed_step
-from anchorscan.pipelines.options import (INPUT_HELP, add_backbone_args,
-                                          add_decoding_args, add_http_args, add_runtime_args,
-                                          backbone_config, command_parser, counter_totals,
-                                          error_total, parse)
+from anchorscan.pipelines.options import (
+    INPUT_HELP,
+    add_backbone_args,
+    add_decoding_args,
+    add_http_args,
+    add_runtime_args,
+    backbone_config,
+    command_parser,
+    counter_totals,
+    error_total,
+    parse,
+)
 from anchorscan.transforms.combine import MomentsCombineFn
 from anchorscan.transforms.gcs import check_paths
 from anchorscan.transforms.io import ListInputs, check_writable, read_bytes, write_atomically
@@ -23,21 +40,32 @@ from anchorscan.transforms.sinks import WriteErrors
 
 def parser():
     parser = command_parser("fit-head", "Fit a UnivFD head on labelled real and generated images.")
-    parser.add_argument("--kind", required=True, choices=sorted(HEADS),
-                        help="nn: nearest neighbour; lda: closed-form linear probe; logistic: "
-                             "the UnivFD paper's probe")
+    parser.add_argument(
+        "--kind",
+        required=True,
+        choices=sorted(HEADS),
+        help="nn: nearest neighbour; lda: closed-form linear probe; logistic: the UnivFD paper's probe",
+    )
     parser.add_argument("--real", action="append", required=True, help=f"real images: {INPUT_HELP}")
-    parser.add_argument("--fake", action="append", required=True,
-                        help=f"generated images: {INPUT_HELP}")
+    parser.add_argument("--fake", action="append", required=True, help=f"generated images: {INPUT_HELP}")
     parser.add_argument("--output", required=True, help="the head file to write (local or gs://)")
-    parser.add_argument("--errors", default=None,
-                        help="prefix of the errors table (default: the head's path)")
-    parser.add_argument("--features", default="semantic", choices=PARTS,
-                        help="what the head reads: the semantic embedding (UnivFD), or every "
-                             "channel (semantic, statistical, forensic; lda only)")
+    parser.add_argument(
+        "--errors", default=None, help="prefix of the errors table (default: the head's path)"
+    )
+    parser.add_argument(
+        "--features",
+        default="semantic",
+        choices=PARTS,
+        help="what the head reads: the semantic embedding (UnivFD), or every "
+        "channel (semantic, statistical, forensic; lda only)",
+    )
     parser.add_argument("--k", type=int, default=1, help="nn: neighbours per class")
-    parser.add_argument("--max_per_class", type=int, default=10000,
-                        help="nn and logistic: bank size per class (a uniform sample)")
+    parser.add_argument(
+        "--max_per_class",
+        type=int,
+        default=10000,
+        help="nn and logistic: bank size per class (a uniform sample)",
+    )
     add_backbone_args(parser)
     add_runtime_args(parser)
     add_decoding_args(parser)
@@ -65,8 +93,10 @@ def _fit_lda(_, moments: dict, spec, parts: str):
 def run(argv=None, test_pipeline=None):
     args, options = parse(parser(), argv)
     if args.features != "semantic" and args.kind != "lda":
-        raise UsageError(f"--features {args.features} is for the lda head; {args.kind} heads read "
-                         "the semantic embedding, as in UnivFD")
+        raise UsageError(
+            f"--features {args.features} is for the lda head; {args.kind} heads read "
+            "the semantic embedding, as in UnivFD"
+        )
     check_paths([*args.real, *args.fake, args.output, args.errors, args.weights])
     check_writable(args.output, "--output")
     backbone = backbone_config(args)
@@ -79,31 +109,39 @@ def run(argv=None, test_pipeline=None):
     for label, name, patterns in ((REAL, "Real", args.real), (FAKE, "Fake", args.fake)):
         uris, list_errors = pipeline | f"List{name}" >> ListInputs(patterns, f"{name.lower()} images")
         images, decode_errors, _ = uris | f"Decode{name}" >> decode_step(
-            args, options, extractor.backbone.preprocessing)
+            args, options, extractor.backbone.preprocessing
+        )
         embedded, embed_errors = images | f"Embed{name}" >> embed_step(args, options, backbone, extractor)
-        vectors.append(embedded | f"{name}Vectors" >> beam.Map(
-            lambda row, label=label: (label, row[1][0])))
+        vectors.append(embedded | f"{name}Vectors" >> beam.Map(lambda row, label=label: (label, row[1][0])))
         errors += [list_errors, decode_errors, embed_errors]
     labelled = tuple(vectors) | "Labelled" >> beam.Flatten()
     once = pipeline | "Once" >> beam.Create([None])
     if args.kind == "lda":
-        moments = (labelled | "ClassMoments" >> beam.CombinePerKey(MomentsCombineFn(spec.dim))
-                   | "MomentsByClass" >> beam.combiners.ToDict())
-        head = once | "FitHead" >> beam.Map(_fit_lda, beam.pvalue.AsSingleton(moments), spec,
-                                            args.features)
+        moments = (
+            labelled
+            | "ClassMoments" >> beam.CombinePerKey(MomentsCombineFn(spec.dim))
+            | "MomentsByClass" >> beam.combiners.ToDict()
+        )
+        head = once | "FitHead" >> beam.Map(_fit_lda, beam.pvalue.AsSingleton(moments), spec, args.features)
     else:
-        banks = (labelled | "Banks" >> beam.combiners.Sample.FixedSizePerKey(args.max_per_class)
-                 | "BanksByClass" >> beam.combiners.ToDict())
-        head = once | "FitHead" >> beam.Map(_fit_from_banks, beam.pvalue.AsSingleton(banks),
-                                            args.kind, spec, args.k)
+        banks = (
+            labelled
+            | "Banks" >> beam.combiners.Sample.FixedSizePerKey(args.max_per_class)
+            | "BanksByClass" >> beam.combiners.ToDict()
+        )
+        head = once | "FitHead" >> beam.Map(
+            _fit_from_banks, beam.pvalue.AsSingleton(banks), args.kind, spec, args.k
+        )
     _ = head | "WriteHead" >> beam.Map(lambda fitted: write_atomically(args.output, fitted.to_bytes()))
     _ = tuple(errors) | WriteErrors(args.errors or args.output)
     result = pipeline.run()
     result.wait_until_finish()
 
     fitted = head_from_bytes(read_bytes(args.output))
-    print(f"head        {args.output} ({args.kind})\n"
-          f"images      {fitted.counts['real']} real, {fitted.counts['fake']} fake, "
-          f"{error_total(counter_totals(result))} errors\n"
-          f"time        {time.time() - started:.1f} s")
+    print(
+        f"head        {args.output} ({args.kind})\n"
+        f"images      {fitted.counts['real']} real, {fitted.counts['fake']} fake, "
+        f"{error_total(counter_totals(result))} errors\n"
+        f"time        {time.time() - started:.1f} s"
+    )
     return fitted

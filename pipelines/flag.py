@@ -1,5 +1,6 @@
 """Flag a generator: a few of its images become a labelled fake class of the anchor, whose
 Fisher direction joins the score at once (docs/METHOD.md §9.3)."""
+
 from __future__ import annotations
 
 import time
@@ -8,24 +9,40 @@ import apache_beam as beam
 
 from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.pipelines.common import anchor_and_extractor, anchor_model, list_and_embed
-from anchorscan.pipelines.options import (INPUT_HELP, add_decoding_args, add_runtime_args,
-                                          command_parser, counter_totals, error_total, parse)
+from anchorscan.pipelines.options import (
+    INPUT_HELP,
+    add_decoding_args,
+    add_runtime_args,
+    command_parser,
+    counter_totals,
+    error_total,
+    parse,
+)
 from anchorscan.transforms.io import read_bytes
 from anchorscan.transforms.sinks import WriteErrors
 from anchorscan.transforms.updating import FlagGenerator
 
 
 def parser():
-    parser = command_parser("flag", "Add images known to come from one generator to the anchor "
-                                    "as a flagged class (10-30 images suffice).")
+    parser = command_parser(
+        "flag",
+        "Add images known to come from one generator to the anchor "
+        "as a flagged class (10-30 images suffice).",
+    )
     parser.add_argument("--anchor", required=True, help="the anchor (local or gs://)")
-    parser.add_argument("--generator", required=True,
-                        help="the generator's name (letters, digits, '_', '.', '-'); flagging "
-                             "the same name again adds to its images")
-    parser.add_argument("--input", action="append", required=True,
-                        help=f"the generator's images: {INPUT_HELP}")
+    parser.add_argument(
+        "--generator",
+        required=True,
+        help="the generator's name (letters, digits, '_', '.', '-'); flagging "
+        "the same name again adds to its images",
+    )
+    parser.add_argument(
+        "--input", action="append", required=True, help=f"the generator's images: {INPUT_HELP}"
+    )
     parser.add_argument("--output", required=True, help="the anchor file to write")
-    parser.add_argument("--errors", default=None, help="prefix of the errors table (default: the output's path)")
+    parser.add_argument(
+        "--errors", default=None, help="prefix of the errors table (default: the output's path)"
+    )
     add_runtime_args(parser)
     add_decoding_args(parser)
     return parser
@@ -39,20 +56,27 @@ def run(argv=None, test_pipeline=None) -> dict:
     pipeline = test_pipeline or beam.Pipeline(options=options)
     anchor = anchor_model(pipeline, args.anchor)
     embedded, errors = list_and_embed(pipeline, args, options, backbone, extractor)
-    _ = embedded | "Flag" >> FlagGenerator(anchor, args.output, spec, tensors.get("projection"),
-                                           args.generator)
+    _ = embedded | "Flag" >> FlagGenerator(
+        anchor, args.output, spec, tensors.get("projection"), args.generator
+    )
     _ = errors | WriteErrors(args.errors or args.output)
     result = pipeline.run()
     result.wait_until_finish()
 
     after = read_metadata(read_bytes(args.output))
-    summary = {"anchor": args.output, "generator": args.generator,
-               "images": after["flagged"][args.generator] - metadata.get("flagged", {}).get(args.generator, 0),
-               "flagged": after["flagged"], "errors": error_total(counter_totals(result)),
-               "seconds": time.time() - started}
-    print(f"anchor      {summary['anchor']}\n"
-          f"flagged     {summary['images']} images of {args.generator} "
-          f"(now {after['flagged'][args.generator]}; all flagged: {after['flagged']})\n"
-          f"errors      {summary['errors']}\n"
-          f"time        {summary['seconds']:.1f} s")
+    summary = {
+        "anchor": args.output,
+        "generator": args.generator,
+        "images": after["flagged"][args.generator] - metadata.get("flagged", {}).get(args.generator, 0),
+        "flagged": after["flagged"],
+        "errors": error_total(counter_totals(result)),
+        "seconds": time.time() - started,
+    }
+    print(
+        f"anchor      {summary['anchor']}\n"
+        f"flagged     {summary['images']} images of {args.generator} "
+        f"(now {after['flagged'][args.generator]}; all flagged: {after['flagged']})\n"
+        f"errors      {summary['errors']}\n"
+        f"time        {summary['seconds']:.1f} s"
+    )
     return summary

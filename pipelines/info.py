@@ -1,4 +1,5 @@
 """`anchorscan info`: what an anchor file holds, without deriving anything from it."""
+
 from __future__ import annotations
 
 import json
@@ -8,9 +9,24 @@ from anchorscan.pipelines.options import command_parser
 from anchorscan.transforms.gcs import check_paths
 from anchorscan.transforms.io import read_bytes
 
-FACTS = ("format_version", "anchorscan_version", "created", "backbone", "weights_sha256", "n",
-         "n_calibration", "d", "d_semantic", "d_statistical", "d_forensic", "shrinkage", "k",
-         "k_raw", "forensic_level_names", "checksum")
+FACTS = (
+    "format_version",
+    "anchorscan_version",
+    "created",
+    "backbone",
+    "weights_sha256",
+    "n",
+    "n_calibration",
+    "d",
+    "d_semantic",
+    "d_statistical",
+    "d_forensic",
+    "shrinkage",
+    "k",
+    "k_raw",
+    "forensic_level_names",
+    "checksum",
+)
 
 
 def parser():

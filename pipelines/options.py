@@ -1,6 +1,7 @@
 """Command-line flags. Each command builds its own parser from the groups below (only the flags
 that really are shared live here); whatever a parser does not know passes to Beam, as in
 Beam's own examples, and a flag that Beam does not know either is an error."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,70 +22,124 @@ from anchorscan.transforms.inference import DEFAULT_BATCH_SIZE
 # The default local runner would first try to download the Prism binary; offline that fails
 # and it falls back, so runs would differ with the network. Pin the in-process runner.
 DEFAULT_LOCAL_RUNNER = "FnApiRunner"
-INPUT_HELP = ("a glob, a folder (its image files, recursively) or a manifest (.txt one URI per "
-              "line, .csv or .parquet with a 'uri' column), local or gs://; repeat for several")
+INPUT_HELP = (
+    "a glob, a folder (its image files, recursively) or a manifest (.txt one URI per "
+    "line, .csv or .parquet with a 'uri' column), local or gs://; repeat for several"
+)
 
 
 def command_parser(command: str, description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(
-        prog=f"anchorscan {command}", description=description,
+        prog=f"anchorscan {command}",
+        description=description,
         epilog="Other flags pass to Beam (--runner, --direct_num_workers, --project, ...).",
-        allow_abbrev=False)
+        allow_abbrev=False,
+    )
 
 
 def add_backbone_args(parser: argparse.ArgumentParser) -> None:
     """What the features are: chosen when fitting, read from the anchor or head when scoring."""
     group = parser.add_argument_group("features")
-    group.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=BACKBONE_NAMES,
-                       help="frozen backbone")
-    group.add_argument("--attention", default=None, choices=ATTENTION_MODES,
-                       help="spatial weights of the token statistics (default: the backbone's)")
-    group.add_argument("--resize", default=RESIZE_MODES[0], choices=RESIZE_MODES,
-                       help="none: centre crop at native resolution; shorter_side: scale first")
-    group.add_argument("--statistical_budget", type=int, default=BackboneConfig.statistical_budget,
-                       help="largest size of the statistical part (seeded projection)")
-    group.add_argument("--projection_seed", type=int, default=BackboneConfig.projection_seed,
-                       help="seed of the statistical projection")
+    group.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=BACKBONE_NAMES, help="frozen backbone")
+    group.add_argument(
+        "--attention",
+        default=None,
+        choices=ATTENTION_MODES,
+        help="spatial weights of the token statistics (default: the backbone's)",
+    )
+    group.add_argument(
+        "--resize",
+        default=RESIZE_MODES[0],
+        choices=RESIZE_MODES,
+        help="none: centre crop at native resolution; shorter_side: scale first",
+    )
+    group.add_argument(
+        "--statistical_budget",
+        type=int,
+        default=BackboneConfig.statistical_budget,
+        help="largest size of the statistical part (seeded projection)",
+    )
+    group.add_argument(
+        "--projection_seed",
+        type=int,
+        default=BackboneConfig.projection_seed,
+        help="seed of the statistical projection",
+    )
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     """How the backbone runs; never changes what the features are."""
     group = parser.add_argument_group("backbone runtime")
-    group.add_argument("--weights", default=None,
-                       help="backbone weights file, local or gs:// (CLIP backbones need it)")
-    group.add_argument("--device", default=BackboneConfig.device, choices=("cpu", "cuda"),
-                       help="where the backbone runs")
-    group.add_argument("--precision", default=BackboneConfig.precision, choices=PRECISIONS,
-                       help="autocast of the backbone on GPUs (CPUs run float32)")
-    group.add_argument("--runtime", default=BackboneConfig.runtime, choices=RUNTIMES,
-                       help="auto: ONNX Runtime where measured faster (default backbone on CPUs)")
-    group.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE,
-                       help="inference batch size (try 64 or more on a GPU)")
-    group.add_argument("--torch_threads", type=int, default=0,
-                       help="torch threads per worker (0: the cores shared among local workers)")
-    group.add_argument("--large_model", action="store_true",
-                       help="share one model copy between a worker's processes")
+    group.add_argument(
+        "--weights", default=None, help="backbone weights file, local or gs:// (CLIP backbones need it)"
+    )
+    group.add_argument(
+        "--device", default=BackboneConfig.device, choices=("cpu", "cuda"), help="where the backbone runs"
+    )
+    group.add_argument(
+        "--precision",
+        default=BackboneConfig.precision,
+        choices=PRECISIONS,
+        help="autocast of the backbone on GPUs (CPUs run float32)",
+    )
+    group.add_argument(
+        "--runtime",
+        default=BackboneConfig.runtime,
+        choices=RUNTIMES,
+        help="auto: ONNX Runtime where measured faster (default backbone on CPUs)",
+    )
+    group.add_argument(
+        "--batch_size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help="inference batch size (try 64 or more on a GPU)",
+    )
+    group.add_argument(
+        "--torch_threads",
+        type=int,
+        default=0,
+        help="torch threads per worker (0: the cores shared among local workers)",
+    )
+    group.add_argument(
+        "--large_model", action="store_true", help="share one model copy between a worker's processes"
+    )
 
 
 def add_decoding_args(parser: argparse.ArgumentParser, perturbation: bool = True) -> None:
     group = parser.add_argument_group("decoding")
-    group.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                       help="images with more pixels become error rows")
-    group.add_argument("--max_bytes", type=int, default=DEFAULT_MAX_BYTES,
-                       help="files larger than this become error rows")
-    group.add_argument("--min_side", type=int, default=DEFAULT_MIN_SIDE,
-                       help="images with a shorter side become error rows")
-    group.add_argument("--decode_timeout", type=float, default=DEFAULT_DECODE_TIMEOUT,
-                       help="seconds one image may take to decode (its decoder is then stopped)")
-    group.add_argument("--read_timeout", type=float, default=DEFAULT_READ_TIMEOUT,
-                       help="seconds one file may take to read")
-    group.add_argument("--decode_processes", type=int, default=0,
-                       help="decoding processes per worker (0: one per core of a local worker)")
-    group.add_argument("--decode_ahead", type=int, default=0,
-                       help="images decoding ahead of the forward pass (0: one batch)")
+    group.add_argument(
+        "--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="images with more pixels become error rows"
+    )
+    group.add_argument(
+        "--max_bytes", type=int, default=DEFAULT_MAX_BYTES, help="files larger than this become error rows"
+    )
+    group.add_argument(
+        "--min_side", type=int, default=DEFAULT_MIN_SIDE, help="images with a shorter side become error rows"
+    )
+    group.add_argument(
+        "--decode_timeout",
+        type=float,
+        default=DEFAULT_DECODE_TIMEOUT,
+        help="seconds one image may take to decode (its decoder is then stopped)",
+    )
+    group.add_argument(
+        "--read_timeout", type=float, default=DEFAULT_READ_TIMEOUT, help="seconds one file may take to read"
+    )
+    group.add_argument(
+        "--decode_processes",
+        type=int,
+        default=0,
+        help="decoding processes per worker (0: one per core of a local worker)",
+    )
+    group.add_argument(
+        "--decode_ahead", type=int, default=0, help="images decoding ahead of the forward pass (0: one batch)"
+    )
     if perturbation:
-        group.add_argument("--perturbation", default=None,
-                           help=f"applied to every image before cropping: {PERTURBATION_HELP}")
+        group.add_argument(
+            "--perturbation",
+            default=None,
+            help=f"applied to every image before cropping: {PERTURBATION_HELP}",
+        )
 
 
 def channel_list(text: str) -> tuple[str, ...]:
@@ -100,21 +155,43 @@ def channel_list(text: str) -> tuple[str, ...]:
 def add_http_args(parser: argparse.ArgumentParser) -> None:
     """How http(s):// inputs (crawled manifests) are fetched; --max_bytes caps them too."""
     group = parser.add_argument_group("http(s) inputs")
-    group.add_argument("--http_timeout", type=float, default=HttpConfig.timeout,
-                       help="seconds to connect, and to wait for the next bytes of a response")
-    group.add_argument("--http_retries", type=int, default=HttpConfig.retries,
-                       help="retries on 5xx, timeouts and broken connections (never on 4xx)")
-    group.add_argument("--http_max_per_host", type=int, default=HttpConfig.max_per_host,
-                       help="requests in flight to one host from one worker process")
-    group.add_argument("--http_max_time", type=float, default=HttpConfig.max_time,
-                       help="seconds one URI may take, all attempts and redirects together")
+    group.add_argument(
+        "--http_timeout",
+        type=float,
+        default=HttpConfig.timeout,
+        help="seconds to connect, and to wait for the next bytes of a response",
+    )
+    group.add_argument(
+        "--http_retries",
+        type=int,
+        default=HttpConfig.retries,
+        help="retries on 5xx, timeouts and broken connections (never on 4xx)",
+    )
+    group.add_argument(
+        "--http_max_per_host",
+        type=int,
+        default=HttpConfig.max_per_host,
+        help="requests in flight to one host from one worker process",
+    )
+    group.add_argument(
+        "--http_max_time",
+        type=float,
+        default=HttpConfig.max_time,
+        help="seconds one URI may take, all attempts and redirects together",
+    )
 
 
 def http_config(args) -> HttpConfig:
-    if (args.http_timeout <= 0 or args.http_max_time <= 0 or args.http_retries < 0
-            or args.http_max_per_host < 1):
-        raise UsageError("--http_timeout and --http_max_time must be positive, --http_retries at "
-                         "least 0 and --http_max_per_host at least 1")
+    if (
+        args.http_timeout <= 0
+        or args.http_max_time <= 0
+        or args.http_retries < 0
+        or args.http_max_per_host < 1
+    ):
+        raise UsageError(
+            "--http_timeout and --http_max_time must be positive, --http_retries at "
+            "least 0 and --http_max_per_host at least 1"
+        )
     return HttpConfig(args.http_timeout, args.http_retries, args.http_max_per_host, args.http_max_time)
 
 
@@ -133,13 +210,22 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None):
 def backbone_config(args, spec: FeatureSpec | None = None) -> BackboneConfig:
     """The extractor that ``args`` ask for, or, given the ``spec`` an anchor or head was fitted
     on, the one that makes those features again (runtime flags from ``args``)."""
-    runtime = {"weights": args.weights, "device": args.device, "precision": args.precision,
-               "runtime": args.runtime}
+    runtime = {
+        "weights": args.weights,
+        "device": args.device,
+        "precision": args.precision,
+        "runtime": args.runtime,
+    }
     if spec is not None:
         return BackboneConfig.from_spec(spec, **runtime)
-    return BackboneConfig(args.backbone, attention=args.attention, resize=args.resize,
-                          statistical_budget=args.statistical_budget,
-                          projection_seed=args.projection_seed, **runtime)
+    return BackboneConfig(
+        args.backbone,
+        attention=args.attention,
+        resize=args.resize,
+        statistical_budget=args.statistical_budget,
+        projection_seed=args.projection_seed,
+        **runtime,
+    )
 
 
 def _local_workers(options: PipelineOptions) -> int:
@@ -171,9 +257,14 @@ def decode_processes(args, options: PipelineOptions) -> int:
 
 
 def decode_limits(args) -> dict:
-    return {"max_pixels": args.max_pixels, "max_bytes": args.max_bytes, "min_side": args.min_side,
-            "decode_timeout": args.decode_timeout, "read_timeout": args.read_timeout,
-            "perturbation": getattr(args, "perturbation", None)}
+    return {
+        "max_pixels": args.max_pixels,
+        "max_bytes": args.max_bytes,
+        "min_side": args.min_side,
+        "decode_timeout": args.decode_timeout,
+        "read_timeout": args.read_timeout,
+        "perturbation": getattr(args, "perturbation", None),
+    }
 
 
 def counter_totals(result) -> dict[str, int]:

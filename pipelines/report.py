@@ -1,6 +1,7 @@
 """`anchorscan report`: one self-contained HTML page about a scan, for a person deciding whether
 to trust a filter: score distributions against the anchor's real images, suspect rate per
 folder, ROC curves when labels are known, and the most and least suspicious images."""
+
 from __future__ import annotations
 
 import base64
@@ -14,7 +15,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score, roc_curve
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import matplotlib.pyplot as plt
 
 from anchorscan.anchors.anchor_file import verified_contents
 from anchorscan.anchors.datasets import manifest
@@ -28,10 +29,12 @@ def parser():
     parser = command_parser("report", "Write one self-contained HTML page about a scan.")
     parser.add_argument("--scores", required=True, help="the PREFIX given to `anchorscan score`")
     parser.add_argument("--output", required=True, help="the HTML file to write (local or gs://)")
-    parser.add_argument("--anchor", default=None,
-                        help="the anchor file, to draw its real calibration images' distances")
-    parser.add_argument("--labels", default=None,
-                        help="a manifest with uri,label,generator columns, for ROC curves")
+    parser.add_argument(
+        "--anchor", default=None, help="the anchor file, to draw its real calibration images' distances"
+    )
+    parser.add_argument(
+        "--labels", default=None, help="a manifest with uri,label,generator columns, for ROC curves"
+    )
     parser.add_argument("--gallery", type=int, default=12, help="thumbnails at each end")
     return parser
 
@@ -51,8 +54,9 @@ def distributions_figure(rows: list[dict], calibration: dict | None) -> str:
         values = np.array([row[name] for row in rows])
         axis.hist(values, bins=40, density=True, alpha=0.6, label="this scan")
         if calibration is not None and name in calibration:
-            axis.hist(calibration[name], bins=40, density=True, alpha=0.6,
-                      label="real images (anchor calibration)")
+            axis.hist(
+                calibration[name], bins=40, density=True, alpha=0.6, label="real images (anchor calibration)"
+            )
         axis.set_title(name)
         axis.legend(fontsize=7)
     return _figure_html(figure, "score distributions")
@@ -64,8 +68,9 @@ def folders_figure(rows: list[dict], most: int = 20) -> str:
         folders.setdefault(posixpath.dirname(row["uri"]), []).append(row["is_suspect"])
     busiest = sorted(folders, key=lambda f: -len(folders[f]))[:most]
     figure, axis = plt.subplots(figsize=(13, 0.35 * len(busiest) + 1))
-    axis.barh([f"{f[-60:]} ({len(folders[f])})" for f in busiest],
-              [100 * np.mean(folders[f]) for f in busiest])
+    axis.barh(
+        [f"{f[-60:]} ({len(folders[f])})" for f in busiest], [100 * np.mean(folders[f]) for f in busiest]
+    )
     axis.invert_yaxis()
     axis.set_xlabel("suspect rate (%)")
     return _figure_html(figure, "suspect rate per folder")
@@ -101,16 +106,19 @@ def thumbnail(uri: str, size: int = 160) -> str:
         return '<div class="missing">unreadable</div>'
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=85)
-    return f'<img alt="thumbnail" src="data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+    return (
+        f'<img alt="thumbnail" src="data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+    )
 
 
 def gallery(rows: list[dict], title: str) -> str:
     cells = "".join(
         f'<div class="cell">{thumbnail(row["uri"])}<div>{row["score"]:.3g}'
-        f'{" suspect" if row["is_suspect"] else ""}</div>'
+        f"{' suspect' if row['is_suspect'] else ''}</div>"
         f'<div class="uri">{html.escape("/".join(row["uri"].rsplit("/", 2)[-2:]))}</div></div>'
-        for row in rows)
-    return f"<h2>{html.escape(title)}</h2><div class=\"gallery\">{cells}</div>"
+        for row in rows
+    )
+    return f'<h2>{html.escape(title)}</h2><div class="gallery">{cells}</div>'
 
 
 STYLE = """body{font-family:sans-serif;margin:2em;color:#222}figure{margin:1em 0}
@@ -120,28 +128,46 @@ table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-
 .missing{width:160px;height:160px;background:#eee}"""
 
 
-def render(rows: list[dict], errors: list[dict], calibration: dict | None,
-           labels: dict | None, gallery_size: int, title: str) -> str:
+def render(
+    rows: list[dict],
+    errors: list[dict],
+    calibration: dict | None,
+    labels: dict | None,
+    gallery_size: int,
+    title: str,
+) -> str:
     suspect = sum(row["is_suspect"] for row in rows)
     stages: dict[str, int] = {}
     for row in errors:
         stages[row["stage"]] = stages.get(row["stage"], 0) + 1
-    summary = "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in (
-        ("images scored", len(rows)),
-        ("suspect", f"{suspect} ({100 * suspect / max(len(rows), 1):.1f} %)"),
-        ("not scored", ", ".join(f"{stage}: {n}" for stage, n in sorted(stages.items())) or "0"),
-        ("anchor", ", ".join(sorted({row["anchor_id"] for row in rows}))),
-        ("head", ", ".join(sorted({row["head"] for row in rows if row["head"]})) or "none")))
+    summary = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>"
+        for k, v in (
+            ("images scored", len(rows)),
+            ("suspect", f"{suspect} ({100 * suspect / max(len(rows), 1):.1f} %)"),
+            ("not scored", ", ".join(f"{stage}: {n}" for stage, n in sorted(stages.items())) or "0"),
+            ("anchor", ", ".join(sorted({row["anchor_id"] for row in rows}))),
+            ("head", ", ".join(sorted({row["head"] for row in rows if row["head"]})) or "none"),
+        )
+    )
     ranked = sorted(rows, key=lambda row: -row["score"])
-    parts = [f"<h1>{html.escape(title)}</h1><table>{summary}</table>",
-             "<h2>Distributions</h2>", distributions_figure(rows, calibration),
-             "<h2>Suspect rate per folder</h2>", folders_figure(rows)]
+    parts = [
+        f"<h1>{html.escape(title)}</h1><table>{summary}</table>",
+        "<h2>Distributions</h2>",
+        distributions_figure(rows, calibration),
+        "<h2>Suspect rate per folder</h2>",
+        folders_figure(rows),
+    ]
     if labels:
         parts += ["<h2>ROC curves</h2>", roc_figure(rows, labels)]
-    parts += [gallery(ranked[:gallery_size], "Most suspicious"),
-              gallery(ranked[::-1][:gallery_size], "Least suspicious")]
-    return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
+    parts += [
+        gallery(ranked[:gallery_size], "Most suspicious"),
+        gallery(ranked[::-1][:gallery_size], "Least suspicious"),
+    ]
+    return (
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>"
+    )
 
 
 def read_labels(path: str) -> dict[str, tuple[int, str]]:
@@ -159,11 +185,20 @@ def run(argv=None) -> str:
     calibration = None
     if args.anchor:
         tensors, _ = verified_contents(read_bytes(args.anchor))
-        calibration = {name.removeprefix("calibration."): values for name, values in tensors.items()
-                       if name.startswith("calibration.")}
+        calibration = {
+            name.removeprefix("calibration."): values
+            for name, values in tensors.items()
+            if name.startswith("calibration.")
+        }
     labels = read_labels(args.labels) if args.labels else None
-    page = render(rows, errors, calibration, labels, args.gallery,
-                  f"anchorscan report: {posixpath.basename(args.scores)}")
+    page = render(
+        rows,
+        errors,
+        calibration,
+        labels,
+        args.gallery,
+        f"anchorscan report: {posixpath.basename(args.scores)}",
+    )
     write_atomically(args.output, page.encode())
     print(f"report      {args.output} ({len(rows)} images, {len(page) // 1024} KiB)")
     return args.output

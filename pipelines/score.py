@@ -1,4 +1,5 @@
 """Score a corpus against an anchor: list, decode, embed, score, write Parquet."""
+
 from __future__ import annotations
 
 import time
@@ -10,39 +11,76 @@ from anchorscan.anchors.anchor_file import anchor_id, verified_contents
 from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.pipelines.common import decode_step, driver_extractor, embed_step
-from anchorscan.pipelines.options import (INPUT_HELP, add_decoding_args, add_http_args,
-                                          add_runtime_args, backbone_config, channel_list,
-                                          command_parser, counter_totals, parse)
+from anchorscan.pipelines.options import (
+    INPUT_HELP,
+    add_decoding_args,
+    add_http_args,
+    add_runtime_args,
+    backbone_config,
+    channel_list,
+    command_parser,
+    counter_totals,
+    parse,
+)
 from anchorscan.transforms.carried import CarryManifestColumns, carried_columns, score_schema
 from anchorscan.transforms.gcs import check_paths
 from anchorscan.transforms.io import ListInputs, read_bytes
 from anchorscan.transforms.scoring import ScoreFeatures, load_head
-from anchorscan.transforms.sinks import (PrefixLock, ReadPreviousScores, WriteErrors, WriteScores,
-                                         clear_tables, score_tables)
+from anchorscan.transforms.sinks import (
+    PrefixLock,
+    ReadPreviousScores,
+    WriteErrors,
+    WriteScores,
+    clear_tables,
+    score_tables,
+)
 
 
 def parser():
-    parser = command_parser("score", "Score images against an anchor; write Parquet tables of "
-                                     "scores and of the inputs that could not be scored.")
+    parser = command_parser(
+        "score",
+        "Score images against an anchor; write Parquet tables of "
+        "scores and of the inputs that could not be scored.",
+    )
     parser.add_argument("--input", action="append", required=True, help=f"images: {INPUT_HELP}")
     parser.add_argument("--anchor", required=True, help="the anchor file (local or gs://)")
-    parser.add_argument("--output", required=True,
-                        help="prefix of PREFIX-scores-*.parquet and PREFIX-errors-*.parquet")
+    parser.add_argument(
+        "--output", required=True, help="prefix of PREFIX-scores-*.parquet and PREFIX-errors-*.parquet"
+    )
     parser.add_argument("--head", default=None, help="a head file from fit-head: its score decides")
-    parser.add_argument("--with_anchor", action="store_true",
-                        help="with an lda or logistic --head: add the anchor's evidence to its log-odds")
-    parser.add_argument("--combine", default=None, choices=sorted(COMBINERS),
-                        help="how the p-values combine (default: the anchor's)")
-    parser.add_argument("--statistical", default=None, choices=sorted(STATISTICAL_MODES),
-                        help="statistical distance decoupled or raw (default: the anchor's)")
-    parser.add_argument("--channels", default=None, type=channel_list,
-                        help="comma-separated channels the score combines (default: the anchor's)")
-    parser.add_argument("--skip_scored", default=None,
-                        help="PREFIX or glob of earlier scores: content scored with the same "
-                             "detector reuses its row")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the tables that --output already holds (deleted before "
-                             "the scan writes)")
+    parser.add_argument(
+        "--with_anchor",
+        action="store_true",
+        help="with an lda or logistic --head: add the anchor's evidence to its log-odds",
+    )
+    parser.add_argument(
+        "--combine",
+        default=None,
+        choices=sorted(COMBINERS),
+        help="how the p-values combine (default: the anchor's)",
+    )
+    parser.add_argument(
+        "--statistical",
+        default=None,
+        choices=sorted(STATISTICAL_MODES),
+        help="statistical distance decoupled or raw (default: the anchor's)",
+    )
+    parser.add_argument(
+        "--channels",
+        default=None,
+        type=channel_list,
+        help="comma-separated channels the score combines (default: the anchor's)",
+    )
+    parser.add_argument(
+        "--skip_scored",
+        default=None,
+        help="PREFIX or glob of earlier scores: content scored with the same detector reuses its row",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the tables that --output already holds (deleted before the scan writes)",
+    )
     add_runtime_args(parser)
     add_decoding_args(parser)
     add_http_args(parser)
@@ -72,38 +110,59 @@ def score(args, options, test_pipeline=None, wait: bool = True) -> dict:
     with PrefixLock(args.output):
         clear_tables(args.output, args.overwrite, keep=previous_tables)
         started = time.time()
-        result = run_scan(args, options, extractor, backbone, detector, head, previous_tables,
-                          carried, test_pipeline)
+        result = run_scan(
+            args, options, extractor, backbone, detector, head, previous_tables, carried, test_pipeline
+        )
         if not wait:
             return {"output": args.output, "anchor_id": detector}
         result.wait_until_finish()
     counters = counter_totals(result)
     summary = {
-        "output": args.output, "anchor_id": detector,
-        "scored": counters.get("images_scored", 0), "reused": counters.get("images_reused", 0),
+        "output": args.output,
+        "anchor_id": detector,
+        "scored": counters.get("images_scored", 0),
+        "reused": counters.get("images_reused", 0),
         "suspect": counters.get("images_suspect", 0),
-        "errors": {k[len("errors_"):]: v for k, v in counters.items() if k.startswith("errors_")},
-        "seconds": time.time() - started, "fpr": config.fpr,
+        "errors": {k[len("errors_") :]: v for k, v in counters.items() if k.startswith("errors_")},
+        "seconds": time.time() - started,
+        "fpr": config.fpr,
     }
     print_score_summary(summary)
     return summary
 
 
-def run_scan(args, options, extractor, backbone, detector: str, head: str,
-             previous_tables: list[str], carried: list, test_pipeline=None):
+def run_scan(
+    args,
+    options,
+    extractor,
+    backbone,
+    detector: str,
+    head: str,
+    previous_tables: list[str],
+    carried: list,
+    test_pipeline=None,
+):
     """List, decode, embed, score, carry the manifests' columns, write: the pipeline, started."""
     pipeline = test_pipeline or beam.Pipeline(options=options)
-    previous = (pipeline | "Previous" >> ReadPreviousScores(previous_tables, detector, head)
-                if args.skip_scored else None)
+    previous = (
+        pipeline | "Previous" >> ReadPreviousScores(previous_tables, detector, head)
+        if args.skip_scored
+        else None
+    )
     uris, list_errors = pipeline | "List" >> ListInputs(args.input)
     images, decode_errors, reused = uris | "Decode" >> decode_step(
-        args, options, extractor.backbone.preprocessing, previous)
+        args, options, extractor.backbone.preprocessing, previous
+    )
     embedded, embed_errors = images | "Embed" >> embed_step(args, options, backbone, extractor)
     rows, score_errors = embedded | "Score" >> ScoreFeatures(
-        args.anchor, args.combine, args.statistical, args.channels, args.head, args.with_anchor)
-    _ = ((rows, reused) | "AllScores" >> beam.Flatten()
-         | "Carry" >> CarryManifestColumns(args.input, carried)
-         | WriteScores(args.output, score_schema(carried)))
+        args.anchor, args.combine, args.statistical, args.channels, args.head, args.with_anchor
+    )
+    _ = (
+        (rows, reused)
+        | "AllScores" >> beam.Flatten()
+        | "Carry" >> CarryManifestColumns(args.input, carried)
+        | WriteScores(args.output, score_schema(carried))
+    )
     _ = (list_errors, decode_errors, embed_errors, score_errors) | WriteErrors(args.output)
     return pipeline.run()
 
@@ -117,8 +176,10 @@ def check_head(args, spec: FeatureSpec) -> str:
     head, head_id = load_head(args.head, args.with_anchor)
     head.spec.require_same(spec, f"head {args.head}")
     if args.with_anchor and not head.log_odds:
-        raise UsageError(f"--with_anchor adds the anchor's evidence to a head's log-odds; a "
-                         f"{head.kind} head's score is not one (use lda or logistic)")
+        raise UsageError(
+            f"--with_anchor adds the anchor's evidence to a head's log-odds; a "
+            f"{head.kind} head's score is not one (use lda or logistic)"
+        )
     return head_id
 
 
@@ -127,9 +188,12 @@ def print_score_summary(summary: dict) -> None:
     by_stage = ", ".join(f"{stage} {count}" for stage, count in sorted(summary["errors"].items()))
     rate = summary["suspect"] / scored if scored else 0.0
     reused = f" (+{summary['reused']} reused from earlier scans)" if summary["reused"] else ""
-    print(f"scored      {scored} images against anchor {summary['anchor_id']}{reused}\n"
-          f"suspect     {summary['suspect']} ({rate:.1%}; expected on real images: "
-          f"{summary['fpr']:.1%})\n"
-          f"errors      {errors}{f' ({by_stage})' if errors else ''}\n"
-          f"time        {summary['seconds']:.1f} s ({(scored + errors) / max(summary['seconds'], 1e-9):.1f} images/s)\n"
-          f"output      {summary['output']}-scores-*.parquet, {summary['output']}-errors-*.parquet")
+    print(
+        f"scored      {scored} images against anchor {summary['anchor_id']}{reused}\n"
+        f"suspect     {summary['suspect']} ({rate:.1%}; expected on real images: "
+        f"{summary['fpr']:.1%})\n"
+        f"errors      {errors}{f' ({by_stage})' if errors else ''}\n"
+        f"time        {summary['seconds']:.1f} s "
+        f"({(scored + errors) / max(summary['seconds'], 1e-9):.1f} images/s)\n"
+        f"output      {summary['output']}-scores-*.parquet, {summary['output']}-errors-*.parquet"
+    )

@@ -2,6 +2,7 @@
 once in fixed windows against the anchor file as it is at each window's start, write one
 Parquet file of scores and one of errors per window; optionally learn from a stream of trusted
 real images."""
+
 from __future__ import annotations
 
 import math
@@ -17,34 +18,65 @@ from anchorscan.anchors.anchor_file import verified_contents
 from anchorscan.anchors.forensic import LEVEL_SETS
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.pipelines.common import decode_step, driver_extractor, embed_step
-from anchorscan.pipelines.options import (add_decoding_args, add_runtime_args, backbone_config,
-                                          command_parser, parse)
+from anchorscan.pipelines.options import (
+    add_decoding_args,
+    add_runtime_args,
+    backbone_config,
+    command_parser,
+    parse,
+)
 from anchorscan.transforms.io import read_bytes
 from anchorscan.transforms.schema import ERROR_SCHEMA, SCORE_SCHEMA
-from anchorscan.transforms.streaming import (AnchorReferences, LearnReal, NewImages, ScoreWindows,
-                                             WriteWindowedParquet, gcs_notification_uri)
+from anchorscan.transforms.streaming import (
+    AnchorReferences,
+    LearnReal,
+    NewImages,
+    ScoreWindows,
+    WriteWindowedParquet,
+    gcs_notification_uri,
+)
 
 
 def parser():
-    parser = command_parser("stream", "Watch a location for new images and score each once, in "
-                                      "windows, against the newest anchor file.")
-    parser.add_argument("--watch", required=True,
-                        help="a folder, glob or gs:// prefix to watch for new image files")
-    parser.add_argument("--anchor", required=True,
-                        help="the anchor file; a newer file at this path is used from the next window on")
-    parser.add_argument("--output", required=True,
-                        help="prefix of PREFIX-scores-<window>-*.parquet and PREFIX-errors-<window>-*.parquet")
+    parser = command_parser(
+        "stream",
+        "Watch a location for new images and score each once, in windows, against the newest anchor file.",
+    )
+    parser.add_argument(
+        "--watch", required=True, help="a folder, glob or gs:// prefix to watch for new image files"
+    )
+    parser.add_argument(
+        "--anchor",
+        required=True,
+        help="the anchor file; a newer file at this path is used from the next window on",
+    )
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="prefix of PREFIX-scores-<window>-*.parquet and PREFIX-errors-<window>-*.parquet",
+    )
     parser.add_argument("--window_seconds", type=float, default=60.0, help="length of a window")
-    parser.add_argument("--learn_real", default=None,
-                        help="a folder, glob or prefix of trusted real images: each window's are "
-                             "added to the anchor file (update without the guard)")
-    parser.add_argument("--poll_seconds", type=float, default=10.0,
-                        help="how often the watched locations are listed")
-    parser.add_argument("--stop_after_seconds", type=float, default=None,
-                        help="stop watching after this long (default: run until cancelled)")
-    parser.add_argument("--pubsub_subscription", default=None,
-                        help="read Cloud Storage notifications (OBJECT_FINALIZE) from this Pub/Sub "
-                             "subscription instead of listing --watch (streaming runners, e.g. Dataflow)")
+    parser.add_argument(
+        "--learn_real",
+        default=None,
+        help="a folder, glob or prefix of trusted real images: each window's are "
+        "added to the anchor file (update without the guard)",
+    )
+    parser.add_argument(
+        "--poll_seconds", type=float, default=10.0, help="how often the watched locations are listed"
+    )
+    parser.add_argument(
+        "--stop_after_seconds",
+        type=float,
+        default=None,
+        help="stop watching after this long (default: run until cancelled)",
+    )
+    parser.add_argument(
+        "--pubsub_subscription",
+        default=None,
+        help="read Cloud Storage notifications (OBJECT_FINALIZE) from this Pub/Sub "
+        "subscription instead of listing --watch (streaming runners, e.g. Dataflow)",
+    )
     add_runtime_args(parser)
     add_decoding_args(parser, perturbation=False)
     return parser
@@ -68,27 +100,36 @@ def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
     stop = start + args.stop_after_seconds if args.stop_after_seconds else MAX_TIMESTAMP
 
     def watched(label: str, location: str):
-        return (pipeline | f"{label}Watch" >> MatchContinuously(
-            watch_pattern(location), interval=args.poll_seconds, has_deduplication=False,
-            start_timestamp=start, stop_timestamp=stop))
+        return pipeline | f"{label}Watch" >> MatchContinuously(
+            watch_pattern(location),
+            interval=args.poll_seconds,
+            has_deduplication=False,
+            start_timestamp=start,
+            stop_timestamp=stop,
+        )
 
     if args.pubsub_subscription:
-        files = (pipeline
-                 | "Notifications" >> beam.io.ReadFromPubSub(subscription=args.pubsub_subscription,
-                                                             with_attributes=True)
-                 | "Uris" >> beam.Map(gcs_notification_uri)
-                 | "Finalised" >> beam.Filter(bool)
-                 | "Metadata" >> beam.Map(_notified))
+        files = (
+            pipeline
+            | "Notifications"
+            >> beam.io.ReadFromPubSub(subscription=args.pubsub_subscription, with_attributes=True)
+            | "Uris" >> beam.Map(gcs_notification_uri)
+            | "Finalised" >> beam.Filter(bool)
+            | "Metadata" >> beam.Map(_notified)
+        )
     else:
         files = watched("Images", args.watch)
     # One tick now, then one at each window's start: the file as it is then scores the window.
     window = args.window_seconds
     first_boundary = Timestamp.of(math.ceil(float(start) / window) * window)
-    ticks = ((pipeline | "FirstTick" >> beam.Create([args.anchor])
-              | "AtStart" >> beam.Map(lambda uri: beam.window.TimestampedValue(uri, start)),
-              pipeline | "WindowStarts" >> PeriodicImpulse(first_boundary, stop, fire_interval=window)
-              | "AnchorUri" >> beam.Map(lambda _: args.anchor))
-             | "Ticks" >> beam.Flatten())
+    ticks = (
+        pipeline
+        | "FirstTick" >> beam.Create([args.anchor])
+        | "AtStart" >> beam.Map(lambda uri: beam.window.TimestampedValue(uri, start)),
+        pipeline
+        | "WindowStarts" >> PeriodicImpulse(first_boundary, stop, fire_interval=window)
+        | "AnchorUri" >> beam.Map(lambda _: args.anchor),
+    ) | "Ticks" >> beam.Flatten()
     learn = watched("Learn", args.learn_real) if args.learn_real else None
     stream_graph(args, options, files, ticks, learn)
     started = time.time()
@@ -97,8 +138,10 @@ def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
         return {"output": args.output}
     result.wait_until_finish()
     summary = {"output": args.output, "seconds": time.time() - started}
-    print(f"stream      stopped after {summary['seconds']:.1f} s; windows written to "
-          f"{args.output}-scores-*.parquet and {args.output}-errors-*.parquet")
+    print(
+        f"stream      stopped after {summary['seconds']:.1f} s; windows written to "
+        f"{args.output}-scores-*.parquet and {args.output}-errors-*.parquet"
+    )
     return summary
 
 
@@ -123,13 +166,21 @@ def stream_graph(args, options, files, ticks, learn=None) -> None:
     embedded, embed_errors = images | "Embed" >> embed_step(args, options, backbone, extractor)
     rows, score_errors = embedded | "Score" >> ScoreWindows(references)
     _ = rows | "WriteScores" >> WriteWindowedParquet(args.output, "scores", SCORE_SCHEMA)
-    _ = ((decode_errors, embed_errors, score_errors) | "Errors" >> beam.Flatten()
-         | "WriteErrors" >> WriteWindowedParquet(args.output, "errors", ERROR_SCHEMA))
+    _ = (
+        (decode_errors, embed_errors, score_errors)
+        | "Errors" >> beam.Flatten()
+        | "WriteErrors" >> WriteWindowedParquet(args.output, "errors", ERROR_SCHEMA)
+    )
     if learn is not None:
         levels = LEVEL_SETS[config.forensic_levels]
         softened = tuple(how for _, how in levels[1:])
         real = learn | "NewReal" >> NewImages(args.window_seconds)
-        real_images, _, _ = real | "DecodeReal" >> decode_step(args, options, extractor.backbone.preprocessing)
-        real_embedded, _ = real_images | "EmbedReal" >> embed_step(args, options, backbone, extractor, softened)
-        _ = real_embedded | "LearnReal" >> LearnReal(args.anchor, spec, config, len(levels),
-                                                     tensors.get("projection"))
+        real_images, _, _ = real | "DecodeReal" >> decode_step(
+            args, options, extractor.backbone.preprocessing
+        )
+        real_embedded, _ = real_images | "EmbedReal" >> embed_step(
+            args, options, backbone, extractor, softened
+        )
+        _ = real_embedded | "LearnReal" >> LearnReal(
+            args.anchor, spec, config, len(levels), tensors.get("projection")
+        )

@@ -4,6 +4,7 @@ flags, submits the job and returns.
 
 `python -m anchorscan.pipelines.templates` rewrites templates/<command>/metadata.json for every
 command."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,11 +16,11 @@ import sys
 TEMPLATE_COMMANDS = {"fit": "fit", "score": "score", "stream": "stream"}  # command -> module
 DESCRIPTIONS = {
     "fit": "anchorscan fit: fit an anchor (mean and covariance of a frozen backbone's features) "
-           "on real images.",
+    "on real images.",
     "score": "anchorscan score: score images against an anchor; Parquet tables of scores and of "
-             "the inputs that could not be scored.",
+    "the inputs that could not be scored.",
     "stream": "anchorscan stream: score new images as they arrive in a folder or gs:// prefix, "
-              "in windows, against the newest anchor file.",
+    "in windows, against the newest anchor file.",
 }
 STREAMING = {"stream"}
 
@@ -46,8 +47,11 @@ WRITTEN = {("fit", "anchor"): "GCS_WRITE_FILE"}
 
 def template_options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     """The parser's options that a template exposes: all but --help."""
-    return [action for action in parser._actions
-            if action.option_strings and not isinstance(action, argparse._HelpAction)]
+    return [
+        action
+        for action in parser._actions
+        if action.option_strings and not isinstance(action, argparse._HelpAction)
+    ]
 
 
 def _name(action: argparse.Action) -> str:
@@ -57,13 +61,20 @@ def _name(action: argparse.Action) -> str:
 def parameter(command: str, action: argparse.Action) -> dict:
     """One ParameterMetadata (as JSON) for an option of ``command``'s parser."""
     name = _name(action)
-    entry = {"name": name, "label": name.replace("_", " ").capitalize(),
-             "helpText": action.help or name, "isOptional": not action.required}
+    entry = {
+        "name": name,
+        "label": name.replace("_", " ").capitalize(),
+        "helpText": action.help or name,
+        "isOptional": not action.required,
+    }
     if isinstance(action, argparse._StoreTrueAction):
         entry.update(paramType="BOOLEAN", regexes=[BOOLEAN])
     elif action.choices:
-        entry.update(paramType="ENUM", regexes=[f"^({'|'.join(action.choices)})$"],
-                     enumOptions=[{"value": choice} for choice in action.choices])
+        entry.update(
+            paramType="ENUM",
+            regexes=[f"^({'|'.join(action.choices)})$"],
+            enumOptions=[{"value": choice} for choice in action.choices],
+        )
     elif action.type is int:
         entry.update(paramType="NUMBER", regexes=[INTEGER])
     elif action.type is float:
@@ -89,19 +100,28 @@ def command_parser(command: str) -> argparse.ArgumentParser:
 
 def metadata(command: str) -> dict:
     parser = command_parser(command)
-    return {"name": f"anchorscan-{command}", "description": DESCRIPTIONS[command],
-            "parameters": [parameter(command, action) for action in template_options(parser)],
-            **({"streaming": True} if command in STREAMING else {})}
+    return {
+        "name": f"anchorscan-{command}",
+        "description": DESCRIPTIONS[command],
+        "parameters": [parameter(command, action) for action in template_options(parser)],
+        **({"streaming": True} if command in STREAMING else {}),
+    }
 
 
 def template_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     """The launcher's ``--name=value`` arguments as the command's flags: a repeatable flag's
     comma-separated values repeated, a switch's true/false as its presence; the rest (Beam's
     options, which the launcher adds) as they are."""
-    switches = {action.option_strings[-1] for action in template_options(parser)
-                if isinstance(action, argparse._StoreTrueAction)}
-    lists = {action.option_strings[-1] for action in template_options(parser)
-             if isinstance(action, argparse._AppendAction)}
+    switches = {
+        action.option_strings[-1]
+        for action in template_options(parser)
+        if isinstance(action, argparse._StoreTrueAction)
+    }
+    lists = {
+        action.option_strings[-1]
+        for action in template_options(parser)
+        if isinstance(action, argparse._AppendAction)
+    }
     flags = []
     for argument in argv:
         flag, has_value, value = argument.partition("=")

@@ -1,5 +1,6 @@
 """Update an anchor with more real images: list, decode, embed, guard, hold out, merge the
 statistics into the anchor's, calibrate again, write (docs/METHOD.md §9.2)."""
+
 from __future__ import annotations
 
 import time
@@ -12,28 +13,46 @@ from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.forensic import LEVEL_SETS
 from anchorscan.anchors.updating import admission_threshold
 from anchorscan.pipelines.common import anchor_and_extractor, anchor_model, list_and_embed
-from anchorscan.pipelines.options import (INPUT_HELP, add_decoding_args, add_runtime_args,
-                                          command_parser, counter_totals, error_total, parse)
+from anchorscan.pipelines.options import (
+    INPUT_HELP,
+    add_decoding_args,
+    add_runtime_args,
+    command_parser,
+    counter_totals,
+    error_total,
+    parse,
+)
 from anchorscan.transforms.io import read_bytes
 from anchorscan.transforms.sinks import WriteErrors
 from anchorscan.transforms.updating import UpdateAnchor, WriteRefused
 
 
 def parser():
-    parser = command_parser("update", "Absorb more real images into an anchor: exact statistics, "
-                                      "the fit's hold-out rule, calibrated again.")
+    parser = command_parser(
+        "update",
+        "Absorb more real images into an anchor: exact statistics, "
+        "the fit's hold-out rule, calibrated again.",
+    )
     parser.add_argument("--anchor", required=True, help="the anchor to update (local or gs://)")
     parser.add_argument("--input", action="append", required=True, help=f"real images: {INPUT_HELP}")
     parser.add_argument("--output", required=True, help="the updated anchor file to write")
-    parser.add_argument("--admit", default="fpr",
-                        help="poisoning guard: admit only images whose p-value against the current "
-                             "anchor is at least this ('fpr': the anchor's own rate, i.e. what it "
-                             "does not flag; a p-value; 'none': admit everything)")
-    parser.add_argument("--forgetting", type=float, default=1.0,
-                        help="weight of the anchor's old statistics, in (0, 1] (1: no forgetting; "
-                             "below 1 the anchor can no longer export deltas against its base)")
-    parser.add_argument("--errors", default=None,
-                        help="prefix of the errors and refused tables (default: the output's path)")
+    parser.add_argument(
+        "--admit",
+        default="fpr",
+        help="poisoning guard: admit only images whose p-value against the current "
+        "anchor is at least this ('fpr': the anchor's own rate, i.e. what it "
+        "does not flag; a p-value; 'none': admit everything)",
+    )
+    parser.add_argument(
+        "--forgetting",
+        type=float,
+        default=1.0,
+        help="weight of the anchor's old statistics, in (0, 1] (1: no forgetting; "
+        "below 1 the anchor can no longer export deltas against its base)",
+    )
+    parser.add_argument(
+        "--errors", default=None, help="prefix of the errors and refused tables (default: the output's path)"
+    )
     add_runtime_args(parser)
     add_decoding_args(parser)
     return parser
@@ -52,8 +71,9 @@ def run(argv=None, test_pipeline=None) -> dict:
     anchor = anchor_model(pipeline, args.anchor)
     softened = tuple(how for _, how in LEVEL_SETS[config.forensic_levels][1:])
     embedded, errors = list_and_embed(pipeline, args, options, backbone, extractor, softened)
-    _, refused = embedded | "Update" >> UpdateAnchor(anchor, args.output, spec, config,
-                                                      tensors.get("projection"), threshold, args.forgetting)
+    _, refused = embedded | "Update" >> UpdateAnchor(
+        anchor, args.output, spec, config, tensors.get("projection"), threshold, args.forgetting
+    )
     prefix = args.errors or args.output
     _ = refused | WriteRefused(prefix)
     _ = errors | WriteErrors(prefix)
@@ -62,20 +82,29 @@ def run(argv=None, test_pipeline=None) -> dict:
 
     after = read_metadata(read_bytes(args.output))
     counters = counter_totals(result)
-    summary = {"anchor": args.output, "n_before": metadata["n"], "n": after["n"],
-               "n_calibration": after["n_calibration"], "admitted": counters.get("images_admitted", 0),
-               "refused": counters.get("images_refused", 0), "admit": args.admit,
-               "errors": error_total(counters), "seconds": time.time() - started,
-               "refused_table": f"{prefix}-refused-*.parquet"}
+    summary = {
+        "anchor": args.output,
+        "n_before": metadata["n"],
+        "n": after["n"],
+        "n_calibration": after["n_calibration"],
+        "admitted": counters.get("images_admitted", 0),
+        "refused": counters.get("images_refused", 0),
+        "admit": args.admit,
+        "errors": error_total(counters),
+        "seconds": time.time() - started,
+        "refused_table": f"{prefix}-refused-*.parquet",
+    }
     print_update_summary(summary)
     return summary
 
 
 def print_update_summary(summary: dict) -> None:
-    print(f"anchor      {summary['anchor']}\n"
-          f"admitted    {summary['admitted']} images (n {summary['n_before']} -> {summary['n']}, "
-          f"{summary['n_calibration']} held out for calibration)\n"
-          f"refused     {summary['refused']} images the current anchor flags (--admit "
-          f"{summary['admit']}): {summary['refused_table']}\n"
-          f"errors      {summary['errors']}\n"
-          f"time        {summary['seconds']:.1f} s")
+    print(
+        f"anchor      {summary['anchor']}\n"
+        f"admitted    {summary['admitted']} images (n {summary['n_before']} -> {summary['n']}, "
+        f"{summary['n_calibration']} held out for calibration)\n"
+        f"refused     {summary['refused']} images the current anchor flags (--admit "
+        f"{summary['admit']}): {summary['refused_table']}\n"
+        f"errors      {summary['errors']}\n"
+        f"time        {summary['seconds']:.1f} s"
+    )

@@ -1,5 +1,6 @@
 """Fixtures shared by the test modules: real photo crops and an anchor fitted on them once per
 session; every test runs behind a guard that refuses connections outside loopback."""
+
 from __future__ import annotations
 
 import os
@@ -7,10 +8,10 @@ import os
 # Read by google-auth when it is imported: never probe the cloud metadata server (link-local).
 os.environ["NO_GCE_CHECK"] = "true"
 
-import pytest  # noqa: E402
+import pytest
 
-from helpers import HOLD_OUT_BY_NAME, RUNNER, write_crops  # noqa: E402
-from servers import LoopbackGuard  # noqa: E402
+from helpers import HOLD_OUT_BY_NAME, RUNNER, write_crops
+from servers import LoopbackGuard
 
 _guard = LoopbackGuard()
 
@@ -44,8 +45,18 @@ def fitted_anchor(real_photos, tmp_path_factory):
     from anchorscan.pipelines import fit
 
     anchor = tmp_path_factory.mktemp("anchor") / "anchor.safetensors"
-    summary = fit.run(["--input", str(real_photos), "--anchor", str(anchor),
-                       "--calibration_fraction", "0.3", *HOLD_OUT_BY_NAME, *RUNNER])
+    summary = fit.run(
+        [
+            "--input",
+            str(real_photos),
+            "--anchor",
+            str(anchor),
+            "--calibration_fraction",
+            "0.3",
+            *HOLD_OUT_BY_NAME,
+            *RUNNER,
+        ]
+    )
     return anchor, summary
 
 

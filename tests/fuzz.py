@@ -5,6 +5,7 @@ the rest). Deterministic for a seed, so a failure reproduces.
 
 By hand, longer: ``ANCHORSCAN_FUZZ_CASES=20000 .venv/bin/python -m pytest tests/test_fuzz.py``
 (``ANCHORSCAN_FUZZ_SEED`` picks another sequence)."""
+
 from __future__ import annotations
 
 import random
@@ -42,7 +43,8 @@ def seeds() -> dict[str, bytes]:
     return {
         "png": _encode(rgb, "PNG"),
         "png-interlaced-palette-alpha": _encode(
-            rgb.convert("P", palette=Image.Palette.ADAPTIVE), "PNG", transparency=0, interlace=1),
+            rgb.convert("P", palette=Image.Palette.ADAPTIVE), "PNG", transparency=0, interlace=1
+        ),
         "png-gray16": _encode(Image.fromarray(_photo(96, 80)[..., 0].astype(np.uint16) * 257), "PNG"),
         "jpeg": _encode(rgb, "JPEG", quality=90),
         "jpeg-progressive-exif-gps": _encode(rgb, "JPEG", progressive=True, exif=_exif_with_gps()),
@@ -52,8 +54,9 @@ def seeds() -> dict[str, bytes]:
         "webp-lossless-exif": _encode(rgb, "WEBP", lossless=True, exif=_exif_with_gps()),
         "webp-animated": _encode(frames[0], "WEBP", save_all=True, append_images=frames[1:]),
         "tiff": _encode(rgb, "TIFF"),
-        "tiff-lzw-multipage": _encode(frames[0], "TIFF", compression="tiff_lzw", save_all=True,
-                                    append_images=frames[1:]),
+        "tiff-lzw-multipage": _encode(
+            frames[0], "TIFF", compression="tiff_lzw", save_all=True, append_images=frames[1:]
+        ),
         "gif": _encode(rgb.convert("P"), "GIF"),
         "gif-animated": _encode(frames[0], "GIF", save_all=True, append_images=frames[1:]),
         "avif": _encode(rgb, "AVIF", quality=60),
@@ -66,7 +69,7 @@ def _png_chunks(data: bytes) -> list[bytes] | None:
         return None
     parts, position = [data[:8]], 8
     while position + 12 <= len(data):
-        length = struct.unpack(">I", data[position:position + 4])[0]
+        length = struct.unpack(">I", data[position : position + 4])[0]
         end = min(position + 12 + length, len(data))
         parts.append(data[position:end])
         position = end
@@ -76,8 +79,11 @@ def _png_chunks(data: bytes) -> list[bytes] | None:
 def _jpeg_segments(data: bytes) -> list[bytes] | None:
     if not data.startswith(b"\xff\xd8"):
         return None
-    cuts = [0] + [i for i in range(2, len(data) - 1)
-                  if data[i] == 0xFF and data[i + 1] not in (0x00, 0xFF, *range(0xD0, 0xD8))]
+    cuts = [0] + [
+        i
+        for i in range(2, len(data) - 1)
+        if data[i] == 0xFF and data[i + 1] not in (0x00, 0xFF, *range(0xD0, 0xD8))
+    ]
     return [data[a:b] for a, b in zip(cuts, cuts[1:] + [len(data)])]
 
 
@@ -85,7 +91,7 @@ def _boxes(data: bytes, header: int, size_of) -> list[bytes]:
     parts, position = [data[:header]], header
     while position + 8 <= len(data):
         size = max(size_of(data, position), 8)
-        parts.append(data[position:position + size])
+        parts.append(data[position : position + size])
         position += size
     return parts + ([data[position:]] if position < len(data) else [])
 
@@ -93,14 +99,19 @@ def _boxes(data: bytes, header: int, size_of) -> list[bytes]:
 def _riff_chunks(data: bytes) -> list[bytes] | None:
     if data[:4] != b"RIFF":
         return None
-    return _boxes(data, 12, lambda d, p: 8 + struct.unpack("<I", d[p + 4:p + 8])[0] + (
-        struct.unpack("<I", d[p + 4:p + 8])[0] & 1))
+    return _boxes(
+        data,
+        12,
+        lambda d, p: (
+            8 + struct.unpack("<I", d[p + 4 : p + 8])[0] + (struct.unpack("<I", d[p + 4 : p + 8])[0] & 1)
+        ),
+    )
 
 
 def _isobmff_boxes(data: bytes) -> list[bytes] | None:
     if data[4:8] != b"ftyp":
         return None
-    return _boxes(data, 0, lambda d, p: struct.unpack(">I", d[p:p + 4])[0])
+    return _boxes(data, 0, lambda d, p: struct.unpack(">I", d[p : p + 4])[0])
 
 
 def segments(data: bytes, rng: random.Random) -> list[bytes]:
@@ -113,14 +124,35 @@ def segments(data: bytes, rng: random.Random) -> list[bytes]:
     return [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
 
 
-BOUNDARY_VALUES = [b"\x00", b"\xff", b"\x7f", b"\x80", b"\x00\x00", b"\xff\xff", b"\x7f\xff",
-                   b"\x00\x00\x00\x00", b"\xff\xff\xff\xff", b"\x7f\xff\xff\xff", b"\x80\x00\x00\x00"]
+BOUNDARY_VALUES = [
+    b"\x00",
+    b"\xff",
+    b"\x7f",
+    b"\x80",
+    b"\x00\x00",
+    b"\xff\xff",
+    b"\x7f\xff",
+    b"\x00\x00\x00\x00",
+    b"\xff\xff\xff\xff",
+    b"\x7f\xff\xff\xff",
+    b"\x80\x00\x00\x00",
+]
 
 
 def mutate(data: bytes, donor: bytes, rng: random.Random) -> tuple[str, bytes]:
     """(what was done, the mutant); ``donor`` is another file of the same format, for splices."""
-    kind = rng.choice(["flip", "flip", "truncate", "overwrite", "drop_segment", "repeat_segment",
-                       "swap_segments", "splice_segment"])
+    kind = rng.choice(
+        [
+            "flip",
+            "flip",
+            "truncate",
+            "overwrite",
+            "drop_segment",
+            "repeat_segment",
+            "swap_segments",
+            "splice_segment",
+        ]
+    )
     if kind == "flip":
         mutant = bytearray(data)
         for _ in range(rng.choice([1, 1, 2, 4, 8])):
@@ -128,11 +160,11 @@ def mutate(data: bytes, donor: bytes, rng: random.Random) -> tuple[str, bytes]:
             mutant[position] ^= 1 << rng.randrange(8)
         return kind, bytes(mutant)
     if kind == "truncate":
-        return kind, data[:rng.randrange(1, len(data))]
+        return kind, data[: rng.randrange(1, len(data))]
     if kind == "overwrite":
         value = rng.choice(BOUNDARY_VALUES)
         position = rng.randrange(len(data))
-        return kind, data[:position] + value + data[position + len(value):]
+        return kind, data[:position] + value + data[position + len(value) :]
     parts = segments(data, rng)
     i, j = rng.randrange(1, len(parts)), rng.randrange(1, len(parts))
     if kind == "drop_segment":
@@ -152,8 +184,7 @@ def cases(count: int, seed: int):
     rng = random.Random(seed)
     files = seeds()
     names = sorted(files)
-    family = {name: [other for other in names if other.split("-")[0] == name.split("-")[0]]
-              for name in names}
+    family = {name: [other for other in names if other.split("-")[0] == name.split("-")[0]] for name in names}
     for index in range(count):
         name = names[index % len(names)]
         donor = files[rng.choice(family[name])]

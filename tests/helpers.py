@@ -1,6 +1,7 @@
 """What several test modules share: real photo crops cut from the sample photos that ship in
 installed packages, the runner flags, a synthetic feature spec and a Parquet reader that does
 not go through the product's own."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,12 +24,16 @@ HOLD_OUT_BY_NAME = ["--calibration_group", r"([^/]+)$"]
 D_FORENSIC = 3  # synthetic forensic columns
 
 
-def synthetic_spec(d_semantic: int, d_statistical: int, d_forensic: int = D_FORENSIC,
-                   **changes) -> FeatureSpec:
+def synthetic_spec(
+    d_semantic: int, d_statistical: int, d_forensic: int = D_FORENSIC, **changes
+) -> FeatureSpec:
     """The spec of made-up features, for the maths and file-format tests."""
-    base = FeatureSpec("synthetic", "0" * 64, {"crop": 224},
-                       {"d_semantic": d_semantic, "d_statistical": d_statistical,
-                        "d_forensic": d_forensic})
+    base = FeatureSpec(
+        "synthetic",
+        "0" * 64,
+        {"crop": 224},
+        {"d_semantic": d_semantic, "d_statistical": d_statistical, "d_forensic": d_forensic},
+    )
     return dataclasses.replace(base, **changes)
 
 
@@ -38,13 +43,14 @@ def with_forensic(rows: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.hstack([rows, noise])
 
 
-def fit_synthetic_anchor(spec: FeatureSpec, rows: np.ndarray, n_fit: int,
-                         config: AnchorConfig = AnchorConfig()) -> Anchor:
+def fit_synthetic_anchor(
+    spec: FeatureSpec, rows: np.ndarray, n_fit: int, config: AnchorConfig = AnchorConfig()
+) -> Anchor:
     """An anchor fitted in memory on rows[:n_fit] (full width), calibrated on the rest; the
     forensic channel with its sharp level only."""
     fitted = rows[:n_fit]
-    forensic = ForensicModel(("sharp",), [Moments.of(fitted[:, spec.d_backbone:])])
-    return Anchor.fit(spec, Moments.of(fitted[:, :spec.d_backbone]), forensic, rows[n_fit:], config)
+    forensic = ForensicModel(("sharp",), [Moments.of(fitted[:, spec.d_backbone :])])
+    return Anchor.fit(spec, Moments.of(fitted[:, : spec.d_backbone]), forensic, rows[n_fit:], config)
 
 
 def sample_photos() -> dict[str, np.ndarray]:
@@ -64,7 +70,7 @@ def write_crops(folder, count_per_photo: int, size=(240, 256), seed: int = 0) ->
         for i in range(count_per_photo):
             top = rng.integers(0, photo.shape[0] - size[0])
             left = rng.integers(0, photo.shape[1] - size[1])
-            crop = Image.fromarray(photo[top:top + size[0], left:left + size[1]])
+            crop = Image.fromarray(photo[top : top + size[0], left : left + size[1]])
             path = folder / f"{name}_{i}.{'png' if i % 2 else 'jpg'}"
             crop.save(path, quality=95)
             paths.append(str(path))
@@ -100,13 +106,15 @@ LEVELS = ("sharp", "blur0.4")  # two forensic levels: rows carry both side by si
 
 def leveled_rows(rows: np.ndarray, spec: FeatureSpec, seed: int = 0) -> np.ndarray:
     """Scoring rows (spec.dim wide) with a second, softer forensic level appended."""
-    soft = rows[:, spec.d_backbone:] * 0.7 + np.random.default_rng(seed).normal(
-        scale=0.1, size=(len(rows), spec.d_forensic))
+    soft = rows[:, spec.d_backbone :] * 0.7 + np.random.default_rng(seed).normal(
+        scale=0.1, size=(len(rows), spec.d_forensic)
+    )
     return np.hstack([rows, soft])
 
 
-def fit_by_hash(spec: FeatureSpec, uris: list[str], rows: np.ndarray,
-                config: AnchorConfig = AnchorConfig()) -> Anchor:
+def fit_by_hash(
+    spec: FeatureSpec, uris: list[str], rows: np.ndarray, config: AnchorConfig = AnchorConfig()
+) -> Anchor:
     """What `fit` computes, in memory: hold out by the URI hash rule, merge the rest's
     statistics, calibrate on the held-out images (rows as ``leveled_rows`` makes them)."""
     from anchorscan.anchors.calibration import holds_out, uri_key
@@ -114,15 +122,22 @@ def fit_by_hash(spec: FeatureSpec, uris: list[str], rows: np.ndarray,
 
     held = np.array([holds_out(uri, config.calibration_fraction, config.calibration_group) for uri in uris])
     fitted = rows[~held]
-    levels = split_levels(Moments.of(fitted[:, spec.d_backbone:]), LEVELS)
+    levels = split_levels(Moments.of(fitted[:, spec.d_backbone :]), LEVELS)
     forensic = ForensicModel(LEVELS, [levels[f"forensic.{name}"] for name in LEVELS])
     keys = np.array([uri_key(uri) for uri, h in zip(uris, held) if h], dtype=np.uint64)
-    return Anchor.fit(spec, Moments.of(fitted[:, :spec.d_backbone]), forensic,
-                      rows[held][:, :spec.dim], config, calibration_keys=keys)
+    return Anchor.fit(
+        spec,
+        Moments.of(fitted[:, : spec.d_backbone]),
+        forensic,
+        rows[held][:, : spec.dim],
+        config,
+        calibration_keys=keys,
+    )
 
 
-def update_by_hash(anchor: Anchor, uris: list[str], rows: np.ndarray, admit: str = "none",
-                   forgetting: float = 1.0) -> Anchor:
+def update_by_hash(
+    anchor: Anchor, uris: list[str], rows: np.ndarray, admit: str = "none", forgetting: float = 1.0
+) -> Anchor:
     """What `update` computes, in memory: the guard, the same hold-out rule, the merge."""
     from anchorscan.anchors.calibration import CalibrationRows, holds_out, uri_key
     from anchorscan.anchors.updating import admission_threshold, admitted, updated
@@ -133,5 +148,7 @@ def update_by_hash(anchor: Anchor, uris: list[str], rows: np.ndarray, admit: str
     held = np.array([holds_out(uri, config.calibration_fraction, config.calibration_group) for uri in uris])
     fitted = rows[~held]
     d = anchor.spec.d_backbone
-    held_out = CalibrationRows([uri_key(uri) for uri, h in zip(uris, held) if h], rows[held][:, :anchor.spec.dim])
+    held_out = CalibrationRows(
+        [uri_key(uri) for uri, h in zip(uris, held) if h], rows[held][:, : anchor.spec.dim]
+    )
     return updated(anchor, Moments.of(fitted[:, :d]), Moments.of(fitted[:, d:]), held_out, forgetting)

@@ -3,6 +3,7 @@
 `HOSTILE` maps a file name to (bytes factory, expected outcome): ("scored", note expected in the
 row's `preprocess`) or (stage, words expected in the error message). `write_hostile` adds what
 is not a file's bytes: a folder, a FIFO, links, a name that is not UTF-8."""
+
 from __future__ import annotations
 
 import io
@@ -18,9 +19,10 @@ from PIL import Image
 def _photo(width=300, height=260, seed=0, name="astronaut") -> np.ndarray:
     """A crop of one of scikit-image's sample photos, at a seeded place."""
     import skimage.data
+
     photo = getattr(skimage.data, name)()
     top, left = np.random.default_rng(seed).integers(0, 100, 2)
-    return np.ascontiguousarray(photo[top:top + height, left:left + width])
+    return np.ascontiguousarray(photo[top : top + height, left : left + width])
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -37,8 +39,12 @@ def png_declaring(width: int, height: int) -> bytes:
     """A tiny PNG whose header declares a huge image (a decompression bomb)."""
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     data = zlib.compress(b"\x00" * 64)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data)
-            + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", data)
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def png_rgb16(pixels: np.ndarray) -> bytes:
@@ -46,8 +52,12 @@ def png_rgb16(pixels: np.ndarray) -> bytes:
     height, width, _ = pixels.shape
     rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
     header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
-            + _png_chunk(b"IDAT", zlib.compress(rows)) + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(rows))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def slow_jpeg(scans: int = 40_000, side: int = 10_000) -> bytes:
@@ -56,9 +66,9 @@ def slow_jpeg(scans: int = 40_000, side: int = 10_000) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(buffer, "JPEG", progressive=True)
     data = buffer.getvalue()
-    header = bytearray(data[:data.index(b"\xff\xda")])  # up to the first scan
+    header = bytearray(data[: data.index(b"\xff\xda")])  # up to the first scan
     frame = header.index(b"\xff\xc2")
-    header[frame + 5:frame + 9] = struct.pack(">HH", side, side)
+    header[frame + 5 : frame + 9] = struct.pack(">HH", side, side)
     empty_scan = b"\xff\xda\x00\x08\x01\x01\x00\x00\x00\x00"  # DC scan, no data follows
     return bytes(header) + empty_scan * scans + b"\xff\xd9"
 
@@ -80,7 +90,7 @@ def _palette_alpha_png() -> bytes:
 
 
 def _gray16_png() -> bytes:
-    return _encode(Image.fromarray((_photo()[..., 0].astype(np.uint16) * 257)), "PNG")
+    return _encode(Image.fromarray(_photo()[..., 0].astype(np.uint16) * 257), "PNG")
 
 
 def _damaged_gps_exif() -> bytes:
@@ -91,7 +101,7 @@ def _damaged_gps_exif() -> bytes:
     exif[0x8825] = {2: (51.0, 30.0, 0.0)}
     data = bytearray(exif.tobytes())
     latitude = data.index(struct.pack("<HH", 2, 5))  # tag 2 (GPSLatitude), type 5 (RATIONAL)
-    data[latitude + 2:latitude + 4] = struct.pack("<H", 2)  # type 2 (ASCII)
+    data[latitude + 2 : latitude + 4] = struct.pack("<H", 2)  # type 2 (ASCII)
     return bytes(data)
 
 
@@ -107,8 +117,10 @@ def gif_on_a_large_screen(width: int = 10_000, height: int = 10_000) -> bytes:
     return bytes(data)
 
 
-EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 300 260\nnewpath 0 0 moveto 300 260 lineto "
-       b"stroke\nshowpage\n%%EOF\n")
+EPS = (
+    b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 300 260\nnewpath 0 0 moveto 300 260 lineto "
+    b"stroke\nshowpage\n%%EOF\n"
+)
 REGRESSIONS = pathlib.Path(__file__).parent / "data" / "decode_regressions"
 
 good_jpeg = lambda: _encode(Image.fromarray(_photo()), "JPEG", quality=92)  # noqa: E731
@@ -118,11 +130,12 @@ HOSTILE = {
     "truncated.jpg": (lambda: good_jpeg()[:2000], ("decode", "truncated")),
     "truncated.png": (lambda: _encode(Image.fromarray(_photo()), "PNG")[:3000], ("decode", "truncated")),
     "text.jpg": (lambda: b"just some words\n", ("decode", "text, not an image")),
-    "error-page.png": (lambda: b"<!DOCTYPE html><html><body>403 Forbidden</body></html>",
-                       ("decode", "HTML")),
+    "error-page.png": (lambda: b"<!DOCTYPE html><html><body>403 Forbidden</body></html>", ("decode", "HTML")),
     "bomb.png": (lambda: png_declaring(60000, 60000), ("decode", "decompression bomb")),
-    "cmyk.jpg": (lambda: _encode(Image.fromarray(_photo()).convert("CMYK"), "JPEG"),
-                 ("scored", "cmyk_to_rgb")),
+    "cmyk.jpg": (
+        lambda: _encode(Image.fromarray(_photo()).convert("CMYK"), "JPEG"),
+        ("scored", "cmyk_to_rgb"),
+    ),
     "rgb16.png": (lambda: png_rgb16(_photo().astype(np.uint16) * 257), ("scored", "center_crop")),
     "gray16.png": (_gray16_png, ("scored", "16bit_to_8bit")),
     "palette-alpha.png": (_palette_alpha_png, ("scored", "alpha_dropped")),
@@ -131,17 +144,27 @@ HOSTILE = {
     "animated.webp": (lambda: _animated("WEBP"), ("scored", "first_of_3_frames")),
     "exif-rotated.jpg": (_exif_rotated_jpeg, ("scored", "exif_rotate")),
     "one-pixel.png": (lambda: _encode(Image.new("RGB", (1, 1)), "PNG"), ("decode", "too small")),
-    "sliver.png": (lambda: _encode(Image.fromarray(np.zeros((5000, 10, 3), np.uint8)), "PNG"),
-                   ("decode", "too small")),
-    "small.png": (lambda: _encode(Image.fromarray(_photo(120, 100)), "PNG"),
-                  ("scored", "upscale+center_crop")),
+    "sliver.png": (
+        lambda: _encode(Image.fromarray(np.zeros((5000, 10, 3), np.uint8)), "PNG"),
+        ("decode", "too small"),
+    ),
+    "small.png": (
+        lambda: _encode(Image.fromarray(_photo(120, 100)), "PNG"),
+        ("scored", "upscale+center_crop"),
+    ),
     "multipage-cut.tif": (_multipage_tiff_cut_in_first_page, ("decode", "TypeError: Missing dimensions")),
-    "flipped.avif": (lambda: (REGRESSIONS / "avif-color-planes-RuntimeError.avif").read_bytes(),
-                     ("decode", "RuntimeError: Failed to decode")),
-    "exif-damaged-gps.jpg": (lambda: _encode(Image.fromarray(_photo()), "JPEG", exif=_damaged_gps_exif()),
-                             ("scored", "exif_rotate")),
-    "exif-damaged-gps.webp": (lambda: _encode(Image.fromarray(_photo()), "WEBP", exif=_damaged_gps_exif()),
-                              ("scored", "exif_rotate")),
+    "flipped.avif": (
+        lambda: (REGRESSIONS / "avif-color-planes-RuntimeError.avif").read_bytes(),
+        ("decode", "RuntimeError: Failed to decode"),
+    ),
+    "exif-damaged-gps.jpg": (
+        lambda: _encode(Image.fromarray(_photo()), "JPEG", exif=_damaged_gps_exif()),
+        ("scored", "exif_rotate"),
+    ),
+    "exif-damaged-gps.webp": (
+        lambda: _encode(Image.fromarray(_photo()), "WEBP", exif=_damaged_gps_exif()),
+        ("scored", "exif_rotate"),
+    ),
     "large-screen.gif": (gif_on_a_large_screen, ("scored", "cropped_to_frame")),
     "postscript.jpg": (lambda: EPS, ("decode", "PostScript")),
 }

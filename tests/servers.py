@@ -1,5 +1,6 @@
 """Services the tests start on 127.0.0.1 and stop again: the GCS emulator, and a guard that
 refuses (and records) any connection outside loopback."""
+
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_for_port(port: int, process: subprocess.Popen | None = None, seconds: float = 30.0,
-                  host: str = LOOPBACK) -> None:
+def wait_for_port(
+    port: int, process: subprocess.Popen | None = None, seconds: float = 30.0, host: str = LOOPBACK
+) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -34,8 +36,14 @@ def wait_for_port(port: int, process: subprocess.Popen | None = None, seconds: f
 
 
 @contextlib.contextmanager
-def started(command: list[str], port: int, log_path, env: dict | None = None,
-            host: str = LOOPBACK, seconds: float = 30.0):
+def started(
+    command: list[str],
+    port: int,
+    log_path,
+    env: dict | None = None,
+    host: str = LOOPBACK,
+    seconds: float = 30.0,
+):
     """A service process listening on ``host``:``port``, terminated (then killed) on exit; its
     output goes to ``log_path``."""
     with open(log_path, "wb") as log:
@@ -56,8 +64,19 @@ def started(command: list[str], port: int, log_path, env: dict | None = None,
 def storage_emulator(bucket: str, log_path):
     """PyPI's gcp-storage-emulator, in memory, with ``bucket`` created; yields its endpoint."""
     port = free_port()
-    command = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", LOOPBACK,
-               "--port", str(port), "--in-memory", "--default-bucket", bucket]
+    command = [
+        sys.executable,
+        "-m",
+        "gcp_storage_emulator",
+        "start",
+        "--host",
+        LOOPBACK,
+        "--port",
+        str(port),
+        "--in-memory",
+        "--default-bucket",
+        bucket,
+    ]
     with started(command, port, log_path):
         yield f"http://{LOOPBACK}:{port}"
 
@@ -93,8 +112,10 @@ class LoopbackGuard:
                 if sock.family in (socket.AF_INET, socket.AF_INET6) and not is_loopback(address):
                     guard.refused.append(address)
                     raise ConnectionRefusedError(
-                        f"the test suite allows connections on loopback only, not to {address}")
+                        f"the test suite allows connections on loopback only, not to {address}"
+                    )
                 return original(sock, address)
+
             return call
 
         socket.socket.connect = guarded(connect)
@@ -171,8 +192,9 @@ class CrawlSite:
         self.server.server_close()
 
     @staticmethod
-    def _send(handler, status: int, body: bytes = b"", headers: dict | None = None,
-              length: int | None = None) -> None:
+    def _send(
+        handler, status: int, body: bytes = b"", headers: dict | None = None, length: int | None = None
+    ) -> None:
         handler.send_response(status)
         for name, value in (headers or {}).items():
             handler.send_header(name, value)

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 import anchorscan.anchors.anchor_file as anchor_file
-from helpers import D_FORENSIC, fit_synthetic_anchor, synthetic_spec
 from anchorscan.anchors.anchor import COMPONENTS, AnchorConfig
 from anchorscan.anchors.anchor_file import anchor_from_bytes, anchor_to_bytes, read_metadata
 from anchorscan.anchors.spec import FeatureSpec, IncompatibleAnchorError
+from helpers import D_FORENSIC, fit_synthetic_anchor, synthetic_spec
 
 DS, DM = 6, 9
 

@@ -1,17 +1,22 @@
 """The anchor's maths (docs/METHOD.md §4-5) against independent oracles: scikit-learn's OAS,
 exact inverses, eigendecompositions, scipy's combined p-values and KS tests."""
+
 import numpy as np
 import pytest
 from scipy import stats
 from sklearn.covariance import OAS, oas
 from sklearn.metrics import roc_auc_score
 
-from anchorscan.anchors.anchor import (AnchorModel, Spectrum, oas_shrinkage,
-                            shrunk_covariance)
-from helpers import fit_synthetic_anchor, synthetic_spec, with_forensic
-from anchorscan.anchors.calibration import (fisher_log10, holds_out, sketch, tippett_log10,
-                                 upper_tail_log_pvalues)
+from anchorscan.anchors.anchor import AnchorModel, Spectrum, oas_shrinkage, shrunk_covariance
+from anchorscan.anchors.calibration import (
+    fisher_log10,
+    holds_out,
+    sketch,
+    tippett_log10,
+    upper_tail_log_pvalues,
+)
 from anchorscan.anchors.stats import Moments
+from helpers import fit_synthetic_anchor, synthetic_spec, with_forensic
 
 
 def spec(ds, dm):
@@ -39,8 +44,7 @@ def test_oas_shrinkage_matches_sklearn():
     data = sample(6, 14, n=60, seed=1)
     centred = data - data.mean(axis=0)
     _, expected = oas(data)
-    assert oas_shrinkage(centred.T @ centred / len(data), len(data)) == pytest.approx(expected,
-                                                                                     rel=1e-12)
+    assert oas_shrinkage(centred.T @ centred / len(data), len(data)) == pytest.approx(expected, rel=1e-12)
 
 
 def test_shrunk_covariance_is_oas_of_the_correlation_rescaled():
@@ -52,8 +56,7 @@ def test_shrunk_covariance_is_oas_of_the_correlation_rescaled():
     assert shrinkage == pytest.approx(reference.shrinkage_, rel=1e-10)
     assert 0.0 < shrinkage <= 1.0
     scale = data.std(0, ddof=1)  # Moments' covariance uses n - 1
-    np.testing.assert_allclose(shrunk / np.outer(scale, scale), reference.covariance_,
-                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(shrunk / np.outer(scale, scale), reference.covariance_, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(np.diag(shrunk), np.var(data, 0, ddof=1), rtol=1e-10)
 
 
@@ -84,7 +87,7 @@ def test_spectrum_distances_equal_closed_form():
     kept = vectors[:, :k]
     np.testing.assert_allclose(t2, ((residuals @ kept) ** 2 / values[:k]).sum(1), rtol=1e-9)
     tail = residuals - residuals @ kept @ kept.T
-    np.testing.assert_allclose(spe, (tail ** 2).sum(1) / values[k:].mean(), rtol=1e-8)
+    np.testing.assert_allclose(spe, (tail**2).sum(1) / values[k:].mean(), rtol=1e-8)
 
 
 def test_spectrum_rank_is_capped_and_tail_is_mean_of_the_rest():
@@ -109,8 +112,7 @@ def test_semantic_and_statistical_distances_equal_exact_inverse_oracle():
     centred = features - moments.mean
     s, m = centred[:, :ds], centred[:, ds:]
     distances = model.distances(features)
-    np.testing.assert_allclose(distances["semantic"],
-                               np.einsum("bi,ij,bj->b", s, precision_ss, s), rtol=1e-9)
+    np.testing.assert_allclose(distances["semantic"], np.einsum("bi,ij,bj->b", s, precision_ss, s), rtol=1e-9)
     regression = precision_ss @ sigma[:ds, ds:]
     schur = sigma[ds:, ds:] - sigma[ds:, :ds] @ regression
     oracle = Spectrum.fit(schur, 0.9, max_rank=299).distances(m - s @ regression)
@@ -160,7 +162,10 @@ def test_shifted_statistics_score_much_higher(calibrated, change):
         mean = anchor.moments.mean[ds:]
         fake[:, statistical] = mean + 3 * (fake[:, statistical] - mean)
     channels = ("semantic", "statistical")  # the channel under test, and one that must not hide it
-    real_scores, fake_scores = anchor.score(real, channels=channels)["score"], anchor.score(fake, channels=channels)
+    real_scores, fake_scores = (
+        anchor.score(real, channels=channels)["score"],
+        anchor.score(fake, channels=channels),
+    )
     labels = np.r_[np.zeros(1000), np.ones(1000)]
     assert roc_auc_score(labels, np.r_[real_scores, fake_scores["score"]]) > 0.95
     assert fake_scores["is_suspect"].mean() > 0.5
@@ -170,8 +175,7 @@ def test_fisher_matches_scipy():
     rng = np.random.default_rng(11)
     for k in (2, 3):
         pvalues = 10.0 ** -rng.uniform(0, 30, size=(50, k))
-        expected = [-np.log10(stats.combine_pvalues(row, method="fisher").pvalue)
-                    for row in pvalues]
+        expected = [-np.log10(stats.combine_pvalues(row, method="fisher").pvalue) for row in pvalues]
         np.testing.assert_allclose(fisher_log10(np.log(pvalues)), expected, rtol=1e-9, atol=1e-12)
 
 
@@ -269,6 +273,7 @@ def test_holds_out_keeps_a_group_on_one_side():
 
 def test_max_log_bayes_factor_is_the_sellke_bayarri_berger_bound():
     from anchorscan.anchors.calibration import max_log_bayes_factor
+
     pvalues = np.array([0.9, 1 / np.e, 0.3, 0.05, 1e-3, 1e-12, 1e-200])
     expected = [-np.log(-np.e * p * np.log(p)) if p < 1 / np.e else 0.0 for p in pvalues]
     np.testing.assert_allclose(max_log_bayes_factor(-np.log10(pvalues)), expected, atol=1e-9)

@@ -1,20 +1,31 @@
 """`make bench` keeps working: the throughput script runs end to end at tiny counts and prints
 every NAME=VALUE line the issue names (the values themselves are recorded in docs/BENCHMARKS.md,
 never asserted: timings are not tests)."""
+
 from __future__ import annotations
 
 import math
-
-import pytest
 import subprocess
 import sys
 from pathlib import Path
 
-REQUIRED = ("score_over_forward", "fit_over_forward", "score_over_dataloader_12mp",
-            "stats_share_of_forward", "rss_growth_10k_over_1k",
-            "forward_gflops_share_of_matmul_peak", "score_steady_state_over_forward_mix",
-            "score_over_dataloader_12mp_steady_state", "region_decode_max_pixel_difference",
-            "forensic_share_of_forward", "forensic_wall_share_of_forward", "score_over_bound", "score_steady_state_over_bound")
+import pytest
+
+REQUIRED = (
+    "score_over_forward",
+    "fit_over_forward",
+    "score_over_dataloader_12mp",
+    "stats_share_of_forward",
+    "rss_growth_10k_over_1k",
+    "forward_gflops_share_of_matmul_peak",
+    "score_steady_state_over_forward_mix",
+    "score_over_dataloader_12mp_steady_state",
+    "region_decode_max_pixel_difference",
+    "forensic_share_of_forward",
+    "forensic_wall_share_of_forward",
+    "score_over_bound",
+    "score_steady_state_over_bound",
+)
 
 
 pytestmark = pytest.mark.slow  # runs the throughput script end to end (about 2 minutes)
@@ -22,11 +33,16 @@ pytestmark = pytest.mark.slow  # runs the throughput script end to end (about 2 
 
 def test_throughput_benchmark_prints_every_required_value(tmp_path):
     script = Path(__file__).parents[1] / "benchmarks" / "throughput.py"
-    result = subprocess.run([sys.executable, str(script), "--quick", "--workdir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    values = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line
-                  and " " not in line)
+    values = dict(
+        line.split("=", 1) for line in result.stdout.splitlines() if "=" in line and " " not in line
+    )
     for name in REQUIRED:
         value = float(values[name])
         # Steady states are differences of two run sizes: at --quick's tiny counts they can be
@@ -39,10 +55,15 @@ def test_throughput_benchmark_prints_every_required_value(tmp_path):
 
 def test_online_update_benchmark_prints_its_values():
     script = Path(__file__).parents[1] / "benchmarks" / "online_update.py"
-    result = subprocess.run([sys.executable, str(script), "--dims", "64", "--ks", "1,4", "--updates", "4"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(script), "--dims", "64", "--ks", "1,4", "--updates", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    values = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line
-                  and " " not in line)
+    values = dict(
+        line.split("=", 1) for line in result.stdout.splitlines() if "=" in line and " " not in line
+    )
     for name in ("online_speedup_d64_k1", "online_speedup_d64_k4", "delta_mb_d64", "delta_rank64_mb_d64"):
         assert math.isfinite(float(values[name])) and float(values[name]) > 0, name

@@ -1,5 +1,6 @@
 """Anchor and head files are refused, with a message that says why, when damaged, truncated,
 foreign or from another format version; neither reader takes the other's file."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,7 +41,9 @@ def _head_bytes():
 
 
 KINDS = {
-    "anchor": FileKind(anchor_file, _anchor_bytes, anchor_file.anchor_from_bytes, anchor_file.AnchorFileError),
+    "anchor": FileKind(
+        anchor_file, _anchor_bytes, anchor_file.anchor_from_bytes, anchor_file.AnchorFileError
+    ),
     "head": FileKind(heads, _head_bytes, heads.head_from_bytes, heads.HeadFileError),
 }
 
@@ -63,7 +66,7 @@ def test_a_truncated_file_is_refused(kind, cut):
     _, file_kind = kind
     data = file_kind.write()
     with pytest.raises(file_kind.error):
-        file_kind.read(data[:int(len(data) * cut)])
+        file_kind.read(data[: int(len(data) * cut)])
 
 
 @pytest.mark.parametrize("junk", [b"", np.random.default_rng(2).bytes(4096), b"\x08" + b"\0" * 7 + b"{}"])
@@ -92,7 +95,12 @@ def test_neither_reader_takes_the_other_kind(kind):
 
 def test_every_file_starts_with_the_same_header(kind):
     name, file_kind = kind
-    metadata = checked_file.read_metadata(file_kind.write(), file_kind.module.METADATA_KEY,
-                                          file_kind.module.FORMAT_VERSION, name, file_kind.error)
+    metadata = checked_file.read_metadata(
+        file_kind.write(),
+        file_kind.module.METADATA_KEY,
+        file_kind.module.FORMAT_VERSION,
+        name,
+        file_kind.error,
+    )
     assert metadata["format_version"] == file_kind.module.FORMAT_VERSION
     assert {"anchorscan_version", "created", "checksum"} <= set(metadata)

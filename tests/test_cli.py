@@ -1,4 +1,5 @@
 """The `anchorscan` command line: info, and refusals with clear messages."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,19 @@ def test_score_refuses_an_anchor_from_other_weights(fitted_anchor, real_photos, 
     anchor.spec = dataclasses.replace(anchor.spec, weights_sha256="0" * 64)
     foreign = tmp_path / "foreign.safetensors"
     foreign.write_bytes(anchor_to_bytes(anchor, metadata["projection"]))
-    code = main(["score", "--input", str(real_photos), "--anchor", str(foreign),
-                 "--output", str(tmp_path / "out"), "--runner", "FnApiRunner"])
+    code = main(
+        [
+            "score",
+            "--input",
+            str(real_photos),
+            "--anchor",
+            str(foreign),
+            "--output",
+            str(tmp_path / "out"),
+            "--runner",
+            "FnApiRunner",
+        ]
+    )
     assert code == 2
     message = capsys.readouterr().err
     assert "weights_sha256" in message and "fitted on different features" in message
@@ -44,31 +56,96 @@ def test_missing_required_option_is_reported(tmp_path, capsys):
     assert "usage: anchorscan score" in error and "--output" in error
 
 
-RUNTIME = {"--weights", "--device", "--precision", "--runtime", "--batch_size", "--torch_threads",
-           "--large_model"}
-DECODING = {"--max_pixels", "--max_bytes", "--min_side", "--decode_timeout", "--read_timeout",
-            "--decode_processes",
-            "--decode_ahead", "--perturbation"}
+RUNTIME = {
+    "--weights",
+    "--device",
+    "--precision",
+    "--runtime",
+    "--batch_size",
+    "--torch_threads",
+    "--large_model",
+}
+DECODING = {
+    "--max_pixels",
+    "--max_bytes",
+    "--min_side",
+    "--decode_timeout",
+    "--read_timeout",
+    "--decode_processes",
+    "--decode_ahead",
+    "--perturbation",
+}
 HTTP = {"--http_timeout", "--http_retries", "--http_max_per_host", "--http_max_time"}
 FEATURES = {"--backbone", "--attention", "--resize", "--statistical_budget", "--projection_seed"}
 FLAGS = {
-    "fit": {"--input", "--anchor", "--errors", "--calibration_fraction", "--calibration_group",
-            "--fpr", "--explained_variance", "--combine", "--statistical", "--channels",
-            "--forensic_levels"} | FEATURES | RUNTIME | DECODING | HTTP,
-    "score": {"--input", "--anchor", "--output", "--head", "--with_anchor", "--combine",
-              "--statistical", "--channels", "--skip_scored", "--overwrite"} | RUNTIME | DECODING | HTTP,
-    "fit-head": {"--kind", "--real", "--fake", "--output", "--errors", "--k", "--max_per_class",
-                 "--features"} | FEATURES | RUNTIME | DECODING | HTTP,
-    "evaluate": {"--dataset", "--anchor", "--head", "--output", "--split", "--sweep", "--channels",
-                 "--combine"} | RUNTIME | DECODING | HTTP,
+    "fit": {
+        "--input",
+        "--anchor",
+        "--errors",
+        "--calibration_fraction",
+        "--calibration_group",
+        "--fpr",
+        "--explained_variance",
+        "--combine",
+        "--statistical",
+        "--channels",
+        "--forensic_levels",
+    }
+    | FEATURES
+    | RUNTIME
+    | DECODING
+    | HTTP,
+    "score": {
+        "--input",
+        "--anchor",
+        "--output",
+        "--head",
+        "--with_anchor",
+        "--combine",
+        "--statistical",
+        "--channels",
+        "--skip_scored",
+        "--overwrite",
+    }
+    | RUNTIME
+    | DECODING
+    | HTTP,
+    "fit-head": {"--kind", "--real", "--fake", "--output", "--errors", "--k", "--max_per_class", "--features"}
+    | FEATURES
+    | RUNTIME
+    | DECODING
+    | HTTP,
+    "evaluate": {
+        "--dataset",
+        "--anchor",
+        "--head",
+        "--output",
+        "--split",
+        "--sweep",
+        "--channels",
+        "--combine",
+    }
+    | RUNTIME
+    | DECODING
+    | HTTP,
     "report": {"--scores", "--output", "--anchor", "--labels", "--gallery"},
     "info": {"--json"},
     "update": {"--anchor", "--input", "--output", "--admit", "--forgetting", "--errors"} | RUNTIME | DECODING,
     "flag": {"--anchor", "--generator", "--input", "--output", "--errors"} | RUNTIME | DECODING,
     "export-delta": {"--anchor", "--since", "--output", "--min_count", "--noise", "--rank", "--seed"},
     "merge": {"--output"},
-    "stream": {"--watch", "--anchor", "--output", "--window_seconds", "--learn_real", "--poll_seconds",
-               "--stop_after_seconds", "--pubsub_subscription"} | RUNTIME | (DECODING - {"--perturbation"}),
+    "stream": {
+        "--watch",
+        "--anchor",
+        "--output",
+        "--window_seconds",
+        "--learn_real",
+        "--poll_seconds",
+        "--stop_after_seconds",
+        "--pubsub_subscription",
+    }
+    | RUNTIME
+    | (DECODING - {"--perturbation"}),
 }
 
 
@@ -105,8 +182,9 @@ def one_line_error(capsys) -> str:
 
 def test_a_missing_anchor_is_one_line_and_exit_2(tmp_path, capsys):
     missing = tmp_path / "nowhere.safetensors"
-    code = main(["score", "--input", str(tmp_path), "--anchor", str(missing), "--output",
-                 str(tmp_path / "out")])
+    code = main(
+        ["score", "--input", str(tmp_path), "--anchor", str(missing), "--output", str(tmp_path / "out")]
+    )
     assert code == 2
     assert one_line_error(capsys) == f"anchorscan score: error: {missing}: file not found"
 
@@ -119,8 +197,7 @@ def test_info_on_a_file_that_is_not_an_anchor_is_one_line_and_exit_2(tmp_path, c
 
 
 def test_a_bad_flag_value_is_one_line_and_exit_2(tmp_path, capsys):
-    code = main(["fit", "--input", str(tmp_path), "--anchor", str(tmp_path / "a.safetensors"),
-                 "--fpr", "2"])
+    code = main(["fit", "--input", str(tmp_path), "--anchor", str(tmp_path / "a.safetensors"), "--fpr", "2"])
     assert code == 2
     assert "--fpr must be in (0, 1), got 2.0" in one_line_error(capsys)
 
@@ -129,12 +206,25 @@ def test_an_output_under_a_regular_file_is_one_line_and_exit_2(fitted_anchor, tm
     anchor, _ = fitted_anchor
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")
-    code = main(["score", "--input", str(tmp_path), "--anchor", str(anchor),
-                 "--output", str(blocker / "out"), "--runner", "FnApiRunner"])
+    code = main(
+        [
+            "score",
+            "--input",
+            str(tmp_path),
+            "--anchor",
+            str(anchor),
+            "--output",
+            str(blocker / "out"),
+            "--runner",
+            "FnApiRunner",
+        ]
+    )
     assert code == 2
     error = one_line_error(capsys)
-    assert error == (f"anchorscan score: error: cannot write {blocker}/out.lock, the lock beside "
-                     f"--output: a file, not a folder ({blocker})")
+    assert error == (
+        f"anchorscan score: error: cannot write {blocker}/out.lock, the lock beside "
+        f"--output: a file, not a folder ({blocker})"
+    )
 
 
 def test_debug_shows_the_traceback_of_a_user_error(tmp_path, capsys):
@@ -156,12 +246,19 @@ def test_an_unexpected_error_is_an_internal_error_with_its_traceback(monkeypatch
     assert "Traceback" in error and "KeyError: 'a bug'" in error
 
 
-@pytest.mark.parametrize("beam_flags, expected", [
-    ([], os.cpu_count()),
-    (["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"], max(1, os.cpu_count() // 2)),
-    (["--runner", "DataflowRunner"], 1),  # an SDK process per core, each with its own decoder
-    (["--decode_processes", "3", "--runner", "DataflowRunner"], 3),
-], ids=["in_process", "multi_process", "dataflow", "given"])
+@pytest.mark.parametrize(
+    "beam_flags, expected",
+    [
+        ([], os.cpu_count()),
+        (
+            ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"],
+            max(1, os.cpu_count() // 2),
+        ),
+        (["--runner", "DataflowRunner"], 1),  # an SDK process per core, each with its own decoder
+        (["--decode_processes", "3", "--runner", "DataflowRunner"], 3),
+    ],
+    ids=["in_process", "multi_process", "dataflow", "given"],
+)
 def test_decode_processes_share_the_cores_among_sdk_processes(beam_flags, expected):
     from anchorscan.pipelines import score
     from anchorscan.pipelines.options import decode_processes, parse

@@ -1,4 +1,5 @@
 """CLIP backbones with random weights of the real architectures (tests never download)."""
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from anchorscan.anchors.backbones import (CLIP_MODELS, ClipVisionBackbone, MissingWeightsError,
-                               build_clip_visual, cls_attention)
+from anchorscan.anchors.backbones import (
+    CLIP_MODELS,
+    ClipVisionBackbone,
+    MissingWeightsError,
+    build_clip_visual,
+    cls_attention,
+)
 from anchorscan.anchors.features import SIGMA_EPS, spatial_statistics
 from anchorscan.anchors.spec import IncompatibleAnchorError
 from anchorscan.anchors.weights import WeightsError, read_state_dict
@@ -33,8 +39,7 @@ class _Tower(torch.nn.Module):
 def save_openai_format(visual, path, dtype=torch.float16):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(_Tower(visual).eval(), torch.zeros(1, 3, 224, 224),
-                                check_trace=False)
+        traced = torch.jit.trace(_Tower(visual).eval(), torch.zeros(1, 3, 224, 224), check_trace=False)
         traced = traced.to(dtype)
         torch.jit.save(traced, str(path))
     return str(path)
@@ -45,8 +50,11 @@ def b32_weights(tmp_path_factory):
     torch.manual_seed(0)
     visual = build_clip_visual(CLIP_MODELS["clip-vit-b-32"].architecture)
     folder = tmp_path_factory.mktemp("b32")
-    return {"visual": visual, "openai": save_openai_format(visual, folder / "ViT-B-32.pt"),
-            "safetensors": _save_safetensors(visual, folder / "open_clip_model.safetensors")}
+    return {
+        "visual": visual,
+        "openai": save_openai_format(visual, folder / "ViT-B-32.pt"),
+        "safetensors": _save_safetensors(visual, folder / "open_clip_model.safetensors"),
+    }
 
 
 def _save_safetensors(visual, path):
@@ -109,12 +117,13 @@ def test_spatial_statistics_of_clip_tokens_match_numpy(b32):
     expected_mean = tokens @ weights
     expected_var = ((tokens - expected_mean[:, None]) ** 2) @ weights
     np.testing.assert_allclose(mean[0].numpy(), expected_mean, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(log_sigma[0].numpy(), 0.5 * np.log(expected_var + SIGMA_EPS),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        log_sigma[0].numpy(), 0.5 * np.log(expected_var + SIGMA_EPS), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_missing_weights_explain_where_to_get_them():
-    with pytest.raises(MissingWeightsError, match="--weights.*b8cca3fd"):
+    with pytest.raises(MissingWeightsError, match=r"--weights.*b8cca3fd"):
         ClipVisionBackbone("clip-vit-l-14")
 
 
@@ -130,7 +139,7 @@ def test_a_pickle_with_code_is_refused(tmp_path):
 
     path = tmp_path / "evil.pt"
     path.write_bytes(pickle.dumps({"visual.conv1.weight": Payload()}))
-    with pytest.raises(WeightsError, match="refused|cannot read"):
+    with pytest.raises(WeightsError, match=r"refused|cannot read"):
         read_state_dict(str(path))
 
 
@@ -139,20 +148,50 @@ def test_end_to_end_fit_and_score_with_openai_format(b32_weights, real_photos, t
 
     anchor = str(tmp_path / "clip.safetensors")
     common = ["--backbone", "clip-vit-b-32", "--weights", b32_weights["openai"], *RUNNER]
-    fit.run(["--input", str(real_photos), "--anchor", anchor, "--calibration_fraction", "0.3",
-             *HOLD_OUT_BY_NAME,
-             *common])
-    summary = score.run(["--input", str(real_photos / "*.png"), "--anchor", anchor,
-                         "--output", str(tmp_path / "scan"), "--weights", b32_weights["openai"],
-                         *RUNNER])
+    fit.run(
+        [
+            "--input",
+            str(real_photos),
+            "--anchor",
+            anchor,
+            "--calibration_fraction",
+            "0.3",
+            *HOLD_OUT_BY_NAME,
+            *common,
+        ]
+    )
+    summary = score.run(
+        [
+            "--input",
+            str(real_photos / "*.png"),
+            "--anchor",
+            anchor,
+            "--output",
+            str(tmp_path / "scan"),
+            "--weights",
+            b32_weights["openai"],
+            *RUNNER,
+        ]
+    )
     rows = read_parquet_rows(str(tmp_path / "scan-scores-*.parquet"))
     assert summary["scored"] == len(rows) == len(list(real_photos.glob("*.png")))
     assert all(np.isfinite(row["score"]) for row in rows)
 
     # The same anchor refuses features made with other weights.
     with pytest.raises(IncompatibleAnchorError, match="weights_sha256"):
-        score.run(["--input", str(real_photos), "--anchor", anchor, "--output",
-                   str(tmp_path / "other"), "--weights", b32_weights["safetensors"], *RUNNER])
+        score.run(
+            [
+                "--input",
+                str(real_photos),
+                "--anchor",
+                anchor,
+                "--output",
+                str(tmp_path / "other"),
+                "--weights",
+                b32_weights["safetensors"],
+                *RUNNER,
+            ]
+        )
 
 
 @pytest.mark.slow
@@ -160,21 +199,49 @@ def test_vit_l14_end_to_end_from_an_openai_format_file(real_photos, tmp_path):
     from anchorscan.pipelines import fit, score
 
     torch.manual_seed(0)
-    weights = save_openai_format(build_clip_visual(CLIP_MODELS["clip-vit-l-14"].architecture),
-                                 tmp_path / "ViT-L-14.pt")
+    weights = save_openai_format(
+        build_clip_visual(CLIP_MODELS["clip-vit-l-14"].architecture), tmp_path / "ViT-L-14.pt"
+    )
     few = tmp_path / "few"
     few.mkdir()
     for path in sorted(real_photos.iterdir())[:14]:
         (few / path.name).write_bytes(path.read_bytes())
     anchor = str(tmp_path / "l14.safetensors")
-    fit.run(["--input", str(few), "--anchor", anchor, "--calibration_fraction", "0.6",
-             *HOLD_OUT_BY_NAME,
-             "--backbone", "clip-vit-l-14", "--weights", weights, "--batch_size", "8", *RUNNER])
-    summary = score.run(["--input", str(few / "*_0.jpg"), "--anchor", anchor, "--weights", weights,
-                         "--output", str(tmp_path / "scan"), *RUNNER])
+    fit.run(
+        [
+            "--input",
+            str(few),
+            "--anchor",
+            anchor,
+            "--calibration_fraction",
+            "0.6",
+            *HOLD_OUT_BY_NAME,
+            "--backbone",
+            "clip-vit-l-14",
+            "--weights",
+            weights,
+            "--batch_size",
+            "8",
+            *RUNNER,
+        ]
+    )
+    summary = score.run(
+        [
+            "--input",
+            str(few / "*_0.jpg"),
+            "--anchor",
+            anchor,
+            "--weights",
+            weights,
+            "--output",
+            str(tmp_path / "scan"),
+            *RUNNER,
+        ]
+    )
     rows = read_parquet_rows(str(tmp_path / "scan-scores-*.parquet"))
     assert summary["scored"] == len(rows) > 0
     from anchorscan.anchors.anchor_file import read_metadata
-    metadata = read_metadata(open(anchor, "rb").read())
+
+    metadata = read_metadata(anchor.read_bytes())
     assert metadata["backbone"] == "clip-vit-l-14" and metadata["d_semantic"] == 768
     assert metadata["layout"]["token_blocks"] == [7, 15, 23]

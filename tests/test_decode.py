@@ -1,18 +1,20 @@
 """The decoding DoFn and its worker processes on their own: decodes overlap, yet every URI comes
 out once, in order; a stuck decode, a crashed decoder or a stalled read costs only its own image."""
+
 from __future__ import annotations
 
 import io
 import os
+import re
 import threading
 import time
 
 import apache_beam as beam
 import numpy as np
 import pytest
-from PIL import Image
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from PIL import Image
 
 from anchorscan.anchors import preprocess
 from anchorscan.anchors.decoder_pool import DecodeFailed, DecoderPool
@@ -82,7 +84,7 @@ def test_a_decode_past_its_timeout_is_killed_and_its_process_replaced():
         quick = [pool.submit(bytes([1])) for _ in range(4)]
         [stuck_process] = [worker.process for worker in pool._workers if worker.job is stuck]
         started = time.monotonic()
-        with pytest.raises(DecodeFailed, match="longer than --decode_timeout 0.5 s") as failed:
+        with pytest.raises(DecodeFailed, match=re.escape("longer than --decode_timeout 0.5 s")) as failed:
             pool.result(stuck)
         assert time.monotonic() - started < 10 and failed.value.error_type == "TimeoutError"
         assert stuck_process.poll() is not None  # killed, not left to run
@@ -155,13 +157,23 @@ def test_a_read_past_its_timeout_is_an_error_row_and_stuck_reads_are_capped(crop
     dofn.setup()
     dofn.start_bundle()
     started = time.monotonic()
-    errors = [output.value["error"] for i in range(cap + 2)
-              for output in dofn.process(f"/stalled/{i}.jpg", MIN_TIMESTAMP, GlobalWindow())]
+    errors = [
+        output.value["error"]
+        for i in range(cap + 2)
+        for output in dofn.process(f"/stalled/{i}.jpg", MIN_TIMESTAMP, GlobalWindow())
+    ]
     assert time.monotonic() - started < 0.2 * cap + 2  # refused at once past the cap
-    assert errors[:cap] == ["reading took longer than --read_timeout 0.2 s (a stalled disk or "
-                            "network?)"] * cap
-    assert errors[cap:] == [f"not read: {cap} earlier reads on this worker are stuck past "
-                            "--read_timeout (the storage is not answering)"] * 2
+    assert (
+        errors[:cap] == ["reading took longer than --read_timeout 0.2 s (a stalled disk or network?)"] * cap
+    )
+    assert (
+        errors[cap:]
+        == [
+            f"not read: {cap} earlier reads on this worker are stuck past "
+            "--read_timeout (the storage is not answering)"
+        ]
+        * 2
+    )
     release.set()  # the storage answers again: reads go on
     time.sleep(0.5)
     list(dofn.process(crops[0], MIN_TIMESTAMP, GlobalWindow()))
@@ -186,8 +198,11 @@ def turbo_required():
 
 
 JPEG_VARIANTS = {
-    "4:2:0": {"subsampling": 2}, "4:2:2": {"subsampling": 1}, "4:4:4": {"subsampling": 0},
-    "progressive": {"progressive": True}, "optimized, quality 60": {"optimize": True, "quality": 60},
+    "4:2:0": {"subsampling": 2},
+    "4:2:2": {"subsampling": 1},
+    "4:4:4": {"subsampling": 0},
+    "progressive": {"progressive": True},
+    "optimized, quality 60": {"optimize": True, "quality": 60},
     "restart markers": {"restart_marker_rows": 1},
 }
 
@@ -197,7 +212,7 @@ JPEG_VARIANTS = {
 def test_jpeg_region_decode_gives_the_full_decodes_pixels(turbo_required, monkeypatch, variant, shape):
     rng = np.random.default_rng(sum(shape))
     smooth = np.kron(rng.integers(0, 256, (shape[0] // 8 + 1, shape[1] // 8 + 1, 3)), np.ones((8, 8, 1)))
-    pixels = np.clip(smooth[:shape[0], :shape[1]] + rng.normal(0, 12, (*shape, 3)), 0, 255).astype(np.uint8)
+    pixels = np.clip(smooth[: shape[0], : shape[1]] + rng.normal(0, 12, (*shape, 3)), 0, 255).astype(np.uint8)
     data = _jpeg(pixels, **JPEG_VARIANTS[variant])
     region = preprocess._jpeg_center_crop(data, shape[1], shape[0], 224)
     assert region is not None  # the fast path is taken, so the comparison below means something

@@ -3,6 +3,7 @@ photos only finds the upscalers' images, keeps its false-positive rate on unseen
 and does not call soft real photos (focus blur, camera shake, upscaled thumbnails, denoising)
 generated. Bounds are loose (23 real crops per condition: one image is 4.3 %); the measured
 tables on the larger development set are in docs/QUALITY.md and the README."""
+
 from __future__ import annotations
 
 import collections
@@ -21,16 +22,39 @@ from helpers import RUNNER, read_parquet_rows
 pytestmark = pytest.mark.slow  # fits an anchor on 184 real crops and scores a few hundred
 
 DEMO = Path(__file__).parents[1] / "demo" / "data"
-SOFT = ("blur:0.45", "blur:0.8", "blur:1.2", "defocus:1.5", "defocus:2.5", "motion:5", "motion:9",
-        "thumbnail:0.625", "thumbnail:0.5", "median:3", "nlmeans")
+SOFT = (
+    "blur:0.45",
+    "blur:0.8",
+    "blur:1.2",
+    "defocus:1.5",
+    "defocus:2.5",
+    "motion:5",
+    "motion:9",
+    "thumbnail:0.625",
+    "thumbnail:0.5",
+    "median:3",
+    "nlmeans",
+)
 
 
 @pytest.fixture(scope="module")
 def demo_anchor(tmp_path_factory):
     anchor = tmp_path_factory.mktemp("demo") / "anchor.safetensors"
-    fit.run(["--input", str(DEMO / "fit" / "real"), "--input", str(DEMO / "fit" / "extra"),
-             "--anchor", str(anchor), "--calibration_fraction", "0.25",
-             "--calibration_group", r"([^/]+)__x", *RUNNER])
+    fit.run(
+        [
+            "--input",
+            str(DEMO / "fit" / "real"),
+            "--input",
+            str(DEMO / "fit" / "extra"),
+            "--anchor",
+            str(anchor),
+            "--calibration_fraction",
+            "0.25",
+            "--calibration_group",
+            r"([^/]+)__x",
+            *RUNNER,
+        ]
+    )
     return anchor
 
 
@@ -61,7 +85,9 @@ def soften(image: Image.Image, condition: str) -> Image.Image:
         from skimage.restoration import denoise_nl_means
 
         rng = np.random.default_rng(0)
-        noisy = np.asarray(image, dtype=np.float64) / 255 + rng.normal(scale=4 / 255, size=(*image.size[::-1], 3))
+        noisy = np.asarray(image, dtype=np.float64) / 255 + rng.normal(
+            scale=4 / 255, size=(*image.size[::-1], 3)
+        )
         clean = denoise_nl_means(noisy.clip(0, 1), h=0.8 * 4 / 255, sigma=4 / 255, channel_axis=-1)
         return Image.fromarray((clean * 255).round().clip(0, 255).astype(np.uint8))
     return parse_perturbation(condition)(image)

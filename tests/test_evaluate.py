@@ -1,4 +1,5 @@
 """UnivFD heads through the pipelines, and `evaluate` on the datasets people have."""
+
 from __future__ import annotations
 
 import csv
@@ -10,9 +11,9 @@ from PIL import Image, ImageFilter
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from anchorscan.anchors.heads import head_from_bytes
-from helpers import RUNNER, read_parquet_rows, write_crops
 from anchorscan.pipelines import evaluate, fit_head, score
 from anchorscan.pipelines.evaluate import COLUMNS
+from helpers import RUNNER, read_parquet_rows, write_crops
 
 
 def make_fakes(reals, folder):
@@ -47,8 +48,19 @@ def lda_head(real_photos, tmp_path_factory):
     folder = tmp_path_factory.mktemp("head")
     fakes = make_fakes(sorted(str(p) for p in real_photos.glob("*_[0-3].*")), folder / "fake")
     path = folder / "lda.safetensors"
-    head = fit_head.run(["--kind", "lda", "--real", str(real_photos), "--fake", str(folder / "fake"),
-                         "--output", str(path), *RUNNER])
+    head = fit_head.run(
+        [
+            "--kind",
+            "lda",
+            "--real",
+            str(real_photos),
+            "--fake",
+            str(folder / "fake"),
+            "--output",
+            str(path),
+            *RUNNER,
+        ]
+    )
     return path, head, len(fakes)
 
 
@@ -61,17 +73,43 @@ def test_fit_head_counts_both_classes(lda_head, real_photos):
 def test_nn_head_bank_is_capped(real_photos, tmp_path):
     fake_folder = tmp_path / "fake"
     make_fakes(sorted(str(p) for p in real_photos.glob("*_[0-2].*")), fake_folder)
-    head = fit_head.run(["--kind", "nn", "--real", str(real_photos), "--fake", str(fake_folder),
-                         "--max_per_class", "10", "--k", "3", "--output", str(tmp_path / "nn"), *RUNNER])
+    head = fit_head.run(
+        [
+            "--kind",
+            "nn",
+            "--real",
+            str(real_photos),
+            "--fake",
+            str(fake_folder),
+            "--max_per_class",
+            "10",
+            "--k",
+            "3",
+            "--output",
+            str(tmp_path / "nn"),
+            *RUNNER,
+        ]
+    )
     assert head.counts == {"real": 10, "fake": 10} and head.k == 3
 
 
 def test_score_with_a_head_keeps_the_anchor_components(fitted_anchor, lda_head, forensynths_tree, tmp_path):
     anchor, _ = fitted_anchor
-    head_path, head, _ = lda_head
+    head_path, _head, _ = lda_head
     prefix = str(tmp_path / "out")
-    score.run(["--input", str(forensynths_tree / "bicubic" / "1_fake"), "--anchor", str(anchor),
-               "--head", str(head_path), "--output", prefix, *RUNNER])
+    score.run(
+        [
+            "--input",
+            str(forensynths_tree / "bicubic" / "1_fake"),
+            "--anchor",
+            str(anchor),
+            "--head",
+            str(head_path),
+            "--output",
+            prefix,
+            *RUNNER,
+        ]
+    )
     rows = read_parquet_rows(prefix + "-scores-*.parquet")
     assert rows and all(row["head"].startswith("lda:") for row in rows)
     for row in rows:
@@ -79,11 +117,32 @@ def test_score_with_a_head_keeps_the_anchor_components(fitted_anchor, lda_head, 
         assert row["anchor_score"] >= 0 and np.isfinite(row["semantic"])
     # rows from the anchor alone are not reused for a scan with a head, and vice versa
     plain = str(tmp_path / "plain")
-    score.run(["--input", str(forensynths_tree / "bicubic" / "1_fake"), "--anchor", str(anchor),
-               "--output", plain, *RUNNER])
-    summary = score.run(["--input", str(forensynths_tree / "bicubic" / "1_fake"), "--anchor", str(anchor),
-                         "--head", str(head_path), "--output", str(tmp_path / "again"),
-                         "--skip_scored", plain, *RUNNER])
+    score.run(
+        [
+            "--input",
+            str(forensynths_tree / "bicubic" / "1_fake"),
+            "--anchor",
+            str(anchor),
+            "--output",
+            plain,
+            *RUNNER,
+        ]
+    )
+    summary = score.run(
+        [
+            "--input",
+            str(forensynths_tree / "bicubic" / "1_fake"),
+            "--anchor",
+            str(anchor),
+            "--head",
+            str(head_path),
+            "--output",
+            str(tmp_path / "again"),
+            "--skip_scored",
+            plain,
+            *RUNNER,
+        ]
+    )
     assert summary["reused"] == 0 and summary["scored"] == len(rows)
 
 
@@ -91,8 +150,20 @@ def test_evaluate_writes_per_generator_metrics(fitted_anchor, lda_head, forensyn
     anchor, _ = fitted_anchor
     head_path, _, _ = lda_head
     out = tmp_path / "eval"
-    table = evaluate.run(["--dataset", "forensynths", str(forensynths_tree), "--anchor", str(anchor),
-                          "--head", str(head_path), "--output", str(out), *RUNNER])
+    table = evaluate.run(
+        [
+            "--dataset",
+            "forensynths",
+            str(forensynths_tree),
+            "--anchor",
+            str(anchor),
+            "--head",
+            str(head_path),
+            "--output",
+            str(out),
+            *RUNNER,
+        ]
+    )
     with open(out / "metrics.csv") as handle:
         reader = csv.DictReader(handle)
         assert tuple(reader.fieldnames) == COLUMNS
@@ -105,8 +176,9 @@ def test_evaluate_writes_per_generator_metrics(fitted_anchor, lda_head, forensyn
     rows = {row["uri"]: row["score"] for row in read_parquet_rows(str(out / "scores-scores-*.parquet"))}
     generator = forensynths_tree / "bicubic"
     labels = [0] * 6 + [1] * 6
-    scores = [rows[str(p)] for p in sorted((generator / "0_real").iterdir())] + \
-             [rows[str(p)] for p in sorted((generator / "1_fake").iterdir())]
+    scores = [rows[str(p)] for p in sorted((generator / "0_real").iterdir())] + [
+        rows[str(p)] for p in sorted((generator / "1_fake").iterdir())
+    ]
     assert table[0]["auroc"] == pytest.approx(roc_auc_score(labels, scores))
     assert table[0]["ap"] == pytest.approx(average_precision_score(labels, scores))
     assert table[-1]["auroc"] == pytest.approx(np.mean([table[0]["auroc"], table[1]["auroc"]]))
@@ -115,8 +187,20 @@ def test_evaluate_writes_per_generator_metrics(fitted_anchor, lda_head, forensyn
 def test_evaluate_sweep_perturbs_both_classes(fitted_anchor, forensynths_tree, tmp_path):
     anchor, _ = fitted_anchor
     out = tmp_path / "sweep"
-    evaluate.run(["--dataset", "forensynths", str(forensynths_tree), "--anchor", str(anchor),
-                  "--output", str(out), "--sweep", "jpeg:50", *RUNNER])
+    evaluate.run(
+        [
+            "--dataset",
+            "forensynths",
+            str(forensynths_tree),
+            "--anchor",
+            str(anchor),
+            "--output",
+            str(out),
+            "--sweep",
+            "jpeg:50",
+            *RUNNER,
+        ]
+    )
     with open(out / "sweep.csv") as handle:
         assert [row["perturbation"] for row in csv.DictReader(handle)] == ["none", "jpeg:50"]
     rows = read_parquet_rows(str(out / "jpeg50" / "scores-scores-*.parquet"))
@@ -129,16 +213,42 @@ def test_anchor_evidence_adds_to_the_heads_log_odds(fitted_anchor, lda_head, for
     folder = str(forensynths_tree / "bicubic_b")
     rows = {}
     for name, extra in (("head", []), ("both", ["--with_anchor"])):
-        score.run(["--input", folder, "--anchor", str(anchor), "--head", str(head_path),
-                   "--output", str(tmp_path / name), *extra, *RUNNER])
-        rows[name] = {row["uri"]: row for row in read_parquet_rows(str(tmp_path / f"{name}-scores-*.parquet"))}
+        score.run(
+            [
+                "--input",
+                folder,
+                "--anchor",
+                str(anchor),
+                "--head",
+                str(head_path),
+                "--output",
+                str(tmp_path / name),
+                *extra,
+                *RUNNER,
+            ]
+        )
+        rows[name] = {
+            row["uri"]: row for row in read_parquet_rows(str(tmp_path / f"{name}-scores-*.parquet"))
+        }
     for uri, head_row in rows["head"].items():
         p = 10.0 ** -head_row["anchor_score"]
         bound = -np.log(-np.e * p * np.log(p)) if p < 1 / np.e else 0.0  # Sellke-Bayarri-Berger
         assert rows["both"][uri]["score"] == pytest.approx(head_row["score"] + bound, abs=1e-9)
         assert rows["both"][uri]["head"] == head_row["head"] + "+anchor"
-    table = evaluate.run(["--dataset", "forensynths", str(forensynths_tree), "--anchor", str(anchor),
-                          "--head", f"anchor+{head_path}", "--output", str(tmp_path / "eval"), *RUNNER])
+    table = evaluate.run(
+        [
+            "--dataset",
+            "forensynths",
+            str(forensynths_tree),
+            "--anchor",
+            str(anchor),
+            "--head",
+            f"anchor+{head_path}",
+            "--output",
+            str(tmp_path / "eval"),
+            *RUNNER,
+        ]
+    )
     assert table[-1]["generator"] == "mean" and 0 <= table[-1]["auroc"] <= 1
 
 
@@ -146,8 +256,31 @@ def test_anchor_evidence_needs_a_log_odds_head(fitted_anchor, real_photos, tmp_p
     anchor, _ = fitted_anchor
     fakes = make_fakes(sorted(str(p) for p in real_photos.glob("*_0.*")), tmp_path / "fake")
     nn = tmp_path / "nn.safetensors"
-    fit_head.run(["--kind", "nn", "--real", str(real_photos), "--fake", str(tmp_path / "fake"),
-                  "--output", str(nn), *RUNNER])
+    fit_head.run(
+        [
+            "--kind",
+            "nn",
+            "--real",
+            str(real_photos),
+            "--fake",
+            str(tmp_path / "fake"),
+            "--output",
+            str(nn),
+            *RUNNER,
+        ]
+    )
     with pytest.raises(ValueError, match="log-odds"):
-        score.run(["--input", fakes[0], "--anchor", str(anchor), "--head", str(nn),
-                   "--with_anchor", "--output", str(tmp_path / "out"), *RUNNER])
+        score.run(
+            [
+                "--input",
+                fakes[0],
+                "--anchor",
+                str(anchor),
+                "--head",
+                str(nn),
+                "--with_anchor",
+                "--output",
+                str(tmp_path / "out"),
+                *RUNNER,
+            ]
+        )

@@ -1,4 +1,5 @@
 """Feature extraction: moments against a numpy reference, attention, projection, the real backbone."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -9,8 +10,13 @@ import pytest
 import torch
 
 from anchorscan.anchors.backbones import load_backbone, zscore_softmax_attention
-from anchorscan.anchors.features import (SIGMA_EPS, FeatureExtractor, resample_weights, seeded_projection,
-                              spatial_statistics)
+from anchorscan.anchors.features import (
+    SIGMA_EPS,
+    FeatureExtractor,
+    resample_weights,
+    seeded_projection,
+    spatial_statistics,
+)
 from anchorscan.anchors.preprocess import DecodeError, decode_and_crop
 
 
@@ -40,12 +46,11 @@ def test_zscored_attention_is_spread_over_many_positions():
     # Activation norms spread over tens of units: a raw softmax puts the weight on one position.
     generator = torch.Generator().manual_seed(0)
     norms = 20 + 5 * torch.randn(1, 1, 7, 7, generator=generator)
-    activations = norms * torch.nn.functional.normalize(
-        torch.randn(1, 64, 7, 7, generator=generator), dim=1)
+    activations = norms * torch.nn.functional.normalize(torch.randn(1, 64, 7, 7, generator=generator), dim=1)
     raw = (activations.norm(dim=1).flatten(1)).softmax(dim=1)
     zscored = zscore_softmax_attention(activations).flatten(1)
-    assert 1 / (raw ** 2).sum() < 3
-    assert 1 / (zscored ** 2).sum() > 10
+    assert 1 / (raw**2).sum() < 3
+    assert 1 / (zscored**2).sum() > 10
 
 
 def test_projection_is_orthonormal_and_seeded():
@@ -81,6 +86,7 @@ def test_spec_names_backbone_weights_and_layout(extractor):
 
 def test_crop_is_native_resolution_centre(tmp_path):
     from io import BytesIO
+
     from PIL import Image
 
     image = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
@@ -93,6 +99,7 @@ def test_crop_is_native_resolution_centre(tmp_path):
 
 def test_pixel_limit_is_a_decode_error():
     from io import BytesIO
+
     from PIL import Image
 
     buffer = BytesIO()
@@ -105,7 +112,9 @@ def test_onnxruntime_gives_the_features_of_torch():
     onnx = FeatureExtractor(load_backbone(), runtime="onnxruntime")
     eager = FeatureExtractor(load_backbone(), runtime="torch")
     for batch in (1, 5):
-        pixels = torch.from_numpy(np.random.default_rng(batch).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8))
+        pixels = torch.from_numpy(
+            np.random.default_rng(batch).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
+        )
         a, b = onnx(pixels), eager(pixels)
         np.testing.assert_allclose(a.vectors, b.vectors, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(a.attention_positions, b.attention_positions, rtol=1e-4)
@@ -131,7 +140,6 @@ def test_forensic_features_run_on_one_thread_and_leave_the_thread_count(extracto
         torch.set_num_threads(before)
     # float32 FFT sums split over threads differ in order only: last bits of log energies
     np.testing.assert_allclose(features, threaded, rtol=1e-5, atol=1e-5)
-
 
 
 def test_concurrent_forensic_passes_restore_the_callers_thread_count(extractor, monkeypatch):

@@ -1,5 +1,6 @@
 """Federation (docs/METHOD.md §9.4): deltas since a common base, their refusals, their file, and
 a merge that scores as a fit on the union."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -7,14 +8,21 @@ import itertools
 
 import numpy as np
 import pytest
+from test_updating import CONFIG, SPEC, D, assert_same_scores, fake, real, unit
 
 from anchorscan.anchors.anchor import Anchor
-from anchorscan.anchors.federation import (DeltaFileError, DeltaRefused, delta_from_bytes,
-                                           delta_to_bytes, export_delta, merge, subtract)
+from anchorscan.anchors.federation import (
+    DeltaFileError,
+    DeltaRefused,
+    delta_from_bytes,
+    delta_to_bytes,
+    export_delta,
+    merge,
+    subtract,
+)
 from anchorscan.anchors.stats import Moments
 from anchorscan.anchors.updating import flagged
 from helpers import LEVELS, fit_by_hash, update_by_hash
-from test_updating import CONFIG, D, SPEC, assert_same_scores, fake, real, unit
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +43,19 @@ def union_anchor(base: Anchor, images, generator) -> Anchor:
     site's held-out images stay at the site), calibrated on the coordinator's held-out images."""
     from anchorscan.anchors.calibration import holds_out
 
-    fitted = [rows[~np.array([holds_out(u, CONFIG.calibration_fraction) for u in uris])]
-              for uris, rows in images]
+    fitted = [
+        rows[~np.array([holds_out(u, CONFIG.calibration_fraction) for u in uris])] for uris, rows in images
+    ]
     rows = np.vstack(fitted)
     d = SPEC.d_backbone
     extra = {"backbone": Moments.of(rows[:, :d]), "forensic": Moments.of(rows[:, d:])}
     from anchorscan.anchors.updating import merged_statistics, recalibrated, split_levels
 
-    additions = {"backbone": extra["backbone"], **split_levels(extra["forensic"], LEVELS),
-                 "flag.newgen": Moments.of(generator)}
+    additions = {
+        "backbone": extra["backbone"],
+        **split_levels(extra["forensic"], LEVELS),
+        "flag.newgen": Moments.of(generator),
+    }
     return recalibrated(base, merged_statistics(base.statistics(), additions), None, ())
 
 
@@ -77,7 +89,7 @@ def test_delta_below_the_minimum_count_is_refused(sites):
 
 
 def test_delta_from_an_unrelated_anchor_or_other_base_is_refused(sites):
-    base, site_anchors, _, (uris_a, rows_a), _ = sites
+    base, site_anchors, _, (_uris_a, _rows_a), _ = sites
     stranger = fit_by_hash(SPEC, *real(500, 70, "stranger"), CONFIG)
     with pytest.raises(DeltaRefused, match="not made from this base"):
         export_delta(site_anchors[0], stranger)
@@ -88,8 +100,14 @@ def test_delta_from_an_unrelated_anchor_or_other_base_is_refused(sites):
         merge(base, [delta, delta])
 
 
-@pytest.mark.parametrize("field, value", [("backbone", "clip-vit-b-16"), ("weights_sha256", "f" * 64),
-                                          ("layout", {"d_semantic": 5, "d_statistical": 7, "d_forensic": 3, "x": 1})])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("backbone", "clip-vit-b-16"),
+        ("weights_sha256", "f" * 64),
+        ("layout", {"d_semantic": 5, "d_statistical": 7, "d_forensic": 3, "x": 1}),
+    ],
+)
 def test_delta_from_other_features_is_refused_before_merging(sites, field, value):
     base, site_anchors, _, _, _ = sites
     delta = export_delta(site_anchors[0], base)
@@ -103,8 +121,9 @@ def test_delta_from_other_features_is_refused_before_merging(sites, field, value
 def test_noise_is_recorded_and_has_its_scale(sites):
     base, site_anchors, _, _, _ = sites
     exact = export_delta(site_anchors[0], base)
-    noisy = delta_from_bytes(delta_to_bytes(
-        export_delta(site_anchors[0], base, noise=0.5, rng=np.random.default_rng(1))))
+    noisy = delta_from_bytes(
+        delta_to_bytes(export_delta(site_anchors[0], base, noise=0.5, rng=np.random.default_rng(1)))
+    )
     assert noisy.noise == 0.5
     difference = noisy.statistics["backbone"].m2 - exact.statistics["backbone"].m2
     assert np.allclose(difference, difference.T)
@@ -135,5 +154,6 @@ def test_delta_file_is_checked(sites):
     with pytest.raises(DeltaFileError, match="checksum"):
         delta_from_bytes(bytes(data))
     from anchorscan.anchors.anchor_file import anchor_to_bytes
+
     with pytest.raises(DeltaFileError, match="not an anchorscan delta"):
         delta_from_bytes(anchor_to_bytes(base))

@@ -1,5 +1,6 @@
 """http(s):// inputs against a web server started here on 127.0.0.1 with the failures a crawl
 meets: each outcome is an image's bytes or a read error that gives the status or the cause."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -33,31 +34,31 @@ def site(monkeypatch):
 
 
 def test_an_image_and_a_followed_redirect(site):
-    assert fetch(f"{site.url}/img/a.png", 10 ** 6, FAST) == site.images["a.png"]
-    assert fetch(f"{site.url}/redirect/b.png", 10 ** 6, FAST) == site.images["b.png"]
+    assert fetch(f"{site.url}/img/a.png", 10**6, FAST) == site.images["a.png"]
+    assert fetch(f"{site.url}/redirect/b.png", 10**6, FAST) == site.images["b.png"]
 
 
 def test_a_4xx_is_not_retried(site):
     with pytest.raises(FetchError, match=r"^HTTP 404 Not Found$"):
-        fetch(f"{site.url}/404", 10 ** 6, FAST)
+        fetch(f"{site.url}/404", 10**6, FAST)
     assert site.requests["/404"] == 1
 
 
 def test_a_5xx_is_retried_with_backoff(site):
-    assert fetch(f"{site.url}/flaky/a.png", 10 ** 6, FAST) == site.images["a.png"]
+    assert fetch(f"{site.url}/flaky/a.png", 10**6, FAST) == site.images["a.png"]
     assert site.requests["/flaky/a.png"] == 2
     with pytest.raises(FetchError, match=r"^HTTP 503 Service Unavailable \(after 3 attempts\)$"):
-        fetch(f"{site.url}/down", 10 ** 6, FAST)
+        fetch(f"{site.url}/down", 10**6, FAST)
     assert site.requests["/down"] == 1 + FAST.retries
 
 
 def test_slow_responses_time_out_and_are_retried(site):
     started = time.monotonic()
     with pytest.raises(FetchError, match=r"^timed out \(after 3 attempts\)$"):
-        fetch(f"{site.url}/slow", 10 ** 6, FAST)
+        fetch(f"{site.url}/slow", 10**6, FAST)
     assert site.requests["/slow"] == 3
     with pytest.raises(FetchError, match=r"^timed out while reading the response \(after 3 attempts\)$"):
-        fetch(f"{site.url}/stall", 10 ** 6, FAST)
+        fetch(f"{site.url}/stall", 10**6, FAST)
     # Each attempt waits one timeout; between them 0.05 s, then 0.1 s of backoff.
     assert time.monotonic() - started < 2 * (3 * FAST.timeout + 0.15) + 1.0
 
@@ -66,19 +67,21 @@ def test_a_response_that_never_ends_is_cut_at_max_time(site):
     config = HttpConfig(timeout=1.0, retries=3, max_time=1.5)
     started = time.monotonic()
     with pytest.raises(FetchError, match=r"^gave up after --http_max_time 1.5 s$"):
-        fetch(f"{site.url}/drip", 10 ** 6, config)
+        fetch(f"{site.url}/drip", 10**6, config)
     assert time.monotonic() - started < 2.5
     assert site.requests["/drip"] == 1  # running out of time is not retried
 
 
 def test_truncated_bodies_are_retried_then_reported(site):
     with pytest.raises(FetchError, match=r"^truncated response \(.*\) \(after 3 attempts\)$"):
-        fetch(f"{site.url}/truncated", 10 ** 6, FAST)
+        fetch(f"{site.url}/truncated", 10**6, FAST)
     assert site.requests["/truncated"] == 3
 
 
 def test_oversized_bodies_are_not_read_past_the_cap(site):
-    with pytest.raises(FetchError, match=r"larger than --max_bytes 100,000 \(Content-Length 300,000\); not read"):
+    with pytest.raises(
+        FetchError, match=r"larger than --max_bytes 100,000 \(Content-Length 300,000\); not read"
+    ):
         fetch(f"{site.url}/big", 100_000, FAST)
     with pytest.raises(FetchError, match=r"larger than --max_bytes 100,000; stopped reading"):
         fetch(f"{site.url}/endless", 100_000, FAST)
@@ -89,15 +92,18 @@ def test_oversized_bodies_are_not_read_past_the_cap(site):
     assert "/endless" in site.disconnected
 
 
-@pytest.mark.parametrize("path, message", [
-    ("/loop", r"^HTTP 302 redirect loop back to http://127\.0\.0\.1:\d+/loop$"),
-    ("/ping", r"^HTTP 302 redirect loop back to http://127\.0\.0\.1:\d+/ping$"),
-    ("/hop/0", r"^more than 5 redirects$"),
-    ("/to-file", r"^HTTP 302 redirect to file:///etc/passwd: only http\(s\) redirects are followed$"),
-])
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ("/loop", r"^HTTP 302 redirect loop back to http://127\.0\.0\.1:\d+/loop$"),
+        ("/ping", r"^HTTP 302 redirect loop back to http://127\.0\.0\.1:\d+/ping$"),
+        ("/hop/0", r"^more than 5 redirects$"),
+        ("/to-file", r"^HTTP 302 redirect to file:///etc/passwd: only http\(s\) redirects are followed$"),
+    ],
+)
 def test_redirects_are_followed_only_to_http_and_a_few_times(site, path, message):
     with pytest.raises(FetchError, match=message):
-        fetch(f"{site.url}{path}", 10 ** 6, FAST)
+        fetch(f"{site.url}{path}", 10**6, FAST)
     assert sum(site.requests.values()) <= 6
 
 
@@ -105,7 +111,7 @@ def test_requests_to_one_host_are_capped(site):
     site.images.update({f"{i}.png": png(i) for i in range(8)})
     config = HttpConfig(timeout=5.0, retries=0, max_per_host=2, max_time=30.0)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        bodies = list(pool.map(lambda i: fetch(f"{site.url}/busy/{i}.png", 10 ** 6, config), range(8)))
+        bodies = list(pool.map(lambda i: fetch(f"{site.url}/busy/{i}.png", 10**6, config), range(8)))
     assert bodies == [site.images[f"{i}.png"] for i in range(8)]
     assert site.max_in_flight == 2
 
@@ -114,10 +120,10 @@ def test_nothing_listening_is_a_cause_not_a_crash(site):
     from servers import free_port
 
     with pytest.raises(FetchError, match=r"^connection refused \(after 3 attempts\)$"):
-        fetch(f"http://127.0.0.1:{free_port()}/a.png", 10 ** 6, FAST)
+        fetch(f"http://127.0.0.1:{free_port()}/a.png", 10**6, FAST)
 
 
 def test_the_read_step_turns_fetch_failures_into_read_errors(site):
-    assert read_limited(f"{site.url}/img/a.png", 10 ** 6, FAST) == site.images["a.png"]
-    with pytest.raises(ReadError, match="^HTTP 404 Not Found$"):
-        read_limited(f"{site.url}/404", 10 ** 6, FAST)
+    assert read_limited(f"{site.url}/img/a.png", 10**6, FAST) == site.images["a.png"]
+    with pytest.raises(ReadError, match=r"^HTTP 404 Not Found$"):
+        read_limited(f"{site.url}/404", 10**6, FAST)

@@ -1,6 +1,7 @@
 """The forensic channel (docs/METHOD.md §8) against independent oracles: direct convolutions for
 the spectral energies, explicit least squares for the predictors, scipy's Mahalanobis distance
 for the mixture; merge orders; invariance to where the crop falls; the bundled demo images."""
+
 from __future__ import annotations
 
 import glob
@@ -16,9 +17,20 @@ from scipy.spatial.distance import mahalanobis
 from sklearn.metrics import roc_auc_score
 
 from anchorscan.anchors import forensic
-from anchorscan.anchors.forensic import (EPS, FEATURE_NAMES, LEVEL_SETS, ForensicModel,
-                                         GramAccumulator, ResidualFeatures, luma, predictor_digest,
-                                         residual_kernels, shipped_predictor, soften, taper_window)
+from anchorscan.anchors.forensic import (
+    EPS,
+    FEATURE_NAMES,
+    LEVEL_SETS,
+    ForensicModel,
+    GramAccumulator,
+    ResidualFeatures,
+    luma,
+    predictor_digest,
+    residual_kernels,
+    shipped_predictor,
+    soften,
+    taper_window,
+)
 from anchorscan.anchors.stats import Moments
 from helpers import sample_photos
 
@@ -30,7 +42,7 @@ def photo_crops(size=96, count=6, seed=0) -> np.ndarray:
     crops = []
     for photo in itertools.islice(itertools.cycle(sample_photos().values()), count):
         top, left = rng.integers(0, photo.shape[0] - size), rng.integers(0, photo.shape[1] - size)
-        crops.append(photo[top:top + size, left:left + size])
+        crops.append(photo[top : top + size, left : left + size])
     return np.stack(crops)
 
 
@@ -43,7 +55,7 @@ def test_profile_energies_equal_direct_convolutions():
         x = luma(torch.from_numpy(image[None]))[0].numpy() * window
         for index, name in enumerate(forensic.PREDICTORS):
             energies = [(convolve2d(x, kernel, mode="full") ** 2).sum() for kernel in kernels[name]]
-            expected = np.log(np.mean(energies) / (window ** 2).sum() + EPS)
+            expected = np.log(np.mean(energies) / (window**2).sum() + EPS)
             # float32 FFTs of 128 x 128 against float64 convolutions: about 1e-5 relative
             assert row[index] == pytest.approx(expected, abs=2e-4), name
 
@@ -51,8 +63,9 @@ def test_profile_energies_equal_direct_convolutions():
 def _design(x: np.ndarray, neighbours: np.ndarray, targets: np.ndarray):
     """The explicit least-squares problem over every pixel of the zero-padded windowed luma."""
     columns = [convolve2d(x, kernel[::-1, ::-1], mode="full").ravel() for kernel in neighbours]
-    return np.stack(columns, 1), np.stack([convolve2d(x, k[::-1, ::-1], mode="full").ravel()
-                                           for k in targets], 1)
+    return np.stack(columns, 1), np.stack(
+        [convolve2d(x, k[::-1, ::-1], mode="full").ravel() for k in targets], 1
+    )
 
 
 @pytest.mark.parametrize("name", ["e0", "x01"])
@@ -66,7 +79,7 @@ def test_predictors_are_the_least_squares_fit_over_every_pixel(name):
     for image in crops:
         x = luma(torch.from_numpy(image[None]))[0].numpy().astype(np.float64) * window
         design, target = _design(x, neighbours, targets)
-        scale = (window ** 2).sum() * len(crops)
+        scale = (window**2).sum() * len(crops)
         gram_xx = gram_xx + design.T @ design / scale
         gram_xy = gram_xy + design.T @ target / scale
     q = len(neighbours)
@@ -77,7 +90,7 @@ def test_predictors_are_the_least_squares_fit_over_every_pixel(name):
 
 def test_the_gram_accumulator_merges_in_any_order():
     crops = torch.from_numpy(photo_crops(size=64, count=6))
-    parts = [GramAccumulator().add(crops[i:i + 2]) for i in range(0, 6, 2)]
+    parts = [GramAccumulator().add(crops[i : i + 2]) for i in range(0, 6, 2)]
     whole = GramAccumulator().add(crops)
     for order in itertools.permutations(range(3)):
         merged = GramAccumulator()
@@ -91,12 +104,19 @@ def test_the_shipped_predictor_is_named_by_its_digest():
     weights = shipped_predictor()
     assert ResidualFeatures().digest == predictor_digest(weights)
     assert {name: weights[name].shape for name in forensic.PREDICTORS} == {
-        "e0": (1, 48), "e1": (1, 48), "e2": (1, 48), "x01": (4, 16), "x12": (4, 16), "x02": (16, 16)}
+        "e0": (1, 48),
+        "e1": (1, 48),
+        "e2": (1, 48),
+        "x01": (4, 16),
+        "x12": (4, 16),
+        "x02": (16, 16),
+    }
 
 
 def upscaled(crops: np.ndarray, factor: int = 2) -> np.ndarray:
-    small = [Image.fromarray(c).resize((c.shape[1] // factor, c.shape[0] // factor), Image.BOX)
-             for c in crops]
+    small = [
+        Image.fromarray(c).resize((c.shape[1] // factor, c.shape[0] // factor), Image.BOX) for c in crops
+    ]
     return np.stack([np.asarray(s.resize((crops.shape[2], crops.shape[1]), Image.BICUBIC)) for s in small])
 
 
@@ -109,14 +129,18 @@ def test_an_upscale_leaves_a_grid_that_the_spreads_see_wherever_the_crop_falls()
     real = features(torch.from_numpy(crops[:, :192, :192])).numpy()[:, spread]
     up = upscaled(crops)
     for offset in range(4):
-        shifted = features(torch.from_numpy(up[:, offset:offset + 192, offset:offset + 192])).numpy()[:, spread]
+        shifted = features(torch.from_numpy(up[:, offset : offset + 192, offset : offset + 192])).numpy()[
+            :, spread
+        ]
         assert shifted.min() > 2 * real.max(), offset
 
 
 def test_the_mixture_scores_like_scipy_and_picks_the_closest_level():
     rng = np.random.default_rng(0)
-    levels = [Moments.of(rng.normal(loc=3 * j, scale=1 + j, size=(200, 4)) @ rng.normal(size=(4, 4)))
-              for j in range(3)]
+    levels = [
+        Moments.of(rng.normal(loc=3 * j, scale=1 + j, size=(200, 4)) @ rng.normal(size=(4, 4)))
+        for j in range(3)
+    ]
     model = ForensicModel(("sharp", "blur1.0", "upscale2x"), levels)
     rows = rng.normal(scale=4, size=(25, 4))
     distances, chosen = model.distances(rows)
@@ -135,7 +159,7 @@ def test_levels_side_by_side_split_into_the_per_level_gaussians():
     side_by_side = rng.normal(size=(300, 3 * 5))
     model = ForensicModel.from_levels(("sharp", "blur0.4", "blur0.8"), Moments.of(side_by_side))
     for j, moments in enumerate(model.moments):
-        expected = Moments.of(side_by_side[:, 5 * j:5 * (j + 1)])
+        expected = Moments.of(side_by_side[:, 5 * j : 5 * (j + 1)])
         np.testing.assert_allclose(moments.mean, expected.mean, rtol=1e-12)
         np.testing.assert_allclose(moments.m2, expected.m2, rtol=1e-9)
 
@@ -148,15 +172,20 @@ def test_soften_keeps_the_shape_and_blurs_more_with_sigma():
         assert soft.shape == crops.shape and soft.dtype == torch.uint8, name
         energies.append(float(torch.diff(soft.float(), dim=2).pow(2).mean()))
     blurs = energies[1:7]
-    assert energies[0] > blurs[0] and all(a > b for a, b in zip(blurs, blurs[1:]))
+    assert energies[0] > blurs[0] and all(a > b for a, b in itertools.pairwise(blurs))
 
 
 def demo_crops(folder: str, offset: int, size: int = 216) -> torch.Tensor:
     paths = sorted(glob.glob(str(DEMO / folder / "*.png")))
     assert paths, folder
-    return torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB"))[offset:offset + size,
-                                                                                offset:offset + size]
-                                      for p in paths]))
+    return torch.from_numpy(
+        np.stack(
+            [
+                np.asarray(Image.open(p).convert("RGB"))[offset : offset + size, offset : offset + size]
+                for p in paths
+            ]
+        )
+    )
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ decode function as a scan: every mutant decodes or becomes an error, none escape
 error handling, crashes its process or runs past its timeout. A bounded, seeded run in CI;
 longer by hand (ANCHORSCAN_FUZZ_CASES, ANCHORSCAN_FUZZ_SEED). Every escape found is kept in
 tests/data/decode_regressions/ and checked below."""
+
 from __future__ import annotations
 
 import functools
@@ -21,8 +22,9 @@ SEED = int(os.environ.get("ANCHORSCAN_FUZZ_SEED", "0"))
 # Each case is a file of a few KB at most 4 MP: milliseconds when all is well.
 CASE_TIMEOUT = 10.0
 REGRESSIONS = pathlib.Path(__file__).parent / "data" / "decode_regressions"
-DECODE = functools.partial(decode_and_crop, size=FUZZ_CROP, max_pixels=FUZZ_MAX_PIXELS,
-                           min_side=FUZZ_MIN_SIDE)
+DECODE = functools.partial(
+    decode_and_crop, size=FUZZ_CROP, max_pixels=FUZZ_MAX_PIXELS, min_side=FUZZ_MIN_SIDE
+)
 
 
 def test_mutants_decode_or_become_error_rows(tmp_path):
@@ -44,9 +46,11 @@ def test_mutants_decode_or_become_error_rows(tmp_path):
     keep = pathlib.Path(os.environ.get("ANCHORSCAN_FUZZ_ESCAPES", tmp_path))
     for name, (data, _) in failures.items():
         (keep / f"{name}.bin").write_bytes(data)
-    assert not failures, (f"{len(failures)} of {CASES} mutants escaped (written to {keep}; keep "
-                          f"each as a regression file in {REGRESSIONS}): "
-                          + "; ".join(f"{name}: {why}" for name, (_, why) in failures.items()))
+    assert not failures, (
+        f"{len(failures)} of {CASES} mutants escaped (written to {keep}; keep "
+        f"each as a regression file in {REGRESSIONS}): "
+        + "; ".join(f"{name}: {why}" for name, (_, why) in failures.items())
+    )
     assert 0 < decoded < CASES  # the mutations are neither all harmless nor all fatal
 
 

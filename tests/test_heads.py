@@ -1,5 +1,6 @@
 """UnivFD's heads (docs/METHOD.md §6) against brute force and scikit-learn, merge orders of the
 per-class moments, the head file, and refusal of other features."""
+
 import itertools
 import json
 
@@ -7,15 +8,20 @@ import numpy as np
 import pytest
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score as auroc
 from sklearn.neighbors import NearestNeighbors
 
 import anchorscan.anchors.heads as heads
-from helpers import synthetic_spec
-from anchorscan.anchors.heads import (HeadFileError, LinearProbeHead, LogisticHead, NearestNeighbourHead,
-                           head_from_bytes)
-from sklearn.metrics import roc_auc_score as auroc
+from anchorscan.anchors.heads import (
+    HeadFileError,
+    LinearProbeHead,
+    LogisticHead,
+    NearestNeighbourHead,
+    head_from_bytes,
+)
 from anchorscan.anchors.spec import FeatureSpec, IncompatibleAnchorError
 from anchorscan.anchors.stats import Moments
+from helpers import synthetic_spec
 
 DS, DM = 8, 4
 
@@ -68,7 +74,7 @@ def head(request, training):
 
 
 def unit(rows):
-    return rows / np.sqrt((rows ** 2).sum(axis=1, keepdims=True))
+    return rows / np.sqrt((rows**2).sum(axis=1, keepdims=True))
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -90,9 +96,12 @@ def test_nn_matches_a_brute_force_loop(training, queries, k):
 def test_nn_matches_sklearn_cosine_neighbours(training, queries, k):
     features, labels = training
     head = NearestNeighbourHead.fit(spec(), features, labels, k=k)
-    distances = {label: NearestNeighbors(n_neighbors=k, metric="cosine")
-                 .fit(features[labels == label, :DS]).kneighbors(queries[:, :DS])[0]
-                 for label in (0, 1)}
+    distances = {
+        label: NearestNeighbors(n_neighbors=k, metric="cosine")
+        .fit(features[labels == label, :DS])
+        .kneighbors(queries[:, :DS])[0]
+        for label in (0, 1)
+    }
     # cosine distance is 1 - similarity
     expected = distances[0].mean(axis=1) - distances[1].mean(axis=1)
     np.testing.assert_allclose(head.score(queries), expected, atol=1e-5)
@@ -144,7 +153,8 @@ def test_lda_without_shrinkage_is_sklearn_lda_on_the_unbiased_pooled_covariance(
     np.testing.assert_allclose(head.weights, sklearn_lda.coef_[0] * (n - 2) / n, rtol=1e-8)
     prior_log_odds = np.log(20 / 30)
     assert head.bias - prior_log_odds == pytest.approx(
-        (sklearn_lda.intercept_[0] - prior_log_odds) * (n - 2) / n, rel=1e-8)
+        (sklearn_lda.intercept_[0] - prior_log_odds) * (n - 2) / n, rel=1e-8
+    )
 
 
 def assert_same_lda(actual, expected):
@@ -164,8 +174,9 @@ def merged(parts):
 def test_lda_from_moments_merged_in_any_order_is_the_same_head(training):
     features, labels = training
     reference = LinearProbeHead.fit_from_rows(spec(), features, labels)
-    chunks = {label: [Moments.of(rows) for rows in np.array_split(features[labels == label], 4)]
-              for label in (0, 1)}
+    chunks = {
+        label: [Moments.of(rows) for rows in np.array_split(features[labels == label], 4)] for label in (0, 1)
+    }
     orders = [(0, 1, 2, 3), (3, 2, 1, 0), (2, 0, 3, 1)]
     for order_real, order_fake in itertools.product(orders, orders):
         real = merged([chunks[0][i] for i in order_real])
@@ -199,8 +210,7 @@ def test_logistic_matches_sklearn_fitted_directly(training, queries):
     order = np.argsort(labels, kind="stable")  # the head sees reals first, then fakes
     model = LogisticRegression(C=10.0, max_iter=1000).fit(rows[order], labels[order])
     np.testing.assert_allclose(head.coef, model.coef_[0], rtol=1e-5)
-    np.testing.assert_allclose(head.score(queries), model.decision_function(unit(queries[:, :DS])),
-                               atol=1e-5)
+    np.testing.assert_allclose(head.score(queries), model.decision_function(unit(queries[:, :DS])), atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -220,7 +230,7 @@ def test_round_trip_gives_identical_scores(head, queries):
 
 def test_metadata_records_kind_spec_and_counts(head):
     data = head.to_bytes()
-    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
     metadata = json.loads(header["__metadata__"][heads.METADATA_KEY])
     assert metadata["kind"] == head.kind and metadata["format_version"] == heads.FORMAT_VERSION
     assert FeatureSpec.from_dict(metadata) == spec()
@@ -269,5 +279,6 @@ def test_lda_on_every_channel_reads_the_whole_row():
     semantic_only = LinearProbeHead.fit_from_rows(spec(), features, labels)
     test_features, test_labels = sample(300, 300, seed=8)
     test_features[test_labels == 1, DS:] += 40.0
-    assert (auroc(test_labels, head.score(test_features))
-            > auroc(test_labels, semantic_only.score(test_features)))
+    assert auroc(test_labels, head.score(test_features)) > auroc(
+        test_labels, semantic_only.score(test_features)
+    )

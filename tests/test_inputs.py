@@ -1,4 +1,5 @@
 """Turning --input values into image URIs: globs, directories, manifests."""
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,9 @@ def tree(tmp_path):
 
 def test_directory_lists_image_files_recursively(tree):
     listed = [value for _, value in uris(str(tree / "a"))]
-    assert listed == sorted([str(tree / "a/one.jpg"), str(tree / "a/b/two.PNG"),
-                             str(tree / "a/b/.three.webp")])
+    assert listed == sorted(
+        [str(tree / "a/one.jpg"), str(tree / "a/b/two.PNG"), str(tree / "a/b/.three.webp")]
+    )
 
 
 def test_glob_matches_exactly_what_it_says(tree):
@@ -49,7 +51,10 @@ def test_manifest_entries_resolve_relative_to_the_manifest(tree, kind):
     else:
         pq.write_table(pa.table({"uri": entries}), manifest)
     assert list(manifest_entries(str(manifest))) == [
-        ("uri", str(tree / "a/one.jpg")), ("uri", str(tree / "a/b/two.PNG")), ("uri", "gs://bucket/x.jpg")]
+        ("uri", str(tree / "a/one.jpg")),
+        ("uri", str(tree / "a/b/two.PNG")),
+        ("uri", "gs://bucket/x.jpg"),
+    ]
 
 
 def test_csv_manifest_without_uri_column_is_an_error_row(tree):
@@ -69,8 +74,10 @@ def test_atomic_write_replaces_the_whole_file(tmp_path):
 
 def rows(pattern):
     """(kind, uri or (uri, stage, error)) of everything an input lists."""
-    return [(kind, value if kind == "uri" else (value["uri"], value["stage"], value["error"]))
-            for kind, value in expand_input(pattern)]
+    return [
+        (kind, value if kind == "uri" else (value["uri"], value["stage"], value["error"]))
+        for kind, value in expand_input(pattern)
+    ]
 
 
 @pytest.fixture
@@ -93,22 +100,38 @@ def test_a_folder_follows_links_to_folders_and_reports_loops(linked):
     assert listed == [
         ("uri", str(linked / "dangling.jpg")),  # listed: its read reports the broken link
         ("uri", str(linked / "linked" / "inside.jpg")),
-        ("error", (loop, "list", f"a symbolic link loop: {loop} leads back to {linked}, a folder "
-                                 "above it; not followed")),
+        (
+            "error",
+            (
+                loop,
+                "list",
+                f"a symbolic link loop: {loop} leads back to {linked}, a folder above it; not followed",
+            ),
+        ),
         ("uri", str(linked / "own.jpg")),
     ]
 
 
 def test_a_glob_follows_links_as_a_shell_does(linked):
-    assert rows(str(linked / "*" / "*.jpg")) == [("uri", str(linked / "linked" / "inside.jpg")),
-                                                 ("uri", str(linked / "loop" / "dangling.jpg")),
-                                                 ("uri", str(linked / "loop" / "own.jpg"))]
+    assert rows(str(linked / "*" / "*.jpg")) == [
+        ("uri", str(linked / "linked" / "inside.jpg")),
+        ("uri", str(linked / "loop" / "dangling.jpg")),
+        ("uri", str(linked / "loop" / "own.jpg")),
+    ]
     loop = str(linked / "loop")
     assert rows(str(linked / "**.jpg")) == [
-        ("uri", str(linked / "dangling.jpg")), ("uri", str(linked / "linked" / "inside.jpg")),
-        ("error", (loop, "list", f"a symbolic link loop: {loop} leads back to {linked}, a folder "
-                                 "above it; not followed")),
-        ("uri", str(linked / "own.jpg"))]
+        ("uri", str(linked / "dangling.jpg")),
+        ("uri", str(linked / "linked" / "inside.jpg")),
+        (
+            "error",
+            (
+                loop,
+                "list",
+                f"a symbolic link loop: {loop} leads back to {linked}, a folder above it; not followed",
+            ),
+        ),
+        ("uri", str(linked / "own.jpg")),
+    ]
 
 
 def test_a_link_that_leads_to_itself_is_listed_and_left_to_the_read(tmp_path):
@@ -118,6 +141,7 @@ def test_a_link_that_leads_to_itself_is_listed_and_left_to_the_read(tmp_path):
 
 def test_names_that_are_not_utf8_are_listed_as_reversible_text(tmp_path):
     from anchorscan.anchors.uris import local_path
+
     name = os.fsencode(str(tmp_path)) + b"/caf\xe9.png"
     with open(name, "wb") as handle:
         handle.write(b"x")
@@ -137,8 +161,9 @@ def test_a_text_manifest_may_name_files_that_are_not_utf8(tmp_path):
 def test_a_manifest_that_lists_nothing_is_an_error_row(tmp_path, content):
     manifest = tmp_path / ("list.csv" if content == "uri\n" else "list.txt")
     manifest.write_text(content)
-    assert rows(str(manifest)) == [("error", (str(manifest), "list", "the manifest lists no images "
-                                                                       "(it is empty or has a header only)"))]
+    assert rows(str(manifest)) == [
+        ("error", (str(manifest), "list", "the manifest lists no images (it is empty or has a header only)"))
+    ]
 
 
 def test_each_blank_or_null_uri_of_a_manifest_is_an_error_row(tmp_path):
@@ -146,16 +171,24 @@ def test_each_blank_or_null_uri_of_a_manifest_is_an_error_row(tmp_path):
     csv_manifest.write_text("uri,label\na.jpg,real\n,fake\n  ,real\n")
     assert rows(str(csv_manifest)) == [
         ("uri", str(tmp_path / "a.jpg")),
-        ("error", (f"{csv_manifest}#row=2", "list", "row 2 of the manifest (line 3) has no uri (blank or null)")),
-        ("error", (f"{csv_manifest}#row=3", "list", "row 3 of the manifest (line 4) has no uri (blank or null)")),
+        (
+            "error",
+            (f"{csv_manifest}#row=2", "list", "row 2 of the manifest (line 3) has no uri (blank or null)"),
+        ),
+        (
+            "error",
+            (f"{csv_manifest}#row=3", "list", "row 3 of the manifest (line 4) has no uri (blank or null)"),
+        ),
     ]
     parquet_manifest = tmp_path / "list.parquet"
     pq.write_table(pa.table({"uri": ["a.jpg", None, ""]}), parquet_manifest)
     assert [value for kind, value in rows(str(parquet_manifest)) if kind == "error"] == [
         (f"{parquet_manifest}#row=2", "list", "row 2 of the manifest has no uri (blank or null)"),
-        (f"{parquet_manifest}#row=3", "list", "row 3 of the manifest has no uri (blank or null)")]
+        (f"{parquet_manifest}#row=3", "list", "row 3 of the manifest has no uri (blank or null)"),
+    ]
 
 
 def test_repeated_inputs_are_listed_once():
     from anchorscan.transforms.io import distinct_patterns
+
     assert distinct_patterns(["a/*.jpg", "photos/", "a/*.jpg", "photos", "/"]) == ["a/*.jpg", "photos", "/"]

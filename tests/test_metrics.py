@@ -1,5 +1,6 @@
 """Detection metrics: the operating points composed on scikit-learn's curves, against counts
 made by hand, on random scores with many ties."""
+
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, recall_score, roc_auc_score
@@ -65,10 +66,13 @@ def test_detection_metrics_gathers_the_metrics(seed):
     metrics = detection_metrics(labels, scores, threshold=5.0)
     acc, real_acc, fake_acc = accuracy_at_threshold(labels, scores, 5.0)
     assert metrics == {
-        "n_real": int(np.sum(labels == 0)), "n_fake": int(np.sum(labels == 1)),
+        "n_real": int(np.sum(labels == 0)),
+        "n_fake": int(np.sum(labels == 1)),
         "ap": pytest.approx(average_precision_score(labels, scores), rel=1e-12),
         "auroc": pytest.approx(roc_auc_score(labels, scores), rel=1e-12),
-        "acc": acc, "real_acc": real_acc, "fake_acc": fake_acc,
+        "acc": acc,
+        "real_acc": real_acc,
+        "fake_acc": fake_acc,
         "tpr_at_fpr1": pytest.approx(counted_tpr_at_fpr(labels, scores, 0.01)),
         "tpr_at_fpr5": pytest.approx(counted_tpr_at_fpr(labels, scores, 0.05)),
     }

@@ -1,5 +1,6 @@
 """Online updates of the scoring precision (docs/METHOD.md §9.1) against exact inverses and the
 exact re-derivation of the anchor's models."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,7 +27,7 @@ def online(rows, n, **policy):
     return OnlineAnchorModel(Moments.of(rows[:n, :D]), forensic, DS, **policy)
 
 
-NEVER = {"refresh_every": 10 ** 9, "max_growth": 1e9, "ridge_drift": 1e9, "tolerance": 1e9}
+NEVER = {"refresh_every": 10**9, "max_growth": 1e9, "ridge_drift": 1e9, "tolerance": 1e9}
 
 
 def exact_distances(rows, n, features):
@@ -41,13 +42,13 @@ def test_woodbury_follows_the_exact_inverse_and_chan_factor_the_merge(rows, k):
     moments = Moments.of(rows[:300, :D])
     frozen = np.diag(np.linspace(1.0, 5.0, D))
     precision = FrozenPrecision(moments.m2, frozen)
-    batch = rows[300:300 + k, :D]
+    batch = rows[300 : 300 + k, :D]
     factor = chan_factor(moments, batch)
     assert factor.shape == (1 if k == 1 else k + 1, D)
     precision.add(factor)
     moments.add_batch(batch)
     # Chan's merge as a factor: M2 grows by exactly U^T U (numpy's two-pass moments as oracle)
-    assert np.allclose(moments.m2, Moments.of(rows[:300 + k, :D]).m2, rtol=1e-12, atol=1e-9)
+    assert np.allclose(moments.m2, Moments.of(rows[: 300 + k, :D]).m2, rtol=1e-12, atol=1e-9)
     exact = np.linalg.inv(moments.m2 + frozen)
     assert np.abs(precision.inverse - exact).max() <= 1e-10 * np.abs(exact).max()
 
@@ -80,7 +81,7 @@ def test_frozen_shrinkage_and_truncation_stay_close_and_a_refresh_is_exact(rows)
     features = rows[3000:3200]
     model = online(rows, 1000, **NEVER)
     for start in range(1000, 1100, 10):
-        model.add(rows[start:start + 10, :D], rows[start:start + 10, D:])
+        model.add(rows[start : start + 10, :D], rows[start : start + 10, D:])
     assert np.allclose(model.moments.m2, Moments.of(rows[:1100, :D]).m2, rtol=1e-10, atol=1e-8)
     ours, exact = model.distances(features), exact_distances(rows, 1100, features)
     for name in ("semantic", "statistical", "statistical_raw"):
@@ -95,13 +96,14 @@ def test_frozen_shrinkage_and_truncation_stay_close_and_a_refresh_is_exact(rows)
 
 def test_refresh_policy(rows):
     model = online(rows, 1000, refresh_every=5, max_growth=1e9, ridge_drift=1e9, tolerance=1e9)
-    reasons = [model.add(rows[i:i + 1, :D]) for i in range(1000, 1010)]
+    reasons = [model.add(rows[i : i + 1, :D]) for i in range(1000, 1010)]
     assert reasons == [None] * 4 + ["updates"] + [None] * 4 + ["updates"]
-    model = online(rows, 1000, refresh_every=10 ** 9, max_growth=0.05, ridge_drift=1e9, tolerance=1e9)
+    model = online(rows, 1000, refresh_every=10**9, max_growth=0.05, ridge_drift=1e9, tolerance=1e9)
     assert model.add(rows[1000:1040, :D]) is None
     assert model.add(rows[1040:1060, :D]) == "growth"  # 1060 > 1.05 * 1000
-    model = online(rows, 1000, refresh_every=10 ** 9, max_growth=1e9, ridge_drift=1e-6, tolerance=1e9,
-                   check_every=2)
+    model = online(
+        rows, 1000, refresh_every=10**9, max_growth=1e9, ridge_drift=1e-6, tolerance=1e9, check_every=2
+    )
     assert model.add(rows[1000:1050, :D]) is None  # the O(d^2) checks wait for their turn
     assert model.add(rows[1050:1100, :D]) == "shrinkage"  # OAS's ridge moves with n
 

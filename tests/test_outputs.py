@@ -1,5 +1,6 @@
 """Where a scan writes: never beside another scan's tables, never into a prefix another scan is
 writing, and --skip_scored reads score tables only."""
+
 from __future__ import annotations
 
 import os
@@ -26,12 +27,14 @@ def few_images(tmp_path_factory):
 
 
 def scan(anchor, folder, prefix, *flags):
-    return main(["score", "--input", str(folder), "--anchor", str(anchor), "--output", str(prefix),
-                 *RUNNER, *flags])
+    return main(
+        ["score", "--input", str(folder), "--anchor", str(anchor), "--output", str(prefix), *RUNNER, *flags]
+    )
 
 
 def test_a_second_scan_into_the_same_prefix_refuses_and_overwrite_leaves_only_its_shards(
-        fitted_anchor, few_images, tmp_path, capsys):
+    fitted_anchor, few_images, tmp_path, capsys
+):
     anchor, _ = fitted_anchor
     folder, uris = few_images
     prefix = tmp_path / "out"
@@ -55,8 +58,9 @@ def test_a_second_scan_into_the_same_prefix_refuses_and_overwrite_leaves_only_it
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
-def test_a_scan_refuses_a_prefix_that_another_scan_is_writing(fitted_anchor, few_images, tmp_path,
-                                                             capsys, runner):
+def test_a_scan_refuses_a_prefix_that_another_scan_is_writing(
+    fitted_anchor, few_images, tmp_path, capsys, runner
+):
     anchor, _ = fitted_anchor
     folder, _ = few_images
     prefix = tmp_path / "out"
@@ -96,6 +100,17 @@ def test_skip_scored_reads_score_tables_only_whatever_its_glob_matches(fitted_an
         shutil.copy(uri, night1)
     assert scan(anchor, night1, tmp_path / "n1") == 0
     (tmp_path / "n1-notes.txt").write_text("a file the glob also matches")
-    summary = score.run(["--input", str(folder), "--anchor", str(anchor), "--output",
-                         str(tmp_path / "n2"), "--skip_scored", str(tmp_path / "n1-*"), *RUNNER])
+    summary = score.run(
+        [
+            "--input",
+            str(folder),
+            "--anchor",
+            str(anchor),
+            "--output",
+            str(tmp_path / "n2"),
+            "--skip_scored",
+            str(tmp_path / "n1-*"),
+            *RUNNER,
+        ]
+    )
     assert summary["reused"] == len(uris) and summary["scored"] == 0

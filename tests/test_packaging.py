@@ -1,5 +1,6 @@
 """One import name: the folders at the repository root install as `anchorscan.*`, and nothing
 of ours can be shadowed by, or shadow, a user's `pipelines/` or another distribution."""
+
 from __future__ import annotations
 
 import ast
@@ -24,17 +25,35 @@ def python_files():
 def test_no_module_imports_a_bare_top_level_name_of_ours(path):
     bare = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
-                 else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
-                 else [])
+        names = (
+            [alias.name for alias in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module or ""]
+            if isinstance(node, ast.ImportFrom) and not node.level
+            else []
+        )
         bare += [name for name in names if name.split(".")[0] in OUR_FOLDERS]
     assert not bare, f"{path.name} imports {bare}: write anchorscan.{bare[0]}"
 
 
 def test_the_wheel_holds_no_top_level_package_but_anchorscan(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                    "--no-build-isolation", "--wheel-dir", str(tmp_path), str(ROOT)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (wheel,) = tmp_path.glob("anchorscan-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
@@ -50,7 +69,9 @@ def decoy_folder(tmp_path):
     """A working directory like a data repository's: its own pipelines/ and transforms.py, which
     must never be imported in our place."""
     (tmp_path / "pipelines").mkdir()
-    (tmp_path / "pipelines" / "__init__.py").write_text("raise ImportError('the decoy pipelines/ was imported')\n")
+    (tmp_path / "pipelines" / "__init__.py").write_text(
+        "raise ImportError('the decoy pipelines/ was imported')\n"
+    )
     (tmp_path / "transforms.py").write_text("raise ImportError('the decoy transforms.py was imported')\n")
     (tmp_path / "anchors.py").write_text("raise ImportError('the decoy anchors.py was imported')\n")
     return tmp_path
@@ -58,8 +79,14 @@ def decoy_folder(tmp_path):
 
 def run_cli(args, cwd):
     command = Path(sys.executable).with_name("anchorscan")
-    return subprocess.run([str(command), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONPATH": str(cwd)})
+    return subprocess.run(
+        [str(command), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(cwd)},
+    )
 
 
 def test_info_and_score_work_beside_decoy_packages(decoy_folder, fitted_anchor, real_photos):
@@ -68,8 +95,21 @@ def test_info_and_score_work_beside_decoy_packages(decoy_folder, fitted_anchor, 
     assert info.returncode == 0, info.stderr
     assert "efficientnet-lite0" in info.stdout
     photos = sorted(real_photos.iterdir())[:2]
-    scored = run_cli(["score", "--input", str(photos[0]), "--input", str(photos[1]),
-                      "--anchor", str(anchor), "--output", str(decoy_folder / "out" / "scan"),
-                      "--runner", "FnApiRunner"], decoy_folder)
+    scored = run_cli(
+        [
+            "score",
+            "--input",
+            str(photos[0]),
+            "--input",
+            str(photos[1]),
+            "--anchor",
+            str(anchor),
+            "--output",
+            str(decoy_folder / "out" / "scan"),
+            "--runner",
+            "FnApiRunner",
+        ],
+        decoy_folder,
+    )
     assert scored.returncode == 0, scored.stderr[-3000:]
     assert "scored      2 images" in scored.stdout

@@ -1,7 +1,9 @@
 """End-to-end fit and score with Beam on real photo crops and broken files."""
+
 from __future__ import annotations
 
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -9,9 +11,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing import test_pipeline
 
 from anchorscan.anchors.anchor_file import read_metadata
-from helpers import RUNNER, read_parquet_rows, write_crops
 from anchorscan.pipelines import score
 from anchorscan.transforms.schema import ERROR_SCHEMA, SCORE_SCHEMA
+from helpers import RUNNER, read_parquet_rows, write_crops
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +25,13 @@ def scan(tmp_path_factory):
     os.replace(small[0], folder / "small.png")
     (folder / "empty.jpg").write_bytes(b"")
     (folder / "text.png").write_text("<html>404 Not Found</html>")
-    truncated = (folder / "truncated.jpg")
-    truncated.write_bytes(open(good[0], "rb").read()[:300])
+    truncated = folder / "truncated.jpg"
+    truncated.write_bytes(pathlib.Path(good[0]).read_bytes()[:300])
     return folder, good + [str(folder / "small.png")]
 
 
 def test_fit_records_every_real_image(fitted_anchor, real_photos):
-    anchor, summary = fitted_anchor
+    anchor, _summary = fitted_anchor
     metadata = read_metadata(anchor.read_bytes())
     assert metadata["n"] + metadata["n_calibration"] == len(os.listdir(real_photos))
     assert metadata["n_calibration"] >= 5
@@ -43,8 +45,20 @@ def test_every_input_ends_in_exactly_one_output(fitted_anchor, scan, tmp_path):
     missing_glob = str(folder / "nothing-*.webp")
     prefix = str(tmp_path / "out")
     pipeline = test_pipeline.TestPipeline(options=PipelineOptions(RUNNER))
-    summary = score.run(["--input", str(folder), "--input", missing_glob, "--anchor", str(anchor),
-                         "--output", prefix, *RUNNER], test_pipeline=pipeline)
+    summary = score.run(
+        [
+            "--input",
+            str(folder),
+            "--input",
+            missing_glob,
+            "--anchor",
+            str(anchor),
+            "--output",
+            prefix,
+            *RUNNER,
+        ],
+        test_pipeline=pipeline,
+    )
 
     scores = read_parquet_rows(prefix + "-scores-*.parquet")
     errors = read_parquet_rows(prefix + "-errors-*.parquet")
@@ -79,8 +93,19 @@ def test_scores_do_not_depend_on_batching(fitted_anchor, scan, tmp_path):
     rows = []
     for batch_size in (1, 7):
         prefix = str(tmp_path / f"b{batch_size}")
-        score.run(["--input", str(folder / "*.png"), "--anchor", str(anchor), "--output", prefix,
-                   "--batch_size", str(batch_size), *RUNNER])
+        score.run(
+            [
+                "--input",
+                str(folder / "*.png"),
+                "--anchor",
+                str(anchor),
+                "--output",
+                prefix,
+                "--batch_size",
+                str(batch_size),
+                *RUNNER,
+            ]
+        )
         rows.append({row["uri"]: row for row in read_parquet_rows(prefix + "-scores-*.parquet")})
     assert rows[0].keys() == rows[1].keys()
     for uri, row in rows[0].items():
@@ -92,15 +117,29 @@ def test_workers_can_share_one_model(fitted_anchor, scan, tmp_path):
     anchor, _ = fitted_anchor
     folder, _ = scan
     prefix = str(tmp_path / "shared")
-    summary = score.run(["--input", str(folder / "*.png"), "--anchor", str(anchor), "--output", prefix,
-                         "--large_model", "--direct_num_workers", "2",
-                         "--direct_running_mode", "multi_processing", *RUNNER])
+    summary = score.run(
+        [
+            "--input",
+            str(folder / "*.png"),
+            "--anchor",
+            str(anchor),
+            "--output",
+            prefix,
+            "--large_model",
+            "--direct_num_workers",
+            "2",
+            "--direct_running_mode",
+            "multi_processing",
+            *RUNNER,
+        ]
+    )
     rows = read_parquet_rows(prefix + "-scores-*.parquet")
     assert summary["scored"] == len(rows) == len([p for p in folder.glob("*.png") if p.name != "text.png"])
 
 
 def test_progress_counts_each_run_from_zero(capsys):
     from anchorscan.transforms.progress import ReportProgress
+
     for _ in range(2):  # two pipelines in one process, as in tests or a notebook
         reporter = ReportProgress("embedded", every_seconds=0.0)
         for i in range(3):

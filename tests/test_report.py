@@ -1,4 +1,5 @@
 """The HTML report: self-contained, and it renders in a real browser without console errors."""
+
 from __future__ import annotations
 
 import re
@@ -9,12 +10,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import RUNNER
 from anchorscan.pipelines import report, score
+from helpers import RUNNER
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
@@ -22,16 +31,43 @@ def scanned(fitted_anchor, real_photos, tmp_path_factory):
     anchor, _ = fitted_anchor
     folder = tmp_path_factory.mktemp("report")
     prefix = str(folder / "scan")
-    score.run(["--input", str(real_photos), "--input", str(folder / "missing-*.jpg"),
-               "--anchor", str(anchor), "--output", prefix, *RUNNER])
+    score.run(
+        [
+            "--input",
+            str(real_photos),
+            "--input",
+            str(folder / "missing-*.jpg"),
+            "--anchor",
+            str(anchor),
+            "--output",
+            prefix,
+            *RUNNER,
+        ]
+    )
     labels = folder / "labels.csv"
     paths = sorted(real_photos.iterdir())
     # labels for the ROC panel: call half the photos "fake" (the curve only has to be drawn)
-    labels.write_text("uri,label,generator\n" + "".join(
-        f"{p},{'fake' if i % 2 else 'real'},{'gen' if i % 2 else 'real'}\n" for i, p in enumerate(paths)))
+    labels.write_text(
+        "uri,label,generator\n"
+        + "".join(
+            f"{p},{'fake' if i % 2 else 'real'},{'gen' if i % 2 else 'real'}\n" for i, p in enumerate(paths)
+        )
+    )
     page = folder / "report.html"
-    report.run(["--scores", prefix, "--output", str(page), "--anchor", str(anchor),
-                "--labels", str(labels), "--gallery", "4"])
+    report.run(
+        [
+            "--scores",
+            prefix,
+            "--output",
+            str(page),
+            "--anchor",
+            str(anchor),
+            "--labels",
+            str(labels),
+            "--gallery",
+            "4",
+        ]
+    )
     return page
 
 
@@ -47,14 +83,35 @@ def test_report_is_self_contained(scanned):
 def test_report_renders_in_chromium(scanned, tmp_path):
     shot = tmp_path / "shot.png"
     result = subprocess.run(
-        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr",
-         "--v=0", "--window-size=1300,2400", f"--screenshot={shot}", f"file://{scanned}"],
-        capture_output=True, text=True, timeout=120)
+        [
+            CHROMIUM,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--window-size=1300,2400",
+            f"--screenshot={shot}",
+            f"file://{scanned}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert shot.exists(), result.stderr[-2000:]
     console = [line for line in result.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert not console, console
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.std() > 20  # plots and thumbnails, not a blank page
-    dom = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile2'}",
-                          "--dump-dom", f"file://{scanned}"], capture_output=True, text=True, timeout=120)
+    dom = subprocess.run(
+        [
+            CHROMIUM,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tmp_path / 'profile2'}",
+            "--dump-dom",
+            f"file://{scanned}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert dom.stdout.count("<img") == 11 and "Most suspicious" in dom.stdout

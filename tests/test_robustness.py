@@ -1,8 +1,10 @@
 """Nothing lost, nothing crashes, nothing hangs: one scan of every hostile kind at once on both
 local runners, exactly-once accounting, retries, resumed scans."""
+
 from __future__ import annotations
 
 import os
+import pathlib
 import subprocess
 import sys
 import threading
@@ -51,10 +53,11 @@ def test_each_hostile_kind_has_its_documented_outcome(name):
 
 def test_sixteen_bit_png_keeps_its_picture():
     from hostile import _photo, png_rgb16
+
     photo = _photo()
     crop = decode_and_crop(png_rgb16(photo.astype(np.uint16) * 257), 224)
     top, left = (photo.shape[0] - 224) // 2, (photo.shape[1] - 224) // 2
-    np.testing.assert_array_equal(crop.pixels, photo[top:top + 224, left:left + 224])
+    np.testing.assert_array_equal(crop.pixels, photo[top : top + 224, left : left + 224])
 
 
 MULTI_PROCESS = ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
@@ -91,13 +94,15 @@ def corpus(tmp_path_factory):
             expected[str(folder / f"broken{i:03d}.jpg")] = outcome
             continue
         top, left = rng.integers(0, 280 - 48, 2)
-        Image.fromarray(photo[top:top + 48, left:left + 48]).save(folder / f"crop{i:03d}.png")
+        Image.fromarray(photo[top : top + 48, left : left + 48]).save(folder / f"crop{i:03d}.png")
         expected[str(folder / f"crop{i:03d}.png")] = ("scored", "upscale+center_crop")
 
     removed = folder / "removed-after-listing.jpg"
     manifest = root / "list.csv"
-    manifest.write_text(f"uri,label\n{folder / 'crop001.png'},real\n,real\n{removed},real\n   ,fake\n"
-                        f"{folder / 'folder.jpg'},real\n")
+    manifest.write_text(
+        f"uri,label\n{folder / 'crop001.png'},real\n,real\n{removed},real\n   ,fake\n"
+        f"{folder / 'folder.jpg'},real\n"
+    )
     expected[str(removed)] = ("read", "file not found (removed after it was listed?)")
     expected[str(folder / "folder.jpg")] = ("read", "is a directory, not a file")
     for row in (2, 4):
@@ -108,22 +113,42 @@ def corpus(tmp_path_factory):
         expected[str(root / empty)] = ("list", "the manifest lists no images")
     unmatched = str(root / "nothing-*.webp")
     expected[unmatched] = ("list", "no files match this input")
-    inputs = [str(folder), str(manifest), str(root / "empty.txt"), str(root / "header.csv"),
-              unmatched, unmatched]
+    inputs = [
+        str(folder),
+        str(manifest),
+        str(root / "empty.txt"),
+        str(root / "header.csv"),
+        unmatched,
+        unmatched,
+    ]
     return inputs, expected
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_a_folder_of_every_hostile_kind_scans_in_bounded_time_with_each_input_once(
-        fitted_anchor, corpus, tmp_path, runner):
+    fitted_anchor, corpus, tmp_path, runner
+):
     anchor, _ = fitted_anchor
     inputs, expected = corpus
     prefix = str(tmp_path / "out")
     started = time.monotonic()
-    summary = score.run([flag for value in inputs for flag in ("--input", value)]
-                        + ["--anchor", str(anchor), "--output", prefix, "--batch_size", "64",
-                           "--decode_timeout", str(DECODE_TIMEOUT), "--max_bytes", str(MAX_BYTES),
-                           *RUNNER, *RUNNERS[runner]])
+    summary = score.run(
+        [flag for value in inputs for flag in ("--input", value)]
+        + [
+            "--anchor",
+            str(anchor),
+            "--output",
+            prefix,
+            "--batch_size",
+            "64",
+            "--decode_timeout",
+            str(DECODE_TIMEOUT),
+            "--max_bytes",
+            str(MAX_BYTES),
+            *RUNNER,
+            *RUNNERS[runner],
+        ]
+    )
     assert time.monotonic() - started < SCAN_BOUND_SECONDS
 
     scores, errors = outputs(prefix)
@@ -137,10 +162,15 @@ def test_a_folder_of_every_hostile_kind_scans_in_bounded_time_with_each_input_on
             assert row["stage"] == outcome and words in row["error"], row
     assert summary["scored"] == len(scores) == sum(o == "scored" for o, _ in expected.values())
     folder = inputs[0]
-    assert {name: rows[f"{folder}/{name}"]["error_type"] for name in (
-        "slow-a.jpg", "multipage-cut.tif", "pipe.jpg", "dangling.jpg")} == {
-        "slow-a.jpg": "TimeoutError", "multipage-cut.tif": "TypeError", "pipe.jpg": "ReadError",
-        "dangling.jpg": "FileNotFoundError"}
+    assert {
+        name: rows[f"{folder}/{name}"]["error_type"]
+        for name in ("slow-a.jpg", "multipage-cut.tif", "pipe.jpg", "dangling.jpg")
+    } == {
+        "slow-a.jpg": "TimeoutError",
+        "multipage-cut.tif": "TypeError",
+        "pipe.jpg": "ReadError",
+        "dangling.jpg": "FileNotFoundError",
+    }
     screen = rows[f"{folder}/large-screen.gif"]
     assert (screen["width"], screen["height"]) == (300, 260)  # the frame, not the 10,000 px screen
 
@@ -164,7 +194,10 @@ def test_a_file_that_cannot_be_read_for_permissions_is_an_error_row(tmp_path, mo
     [output] = list(dofn.process(str(locked), MIN_TIMESTAMP, GlobalWindow()))
     dofn.teardown()
     assert (output.value["stage"], output.value["error"], output.value["error_type"]) == (
-        "read", "permission denied", "PermissionError")
+        "read",
+        "permission denied",
+        "PermissionError",
+    )
 
 
 MARK = "ANCHORSCAN_TEST_RUN"
@@ -191,11 +224,26 @@ def test_a_stuck_decode_neither_delays_the_exit_nor_outlives_the_scan(fitted_anc
     for name in ("slow-a.jpg", "slow-b.jpg", "slow-c.jpg"):
         (folder / name).write_bytes(slow_jpeg())
     mark = uuid.uuid4().hex
-    command = [sys.executable, "-m", "anchorscan.pipelines.cli", "score", "--input", str(folder),
-               "--anchor", str(anchor), "--output", str(tmp_path / "out"), "--decode_timeout", "2",
-               "--decode_processes", "2", *RUNNER]
-    scan_process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
-                                    env={**os.environ, MARK: mark})
+    command = [
+        sys.executable,
+        "-m",
+        "anchorscan.pipelines.cli",
+        "score",
+        "--input",
+        str(folder),
+        "--anchor",
+        str(anchor),
+        "--output",
+        str(tmp_path / "out"),
+        "--decode_timeout",
+        "2",
+        "--decode_processes",
+        "2",
+        *RUNNER,
+    ]
+    scan_process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, text=True, env={**os.environ, MARK: mark}
+    )
     counts = []
 
     def count_decoders():
@@ -235,8 +283,18 @@ def test_a_retried_bundle_writes_no_duplicate_rows(fitted_anchor, corpus, tmp_pa
     prefix = str(tmp_path / "out")
     subset = tmp_path / "subset.txt"
     subset.write_text("\n".join(uris[:120]))
-    score.run(["--input", str(subset), "--anchor", str(anchor), "--output", prefix,
-               "--runner", "BundleBasedDirectRunner"])
+    score.run(
+        [
+            "--input",
+            str(subset),
+            "--anchor",
+            str(anchor),
+            "--output",
+            prefix,
+            "--runner",
+            "BundleBasedDirectRunner",
+        ]
+    )
     scores, errors = outputs(prefix)
     assert calls["n"] > 2  # the failure happened and the runner went on
     assert_exactly_once(scores, errors, uris[:120])
@@ -249,11 +307,22 @@ def test_resumed_scan_reuses_rows_and_scores_only_new_content(fitted_anchor, tmp
     night2.mkdir()
     old = write_crops(night1, 1, seed=7)
     for path in old:  # the same content, now at other URIs, plus new images
-        (night2 / ("copy-" + path.rsplit("/", 1)[1])).write_bytes(open(path, "rb").read())
+        (night2 / ("copy-" + path.rsplit("/", 1)[1])).write_bytes(pathlib.Path(path).read_bytes())
     new = write_crops(night2, 1, seed=8)
     score.run(["--input", str(night1), "--anchor", str(anchor), "--output", str(tmp_path / "n1"), *RUNNER])
-    summary = score.run(["--input", str(night2), "--anchor", str(anchor), "--output",
-                         str(tmp_path / "n2"), "--skip_scored", str(tmp_path / "n1"), *RUNNER])
+    summary = score.run(
+        [
+            "--input",
+            str(night2),
+            "--anchor",
+            str(anchor),
+            "--output",
+            str(tmp_path / "n2"),
+            "--skip_scored",
+            str(tmp_path / "n1"),
+            *RUNNER,
+        ]
+    )
     assert summary["reused"] == len(old) and summary["scored"] == len(new)
     first = {row["sha256"]: row for row in outputs(str(tmp_path / "n1"))[0]}
     second, errors = outputs(str(tmp_path / "n2"))
@@ -267,8 +336,9 @@ def test_scoring_twice_gives_the_same_rows(fitted_anchor, real_photos, tmp_path)
     anchor, _ = fitted_anchor
     runs = []
     for name in ("a", "b"):
-        score.run(["--input", str(real_photos), "--anchor", str(anchor), "--output",
-                   str(tmp_path / name), *RUNNER])
+        score.run(
+            ["--input", str(real_photos), "--anchor", str(anchor), "--output", str(tmp_path / name), *RUNNER]
+        )
         runs.append(sorted(outputs(str(tmp_path / name))[0], key=lambda row: row["uri"]))
     for first, second in zip(*runs):
         # Batches form differently from run to run, and CPU kernels sum in another order.
@@ -306,8 +376,12 @@ def test_decoding_embedding_and_scoring_fuse_into_one_stage(fitted_anchor, real_
     score.run(argv, test_pipeline=beam.Pipeline(runner=runner))
 
     def stage_of(step: str) -> int:
-        found = {index for index, stage in enumerate(runner.stages)
-                 for transform in stage.transforms if step in transform.unique_name}
+        found = {
+            index
+            for index, stage in enumerate(runner.stages)
+            for transform in stage.transforms
+            if step in transform.unique_name
+        }
         assert len(found) == 1, (step, found)
         return found.pop()
 
@@ -323,14 +397,28 @@ def test_memory_does_not_grow_with_the_corpus(fitted_anchor, tmp_path):
     folder.mkdir()
     for i in range(2000):
         top, left = rng.integers(0, 280 - 64, 2)
-        Image.fromarray(photo[top:top + 64, left:left + 64]).save(folder / f"{i:04d}.png")
+        Image.fromarray(photo[top : top + 64, left : left + 64]).save(folder / f"{i:04d}.png")
     peaks = {}
     for count in (200, 2000):
         manifest = tmp_path / f"first{count}.txt"
         manifest.write_text("\n".join(str(folder / f"{i:04d}.png") for i in range(count)))
-        result = subprocess.run([sys.executable, "-c", PEAK_RSS, "--input", str(manifest),
-                                 "--anchor", str(anchor), "--output", str(tmp_path / f"out{count}"),
-                                 *RUNNER], capture_output=True, text=True, check=True)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                PEAK_RSS,
+                "--input",
+                str(manifest),
+                "--anchor",
+                str(anchor),
+                "--output",
+                str(tmp_path / f"out{count}"),
+                *RUNNER,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         peaks[count] = int(result.stdout.rsplit("PEAK_RSS_KB", 1)[1])
     assert peaks[2000] <= 1.15 * peaks[200], peaks
 
@@ -345,12 +433,21 @@ def test_non_finite_features_and_a_failed_forward_pass_are_error_rows(fitted_anc
     anchor, _ = anchor_from_bytes(anchor_path.read_bytes())
     finite, broken = (ImageMeta(name, "0" * 64, 300, 260, "center_crop") for name in ("finite", "nan"))
     vector = np.zeros(anchor.spec.dim)
-    outputs = list(ScoreBatchFn().process([(finite, (vector, 9.0)), (broken, (vector + np.nan, 9.0))],
-                                          anchor, "anchor-id"))
+    outputs = list(
+        ScoreBatchFn().process(
+            [(finite, (vector, 9.0)), (broken, (vector + np.nan, 9.0))], anchor, "anchor-id"
+        )
+    )
     [error] = [output.value for output in outputs if isinstance(output, beam.pvalue.TaggedOutput)]
-    assert (error["uri"], error["stage"], error["error"]) == ("nan", "score", "features are not finite (NaN or inf)")
+    assert (error["uri"], error["stage"], error["error"]) == (
+        "nan",
+        "score",
+        "features are not finite (NaN or inf)",
+    )
     assert [row["uri"] for row in outputs if isinstance(row, dict)] == ["finite"]
 
     failure = ([(finite, None), (broken, None)], (RuntimeError, "RuntimeError('out of memory')", []))
     assert [(row["uri"], row["stage"], row["error_type"]) for row in _failed_batch_rows(failure)] == [
-        ("finite", "embed", "RuntimeError"), ("nan", "embed", "RuntimeError")]
+        ("finite", "embed", "RuntimeError"),
+        ("nan", "embed", "RuntimeError"),
+    ]

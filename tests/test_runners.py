@@ -2,8 +2,10 @@
 runner, the multi-process local runner, and Beam's portable runner with its job service and
 an external SDK worker pool in separate processes (the worker protocol of Flink and Dataflow),
 both started here on loopback and stopped again."""
+
 from __future__ import annotations
 
+import pathlib
 import sys
 
 import numpy as np
@@ -26,8 +28,19 @@ RELATIVE = 1e-9
 # sums, and the distance divides by it; merged in another order it moved 5e-7 (relative) on
 # the multi-process runner, while the p-values and scores built on it stayed within 1e-10.
 SEMANTIC_RELATIVE = 1e-6
-SCORE_FLOATS = ("score", "anchor_score", "p_semantic", "p_statistical", "p_forensic",
-                "statistical", "t2", "spe", "statistical_raw", "forensic", "attention_positions")
+SCORE_FLOATS = (
+    "score",
+    "anchor_score",
+    "p_semantic",
+    "p_statistical",
+    "p_forensic",
+    "statistical",
+    "t2",
+    "spe",
+    "statistical_raw",
+    "forensic",
+    "attention_positions",
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +50,34 @@ def portable(tmp_path_factory):
     logs = tmp_path_factory.mktemp("portable")
     env = environment_for_subprocesses()
     pool_port, job_port = free_port(), free_port()
-    pool = [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main",
-            "--service_port", str(pool_port)]
-    jobs = [sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main",
-            "--port", str(job_port)]
-    with started(pool, pool_port, logs / "pool.log", env, host="localhost", seconds=60), \
-            started(jobs, job_port, logs / "jobs.log", env, host="localhost", seconds=60):
-        yield ["--runner", "PortableRunner", "--job_endpoint", f"localhost:{job_port}",
-               "--environment_type", "EXTERNAL", "--environment_config", f"localhost:{pool_port}"]
+    pool = [
+        sys.executable,
+        "-m",
+        "apache_beam.runners.worker.worker_pool_main",
+        "--service_port",
+        str(pool_port),
+    ]
+    jobs = [
+        sys.executable,
+        "-m",
+        "apache_beam.runners.portability.local_job_service_main",
+        "--port",
+        str(job_port),
+    ]
+    with (
+        started(pool, pool_port, logs / "pool.log", env, host="localhost", seconds=60),
+        started(jobs, job_port, logs / "jobs.log", env, host="localhost", seconds=60),
+    ):
+        yield [
+            "--runner",
+            "PortableRunner",
+            "--job_endpoint",
+            f"localhost:{job_port}",
+            "--environment_type",
+            "EXTERNAL",
+            "--environment_config",
+            f"localhost:{pool_port}",
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -57,29 +90,49 @@ def runs(portable, tmp_path_factory):
     (folder / "scan" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a JPEG")
     runners = {
         "in-process": ["--runner", "FnApiRunner"],
-        "multi-process": ["--runner", "FnApiRunner", "--direct_num_workers", "2",
-                          "--direct_running_mode", "multi_processing"],
+        "multi-process": [
+            "--runner",
+            "FnApiRunner",
+            "--direct_num_workers",
+            "2",
+            "--direct_running_mode",
+            "multi_processing",
+        ],
         "portable": portable,
     }
     results = {}
     for name, flags in runners.items():
         anchor = str(folder / f"{name}.safetensors")
-        fitted = fit.run(["--input", str(folder / "real"), "--anchor", anchor,
-                          "--calibration_fraction", "0.4", *HOLD_OUT_BY_NAME, *SAME_FEATURES, *flags])
+        fitted = fit.run(
+            [
+                "--input",
+                str(folder / "real"),
+                "--anchor",
+                anchor,
+                "--calibration_fraction",
+                "0.4",
+                *HOLD_OUT_BY_NAME,
+                *SAME_FEATURES,
+                *flags,
+            ]
+        )
         prefix = str(folder / name)
-        scanned = score.run(["--input", str(folder / "scan"), "--anchor", anchor, "--output", prefix,
-                             *SAME_FEATURES, *flags])
+        scanned = score.run(
+            ["--input", str(folder / "scan"), "--anchor", anchor, "--output", prefix, *SAME_FEATURES, *flags]
+        )
         results[name] = {
-            "fit": fitted, "score": scanned, "anchor": verified_contents(open(anchor, "rb").read()),
+            "fit": fitted,
+            "score": scanned,
+            "anchor": verified_contents(pathlib.Path(anchor).read_bytes()),
             "scores": {row["uri"]: row for row in read_parquet_rows(prefix + "-scores-*.parquet")},
-            "errors": read_parquet_rows(prefix + "-errors-*.parquet")}
+            "errors": read_parquet_rows(prefix + "-errors-*.parquet"),
+        }
     return results
 
 
 def close(actual, expected, relative: float = RELATIVE) -> None:
     actual, expected = np.asarray(actual), np.asarray(expected)
-    np.testing.assert_allclose(actual, expected, rtol=relative,
-                               atol=relative * float(np.abs(expected).max()))
+    np.testing.assert_allclose(actual, expected, rtol=relative, atol=relative * float(np.abs(expected).max()))
 
 
 @pytest.mark.slow
@@ -92,8 +145,9 @@ def test_the_same_fit_gives_the_same_anchor(runs, runner):
     assert metadata["shrinkage"] == pytest.approx(expected["shrinkage"], rel=RELATIVE)
     assert sorted(tensors) == sorted(reference)
     for name in sorted(reference):  # every statistic, the projection, the calibration
-        close(tensors[name], reference[name],
-              SEMANTIC_RELATIVE if name == "calibration.semantic" else RELATIVE)
+        close(
+            tensors[name], reference[name], SEMANTIC_RELATIVE if name == "calibration.semantic" else RELATIVE
+        )
     assert runs[runner]["fit"]["errors"] == 0
 
 
@@ -109,5 +163,6 @@ def test_the_same_anchor_gives_the_same_scores(runs, runner):
             close(row[column], expected[uri][column])
         close(row["semantic"], expected[uri]["semantic"], SEMANTIC_RELATIVE)
     assert [(e["uri"], e["stage"]) for e in runs[runner]["errors"]] == [
-        (e["uri"], e["stage"]) for e in runs["in-process"]["errors"]]
+        (e["uri"], e["stage"]) for e in runs["in-process"]["errors"]
+    ]
     assert runs[runner]["score"]["scored"] == 6 and runs[runner]["score"]["errors"] == {"decode": 1}

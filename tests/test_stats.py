@@ -1,9 +1,11 @@
 """Mergeable moments (docs/METHOD.md §3): numpy oracles, partitions, orders, pickling, coder."""
+
 import pickle
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from anchorscan.anchors.stats import BufferedMoments, Moments
 from anchorscan.transforms.combine import MomentsCoder, MomentsCombineFn
@@ -32,8 +34,7 @@ def test_covariance_and_mean_match_numpy():
     moments = Moments.of(data)
     np.testing.assert_allclose(moments.covariance(), np.cov(data, rowvar=False), rtol=1e-10)
     np.testing.assert_allclose(moments.mean, data.mean(axis=0), rtol=1e-10)
-    np.testing.assert_allclose(moments.covariance(ddof=0), np.cov(data, rowvar=False, ddof=0),
-                               rtol=1e-10)
+    np.testing.assert_allclose(moments.covariance(ddof=0), np.cov(data, rowvar=False, ddof=0), rtol=1e-10)
 
 
 def test_large_mean_offset_stays_accurate_across_batches():
@@ -42,16 +43,18 @@ def test_large_mean_offset_stays_accurate_across_batches():
     moments = Moments(5)
     for batch in np.array_split(data, 37):  # many merges, each with a large mean
         moments.add_batch(batch)
-    np.testing.assert_allclose(moments.m2, two_pass_m2(data), rtol=1e-9,
-                               atol=1e-9 * np.abs(two_pass_m2(data)).max())
+    np.testing.assert_allclose(
+        moments.m2, two_pass_m2(data), rtol=1e-9, atol=1e-9 * np.abs(two_pass_m2(data)).max()
+    )
     # raw sums lose this: sum z z^T - n mean mean^T cancels ~12 digits at this offset
     raw = data.T @ data - len(data) * np.outer(data.mean(0), data.mean(0))
     assert np.abs(raw - two_pass_m2(data)).max() > 1e-6 * np.abs(two_pass_m2(data)).max()
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.integers(0, 120), max_size=8), st.randoms(use_true_random=False),
-       st.sampled_from([0.0, 1e6]))
+@given(
+    st.lists(st.integers(0, 120), max_size=8), st.randoms(use_true_random=False), st.sampled_from([0.0, 1e6])
+)
 def test_any_partition_in_any_order_gives_same_moments(cuts, random, offset):
     data = rows(n=120, d=6, seed=2, offset=offset)
     parts = np.split(data, sorted(cuts))
@@ -127,8 +130,7 @@ def test_combine_fn_accumulators_survive_the_coder():
     data = rows(n=100, d=5, seed=4)
     fn = MomentsCombineFn(dim=5, batch_size=8)
     coder = fn.get_accumulator_coder()
-    parts = [coder.decode(coder.encode(fn_with_rows(fn, part)))
-             for part in np.array_split(data, 3)]
+    parts = [coder.decode(coder.encode(fn_with_rows(fn, part))) for part in np.array_split(data, 3)]
     assert_same_moments(fn.extract_output(fn.merge_accumulators(iter(parts))), Moments.of(data))
 
 
@@ -146,8 +148,11 @@ def test_merging_an_empty_accumulator_is_a_no_op(empty_first):
 def test_dimension_mismatch_raises_value_error():
     fn = MomentsCombineFn(dim=5, batch_size=4)
     with pytest.raises(ValueError):
-        fn.merge_accumulators(iter([MomentsCombineFn(5).create_accumulator(),
-                                    fn_with_rows(MomentsCombineFn(6), rows(n=3, d=6))]))
+        fn.merge_accumulators(
+            iter(
+                [MomentsCombineFn(5).create_accumulator(), fn_with_rows(MomentsCombineFn(6), rows(n=3, d=6))]
+            )
+        )
     with pytest.raises(ValueError):
         fn.extract_output(fn_with_rows(fn, rows(n=3, d=6)))
     with pytest.raises(ValueError):

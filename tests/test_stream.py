@@ -2,6 +2,7 @@
 learning, with TestStream on BundleBasedDirectRunner; and the real watcher on the in-process
 runner while files are added. Every Parquet file written is read back whole (its footer
 included): a probe once found corrupt windowed files."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,9 +39,21 @@ def every_table(pattern: str, schema) -> dict[str, list[dict]]:
 
 def stream_events(events, watched, anchor, output) -> None:
     """The stream command's graph over a TestStream of "files" and "ticks" (anchor paths)."""
-    args, options = parse(stream.parser(), ["--watch", str(watched), "--anchor", str(anchor),
-                                            "--output", str(output), "--window_seconds", str(WINDOW),
-                                            "--runner", "BundleBasedDirectRunner"])
+    args, options = parse(
+        stream.parser(),
+        [
+            "--watch",
+            str(watched),
+            "--anchor",
+            str(anchor),
+            "--output",
+            str(output),
+            "--window_seconds",
+            str(WINDOW),
+            "--runner",
+            "BundleBasedDirectRunner",
+        ],
+    )
     options.view_as(StandardOptions).streaming = True
     with test_pipeline.TestPipeline(options=options) as pipeline:
         inputs = pipeline | events
@@ -62,8 +75,10 @@ def two_anchors(fitted_anchor, tmp_path_factory):
 
 def test_three_windows_each_image_once_and_the_anchor_swap(two_anchors, tmp_path):
     first, second = two_anchors
-    images = [FileMetadata(path, 1, last_updated_in_seconds=1.0) for path in
-              write_crops(tmp_path, count_per_photo=1, seed=7)]  # six images, two per window
+    images = [
+        FileMetadata(path, 1, last_updated_in_seconds=1.0)
+        for path in write_crops(tmp_path, count_per_photo=1, seed=7)
+    ]  # six images, two per window
     (tmp_path / "notes.txt").write_text("not an image")
     note = FileMetadata(str(tmp_path / "notes.txt"), 12, last_updated_in_seconds=1.0)
     broken = tmp_path / "broken.jpg"
@@ -73,19 +88,25 @@ def test_three_windows_each_image_once_and_the_anchor_swap(two_anchors, tmp_path
     def at(t, *values):
         return [TimestampedValue(value, t) for value in values]
 
-    events = (test_stream.TestStream(output_tags={"files", "ticks"})
-              .advance_watermark_to(0, tag="files").advance_watermark_to(0, tag="ticks")
-              .add_elements(at(0, str(first)), tag="ticks")
-              .add_elements(at(1, images[0], images[1], note), tag="files")
-              .add_elements(at(2, images[0], images[1]), tag="files")  # a re-listing poll
-              .add_elements(at(5, str(second)), tag="ticks")  # replaced mid-window 0 ...
-              .advance_watermark_to(WINDOW, tag="files").advance_watermark_to(WINDOW, tag="ticks")
-              .add_elements(at(WINDOW, str(second)), tag="ticks")  # ... seen from window 1 on
-              .add_elements(at(WINDOW + 1, images[0], images[2], images[3], broken_file), tag="files")
-              .advance_watermark_to(2 * WINDOW, tag="files").advance_watermark_to(2 * WINDOW, tag="ticks")
-              .add_elements(at(2 * WINDOW, str(second)), tag="ticks")
-              .add_elements(at(2 * WINDOW + 1, *images), tag="files")
-              .advance_watermark_to_infinity(tag="files").advance_watermark_to_infinity(tag="ticks"))
+    events = (
+        test_stream.TestStream(output_tags={"files", "ticks"})
+        .advance_watermark_to(0, tag="files")
+        .advance_watermark_to(0, tag="ticks")
+        .add_elements(at(0, str(first)), tag="ticks")
+        .add_elements(at(1, images[0], images[1], note), tag="files")
+        .add_elements(at(2, images[0], images[1]), tag="files")  # a re-listing poll
+        .add_elements(at(5, str(second)), tag="ticks")  # replaced mid-window 0 ...
+        .advance_watermark_to(WINDOW, tag="files")
+        .advance_watermark_to(WINDOW, tag="ticks")
+        .add_elements(at(WINDOW, str(second)), tag="ticks")  # ... seen from window 1 on
+        .add_elements(at(WINDOW + 1, images[0], images[2], images[3], broken_file), tag="files")
+        .advance_watermark_to(2 * WINDOW, tag="files")
+        .advance_watermark_to(2 * WINDOW, tag="ticks")
+        .add_elements(at(2 * WINDOW, str(second)), tag="ticks")
+        .add_elements(at(2 * WINDOW + 1, *images), tag="files")
+        .advance_watermark_to_infinity(tag="files")
+        .advance_watermark_to_infinity(tag="ticks")
+    )
     output = tmp_path / "out" / "scan"
     # window 0's tick is the first file's, read at the window's start; the swap at t=5
     # is a tick inside window 0 in event time only to show that the window's *first* tick
@@ -106,24 +127,39 @@ def test_three_windows_each_image_once_and_the_anchor_swap(two_anchors, tmp_path
 def test_an_anchor_tick_decides_its_window(two_anchors, tmp_path):
     """A replacement is read by the next window's tick; windows before it keep the old file."""
     first, second = two_anchors
-    images = [FileMetadata(path, 1, last_updated_in_seconds=1.0) for path in
-              write_crops(tmp_path, count_per_photo=1, seed=8)[:4]]
-    events = (test_stream.TestStream(output_tags={"files", "ticks"})
-              .advance_watermark_to(0, tag="files").advance_watermark_to(0, tag="ticks")
-              .add_elements([TimestampedValue(str(first), 0)], tag="ticks")
-              .add_elements([TimestampedValue(images[0], 1), TimestampedValue(images[1], 9)], tag="files")
-              .advance_watermark_to(WINDOW, tag="files").advance_watermark_to(WINDOW, tag="ticks")
-              .add_elements([TimestampedValue(str(second), WINDOW)], tag="ticks")
-              .add_elements([TimestampedValue(images[2], WINDOW + 1), TimestampedValue(images[3], WINDOW + 2)],
-                            tag="files")
-              .advance_watermark_to_infinity(tag="files").advance_watermark_to_infinity(tag="ticks"))
+    images = [
+        FileMetadata(path, 1, last_updated_in_seconds=1.0)
+        for path in write_crops(tmp_path, count_per_photo=1, seed=8)[:4]
+    ]
+    events = (
+        test_stream.TestStream(output_tags={"files", "ticks"})
+        .advance_watermark_to(0, tag="files")
+        .advance_watermark_to(0, tag="ticks")
+        .add_elements([TimestampedValue(str(first), 0)], tag="ticks")
+        .add_elements([TimestampedValue(images[0], 1), TimestampedValue(images[1], 9)], tag="files")
+        .advance_watermark_to(WINDOW, tag="files")
+        .advance_watermark_to(WINDOW, tag="ticks")
+        .add_elements([TimestampedValue(str(second), WINDOW)], tag="ticks")
+        .add_elements(
+            [TimestampedValue(images[2], WINDOW + 1), TimestampedValue(images[3], WINDOW + 2)], tag="files"
+        )
+        .advance_watermark_to_infinity(tag="files")
+        .advance_watermark_to_infinity(tag="ticks")
+    )
     output = tmp_path / "scan"
     stream_events(events, tmp_path, first, output)
     ids = {path: anchor_id(read_metadata(path.read_bytes())) for path in (first, second)}
-    rows = {row["uri"]: row["anchor_id"] for table in every_table(f"{output}-scores-*.parquet", SCORE_SCHEMA).values()
-            for row in table}
-    assert rows == {images[0].path: ids[first], images[1].path: ids[first],
-                    images[2].path: ids[second], images[3].path: ids[second]}
+    rows = {
+        row["uri"]: row["anchor_id"]
+        for table in every_table(f"{output}-scores-*.parquet", SCORE_SCHEMA).values()
+        for row in table
+    }
+    assert rows == {
+        images[0].path: ids[first],
+        images[1].path: ids[first],
+        images[2].path: ids[second],
+        images[3].path: ids[second],
+    }
 
 
 def test_the_watcher_scores_files_added_while_it_runs_and_learns(two_anchors, tmp_path):
@@ -150,17 +186,37 @@ def test_the_watcher_scores_files_added_while_it_runs_and_learns(two_anchors, tm
     adder = threading.Thread(target=add_files)
     adder.start()
     output = tmp_path / "out" / "scan"
-    stream.run(["--watch", str(watched), "--anchor", str(anchor), "--output", str(output),
-                "--window_seconds", "2", "--poll_seconds", "0.5", "--stop_after_seconds", "7",
-                "--learn_real", str(trusted), *RUNNER])
+    stream.run(
+        [
+            "--watch",
+            str(watched),
+            "--anchor",
+            str(anchor),
+            "--output",
+            str(output),
+            "--window_seconds",
+            "2",
+            "--poll_seconds",
+            "0.5",
+            "--stop_after_seconds",
+            "7",
+            "--learn_real",
+            str(trusted),
+            *RUNNER,
+        ]
+    )
     adder.join()
-    rows = [row for table in every_table(f"{output}-scores-*.parquet", SCORE_SCHEMA).values() for row in table]
+    rows = [
+        row for table in every_table(f"{output}-scores-*.parquet", SCORE_SCHEMA).values() for row in table
+    ]
     expected = sorted(early + [str(watched / f"late_{os.path.basename(path)}") for path in late])
     assert sorted(row["uri"] for row in rows) == expected  # the added ones too, each once
     assert not every_table(f"{output}-errors-*.parquet", ERROR_SCHEMA)
     after = read_metadata(anchor.read_bytes())
     assert after["n"] + after["n_calibration"] > n_before + read_metadata(first.read_bytes())["n_calibration"]
-    assert after["n"] + after["n_calibration"] <= n_before + read_metadata(first.read_bytes())["n_calibration"] + len(real)
+    assert after["n"] + after["n_calibration"] <= n_before + read_metadata(first.read_bytes())[
+        "n_calibration"
+    ] + len(real)
 
 
 def test_cloud_storage_notifications_name_finalised_objects():
@@ -168,7 +224,9 @@ def test_cloud_storage_notifications_name_finalised_objects():
 
     from anchorscan.transforms.streaming import gcs_notification_uri
 
-    finalised = PubsubMessage(b"{}", {"eventType": "OBJECT_FINALIZE", "bucketId": "b", "objectId": "in/x.jpg"})
+    finalised = PubsubMessage(
+        b"{}", {"eventType": "OBJECT_FINALIZE", "bucketId": "b", "objectId": "in/x.jpg"}
+    )
     deleted = PubsubMessage(b"{}", {"eventType": "OBJECT_DELETE", "bucketId": "b", "objectId": "in/x.jpg"})
     assert gcs_notification_uri(finalised) == "gs://b/in/x.jpg"
     assert gcs_notification_uri(deleted) is None
@@ -181,5 +239,7 @@ def test_watch_pattern_and_window_file_names():
 
     assert stream.watch_pattern("gs://bucket/incoming/") == "gs://bucket/incoming/**"
     assert stream.watch_pattern("/data/*.jpg") == "/data/*.jpg"
-    assert window_file_name("out/scan", "scores", IntervalWindow(60, 120), 0) == \
-        "out/scan-scores-19700101T000100-19700101T000200-00000.parquet"
+    assert (
+        window_file_name("out/scan", "scores", IntervalWindow(60, 120), 0)
+        == "out/scan-scores-19700101T000100-19700101T000200-00000.parquet"
+    )

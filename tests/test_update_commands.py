@@ -1,5 +1,6 @@
 """update, flag, export-delta and merge end to end on real photo crops (the backbone runs:
 slow)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,8 +23,19 @@ def more_photos(tmp_path_factory):
 def updated_anchor(fitted_anchor, more_photos, tmp_path_factory):
     anchor, _ = fitted_anchor
     output = tmp_path_factory.mktemp("updated") / "updated.safetensors"
-    summary = update.run(["--anchor", str(anchor), "--input", str(more_photos), "--output", str(output),
-                          "--admit", "none", *RUNNER])
+    summary = update.run(
+        [
+            "--anchor",
+            str(anchor),
+            "--input",
+            str(more_photos),
+            "--output",
+            str(output),
+            "--admit",
+            "none",
+            *RUNNER,
+        ]
+    )
     return output, summary
 
 
@@ -33,11 +45,23 @@ def scores_of(anchor, folder, prefix) -> dict:
 
 
 def test_update_scores_like_a_fit_on_both(fitted_anchor, real_photos, more_photos, updated_anchor, tmp_path):
-    anchor, _ = fitted_anchor
+    _anchor, _ = fitted_anchor
     updated, summary = updated_anchor
     union = tmp_path / "union.safetensors"
-    fit.run(["--input", str(real_photos), "--input", str(more_photos), "--anchor", str(union),
-             "--calibration_fraction", "0.3", *HOLD_OUT_BY_NAME, *RUNNER])
+    fit.run(
+        [
+            "--input",
+            str(real_photos),
+            "--input",
+            str(more_photos),
+            "--anchor",
+            str(union),
+            "--calibration_fraction",
+            "0.3",
+            *HOLD_OUT_BY_NAME,
+            *RUNNER,
+        ]
+    )
     a, b = read_metadata(updated.read_bytes()), read_metadata(union.read_bytes())
     assert (a["n"], a["n_calibration"]) == (b["n"], b["n_calibration"])
     assert summary["refused"] == 0 and summary["n"] == a["n"] > summary["n_before"]
@@ -57,14 +81,27 @@ def test_guard_refuses_and_records_flagged_images(fitted_anchor, more_photos, tm
     anchor, _ = fitted_anchor
     output = tmp_path / "guarded.safetensors"
     # an admission p-value this strict refuses most real crops: the guard and its table at work
-    code = main(["update", "--anchor", str(anchor), "--input", str(more_photos), "--output", str(output),
-                 "--admit", "0.9", *RUNNER])
+    code = main(
+        [
+            "update",
+            "--anchor",
+            str(anchor),
+            "--input",
+            str(more_photos),
+            "--output",
+            str(output),
+            "--admit",
+            "0.9",
+            *RUNNER,
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     refused = read_parquet_rows(str(output) + "-refused-*.parquet")
     assert refused and f"refused     {len(refused)} images" in printed
-    assert all(row["uri"].startswith(str(more_photos)) and row["anchor_score"] > -np.log10(0.9)
-               for row in refused)
+    assert all(
+        row["uri"].startswith(str(more_photos)) and row["anchor_score"] > -np.log10(0.9) for row in refused
+    )
 
 
 def test_flag_then_score_names_the_component(fitted_anchor, real_photos, tmp_path):
@@ -76,8 +113,23 @@ def test_flag_then_score_names_the_component(fitted_anchor, real_photos, tmp_pat
     for path in sorted(real_photos.glob("*.png"))[:12]:
         Image.open(path).filter(ImageFilter.GaussianBlur(2)).save(fakes / path.name)
     flagged = tmp_path / "flagged.safetensors"
-    assert main(["flag", "--anchor", str(anchor), "--generator", "blurry", "--input", str(fakes),
-                 "--output", str(flagged), *RUNNER]) == 0
+    assert (
+        main(
+            [
+                "flag",
+                "--anchor",
+                str(anchor),
+                "--generator",
+                "blurry",
+                "--input",
+                str(fakes),
+                "--output",
+                str(flagged),
+                *RUNNER,
+            ]
+        )
+        == 0
+    )
     loaded, metadata = anchor_from_bytes(flagged.read_bytes())
     assert metadata["flagged"] == {"blurry": 12} and "flag:blurry" in loaded.calibration
     rows = scores_of(flagged, fakes, tmp_path / "s")
@@ -89,10 +141,26 @@ def test_export_delta_and_merge_from_the_command_line(fitted_anchor, updated_anc
     anchor, _ = fitted_anchor
     updated, _ = updated_anchor
     delta = tmp_path / "site.delta"
-    assert main(["export-delta", "--anchor", str(updated), "--since", str(anchor), "--output", str(delta)]) == 1
+    assert (
+        main(["export-delta", "--anchor", str(updated), "--since", str(anchor), "--output", str(delta)]) == 1
+    )
     assert "at least 64 (--min_count)" in capsys.readouterr().err and not delta.exists()
-    assert main(["export-delta", "--anchor", str(updated), "--since", str(anchor), "--output", str(delta),
-                 "--min_count", "5"]) == 0
+    assert (
+        main(
+            [
+                "export-delta",
+                "--anchor",
+                str(updated),
+                "--since",
+                str(anchor),
+                "--output",
+                str(delta),
+                "--min_count",
+                "5",
+            ]
+        )
+        == 0
+    )
     merged = tmp_path / "merged.safetensors"
     assert main(["merge", str(anchor), str(delta), "--output", str(merged)]) == 0
     site, _ = anchor_from_bytes(updated.read_bytes())
@@ -100,6 +168,8 @@ def test_export_delta_and_merge_from_the_command_line(fitted_anchor, updated_anc
     assert result.moments.n == site.moments.n
     # Chan's merge of (base, delta) against the site's own statistics: rounding of the
     # subtraction, amplified by n / n_added (about 3 here)
-    assert np.allclose(result.moments.m2, site.moments.m2, rtol=1e-8, atol=1e-10 * np.abs(site.moments.m2).max())
+    assert np.allclose(
+        result.moments.m2, site.moments.m2, rtol=1e-8, atol=1e-10 * np.abs(site.moments.m2).max()
+    )
     assert main(["merge", str(updated), str(delta), "--output", str(tmp_path / "x.safetensors")]) == 1
     assert "another base" in capsys.readouterr().err

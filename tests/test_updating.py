@@ -1,5 +1,6 @@
 """Updating an anchor with more real images, the poisoning guard, and flagged generators
 (docs/METHOD.md §9.2-9.3), in memory on synthetic features with a known structure."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -7,11 +8,11 @@ import math
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score as auroc
 
 from anchorscan.anchors.anchor import FLAG_PREFIX, AnchorConfig
 from anchorscan.anchors.anchor_file import anchor_from_bytes, anchor_to_bytes
 from anchorscan.anchors.calibration import COMBINERS, upper_tail_log_pvalues
-from sklearn.metrics import roc_auc_score as auroc
 from anchorscan.anchors.stats import Moments
 from anchorscan.anchors.updating import flagged
 from helpers import fit_by_hash, leveled_rows, synthetic_spec, update_by_hash
@@ -20,8 +21,18 @@ DS, DM, P = 5, 7, 3
 SPEC = synthetic_spec(DS, DM, P)
 D = SPEC.dim
 MIXING = np.random.default_rng(42).normal(size=(D, D)) + 3 * np.eye(D)
-FLOATS = ("score", "p_semantic", "p_statistical", "p_forensic", "semantic", "statistical", "t2",
-          "spe", "statistical_raw", "forensic")
+FLOATS = (
+    "score",
+    "p_semantic",
+    "p_statistical",
+    "p_forensic",
+    "semantic",
+    "statistical",
+    "t2",
+    "spe",
+    "statistical_raw",
+    "forensic",
+)
 
 
 def real(n: int, seed: int, prefix: str) -> tuple[list[str], np.ndarray]:
@@ -114,8 +125,10 @@ def test_without_flagged_generators_the_score_is_the_channels_combination():
     anchor = fit_by_hash(SPEC, uris, rows, CONFIG)
     features = np.vstack([real(40, 3, "c")[1], fake(40, 4, unit(2), 3.0)])[:, :D]
     scores = anchor.score(features)
-    log_p = {name: upper_tail_log_pvalues(scores[name], anchor.calibration[name], anchor.n_calibration)
-             for name in ("semantic", "forensic")}
+    log_p = {
+        name: upper_tail_log_pvalues(scores[name], anchor.calibration[name], anchor.n_calibration)
+        for name in ("semantic", "forensic")
+    }
     assert np.array_equal(scores["score"], fisher(log_p["semantic"], log_p["forensic"]))
     assert np.all(scores["p_flagged"] == 1.0)
     smaller = np.where(log_p["semantic"] <= log_p["forensic"], "semantic", "forensic")

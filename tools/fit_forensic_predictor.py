@@ -8,6 +8,7 @@ closed form. The shipped file was fitted on the 144 crops in demo/data/fit/extra
 photos that are not evaluation photos; tools/gather_real_photos.py cuts them). A new predictor
 makes new features: anchors fitted with the old one are refused with the new one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,15 +30,17 @@ def main() -> None:
     parser.add_argument("--output", required=True)
     parser.add_argument("--ridge", type=float, default=RIDGE)
     args = parser.parse_args()
-    paths = sorted(p for p in glob.glob(os.path.join(args.folder, "*"))
-                   if p.lower().endswith((".png", ".jpg", ".jpeg")))
+    paths = sorted(
+        p for p in glob.glob(os.path.join(args.folder, "*")) if p.lower().endswith((".png", ".jpg", ".jpeg"))
+    )
     accumulator = GramAccumulator()
     for start in range(0, len(paths), 32):
-        batch = [np.asarray(Image.open(p).convert("RGB")) for p in paths[start:start + 32]]
+        batch = [np.asarray(Image.open(p).convert("RGB")) for p in paths[start : start + 32]]
         accumulator.add(torch.from_numpy(np.stack(batch)))
     weights = accumulator.solve(args.ridge)
-    save_predictor(weights, args.output,
-                   f"fitted on {accumulator.n} crops of {args.folder} with ridge {args.ridge}")
+    save_predictor(
+        weights, args.output, f"fitted on {accumulator.n} crops of {args.folder} with ridge {args.ridge}"
+    )
     print(f"{args.output}: {accumulator.n} crops, sha256 {predictor_digest(weights)}")
 
 

@@ -11,6 +11,7 @@ mean |Laplacian| > 2, under 30 % clipped), at most 8 per photo, evenly spaced in
 None of these photos is a development-bench photo (scikit-image's chelsea, rocket and
 motorcycle are, and are left out). Sources and licences: demo/data/SOURCES.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,10 @@ def photos(debs: str, face: str):
         yield "scipy_face", np.frombuffer(bz2.decompress(handle.read()), np.uint8).reshape(768, 1024, 3)
     for path in sorted(glob.glob(os.path.join(debs, "usr/share/kphotoalbum/demo/*.jpg"))):
         if "qt-logo" not in path:  # a logo, not a photo
-            yield "kpa_" + os.path.splitext(os.path.basename(path))[0], np.asarray(Image.open(path).convert("RGB"))
+            yield (
+                "kpa_" + os.path.splitext(os.path.basename(path))[0],
+                np.asarray(Image.open(path).convert("RGB")),
+            )
     body = os.path.join(debs, "usr/share/digikam/about/images/body-background.jpg")
     yield "digikam_body_background", np.asarray(Image.open(body).convert("RGB"))
 
@@ -68,12 +72,13 @@ def main() -> None:
         columns, rows = width // CROP, height // CROP
         left0, top0 = (width - columns * CROP) // 2, (height - rows * CROP) // 2
         cells = [(left0 + i * CROP, top0 + j * CROP) for j in range(rows) for i in range(columns)]
-        cells = [(x, y) for x, y in cells if textured(image[y:y + CROP, x:x + CROP])]
+        cells = [(x, y) for x, y in cells if textured(image[y : y + CROP, x : x + CROP])]
         if len(cells) > MAX_PER_PHOTO:
             cells = [cells[k] for k in np.linspace(0, len(cells) - 1, MAX_PER_PHOTO).round().astype(int)]
         for x, y in cells:
-            Image.fromarray(np.ascontiguousarray(image[y:y + CROP, x:x + CROP])).save(
-                os.path.join(args.output, f"{name}__x{x}_y{y}.png"))
+            Image.fromarray(np.ascontiguousarray(image[y : y + CROP, x : x + CROP])).save(
+                os.path.join(args.output, f"{name}__x{x}_y{y}.png")
+            )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ under their own names.
 The driver reads each CSV or Parquet manifest's header (a CSV's first line, a Parquet footer),
 so the score table's schema is fixed when the pipeline is built. The values join the score rows
 by URI at the end, one shuffle keyed by URI, so listing and decoding carry nothing but URIs."""
+
 from __future__ import annotations
 
 import csv
@@ -76,8 +77,10 @@ def carried_columns(patterns: list[str]) -> list[tuple[str, pa.Field]]:
         if name in SCORE_SCHEMA.names:
             field = field.with_name(CLASH_PREFIX + name)
             if field.name in fields:
-                raise ValueError(f"manifest columns {name!r} and {field.name!r}: {name!r} is a score "
-                                 f"column, and {field.name!r}, where it would go, is taken; rename one")
+                raise ValueError(
+                    f"manifest columns {name!r} and {field.name!r}: {name!r} is a score "
+                    f"column, and {field.name!r}, where it would go, is taken; rename one"
+                )
             logging.warning("manifest column %r is also a score column: carried as %r", name, field.name)
         carried.append((name, field))
     return carried
@@ -120,14 +123,18 @@ class CarryManifestColumns(beam.PTransform):
         if not self.carried:
             return rows
         manifests = [(i, pattern) for i, pattern in enumerate(self.patterns) if carries_columns(pattern)]
-        values = (rows.pipeline
-                  | "Manifests" >> beam.Create(manifests)
-                  | "Reshuffle" >> beam.Reshuffle()  # one manifest per worker
-                  | "ManifestValues" >> beam.FlatMap(_manifest_values, self.carried))
+        values = (
+            rows.pipeline
+            | "Manifests" >> beam.Create(manifests)
+            | "Reshuffle" >> beam.Reshuffle()  # one manifest per worker
+            | "ManifestValues" >> beam.FlatMap(_manifest_values, self.carried)
+        )
         keyed = rows | "ByUri" >> beam.Map(lambda row: (row["uri"], row))
-        return ({"rows": keyed, "values": values}
-                | "JoinByUri" >> beam.CoGroupByKey()
-                | "WithColumns" >> beam.FlatMap(_joined, self.carried))
+        return (
+            {"rows": keyed, "values": values}
+            | "JoinByUri" >> beam.CoGroupByKey()
+            | "WithColumns" >> beam.FlatMap(_joined, self.carried)
+        )
 
 
 def score_schema(carried: list[tuple[str, pa.Field]]) -> pa.Schema:

@@ -1,5 +1,6 @@
 """The CombineFn that merges real images' feature moments across workers: a thin Beam wrapper
 over anchors.stats, as tf.Transform wraps its analyzers."""
+
 from __future__ import annotations
 
 import struct
@@ -16,8 +17,11 @@ class MomentsCoder(beam.coders.Coder):
 
     def encode(self, accumulator: BufferedMoments) -> bytes:
         moments = accumulator.flush()
-        return (struct.pack("<qqq", moments.n, moments.dim, accumulator.batch_size)
-                + moments.mean.tobytes() + moments.m2.tobytes())
+        return (
+            struct.pack("<qqq", moments.n, moments.dim, accumulator.batch_size)
+            + moments.mean.tobytes()
+            + moments.m2.tobytes()
+        )
 
     def decode(self, encoded: bytes) -> BufferedMoments:
         n, dim, batch_size = struct.unpack_from("<qqq", encoded)

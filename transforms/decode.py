@@ -1,6 +1,7 @@
 """Read and decode images; anything unreadable becomes an error row, never a crash or a hang.
 Reads run on a daemon thread with a timeout, decodes in worker processes that are killed past
 theirs (see anchors/decoder_pool.py), so no input can hold a worker or its exit."""
+
 from __future__ import annotations
 
 import collections
@@ -27,11 +28,11 @@ from anchorscan.transforms.schema import error_row
 
 ERRORS = "errors"
 REUSED = "reused"
-DEFAULT_MAX_BYTES = 256 * 2 ** 20
+DEFAULT_MAX_BYTES = 256 * 2**20
 DEFAULT_DECODE_TIMEOUT = 60.0
 DEFAULT_READ_TIMEOUT = 60.0
 # Files waiting to decode are held in memory; past this many bytes, decoding does not run ahead.
-AHEAD_BYTES = 128 * 2 ** 20
+AHEAD_BYTES = 128 * 2**20
 # A read that outlives its timeout is left to its daemon thread (a read stuck in the kernel
 # cannot be stopped); past this many at once, further reads fail at once instead of piling up.
 MAX_STUCK_READS = 4
@@ -39,6 +40,7 @@ MAX_STUCK_READS = 4
 
 class ImageMeta(NamedTuple):
     """What travels with an image's pixels through inference (the key of keyed inference)."""
+
     uri: str
     sha256: str
     width: int
@@ -55,8 +57,12 @@ class ReadError(OSError):
         self.error_type = error_type
 
 
-_NOT_FILES = {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFSOCK: "a socket",
-              stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+_NOT_FILES = {
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
 
 
 def _require_regular_file(status: os.stat_result, max_bytes: int) -> None:
@@ -95,8 +101,10 @@ def read_limited(uri: str, max_bytes: int, http: HttpConfig = HttpConfig()) -> b
         raise
     except FileNotFoundError as error:
         if path is not None and os.path.islink(path):
-            raise ReadError(f"a broken symbolic link: its target {os.readlink(path)} does not "
-                            "exist", exception_name(error)) from None
+            raise ReadError(
+                f"a broken symbolic link: its target {os.readlink(path)} does not exist",
+                exception_name(error),
+            ) from None
         raise ReadError("file not found (removed after it was listed?)", exception_name(error)) from None
     except IsADirectoryError as error:
         raise ReadError("is a directory, not a file", exception_name(error)) from None
@@ -104,12 +112,14 @@ def read_limited(uri: str, max_bytes: int, http: HttpConfig = HttpConfig()) -> b
         raise ReadError("permission denied", exception_name(error)) from None
     except OSError as error:
         if error.errno == errno.ELOOP:
-            raise ReadError("a symbolic link loop: the link leads back to itself",
-                            exception_name(error)) from None
+            raise ReadError(
+                "a symbolic link loop: the link leads back to itself", exception_name(error)
+            ) from None
         raise ReadError(f"cannot read file: {error}", exception_name(error)) from None
     except Exception as error:  # any storage error means the same to the user: not readable
-        raise ReadError(f"cannot read file: {exception_name(error)}: {error}",
-                        exception_name(error)) from None
+        raise ReadError(
+            f"cannot read file: {exception_name(error)}: {error}", exception_name(error)
+        ) from None
     if len(data) > max_bytes:
         raise ReadError(f"file is larger than --max_bytes {max_bytes:,}")
     return data
@@ -134,13 +144,28 @@ class DecodeImageFn(beam.DoFn):
     Up to ``ahead`` images decode on ``processes`` worker processes while the bundle goes on,
     so that decoding overlaps the forward pass that follows in the same worker."""
 
-    def __init__(self, crop_size: int, resize: str = "none", max_pixels: int = DEFAULT_MAX_PIXELS,
-                 max_bytes: int = DEFAULT_MAX_BYTES, min_side: int = DEFAULT_MIN_SIDE,
-                 decode_timeout: float = DEFAULT_DECODE_TIMEOUT,
-                 read_timeout: float = DEFAULT_READ_TIMEOUT, perturbation: str | None = None,
-                 processes: int = 1, ahead: int = 1, http: HttpConfig = HttpConfig()):
-        self.decode = functools.partial(decode_and_crop, size=crop_size, max_pixels=max_pixels,
-                                        resize=resize, min_side=min_side, perturbation=perturbation)
+    def __init__(
+        self,
+        crop_size: int,
+        resize: str = "none",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        min_side: int = DEFAULT_MIN_SIDE,
+        decode_timeout: float = DEFAULT_DECODE_TIMEOUT,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        perturbation: str | None = None,
+        processes: int = 1,
+        ahead: int = 1,
+        http: HttpConfig = HttpConfig(),
+    ):
+        self.decode = functools.partial(
+            decode_and_crop,
+            size=crop_size,
+            max_pixels=max_pixels,
+            resize=resize,
+            min_side=min_side,
+            perturbation=perturbation,
+        )
         self.max_bytes, self.decode_timeout, self.read_timeout = max_bytes, decode_timeout, read_timeout
         self.processes, self.ahead = max(processes, 1), max(ahead, 1)
         self.http = http
@@ -162,9 +187,11 @@ class DecodeImageFn(beam.DoFn):
         """``read_limited`` on a daemon thread, given up after --read_timeout."""
         self._stuck_reads = [done for done in self._stuck_reads if not done.is_set()]
         if len(self._stuck_reads) >= MAX_STUCK_READS:
-            raise ReadError(f"not read: {len(self._stuck_reads)} earlier reads on this worker "
-                            "are stuck past --read_timeout (the storage is not answering)",
-                            "TimeoutError")
+            raise ReadError(
+                f"not read: {len(self._stuck_reads)} earlier reads on this worker "
+                "are stuck past --read_timeout (the storage is not answering)",
+                "TimeoutError",
+            )
         outcome, done = {}, threading.Event()
 
         def read():
@@ -179,8 +206,11 @@ class DecodeImageFn(beam.DoFn):
         # A web server gets its own overall limit (--http_max_time), retries included.
         if not done.wait(self.http.max_time if is_http(uri) else self.read_timeout):
             self._stuck_reads.append(done)
-            raise ReadError(f"reading took longer than --read_timeout {self.read_timeout:g} s "
-                            "(a stalled disk or network?)", "TimeoutError")
+            raise ReadError(
+                f"reading took longer than --read_timeout {self.read_timeout:g} s "
+                "(a stalled disk or network?)",
+                "TimeoutError",
+            )
         if "error" in outcome:
             raise outcome["error"]
         return outcome["data"]
@@ -195,13 +225,16 @@ class DecodeImageFn(beam.DoFn):
         meta = ImageMeta(decoding.uri, decoding.sha256, crop.width, crop.height, crop.preprocess)
         yield decoding.output((meta, crop.pixels))
 
-    def process(self, uri: str, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam,
-                previous=None):
+    def process(
+        self, uri: str, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam, previous=None
+    ):
         try:
             data = self._read(uri)
         except Exception as error:  # one input's trouble is its own row, whatever it was
             error_type = getattr(error, "error_type", exception_name(error))
-            message = str(error) if isinstance(error, ReadError) else f"cannot read file: {error_type}: {error}"
+            message = (
+                str(error) if isinstance(error, ReadError) else f"cannot read file: {error_type}: {error}"
+            )
             yield beam.pvalue.TaggedOutput(ERRORS, error_row(uri, "read", message, error_type))
             return
         sha256 = hashlib.sha256(data).hexdigest()
@@ -209,10 +242,10 @@ class DecodeImageFn(beam.DoFn):
             self.reused.inc()
             yield beam.pvalue.TaggedOutput(REUSED, {**previous[sha256], "uri": uri})
             return
-        self._in_flight.append(_Decoding(uri, sha256, len(data), self._pool.submit(data),
-                                         timestamp, window))
+        self._in_flight.append(_Decoding(uri, sha256, len(data), self._pool.submit(data), timestamp, window))
         while len(self._in_flight) > self.ahead or (
-                len(self._in_flight) > 1 and sum(d.size for d in self._in_flight) > AHEAD_BYTES):
+            len(self._in_flight) > 1 and sum(d.size for d in self._in_flight) > AHEAD_BYTES
+        ):
             yield from self._finish(self._in_flight.popleft())
 
     def finish_bundle(self):
@@ -223,16 +256,28 @@ class DecodeImageFn(beam.DoFn):
 class DecodeImages(beam.PTransform):
     """URIs -> (ImageMeta, uint8 crop) pairs, error rows, and reused score rows."""
 
-    def __init__(self, preprocessing: dict, limits: dict, previous=None, processes: int = 1,
-                 ahead: int = 1, http: HttpConfig = HttpConfig()):
+    def __init__(
+        self,
+        preprocessing: dict,
+        limits: dict,
+        previous=None,
+        processes: int = 1,
+        ahead: int = 1,
+        http: HttpConfig = HttpConfig(),
+    ):
         super().__init__()
         self.preprocessing, self.limits, self.previous = preprocessing, limits, previous
         self.processes, self.ahead, self.http = processes, ahead, http
 
     def expand(self, uris):
-        decode = DecodeImageFn(self.preprocessing["crop"], self.preprocessing["resize"],
-                               **self.limits, processes=self.processes, ahead=self.ahead,
-                               http=self.http)
+        decode = DecodeImageFn(
+            self.preprocessing["crop"],
+            self.preprocessing["resize"],
+            **self.limits,
+            processes=self.processes,
+            ahead=self.ahead,
+            http=self.http,
+        )
         side_inputs = {"previous": beam.pvalue.AsDict(self.previous)} if self.previous is not None else {}
         outputs = uris | beam.ParDo(decode, **side_inputs).with_outputs(ERRORS, REUSED, main="images")
         return outputs.images, outputs[ERRORS], outputs[REUSED]

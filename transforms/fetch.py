@@ -1,6 +1,7 @@
 """http(s):// inputs, as crawled manifests list them: fetched with requests, with timeouts,
 bounded retries, a size cap, a per-host concurrency cap and guarded redirects. Every failure is
 a FetchError whose message gives the status or the cause."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,13 +68,13 @@ def _remaining(deadline: float, config: HttpConfig) -> float:
     return left
 
 
-def _read_body(response: requests.Response, max_bytes: int, deadline: float,
-               config: HttpConfig) -> bytes:
+def _read_body(response: requests.Response, max_bytes: int, deadline: float, config: HttpConfig) -> bytes:
     declared = response.headers.get("Content-Length")
     declared = int(declared) if declared and declared.isdigit() else None
     if declared is not None and declared > max_bytes:
-        raise FetchError(f"response is larger than --max_bytes {max_bytes:,} "
-                         f"(Content-Length {declared:,}); not read")
+        raise FetchError(
+            f"response is larger than --max_bytes {max_bytes:,} (Content-Length {declared:,}); not read"
+        )
     body = bytearray()
     try:
         # read1 returns what one read brings, so a response that drips bytes still meets the
@@ -81,8 +82,7 @@ def _read_body(response: requests.Response, max_bytes: int, deadline: float,
         while chunk := response.raw.read1(CHUNK_BYTES):
             body += chunk
             if len(body) > max_bytes:
-                raise FetchError(f"response is larger than --max_bytes {max_bytes:,}; "
-                                 f"stopped reading")
+                raise FetchError(f"response is larger than --max_bytes {max_bytes:,}; stopped reading")
             _remaining(deadline, config)
     except FetchError:
         raise
@@ -105,22 +105,32 @@ def _chain(error: BaseException) -> list[BaseException]:
         chain.append(error)
         nested = [arg for arg in getattr(error, "args", ()) if isinstance(arg, BaseException)]
         reason = getattr(error, "reason", None)
-        error = (reason if isinstance(reason, BaseException) else nested[0] if nested
-                 else error.__cause__ or error.__context__)
+        error = (
+            reason
+            if isinstance(reason, BaseException)
+            else nested[0]
+            if nested
+            else error.__cause__ or error.__context__
+        )
     return chain
 
 
 def _cause(error: BaseException) -> str:
     """The root of a requests/urllib3 error, in a few words."""
     chain = _chain(error)
-    for kind, words in ((ConnectionRefusedError, "connection refused"),
-                        (ConnectionResetError, "connection reset by the server"),
-                        (socket.gaierror, "host name not resolved")):
+    for kind, words in (
+        (ConnectionRefusedError, "connection refused"),
+        (ConnectionResetError, "connection reset by the server"),
+        (socket.gaierror, "host name not resolved"),
+    ):
         if any(isinstance(e, kind) for e in chain):
             return words
     # urllib3's NewConnectionError derives from its ConnectTimeoutError without being a timeout.
-    if any(isinstance(e, (TimeoutError, urllib3.exceptions.TimeoutError))
-           and not isinstance(e, urllib3.exceptions.NewConnectionError) for e in chain):
+    if any(
+        isinstance(e, (TimeoutError, urllib3.exceptions.TimeoutError))
+        and not isinstance(e, urllib3.exceptions.NewConnectionError)
+        for e in chain
+    ):
         return "timed out"
     return f"{type(chain[-1]).__name__}: {chain[-1]}"
 
@@ -134,8 +144,7 @@ def _fetch_once(uri: str, max_bytes: int, deadline: float, config: HttpConfig) -
         try:
             timeout = min(config.timeout, _remaining(deadline, config))
             try:
-                response = _session().get(url, stream=True, allow_redirects=False,
-                                          timeout=(timeout, timeout))
+                response = _session().get(url, stream=True, allow_redirects=False, timeout=(timeout, timeout))
             except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as error:
                 raise _Transient(_cause(error)) from None  # refused, reset or timed out
             except requests.exceptions.RequestException as error:  # e.g. a malformed URL
@@ -144,8 +153,10 @@ def _fetch_once(uri: str, max_bytes: int, deadline: float, config: HttpConfig) -
                 if response.is_redirect:
                     target = urllib.parse.urljoin(url, response.headers["Location"])
                     if urllib.parse.urlsplit(target).scheme.lower() not in HTTP_SCHEMES:
-                        raise FetchError(f"HTTP {response.status_code} redirect to {target}: only "
-                                         f"http(s) redirects are followed")
+                        raise FetchError(
+                            f"HTTP {response.status_code} redirect to {target}: only "
+                            f"http(s) redirects are followed"
+                        )
                     if target in seen:
                         raise FetchError(f"HTTP {response.status_code} redirect loop back to {target}")
                     url = target
@@ -173,9 +184,11 @@ def fetch(uri: str, max_bytes: int, config: HttpConfig = HttpConfig()) -> bytes:
             attempts = f" (after {attempt + 1} attempts)" if attempt else ""
             if attempt == config.retries:
                 raise FetchError(f"{error}{attempts}") from None
-            pause = BACKOFF_SECONDS * 2 ** attempt
+            pause = BACKOFF_SECONDS * 2**attempt
             if time.monotonic() + pause >= deadline:
-                raise FetchError(f"{error}{attempts}; no time left for a retry within "
-                                 f"--http_max_time {config.max_time:g} s") from None
+                raise FetchError(
+                    f"{error}{attempts}; no time left for a retry within "
+                    f"--http_max_time {config.max_time:g} s"
+                ) from None
             time.sleep(pause)
             attempt += 1

@@ -1,6 +1,7 @@
 """Fit an anchor from embedded real images with Beam's combiners: hold out a calibration slice,
 merge the rest's sufficient statistics, score the held-out images against the fitted model and
 sketch their distances."""
+
 from __future__ import annotations
 
 import apache_beam as beam
@@ -8,8 +9,14 @@ import numpy as np
 
 from anchorscan.anchors.anchor import Anchor, AnchorConfig
 from anchorscan.anchors.anchor_file import anchor_to_bytes
-from anchorscan.anchors.calibration import (MAX_CALIBRATION_ROWS, MIN_CALIBRATION, NUM_QUANTILES,
-                                            CalibrationRows, holds_out, uri_key)
+from anchorscan.anchors.calibration import (
+    MAX_CALIBRATION_ROWS,
+    MIN_CALIBRATION,
+    NUM_QUANTILES,
+    CalibrationRows,
+    holds_out,
+    uri_key,
+)
 from anchorscan.anchors.errors import NotEnoughImagesError, UsageError
 from anchorscan.anchors.forensic import LEVEL_SETS, ForensicModel
 from anchorscan.anchors.spec import FeatureSpec
@@ -18,8 +25,7 @@ from anchorscan.transforms.combine import MomentsCombineFn
 from anchorscan.transforms.io import write_atomically
 
 
-def _fit_models(backbone: Moments, forensic: Moments, spec: FeatureSpec,
-                config: AnchorConfig) -> Anchor:
+def _fit_models(backbone: Moments, forensic: Moments, spec: FeatureSpec, config: AnchorConfig) -> Anchor:
     levels = tuple(name for name, _ in LEVEL_SETS[config.forensic_levels])
     return Anchor.uncalibrated(spec, backbone, ForensicModel.from_levels(levels, forensic), config)
 
@@ -45,7 +51,8 @@ def calibrate(anchor: Anchor, rows: CalibrationRows, num_quantiles: int = NUM_QU
     if len(rows) < MIN_CALIBRATION:
         raise NotEnoughImagesError(
             f"only {len(rows)} real images were held out for calibration (need at least "
-            f"{MIN_CALIBRATION}): add real images or raise --calibration_fraction")
+            f"{MIN_CALIBRATION}): add real images or raise --calibration_fraction"
+        )
     return anchor.calibrated_on(rows, num_quantiles)
 
 
@@ -68,9 +75,17 @@ class FitAnchor(beam.PTransform):
     features go into the anchor), scored against the fitted models and sketched exactly.
     """
 
-    def __init__(self, anchor_uri: str, spec: FeatureSpec, config: AnchorConfig, projection,
-                 calibration_fraction: float = 0.1, calibration_group: str | None = None,
-                 num_quantiles: int = NUM_QUANTILES, fanout: int = 4):
+    def __init__(
+        self,
+        anchor_uri: str,
+        spec: FeatureSpec,
+        config: AnchorConfig,
+        projection,
+        calibration_fraction: float = 0.1,
+        calibration_group: str | None = None,
+        num_quantiles: int = NUM_QUANTILES,
+        fanout: int = 4,
+    ):
         super().__init__()
         if not 0.0 < calibration_fraction < 1.0:
             raise UsageError(f"--calibration_fraction must be in (0, 1), got {calibration_fraction}")
@@ -82,23 +97,31 @@ class FitAnchor(beam.PTransform):
     def expand(self, embedded):
         fraction, group = self.calibration_fraction, self.calibration_group
         fit_rows, calibration_rows = embedded | "HoldOut" >> beam.Partition(
-            lambda row, _: int(holds_out(row[0].uri, fraction, group)), 2)
+            lambda row, _: int(holds_out(row[0].uri, fraction, group)), 2
+        )
         split = self.spec.d_backbone
         levels = len(LEVEL_SETS[self.config.forensic_levels])
-        backbone = (fit_rows
-                    | "BackboneVectors" >> beam.Map(lambda row: row[1][0][:split])
-                    | "BackboneMoments" >> beam.CombineGlobally(
-                        MomentsCombineFn(split)).with_fanout(self.fanout))
-        forensic = (fit_rows
-                    | "ForensicVectors" >> beam.Map(lambda row: row[1][0][split:])
-                    | "ForensicMoments" >> beam.CombineGlobally(
-                        MomentsCombineFn(levels * self.spec.d_forensic)).with_fanout(self.fanout))
+        backbone = (
+            fit_rows
+            | "BackboneVectors" >> beam.Map(lambda row: row[1][0][:split])
+            | "BackboneMoments" >> beam.CombineGlobally(MomentsCombineFn(split)).with_fanout(self.fanout)
+        )
+        forensic = (
+            fit_rows
+            | "ForensicVectors" >> beam.Map(lambda row: row[1][0][split:])
+            | "ForensicMoments"
+            >> beam.CombineGlobally(MomentsCombineFn(levels * self.spec.d_forensic)).with_fanout(self.fanout)
+        )
         models = backbone | "FitModels" >> beam.Map(
-            _fit_models, beam.pvalue.AsSingleton(forensic), self.spec, self.config)
-        held_out = (calibration_rows
-                    | "CalibrationRows" >> beam.Map(calibration_row, self.spec.dim)
-                    | "SmallestKeys" >> smallest_keys())
-        return (models
-                | "Calibrate" >> beam.Map(_calibrate, beam.pvalue.AsSingleton(held_out),
-                                          self.num_quantiles)
-                | "WriteAnchor" >> beam.Map(_write_anchor, self.anchor_uri, self.projection))
+            _fit_models, beam.pvalue.AsSingleton(forensic), self.spec, self.config
+        )
+        held_out = (
+            calibration_rows
+            | "CalibrationRows" >> beam.Map(calibration_row, self.spec.dim)
+            | "SmallestKeys" >> smallest_keys()
+        )
+        return (
+            models
+            | "Calibrate" >> beam.Map(_calibrate, beam.pvalue.AsSingleton(held_out), self.num_quantiles)
+            | "WriteAnchor" >> beam.Map(_write_anchor, self.anchor_uri, self.projection)
+        )

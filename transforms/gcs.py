@@ -8,6 +8,7 @@ gs:// paths first (one credential lookup, bounded retries) and tells Beam what i
 With STORAGE_EMULATOR_HOST set (a local emulator), access is anonymous and no credentials are
 looked up. Off Google Cloud, NO_GCE_CHECK=true keeps google-auth from probing the metadata
 server at its link-local address."""
+
 from __future__ import annotations
 
 import contextlib
@@ -20,9 +21,11 @@ from anchorscan.anchors.errors import MissingFileError, UserError
 EMULATOR_VARIABLE = "STORAGE_EMULATOR_HOST"
 CHECK_SECONDS = 10.0  # all attempts of one check together
 REQUEST_TIMEOUT = (3.05, 5.0)  # connect, read (seconds)
-CREDENTIALS_HINT = ("set up Application Default Credentials (`gcloud auth application-default "
-                    "login`, or GOOGLE_APPLICATION_CREDENTIALS=KEY.json), or point "
-                    "STORAGE_EMULATOR_HOST at a local emulator")
+CREDENTIALS_HINT = (
+    "set up Application Default Credentials (`gcloud auth application-default "
+    "login`, or GOOGLE_APPLICATION_CREDENTIALS=KEY.json), or point "
+    "STORAGE_EMULATOR_HOST at a local emulator"
+)
 
 
 class GcsSetupError(UserError, ValueError):
@@ -35,7 +38,7 @@ def is_gcs(uri: str) -> bool:
 
 def bucket_and_prefix(uri: str) -> tuple[str, str]:
     """The bucket of a gs:// path or pattern, and the object prefix before any glob character."""
-    bucket, _, name = uri[len("gs://"):].partition("/")
+    bucket, _, name = uri[len("gs://") :].partition("/")
     for i, character in enumerate(name):
         if character in "*?[":
             return bucket, name[:i]
@@ -59,8 +62,11 @@ def _credentials_for(emulator: str | None):
         try:
             credentials, project = google.auth.default()
         except DefaultCredentialsError:
-            logging.warning("no Google Cloud credentials found; gs:// paths are read anonymously "
-                            "(public buckets only). To use yours, %s", CREDENTIALS_HINT)
+            logging.warning(
+                "no Google Cloud credentials found; gs:// paths are read anonymously "
+                "(public buckets only). To use yours, %s",
+                CREDENTIALS_HINT,
+            )
     if credentials is None:
         # Beam would look again with four retries (~18 s) and then connect anonymously too:
         # record the answer in its per-process cache instead.
@@ -92,14 +98,16 @@ def _bounded_retry():
     from google.api_core.retry import Retry
     from google.cloud.storage.retry import _should_retry
 
-    return Retry(predicate=_should_retry, initial=0.25, maximum=2.0, multiplier=2.0,
-                 timeout=CHECK_SECONDS)
+    return Retry(predicate=_should_retry, initial=0.25, maximum=2.0, multiplier=2.0, timeout=CHECK_SECONDS)
 
 
 def _endpoint() -> str:
     # The storage client's own order: the emulator, then an endpoint override, then Google's.
-    return (os.environ.get(EMULATOR_VARIABLE) or os.environ.get("API_ENDPOINT_OVERRIDE")
-            or "storage.googleapis.com")
+    return (
+        os.environ.get(EMULATOR_VARIABLE)
+        or os.environ.get("API_ENDPOINT_OVERRIDE")
+        or "storage.googleapis.com"
+    )
 
 
 def _innermost(error: BaseException) -> BaseException:
@@ -115,8 +123,7 @@ def _bucket_exists(bucket: str) -> bool:
     from google.api_core.exceptions import NotFound
 
     try:
-        list(_client().list_blobs(bucket, max_results=1, timeout=REQUEST_TIMEOUT,
-                                  retry=_bounded_retry()))
+        list(_client().list_blobs(bucket, max_results=1, timeout=REQUEST_TIMEOUT, retry=_bounded_retry()))
     except NotFound:
         return False
     except Exception:  # not knowable from here; the caller reports the first error
@@ -137,20 +144,27 @@ def describe(uri: str, error: BaseException, is_listing: bool = False) -> Except
         return error
     if isinstance(error, exceptions.NotFound):
         if is_listing or not _bucket_exists(bucket):
-            return MissingFileError(f"{uri}: bucket '{bucket}' does not exist (or is not "
-                                     f"visible to these credentials)")
+            return MissingFileError(
+                f"{uri}: bucket '{bucket}' does not exist (or is not visible to these credentials)"
+            )
         return MissingFileError(f"{uri}: no such object")
     # A 401 makes the client refresh its credentials, which anonymous ones cannot.
     if isinstance(error, (exceptions.Forbidden, exceptions.Unauthorized, InvalidOperation)):
         if _credentials() is None and not os.environ.get(EMULATOR_VARIABLE):
-            return GcsSetupError(f"{uri}: access denied to anonymous requests, and no Google "
-                                 f"Cloud credentials were found: {CREDENTIALS_HINT}")
-        return GcsSetupError(f"{uri}: access denied for the credentials in use (they need e.g. "
-                             f"roles/storage.objectViewer to read, objectAdmin to write): {error}")
+            return GcsSetupError(
+                f"{uri}: access denied to anonymous requests, and no Google "
+                f"Cloud credentials were found: {CREDENTIALS_HINT}"
+            )
+        return GcsSetupError(
+            f"{uri}: access denied for the credentials in use (they need e.g. "
+            f"roles/storage.objectViewer to read, objectAdmin to write): {error}"
+        )
     cause = getattr(error, "cause", None) or error  # a RetryError says what it last saw
-    return GcsSetupError(f"{uri}: cannot reach Google Cloud Storage at {_endpoint()} "
-                         f"({type(cause).__name__}: {cause}); check the network, a proxy "
-                         f"(HTTPS_PROXY) or {EMULATOR_VARIABLE}")
+    return GcsSetupError(
+        f"{uri}: cannot reach Google Cloud Storage at {_endpoint()} "
+        f"({type(cause).__name__}: {cause}); check the network, a proxy "
+        f"(HTTPS_PROXY) or {EMULATOR_VARIABLE}"
+    )
 
 
 @contextlib.contextmanager
@@ -174,7 +188,14 @@ def check_paths(uris) -> None:
             buckets.setdefault(bucket_and_prefix(uri)[0], uri)
     for bucket, uri in sorted(buckets.items()):
         try:
-            list(_client().list_blobs(bucket, prefix=bucket_and_prefix(uri)[1], max_results=1,
-                                      timeout=REQUEST_TIMEOUT, retry=_bounded_retry()))
+            list(
+                _client().list_blobs(
+                    bucket,
+                    prefix=bucket_and_prefix(uri)[1],
+                    max_results=1,
+                    timeout=REQUEST_TIMEOUT,
+                    retry=_bounded_retry(),
+                )
+            )
         except Exception as error:
             raise describe(uri, error, is_listing=True) from None

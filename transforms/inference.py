@@ -1,9 +1,11 @@
 """Batched feature extraction with RunInference: the backbone is loaded once per worker."""
+
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import apache_beam as beam
 import numpy as np
@@ -13,9 +15,8 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunIn
 from anchorscan.anchors.features import BackboneConfig, FeatureExtractor
 from anchorscan.anchors.spec import IncompatibleAnchorError
 from anchorscan.transforms.io import local_copy
-from anchorscan.transforms.threads import limit_blas_threads
 from anchorscan.transforms.schema import error_row
-
+from anchorscan.transforms.threads import limit_blas_threads
 
 DEFAULT_BATCH_SIZE = 16  # suits CPUs; GPUs want 64 or more
 
@@ -24,9 +25,16 @@ class FeatureModelHandler(ModelHandler[np.ndarray, tuple, FeatureExtractor]):
     """uint8 crops in, (feature vector, effective attention positions) out. ``softened``: the
     softness levels whose forensic features follow (fitting; see ``FeatureExtractor``)."""
 
-    def __init__(self, config: BackboneConfig, expected_spec_digest: Optional[str] = None,
-                 min_batch_size: int = 1, max_batch_size: int = 32, torch_threads: int = 0,
-                 large_model: bool = False, softened: tuple = ()):
+    def __init__(
+        self,
+        config: BackboneConfig,
+        expected_spec_digest: str | None = None,
+        min_batch_size: int = 1,
+        max_batch_size: int = 32,
+        torch_threads: int = 0,
+        large_model: bool = False,
+        softened: tuple = (),
+    ):
         super().__init__()
         self.config, self.expected_spec_digest = config, expected_spec_digest
         self.min_batch_size, self.max_batch_size = min_batch_size, max_batch_size
@@ -43,16 +51,25 @@ class FeatureModelHandler(ModelHandler[np.ndarray, tuple, FeatureExtractor]):
         if self.expected_spec_digest and extractor.spec.digest() != self.expected_spec_digest:
             raise IncompatibleAnchorError(
                 f"the backbone on this worker ({extractor.spec.backbone}, weights "
-                f"{extractor.spec.weights_sha256[:12]}) does not match the anchor's features")
-        logging.info("loaded backbone %s (weights sha256 %s) on %s", extractor.spec.backbone,
-                     extractor.spec.weights_sha256[:12], extractor.device)
+                f"{extractor.spec.weights_sha256[:12]}) does not match the anchor's features"
+            )
+        logging.info(
+            "loaded backbone %s (weights sha256 %s) on %s",
+            extractor.spec.backbone,
+            extractor.spec.weights_sha256[:12],
+            extractor.device,
+        )
         return extractor
 
     def share_model_across_processes(self) -> bool:
         return self.large_model
 
-    def run_inference(self, batch: Sequence[np.ndarray], model: FeatureExtractor,
-                      inference_args: Optional[dict[str, Any]] = None) -> Iterable[tuple]:
+    def run_inference(
+        self,
+        batch: Sequence[np.ndarray],
+        model: FeatureExtractor,
+        inference_args: dict[str, Any] | None = None,
+    ) -> Iterable[tuple]:
         features = model(torch.from_numpy(np.stack(batch)), self.softened)
         return list(zip(features.vectors, features.attention_positions.tolist()))
 
@@ -81,7 +98,6 @@ class EmbedImages(beam.PTransform):
         self.handler = handler
 
     def expand(self, images):
-        embedded, failed = images | RunInference(
-            KeyedModelHandler(self.handler)).with_exception_handling()
+        embedded, failed = images | RunInference(KeyedModelHandler(self.handler)).with_exception_handling()
         errors = failed.failed_inferences | "FailedBatchRows" >> beam.FlatMap(_failed_batch_rows)
         return embedded, errors

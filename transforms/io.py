@@ -1,4 +1,5 @@
 """Inputs and files through Beam's FileSystems, so local paths and gs:// behave the same."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,8 +13,12 @@ import apache_beam as beam
 from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
 
-from anchorscan.anchors.errors import (MissingFileError, UnreadableFileError, UnwritableOutputError,
-                                      exception_name)
+from anchorscan.anchors.errors import (
+    MissingFileError,
+    UnreadableFileError,
+    UnwritableOutputError,
+    exception_name,
+)
 from anchorscan.anchors.manifests import GLOB_CHARACTERS, is_manifest, read_manifest
 from anchorscan.anchors.preprocess import is_image_path
 from anchorscan.anchors.uris import local_path, uri_text
@@ -22,9 +27,8 @@ from anchorscan.transforms.gcs import describe, is_gcs, storage_errors
 from anchorscan.transforms.progress import ReportProgress
 from anchorscan.transforms.schema import error_row
 
-
 # Files read whole from web servers (manifests, thumbnails): a cap against endless responses.
-MAX_HTTP_FILE_BYTES = 2 ** 30
+MAX_HTTP_FILE_BYTES = 2**30
 
 
 def read_bytes(uri: str) -> bytes:
@@ -33,8 +37,10 @@ def read_bytes(uri: str) -> bytes:
     if is_http(uri):  # a manifest or a report's thumbnail on a web server
         return fetch(uri, MAX_HTTP_FILE_BYTES)
     try:
-        with storage_errors(uri), FileSystems.open(local_path(uri) or uri,
-                                                   compression_type="uncompressed") as handle:
+        with (
+            storage_errors(uri),
+            FileSystems.open(local_path(uri) or uri, compression_type="uncompressed") as handle,
+        ):
             return handle.read()
     except MissingFileError:  # gs:// errors already name the path and the cause
         raise
@@ -50,12 +56,17 @@ def local_copy(uri: str) -> str:
     """A local path with the contents of ``uri`` (copied once per process for remote files)."""
     if "://" not in uri or uri.startswith("file://"):
         return uri.removeprefix("file://")
-    target = os.path.join(tempfile.gettempdir(), "anchorscan-" + hashlib.sha256(uri.encode()).hexdigest()[:16]
-                          + "-" + posixpath.basename(uri))
+    target = os.path.join(
+        tempfile.gettempdir(),
+        "anchorscan-" + hashlib.sha256(uri.encode()).hexdigest()[:16] + "-" + posixpath.basename(uri),
+    )
     if not os.path.exists(target):
         partial = f"{target}.{uuid.uuid4().hex}"
-        with (storage_errors(uri), FileSystems.open(uri, compression_type="uncompressed") as source,
-              open(partial, "wb") as out):
+        with (
+            storage_errors(uri),
+            FileSystems.open(uri, compression_type="uncompressed") as source,
+            open(partial, "wb") as out,
+        ):
             for chunk in iter(lambda: source.read(1 << 24), b""):
                 out.write(chunk)
         os.replace(partial, target)
@@ -86,8 +97,10 @@ def check_writable(uri: str, flag: str) -> None:
             pass
         os.unlink(probe)
     except FileExistsError:  # makedirs: a file stands where the folder should be
-        raise UnwritableOutputError(f"cannot write {flag} {uri}: {os.path.dirname(probe)} or a "
-                                    "folder above it is a file, not a folder") from None
+        raise UnwritableOutputError(
+            f"cannot write {flag} {uri}: {os.path.dirname(probe)} or a "
+            "folder above it is a file, not a folder"
+        ) from None
     except OSError as error:
         where = f" ({error.filename})" if error.filename else ""
         raise UnwritableOutputError(f"cannot write {flag} {uri}: {error.strerror or error}{where}") from None
@@ -101,7 +114,7 @@ def matching_files(pattern: str) -> list[str]:
 def files_below(root: str) -> list[str]:
     """Every file below a folder or prefix, as '/'-separated paths relative to it."""
     root = root.rstrip("/")
-    return [path[len(root) + 1:].replace(os.sep, "/") for path in matching_files(root + "/**")]
+    return [path[len(root) + 1 :].replace(os.sep, "/") for path in matching_files(root + "/**")]
 
 
 def read_parquet_rows(pattern: str, columns: list[str] | None = None) -> list[dict]:
@@ -121,16 +134,26 @@ def manifest_entries(manifest: str):
     nothing at all."""
     rows = read_manifest(manifest, read_bytes(manifest))
     if not rows:
-        yield "error", error_row(uri_text(manifest), "list", "the manifest lists no images (it is empty or "
-                                                   "has a header only)")
+        yield (
+            "error",
+            error_row(
+                uri_text(manifest), "list", "the manifest lists no images (it is empty or has a header only)"
+            ),
+        )
     csv_line = " (line {})" if manifest.lower().endswith(".csv") else ""
     for number, row in enumerate(rows, start=1):
         if row["uri"]:
             yield "uri", uri_text(row["uri"])
         else:
             where = csv_line.format(number + 1)
-            yield "error", error_row(uri_text(f"{manifest}#row={number}"), "list",
-                                     f"row {number} of the manifest{where} has no uri (blank or null)")
+            yield (
+                "error",
+                error_row(
+                    uri_text(f"{manifest}#row={number}"),
+                    "list",
+                    f"row {number} of the manifest{where} has no uri (blank or null)",
+                ),
+            )
 
 
 def expand_input(pattern: str):
@@ -160,19 +183,24 @@ def expand_input(pattern: str):
         reported = True
         if is_gcs(pattern):
             error = describe(pattern, error, is_listing=not is_manifest(pattern))
-        yield "error", error_row(uri_text(pattern), "list", f"cannot list input: {error}",
-                                 exception_name(error))
+        yield (
+            "error",
+            error_row(uri_text(pattern), "list", f"cannot list input: {error}", exception_name(error)),
+        )
     if not reported:
         yield "error", error_row(uri_text(pattern), "list", "no files match this input")
 
 
 def _list_remote(pattern: str):
     directory = pattern.rstrip("/")
-    if not any(c in pattern for c in GLOB_CHARACTERS) and FileSystems.match(
-            [directory + "/*"], limits=[1])[0].metadata_list:
+    if (
+        not any(c in pattern for c in GLOB_CHARACTERS)
+        and FileSystems.match([directory + "/*"], limits=[1])[0].metadata_list
+    ):
         # Object stores have no directories: a prefix with objects below it counts as one.
-        matches = [m.path for m in FileSystems.match([directory + "/**"])[0].metadata_list
-                   if is_image_path(m.path)]
+        matches = [
+            m.path for m in FileSystems.match([directory + "/**"])[0].metadata_list if is_image_path(m.path)
+        ]
     else:
         matches = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
     for path in sorted(matches):
@@ -199,12 +227,20 @@ def _walk(root: str, depth: int | None, wanted):
     """('uri', path) for the files below ``root`` (``depth`` levels down, or all) that ``wanted``
     accepts; links to folders are followed. A walk without a depth visits each folder once along
     a path: a link back to a folder above it is a loop, reported as an error row, not followed."""
+
     def visit(folder: str, level: int, ancestors: frozenset):
         try:
             entries = sorted(os.scandir(folder or "."), key=lambda entry: entry.name)
         except OSError as error:
-            yield "error", error_row(uri_text(folder), "list", f"cannot list folder: "
-                                     f"{error.strerror or error}", exception_name(error))
+            yield (
+                "error",
+                error_row(
+                    uri_text(folder),
+                    "list",
+                    f"cannot list folder: {error.strerror or error}",
+                    exception_name(error),
+                ),
+            )
             return
         for entry in entries:
             path = os.path.join(folder, entry.name)
@@ -224,9 +260,15 @@ def _walk(root: str, depth: int | None, wanted):
                 continue
             key = (status.st_dev, status.st_ino)
             if depth is None and key in ancestors:  # a bounded walk ends, loop or not
-                yield "error", error_row(
-                    uri_text(path), "list", f"a symbolic link loop: {path} leads back to "
-                    f"{os.path.realpath(path)}, a folder above it; not followed")
+                yield (
+                    "error",
+                    error_row(
+                        uri_text(path),
+                        "list",
+                        f"a symbolic link loop: {path} leads back to "
+                        f"{os.path.realpath(path)}, a folder above it; not followed",
+                    ),
+                )
                 continue
             yield from visit(path, level + 1, ancestors | {key})
 
@@ -254,19 +296,25 @@ class ListInputs(beam.PTransform):
         self.patterns, self.progress_label = distinct_patterns(patterns), progress_label
 
     def expand(self, pipeline):
-        listed = (pipeline
-                  | "Patterns" >> beam.Create(self.patterns)
-                  | "Expand" >> beam.FlatMap(expand_input)
-                  | "Split" >> beam.Partition(lambda kind_value, _: int(kind_value[0] == "error"), 2))
-        uris = (listed[0]
-                | "Uri" >> beam.Map(lambda kind_value: kind_value[1])
-                | "Distinct" >> beam.Distinct()
-                | "Spread" >> beam.Reshuffle())
+        listed = (
+            pipeline
+            | "Patterns" >> beam.Create(self.patterns)
+            | "Expand" >> beam.FlatMap(expand_input)
+            | "Split" >> beam.Partition(lambda kind_value, _: int(kind_value[0] == "error"), 2)
+        )
+        uris = (
+            listed[0]
+            | "Uri" >> beam.Map(lambda kind_value: kind_value[1])
+            | "Distinct" >> beam.Distinct()
+            | "Spread" >> beam.Reshuffle()
+        )
         # Two inputs can meet the same problem (a loop below both): one row for it.
-        errors = (listed[1]
-                  | "ByUri" >> beam.Map(lambda kind_value: (kind_value[1]["uri"], kind_value[1]))
-                  | "OnePerUri" >> beam.CombinePerKey(_first_row)
-                  | "Row" >> beam.Values())
+        errors = (
+            listed[1]
+            | "ByUri" >> beam.Map(lambda kind_value: (kind_value[1]["uri"], kind_value[1]))
+            | "OnePerUri" >> beam.CombinePerKey(_first_row)
+            | "Row" >> beam.Values()
+        )
         total = beam.pvalue.AsSingleton(uris | "CountInputs" >> beam.combiners.Count.Globally())
         # Counted before decoding: the runner holds a side input's consumer back until the count
         # is done, and here that holds back URIs, not every image's features.

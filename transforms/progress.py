@@ -2,6 +2,7 @@
 
 Each worker process reports what passed through it; on a distributed runner, use the runner's
 own monitoring instead."""
+
 from __future__ import annotations
 
 import collections
@@ -35,6 +36,9 @@ class ReportProgress(beam.DoFn):
                 done = state["done"]
                 rate = done / max(now - state["started"], 1e-9)
                 eta = max(total - done, 0) / max(rate, 1e-9)
-                print(f"{self.label}: {done}/{total} images, {rate:.1f}/s, ETA {eta / 60:.1f} min",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"{self.label}: {done}/{total} images, {rate:.1f}/s, ETA {eta / 60:.1f} min",
+                    file=sys.stderr,
+                    flush=True,
+                )
         yield element

@@ -1,6 +1,7 @@
 """The two outputs of a scan: one row per scored image, one per input that could not be scored.
 Every input URI ends in exactly one of them. The columns are defined here once: the Arrow
 schemas, the row builders and the README's table (checked by a test) follow from them."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,38 +20,59 @@ class Column:
 SCORE_COLUMNS = (
     Column("uri", pa.string(), "the input"),
     Column("sha256", pa.string(), "of the file's bytes"),
-    Column("score", pa.float64(),
-           "higher = more likely generated: the head's score with `--head`, else `anchor_score`"),
+    Column(
+        "score",
+        pa.float64(),
+        "higher = more likely generated: the head's score with `--head`, else `anchor_score`",
+    ),
     Column("is_suspect", pa.bool_(), "anchor: combined p-value below its `fpr`; head: `score > 0`"),
     Column("anchor_score", pa.float64(), "`-log10` of the combined p-value against real images"),
-    Column("head", pa.string(),
-           "the head's kind and digest (`lda:3f2a...`), empty without `--head`"),
+    Column("head", pa.string(), "the head's kind and digest (`lda:3f2a...`), empty without `--head`"),
     Column("p_semantic", pa.float64(), "upper-tail p-value of `semantic` against the held-out real images"),
-    Column("p_statistical", pa.float64(),
-           "upper-tail p-value of the statistical distance the anchor scores with"),
+    Column(
+        "p_statistical", pa.float64(), "upper-tail p-value of the statistical distance the anchor scores with"
+    ),
     Column("p_forensic", pa.float64(), "upper-tail p-value of `forensic`"),
-    Column("p_flagged", pa.float64(),
-           "smallest upper-tail p-value of the anchor's flagged generators (`anchorscan flag`); 1 without one"),
-    Column("component", pa.string(),
-           "what fired: the combined channel or `flag:GENERATOR` with the smallest p-value"),
+    Column(
+        "p_flagged",
+        pa.float64(),
+        "smallest upper-tail p-value of the anchor's flagged generators (`anchorscan flag`); 1 without one",
+    ),
+    Column(
+        "component",
+        pa.string(),
+        "what fired: the combined channel or `flag:GENERATOR` with the smallest p-value",
+    ),
     Column("semantic", pa.float64(), "semantic Mahalanobis distance"),
     Column("statistical", pa.float64(), "decoupled statistical distance, `t2 + spe`"),
     Column("t2", pa.float64(), "its part in the kept eigenspace"),
     Column("spe", pa.float64(), "its part outside the kept eigenspace"),
     Column("statistical_raw", pa.float64(), "the statistical distance without regression on content"),
-    Column("forensic", pa.float64(),
-           "pixel-level distance: how much more predictable the fine scales are than in real "
-           "photos of the same softness"),
-    Column("softness", pa.string(),
-           "the real-photo softness that explains the pixels best: `sharp`, `blur0.4` ... "
-           "`blur1.5` (focus blur, Gaussian sigma in px), `upscale1.25x` ... `upscale2x` "
-           "(an upscaled smaller image)"),
+    Column(
+        "forensic",
+        pa.float64(),
+        "pixel-level distance: how much more predictable the fine scales are than in real "
+        "photos of the same softness",
+    ),
+    Column(
+        "softness",
+        pa.string(),
+        "the real-photo softness that explains the pixels best: `sharp`, `blur0.4` ... "
+        "`blur1.5` (focus blur, Gaussian sigma in px), `upscale1.25x` ... `upscale2x` "
+        "(an upscaled smaller image)",
+    ),
     Column("width", pa.int32(), "decoded width, after EXIF orientation"),
     Column("height", pa.int32(), "decoded height, after EXIF orientation"),
-    Column("preprocess", pa.string(),
-           "what was done, e.g. `center_crop`, `upscale+center_crop`, `exif_rotate+cmyk_to_rgb+center_crop`"),
-    Column("attention_positions", pa.float32(),
-           "effective number of positions the spatial statistics weigh, `1 / sum a^2`"),
+    Column(
+        "preprocess",
+        pa.string(),
+        "what was done, e.g. `center_crop`, `upscale+center_crop`, `exif_rotate+cmyk_to_rgb+center_crop`",
+    ),
+    Column(
+        "attention_positions",
+        pa.float32(),
+        "effective number of positions the spatial statistics weigh, `1 / sum a^2`",
+    ),
     Column("anchor_id", pa.string(), "first 16 hex digits of the anchor's checksum"),
 )
 
@@ -58,10 +80,13 @@ ERROR_COLUMNS = (
     Column("uri", pa.string(), "the input, or the `--input` pattern that matched nothing"),
     Column("stage", pa.string(), "`list`, `read`, `decode`, `embed` or `score`"),
     Column("error", pa.string(), "a sentence for a person"),
-    Column("error_type", pa.string(),
-           "the exception behind it (`FileNotFoundError`, `TypeError`, `struct.error`), what "
-           "stopped a decode (`TimeoutError`, `DecoderCrash`), the check that refused the input "
-           "(`ReadError`, `DecodeError`), or empty where no exception was involved"),
+    Column(
+        "error_type",
+        pa.string(),
+        "the exception behind it (`FileNotFoundError`, `TypeError`, `struct.error`), what "
+        "stopped a decode (`TimeoutError`, `DecoderCrash`), the check that refused the input "
+        "(`ReadError`, `DecodeError`), or empty where no exception was involved",
+    ),
 )
 
 # `update`'s record of the images its poisoning guard refused (docs/METHOD.md §9.2).
@@ -82,16 +107,23 @@ REFUSED_SCHEMA = arrow_schema(REFUSED_COLUMNS)
 SCORED_FLOATS = tuple(column.name for column in SCORE_COLUMNS if column.type == pa.float64())
 
 
-def score_row(image, scores: dict[str, np.ndarray], index: int, attention_positions: float,
-              head: str, anchor_id: str) -> dict:
+def score_row(
+    image, scores: dict[str, np.ndarray], index: int, attention_positions: float, head: str, anchor_id: str
+) -> dict:
     """Row ``index`` of a scored batch; ``image`` carries uri, sha256, width, height, preprocess."""
     return {
-        "uri": image.uri, "sha256": image.sha256,
+        "uri": image.uri,
+        "sha256": image.sha256,
         **{name: float(scores[name][index]) for name in SCORED_FLOATS},
-        "is_suspect": bool(scores["is_suspect"][index]), "head": head,
-        "softness": str(scores["softness"][index]), "component": str(scores["component"][index]),
-        "width": image.width, "height": image.height, "preprocess": image.preprocess,
-        "attention_positions": float(attention_positions), "anchor_id": anchor_id,
+        "is_suspect": bool(scores["is_suspect"][index]),
+        "head": head,
+        "softness": str(scores["softness"][index]),
+        "component": str(scores["component"][index]),
+        "width": image.width,
+        "height": image.height,
+        "preprocess": image.preprocess,
+        "attention_positions": float(attention_positions),
+        "anchor_id": anchor_id,
     }
 
 
@@ -101,8 +133,13 @@ def error_row(uri: str, stage: str, error: str, error_type: str = "") -> dict:
 
 def markdown_table(columns: tuple[Column, ...]) -> str:
     """The README's table of ``columns``."""
-    type_names = {pa.string(): "string", pa.float64(): "float64", pa.float32(): "float32",
-                  pa.int32(): "int32", pa.bool_(): "bool"}
+    type_names = {
+        pa.string(): "string",
+        pa.float64(): "float64",
+        pa.float32(): "float32",
+        pa.int32(): "int32",
+        pa.bool_(): "bool",
+    }
     lines = ["| column | type | meaning |", "| --- | --- | --- |"]
     lines += [f"| `{column.name}` | {type_names[column.type]} | {column.meaning} |" for column in columns]
     return "\n".join(lines)

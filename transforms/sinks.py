@@ -1,5 +1,6 @@
 """Parquet outputs with explicit schemas; the earlier score tables a scan reuses; the lock and the
 refusal that keep two scans, or an old and a new one, from mixing their tables under one prefix."""
+
 from __future__ import annotations
 
 import errno
@@ -42,10 +43,12 @@ class WriteErrors(beam.PTransform):
     def expand(self, errors):
         if isinstance(errors, tuple):
             errors = errors | "FlattenErrors" >> beam.Flatten()
-        return (errors
-                | "CountErrors" >> beam.ParDo(_CountErrors())
-                | "WriteErrors" >> beam.io.WriteToParquet(
-                    f"{self.prefix}-errors", ERROR_SCHEMA, file_name_suffix=".parquet"))
+        return (
+            errors
+            | "CountErrors" >> beam.ParDo(_CountErrors())
+            | "WriteErrors"
+            >> beam.io.WriteToParquet(f"{self.prefix}-errors", ERROR_SCHEMA, file_name_suffix=".parquet")
+        )
 
 
 class WriteScores(beam.PTransform):
@@ -58,7 +61,8 @@ class WriteScores(beam.PTransform):
 
     def expand(self, rows):
         return rows | "WriteScores" >> beam.io.WriteToParquet(
-            f"{self.prefix}-scores", self.schema, file_name_suffix=".parquet")
+            f"{self.prefix}-scores", self.schema, file_name_suffix=".parquet"
+        )
 
 
 def previous_scores_pattern(prefix_or_glob: str) -> str:
@@ -85,9 +89,13 @@ def score_tables(prefix_or_glob: str) -> list[str]:
     files = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
     tables = [path for path in files if _is_score_table(path)]
     if len(tables) < len(files):
-        logging.warning("--skip_scored: %d of the %d files that %s matches are not score tables "
-                        "(errors tables, other files) and are not read", len(files) - len(tables),
-                        len(files), pattern)
+        logging.warning(
+            "--skip_scored: %d of the %d files that %s matches are not score tables "
+            "(errors tables, other files) and are not read",
+            len(files) - len(tables),
+            len(files),
+            pattern,
+        )
     if not tables:
         logging.warning("--skip_scored: no earlier scores match %s; scoring everything", pattern)
     return tables
@@ -105,12 +113,13 @@ class ReadPreviousScores(beam.PTransform):
         if not self.files:
             return pipeline | "NoPreviousScores" >> beam.Create([])
         anchor_id, head = self.anchor_id, self.head
-        return (pipeline
-                | "ScoreTables" >> beam.Create(self.files)
-                | "ReadPreviousScores" >> beam.io.ReadAllFromParquet(columns=SCORE_SCHEMA.names)
-                | "SameDetector" >> beam.Filter(
-                    lambda row: row["anchor_id"] == anchor_id and row["head"] == head)
-                | "BySha256" >> beam.Map(lambda row: (row["sha256"], row)))
+        return (
+            pipeline
+            | "ScoreTables" >> beam.Create(self.files)
+            | "ReadPreviousScores" >> beam.io.ReadAllFromParquet(columns=SCORE_SCHEMA.names)
+            | "SameDetector" >> beam.Filter(lambda row: row["anchor_id"] == anchor_id and row["head"] == head)
+            | "BySha256" >> beam.Map(lambda row: (row["sha256"], row))
+        )
 
 
 def table_files(prefix: str) -> list[str]:
@@ -129,11 +138,14 @@ def clear_tables(prefix: str, overwrite: bool, keep: list[str] = ()) -> None:
     if not overwrite:
         raise OutputExistsError(
             f"--output {prefix} already holds {len(existing)} table files (e.g. {existing[0]}): "
-            "choose another --output, or pass --overwrite to replace them")
+            "choose another --output, or pass --overwrite to replace them"
+        )
     reused = sorted(set(existing) & set(keep))
     if reused:
-        raise UsageError(f"--skip_scored reads {reused[0]}, which --overwrite would delete: write "
-                         "the new scan to another --output")
+        raise UsageError(
+            f"--skip_scored reads {reused[0]}, which --overwrite would delete: write "
+            "the new scan to another --output"
+        )
     FileSystems.delete(existing)
 
 
@@ -150,8 +162,9 @@ class PrefixLock:
         self._fd: int | None = None
 
     def __enter__(self):
-        holder = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                             "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
+        holder = json.dumps(
+            {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        ).encode()
         try:
             if self.local:
                 self._lock_local(holder)
@@ -159,8 +172,9 @@ class PrefixLock:
                 self._lock_remote(holder)
         except OSError as error:
             where = f" ({error.filename})" if error.filename else ""
-            raise UnwritableOutputError(f"cannot write {self.path}, the lock beside --output: "
-                                        f"{error.strerror or error}{where}") from None
+            raise UnwritableOutputError(
+                f"cannot write {self.path}, the lock beside --output: {error.strerror or error}{where}"
+            ) from None
         return self
 
     def _refuse(self, holder: bytes, hint: str = ""):
@@ -169,8 +183,10 @@ class PrefixLock:
             who = f"pid {other['pid']} on {other['host']}, started {other['started']}"
         except (ValueError, KeyError, TypeError):
             who = "holder unknown"
-        raise OutputLockedError(f"another scan ({who}) is writing this --output ({self.path} is "
-                                f"locked): wait for it to finish or choose another --output{hint}")
+        raise OutputLockedError(
+            f"another scan ({who}) is writing this --output ({self.path} is "
+            f"locked): wait for it to finish or choose another --output{hint}"
+        )
 
     def _lock_local(self, holder: bytes) -> None:
         path = self.path.removeprefix("file://")

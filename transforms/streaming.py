@@ -9,10 +9,12 @@ so a window never holds copies of the anchor itself; each window's rows are writ
 module, atomically and under a name fixed by the window, so a file is complete or absent and a
 retried window overwrites its own file.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
+from typing import ClassVar
 
 import apache_beam as beam
 import pyarrow as pa
@@ -62,11 +64,13 @@ class NewImages(beam.PTransform):
         self.window_seconds = window_seconds
 
     def expand(self, matches):
-        return (matches
-                | "Images" >> beam.Filter(lambda metadata: is_image_path(metadata.path))
-                | "Key" >> beam.Map(file_key).with_output_types(tuple[str, str])
-                | "FirstSighting" >> beam.ParDo(FirstSighting())
-                | "Window" >> beam.WindowInto(FixedWindows(self.window_seconds)))
+        return (
+            matches
+            | "Images" >> beam.Filter(lambda metadata: is_image_path(metadata.path))
+            | "Key" >> beam.Map(file_key).with_output_types(tuple[str, str])
+            | "FirstSighting" >> beam.ParDo(FirstSighting())
+            | "Window" >> beam.WindowInto(FixedWindows(self.window_seconds))
+        )
 
 
 def gcs_notification_uri(message) -> str | None:
@@ -92,17 +96,19 @@ class AnchorReferences(beam.PTransform):
         self.window_seconds = window_seconds
 
     def expand(self, ticks):
-        return (ticks
-                | "Window" >> beam.WindowInto(FixedWindows(self.window_seconds))
-                | "Read" >> beam.Map(anchor_reference)
-                | "Latest" >> beam.combiners.Latest.Globally().without_defaults())
+        return (
+            ticks
+            | "Window" >> beam.WindowInto(FixedWindows(self.window_seconds))
+            | "Read" >> beam.Map(anchor_reference)
+            | "Latest" >> beam.combiners.Latest.Globally().without_defaults()
+        )
 
 
 class _AnchorCache:
     """Anchors by id, per worker process: an anchor's models are derived once, not per window."""
 
     lock = threading.Lock()
-    anchors: dict[str, tuple[Anchor, str]] = {}
+    anchors: ClassVar[dict[str, tuple[Anchor, str]]] = {}
 
     @classmethod
     def get(cls, uri: str, expected_id: str) -> tuple[Anchor, str]:
@@ -134,8 +140,14 @@ class ScoreJoinedFn(ScoreBatchFn):
         batch = []
         for row in groups["images"]:
             if not references:
-                yield beam.pvalue.TaggedOutput("errors", error_row(
-                    row[0].uri, "score", "no anchor was read for this window (is the anchor file readable?)"))
+                yield beam.pvalue.TaggedOutput(
+                    "errors",
+                    error_row(
+                        row[0].uri,
+                        "score",
+                        "no anchor was read for this window (is the anchor file readable?)",
+                    ),
+                )
                 continue
             batch.append(row)
             if len(batch) >= self.max_batch_size:
@@ -161,14 +173,15 @@ class ScoreWindows(beam.PTransform):
 
     def expand(self, embedded):
         shards = self.shards
-        images = embedded | "Shard" >> beam.Map(
-            lambda row: (int(row[0].sha256[:8], 16) % shards, row))
+        images = embedded | "Shard" >> beam.Map(lambda row: (int(row[0].sha256[:8], 16) % shards, row))
         anchors = self.references | "EveryShard" >> beam.FlatMap(
-            lambda reference: [(shard, reference) for shard in range(shards)])
-        outputs = ({"images": images, "anchor": anchors}
-                   | "ByWindow" >> beam.CoGroupByKey()
-                   | "Score" >> beam.ParDo(ScoreJoinedFn(self.max_batch_size))
-                   .with_outputs("errors", main="scores"))
+            lambda reference: [(shard, reference) for shard in range(shards)]
+        )
+        outputs = (
+            {"images": images, "anchor": anchors}
+            | "ByWindow" >> beam.CoGroupByKey()
+            | "Score" >> beam.ParDo(ScoreJoinedFn(self.max_batch_size)).with_outputs("errors", main="scores")
+        )
         return outputs.scores, outputs.errors
 
 
@@ -201,10 +214,12 @@ class WriteWindowedParquet(beam.PTransform):
 
     def expand(self, rows):
         shards = self.shards
-        return (rows
-                | "Shard" >> beam.Map(lambda row: (hash(row["uri"]) % shards if shards > 1 else 0, row))
-                | "PerWindow" >> beam.GroupByKey()
-                | "Write" >> beam.ParDo(_WriteWindowFn(self.prefix, self.table, self.schema)))
+        return (
+            rows
+            | "Shard" >> beam.Map(lambda row: (hash(row["uri"]) % shards if shards > 1 else 0, row))
+            | "PerWindow" >> beam.GroupByKey()
+            | "Write" >> beam.ParDo(_WriteWindowFn(self.prefix, self.table, self.schema))
+        )
 
 
 def _learn(_, backbone: Moments, forensic: Moments, pairs: list, output_uri: str, projection) -> str:
@@ -233,7 +248,8 @@ class LearnReal(beam.PTransform):
 
         fraction, group = self.config.calibration_fraction, self.config.calibration_group
         fit_rows, held_rows = embedded | "HoldOut" >> beam.Partition(
-            lambda row, _: int(holds_out(row[0].uri, fraction, group)), 2)
+            lambda row, _: int(holds_out(row[0].uri, fraction, group)), 2
+        )
         split = self.spec.d_backbone
         width = split + self.levels * self.spec.d_forensic
 
@@ -242,13 +258,25 @@ class LearnReal(beam.PTransform):
                 fit_rows
                 | f"{name}Vectors" >> beam.Map(lambda row: row[1][0][start:stop])
                 | f"{name}Moments" >> beam.CombineGlobally(MomentsCombineFn(stop - start)).without_defaults(),
-                default_value=Moments(stop - start))
+                default_value=Moments(stop - start),
+            )
 
         held = beam.pvalue.AsSingleton(
-            held_rows | "CalibrationRows" >> beam.Map(calibration_row, self.spec.dim)
-            | "SmallestKeys" >> smallest_keys().without_defaults(), default_value=[])
-        return (embedded
-                | "PerWindow" >> beam.combiners.Count.Globally().without_defaults()
-                | "Learn" >> beam.Map(_learn, moments("Backbone", 0, split), moments("Forensic", split, width),
-                                      held, self.output_uri, self.projection))
-
+            held_rows
+            | "CalibrationRows" >> beam.Map(calibration_row, self.spec.dim)
+            | "SmallestKeys" >> smallest_keys().without_defaults(),
+            default_value=[],
+        )
+        return (
+            embedded
+            | "PerWindow" >> beam.combiners.Count.Globally().without_defaults()
+            | "Learn"
+            >> beam.Map(
+                _learn,
+                moments("Backbone", 0, split),
+                moments("Forensic", split, width),
+                held,
+                self.output_uri,
+                self.projection,
+            )
+        )
