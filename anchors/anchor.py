@@ -25,7 +25,8 @@ from anchorscan.anchors.calibration import (
     upper_tail_log_pvalues,
 )
 from anchorscan.anchors.errors import UsageError
-from anchorscan.anchors.forensic import LEVEL_SETS, ForensicModel
+from anchorscan.anchors.forensic import ForensicModel
+from anchorscan.anchors.softness import LEVEL_SETS
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.stats import Moments
 

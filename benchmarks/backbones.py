@@ -17,8 +17,8 @@ import warnings
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from anchorscan.anchors.backbones import CLIP_MODELS, DEFAULT_BACKBONE, build_clip_visual
-from anchorscan.anchors.features import BackboneConfig
+from anchorscan.anchors.models.backbones import CLIP_MODELS, DEFAULT_BACKBONE, build_clip_visual
+from anchorscan.anchors.models.features import BackboneConfig
 
 
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int = 4096) -> float:

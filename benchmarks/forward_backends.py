@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from anchorscan.anchors.features import BackboneConfig, onnx_session
+from anchorscan.anchors.models.features import BackboneConfig, onnx_session
 
 
 def rate(run, pixels: torch.Tensor, seconds: float) -> float:

@@ -31,11 +31,11 @@ import threadpoolctl
 import torch
 from PIL import Image
 
-from anchorscan.anchors import preprocess
-from anchorscan.anchors.backbones import DEFAULT_BACKBONE
 from anchorscan.anchors.calibration import holds_out
-from anchorscan.anchors.features import BackboneConfig
-from anchorscan.anchors.preprocess import decode_and_crop
+from anchorscan.anchors.images import decode as preprocess
+from anchorscan.anchors.images.decode import decode_and_crop
+from anchorscan.anchors.models.backbones import DEFAULT_BACKBONE
+from anchorscan.anchors.models.features import BackboneConfig
 from anchorscan.anchors.stats import BufferedMoments, Moments
 from anchorscan.transforms.fitting import MIN_CALIBRATION
 

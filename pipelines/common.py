@@ -7,7 +7,10 @@ import dataclasses
 import apache_beam as beam
 
 from anchorscan.anchors.anchor_file import verified_contents
-from anchorscan.anchors.features import BackboneConfig, FeatureExtractor
+from anchorscan.anchors.io.fetch import HttpConfig
+from anchorscan.anchors.io.gcs import check_paths
+from anchorscan.anchors.io.storage import check_writable, local_copy, read_bytes
+from anchorscan.anchors.models.features import BackboneConfig, FeatureExtractor
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.pipelines.options import (
     backbone_config,
@@ -17,10 +20,8 @@ from anchorscan.pipelines.options import (
     torch_threads,
 )
 from anchorscan.transforms.decode import DecodeImages
-from anchorscan.transforms.fetch import HttpConfig
-from anchorscan.transforms.gcs import check_paths
 from anchorscan.transforms.inference import EmbedImages, FeatureModelHandler
-from anchorscan.transforms.io import ListInputs, check_writable, local_copy, read_bytes
+from anchorscan.transforms.listing import ListInputs
 from anchorscan.transforms.scoring import load_anchor
 
 

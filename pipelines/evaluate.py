@@ -14,7 +14,10 @@ from apache_beam.io.filesystems import FileSystems
 
 from anchorscan.anchors.anchor import COMBINERS, AnchorConfig
 from anchorscan.anchors.anchor_file import read_metadata
-from anchorscan.anchors.datasets import DATASETS, GENIMAGE_SPLITS, read_dataset
+from anchorscan.anchors.io.datasets import DATASETS, GENIMAGE_SPLITS, read_dataset
+from anchorscan.anchors.io.gcs import check_paths
+from anchorscan.anchors.io.storage import check_writable, read_bytes, write_atomically
+from anchorscan.anchors.io.uris import is_remote
 from anchorscan.anchors.metrics import detection_metrics
 from anchorscan.pipelines import score
 from anchorscan.pipelines.options import (
@@ -25,14 +28,7 @@ from anchorscan.pipelines.options import (
     command_parser,
     parse,
 )
-from anchorscan.transforms.gcs import check_paths
-from anchorscan.transforms.io import (
-    check_writable,
-    files_below,
-    read_bytes,
-    read_parquet_rows,
-    write_atomically,
-)
+from anchorscan.transforms.listing import files_below, read_parquet_rows
 
 COLUMNS = (
     "generator",
@@ -192,7 +188,7 @@ def run(argv=None) -> list[dict]:
     args, options = parse(parser(), argv)
     check_paths([args.root, args.anchor, args.head.removeprefix("anchor+"), args.output, args.weights])
     check_writable(FileSystems.join(args.output, "metrics.csv"), "--output")
-    root = args.root if "://" in args.root else os.path.abspath(args.root)
+    root = args.root if is_remote(args.root) else os.path.abspath(args.root)
     images = read_dataset(args.dataset, root, files_below, read_bytes, args.split)
     if not args.sweep:
         return evaluate_once(images, args, options, args.output, args.perturbation)

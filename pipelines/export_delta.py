@@ -7,8 +7,8 @@ import numpy as np
 
 from anchorscan.anchors.anchor_file import anchor_from_bytes
 from anchorscan.anchors.federation import MIN_COUNT, delta_to_bytes, export_delta
+from anchorscan.anchors.io.storage import read_bytes, write_atomically
 from anchorscan.pipelines.options import command_parser
-from anchorscan.transforms.io import read_bytes, write_atomically
 
 
 def parser():

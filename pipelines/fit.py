@@ -8,7 +8,9 @@ import apache_beam as beam
 
 from anchorscan.anchors.anchor import CHANNELS, COMBINERS, STATISTICAL_MODES, AnchorConfig
 from anchorscan.anchors.anchor_file import read_metadata
-from anchorscan.anchors.forensic import LEVEL_SETS
+from anchorscan.anchors.io.gcs import check_paths
+from anchorscan.anchors.io.storage import check_writable, read_bytes
+from anchorscan.anchors.softness import LEVEL_SETS
 from anchorscan.pipelines.common import decode_step, driver_extractor, embed_step
 from anchorscan.pipelines.options import (
     INPUT_HELP,
@@ -24,8 +26,7 @@ from anchorscan.pipelines.options import (
     parse,
 )
 from anchorscan.transforms.fitting import FitAnchor
-from anchorscan.transforms.gcs import check_paths
-from anchorscan.transforms.io import ListInputs, check_writable, read_bytes
+from anchorscan.transforms.listing import ListInputs
 from anchorscan.transforms.sinks import WriteErrors
 
 

@@ -19,6 +19,8 @@ from anchorscan.anchors.heads import (
     NearestNeighbourHead,
     head_from_bytes,
 )
+from anchorscan.anchors.io.gcs import check_paths
+from anchorscan.anchors.io.storage import check_writable, read_bytes, write_atomically
 from anchorscan.pipelines.common import decode_step, driver_extractor, embed_step
 from anchorscan.pipelines.options import (
     INPUT_HELP,
@@ -33,8 +35,7 @@ from anchorscan.pipelines.options import (
     parse,
 )
 from anchorscan.transforms.combine import MomentsCombineFn
-from anchorscan.transforms.gcs import check_paths
-from anchorscan.transforms.io import ListInputs, check_writable, read_bytes, write_atomically
+from anchorscan.transforms.listing import ListInputs
 from anchorscan.transforms.sinks import WriteErrors
 
 

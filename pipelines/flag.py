@@ -8,6 +8,7 @@ import time
 import apache_beam as beam
 
 from anchorscan.anchors.anchor_file import read_metadata
+from anchorscan.anchors.io.storage import read_bytes
 from anchorscan.pipelines.common import anchor_and_extractor, anchor_model, list_and_embed
 from anchorscan.pipelines.options import (
     INPUT_HELP,
@@ -18,7 +19,6 @@ from anchorscan.pipelines.options import (
     error_total,
     parse,
 )
-from anchorscan.transforms.io import read_bytes
 from anchorscan.transforms.sinks import WriteErrors
 from anchorscan.transforms.updating import FlagGenerator
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 from anchorscan.anchors.anchor_file import read_metadata
+from anchorscan.anchors.io.gcs import check_paths
+from anchorscan.anchors.io.storage import read_bytes
 from anchorscan.pipelines.options import command_parser
-from anchorscan.transforms.gcs import check_paths
-from anchorscan.transforms.io import read_bytes
 
 FACTS = (
     "format_version",

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from anchorscan.anchors.anchor_file import anchor_from_bytes, anchor_to_bytes
 from anchorscan.anchors.federation import delta_from_bytes, merge
+from anchorscan.anchors.io.storage import read_bytes, write_atomically
 from anchorscan.pipelines.options import command_parser
-from anchorscan.transforms.io import read_bytes, write_atomically
 
 
 def parser():

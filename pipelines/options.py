@@ -10,13 +10,18 @@ import os
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
-from anchorscan.anchors.backbones import ATTENTION_MODES, BACKBONE_NAMES, DEFAULT_BACKBONE, RESIZE_MODES
 from anchorscan.anchors.errors import UsageError
-from anchorscan.anchors.features import PRECISIONS, RUNTIMES, BackboneConfig
-from anchorscan.anchors.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, PERTURBATION_HELP
+from anchorscan.anchors.images.decode import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, PERTURBATION_HELP
+from anchorscan.anchors.io.fetch import HttpConfig
+from anchorscan.anchors.models.backbones import (
+    ATTENTION_MODES,
+    BACKBONE_NAMES,
+    DEFAULT_BACKBONE,
+    RESIZE_MODES,
+)
+from anchorscan.anchors.models.features import PRECISIONS, RUNTIMES, BackboneConfig
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.transforms.decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_BYTES, DEFAULT_READ_TIMEOUT
-from anchorscan.transforms.fetch import HttpConfig
 from anchorscan.transforms.inference import DEFAULT_BATCH_SIZE
 
 # The default local runner would first try to download the Prism binary; offline that fails

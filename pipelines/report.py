@@ -18,11 +18,12 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
 from anchorscan.anchors.anchor_file import verified_contents
-from anchorscan.anchors.datasets import manifest
 from anchorscan.anchors.errors import UsageError
+from anchorscan.anchors.io.datasets import manifest
+from anchorscan.anchors.io.gcs import check_paths
+from anchorscan.anchors.io.storage import check_writable, read_bytes, write_atomically
 from anchorscan.pipelines.options import command_parser
-from anchorscan.transforms.gcs import check_paths
-from anchorscan.transforms.io import check_writable, read_bytes, read_parquet_rows, write_atomically
+from anchorscan.transforms.listing import read_parquet_rows
 
 
 def parser():

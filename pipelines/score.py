@@ -9,6 +9,8 @@ import apache_beam as beam
 from anchorscan.anchors.anchor import COMBINERS, STATISTICAL_MODES, AnchorConfig
 from anchorscan.anchors.anchor_file import anchor_id, verified_contents
 from anchorscan.anchors.errors import UsageError
+from anchorscan.anchors.io.gcs import check_paths
+from anchorscan.anchors.io.storage import read_bytes
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.pipelines.common import decode_step, driver_extractor, embed_step
 from anchorscan.pipelines.options import (
@@ -23,8 +25,7 @@ from anchorscan.pipelines.options import (
     parse,
 )
 from anchorscan.transforms.carried import CarryManifestColumns, carried_columns, score_schema
-from anchorscan.transforms.gcs import check_paths
-from anchorscan.transforms.io import ListInputs, read_bytes
+from anchorscan.transforms.listing import ListInputs
 from anchorscan.transforms.scoring import ScoreFeatures, load_head
 from anchorscan.transforms.sinks import (
     PrefixLock,

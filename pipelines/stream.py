@@ -15,8 +15,11 @@ from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
 
 from anchorscan.anchors.anchor import AnchorConfig
 from anchorscan.anchors.anchor_file import verified_contents
-from anchorscan.anchors.forensic import LEVEL_SETS
+from anchorscan.anchors.io.storage import read_bytes
+from anchorscan.anchors.io.uris import has_glob
+from anchorscan.anchors.softness import LEVEL_SETS
 from anchorscan.anchors.spec import FeatureSpec
+from anchorscan.anchors.tables import ERROR_SCHEMA, SCORE_SCHEMA
 from anchorscan.pipelines.common import decode_step, driver_extractor, embed_step
 from anchorscan.pipelines.options import (
     add_decoding_args,
@@ -25,8 +28,6 @@ from anchorscan.pipelines.options import (
     command_parser,
     parse,
 )
-from anchorscan.transforms.io import read_bytes
-from anchorscan.transforms.schema import ERROR_SCHEMA, SCORE_SCHEMA
 from anchorscan.transforms.streaming import (
     AnchorReferences,
     LearnReal,
@@ -84,7 +85,7 @@ def parser():
 
 def watch_pattern(location: str) -> str:
     """A folder or prefix stands for every file below it; a glob for what it matches."""
-    if any(c in location for c in "*?["):
+    if has_glob(location):
         return location
     return location.rstrip("/") + "/**"
 

@@ -10,7 +10,8 @@ import apache_beam as beam
 from anchorscan.anchors.anchor import AnchorConfig
 from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.errors import UsageError
-from anchorscan.anchors.forensic import LEVEL_SETS
+from anchorscan.anchors.io.storage import read_bytes
+from anchorscan.anchors.softness import LEVEL_SETS
 from anchorscan.anchors.updating import admission_threshold
 from anchorscan.pipelines.common import anchor_and_extractor, anchor_model, list_and_embed
 from anchorscan.pipelines.options import (
@@ -22,7 +23,6 @@ from anchorscan.pipelines.options import (
     error_total,
     parse,
 )
-from anchorscan.transforms.io import read_bytes
 from anchorscan.transforms.sinks import WriteErrors
 from anchorscan.transforms.updating import UpdateAnchor, WriteRefused
 

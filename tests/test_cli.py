@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from anchorscan.anchors.anchor_file import anchor_from_bytes, anchor_to_bytes
+from anchorscan.anchors.tables import ERROR_COLUMNS, SCORE_COLUMNS, markdown_table
 from anchorscan.pipelines.cli import main
-from anchorscan.transforms.schema import ERROR_COLUMNS, SCORE_COLUMNS, markdown_table
 
 
 def test_info_json_has_the_documented_keys(fitted_anchor, capsys):

@@ -11,16 +11,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from anchorscan.anchors.backbones import (
+from anchorscan.anchors.models.backbones import (
     CLIP_MODELS,
     ClipVisionBackbone,
     MissingWeightsError,
     build_clip_visual,
     cls_attention,
 )
-from anchorscan.anchors.features import SIGMA_EPS, spatial_statistics
+from anchorscan.anchors.models.features import SIGMA_EPS, spatial_statistics
+from anchorscan.anchors.models.weights import WeightsError, read_state_dict
 from anchorscan.anchors.spec import IncompatibleAnchorError
-from anchorscan.anchors.weights import WeightsError, read_state_dict
 from helpers import HOLD_OUT_BY_NAME, RUNNER, read_parquet_rows
 
 

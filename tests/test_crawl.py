@@ -13,10 +13,10 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
+from anchorscan.anchors.io import fetch as fetch_module
+from anchorscan.anchors.tables import SCORE_SCHEMA
 from anchorscan.pipelines import score
-from anchorscan.transforms import fetch as fetch_module
 from anchorscan.transforms.carried import CarryManifestColumns, carried_columns, score_schema
-from anchorscan.transforms.schema import SCORE_SCHEMA
 from helpers import RUNNER, read_parquet_rows, write_crops
 from servers import CrawlSite
 
@@ -191,7 +191,7 @@ def test_a_crawled_manifest_is_scored_with_its_columns(fitted_anchor, crawl, tmp
 
 
 def test_an_http_input_is_one_image_and_an_http_manifest_is_read(crawl):
-    from anchorscan.transforms.io import expand_input
+    from anchorscan.transforms.listing import expand_input
 
     assert list(expand_input(f"{crawl.url}/img/a.png")) == [("uri", f"{crawl.url}/img/a.png")]
     crawl.images["list.txt"] = f"{crawl.url}/img/b.png\nrelative.png\n".encode()

@@ -4,9 +4,10 @@ import re
 
 import pytest
 
-from anchorscan.anchors.datasets import LabelledImage, forensynths, genimage, read_dataset
-from anchorscan.anchors.datasets import manifest as read_labelled_manifest
-from anchorscan.transforms.io import files_below, read_bytes
+from anchorscan.anchors.io.datasets import LabelledImage, forensynths, genimage, read_dataset
+from anchorscan.anchors.io.datasets import manifest as read_labelled_manifest
+from anchorscan.anchors.io.storage import read_bytes
+from anchorscan.transforms.listing import files_below
 
 
 def manifest(path):

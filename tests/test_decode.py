@@ -16,8 +16,8 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from PIL import Image
 
-from anchorscan.anchors import preprocess
-from anchorscan.anchors.decoder_pool import DecodeFailed, DecoderPool
+from anchorscan.anchors.images import decode as preprocess
+from anchorscan.anchors.images.decoder_pool import DecodeFailed, DecoderPool
 from anchorscan.transforms import decode as decode_module
 from anchorscan.transforms.decode import ERRORS, DecodeImageFn
 from helpers import decode_that_sleeps, write_crops

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from anchorscan.anchors.backbones import load_backbone, zscore_softmax_attention
-from anchorscan.anchors.features import (
+from anchorscan.anchors.images.decode import DecodeError, decode_and_crop
+from anchorscan.anchors.models.backbones import load_backbone, zscore_softmax_attention
+from anchorscan.anchors.models.features import (
     SIGMA_EPS,
     FeatureExtractor,
     resample_weights,
     seeded_projection,
     spatial_statistics,
 )
-from anchorscan.anchors.preprocess import DecodeError, decode_and_crop
 
 
 def test_spatial_statistics_match_numpy():

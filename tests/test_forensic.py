@@ -16,12 +16,11 @@ from scipy.signal import convolve2d
 from scipy.spatial.distance import mahalanobis
 from sklearn.metrics import roc_auc_score
 
-from anchorscan.anchors import forensic
-from anchorscan.anchors.forensic import (
+from anchorscan.anchors.forensic import ForensicModel
+from anchorscan.anchors.models import forensic
+from anchorscan.anchors.models.forensic import (
     EPS,
     FEATURE_NAMES,
-    LEVEL_SETS,
-    ForensicModel,
     GramAccumulator,
     ResidualFeatures,
     luma,
@@ -31,6 +30,7 @@ from anchorscan.anchors.forensic import (
     soften,
     taper_window,
 )
+from anchorscan.anchors.softness import LEVEL_SETS
 from anchorscan.anchors.stats import Moments
 from helpers import sample_photos
 

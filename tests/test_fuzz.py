@@ -13,8 +13,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from anchorscan.anchors.decoder_pool import DecodeFailed, DecoderPool
-from anchorscan.anchors.preprocess import DecodeError, decode_and_crop
+from anchorscan.anchors.images.decode import DecodeError, decode_and_crop
+from anchorscan.anchors.images.decoder_pool import DecodeFailed, DecoderPool
 from fuzz import FUZZ_CROP, FUZZ_MAX_PIXELS, FUZZ_MIN_SIDE, cases
 
 CASES = int(os.environ.get("ANCHORSCAN_FUZZ_CASES", "3000"))

@@ -21,17 +21,11 @@ from test_evaluate import make_fakes
 
 from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.heads import head_from_bytes
+from anchorscan.anchors.io import gcs
+from anchorscan.anchors.io.storage import local_copy, read_bytes, write_atomically
 from anchorscan.pipelines import evaluate, fit, fit_head, info, report, score
 from anchorscan.pipelines.cli import main
-from anchorscan.transforms import gcs
-from anchorscan.transforms.io import (
-    expand_input,
-    files_below,
-    local_copy,
-    matching_files,
-    read_bytes,
-    write_atomically,
-)
+from anchorscan.transforms.listing import expand_input, files_below, matching_files
 from helpers import HOLD_OUT_BY_NAME, RUNNER, write_crops
 from servers import LOOPBACK, storage_emulator
 

@@ -8,7 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from anchorscan.transforms.io import expand_input, manifest_entries, read_bytes, write_atomically
+from anchorscan.anchors.io.storage import read_bytes, write_atomically
+from anchorscan.transforms.listing import expand_input, manifest_entries
 
 
 def uris(pattern):
@@ -140,7 +141,7 @@ def test_a_link_that_leads_to_itself_is_listed_and_left_to_the_read(tmp_path):
 
 
 def test_names_that_are_not_utf8_are_listed_as_reversible_text(tmp_path):
-    from anchorscan.anchors.uris import local_path
+    from anchorscan.anchors.io.uris import local_path
 
     name = os.fsencode(str(tmp_path)) + b"/caf\xe9.png"
     with open(name, "wb") as handle:
@@ -189,6 +190,6 @@ def test_each_blank_or_null_uri_of_a_manifest_is_an_error_row(tmp_path):
 
 
 def test_repeated_inputs_are_listed_once():
-    from anchorscan.transforms.io import distinct_patterns
+    from anchorscan.transforms.listing import distinct_patterns
 
     assert distinct_patterns(["a/*.jpg", "photos/", "a/*.jpg", "photos", "/"]) == ["a/*.jpg", "photos", "/"]

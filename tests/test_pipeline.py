@@ -11,8 +11,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing import test_pipeline
 
 from anchorscan.anchors.anchor_file import read_metadata
+from anchorscan.anchors.tables import ERROR_SCHEMA, SCORE_SCHEMA
 from anchorscan.pipelines import score
-from anchorscan.transforms.schema import ERROR_SCHEMA, SCORE_SCHEMA
 from helpers import RUNNER, read_parquet_rows, write_crops
 
 

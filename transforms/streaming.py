@@ -25,14 +25,14 @@ from apache_beam.transforms.window import FixedWindows
 
 from anchorscan.anchors import anchor_file, updating
 from anchorscan.anchors.anchor import Anchor
-from anchorscan.anchors.preprocess import is_image_path
+from anchorscan.anchors.io.storage import read_bytes, write_atomically
+from anchorscan.anchors.io.uris import is_image_path
 from anchorscan.anchors.stats import Moments
+from anchorscan.anchors.tables import error_row
+from anchorscan.anchors.threads import limit_blas_threads
 from anchorscan.transforms.combine import MomentsCombineFn
 from anchorscan.transforms.fitting import calibration_row, calibration_rows, smallest_keys
-from anchorscan.transforms.io import read_bytes, write_atomically
-from anchorscan.transforms.schema import error_row
 from anchorscan.transforms.scoring import ScoreBatchFn
-from anchorscan.transforms.threads import limit_blas_threads
 
 ANCHOR_CACHE_SIZE = 2  # the anchor in use and the one replacing it
 

@@ -12,12 +12,12 @@ from anchorscan.anchors import updating
 from anchorscan.anchors.anchor import Anchor
 from anchorscan.anchors.anchor_file import anchor_to_bytes
 from anchorscan.anchors.calibration import holds_out
-from anchorscan.anchors.forensic import LEVEL_SETS
+from anchorscan.anchors.io.storage import write_atomically
+from anchorscan.anchors.softness import LEVEL_SETS
 from anchorscan.anchors.stats import Moments
+from anchorscan.anchors.tables import REFUSED_SCHEMA
 from anchorscan.transforms.combine import MomentsCombineFn
 from anchorscan.transforms.fitting import calibration_row, calibration_rows, smallest_keys
-from anchorscan.transforms.io import write_atomically
-from anchorscan.transforms.schema import REFUSED_SCHEMA
 
 REFUSED = "refused"
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anchorscan.anchors.forensic import FEATURE_NAMES as FORENSIC_FEATURES
-from anchorscan.anchors.forensic import ResidualFeatures, soften
+from anchorscan.anchors.models.forensic import FEATURE_NAMES as FORENSIC_FEATURES
+from anchorscan.anchors.models.forensic import ResidualFeatures, soften
 from anchorscan.anchors.spec import FeatureSpec
 
 SIGMA_EPS = 1e-6
@@ -83,7 +83,7 @@ class BackboneConfig:
         )
 
     def build(self) -> FeatureExtractor:
-        from anchorscan.anchors.backbones import load_backbone
+        from anchorscan.anchors.models.backbones import load_backbone
 
         backbone = load_backbone(self.name, self.weights, self.attention, self.resize)
         return FeatureExtractor(

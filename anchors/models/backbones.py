@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from anchorscan.anchors.errors import UserError
-from anchorscan.anchors.weights import WeightsError, read_state_dict
+from anchorscan.anchors.models.weights import WeightsError, read_state_dict
 
 
 @dataclasses.dataclass

@@ -13,8 +13,8 @@ import dataclasses
 from collections.abc import Callable, Iterable
 
 from anchorscan.anchors.errors import UserError
-from anchorscan.anchors.manifests import read_manifest
-from anchorscan.anchors.preprocess import IMAGE_EXTENSIONS, is_image_path
+from anchorscan.anchors.io.manifests import read_manifest
+from anchorscan.anchors.io.uris import IMAGE_EXTENSIONS, is_image_path
 
 FORENSYNTHS_LABELS = {"0_real": 0, "1_fake": 1}
 GENIMAGE_LABELS = {"nature": 0, "ai": 1}

@@ -17,6 +17,7 @@ import logging
 import os
 
 from anchorscan.anchors.errors import MissingFileError, UserError
+from anchorscan.anchors.io.uris import glob_prefix
 
 EMULATOR_VARIABLE = "STORAGE_EMULATOR_HOST"
 CHECK_SECONDS = 10.0  # all attempts of one check together
@@ -39,10 +40,12 @@ def is_gcs(uri: str) -> bool:
 def bucket_and_prefix(uri: str) -> tuple[str, str]:
     """The bucket of a gs:// path or pattern, and the object prefix before any glob character."""
     bucket, _, name = uri[len("gs://") :].partition("/")
-    for i, character in enumerate(name):
-        if character in "*?[":
-            return bucket, name[:i]
-    return bucket, name
+    return bucket, glob_prefix(name)
+
+
+# Called once per process when no credentials are found: the Beam layer registers one that tells
+# Beam's own GCS client the same answer (transforms/listing.py).
+ANONYMOUS_HOOKS: list = []
 
 
 def _credentials():
@@ -68,17 +71,12 @@ def _credentials_for(emulator: str | None):
                 CREDENTIALS_HINT,
             )
     if credentials is None:
-        # Beam would look again with four retries (~18 s) and then connect anonymously too:
-        # record the answer in its per-process cache instead.
-        from apache_beam.internal.gcp import auth
-
-        with auth._Credentials._credentials_lock:
-            if not auth._Credentials._credentials_init:
-                auth._Credentials._credentials, auth._Credentials._credentials_init = None, True
+        for hook in ANONYMOUS_HOOKS:
+            hook()
     return credentials, project
 
 
-def _client():
+def client():
     return _client_for(os.environ.get(EMULATOR_VARIABLE))
 
 
@@ -123,7 +121,7 @@ def _bucket_exists(bucket: str) -> bool:
     from google.api_core.exceptions import NotFound
 
     try:
-        list(_client().list_blobs(bucket, max_results=1, timeout=REQUEST_TIMEOUT, retry=_bounded_retry()))
+        list(client().list_blobs(bucket, max_results=1, timeout=REQUEST_TIMEOUT, retry=_bounded_retry()))
     except NotFound:
         return False
     except Exception:  # not knowable from here; the caller reports the first error
@@ -189,7 +187,7 @@ def check_paths(uris) -> None:
     for bucket, uri in sorted(buckets.items()):
         try:
             list(
-                _client().list_blobs(
+                client().list_blobs(
                     bucket,
                     prefix=bucket_and_prefix(uri)[1],
                     max_results=1,

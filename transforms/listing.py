@@ -2,108 +2,35 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-import posixpath
 import re
-import tempfile
-import uuid
 
 import apache_beam as beam
 from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
 
-from anchorscan.anchors.errors import (
-    MissingFileError,
-    UnreadableFileError,
-    UnwritableOutputError,
-    exception_name,
-)
-from anchorscan.anchors.manifests import GLOB_CHARACTERS, is_manifest, read_manifest
-from anchorscan.anchors.preprocess import is_image_path
-from anchorscan.anchors.uris import local_path, uri_text
-from anchorscan.transforms.fetch import fetch, is_http
-from anchorscan.transforms.gcs import describe, is_gcs, storage_errors
+from anchorscan.anchors.errors import exception_name
+from anchorscan.anchors.io import gcs
+from anchorscan.anchors.io.fetch import is_http
+from anchorscan.anchors.io.gcs import describe, is_gcs
+from anchorscan.anchors.io.manifests import is_manifest, read_manifest
+from anchorscan.anchors.io.storage import read_bytes
+from anchorscan.anchors.io.uris import has_glob, is_image_path, local_path, uri_text
+from anchorscan.anchors.tables import error_row
 from anchorscan.transforms.progress import ReportProgress
-from anchorscan.transforms.schema import error_row
-
-# Files read whole from web servers (manifests, thumbnails): a cap against endless responses.
-MAX_HTTP_FILE_BYTES = 2**30
 
 
-def read_bytes(uri: str) -> bytes:
-    """The whole file: an anchor, a head, a manifest. A file that cannot be read is the user's
-    to fix (a wrong path, a missing permission), so the error says which file and why."""
-    if is_http(uri):  # a manifest or a report's thumbnail on a web server
-        return fetch(uri, MAX_HTTP_FILE_BYTES)
-    try:
-        with (
-            storage_errors(uri),
-            FileSystems.open(local_path(uri) or uri, compression_type="uncompressed") as handle,
-        ):
-            return handle.read()
-    except MissingFileError:  # gs:// errors already name the path and the cause
-        raise
-    except FileNotFoundError:
-        raise MissingFileError(f"{uri}: file not found") from None
-    except IsADirectoryError:
-        raise UnreadableFileError(f"{uri}: is a folder, not a file") from None
-    except OSError as error:
-        raise UnreadableFileError(f"cannot read {uri}: {error.strerror or error}") from None
+def _tell_beam_anonymous() -> None:
+    """Beam's GCS client would look for credentials again with four retries (~18 s) and then
+    connect anonymously too: record the answer in its per-process cache instead."""
+    from apache_beam.internal.gcp import auth
+
+    with auth._Credentials._credentials_lock:
+        if not auth._Credentials._credentials_init:
+            auth._Credentials._credentials, auth._Credentials._credentials_init = None, True
 
 
-def local_copy(uri: str) -> str:
-    """A local path with the contents of ``uri`` (copied once per process for remote files)."""
-    if "://" not in uri or uri.startswith("file://"):
-        return uri.removeprefix("file://")
-    target = os.path.join(
-        tempfile.gettempdir(),
-        "anchorscan-" + hashlib.sha256(uri.encode()).hexdigest()[:16] + "-" + posixpath.basename(uri),
-    )
-    if not os.path.exists(target):
-        partial = f"{target}.{uuid.uuid4().hex}"
-        with (
-            storage_errors(uri),
-            FileSystems.open(uri, compression_type="uncompressed") as source,
-            open(partial, "wb") as out,
-        ):
-            for chunk in iter(lambda: source.read(1 << 24), b""):
-                out.write(chunk)
-        os.replace(partial, target)
-    return target
-
-
-def write_atomically(uri: str, data: bytes) -> None:
-    """Writes to a temporary name beside ``uri`` and renames, so readers never see half a file."""
-    temporary = f"{uri}.tmp-{uuid.uuid4().hex}"
-    with FileSystems.create(temporary) as handle:
-        handle.write(data)
-    if FileSystems.exists(uri):
-        FileSystems.delete([uri])
-    FileSystems.rename([temporary], [uri])
-
-
-def check_writable(uri: str, flag: str) -> None:
-    """Fails now, not after the work, where a local output cannot be written (a file where a
-    folder should be, no permission): writes and deletes an empty file beside it. Object stores
-    are left to their first write."""
-    if "://" in uri and not uri.startswith("file://"):
-        return
-    path = uri.removeprefix("file://")
-    probe = os.path.join(os.path.dirname(os.path.abspath(path)), f".anchorscan-probe-{uuid.uuid4().hex}")
-    try:
-        os.makedirs(os.path.dirname(probe), exist_ok=True)
-        with open(probe, "wb"):
-            pass
-        os.unlink(probe)
-    except FileExistsError:  # makedirs: a file stands where the folder should be
-        raise UnwritableOutputError(
-            f"cannot write {flag} {uri}: {os.path.dirname(probe)} or a "
-            "folder above it is a file, not a folder"
-        ) from None
-    except OSError as error:
-        where = f" ({error.filename})" if error.filename else ""
-        raise UnwritableOutputError(f"cannot write {flag} {uri}: {error.strerror or error}{where}") from None
+gcs.ANONYMOUS_HOOKS.append(_tell_beam_anonymous)
 
 
 def matching_files(pattern: str) -> list[str]:
@@ -193,10 +120,7 @@ def expand_input(pattern: str):
 
 def _list_remote(pattern: str):
     directory = pattern.rstrip("/")
-    if (
-        not any(c in pattern for c in GLOB_CHARACTERS)
-        and FileSystems.match([directory + "/*"], limits=[1])[0].metadata_list
-    ):
+    if not has_glob(pattern) and FileSystems.match([directory + "/*"], limits=[1])[0].metadata_list:
         # Object stores have no directories: a prefix with objects below it counts as one.
         matches = [
             m.path for m in FileSystems.match([directory + "/**"])[0].metadata_list if is_image_path(m.path)
@@ -208,7 +132,7 @@ def _list_remote(pattern: str):
 
 
 def _list_local(path: str):
-    if not any(c in path for c in GLOB_CHARACTERS):
+    if not has_glob(path):
         folder = path.rstrip("/") or "/"
         if os.path.isdir(folder):
             yield from _walk(folder, None, is_image_path)
@@ -216,7 +140,7 @@ def _list_local(path: str):
             yield "uri", uri_text(path)
         return
     parts = path.split("/")
-    fixed = next(i for i, part in enumerate(parts) if any(c in part for c in GLOB_CHARACTERS))
+    fixed = next(i for i, part in enumerate(parts) if has_glob(part))
     below = parts[fixed:]
     depth = None if any("**" in part for part in below) else len(below)
     pattern = re.compile(FileSystem.translate_pattern(path))

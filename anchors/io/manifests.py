@@ -10,9 +10,9 @@ import os
 import posixpath
 
 from anchorscan.anchors.errors import UserError
+from anchorscan.anchors.io.uris import has_glob, is_remote
 
 MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
-GLOB_CHARACTERS = "*?["
 
 
 class ManifestError(UserError, ValueError):
@@ -20,14 +20,14 @@ class ManifestError(UserError, ValueError):
 
 
 def is_manifest(pattern: str) -> bool:
-    return pattern.lower().endswith(MANIFEST_EXTENSIONS) and not any(c in pattern for c in GLOB_CHARACTERS)
+    return pattern.lower().endswith(MANIFEST_EXTENSIONS) and not has_glob(pattern)
 
 
 def resolve(manifest: str, entry: str) -> str:
     """An entry's URI: as written when absolute or scheme-qualified, else beside the manifest."""
     if "://" in entry or entry.startswith("/"):
         return entry
-    if "://" in manifest:
+    if is_remote(manifest):
         return posixpath.join(posixpath.dirname(manifest), entry)
     return os.path.join(os.path.dirname(os.path.abspath(manifest)), entry)
 

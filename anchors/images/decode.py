@@ -16,8 +16,6 @@ from PIL import Image, ImageFilter
 
 from anchorscan.anchors.errors import UsageError, exception_name
 
-# The files a folder input scans and a dataset reader lists.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif")
 # The only formats Pillow may open, whatever a file's name says: never PostScript or PDF (which
 # Pillow hands to Ghostscript where it is installed), nor the dozens of rarer plugins. A JPEG
 # with a camera's multi-picture data opens as JPEG (Pillow's MPO).
@@ -84,10 +82,6 @@ PERTURBATION_HELP = (
     "jpeg:QUALITY, webp:QUALITY, png, blur:SIGMA, defocus:RADIUS, motion:LENGTH, "
     "thumbnail:SCALE, median:SIZE or scale:FACTOR"
 )
-
-
-def is_image_path(path: str) -> bool:
-    return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def parse_perturbation(spec: str | None):

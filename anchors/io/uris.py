@@ -11,6 +11,23 @@ import os
 import urllib.parse
 
 FILE_SCHEME = "file://"
+GLOB_CHARACTERS = "*?["
+# The files a folder input scans and a dataset reader lists.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif")
+
+
+def has_glob(pattern: str) -> bool:
+    return any(character in pattern for character in GLOB_CHARACTERS)
+
+
+def glob_prefix(pattern: str) -> str:
+    """The part of ``pattern`` before its first glob character."""
+    positions = [pattern.index(c) for c in GLOB_CHARACTERS if c in pattern]
+    return pattern[: min(positions)] if positions else pattern
+
+
+def is_image_path(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def is_remote(uri: str) -> bool:

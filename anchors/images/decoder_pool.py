@@ -5,7 +5,7 @@ child process instead: past its timeout the child is killed and a fresh one take
 at most ``processes`` decodes exist at once and none outlives its timeout. A decoder that
 crashes (a segfault in a C plugin) costs its own image too.
 
-Children are fresh interpreters (``python -m anchorscan.anchors.decoder_pool``), not forks of
+Children are fresh interpreters (``python -m anchorscan.anchors.images.decoder_pool``), not forks of
 the worker, whose threads (gRPC, torch) a fork would copy mid-state, nor multiprocessing's
 spawned processes, which re-import the caller's main script. A child exits when its parent
 does, even in the middle of a decode."""
@@ -28,7 +28,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from anchorscan.anchors.errors import exception_name
-from anchorscan.anchors.preprocess import DecodeError
+from anchorscan.anchors.images.decode import DecodeError
 
 # Starting an interpreter that imports numpy and Pillow: a second when idle, more when loaded.
 START_TIMEOUT = 120.0
@@ -96,7 +96,7 @@ class _Worker:
     def __init__(self, decode: bytes):
         ours, theirs = socket.socketpair()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "anchorscan.anchors.decoder_pool", str(theirs.fileno())],
+            [sys.executable, "-m", "anchorscan.anchors.images.decoder_pool", str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
         )
