@@ -26,7 +26,7 @@ from anchorscan.anchors.calibration import (
 )
 from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.forensic import ForensicModel
-from anchorscan.anchors.softness import LEVEL_SETS
+from anchorscan.anchors.softness import LEVEL_SETS, level_names
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.stats import Moments
 
@@ -351,7 +351,20 @@ class Anchor:
     def with_statistics(self, statistics: dict[str, Moments], lineage: tuple[str, ...]) -> Anchor:
         """An uncalibrated anchor of the same spec and configuration on other statistics (as
         ``statistics`` names them); its models are derived from them afresh."""
-        levels = self.forensic.level_names
+        return Anchor.from_statistics(self.spec, self.config, statistics, lineage, self.forensic.level_names)
+
+    @classmethod
+    def from_statistics(
+        cls,
+        spec: FeatureSpec,
+        config: AnchorConfig,
+        statistics: dict[str, Moments],
+        lineage: tuple[str, ...] = (),
+        levels: tuple[str, ...] | None = None,
+    ) -> Anchor:
+        """An uncalibrated anchor on named statistics: ``backbone``, ``forensic.<level>`` for
+        each of ``levels`` (default: the configuration's level set) and ``flag.<generator>``."""
+        levels = levels or level_names(config.forensic_levels)
         known = {"backbone", *(f"forensic.{level}" for level in levels)}
         flagged = {
             name[len("flag.") :]: moments for name, moments in statistics.items() if name.startswith("flag.")
@@ -362,7 +375,7 @@ class Anchor:
                 f"statistics {sorted(statistics)} do not fit this anchor's channels {sorted(known)}"
             )
         forensic = ForensicModel(levels, [statistics[f"forensic.{level}"] for level in levels])
-        return Anchor.uncalibrated(self.spec, statistics["backbone"], forensic, self.config, flagged, lineage)
+        return cls.uncalibrated(spec, statistics["backbone"], forensic, config, flagged, lineage)
 
     def distances(self, features: np.ndarray) -> dict[str, np.ndarray]:
         """Every component's distance for (b, spec.dim) feature rows, and ``softness``: the

@@ -13,21 +13,8 @@ import numpy as np
 from anchorscan.anchors.anchor import Anchor, AnchorConfig
 from anchorscan.anchors.anchor_file import statistics_id
 from anchorscan.anchors.calibration import MIN_CALIBRATION, NUM_QUANTILES, CalibrationRows
+from anchorscan.anchors.statistics import Statistics
 from anchorscan.anchors.stats import Moments
-
-
-def split_levels(joint: Moments, level_names: tuple[str, ...]) -> dict[str, Moments]:
-    """Moments of the forensic features at every level side by side (L * p wide, as the fit's
-    extractor makes them) -> ``forensic.<level>`` moments (the diagonal blocks)."""
-    width = joint.dim // len(level_names)
-    return {
-        f"forensic.{name}": Moments.from_arrays(
-            joint.n,
-            joint.mean[j * width : (j + 1) * width],
-            joint.m2[j * width : (j + 1) * width, j * width : (j + 1) * width],
-        )
-        for j, name in enumerate(level_names)
-    }
 
 
 def merged_statistics(
@@ -78,20 +65,13 @@ def child_lineage(anchor: Anchor, forgetting: float = 1.0) -> tuple[str, ...]:
     return anchor.lineage + (statistics_id(anchor.statistics()),)
 
 
-def updated(
-    anchor: Anchor,
-    backbone: Moments,
-    forensic_levels: Moments,
-    held_out: CalibrationRows | None,
-    forgetting: float = 1.0,
-) -> Anchor:
-    """``anchor`` with more real images: the backbone part's moments, the forensic moments of
-    every level side by side, and the held-out images' rows."""
-    additions = {"backbone": backbone, **split_levels(forensic_levels, anchor.forensic.level_names)}
+def updated(anchor: Anchor, additions: Statistics, forgetting: float = 1.0) -> Anchor:
+    """``anchor`` with more real images: their named statistics (``backbone``,
+    ``forensic.<level>``) merged in, calibrated again with their held-out rows."""
     return recalibrated(
         anchor,
-        merged_statistics(anchor.statistics(), additions, forgetting),
-        held_out,
+        merged_statistics(anchor.statistics(), additions.moments, forgetting),
+        additions.held_out,
         child_lineage(anchor, forgetting),
     )
 

@@ -1,28 +1,26 @@
-"""The steps every pipeline builds the same way from its flags: the anchor, decode and embed."""
+"""The steps every pipeline builds the same way from its flags: the chain's settings
+(list, read, decode, embed), the driver's extractor and the anchor a command starts from."""
 
 from __future__ import annotations
 
 import dataclasses
 
-import apache_beam as beam
-
 from anchorscan.anchors.anchor_file import verified_contents
 from anchorscan.anchors.io.fetch import HttpConfig
 from anchorscan.anchors.io.gcs import check_paths
+from anchorscan.anchors.io.sources import ReadLimits
 from anchorscan.anchors.io.storage import check_writable, local_copy, read_bytes
 from anchorscan.anchors.models.features import BackboneConfig, FeatureExtractor
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.pipelines.options import (
     backbone_config,
-    decode_limits,
     decode_processes,
     http_config,
     torch_threads,
 )
-from anchorscan.transforms.decode import DecodeImages
-from anchorscan.transforms.inference import EmbedImages, FeatureModelHandler
-from anchorscan.transforms.listing import ListInputs
-from anchorscan.transforms.scoring import load_anchor
+from anchorscan.transforms.chain import Steps
+from anchorscan.transforms.decode import DecodeSettings
+from anchorscan.transforms.inference import FeatureModelHandler
 
 
 def driver_extractor(config: BackboneConfig) -> FeatureExtractor:
@@ -32,34 +30,36 @@ def driver_extractor(config: BackboneConfig) -> FeatureExtractor:
     return dataclasses.replace(config, weights=weights, device="cpu", runtime="torch").build()
 
 
-def decode_step(args, options, preprocessing: dict, previous=None) -> DecodeImages:
-    return DecodeImages(
-        preprocessing,
-        decode_limits(args),
-        previous,
-        processes=decode_processes(args, options),
-        ahead=args.decode_ahead or args.batch_size,
+def chain_steps(args, options, config: BackboneConfig, extractor: FeatureExtractor) -> Steps:
+    """How the chain's steps run, from a command's flags (see pipelines/options.py)."""
+    preprocessing = extractor.backbone.preprocessing
+    limits = ReadLimits(
+        args.max_bytes,
+        args.read_timeout,
         # stream watches storage, not web servers: it has no http flags
-        http=http_config(args) if hasattr(args, "http_timeout") else HttpConfig(),
+        http_config(args) if hasattr(args, "http_timeout") else HttpConfig(),
     )
-
-
-def embed_step(
-    args, options, config: BackboneConfig, extractor: FeatureExtractor, softened: tuple = ()
-) -> EmbedImages:
+    decoding = DecodeSettings(
+        preprocessing["crop"],
+        preprocessing["resize"],
+        args.max_pixels,
+        args.min_side,
+        args.decode_timeout,
+        getattr(args, "perturbation", None),
+        decode_processes(args, options),
+        args.decode_ahead or args.batch_size,
+    )
     # Fixed-size batches: memory is bounded from the first batch on, and an image's features
     # do not depend on how the runner happened to batch it.
-    return EmbedImages(
-        FeatureModelHandler(
-            config,
-            extractor.spec.digest(),
-            min_batch_size=args.batch_size,
-            max_batch_size=args.batch_size,
-            torch_threads=torch_threads(args, options),
-            large_model=args.large_model,
-            softened=softened,
-        )
+    handler = FeatureModelHandler(
+        config,
+        extractor.spec.digest(),
+        min_batch_size=args.batch_size,
+        max_batch_size=args.batch_size,
+        torch_threads=torch_threads(args, options),
+        large_model=args.large_model,
     )
+    return Steps(limits, decoding, handler)
 
 
 def anchor_and_extractor(args):
@@ -74,22 +74,3 @@ def anchor_and_extractor(args):
     extractor = driver_extractor(backbone)
     spec.require_same(extractor.spec, f"anchor {args.anchor}")
     return tensors, metadata, spec, backbone, extractor
-
-
-def anchor_model(pipeline, uri: str):
-    """The anchor file's model as a one-element PCollection, read where the pipeline runs."""
-    return (
-        pipeline
-        | "AnchorUri" >> beam.Create([uri])
-        | "LoadAnchor" >> beam.Map(lambda anchor_uri: load_anchor(anchor_uri)[0])
-    )
-
-
-def list_and_embed(
-    pipeline, args, options, backbone: BackboneConfig, extractor: FeatureExtractor, softened: tuple = ()
-):
-    """--input's images listed, decoded and embedded: (embedded rows, their error rows)."""
-    uris, list_errors = pipeline | "List" >> ListInputs(args.input)
-    images, decode_errors, _ = uris | "Decode" >> decode_step(args, options, extractor.backbone.preprocessing)
-    embedded, embed_errors = images | "Embed" >> embed_step(args, options, backbone, extractor, softened)
-    return embedded, (list_errors, decode_errors, embed_errors)

@@ -165,7 +165,7 @@ def evaluate_once(images, args, options, folder: str, perturbation: str | None) 
     inputs = FileSystems.join(folder, "inputs.txt")
     write_atomically(inputs, ("\n".join(image.uri for image in images) + "\n").encode())
     prefix = FileSystems.join(folder, "scores")
-    score.score(score_args(args, inputs, prefix, perturbation), options)
+    score.scan(score_args(args, inputs, prefix, perturbation), options)
     rows = read_parquet_rows(prefix + "-scores-*.parquet", columns=["uri", "score"])
     labels = {image.uri: (image.label, image.generator) for image in images}
     # The anchor calls an image suspect above its threshold; a head above 0.

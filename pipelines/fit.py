@@ -10,8 +10,8 @@ from anchorscan.anchors.anchor import CHANNELS, COMBINERS, STATISTICAL_MODES, An
 from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.storage import check_writable, read_bytes
-from anchorscan.anchors.softness import LEVEL_SETS
-from anchorscan.pipelines.common import decode_step, driver_extractor, embed_step
+from anchorscan.anchors.softness import LEVEL_SETS, softened
+from anchorscan.pipelines.common import chain_steps, driver_extractor
 from anchorscan.pipelines.options import (
     INPUT_HELP,
     add_backbone_args,
@@ -25,8 +25,8 @@ from anchorscan.pipelines.options import (
     error_total,
     parse,
 )
+from anchorscan.transforms.chain import ImageFeatures
 from anchorscan.transforms.fitting import FitAnchor
-from anchorscan.transforms.listing import ListInputs
 from anchorscan.transforms.sinks import WriteErrors
 
 
@@ -115,20 +115,11 @@ def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
 
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=options)
-    uris, list_errors = pipeline | "List" >> ListInputs(args.input)
-    images, decode_errors, _ = uris | "Decode" >> decode_step(args, options, extractor.backbone.preprocessing)
-    # The forensic channel's softness levels are simulated on each real crop while it is decoded.
-    softened = tuple(how for _, how in LEVEL_SETS[config.forensic_levels][1:])
-    embedded, embed_errors = images | "Embed" >> embed_step(args, options, backbone, extractor, softened)
-    _ = embedded | "Fit" >> FitAnchor(
-        args.anchor,
-        extractor.spec,
-        config,
-        extractor.projection,
-        args.calibration_fraction,
-        args.calibration_group,
-    )
-    _ = (list_errors, decode_errors, embed_errors) | WriteErrors(args.errors or args.anchor)
+    # The forensic channel's softness levels are simulated on each real crop as it is embedded.
+    steps = chain_steps(args, options, backbone, extractor).with_softened(softened(config.forensic_levels))
+    real = pipeline | "Real" >> ImageFeatures(args.input, steps)
+    _ = real.embedded | "Fit" >> FitAnchor(args.anchor, extractor.spec, config, extractor.projection)
+    _ = real.errors | WriteErrors(args.errors or args.anchor)
     result = pipeline.run()
     if not wait:
         return {"anchor": args.anchor}

@@ -21,7 +21,8 @@ from anchorscan.anchors.heads import (
 )
 from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.storage import check_writable, read_bytes, write_atomically
-from anchorscan.pipelines.common import decode_step, driver_extractor, embed_step
+from anchorscan.anchors.statistics import StatisticsLayout
+from anchorscan.pipelines.common import chain_steps, driver_extractor
 from anchorscan.pipelines.options import (
     INPUT_HELP,
     add_backbone_args,
@@ -34,9 +35,9 @@ from anchorscan.pipelines.options import (
     error_total,
     parse,
 )
-from anchorscan.transforms.combine import MomentsCombineFn
-from anchorscan.transforms.listing import ListInputs
+from anchorscan.transforms.chain import ImageFeatures
 from anchorscan.transforms.sinks import WriteErrors
+from anchorscan.transforms.statistics import AccumulateStatisticsPerKey
 
 
 def parser():
@@ -85,10 +86,11 @@ def _fit_from_banks(_, banks: dict, kind: str, spec, k: int):
     return LogisticHead.fit(spec, features, labels)
 
 
-def _fit_lda(_, moments: dict, spec, parts: str):
-    if REAL not in moments or FAKE not in moments:
+def _fit_lda(_, statistics: dict, spec, parts: str):
+    if REAL not in statistics or FAKE not in statistics:
         raise NotEnoughImagesError("a head needs both real and fake images that can be embedded")
-    return LinearProbeHead.fit(spec, moments[REAL], moments[FAKE], parts)
+    real, fake = (statistics[label].moments["class"] for label in (REAL, FAKE))
+    return LinearProbeHead.fit(spec, real, fake, parts)
 
 
 def run(argv=None, test_pipeline=None):
@@ -106,27 +108,27 @@ def run(argv=None, test_pipeline=None):
 
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=options)
-    vectors, errors = [], []
+    steps = chain_steps(args, options, backbone, extractor)
+    classes, errors = [], []
     for label, name, patterns in ((REAL, "Real", args.real), (FAKE, "Fake", args.fake)):
-        uris, list_errors = pipeline | f"List{name}" >> ListInputs(patterns, f"{name.lower()} images")
-        images, decode_errors, _ = uris | f"Decode{name}" >> decode_step(
-            args, options, extractor.backbone.preprocessing
-        )
-        embedded, embed_errors = images | f"Embed{name}" >> embed_step(args, options, backbone, extractor)
-        vectors.append(embedded | f"{name}Vectors" >> beam.Map(lambda row, label=label: (label, row[1][0])))
-        errors += [list_errors, decode_errors, embed_errors]
-    labelled = tuple(vectors) | "Labelled" >> beam.Flatten()
+        images = pipeline | name >> ImageFeatures(patterns, steps, progress_label=f"{name.lower()} images")
+        classes.append(images.embedded | f"{name}Label" >> beam.Map(lambda row, label=label: (label, row)))
+        errors += images.errors
+    labelled = tuple(classes) | "Labelled" >> beam.Flatten()
     once = pipeline | "Once" >> beam.Create([None])
     if args.kind == "lda":
-        moments = (
+        statistics = (
             labelled
-            | "ClassMoments" >> beam.CombinePerKey(MomentsCombineFn(spec.dim))
-            | "MomentsByClass" >> beam.combiners.ToDict()
+            | "ClassStatistics" >> AccumulateStatisticsPerKey(StatisticsLayout.whole("class", spec.dim))
+            | "ByClass" >> beam.combiners.ToDict()
         )
-        head = once | "FitHead" >> beam.Map(_fit_lda, beam.pvalue.AsSingleton(moments), spec, args.features)
+        head = once | "FitHead" >> beam.Map(
+            _fit_lda, beam.pvalue.AsSingleton(statistics), spec, args.features
+        )
     else:
         banks = (
             labelled
+            | "Vectors" >> beam.Map(lambda pair: (pair[0], pair[1][1][0]))
             | "Banks" >> beam.combiners.Sample.FixedSizePerKey(args.max_per_class)
             | "BanksByClass" >> beam.combiners.ToDict()
         )

@@ -9,7 +9,7 @@ import apache_beam as beam
 
 from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.io.storage import read_bytes
-from anchorscan.pipelines.common import anchor_and_extractor, anchor_model, list_and_embed
+from anchorscan.pipelines.common import anchor_and_extractor, chain_steps
 from anchorscan.pipelines.options import (
     INPUT_HELP,
     add_decoding_args,
@@ -19,8 +19,9 @@ from anchorscan.pipelines.options import (
     error_total,
     parse,
 )
+from anchorscan.transforms.chain import ImageFeatures
+from anchorscan.transforms.fitting import FlagGenerator, LoadAnchor
 from anchorscan.transforms.sinks import WriteErrors
-from anchorscan.transforms.updating import FlagGenerator
 
 
 def parser():
@@ -54,12 +55,12 @@ def run(argv=None, test_pipeline=None) -> dict:
 
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=options)
-    anchor = anchor_model(pipeline, args.anchor)
-    embedded, errors = list_and_embed(pipeline, args, options, backbone, extractor)
-    _ = embedded | "Flag" >> FlagGenerator(
+    anchor = pipeline | "Anchor" >> LoadAnchor(args.anchor)
+    images = pipeline | "Images" >> ImageFeatures(args.input, chain_steps(args, options, backbone, extractor))
+    _ = images.embedded | "Flag" >> FlagGenerator(
         anchor, args.output, spec, tensors.get("projection"), args.generator
     )
-    _ = errors | WriteErrors(args.errors or args.output)
+    _ = images.errors | WriteErrors(args.errors or args.output)
     result = pipeline.run()
     result.wait_until_finish()
 

@@ -13,6 +13,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.images.decode import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, PERTURBATION_HELP
 from anchorscan.anchors.io.fetch import HttpConfig
+from anchorscan.anchors.io.sources import DEFAULT_MAX_BYTES, DEFAULT_READ_TIMEOUT
 from anchorscan.anchors.models.backbones import (
     ATTENTION_MODES,
     BACKBONE_NAMES,
@@ -21,7 +22,7 @@ from anchorscan.anchors.models.backbones import (
 )
 from anchorscan.anchors.models.features import PRECISIONS, RUNTIMES, BackboneConfig
 from anchorscan.anchors.spec import FeatureSpec
-from anchorscan.transforms.decode import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_BYTES, DEFAULT_READ_TIMEOUT
+from anchorscan.transforms.decode import DEFAULT_DECODE_TIMEOUT
 from anchorscan.transforms.inference import DEFAULT_BATCH_SIZE
 
 # The default local runner would first try to download the Prism binary; offline that fails
@@ -259,17 +260,6 @@ def decode_processes(args, options: PipelineOptions) -> int:
     if str(options.view_as(StandardOptions).runner) not in LOCAL_RUNNERS:
         return 1
     return max(1, (os.cpu_count() or 1) // _local_workers(options))
-
-
-def decode_limits(args) -> dict:
-    return {
-        "max_pixels": args.max_pixels,
-        "max_bytes": args.max_bytes,
-        "min_side": args.min_side,
-        "decode_timeout": args.decode_timeout,
-        "read_timeout": args.read_timeout,
-        "perturbation": getattr(args, "perturbation", None),
-    }
 
 
 def counter_totals(result) -> dict[str, int]:

@@ -12,7 +12,7 @@ from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.storage import read_bytes
 from anchorscan.anchors.spec import FeatureSpec
-from anchorscan.pipelines.common import decode_step, driver_extractor, embed_step
+from anchorscan.pipelines.common import chain_steps, driver_extractor
 from anchorscan.pipelines.options import (
     INPUT_HELP,
     add_decoding_args,
@@ -24,9 +24,9 @@ from anchorscan.pipelines.options import (
     counter_totals,
     parse,
 )
-from anchorscan.transforms.carried import CarryManifestColumns, carried_columns, score_schema
-from anchorscan.transforms.listing import ListInputs
-from anchorscan.transforms.scoring import ScoreFeatures, load_head
+from anchorscan.transforms.carried import carried_columns, score_schema
+from anchorscan.transforms.chain import ImageFeatures
+from anchorscan.transforms.scoring import ScoreChoices, ScoreFeatures, load_head, reused_row
 from anchorscan.transforms.sinks import (
     PrefixLock,
     ReadPreviousScores,
@@ -90,10 +90,10 @@ def parser():
 
 def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
     args, options = parse(parser(), argv)
-    return score(args, options, test_pipeline, wait)
+    return scan(args, options, test_pipeline, wait)
 
 
-def score(args, options, test_pipeline=None, wait: bool = True) -> dict:
+def scan(args, options, test_pipeline=None, wait: bool = True) -> dict:
     """The scan that ``args`` (this command's flags) describe; ``wait=False`` (a Flex template's
     launcher) returns once the job is submitted."""
     check_paths([*args.input, args.anchor, args.output, args.head, args.skip_scored, args.weights])
@@ -143,28 +143,22 @@ def run_scan(
     carried: list,
     test_pipeline=None,
 ):
-    """List, decode, embed, score, carry the manifests' columns, write: the pipeline, started."""
+    """Read, decode, embed, score, write: the pipeline, started. Each row carries the columns
+    its manifest lists for it (``carried``)."""
     pipeline = test_pipeline or beam.Pipeline(options=options)
     previous = (
         pipeline | "Previous" >> ReadPreviousScores(previous_tables, detector, head)
         if args.skip_scored
         else None
     )
-    uris, list_errors = pipeline | "List" >> ListInputs(args.input)
-    images, decode_errors, reused = uris | "Decode" >> decode_step(
-        args, options, extractor.backbone.preprocessing, previous
-    )
-    embedded, embed_errors = images | "Embed" >> embed_step(args, options, backbone, extractor)
-    rows, score_errors = embedded | "Score" >> ScoreFeatures(
-        args.anchor, args.combine, args.statistical, args.channels, args.head, args.with_anchor
-    )
-    _ = (
-        (rows, reused)
-        | "AllScores" >> beam.Flatten()
-        | "Carry" >> CarryManifestColumns(args.input, carried)
-        | WriteScores(args.output, score_schema(carried))
-    )
-    _ = (list_errors, decode_errors, embed_errors, score_errors) | WriteErrors(args.output)
+    steps = chain_steps(args, options, backbone, extractor)
+    names = tuple(name for name, _ in carried)
+    scanned = pipeline | "Images" >> ImageFeatures(args.input, steps, names, previous)
+    choices = ScoreChoices(args.combine, args.statistical, args.channels, args.with_anchor)
+    rows, score_errors = scanned.embedded | "Score" >> ScoreFeatures(args.anchor, choices, args.head, carried)
+    reused = scanned.reused | "Reused" >> beam.Map(reused_row, carried)
+    _ = (rows, reused) | "AllScores" >> beam.Flatten() | WriteScores(args.output, score_schema(carried))
+    _ = (*scanned.errors, score_errors) | WriteErrors(args.output)
     return pipeline.run()
 
 

@@ -17,10 +17,10 @@ from anchorscan.anchors.anchor import AnchorConfig
 from anchorscan.anchors.anchor_file import verified_contents
 from anchorscan.anchors.io.storage import read_bytes
 from anchorscan.anchors.io.uris import has_glob
-from anchorscan.anchors.softness import LEVEL_SETS
+from anchorscan.anchors.softness import softened
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.tables import ERROR_SCHEMA, SCORE_SCHEMA
-from anchorscan.pipelines.common import decode_step, driver_extractor, embed_step
+from anchorscan.pipelines.common import chain_steps, driver_extractor
 from anchorscan.pipelines.options import (
     add_decoding_args,
     add_runtime_args,
@@ -28,6 +28,8 @@ from anchorscan.pipelines.options import (
     command_parser,
     parse,
 )
+from anchorscan.transforms.chain import EmbedUnits
+from anchorscan.transforms.fitting import anchor_layout
 from anchorscan.transforms.streaming import (
     AnchorReferences,
     LearnReal,
@@ -161,27 +163,24 @@ def stream_graph(args, options, files, ticks, learn=None) -> None:
     backbone = backbone_config(args, spec)
     extractor = driver_extractor(backbone)
     spec.require_same(extractor.spec, f"anchor {args.anchor}")
+    steps = chain_steps(args, options, backbone, extractor)
     references = ticks | "AnchorReferences" >> AnchorReferences(args.window_seconds)
-    uris = files | "NewImages" >> NewImages(args.window_seconds)
-    images, decode_errors, _ = uris | "Decode" >> decode_step(args, options, extractor.backbone.preprocessing)
-    embedded, embed_errors = images | "Embed" >> embed_step(args, options, backbone, extractor)
-    rows, score_errors = embedded | "Score" >> ScoreWindows(references)
+    scanned = files | "NewImages" >> NewImages(args.window_seconds) | "Features" >> EmbedUnits(steps)
+    rows, score_errors = scanned.embedded | "Score" >> ScoreWindows(references)
     _ = rows | "WriteScores" >> WriteWindowedParquet(args.output, "scores", SCORE_SCHEMA)
+    errors = [*scanned.errors, score_errors]
+    if learn is not None:
+        real = (
+            learn
+            | "NewReal" >> NewImages(args.window_seconds)
+            | "RealFeatures" >> EmbedUnits(steps.with_softened(softened(config.forensic_levels)))
+        )
+        _ = real.embedded | "LearnReal" >> LearnReal(
+            args.anchor, anchor_layout(spec, config), tensors.get("projection")
+        )
+        errors += real.errors
     _ = (
-        (decode_errors, embed_errors, score_errors)
+        tuple(errors)
         | "Errors" >> beam.Flatten()
         | "WriteErrors" >> WriteWindowedParquet(args.output, "errors", ERROR_SCHEMA)
     )
-    if learn is not None:
-        levels = LEVEL_SETS[config.forensic_levels]
-        softened = tuple(how for _, how in levels[1:])
-        real = learn | "NewReal" >> NewImages(args.window_seconds)
-        real_images, _, _ = real | "DecodeReal" >> decode_step(
-            args, options, extractor.backbone.preprocessing
-        )
-        real_embedded, _ = real_images | "EmbedReal" >> embed_step(
-            args, options, backbone, extractor, softened
-        )
-        _ = real_embedded | "LearnReal" >> LearnReal(
-            args.anchor, spec, config, len(levels), tensors.get("projection")
-        )

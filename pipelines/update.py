@@ -11,9 +11,9 @@ from anchorscan.anchors.anchor import AnchorConfig
 from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.io.storage import read_bytes
-from anchorscan.anchors.softness import LEVEL_SETS
+from anchorscan.anchors.softness import softened
 from anchorscan.anchors.updating import admission_threshold
-from anchorscan.pipelines.common import anchor_and_extractor, anchor_model, list_and_embed
+from anchorscan.pipelines.common import anchor_and_extractor, chain_steps
 from anchorscan.pipelines.options import (
     INPUT_HELP,
     add_decoding_args,
@@ -23,8 +23,9 @@ from anchorscan.pipelines.options import (
     error_total,
     parse,
 )
+from anchorscan.transforms.chain import ImageFeatures
+from anchorscan.transforms.fitting import LoadAnchor, UpdateAnchor, WriteRefused
 from anchorscan.transforms.sinks import WriteErrors
-from anchorscan.transforms.updating import UpdateAnchor, WriteRefused
 
 
 def parser():
@@ -68,15 +69,15 @@ def run(argv=None, test_pipeline=None) -> dict:
 
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=options)
-    anchor = anchor_model(pipeline, args.anchor)
-    softened = tuple(how for _, how in LEVEL_SETS[config.forensic_levels][1:])
-    embedded, errors = list_and_embed(pipeline, args, options, backbone, extractor, softened)
-    _, refused = embedded | "Update" >> UpdateAnchor(
+    anchor = pipeline | "Anchor" >> LoadAnchor(args.anchor)
+    steps = chain_steps(args, options, backbone, extractor).with_softened(softened(config.forensic_levels))
+    real = pipeline | "Real" >> ImageFeatures(args.input, steps)
+    _, refused = real.embedded | "Update" >> UpdateAnchor(
         anchor, args.output, spec, config, tensors.get("projection"), threshold, args.forgetting
     )
     prefix = args.errors or args.output
     _ = refused | WriteRefused(prefix)
-    _ = errors | WriteErrors(prefix)
+    _ = real.errors | WriteErrors(prefix)
     result = pipeline.run()
     result.wait_until_finish()
 

@@ -118,11 +118,10 @@ def fit_by_hash(
     """What `fit` computes, in memory: hold out by the URI hash rule, merge the rest's
     statistics, calibrate on the held-out images (rows as ``leveled_rows`` makes them)."""
     from anchorscan.anchors.calibration import holds_out, uri_key
-    from anchorscan.anchors.updating import split_levels
 
     held = np.array([holds_out(uri, config.calibration_fraction, config.calibration_group) for uri in uris])
     fitted = rows[~held]
-    levels = split_levels(Moments.of(fitted[:, spec.d_backbone :]), LEVELS)
+    levels = level_moments(fitted, spec)
     forensic = ForensicModel(LEVELS, [levels[f"forensic.{name}"] for name in LEVELS])
     keys = np.array([uri_key(uri) for uri, h in zip(uris, held) if h], dtype=np.uint64)
     return Anchor.fit(
@@ -140,6 +139,7 @@ def update_by_hash(
 ) -> Anchor:
     """What `update` computes, in memory: the guard, the same hold-out rule, the merge."""
     from anchorscan.anchors.calibration import CalibrationRows, holds_out, uri_key
+    from anchorscan.anchors.statistics import Statistics
     from anchorscan.anchors.updating import admission_threshold, admitted, updated
 
     keep = admitted(anchor, rows, admission_threshold(anchor.config, admit))
@@ -151,4 +151,19 @@ def update_by_hash(
     held_out = CalibrationRows(
         [uri_key(uri) for uri, h in zip(uris, held) if h], rows[held][:, : anchor.spec.dim]
     )
-    return updated(anchor, Moments.of(fitted[:, :d]), Moments.of(fitted[:, d:]), held_out, forgetting)
+    additions = {"backbone": Moments.of(fitted[:, :d]), **level_moments(fitted, anchor.spec)}
+    return updated(anchor, Statistics(additions, held_out), forgetting)
+
+
+def level_moments(rows: np.ndarray, spec: FeatureSpec) -> dict[str, Moments]:
+    """``forensic.<level>`` moments of rows with every level side by side (as fit's are)."""
+    start, width = spec.d_backbone, spec.d_forensic
+    return {
+        f"forensic.{name}": Moments.of(rows[:, start + j * width : start + (j + 1) * width])
+        for j, name in enumerate(LEVELS)
+    }
+
+
+def listed(items) -> list[tuple[str, object]]:
+    """A listing's ('unit', Unit) items as ('uri', uri), its ('error', row) items as they are."""
+    return [("uri", value.uri) if kind == "unit" else (kind, value) for kind, value in items]

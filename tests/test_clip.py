@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import pickle
 import warnings
 
@@ -242,6 +243,6 @@ def test_vit_l14_end_to_end_from_an_openai_format_file(real_photos, tmp_path):
     assert summary["scored"] == len(rows) > 0
     from anchorscan.anchors.anchor_file import read_metadata
 
-    metadata = read_metadata(anchor.read_bytes())
+    metadata = read_metadata(pathlib.Path(anchor).read_bytes())
     assert metadata["backbone"] == "clip-vit-l-14" and metadata["d_semantic"] == 768
     assert metadata["layout"]["token_blocks"] == [7, 15, 23]

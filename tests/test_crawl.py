@@ -16,8 +16,9 @@ from apache_beam.testing.util import assert_that, equal_to
 from anchorscan.anchors.io import fetch as fetch_module
 from anchorscan.anchors.tables import SCORE_SCHEMA
 from anchorscan.pipelines import score
-from anchorscan.transforms.carried import CarryManifestColumns, carried_columns, score_schema
-from helpers import RUNNER, read_parquet_rows, write_crops
+from anchorscan.transforms.carried import carried_columns, carried_row, score_schema
+from anchorscan.transforms.listing import ListInputs
+from helpers import RUNNER, listed, read_parquet_rows, write_crops
 from servers import CrawlSite
 
 CRAWLED_AT = datetime.datetime(2026, 3, 1, 12, 30, tzinfo=datetime.timezone.utc)
@@ -70,44 +71,38 @@ def test_columns_and_types_come_from_the_manifest_headers(tmp_path):
     ]
 
 
-def test_rows_join_the_first_manifest_that_lists_their_uri(tmp_path):
+def test_rows_carry_the_columns_of_the_first_manifest_that_lists_their_uri(tmp_path):
     write_parquet_manifest(
         tmp_path / "first.parquet", [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")], [1, 2]
     )
     (tmp_path / "second.csv").write_text("uri,crawl_id\na.jpg,99\nc.jpg,3\n")
-    patterns = [str(tmp_path / "first.parquet"), str(tmp_path / "second.csv")]
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "d.jpg").write_bytes(b"x")  # listed by a folder: no manifest columns
+    patterns = [str(tmp_path / "first.parquet"), str(tmp_path / "second.csv"), str(tmp_path / "more")]
     carried = carried_columns(patterns)
-    rows = [{"uri": str(tmp_path / name), "score": 1.0} for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg")]
+    names = tuple(name for name, _ in carried)
     with beam.Pipeline(options=PipelineOptions(RUNNER)) as pipeline:
-        joined = pipeline | beam.Create(rows) | CarryManifestColumns(patterns, carried)
+        units, _ = pipeline | ListInputs(patterns, names)
+        rows = units | beam.Map(lambda unit: {"uri": unit.uri, **carried_row(unit.carried, carried)})
         assert_that(
-            joined,
+            rows,
             equal_to(
                 [
                     {
                         "uri": str(tmp_path / "a.jpg"),
-                        "score": 1.0,
                         "crawl_id": "1",
                         "crawled_at": CRAWLED_AT,
                         "licence": "cc-by",
                     },
                     {
                         "uri": str(tmp_path / "b.jpg"),
-                        "score": 1.0,
                         "crawl_id": "2",
                         "crawled_at": CRAWLED_AT,
                         "licence": None,
                     },
+                    {"uri": str(tmp_path / "c.jpg"), "crawl_id": "3", "crawled_at": None, "licence": None},
                     {
-                        "uri": str(tmp_path / "c.jpg"),
-                        "score": 1.0,
-                        "crawl_id": "3",
-                        "crawled_at": None,
-                        "licence": None,
-                    },
-                    {
-                        "uri": str(tmp_path / "d.jpg"),
-                        "score": 1.0,
+                        "uri": str(tmp_path / "more/d.jpg"),
                         "crawl_id": None,
                         "crawled_at": None,
                         "licence": None,
@@ -193,9 +188,9 @@ def test_a_crawled_manifest_is_scored_with_its_columns(fitted_anchor, crawl, tmp
 def test_an_http_input_is_one_image_and_an_http_manifest_is_read(crawl):
     from anchorscan.transforms.listing import expand_input
 
-    assert list(expand_input(f"{crawl.url}/img/a.png")) == [("uri", f"{crawl.url}/img/a.png")]
+    assert listed(expand_input(f"{crawl.url}/img/a.png")) == [("uri", f"{crawl.url}/img/a.png")]
     crawl.images["list.txt"] = f"{crawl.url}/img/b.png\nrelative.png\n".encode()
-    assert [value for _, value in expand_input(f"{crawl.url}/img/list.txt")] == [
+    assert [value for _, value in listed(expand_input(f"{crawl.url}/img/list.txt"))] == [
         f"{crawl.url}/img/b.png",
         f"{crawl.url}/img/relative.png",
     ]

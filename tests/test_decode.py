@@ -1,10 +1,12 @@
-"""The decoding DoFn and its worker processes on their own: decodes overlap, yet every URI comes
-out once, in order; a stuck decode, a crashed decoder or a stalled read costs only its own image."""
+"""The read and decode DoFns and the decoder's worker processes on their own: decodes overlap,
+yet every URI comes out once, in order; a stuck decode, a crashed decoder or a stalled read
+costs only its own image."""
 
 from __future__ import annotations
 
 import io
 import os
+import pathlib
 import re
 import threading
 import time
@@ -18,27 +20,41 @@ from PIL import Image
 
 from anchorscan.anchors.images import decode as preprocess
 from anchorscan.anchors.images.decoder_pool import DecodeFailed, DecoderPool
-from anchorscan.transforms import decode as decode_module
-from anchorscan.transforms.decode import ERRORS, DecodeImageFn
+from anchorscan.anchors.io import sources
+from anchorscan.anchors.io.sources import ReadLimits, Unit
+from anchorscan.transforms import read as read_module
+from anchorscan.transforms.decode import ERRORS, DecodeImageFn, DecodeSettings
+from anchorscan.transforms.read import ReadFn
 from helpers import decode_that_sleeps, write_crops
 from hostile import slow_jpeg
 
 
+def unwrapped(output) -> tuple[str | None, object]:
+    tag = output.tag if isinstance(output, beam.pvalue.TaggedOutput) else None
+    value = output.value if tag else output
+    return tag, getattr(value, "value", value)  # WindowedValue or plain
+
+
+def records(uris: list[str], limits: ReadLimits | None = None) -> list:
+    """What the read step makes of ``uris``: records and error rows (tagged), in order."""
+    read = ReadFn(limits or ReadLimits())
+    read.setup()
+    return [output for uri in uris for output in read.process(Unit(uri))]
+
+
 def run_bundle(dofn: DecodeImageFn, uris: list[str]) -> list[tuple[str | None, object]]:
-    """(tag, value) of everything one bundle outputs, in output order."""
+    """(tag, value) of everything the read step and one bundle of ``dofn`` output, in order."""
     dofn.setup()
     dofn.start_bundle()
     outputs = []
-    for uri in uris:
-        outputs += dofn.process(uri, timestamp=MIN_TIMESTAMP, window=GlobalWindow())
+    for item in records(uris):
+        if isinstance(item, beam.pvalue.TaggedOutput):
+            outputs.append(item)
+        else:
+            outputs += dofn.process(item, timestamp=MIN_TIMESTAMP, window=GlobalWindow())
     outputs += dofn.finish_bundle()
     dofn.teardown()
-    unwrapped = []
-    for output in outputs:
-        tag = output.tag if isinstance(output, beam.pvalue.TaggedOutput) else None
-        value = output.value if tag else output
-        unwrapped.append((tag, getattr(value, "value", value)))  # WindowedValue or plain
-    return unwrapped
+    return [unwrapped(output) for output in outputs]
 
 
 def uri_of(tag, value) -> str:
@@ -53,8 +69,10 @@ def crops(tmp_path_factory):
 def test_decoding_ahead_in_processes_gives_what_one_at_a_time_gives(crops):
     missing = "/nonexistent/file.jpg"
     uris = crops[:3] + [missing] + crops[3:]
-    serial = dict((uri_of(*output), output) for output in run_bundle(DecodeImageFn(224), uris))
-    ahead = run_bundle(DecodeImageFn(224, processes=2, ahead=5), uris)
+    serial = dict(
+        (uri_of(*output), output) for output in run_bundle(DecodeImageFn(DecodeSettings(224)), uris)
+    )
+    ahead = run_bundle(DecodeImageFn(DecodeSettings(224, processes=2, ahead=5)), uris)
     assert sorted(uri_of(*output) for output in ahead) == sorted(serial) == sorted(uris)
     for tag, value in ahead:
         if tag == ERRORS:
@@ -113,7 +131,7 @@ def test_a_stuck_decode_times_out_alone_while_queued_ones_finish(crops, tmp_path
     # One process: the images queued behind the stuck one must go to a fresh process, and the
     # time they spent waiting must not count against them.
     started = time.monotonic()
-    outputs = run_bundle(DecodeImageFn(224, decode_timeout=1.0, processes=1, ahead=4), uris)
+    outputs = run_bundle(DecodeImageFn(DecodeSettings(224, decode_timeout=1.0, processes=1, ahead=4)), uris)
     assert time.monotonic() - started < 10
     assert [uri_of(*output) for output in outputs] == uris
     assert outputs[0][0] == ERRORS and "--decode_timeout 1 s" in outputs[0][1]["error"]
@@ -121,14 +139,14 @@ def test_a_stuck_decode_times_out_alone_while_queued_ones_finish(crops, tmp_path
 
 
 def test_a_retried_bundle_drops_what_the_failed_attempt_left_in_flight(crops):
-    dofn = DecodeImageFn(224, processes=2, ahead=8)
+    dofn = DecodeImageFn(DecodeSettings(224, processes=2, ahead=8))
     dofn.setup()
     dofn.start_bundle()
-    for uri in crops[:3]:
-        assert list(dofn.process(uri, timestamp=MIN_TIMESTAMP, window=GlobalWindow())) == []
+    for record in records(crops[:3]):
+        assert list(dofn.process(record, timestamp=MIN_TIMESTAMP, window=GlobalWindow())) == []
     dofn.start_bundle()  # the runner retries the bundle on this instance
-    for uri in crops[3:5]:
-        list(dofn.process(uri, timestamp=MIN_TIMESTAMP, window=GlobalWindow()))
+    for record in records(crops[3:5]):
+        list(dofn.process(record, timestamp=MIN_TIMESTAMP, window=GlobalWindow()))
     flushed = list(dofn.finish_bundle())
     dofn.teardown()
     assert [output.value[0].uri for output in flushed] == crops[3:5]
@@ -137,49 +155,43 @@ def test_a_retried_bundle_drops_what_the_failed_attempt_left_in_flight(crops):
 def test_a_fifo_is_an_error_row_found_before_any_open(tmp_path):
     fifo = tmp_path / "x.jpg"
     os.mkfifo(fifo)
-    [(tag, row)] = run_bundle(DecodeImageFn(224, read_timeout=5), [str(fifo)])
+    [(tag, row)] = [unwrapped(output) for output in records([str(fifo)], ReadLimits(read_timeout=5))]
     assert tag == ERRORS and row["stage"] == "read" and row["error_type"] == "ReadError"
     assert row["error"] == "a named pipe (FIFO), not a file: not opened (reading it could wait forever)"
 
 
 def test_a_read_past_its_timeout_is_an_error_row_and_stuck_reads_are_capped(crops, monkeypatch):
     release = threading.Event()
-    real_read = decode_module.read_limited
+    real_read = sources.read_limited
 
     def stalled_read(uri, max_bytes, http):
         if uri.startswith("/stalled/"):
-            release.wait(30)
+            release.wait(60)
         return real_read(uri, max_bytes, http)
 
-    monkeypatch.setattr(decode_module, "read_limited", stalled_read)
-    cap = decode_module.MAX_STUCK_READS
-    dofn = DecodeImageFn(224, read_timeout=0.2)
-    dofn.setup()
-    dofn.start_bundle()
+    monkeypatch.setattr(sources, "read_limited", stalled_read)
+    cap = read_module.MAX_STUCK_READS
+    read = ReadFn(ReadLimits(read_timeout=0.2))
+    read.setup()
     started = time.monotonic()
     errors = [
-        output.value["error"]
-        for i in range(cap + 2)
-        for output in dofn.process(f"/stalled/{i}.jpg", MIN_TIMESTAMP, GlobalWindow())
+        output.value["error"] for i in range(cap + 2) for output in read.process(Unit(f"/stalled/{i}.jpg"))
     ]
-    assert time.monotonic() - started < 0.2 * cap + 2  # refused at once past the cap
-    assert (
-        errors[:cap] == ["reading took longer than --read_timeout 0.2 s (a stalled disk or network?)"] * cap
+    # Past the cap, reads are refused at once: no wait of 0.2 s each (the 2 s margin absorbs a
+    # loaded machine's scheduling; a read that waited would take 0.2 s more each).
+    assert time.monotonic() - started < 0.2 * cap + 2
+    timed_out = "reading took longer than --read_timeout 0.2 s (a stalled disk or network?)"
+    refused = (
+        f"not read: {cap} earlier reads on this worker are stuck past --read_timeout "
+        "(the storage is not answering)"
     )
-    assert (
-        errors[cap:]
-        == [
-            f"not read: {cap} earlier reads on this worker are stuck past "
-            "--read_timeout (the storage is not answering)"
-        ]
-        * 2
-    )
-    release.set()  # the storage answers again: reads go on
-    time.sleep(0.5)
-    list(dofn.process(crops[0], MIN_TIMESTAMP, GlobalWindow()))
-    [decoded] = list(dofn.finish_bundle())
-    dofn.teardown()
-    assert decoded.value[0].uri == crops[0]
+    assert errors == [timed_out] * cap + [refused] * 2
+    release.set()  # the storage answers again: once the stuck reads end, reads go on
+    deadline = time.monotonic() + 30
+    while not all(done.is_set() for done in read._stuck) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [record] = list(read.process(Unit(crops[0])))
+    assert record.uri == crops[0] and record.data == pathlib.Path(crops[0]).read_bytes()
 
 
 def _jpeg(pixels: np.ndarray, **options) -> bytes:

@@ -22,7 +22,7 @@ from anchorscan.anchors.federation import (
 )
 from anchorscan.anchors.stats import Moments
 from anchorscan.anchors.updating import flagged
-from helpers import LEVELS, fit_by_hash, update_by_hash
+from helpers import fit_by_hash, level_moments, update_by_hash
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +47,11 @@ def union_anchor(base: Anchor, images, generator) -> Anchor:
         rows[~np.array([holds_out(u, CONFIG.calibration_fraction) for u in uris])] for uris, rows in images
     ]
     rows = np.vstack(fitted)
-    d = SPEC.d_backbone
-    extra = {"backbone": Moments.of(rows[:, :d]), "forensic": Moments.of(rows[:, d:])}
-    from anchorscan.anchors.updating import merged_statistics, recalibrated, split_levels
+    from anchorscan.anchors.updating import merged_statistics, recalibrated
 
     additions = {
-        "backbone": extra["backbone"],
-        **split_levels(extra["forensic"], LEVELS),
+        "backbone": Moments.of(rows[:, : SPEC.d_backbone]),
+        **level_moments(rows, SPEC),
         "flag.newgen": Moments.of(generator),
     }
     return recalibrated(base, merged_statistics(base.statistics(), additions), None, ())

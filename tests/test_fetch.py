@@ -12,7 +12,7 @@ from PIL import Image
 
 from anchorscan.anchors.io import fetch as fetch_module
 from anchorscan.anchors.io.fetch import FetchError, HttpConfig, fetch
-from anchorscan.transforms.decode import ReadError, read_limited
+from anchorscan.anchors.io.sources import ReadError, read_limited
 from servers import CrawlSite
 
 FAST = HttpConfig(timeout=0.5, retries=2, max_per_host=4, max_time=20.0)

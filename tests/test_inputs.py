@@ -10,10 +10,13 @@ import pytest
 
 from anchorscan.anchors.io.storage import read_bytes, write_atomically
 from anchorscan.transforms.listing import expand_input, manifest_entries
+from helpers import listed
 
 
 def uris(pattern):
-    return [(kind, value if kind == "uri" else value["stage"]) for kind, value in expand_input(pattern)]
+    return [
+        (kind, value if kind == "uri" else value["stage"]) for kind, value in listed(expand_input(pattern))
+    ]
 
 
 @pytest.fixture
@@ -51,7 +54,7 @@ def test_manifest_entries_resolve_relative_to_the_manifest(tree, kind):
         manifest.write_text("label,uri\n" + "".join(f"real,{entry}\n" for entry in entries))
     else:
         pq.write_table(pa.table({"uri": entries}), manifest)
-    assert list(manifest_entries(str(manifest))) == [
+    assert listed(manifest_entries(str(manifest))) == [
         ("uri", str(tree / "a/one.jpg")),
         ("uri", str(tree / "a/b/two.PNG")),
         ("uri", "gs://bucket/x.jpg"),
@@ -77,7 +80,7 @@ def rows(pattern):
     """(kind, uri or (uri, stage, error)) of everything an input lists."""
     return [
         (kind, value if kind == "uri" else (value["uri"], value["stage"], value["error"]))
-        for kind, value in expand_input(pattern)
+        for kind, value in listed(expand_input(pattern))
     ]
 
 

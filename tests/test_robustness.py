@@ -15,14 +15,14 @@ import apache_beam as beam
 import numpy as np
 import pytest
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-from apache_beam.transforms.window import GlobalWindow
-from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from PIL import Image
 
 from anchorscan.anchors import anchor as anchor_module
 from anchorscan.anchors.images.decode import DecodeError, decode_and_crop
+from anchorscan.anchors.io import sources
+from anchorscan.anchors.io.sources import ReadLimits, Unit
 from anchorscan.pipelines import score
-from anchorscan.transforms import decode as decode_module
+from anchorscan.transforms.read import ReadFn
 from helpers import RUNNER, read_parquet_rows, write_crops
 from hostile import HOSTILE, SLOW, slow_jpeg, write_hostile
 
@@ -180,19 +180,17 @@ def test_a_file_that_cannot_be_read_for_permissions_is_an_error_row(tmp_path, mo
     # this runs in-process only.
     locked = tmp_path / "locked.jpg"
     locked.write_bytes(b"")
-    real_read = decode_module._read_local
+    real_read = sources._read_local
 
     def denied(path, max_bytes):
         if path == str(locked):
             raise PermissionError(13, "Permission denied", path)
         return real_read(path, max_bytes)
 
-    monkeypatch.setattr(decode_module, "_read_local", denied)
-    dofn = decode_module.DecodeImageFn(224)
-    dofn.setup()
-    dofn.start_bundle()
-    [output] = list(dofn.process(str(locked), MIN_TIMESTAMP, GlobalWindow()))
-    dofn.teardown()
+    monkeypatch.setattr(sources, "_read_local", denied)
+    read = ReadFn(ReadLimits())
+    read.setup()
+    [output] = list(read.process(Unit(str(locked))))
     assert (output.value["stage"], output.value["error"], output.value["error_type"]) == (
         "read",
         "permission denied",
@@ -431,7 +429,7 @@ def test_non_finite_features_and_a_failed_forward_pass_are_error_rows(fitted_anc
 
     anchor_path, _ = fitted_anchor
     anchor, _ = anchor_from_bytes(anchor_path.read_bytes())
-    finite, broken = (ImageMeta(name, "0" * 64, 300, 260, "center_crop") for name in ("finite", "nan"))
+    finite, broken = (ImageMeta(name, "0" * 64, 300, 260, "center_crop", {}) for name in ("finite", "nan"))
     vector = np.zeros(anchor.spec.dim)
     outputs = list(
         ScoreBatchFn().process(

@@ -1,5 +1,6 @@
 """Mergeable moments (docs/METHOD.md §3): numpy oracles, partitions, orders, pickling, coder."""
 
+import collections
 import pickle
 
 import numpy as np
@@ -7,8 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from anchorscan.anchors.calibration import MAX_CALIBRATION_ROWS, uri_key
+from anchorscan.anchors.statistics import HoldOut, StatisticsLayout
 from anchorscan.anchors.stats import BufferedMoments, Moments
-from anchorscan.transforms.combine import MomentsCoder, MomentsCombineFn
+from anchorscan.transforms.statistics import StatisticsCombineFn
 
 
 def rows(n=200, d=7, seed=0, offset=0.0):
@@ -85,80 +88,6 @@ def test_buffered_moments_pickle_keeps_buffered_rows():
     assert_same_moments(restored.flush(), Moments.of(data), rtol=1e-12)
 
 
-def test_coder_round_trip_is_exact():
-    data = rows(n=45)
-    accumulator = BufferedMoments(data.shape[1], batch_size=16)
-    for row in data:
-        accumulator.add(row)
-    coder = MomentsCoder()
-    decoded = coder.decode(coder.encode(accumulator))
-    assert decoded.flush() == accumulator.flush()
-    assert decoded.batch_size == 16
-    assert coder.is_deterministic()
-
-
-def combine(fn, data, splits, order):
-    """Accumulators fed from generators, compacted, merged from a generator in ``order``."""
-    accumulators = []
-    for part in np.split(data, splits):
-        accumulator = fn.create_accumulator()
-        for row in (r for r in part):
-            accumulator = fn.add_input(accumulator, row)
-        accumulators.append(fn.compact(accumulator) if len(accumulators) % 2 else accumulator)
-    merged = fn.merge_accumulators(accumulators[i] for i in order)
-    return fn.extract_output(merged)
-
-
-def fn_with_rows(fn, data):
-    accumulator = fn.create_accumulator()
-    for row in data:
-        fn.add_input(accumulator, row)
-    return accumulator
-
-
-@pytest.mark.parametrize("order", [(0, 1, 2, 3), (3, 2, 1, 0), (2, 0, 3, 1)])
-@pytest.mark.parametrize("pickled", [False, True])
-def test_combine_fn_matches_moments_of_all_rows(order, pickled):
-    data = rows(n=300, d=6, seed=3)
-    fn = MomentsCombineFn(dim=6, batch_size=16)
-    if pickled:
-        fn = pickle.loads(pickle.dumps(fn))
-    assert_same_moments(combine(fn, data, [40, 41, 200], order), Moments.of(data))
-
-
-def test_combine_fn_accumulators_survive_the_coder():
-    data = rows(n=100, d=5, seed=4)
-    fn = MomentsCombineFn(dim=5, batch_size=8)
-    coder = fn.get_accumulator_coder()
-    parts = [coder.decode(coder.encode(fn_with_rows(fn, part))) for part in np.array_split(data, 3)]
-    assert_same_moments(fn.extract_output(fn.merge_accumulators(iter(parts))), Moments.of(data))
-
-
-@pytest.mark.parametrize("empty_first", [True, False])
-def test_merging_an_empty_accumulator_is_a_no_op(empty_first):
-    data = rows(n=40, d=5, seed=5)
-    fn = MomentsCombineFn(dim=5)
-    full = fn_with_rows(fn, data)
-    pair = [fn.create_accumulator(), full] if empty_first else [full, fn.create_accumulator()]
-    merged = fn.extract_output(fn.merge_accumulators(iter(pair)))
-    assert merged == fn.extract_output(fn_with_rows(fn, data))  # bit for bit
-    assert_same_moments(merged, Moments.of(data), rtol=1e-12)
-
-
-def test_dimension_mismatch_raises_value_error():
-    fn = MomentsCombineFn(dim=5, batch_size=4)
-    with pytest.raises(ValueError):
-        fn.merge_accumulators(
-            iter(
-                [MomentsCombineFn(5).create_accumulator(), fn_with_rows(MomentsCombineFn(6), rows(n=3, d=6))]
-            )
-        )
-    with pytest.raises(ValueError):
-        fn.extract_output(fn_with_rows(fn, rows(n=3, d=6)))
-    with pytest.raises(ValueError):
-        Moments(5).add_batch(rows(n=3, d=6))
-
-
 def test_buffered_rows_stay_accurate_when_the_mean_drifts_far_from_the_first_buffer():
     # The scatter is kept about the first buffer's mean; a stream whose mean then moves by
     # hundreds of standard deviations (on top of a large offset) must not lose digits.
@@ -173,14 +102,129 @@ def test_buffered_rows_stay_accurate_when_the_mean_drifts_far_from_the_first_buf
     assert np.array_equal(moments.m2, moments.m2.T)
 
 
+# --- the one statistics step (anchors/statistics.py, transforms/statistics.py) ---------------
+
+Meta = collections.namedtuple("Meta", "uri")
+HOLD_OUT = HoldOut(0.3)
+# Three named statistics over column slices, as an anchor's (backbone, two forensic levels).
+LAYOUT = StatisticsLayout(
+    (("backbone", 0, 4), ("forensic.sharp", 4, 6), ("forensic.soft", 6, 8)), HOLD_OUT, 6
+)
+
+
+def embedded(n=300, d=8, seed=3):
+    """(meta, (vector, positions)) rows as the chain's embed step gives them."""
+    return [(Meta(f"img/{seed}-{i}.png"), (row, 20.0)) for i, row in enumerate(rows(n, d, seed))]
+
+
+def oracle(data, layout=LAYOUT):
+    """What the statistics must be, computed directly: numpy moments of the rows the hold-out
+    rule keeps, per slice, and the held-out rows sorted by URI key."""
+    held = np.array([layout.hold_out.holds(meta.uri) for meta, _ in data])
+    vectors = np.stack([vector for _, (vector, _) in data])
+    moments = {name: Moments.of(vectors[~held][:, start:stop]) for name, start, stop in layout.slices}
+    keys = np.array([uri_key(meta.uri) for (meta, _), h in zip(data, held) if h], dtype=np.uint64)
+    order = np.argsort(keys)[:MAX_CALIBRATION_ROWS]
+    return moments, keys[order], vectors[held][order][:, : layout.calibration_width]
+
+
+def assert_same_statistics(actual, data, layout=LAYOUT):
+    moments, keys, features = oracle(data, layout)
+    assert set(actual.moments) == set(moments)
+    for name, expected in moments.items():
+        assert_same_moments(actual.moments[name], expected)
+    assert np.array_equal(actual.held_out.keys, keys)
+    np.testing.assert_array_equal(actual.held_out.features, features)
+
+
+def combine(fn, data, splits, order):
+    """Accumulators fed from generators, compacted, merged from a generator in ``order``."""
+    accumulators = []
+    for part in np.array_split(np.arange(len(data)), splits):
+        accumulator = fn.create_accumulator()
+        for index in (i for i in part):
+            accumulator = fn.add_input(accumulator, data[index])
+        accumulators.append(fn.compact(accumulator) if len(accumulators) % 2 else accumulator)
+    merged = fn.merge_accumulators(accumulators[i] for i in order)
+    return fn.extract_output(merged)
+
+
+def fn_with_rows(fn, data):
+    accumulator = fn.create_accumulator()
+    for row in data:
+        fn.add_input(accumulator, row)
+    return accumulator
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2, 3), (3, 2, 1, 0), (2, 0, 3, 1)])
+@pytest.mark.parametrize("pickled", [False, True])
+def test_statistics_match_numpy_whatever_the_partition_and_merge_order(order, pickled):
+    data = embedded()
+    fn = StatisticsCombineFn(LAYOUT, batch_size=16)
+    if pickled:
+        fn = pickle.loads(pickle.dumps(fn))
+    result = combine(fn, data, [40, 41, 200], order)
+    assert_same_statistics(result, data)
+    assert 0 < len(result.held_out) < len(data)  # the rule holds some out, not all
+
+
+def test_held_out_rows_are_the_smallest_keys_however_many_there_are():
+    # More held-out rows than an anchor keeps: the sample is the smallest keys of the union,
+    # whichever accumulator saw them.
+    layout = StatisticsLayout((("x", 0, 2),), HoldOut(0.9), 2)
+    data = [(Meta(f"{i}.png"), (np.array([i, 2.0 * i]), 1.0)) for i in range(5200)]
+    fn = StatisticsCombineFn(layout)
+    result = combine(fn, data, [1000, 3000, 4000], (2, 3, 0, 1))
+    assert len(result.held_out) == MAX_CALIBRATION_ROWS
+    assert_same_statistics(result, data, layout)
+
+
+def test_accumulators_survive_the_coder():
+    data = embedded(n=100, seed=4)
+    fn = StatisticsCombineFn(LAYOUT, batch_size=8)
+    coder = fn.get_accumulator_coder()
+    parts = [
+        coder.decode(coder.encode(fn_with_rows(fn, part))) for part in (data[:33], data[33:70], data[70:])
+    ]
+    assert_same_statistics(fn.extract_output(fn.merge_accumulators(iter(parts))), data)
+    assert coder.is_deterministic()
+
+
+@pytest.mark.parametrize("empty_first", [True, False])
+def test_merging_an_empty_accumulator_is_a_no_op(empty_first):
+    data = embedded(n=40, seed=5)
+    fn = StatisticsCombineFn(LAYOUT)
+    full = fn_with_rows(fn, data)
+    pair = [fn.create_accumulator(), full] if empty_first else [full, fn.create_accumulator()]
+    merged = fn.extract_output(fn.merge_accumulators(iter(pair)))
+    alone = fn.extract_output(fn_with_rows(fn, data))
+    assert all(merged.moments[name] == alone.moments[name] for name in alone.moments)  # bit for bit
+    assert_same_statistics(merged, data)
+
+
+def test_rows_of_another_width_are_refused():
+    fn = StatisticsCombineFn(StatisticsLayout((("x", 0, 5),)), batch_size=4)
+    with pytest.raises(ValueError):
+        fn.extract_output(fn_with_rows(fn, [(Meta("a"), (np.ones(3), 1.0))] * 3))
+    with pytest.raises(ValueError):
+        Moments(5).add_batch(rows(n=3, d=6))
+
+
 def test_merging_leaves_every_accumulator_but_the_first_as_it_was():
     # Beam's contract: merge_accumulators may mutate only its first argument; the others may
     # be merged again elsewhere, pending rows and all.
-    data = rows(n=90, d=5, seed=12)
-    fn = MomentsCombineFn(dim=5, batch_size=16)
-    first, second = fn_with_rows(fn, data[:30]), fn_with_rows(fn, data[30:])  # 60: 3 buffers + 12 rows
-    state_before = pickle.dumps((second.moments, second._buffer, second._count, second._scatter))
+    data = embedded(n=90, seed=12)
+    fn = StatisticsCombineFn(LAYOUT, batch_size=16)
+    first, second = fn_with_rows(fn, data[:30]), fn_with_rows(fn, data[30:])
+
+    def state(accumulator):
+        return pickle.dumps(
+            [(m.moments, m._buffer, m._count, m._scatter) for m in accumulator.moments.values()]
+            + [accumulator._keys, accumulator._rows]
+        )
+
+    before = state(second)
     merged = fn.extract_output(fn.merge_accumulators(iter([first, second])))
-    assert pickle.dumps((second.moments, second._buffer, second._count, second._scatter)) == state_before
-    assert_same_moments(merged, Moments.of(data))
-    assert_same_moments(fn.extract_output(second), Moments.of(data[30:]))
+    assert state(second) == before
+    assert_same_statistics(merged, data)
+    assert_same_statistics(fn.extract_output(second), data[30:])

@@ -2,8 +2,8 @@
 under their own names.
 
 The driver reads each CSV or Parquet manifest's header (a CSV's first line, a Parquet footer),
-so the score table's schema is fixed when the pipeline is built. The values join the score rows
-by URI at the end, one shuffle keyed by URI, so listing and decoding carry nothing but URIs."""
+so the score table's schema is fixed when the pipeline is built. The values travel with each
+listed unit through reading, decoding and inference (``ImageMeta.carried``) to its score row."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import csv
 import io
 import logging
 
-import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
+from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.io.fetch import is_http
-from anchorscan.anchors.io.manifests import is_manifest, read_manifest
+from anchorscan.anchors.io.manifests import is_manifest
 from anchorscan.anchors.io.storage import read_bytes
 from anchorscan.anchors.tables import SCORE_SCHEMA
 
@@ -77,7 +77,7 @@ def carried_columns(patterns: list[str]) -> list[tuple[str, pa.Field]]:
         if name in SCORE_SCHEMA.names:
             field = field.with_name(CLASH_PREFIX + name)
             if field.name in fields:
-                raise ValueError(
+                raise UsageError(
                     f"manifest columns {name!r} and {field.name!r}: {name!r} is a score "
                     f"column, and {field.name!r}, where it would go, is taken; rename one"
                 )
@@ -86,55 +86,16 @@ def carried_columns(patterns: list[str]) -> list[tuple[str, pa.Field]]:
     return carried
 
 
-def _manifest_values(indexed_pattern, carried: list[tuple[str, pa.Field]]):
-    """(uri, (input index, row index, values)) for each row of one manifest."""
-    index, manifest = indexed_pattern
-    try:
-        rows = read_manifest(manifest, read_bytes(manifest))
-    except Exception:  # the listing reports it
-        return
-    for number, row in enumerate(rows):
-        if row["uri"]:
-            yield row["uri"], (index, number, {name: row.get(name) for name, _ in carried})
-
-
 def _as_type(value, field: pa.Field):
     if value is not None and pa.types.is_string(field.type) and not isinstance(value, str):
         return str(value)  # a column met with several types
     return value
 
 
-def _joined(uri_and_groups, carried: list[tuple[str, pa.Field]]):
-    _, groups = uri_and_groups
-    values = min(groups["values"], key=lambda value: value[:2])[2] if groups["values"] else {}
-    for row in groups["rows"]:
-        yield {**row, **{field.name: _as_type(values.get(name), field) for name, field in carried}}
-
-
-class CarryManifestColumns(beam.PTransform):
-    """Score rows -> the same rows with the carried columns, from the first manifest (in
-    --input order) that lists their URI; empty (null) for a URI that no manifest lists."""
-
-    def __init__(self, patterns: list[str], carried: list[tuple[str, pa.Field]]):
-        super().__init__()
-        self.patterns, self.carried = list(patterns), carried
-
-    def expand(self, rows):
-        if not self.carried:
-            return rows
-        manifests = [(i, pattern) for i, pattern in enumerate(self.patterns) if carries_columns(pattern)]
-        values = (
-            rows.pipeline
-            | "Manifests" >> beam.Create(manifests)
-            | "Reshuffle" >> beam.Reshuffle()  # one manifest per worker
-            | "ManifestValues" >> beam.FlatMap(_manifest_values, self.carried)
-        )
-        keyed = rows | "ByUri" >> beam.Map(lambda row: (row["uri"], row))
-        return (
-            {"rows": keyed, "values": values}
-            | "JoinByUri" >> beam.CoGroupByKey()
-            | "WithColumns" >> beam.FlatMap(_joined, self.carried)
-        )
+def carried_row(values: dict, carried: list[tuple[str, pa.Field]]) -> dict:
+    """The carried columns of one score row from the values its unit carried (null where it
+    carried none: an image no manifest lists), each under its field's name and type."""
+    return {field.name: _as_type(values.get(name), field) for name, field in carried}
 
 
 def score_schema(carried: list[tuple[str, pa.Field]]) -> pa.Schema:

@@ -41,6 +41,18 @@ class FeatureModelHandler(ModelHandler[np.ndarray, tuple, FeatureExtractor]):
         self.torch_threads, self.large_model = torch_threads, large_model
         self.softened = tuple(softened)
 
+    def with_softened(self, softened: tuple) -> FeatureModelHandler:
+        """This handler with the forensic features of ``softened`` levels after the crop's own."""
+        return FeatureModelHandler(
+            self.config,
+            self.expected_spec_digest,
+            self.min_batch_size,
+            self.max_batch_size,
+            self.torch_threads,
+            self.large_model,
+            softened,
+        )
+
     def load_model(self) -> FeatureExtractor:
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)

@@ -14,8 +14,9 @@ from anchorscan.anchors.io import gcs
 from anchorscan.anchors.io.fetch import is_http
 from anchorscan.anchors.io.gcs import describe, is_gcs
 from anchorscan.anchors.io.manifests import is_manifest, read_manifest
+from anchorscan.anchors.io.sources import Unit, listable
 from anchorscan.anchors.io.storage import read_bytes
-from anchorscan.anchors.io.uris import has_glob, is_image_path, local_path, uri_text
+from anchorscan.anchors.io.uris import has_glob, local_path, uri_text
 from anchorscan.anchors.tables import error_row
 from anchorscan.transforms.progress import ReportProgress
 
@@ -55,10 +56,10 @@ def read_parquet_rows(pattern: str, columns: list[str] | None = None) -> list[di
     return rows
 
 
-def manifest_entries(manifest: str):
-    """('uri', uri) for each entry of a manifest; ('error', row) for each blank or null entry
-    (its URI is ``MANIFEST#row=N``, N counting data rows from 1) and for a manifest that lists
-    nothing at all."""
+def manifest_entries(manifest: str, index: int = 0, carried_names: tuple[str, ...] = ()):
+    """('unit', Unit) for each entry of a manifest (with its ``carried_names`` columns);
+    ('error', row) for each blank or null entry (its URI is ``MANIFEST#row=N``, N counting data
+    rows from 1) and for a manifest that lists nothing at all."""
     rows = read_manifest(manifest, read_bytes(manifest))
     if not rows:
         yield (
@@ -70,7 +71,8 @@ def manifest_entries(manifest: str):
     csv_line = " (line {})" if manifest.lower().endswith(".csv") else ""
     for number, row in enumerate(rows, start=1):
         if row["uri"]:
-            yield "uri", uri_text(row["uri"])
+            carried = {name: row.get(name) for name in carried_names}
+            yield "unit", Unit(uri_text(row["uri"]), (index, number), carried)
         else:
             where = csv_line.format(number + 1)
             yield (
@@ -83,21 +85,23 @@ def manifest_entries(manifest: str):
             )
 
 
-def expand_input(pattern: str):
-    """Yields ('uri', uri) for each image an --input names, or ('error', row) where it names
-    none or where its listing met a problem (a link loop, a folder that cannot be read).
+def expand_input(pattern: str, index: int = 0, carried_names: tuple[str, ...] = ()):
+    """Yields ('unit', Unit) for each input an --input names (the ``index``-th), or ('error',
+    row) where it names none or where its listing met a problem (a link loop, a folder that
+    cannot be read).
 
-    A manifest lists its images; a directory stands for the image files below it (by extension);
-    anything else is a glob and matches exactly what it says. Local folders linked from inside
-    are followed, as a shell's glob follows them.
+    A manifest lists its entries, with the ``carried_names`` columns of each; a directory
+    stands for the files below it that a byte source reads (images by extension, ...); anything
+    else is a glob and matches exactly what it says. Local folders linked from inside are
+    followed, as a shell's glob follows them.
     """
-    if is_http(pattern) and not is_manifest(pattern):  # a web server lists nothing: one image
-        yield "uri", pattern
+    if is_http(pattern) and not is_manifest(pattern):  # a web server lists nothing: one input
+        yield "unit", Unit(pattern, (index, 0))
         return
-    reported = False  # a URI, or a row about this input
+    reported = False  # a unit, or a row about this input
     try:
         if is_manifest(pattern):
-            for kind, value in manifest_entries(pattern):
+            for kind, value in manifest_entries(pattern, index, carried_names):
                 reported = True
                 yield kind, value
             return
@@ -105,7 +109,7 @@ def expand_input(pattern: str):
         listing = _list_local(path) if path is not None else _list_remote(pattern)
         for kind, value in listing:
             reported = reported or kind == "uri"
-            yield kind, value
+            yield (kind, value) if kind == "error" else ("unit", Unit(value, (index, 0)))
     except Exception as error:  # a bad pattern or manifest must not stop the other inputs
         reported = True
         if is_gcs(pattern):
@@ -123,7 +127,7 @@ def _list_remote(pattern: str):
     if not has_glob(pattern) and FileSystems.match([directory + "/*"], limits=[1])[0].metadata_list:
         # Object stores have no directories: a prefix with objects below it counts as one.
         matches = [
-            m.path for m in FileSystems.match([directory + "/**"])[0].metadata_list if is_image_path(m.path)
+            m.path for m in FileSystems.match([directory + "/**"])[0].metadata_list if listable(m.path)
         ]
     else:
         matches = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
@@ -135,7 +139,7 @@ def _list_local(path: str):
     if not has_glob(path):
         folder = path.rstrip("/") or "/"
         if os.path.isdir(folder):
-            yield from _walk(folder, None, is_image_path)
+            yield from _walk(folder, None, listable)
         elif os.path.lexists(path):  # a file, or a broken or looping link: its read says which
             yield "uri", uri_text(path)
         return
@@ -210,26 +214,41 @@ def _first_row(rows):
     return min(rows, key=lambda row: (row["stage"], row["error"]))
 
 
-class ListInputs(beam.PTransform):
-    """Input patterns -> distinct image URIs, with 'list' error rows (one per URI) for inputs
-    that name none and problems met while listing; long local runs print progress as the URIs
-    are consumed."""
+def _expand_indexed(indexed_pattern: tuple[int, str], carried_names: tuple[str, ...]):
+    index, pattern = indexed_pattern
+    return expand_input(pattern, index, carried_names)
 
-    def __init__(self, patterns: list[str], progress_label: str = "progress"):
+
+def _first_listed(units):
+    """A URI listed twice is read once, with the columns of the --input that lists it first."""
+    return min(units, key=lambda unit: unit.order)
+
+
+class ListInputs(beam.PTransform):
+    """Input patterns -> distinct units to read (``anchors/io/sources.py``), with 'list' error
+    rows (one per URI) for inputs that name none and problems met while listing; a manifest's
+    ``carried_names`` columns travel with its units. Long local runs print progress as the
+    units are consumed."""
+
+    def __init__(
+        self, patterns: list[str], carried_names: tuple[str, ...] = (), progress_label: str = "progress"
+    ):
         super().__init__()
         self.patterns, self.progress_label = distinct_patterns(patterns), progress_label
+        self.carried_names = tuple(carried_names)
 
     def expand(self, pipeline):
         listed = (
             pipeline
-            | "Patterns" >> beam.Create(self.patterns)
-            | "Expand" >> beam.FlatMap(expand_input)
+            | "Patterns" >> beam.Create(list(enumerate(self.patterns)))
+            | "Expand" >> beam.FlatMap(_expand_indexed, self.carried_names)
             | "Split" >> beam.Partition(lambda kind_value, _: int(kind_value[0] == "error"), 2)
         )
         uris = (
             listed[0]
-            | "Uri" >> beam.Map(lambda kind_value: kind_value[1])
-            | "Distinct" >> beam.Distinct()
+            | "ByListedUri" >> beam.Map(lambda kind_value: (kind_value[1].uri, kind_value[1]))
+            | "Distinct" >> beam.CombinePerKey(_first_listed)
+            | "Unit" >> beam.Values()
             | "Spread" >> beam.Reshuffle()
         )
         # Two inputs can meet the same problem (a loop below both): one row for it.

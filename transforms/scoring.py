@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import apache_beam as beam
@@ -15,22 +16,28 @@ from anchorscan.anchors.heads import head_from_bytes
 from anchorscan.anchors.io.storage import read_bytes
 from anchorscan.anchors.tables import error_row, score_row
 from anchorscan.anchors.threads import limit_blas_threads
+from anchorscan.transforms.carried import carried_row
 
 ERRORS = "errors"
 
 
-class ScoreBatchFn(beam.DoFn):
-    """Scores batches against the anchor and, given one, a head whose score then decides."""
+@dataclasses.dataclass(frozen=True)
+class ScoreChoices:
+    """What the score combines, where the command line overrides the anchor's own choices;
+    ``with_anchor``: a head's log-odds plus the anchor's evidence."""
 
-    def __init__(
-        self,
-        combine: str | None = None,
-        statistical: str | None = None,
-        channels: tuple[str, ...] | None = None,
-        with_anchor: bool = False,
-    ):
-        self.combine, self.statistical, self.channels = combine, statistical, channels
-        self.with_anchor = with_anchor
+    combine: str | None = None
+    statistical: str | None = None
+    channels: tuple[str, ...] | None = None
+    with_anchor: bool = False
+
+
+class ScoreBatchFn(beam.DoFn):
+    """Scores batches against the anchor and, given one, a head whose score then decides; the
+    ``carried`` columns (``transforms/carried.py``) follow in each row."""
+
+    def __init__(self, choices: ScoreChoices = ScoreChoices(), carried: tuple = ()):
+        self.choices, self.carried = choices, list(carried)
         self.scored = Metrics.counter("anchorscan", "images_scored")
         self.suspects = Metrics.counter("anchorscan", "images_suspect")
 
@@ -46,17 +53,34 @@ class ScoreBatchFn(beam.DoFn):
         if not finite:
             return
         vectors = np.stack([vector for _, (vector, _) in finite])
-        scores = anchor.score(vectors, self.combine, self.statistical, self.channels)
+        choices = self.choices
+        scores = anchor.score(vectors, choices.combine, choices.statistical, choices.channels)
         scores["anchor_score"] = scores["score"]
         if head is not None:
             scores["score"] = head.score(vectors)
-            if self.with_anchor:
+            if choices.with_anchor:
                 scores["score"] = scores["score"] + max_log_bayes_factor(scores["anchor_score"])
             scores["is_suspect"] = scores["score"] > 0
-        self.scored.inc(len(finite))
-        self.suspects.inc(int(scores["is_suspect"].sum()))
+        # A damaged anchor or head must not turn into rows that look scored (p = 0.5, NaN).
+        valid = np.isfinite(scores["score"]) & np.isfinite(scores["anchor_score"])
+        self.scored.inc(int(valid.sum()))
+        self.suspects.inc(int(scores["is_suspect"][valid].sum()))
         for i, (meta, (_, positions)) in enumerate(finite):
-            yield score_row(meta, scores, i, positions, head_id, anchor_id)
+            if not valid[i]:
+                yield beam.pvalue.TaggedOutput(
+                    ERRORS,
+                    error_row(
+                        meta.uri,
+                        "score",
+                        "the score is not finite: the anchor or head holds values that "
+                        "do not score (check it with `anchorscan info`)",
+                    ),
+                )
+                continue
+            yield {
+                **score_row(meta, scores, i, positions, head_id, anchor_id),
+                **carried_row(meta.carried, self.carried),
+            }
 
 
 def load_anchor(uri: str) -> tuple[Anchor, dict]:
@@ -81,17 +105,14 @@ class ScoreFeatures(beam.PTransform):
     def __init__(
         self,
         anchor_uri: str,
-        combine: str | None = None,
-        statistical: str | None = None,
-        channels: tuple[str, ...] | None = None,
+        choices: ScoreChoices = ScoreChoices(),
         head_uri: str | None = None,
-        with_anchor: bool = False,
+        carried: tuple = (),
         max_batch_size: int = 256,
     ):
         super().__init__()
-        self.anchor_uri, self.combine, self.statistical = anchor_uri, combine, statistical
-        self.channels = channels
-        self.head_uri, self.with_anchor, self.max_batch_size = head_uri, with_anchor, max_batch_size
+        self.anchor_uri, self.choices, self.head_uri = anchor_uri, choices, head_uri
+        self.carried, self.max_batch_size = carried, max_batch_size
 
     def expand(self, embedded):
         loaded = (
@@ -108,7 +129,7 @@ class ScoreFeatures(beam.PTransform):
             head = (
                 embedded.pipeline
                 | "HeadUri" >> beam.Create([self.head_uri])
-                | "LoadHead" >> beam.Map(load_head, self.with_anchor)
+                | "LoadHead" >> beam.Map(load_head, self.choices.with_anchor)
             )
             head_inputs = [
                 beam.pvalue.AsSingleton(head | "Head" >> beam.Map(lambda pair: pair[0])),
@@ -119,10 +140,17 @@ class ScoreFeatures(beam.PTransform):
             | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.max_batch_size)
             | "Score"
             >> beam.ParDo(
-                ScoreBatchFn(self.combine, self.statistical, self.channels, self.with_anchor),
+                ScoreBatchFn(self.choices, self.carried),
                 anchor,
                 anchor_id,
                 *head_inputs,
             ).with_outputs(ERRORS, main="scores")
         )
         return outputs.scores, outputs[ERRORS]
+
+
+def reused_row(record_and_row, carried: tuple = ()) -> dict:
+    """The earlier score row of content scanned before, under this record's URI and with the
+    columns this record carries (``--skip_scored``)."""
+    record, row = record_and_row
+    return {**row, "uri": record.uri, **carried_row(record.carried, list(carried))}

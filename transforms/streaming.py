@@ -25,14 +25,13 @@ from apache_beam.transforms.window import FixedWindows
 
 from anchorscan.anchors import anchor_file, updating
 from anchorscan.anchors.anchor import Anchor
+from anchorscan.anchors.io.sources import Unit, listable
 from anchorscan.anchors.io.storage import read_bytes, write_atomically
-from anchorscan.anchors.io.uris import is_image_path
-from anchorscan.anchors.stats import Moments
+from anchorscan.anchors.statistics import Statistics, StatisticsLayout
 from anchorscan.anchors.tables import error_row
 from anchorscan.anchors.threads import limit_blas_threads
-from anchorscan.transforms.combine import MomentsCombineFn
-from anchorscan.transforms.fitting import calibration_row, calibration_rows, smallest_keys
 from anchorscan.transforms.scoring import ScoreBatchFn
+from anchorscan.transforms.statistics import AccumulateStatistics
 
 ANCHOR_CACHE_SIZE = 2  # the anchor in use and the one replacing it
 
@@ -56,8 +55,9 @@ class FirstSighting(beam.DoFn):
 
 
 class NewImages(beam.PTransform):
-    """FileMetadata of every poll -> the URIs of image files not seen before, in fixed windows
-    of ``window_seconds`` by the poll that first saw them."""
+    """FileMetadata of every poll -> units to read for the files not seen before (images,
+    or containers a byte source reads), in fixed windows of ``window_seconds`` by the poll
+    that first saw them."""
 
     def __init__(self, window_seconds: float):
         super().__init__()
@@ -66,9 +66,10 @@ class NewImages(beam.PTransform):
     def expand(self, matches):
         return (
             matches
-            | "Images" >> beam.Filter(lambda metadata: is_image_path(metadata.path))
+            | "Readable" >> beam.Filter(lambda metadata: listable(metadata.path))
             | "Key" >> beam.Map(file_key).with_output_types(tuple[str, str])
             | "FirstSighting" >> beam.ParDo(FirstSighting())
+            | "Unit" >> beam.Map(Unit)
             | "Window" >> beam.WindowInto(FixedWindows(self.window_seconds))
         )
 
@@ -222,61 +223,29 @@ class WriteWindowedParquet(beam.PTransform):
         )
 
 
-def _learn(_, backbone: Moments, forensic: Moments, pairs: list, output_uri: str, projection) -> str:
+def _learn(statistics: Statistics, output_uri: str, projection) -> str:
     """One window's trusted real images merged into the anchor file as it is now (so windows
     learned one after the other add up), written back to it."""
     anchor, _ = _AnchorCache.get(*anchor_reference(output_uri))
-    held_out = calibration_rows(pairs) if pairs else None
-    updated = updating.updated(anchor, backbone, forensic, held_out)
-    write_atomically(output_uri, anchor_file.anchor_to_bytes(updated, projection))
-    logging.info("learned %d real images into %s", backbone.n, output_uri)
+    write_atomically(
+        output_uri, anchor_file.anchor_to_bytes(updating.updated(anchor, statistics), projection)
+    )
+    logging.info("learned %d real images into %s", statistics.moments["backbone"].n, output_uri)
     return output_uri
 
 
 class LearnReal(beam.PTransform):
     """Trusted real images in windows (rows with every forensic level) -> per window, the
     anchor file at ``output_uri`` updated with them (docs/METHOD.md §10.3); scoring picks the
-    new file up at its next tick."""
+    new file up at its next tick. ``layout``: the anchor's statistics and hold-out rule."""
 
-    def __init__(self, output_uri: str, spec, config, levels: int, projection):
+    def __init__(self, output_uri: str, layout: StatisticsLayout, projection):
         super().__init__()
-        self.output_uri, self.spec, self.config = output_uri, spec, config
-        self.levels, self.projection = levels, projection
+        self.output_uri, self.layout, self.projection = output_uri, layout, projection
 
     def expand(self, embedded):
-        from anchorscan.anchors.calibration import holds_out
-
-        fraction, group = self.config.calibration_fraction, self.config.calibration_group
-        fit_rows, held_rows = embedded | "HoldOut" >> beam.Partition(
-            lambda row, _: int(holds_out(row[0].uri, fraction, group)), 2
-        )
-        split = self.spec.d_backbone
-        width = split + self.levels * self.spec.d_forensic
-
-        def moments(name, start, stop):
-            return beam.pvalue.AsSingleton(
-                fit_rows
-                | f"{name}Vectors" >> beam.Map(lambda row: row[1][0][start:stop])
-                | f"{name}Moments" >> beam.CombineGlobally(MomentsCombineFn(stop - start)).without_defaults(),
-                default_value=Moments(stop - start),
-            )
-
-        held = beam.pvalue.AsSingleton(
-            held_rows
-            | "CalibrationRows" >> beam.Map(calibration_row, self.spec.dim)
-            | "SmallestKeys" >> smallest_keys().without_defaults(),
-            default_value=[],
-        )
         return (
             embedded
-            | "PerWindow" >> beam.combiners.Count.Globally().without_defaults()
-            | "Learn"
-            >> beam.Map(
-                _learn,
-                moments("Backbone", 0, split),
-                moments("Forensic", split, width),
-                held,
-                self.output_uri,
-                self.projection,
-            )
+            | "Statistics" >> AccumulateStatistics(self.layout, without_defaults=True)
+            | "Learn" >> beam.Map(_learn, self.output_uri, self.projection)
         )

@@ -43,6 +43,8 @@ def bucket_and_prefix(uri: str) -> tuple[str, str]:
     return bucket, glob_prefix(name)
 
 
+# Seconds to connect and between two reads of a transfer (not the whole transfer).
+TRANSFER_TIMEOUT = (10.0, 60.0)
 # Called once per process when no credentials are found: the Beam layer registers one that tells
 # Beam's own GCS client the same answer (transforms/listing.py).
 ANONYMOUS_HOOKS: list = []
@@ -90,6 +92,25 @@ def _client_for(emulator: str | None):
     if credentials is None:
         return storage.Client(project="<none>", credentials=AnonymousCredentials())
     return storage.Client(project=project, credentials=credentials)
+
+
+def _bucket_and_object(uri: str) -> tuple[str, str]:
+    bucket, _, name = uri[len("gs://") :].partition("/")
+    if not name:
+        raise MissingFileError(f"{uri}: names a bucket, not an object")
+    return bucket, name
+
+
+def blob(uri: str):
+    """The object a gs:// URI names (not fetched)."""
+    bucket, name = _bucket_and_object(uri)
+    return client().bucket(bucket).blob(name)
+
+
+def existing_blob(uri: str):
+    """The object with its metadata (size), or None where it does not exist."""
+    bucket, name = _bucket_and_object(uri)
+    return client().bucket(bucket).get_blob(name, timeout=TRANSFER_TIMEOUT)
 
 
 def _bounded_retry():

@@ -19,15 +19,6 @@ from anchorscan.anchors.io.uris import is_remote, local_path
 
 # Files read whole from web servers (manifests, thumbnails): a cap against endless responses.
 MAX_HTTP_FILE_BYTES = 2**30
-# Seconds to connect and between two reads of a Cloud Storage transfer (not the whole transfer).
-TRANSFER_TIMEOUT = (10.0, 60.0)
-
-
-def _blob(uri: str):
-    bucket, _, name = uri[len("gs://") :].partition("/")
-    if not name:
-        raise MissingFileError(f"{uri}: names a bucket, not a file")
-    return gcs.client().bucket(bucket).blob(name)
 
 
 def read_bytes(uri: str) -> bytes:
@@ -37,7 +28,7 @@ def read_bytes(uri: str) -> bytes:
         return fetch(uri, MAX_HTTP_FILE_BYTES)
     if gcs.is_gcs(uri):
         with gcs.storage_errors(uri):
-            return _blob(uri).download_as_bytes(timeout=TRANSFER_TIMEOUT)
+            return gcs.blob(uri).download_as_bytes(timeout=gcs.TRANSFER_TIMEOUT)
     if is_remote(uri):
         raise UnreadableFileError(f"{uri}: only local paths, gs:// and http(s):// URIs can be read")
     path = local_path(uri)
@@ -64,7 +55,7 @@ def local_copy(uri: str) -> str:
         partial = f"{target}.{uuid.uuid4().hex}"
         try:
             with gcs.storage_errors(uri):
-                _blob(uri).download_to_filename(partial, timeout=TRANSFER_TIMEOUT)
+                gcs.blob(uri).download_to_filename(partial, timeout=gcs.TRANSFER_TIMEOUT)
             os.replace(partial, target)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -77,12 +68,13 @@ def write_atomically(uri: str, data: bytes) -> None:
     (removed again if anything fails), on Cloud Storage one upload (objects appear whole)."""
     if gcs.is_gcs(uri):
         with gcs.storage_errors(uri):
-            _blob(uri).upload_from_string(data, timeout=TRANSFER_TIMEOUT)
+            gcs.blob(uri).upload_from_string(data, timeout=gcs.TRANSFER_TIMEOUT)
         return
     if is_remote(uri):
         raise UnwritableOutputError(f"{uri}: outputs are local paths or gs:// URIs")
     path = local_path(uri)
     temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
         with open(temporary, "wb") as handle:
             handle.write(data)

@@ -236,7 +236,9 @@ class ResidualFeatures(nn.Module):
             intra = torch.tensor(np.stack([self._kernels[f"e{s}"][0] for s in range(3)]), dtype=torch.float32)
             self._spectral[size] = (
                 torch.conj(torch.fft.rfft2(intra, s=(size, size))),
-                torch.stack([_kernel_power_weights(self._kernels[name], size) for name in PREDICTORS], 1),
+                torch.stack(
+                    [_kernel_power_weights(self._kernels[name], size) for name in PREDICTORS], 1
+                ).double(),
             )
         return self._spectral[size]
 
@@ -247,7 +249,10 @@ class ResidualFeatures(nn.Module):
         spectrum = torch.fft.rfft2(y * window, s=(size, size))
         intra, power_weights = self._spectra(size)
         power = (spectrum.real**2 + spectrum.imag**2).flatten(1)
-        profile = torch.log(power @ power_weights / (window * window).sum() + EPS)
+        # Summed in float64: a float32 sum of ~10^5 terms depends on how BLAS blocks the batch
+        # (2.6e-5 apart between batches of 1 and 7); in float64 an image's features do not.
+        energy = (power.double() @ power_weights) / float((window * window).sum())
+        profile = torch.log(energy + EPS).float()
         return torch.cat([profile, self._spreads(spectrum, intra, size)], 1)
 
     @staticmethod

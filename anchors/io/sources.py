@@ -1,0 +1,192 @@
+"""Byte sources: where the bytes of a listed input come from. The read step of every pipeline
+(``transforms/read.py``) hands each listed ``Unit`` to the first source in ``SOURCES`` that
+claims its URI and passes on the ``Record``s it yields: one per image, with its URI, its bytes
+and the columns that travel with it to the score row. Decoding never knows where bytes came
+from. A new kind of input (a tar shard, a Parquet column of bytes, an object store) is one
+``ByteSource`` subclass and one line in ``SOURCES``."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import errno
+import os
+import stat
+from collections.abc import Iterator
+
+from anchorscan.anchors.errors import MissingFileError, exception_name
+from anchorscan.anchors.io import gcs
+from anchorscan.anchors.io.fetch import FetchError, HttpConfig, fetch, is_http
+from anchorscan.anchors.io.uris import is_image_path, is_remote, local_path
+
+DEFAULT_MAX_BYTES = 256 * 2**20
+DEFAULT_READ_TIMEOUT = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One listed input to read: a file, or a container of many images. ``order`` (input
+    index, row) decides which listing of a URI named twice wins; ``carried``: the manifest's
+    other columns for this URI."""
+
+    uri: str
+    order: tuple[int, int] = (0, 0)
+    carried: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One image's bytes as read, with the columns that travel with it to its score row."""
+
+    uri: str
+    data: bytes
+    carried: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadFailure:
+    """An input inside a unit that could not be read (the unit itself goes on)."""
+
+    uri: str
+    message: str
+    error_type: str = "ReadError"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadLimits:
+    max_bytes: int = DEFAULT_MAX_BYTES
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    http: HttpConfig = HttpConfig()
+
+
+class ReadError(OSError):
+    """The input could not be read; the message says why in words, ``error_type`` names the
+    exception behind it (or this class, where a check refused the input)."""
+
+    def __init__(self, message: str, error_type: str = "ReadError"):
+        super().__init__(message)
+        self.error_type = error_type
+
+
+class ByteSource(abc.ABC):
+    """A kind of input. ``lists``: which files a folder's walk hands to this source;
+    ``claims``: which listed URIs it reads; ``read``: a unit's records and failures."""
+
+    name: str
+
+    @abc.abstractmethod
+    def lists(self, path: str) -> bool: ...
+
+    @abc.abstractmethod
+    def claims(self, uri: str) -> bool: ...
+
+    @abc.abstractmethod
+    def read(self, unit: Unit, limits: ReadLimits) -> Iterator[Record | ReadFailure]:
+        """Raises ReadError where the unit as a whole cannot be read (its row names the unit)."""
+
+
+class FileSource(ByteSource):
+    """An image file: local, gs:// or http(s)://; one record."""
+
+    name = "file"
+
+    def lists(self, path: str) -> bool:
+        return is_image_path(path)
+
+    def claims(self, uri: str) -> bool:
+        return True
+
+    def read(self, unit: Unit, limits: ReadLimits) -> Iterator[Record | ReadFailure]:
+        yield Record(unit.uri, read_limited(unit.uri, limits.max_bytes, limits.http), unit.carried)
+
+
+# The first source that claims a URI reads it; FileSource claims everything and comes last.
+SOURCES: tuple[ByteSource, ...] = (FileSource(),)
+
+
+def source_for(uri: str) -> ByteSource:
+    return next(source for source in SOURCES if source.claims(uri))
+
+
+def listable(path: str) -> bool:
+    """Whether a folder's walk lists this file (an image, or a container a source reads)."""
+    return any(source.lists(path) for source in SOURCES)
+
+
+# --- reading one file, whatever it turns out to be --------------------------------------------
+
+_NOT_FILES = {
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def _require_regular_file(status: os.stat_result, max_bytes: int) -> None:
+    if stat.S_ISDIR(status.st_mode):
+        raise ReadError("is a directory, not a file", "IsADirectoryError")
+    if not stat.S_ISREG(status.st_mode):
+        kind = _NOT_FILES.get(stat.S_IFMT(status.st_mode), "not a regular file")
+        raise ReadError(f"{kind}, not a file: not opened (reading it could wait forever)")
+    if status.st_size > max_bytes:
+        raise ReadError(f"file is larger than --max_bytes {max_bytes:,}")
+
+
+def _read_local(path: str, max_bytes: int) -> bytes:
+    """Regular files only, found by stat before any open (opening a FIFO blocks until a writer
+    comes), and checked again on the open file in case it was replaced in between."""
+    _require_regular_file(os.stat(path), max_bytes)
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY), "rb") as handle:
+        _require_regular_file(os.fstat(handle.fileno()), max_bytes)
+        return handle.read(max_bytes + 1)
+
+
+def _read_gcs(uri: str, max_bytes: int) -> bytes:
+    with gcs.storage_errors(uri):
+        blob = gcs.existing_blob(uri)
+        if blob is None:
+            raise MissingFileError(f"{uri}: no such object")
+        if blob.size is not None and blob.size > max_bytes:
+            raise ReadError(f"file is larger than --max_bytes {max_bytes:,}")
+        return blob.download_as_bytes(timeout=gcs.TRANSFER_TIMEOUT)
+
+
+def read_limited(uri: str, max_bytes: int, http: HttpConfig = HttpConfig()) -> bytes:
+    """The bytes of one file, at most ``max_bytes``; ReadError with a sentence otherwise."""
+    if is_http(uri):
+        try:
+            return fetch(uri, max_bytes, http)
+        except FetchError as error:
+            raise ReadError(str(error), exception_name(error)) from None
+    if is_remote(uri) and not gcs.is_gcs(uri):
+        raise ReadError("only local files, gs:// and http(s):// URIs can be read")
+    path = local_path(uri)
+    try:
+        data = _read_local(path, max_bytes) if path is not None else _read_gcs(uri, max_bytes)
+    except ReadError:
+        raise
+    except FileNotFoundError as error:
+        if path is not None and os.path.islink(path):
+            raise ReadError(
+                f"a broken symbolic link: its target {os.readlink(path)} does not exist",
+                exception_name(error),
+            ) from None
+        raise ReadError("file not found (removed after it was listed?)", exception_name(error)) from None
+    except IsADirectoryError as error:
+        raise ReadError("is a directory, not a file", exception_name(error)) from None
+    except PermissionError as error:
+        raise ReadError("permission denied", exception_name(error)) from None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise ReadError(
+                "a symbolic link loop: the link leads back to itself", exception_name(error)
+            ) from None
+        raise ReadError(f"cannot read file: {error}", exception_name(error)) from None
+    except Exception as error:  # any storage error means the same to the user: not readable
+        raise ReadError(
+            f"cannot read file: {exception_name(error)}: {error}", exception_name(error)
+        ) from None
+    if len(data) > max_bytes:
+        raise ReadError(f"file is larger than --max_bytes {max_bytes:,}")
+    return data

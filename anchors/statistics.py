@@ -1,0 +1,148 @@
+"""Every statistic an anchor, an update, a flag or a linear head is made of, accumulated in one
+pass over embedded rows (docs/METHOD.md §3, §5.1): named moments of column slices of each row
+(``backbone``, ``forensic.<level>``, ``flag.<generator>``) and, for the rows that the hold-out
+rule sends to calibration instead, their feature rows (at most ``MAX_CALIBRATION_ROWS``, those
+with the smallest URI keys). One accumulator for all of them, in the shape of tf.Transform's
+analyzers (add, merge, compact, result); ``transforms/statistics.py`` is its Beam wrapper."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from anchorscan.anchors.calibration import MAX_CALIBRATION_ROWS, CalibrationRows, holds_out, uri_key
+from anchorscan.anchors.spec import FeatureSpec
+from anchorscan.anchors.stats import BufferedMoments, Moments
+
+
+@dataclasses.dataclass(frozen=True)
+class HoldOut:
+    """The calibration hold-out rule (§5.1): a stable hash of each URI, or of the first match
+    of ``group`` in it, sends ``fraction`` of the images to calibration."""
+
+    fraction: float
+    group: str | None = None
+
+    def holds(self, uri: str) -> bool:
+        return holds_out(uri, self.fraction, self.group)
+
+
+@dataclasses.dataclass(frozen=True)
+class StatisticsLayout:
+    """Which columns of an embedded row feed which named statistic (``slices``: name, start,
+    stop), and the rule that sends a row to calibration instead (its first
+    ``calibration_width`` columns kept)."""
+
+    slices: tuple[tuple[str, int, int], ...]
+    hold_out: HoldOut | None = None
+    calibration_width: int = 0
+
+    @classmethod
+    def for_anchor(
+        cls, spec: FeatureSpec, level_names: tuple[str, ...], hold_out: HoldOut
+    ) -> StatisticsLayout:
+        """Rows of [semantic ; statistical ; forensic at each softness level] (fit's extractor
+        output): the backbone part's moments and one per forensic level."""
+        split, width = spec.d_backbone, spec.d_forensic
+        levels = tuple(
+            (f"forensic.{name}", split + j * width, split + (j + 1) * width)
+            for j, name in enumerate(level_names)
+        )
+        return cls((("backbone", 0, split), *levels), hold_out, spec.dim)
+
+    @classmethod
+    def whole(cls, name: str, width: int) -> StatisticsLayout:
+        """One statistic of the rows' first ``width`` columns, nothing held out (a flagged
+        generator's images, a class of a linear head)."""
+        return cls(((name, 0, width),))
+
+
+@dataclasses.dataclass
+class Statistics:
+    """Named moments and the held-out rows (None where the layout holds nothing out)."""
+
+    moments: dict[str, Moments]
+    held_out: CalibrationRows | None = None
+
+
+class StatisticsAccumulator:
+    """The accumulator of a ``StatisticsLayout``: rows are buffered per statistic and added in
+    batches (``BufferedMoments``); held-out rows are kept while they may be among the smallest
+    keys. Merging never mutates the other accumulator."""
+
+    __slots__ = ("_keys", "_rows", "layout", "moments")
+
+    def __init__(self, layout: StatisticsLayout, batch_size: int = 256):
+        self.layout = layout
+        self.moments = {
+            name: BufferedMoments(stop - start, batch_size) for name, start, stop in layout.slices
+        }
+        self._keys: list[np.ndarray] = []
+        self._rows: list[np.ndarray] = []
+
+    def add(self, uri: str, row: np.ndarray) -> StatisticsAccumulator:
+        row = np.asarray(row)
+        hold_out = self.layout.hold_out
+        if hold_out is not None and hold_out.holds(uri):
+            self._keys.append(np.array([uri_key(uri)], dtype=np.uint64))
+            self._rows.append(row[None, : self.layout.calibration_width])
+            if len(self._keys) >= 2 * MAX_CALIBRATION_ROWS:
+                self._trim()
+            return self
+        for name, start, stop in self.layout.slices:
+            self.moments[name].add(row[start:stop])
+        return self
+
+    def merge(self, other: StatisticsAccumulator) -> StatisticsAccumulator:
+        for name, moments in self.moments.items():
+            moments.flush()
+            moments.moments.merge(other.moments[name].value())
+        self._keys += other._keys
+        self._rows += other._rows
+        self._trim()
+        return self
+
+    def compact(self) -> StatisticsAccumulator:
+        for moments in self.moments.values():
+            moments.flush()
+        self._trim()
+        return self
+
+    def _trim(self) -> None:
+        """Keeps the held-out rows with the smallest keys, each key once."""
+        if not self._keys:
+            return
+        rows = self.held_out()
+        self._keys, self._rows = [rows.keys], [rows.features]
+
+    def held_out(self) -> CalibrationRows:
+        if not self._keys:
+            return CalibrationRows([], np.zeros((0, self.layout.calibration_width)))
+        return CalibrationRows.merged(
+            [CalibrationRows(np.concatenate(self._keys), np.concatenate(self._rows))]
+        )
+
+    def result(self) -> Statistics:
+        moments = {name: accumulator.flush() for name, accumulator in self.moments.items()}
+        return Statistics(moments, self.held_out() if self.layout.hold_out is not None else None)
+
+    def state(self) -> tuple[dict[str, Moments], CalibrationRows]:
+        """What the accumulator holds, for its coder."""
+        self.compact()
+        return {name: accumulator.moments for name, accumulator in self.moments.items()}, self.held_out()
+
+    @classmethod
+    def from_state(
+        cls,
+        layout: StatisticsLayout,
+        moments: dict[str, Moments],
+        held: CalibrationRows,
+        batch_size: int = 256,
+    ) -> StatisticsAccumulator:
+        accumulator = cls(layout, batch_size)
+        for name, value in moments.items():
+            accumulator.moments[name].moments = value
+        if len(held):
+            accumulator._keys, accumulator._rows = [held.keys], [held.features]
+        return accumulator

@@ -1,0 +1,76 @@
+"""The chain every command that turns inputs into features builds: List -> Read -> Decode ->
+Embed, each a named step defined in its own module. ``ImageFeatures`` applies the four to
+--input patterns; `stream` feeds its watcher's units to the last three."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import apache_beam as beam
+
+from anchorscan.anchors.io.sources import ReadLimits
+from anchorscan.transforms.decode import DecodeImages, DecodeSettings
+from anchorscan.transforms.inference import EmbedImages, FeatureModelHandler
+from anchorscan.transforms.listing import ListInputs
+from anchorscan.transforms.read import ReadInputs
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """How each step runs, as the command's flags say."""
+
+    limits: ReadLimits
+    decoding: DecodeSettings
+    handler: FeatureModelHandler
+
+    def with_softened(self, softened: tuple) -> Steps:
+        """The same steps with the forensic features of these softness levels too (fitting)."""
+        return dataclasses.replace(self, handler=self.handler.with_softened(softened))
+
+
+class Features(NamedTuple):
+    """What the chain gives: embedded images, every stage's error rows, and (record, earlier
+    row) pairs of content scored before."""
+
+    embedded: beam.PCollection
+    errors: tuple
+    reused: beam.PCollection
+
+
+class EmbedUnits(beam.PTransform):
+    """Listed units -> Read -> Decode -> Embed."""
+
+    def __init__(self, steps: Steps, previous=None):
+        super().__init__()
+        self.steps, self.previous = steps, previous
+
+    def expand(self, units) -> Features:
+        records, read_errors = units | "Read" >> ReadInputs(self.steps.limits)
+        images, decode_errors, reused = records | "Decode" >> DecodeImages(self.steps.decoding, self.previous)
+        embedded, embed_errors = images | "Embed" >> EmbedImages(self.steps.handler)
+        return Features(embedded, (read_errors, decode_errors, embed_errors), reused)
+
+
+class ImageFeatures(beam.PTransform):
+    """--input patterns -> List -> Read -> Decode -> Embed; a manifest's ``carried_names``
+    columns travel with its images; ``previous``: (sha256, row) of content scored before."""
+
+    def __init__(
+        self,
+        patterns: list[str],
+        steps: Steps,
+        carried_names: tuple[str, ...] = (),
+        previous=None,
+        progress_label: str = "progress",
+    ):
+        super().__init__()
+        self.patterns, self.steps, self.previous = patterns, steps, previous
+        self.carried_names, self.progress_label = carried_names, progress_label
+
+    def expand(self, pipeline) -> Features:
+        units, list_errors = pipeline | "List" >> ListInputs(
+            self.patterns, self.carried_names, self.progress_label
+        )
+        features = units | "Features" >> EmbedUnits(self.steps, self.previous)
+        return features._replace(errors=(list_errors, *features.errors))
