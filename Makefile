@@ -2,8 +2,6 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# torch and torchvision pinned to the builds the CI machine carries (pip takes them from disk).
-TORCH := torch==2.14.1 torchvision==0.29.1
 RUNNER := --runner=FnApiRunner
 DEMO := out/demo
 
@@ -11,11 +9,12 @@ DEMO := out/demo
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# Pinned builds (torch, Beam) come from constraints.txt, as in templates/Dockerfile.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt torch torchvision
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
 # --overwrite: a demo run replaces the last one's tables (out/demo belongs to the demo)

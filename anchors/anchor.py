@@ -24,7 +24,7 @@ from anchorscan.anchors.calibration import (
     tippett_log10,
     upper_tail_log_pvalues,
 )
-from anchorscan.anchors.errors import UsageError
+from anchorscan.anchors.errors import NotEnoughImagesError, UsageError
 from anchorscan.anchors.forensic import ForensicModel
 from anchorscan.anchors.softness import LEVEL_SETS, level_names
 from anchorscan.anchors.spec import FeatureSpec
@@ -73,7 +73,7 @@ class AnchorConfig:
                 f"got {', '.join(self.channels) or 'none'}"
             )
         if not 0.0 < self.calibration_fraction < 1.0:
-            raise ValueError(f"calibration_fraction must be in (0, 1), got {self.calibration_fraction}")
+            raise UsageError(f"--calibration_fraction must be in (0, 1), got {self.calibration_fraction}")
         if self.forensic_levels not in LEVEL_SETS:
             raise UsageError(
                 f"--forensic_levels must be one of {', '.join(LEVEL_SETS)}, got {self.forensic_levels!r}"
@@ -157,7 +157,9 @@ class AnchorModel:
     @classmethod
     def fit(cls, moments: Moments, d_semantic: int, explained_variance: float = 0.95) -> AnchorModel:
         if moments.n < 3:
-            raise ValueError(f"an anchor needs at least 3 real images, got {moments.n}")
+            raise NotEnoughImagesError(
+                f"an anchor needs at least 3 real images, got {moments.n}: add real images"
+            )
         if not 0 < d_semantic < moments.dim:
             raise ValueError(f"d_semantic={d_semantic} must lie in (0, {moments.dim})")
         sigma, shrinkage = shrunk_covariance(moments)
@@ -209,7 +211,7 @@ class FlaggedClass:
                 f"flagged moments have dimension {fake.dim}, the features {split + real_forensic.dim}"
             )
         if fake.n < 2:
-            raise ValueError(f"a flagged generator needs at least 2 images, got {fake.n}")
+            raise NotEnoughImagesError(f"a flagged generator needs at least 2 images, got {fake.n}")
         weights = []
         for block, real in ((slice(0, split), real_backbone), (slice(split, fake.dim), real_forensic)):
             pooled = Moments.from_arrays(

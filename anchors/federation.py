@@ -20,6 +20,7 @@ import numpy as np
 from anchorscan.anchors import checked_file
 from anchorscan.anchors.anchor import Anchor
 from anchorscan.anchors.anchor_file import statistics_id
+from anchorscan.anchors.errors import UserError
 from anchorscan.anchors.spec import FeatureSpec, IncompatibleAnchorError
 from anchorscan.anchors.stats import Moments
 from anchorscan.anchors.updating import merged_statistics, recalibrated
@@ -29,11 +30,11 @@ METADATA_KEY = "anchorscan_delta"
 MIN_COUNT = 64
 
 
-class DeltaFileError(ValueError):
+class DeltaFileError(UserError, ValueError):
     """The file is not a readable anchorscan delta."""
 
 
-class DeltaRefused(ValueError):
+class DeltaRefused(UserError, ValueError):
     """A delta that must not be exported or merged; the message says why and what to do."""
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from anchorscan.anchors import checked_file
 from anchorscan.anchors.anchor import shrunk_covariance
-from anchorscan.anchors.errors import UserError
+from anchorscan.anchors.errors import NotEnoughImagesError, UsageError, UserError
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.stats import Moments
 
@@ -68,7 +68,9 @@ def _real_and_fake(
         raise ValueError(f"labels must be {REAL} (real) or {FAKE} (fake), one per feature row")
     real, fake = semantic[labels == REAL], semantic[labels == FAKE]
     if len(real) == 0 or len(fake) == 0:
-        raise ValueError(f"a head needs real and fake examples, got {len(real)} real and {len(fake)} fake")
+        raise NotEnoughImagesError(
+            f"a head needs real and fake examples, got {len(real)} real and {len(fake)} fake"
+        )
     return real, fake
 
 
@@ -129,7 +131,7 @@ class NearestNeighbourHead(Head):
     def __post_init__(self):
         smallest = min(len(self.real_bank), len(self.fake_bank))
         if not 1 <= self.k <= smallest:
-            raise ValueError(f"k must be in [1, {smallest}] (the smaller bank), got {self.k}")
+            raise UsageError(f"--k must be in [1, {smallest}] (the smaller bank), got {self.k}")
 
     @classmethod
     def fit(
@@ -213,9 +215,9 @@ class LinearProbeHead(Head):
                     f"features {part_width(self.spec, self.parts)}"
                 )
             if moments.n == 0:
-                raise ValueError(f"a linear probe needs {name} examples, got none")
+                raise NotEnoughImagesError(f"a linear probe needs {name} examples, got none")
         if self.real.n + self.fake.n < 3:
-            raise ValueError("a linear probe needs at least 3 examples")
+            raise NotEnoughImagesError("a linear probe needs at least 3 examples")
         covariance, self.shrinkage = shrunk_covariance(pooled_within_class(self.real, self.fake))
         self.weights = np.linalg.solve(covariance, self.fake.mean - self.real.mean)
         midpoint = (self.fake.mean + self.real.mean) / 2

@@ -12,7 +12,7 @@ import os
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from anchorscan.anchors.anchor import COMBINERS, AnchorConfig
+from anchorscan.anchors.anchor import CHANNELS, COMBINERS, AnchorConfig
 from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.io.datasets import DATASETS, GENIMAGE_SPLITS, read_dataset
 from anchorscan.anchors.io.gcs import check_paths
@@ -20,12 +20,11 @@ from anchorscan.anchors.io.storage import check_writable, read_bytes, write_atom
 from anchorscan.anchors.io.uris import is_remote
 from anchorscan.anchors.metrics import detection_metrics
 from anchorscan.pipelines import score
+from anchorscan.pipelines.flags import choice_list, command_parser, perturbation_list, text
 from anchorscan.pipelines.options import (
     add_decoding_args,
     add_http_args,
     add_runtime_args,
-    channel_list,
-    command_parser,
     parse,
 )
 from anchorscan.transforms.listing import files_below, read_parquet_rows
@@ -45,30 +44,32 @@ COLUMNS = (
 
 
 def parser():
-    parser = command_parser(
-        "evaluate",
-        "Score a labelled dataset and write per-generator metrics. Write Beam's flags "
-        "as --name=value or after ROOT, so that their values are not taken for ROOT.",
+    parser = command_parser("evaluate")
+    parser.add_argument(
+        "root", type=text, help="the dataset's root folder, or the manifest file for --dataset manifest"
     )
-    parser.add_argument("root", help="the dataset's root folder, or the manifest file for --dataset manifest")
     parser.add_argument(
         "--dataset", required=True, choices=DATASETS, help="how the dataset names real and generated images"
     )
-    parser.add_argument("--anchor", required=True, help="the anchor file")
+    parser.add_argument("--anchor", type=text, required=True, help="the anchor file")
     parser.add_argument(
         "--head",
+        type=text,
         default="anchor",
         help="'anchor' (the calibrated one-class score), a head file from fit-head, "
         "or anchor+HEAD_FILE (an lda/logistic head's log-odds plus the anchor's evidence)",
     )
     parser.add_argument(
-        "--output", required=True, help="folder for metrics.csv, metrics.md, metrics.json (local or gs://)"
+        "--output",
+        type=text,
+        required=True,
+        help="folder for metrics.csv, metrics.md, metrics.json (local or gs://)",
     )
     parser.add_argument("--split", default="val", choices=GENIMAGE_SPLITS, help="genimage: which split")
     parser.add_argument(
         "--channels",
+        type=choice_list(CHANNELS),
         default=None,
-        type=channel_list,
         help="comma-separated channels the anchor's score combines (default: the anchor's)",
     )
     parser.add_argument(
@@ -79,6 +80,7 @@ def parser():
     )
     parser.add_argument(
         "--sweep",
+        type=perturbation_list,
         default=None,
         help="comma-separated perturbations evaluated one after another "
         "(e.g. jpeg:95,jpeg:75,blur:1); writes sweep.csv",

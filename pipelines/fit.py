@@ -12,6 +12,7 @@ from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.storage import check_writable, read_bytes
 from anchorscan.anchors.softness import LEVEL_SETS, softened
 from anchorscan.pipelines.common import chain_steps, driver_extractor
+from anchorscan.pipelines.flags import choice_list, command_parser, float_in, open_fraction, regex, text
 from anchorscan.pipelines.options import (
     INPUT_HELP,
     add_backbone_args,
@@ -19,8 +20,6 @@ from anchorscan.pipelines.options import (
     add_http_args,
     add_runtime_args,
     backbone_config,
-    channel_list,
-    command_parser,
     counter_totals,
     error_total,
     parse,
@@ -31,33 +30,38 @@ from anchorscan.transforms.sinks import WriteErrors
 
 
 def parser():
-    parser = command_parser("fit", "Fit an anchor on real images.")
-    parser.add_argument("--input", action="append", required=True, help=f"real images: {INPUT_HELP}")
-    parser.add_argument("--anchor", required=True, help="the anchor file to write (local or gs://)")
+    parser = command_parser("fit")
     parser.add_argument(
-        "--errors", default=None, help="prefix of the errors table (default: the anchor's path)"
+        "--input", type=text, action="append", required=True, help=f"real images: {INPUT_HELP}"
+    )
+    parser.add_argument(
+        "--anchor", type=text, required=True, help="the anchor file to write (local or gs://)"
+    )
+    parser.add_argument(
+        "--errors", type=text, default=None, help="prefix of the errors table (default: the anchor's path)"
     )
     group = parser.add_argument_group("anchor")
     group.add_argument(
         "--calibration_fraction",
-        type=float,
+        type=open_fraction,
         default=0.1,
         help="share of real images held out (by URI hash) to calibrate p-values",
     )
     group.add_argument(
         "--calibration_group",
+        type=regex,
         default=None,
         help="regex: URIs with the same match (its first group) are held out together",
     )
     group.add_argument(
         "--fpr",
-        type=float,
+        type=float_in(0.0, 0.5),
         default=AnchorConfig.fpr,
         help="false-positive rate on real images at which is_suspect is set",
     )
     group.add_argument(
         "--explained_variance",
-        type=float,
+        type=float_in(0.0, 1.0),
         default=AnchorConfig.explained_variance,
         help="variance kept by the statistical part's leading eigenpairs",
     )
@@ -75,8 +79,8 @@ def parser():
     )
     group.add_argument(
         "--channels",
+        type=choice_list(CHANNELS),
         default=",".join(AnchorConfig.channels),
-        type=channel_list,
         help=f"comma-separated channels the score combines, among {', '.join(CHANNELS)}",
     )
     group.add_argument(

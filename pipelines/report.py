@@ -22,21 +22,27 @@ from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.io.datasets import manifest
 from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.storage import check_writable, read_bytes, write_atomically
-from anchorscan.pipelines.options import command_parser
+from anchorscan.pipelines.flags import command_parser, int_in, text
 from anchorscan.transforms.listing import read_parquet_rows
 
 
 def parser():
-    parser = command_parser("report", "Write one self-contained HTML page about a scan.")
-    parser.add_argument("--scores", required=True, help="the PREFIX given to `anchorscan score`")
-    parser.add_argument("--output", required=True, help="the HTML file to write (local or gs://)")
+    parser = command_parser("report", beam=False)
+    parser.add_argument("--scores", type=text, required=True, help="the PREFIX given to `anchorscan score`")
+    parser.add_argument("--output", type=text, required=True, help="the HTML file to write (local or gs://)")
     parser.add_argument(
-        "--anchor", default=None, help="the anchor file, to draw its real calibration images' distances"
+        "--anchor",
+        type=text,
+        default=None,
+        help="the anchor file, to draw its real calibration images' distances",
     )
     parser.add_argument(
-        "--labels", default=None, help="a manifest with uri,label,generator columns, for ROC curves"
+        "--labels",
+        type=text,
+        default=None,
+        help="a manifest with uri,label,generator columns, for ROC curves",
     )
-    parser.add_argument("--gallery", type=int, default=12, help="thumbnails at each end")
+    parser.add_argument("--gallery", type=int_in(1, 1000), default=12, help="thumbnails at each end")
     return parser
 
 

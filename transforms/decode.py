@@ -18,6 +18,7 @@ from anchorscan.anchors.images.decode import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SID
 from anchorscan.anchors.images.decoder_pool import DecodeFailed, DecoderPool, Job
 from anchorscan.anchors.io.sources import Record
 from anchorscan.anchors.tables import error_row
+from anchorscan.anchors.threads import capped_to_cores
 
 ERRORS = "errors"
 REUSED = "reused"
@@ -89,7 +90,8 @@ class DecodeImageFn(beam.DoFn):
 
     def setup(self):
         settings = self.settings
-        self._pool = DecoderPool(settings.decoder(), max(settings.processes, 1), settings.decode_timeout)
+        processes = capped_to_cores(max(settings.processes, 1), "--decode_processes")
+        self._pool = DecoderPool(settings.decoder(), processes, settings.decode_timeout)
 
     def teardown(self):
         self._pool.close()

@@ -16,7 +16,7 @@ from anchorscan.anchors.io.storage import local_copy
 from anchorscan.anchors.models.features import BackboneConfig, FeatureExtractor
 from anchorscan.anchors.spec import IncompatibleAnchorError
 from anchorscan.anchors.tables import error_row
-from anchorscan.anchors.threads import limit_blas_threads
+from anchorscan.anchors.threads import capped_to_cores, limit_blas_threads
 
 DEFAULT_BATCH_SIZE = 16  # suits CPUs; GPUs want 64 or more
 
@@ -55,7 +55,7 @@ class FeatureModelHandler(ModelHandler[np.ndarray, tuple, FeatureExtractor]):
 
     def load_model(self) -> FeatureExtractor:
         if self.torch_threads:
-            torch.set_num_threads(self.torch_threads)
+            torch.set_num_threads(capped_to_cores(self.torch_threads, "--torch_threads"))
         limit_blas_threads()
         weights = self.config.weights and local_copy(self.config.weights)
         extractor = dataclasses.replace(self.config, weights=weights).build()

@@ -12,9 +12,10 @@ import logging
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
 
-from anchorscan.anchors.errors import UsageError, exception_name
+from anchorscan.anchors.errors import exception_name
+from anchorscan.anchors.images.perturbations import parse_perturbation
 
 # The only formats Pillow may open, whatever a file's name says: never PostScript or PDF (which
 # Pillow hands to Ghostscript where it is installed), nor the dozens of rarer plugins. A JPEG
@@ -76,90 +77,6 @@ def _to_rgb(image: Image.Image, notes: list[str]) -> Image.Image:
     if "A" in mode or "transparency" in image.info:
         notes.append("alpha_dropped")
     return image.convert("RGB")
-
-
-PERTURBATION_HELP = (
-    "jpeg:QUALITY, webp:QUALITY, png, blur:SIGMA, defocus:RADIUS, motion:LENGTH, "
-    "thumbnail:SCALE, median:SIZE or scale:FACTOR"
-)
-
-
-def parse_perturbation(spec: str | None):
-    """An evaluation's bias control or robustness perturbation, applied to real and fake images
-    alike: ``jpeg:Q`` / ``webp:Q`` (re-encode at quality Q), ``png`` (re-encode losslessly),
-    ``blur:SIGMA`` (Gaussian blur), ``defocus:R`` (a disk of radius R px, out of focus),
-    ``motion:L`` (a line of L px at 30 degrees, camera shake), ``thumbnail:S`` (area
-    downscale by S, bicubic back up: an upscaled thumbnail), ``median:K`` (K x K median
-    filter, a denoiser) or ``scale:F`` (bicubic rescale). Returns a function of a PIL image,
-    or None."""
-    if not spec:
-        return None
-    kind, _, value = spec.partition(":")
-    try:
-        if kind in ("jpeg", "webp"):
-            quality = int(value)
-            return lambda image: _reencode(image, kind.upper(), quality=quality)
-        if kind == "png" and not value:
-            return lambda image: _reencode(image, "PNG")
-        if kind == "blur":
-            radius = float(value)
-            return lambda image: image.filter(ImageFilter.GaussianBlur(radius))
-        if kind == "defocus":
-            return functools.partial(_convolve, kernel=_disk(float(value)))
-        if kind == "motion":
-            return functools.partial(_convolve, kernel=_line(float(value), angle=30.0))
-        if kind == "thumbnail":
-            scale = float(value)
-            return lambda image: image.resize(
-                (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BOX
-            ).resize(image.size, Image.BICUBIC)
-        if kind == "median":
-            return lambda image: image.filter(ImageFilter.MedianFilter(int(value)))
-        if kind == "scale":
-            factor = float(value)
-            return lambda image: image.resize(
-                (max(1, round(image.width * factor)), max(1, round(image.height * factor))), Image.BICUBIC
-            )
-    except ValueError:
-        pass
-    raise UsageError(f"--perturbation must be {PERTURBATION_HELP}, not {spec!r}")
-
-
-def _supersampled(inside, radius: float, supersample: int = 8) -> np.ndarray:
-    """A normalised kernel: the share of each pixel that ``inside(y, x)`` covers (sampled on a
-    finer grid, so that fractional sizes blur by fractional amounts)."""
-    half = int(np.ceil(radius))
-    grid = (np.arange((2 * half + 1) * supersample) + 0.5) / supersample - half - 0.5
-    y, x = np.meshgrid(grid, grid, indexing="ij")
-    kernel = inside(y, x).reshape(2 * half + 1, supersample, 2 * half + 1, supersample).mean((1, 3))
-    return kernel / kernel.sum()
-
-
-def _disk(radius: float) -> np.ndarray:
-    return _supersampled(lambda y, x: x**2 + y**2 <= radius**2, radius)
-
-
-def _line(length: float, angle: float) -> np.ndarray:
-    direction = np.deg2rad(angle)
-    along = lambda y, x: x * np.cos(direction) + y * np.sin(direction)  # noqa: E731
-    across = lambda y, x: -x * np.sin(direction) + y * np.cos(direction)  # noqa: E731
-    return _supersampled(
-        lambda y, x: (np.abs(along(y, x)) <= length / 2) & (np.abs(across(y, x)) <= 0.5), length / 2
-    )
-
-
-def _convolve(image: Image.Image, kernel: np.ndarray) -> Image.Image:
-    from scipy.ndimage import convolve
-
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
-    blurred = np.stack([convolve(pixels[..., c], kernel, mode="reflect") for c in range(3)], -1)
-    return Image.fromarray(blurred.round().clip(0, 255).astype(np.uint8))
-
-
-def _reencode(image: Image.Image, fmt: str, **options) -> Image.Image:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
 
 
 @functools.cache
@@ -291,7 +208,7 @@ def decode_and_crop(
     """``resize="none"``: centre crop at native resolution, upscaling only images smaller than
     the crop; ``"shorter_side"``: scale the shorter side to the crop size first (CLIP's own
     transform), which loses high-frequency artifacts. ``perturbation``: see
-    ``parse_perturbation``, applied before cropping."""
+    ``anchors/images/perturbations.py``, applied before cropping."""
     perturb = parse_perturbation(perturbation)
     if not data:
         raise DecodeError("file is empty (0 bytes)")

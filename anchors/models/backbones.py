@@ -9,14 +9,16 @@ are frozen and features are computed under ``torch.inference_mode()``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from anchorscan.anchors.errors import UserError
+from anchorscan.anchors.errors import UsageError, UserError
 from anchorscan.anchors.models.weights import WeightsError, read_state_dict
 
 
@@ -62,11 +64,11 @@ class Backbone(nn.Module):
         super().__init__()
         attention = attention or self.attention_modes[0]
         if attention not in self.attention_modes:
-            raise ValueError(
-                f"{self.name} supports attention {', '.join(self.attention_modes)}, not {attention!r}"
+            raise UsageError(
+                f"--attention {attention}: {self.name} supports {', '.join(self.attention_modes)}"
             )
         if resize not in RESIZE_MODES:
-            raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, not {resize!r}")
+            raise UsageError(f"--resize must be one of {', '.join(RESIZE_MODES)}, not {resize!r}")
         self.attention_mode, self.resize = attention, resize
 
     def normalisation(self) -> dict:
@@ -121,6 +123,8 @@ class EfficientNetLite0(Backbone):
     name = "efficientnet-lite0"
     attention_modes = ("zscore", "uniform")
     faster_in_onnxruntime = True
+    # Lite models were trained in TensorFlow on inputs scaled to [-1, 1].
+    PIXEL_MEAN, PIXEL_STD = 127.0, 128.0
     # Last block of the stages whose outputs feed the spatial statistics: 24@56, 40@28, 112@14, 320@7.
     token_blocks = (2, 4, 10, 15)
     token_channels = (24, 40, 112, 320)
@@ -140,8 +144,7 @@ class EfficientNetLite0(Backbone):
         self.weights_sha256 = file_sha256(weights)
 
     def normalisation(self) -> dict:
-        # Lite models were trained in TensorFlow on inputs scaled to [-1, 1].
-        return {"pixel_mean": [127.0] * 3, "pixel_std": [128.0] * 3}
+        return {"pixel_mean": [self.PIXEL_MEAN] * 3, "pixel_std": [self.PIXEL_STD] * 3}
 
     @property
     def layout(self) -> dict:
@@ -156,7 +159,9 @@ class EfficientNetLite0(Backbone):
     def forward(self, pixels: torch.Tensor) -> BackboneOutput:
         """``pixels``: (B, 3, H, W) uint8."""
         net = self.net
-        x = ((pixels.float() - 127.0) / 128.0).contiguous(memory_format=torch.channels_last)
+        x = ((pixels.float() - self.PIXEL_MEAN) / self.PIXEL_STD).contiguous(
+            memory_format=torch.channels_last
+        )
         x = net._swish(net._bn0(net._conv_stem(x)))
         token_maps = []
         for index, block in enumerate(net._blocks):
@@ -319,9 +324,35 @@ class ClipVisionBackbone(Backbone):
         return BackboneOutput(output["image_features"], token_maps, attention)
 
 
+@dataclasses.dataclass(frozen=True)
+class BackboneKind:
+    """A registered backbone: how to build it from (weights, attention, resize) and the
+    attention modes it supports (the first is its default)."""
+
+    build: Callable[..., Backbone]
+    attention_modes: tuple[str, ...]
+    needs_weights: bool
+
+
+BACKBONES: dict[str, BackboneKind] = {
+    EfficientNetLite0.name: BackboneKind(EfficientNetLite0, EfficientNetLite0.attention_modes, False),
+    **{
+        name: BackboneKind(
+            functools.partial(ClipVisionBackbone, name), ClipVisionBackbone.attention_modes, True
+        )
+        for name in CLIP_MODELS
+    },
+}
 DEFAULT_BACKBONE = EfficientNetLite0.name
-BACKBONE_NAMES = (DEFAULT_BACKBONE, *CLIP_MODELS)
-ATTENTION_MODES = ("zscore", "cls", "uniform")
+BACKBONE_NAMES = tuple(BACKBONES)
+ATTENTION_MODES = tuple(dict.fromkeys(mode for kind in BACKBONES.values() for mode in kind.attention_modes))
+
+
+def check_attention(name: str, attention: str | None) -> None:
+    """Refuses an attention mode the backbone does not have, naming the ones it has."""
+    modes = BACKBONES[name].attention_modes
+    if attention is not None and attention not in modes:
+        raise UsageError(f"--attention {attention}: {name} supports {', '.join(modes)} (default {modes[0]})")
 
 
 def load_backbone(
@@ -330,8 +361,7 @@ def load_backbone(
     attention: str | None = None,
     resize: str = "none",
 ) -> Backbone:
-    if name == EfficientNetLite0.name:
-        return EfficientNetLite0(weights, attention, resize)
-    if name in CLIP_MODELS:
-        return ClipVisionBackbone(name, weights, attention, resize)
-    raise ValueError(f"unknown backbone {name!r}; available: {', '.join(BACKBONE_NAMES)}")
+    if name not in BACKBONES:
+        raise UsageError(f"--backbone {name}: unknown; available: {', '.join(BACKBONE_NAMES)}")
+    check_attention(name, attention)
+    return BACKBONES[name].build(weights, attention, resize)
