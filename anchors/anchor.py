@@ -380,18 +380,20 @@ class Anchor:
         return cls.uncalibrated(spec, statistics["backbone"], forensic, config, flagged, lineage)
 
     def distances(self, features: np.ndarray) -> dict[str, np.ndarray]:
-        """Every component's distance for (b, spec.dim) feature rows, and ``softness``: the
-        index of the forensic level that explains each image best (0 = sharp)."""
+        """Every component's distance for (b, spec.dim) feature rows, and ``softness_level``:
+        the index of the forensic level that explains each image best (0 = sharp)."""
         features = np.atleast_2d(np.asarray(features, dtype=np.float64))
         if features.shape[1] != self.spec.dim:
             raise ValueError(f"features have {features.shape[1]} columns, the anchor's spec {self.spec.dim}")
         result = self.model.distances(features[:, : self.spec.d_backbone])
-        result["forensic"], result["softness"] = self.forensic.distances(features[:, self.spec.d_backbone :])
+        result["forensic"], result["softness_level"] = self.forensic.distances(
+            features[:, self.spec.d_backbone :]
+        )
         for name, flagged in self.flag_models.items():
             result[FLAG_PREFIX + name] = flagged.log_odds(features)
         return result
 
-    def score(
+    def assess(
         self,
         features: np.ndarray,
         combine: str | None = None,
@@ -453,7 +455,7 @@ class Anchor:
             score=score,
             is_suspect=score > config.threshold,
             component=np.asarray(candidates)[smallest],
-            softness=np.asarray(self.forensic.level_names)[result["softness"]],
+            softness=np.asarray(self.forensic.level_names)[result["softness_level"]],
         )
         return result
 

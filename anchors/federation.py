@@ -55,7 +55,7 @@ def subtract(total: Moments, base: Moments) -> Moments:
 @dataclasses.dataclass
 class Delta:
     spec: FeatureSpec
-    forensic_levels: tuple[str, ...]
+    level_names: tuple[str, ...]
     base_id: str
     site_id: str
     statistics: dict[str, Moments]  # with a factor, m2 = factor factor^T
@@ -136,7 +136,7 @@ def delta_to_bytes(delta: Delta) -> bytes:
             tensors[f"delta.{name}.m2"] = moments.m2
     metadata = {
         **delta.spec.to_dict(),
-        "forensic_level_names": list(delta.forensic_levels),
+        "forensic_level_names": list(delta.level_names),
         "base": delta.base_id,
         "site": delta.site_id,
         "counts": {name: moments.n for name, moments in delta.statistics.items()},
@@ -182,9 +182,9 @@ def merge(base: Anchor, deltas: list[Delta]) -> Anchor:
             base.spec.require_same(delta.spec, f"delta {i}")
         except IncompatibleAnchorError as error:
             raise DeltaRefused(f"delta {i} comes from other features than the base:\n{error}") from None
-        if delta.forensic_levels != base.forensic.level_names:
+        if delta.level_names != base.forensic.level_names:
             raise DeltaRefused(
-                f"delta {i} models the forensic levels {list(delta.forensic_levels)}, "
+                f"delta {i} models the forensic levels {list(delta.level_names)}, "
                 f"the base {list(base.forensic.level_names)}"
             )
         if delta.base_id != base_id:

@@ -80,13 +80,13 @@ class Head(abc.ABC):
     fitted on)."""
 
     kind: ClassVar[str]
-    # Whether ``score`` is a natural-log odds of "generated", which evidence can be added to.
+    # Whether ``decision`` is a natural-log odds of "generated", which evidence can be added to.
     log_odds: ClassVar[bool] = False
     parts: ClassVar[str] = "semantic"
     spec: FeatureSpec
 
     @abc.abstractmethod
-    def _score_rows(self, rows: np.ndarray) -> np.ndarray:
+    def _decision_rows(self, rows: np.ndarray) -> np.ndarray:
         """Scores of rows of the part the head reads."""
 
     @abc.abstractmethod
@@ -102,15 +102,15 @@ class Head(abc.ABC):
     def _from_file(cls, spec: FeatureSpec, tensors: dict[str, np.ndarray], metadata: dict) -> Head:
         """The head that ``_tensors`` and ``_parameters`` describe."""
 
-    def score(self, features: np.ndarray, spec: FeatureSpec | None = None) -> np.ndarray:
+    def decision(self, features: np.ndarray, spec: FeatureSpec | None = None) -> np.ndarray:
         """Scores of (b, spec.dim) feature rows; ``spec``, the features' own, is checked first."""
         if spec is not None:
             self.spec.require_same(spec, f"this {self.kind} head")
-        return self._score_rows(feature_part(features, self.spec, self.parts))
+        return self._decision_rows(feature_part(features, self.spec, self.parts))
 
     def predict(self, features: np.ndarray, spec: FeatureSpec | None = None) -> np.ndarray:
         """True where the head calls the image generated."""
-        return self.score(features, spec) > 0
+        return self.decision(features, spec) > 0
 
     def to_bytes(self) -> bytes:
         metadata = {"kind": self.kind, **self.spec.to_dict(), "counts": self.counts, **self._parameters()}
@@ -153,7 +153,7 @@ class NearestNeighbourHead(Head):
             means[start : start + rows] = top_k.mean(axis=1, dtype=np.float64)
         return means
 
-    def _score_rows(self, rows):
+    def _decision_rows(self, rows):
         queries = l2_normalised(rows.astype(np.float32))
         return self._mean_top_k_similarity(queries, self.fake_bank) - self._mean_top_k_similarity(
             queries, self.real_bank
@@ -239,7 +239,7 @@ class LinearProbeHead(Head):
     def counts(self) -> dict[str, int]:
         return {"real": self.real.n, "fake": self.fake.n}
 
-    def _score_rows(self, rows):
+    def _decision_rows(self, rows):
         return rows.astype(np.float64) @ self.weights + self.bias
 
     def _tensors(self):
@@ -293,7 +293,7 @@ class LogisticHead(Head):
             spec, model.coef_[0].copy(), float(model.intercept_[0]), {"real": len(real), "fake": len(fake)}, C
         )
 
-    def _score_rows(self, rows):
+    def _decision_rows(self, rows):
         return l2_normalised(rows.astype(np.float64)) @ self.coef + self.intercept
 
     def _tensors(self):

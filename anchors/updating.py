@@ -102,4 +102,4 @@ def admitted(anchor: Anchor, features: np.ndarray, threshold: float | None) -> n
     least ``threshold`` (its score at most -log10 threshold); all of them without one."""
     if threshold is None:
         return np.ones(len(features), dtype=bool)
-    return anchor.score(np.atleast_2d(features)[:, : anchor.spec.dim])["score"] <= -math.log10(threshold)
+    return anchor.assess(np.atleast_2d(features)[:, : anchor.spec.dim])["score"] <= -math.log10(threshold)

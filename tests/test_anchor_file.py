@@ -40,7 +40,7 @@ def test_round_trip_reproduces_statistics_calibration_and_scores(anchor, data):
     loaded.spec.require_same(spec())
     assert np.array_equal(metadata["projection"], np.eye(4))
     features = np.random.default_rng(1).normal(size=(20, DS + DM + D_FORENSIC)) * 3
-    expected, actual = anchor.score(features), loaded.score(features)
+    expected, actual = anchor.assess(features), loaded.assess(features)
     assert expected.keys() == actual.keys()
     for key in expected:
         assert np.array_equal(actual[key], expected[key]), key

@@ -128,7 +128,7 @@ def test_fit_with_fewer_rows_than_dimensions():
     assert model.decoupled.k <= n - 1 and model.raw.k <= n - 1
     assert 0.0 < model.shrinkage <= 1.0 and anchor.summary["shrinkage"] == model.shrinkage
     assert np.isfinite(model.decoupled.tau) and model.decoupled.tau > 0
-    scores = anchor.score(with_forensic(sample(ds, dm, n=10, seed=9)))
+    scores = anchor.assess(with_forensic(sample(ds, dm, n=10, seed=9)))
     for name in ("semantic", "statistical", "statistical_raw", "forensic", "score"):
         assert np.all(np.isfinite(scores[name])) and np.all(scores[name] >= 0)
 
@@ -144,7 +144,7 @@ def calibrated():
 
 def test_pvalues_are_uniform_and_suspect_rate_matches_fpr(calibrated):
     anchor, draw, _, _ = calibrated
-    scores = anchor.score(draw(2000))
+    scores = anchor.assess(draw(2000))
     for name in ("p_semantic", "p_statistical", "p_forensic"):
         assert stats.kstest(scores[name], "uniform").statistic < 0.06, name
     fpr = anchor.config.fpr
@@ -163,8 +163,8 @@ def test_shifted_statistics_score_much_higher(calibrated, change):
         fake[:, statistical] = mean + 3 * (fake[:, statistical] - mean)
     channels = ("semantic", "statistical")  # the channel under test, and one that must not hide it
     real_scores, fake_scores = (
-        anchor.score(real, channels=channels)["score"],
-        anchor.score(fake, channels=channels),
+        anchor.assess(real, channels=channels)["score"],
+        anchor.assess(fake, channels=channels),
     )
     labels = np.r_[np.zeros(1000), np.ones(1000)]
     assert roc_auc_score(labels, np.r_[real_scores, fake_scores["score"]]) > 0.95

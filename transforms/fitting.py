@@ -117,7 +117,7 @@ class AdmitFn(beam.DoFn):
         vectors = np.stack([vector for _, (vector, _) in batch])
         keep = updating.admitted(anchor, vectors, self.threshold)
         scores = (
-            anchor.score(vectors[:, : anchor.spec.dim])["score"] if not keep.all() else np.zeros(len(batch))
+            anchor.assess(vectors[:, : anchor.spec.dim])["score"] if not keep.all() else np.zeros(len(batch))
         )
         self.admitted.inc(int(keep.sum()))
         self.refused.inc(int((~keep).sum()))

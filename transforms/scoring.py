@@ -54,10 +54,10 @@ class ScoreBatchFn(beam.DoFn):
             return
         vectors = np.stack([vector for _, (vector, _) in finite])
         choices = self.choices
-        scores = anchor.score(vectors, choices.combine, choices.statistical, choices.channels)
+        scores = anchor.assess(vectors, choices.combine, choices.statistical, choices.channels)
         scores["anchor_score"] = scores["score"]
         if head is not None:
-            scores["score"] = head.score(vectors)
+            scores["score"] = head.decision(vectors)
             if choices.with_anchor:
                 scores["score"] = scores["score"] + max_log_bayes_factor(scores["anchor_score"])
             scores["is_suspect"] = scores["score"] > 0
