@@ -35,11 +35,16 @@ demo: venv
 	$(BIN)/anchorscan report --scores $(DEMO)/scan --anchor $(DEMO)/anchor.safetensors \
 	    --labels demo/data/scan/manifest.csv --output $(DEMO)/report.html
 
-# Lint, format, the import layers (pipelines > transforms > anchors).
+# Lint, format, the import layers (templates > pipelines > transforms > anchors), types. mypy
+# checks the package as it is installed: a tree of links names the folders anchorscan.*.
+TYPECHECK := build/typecheck
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	mkdir -p $(TYPECHECK)/anchorscan
+	for d in anchors transforms pipelines templates; do ln -sfn $(CURDIR)/$$d $(TYPECHECK)/anchorscan/$$d; done
+	cd $(TYPECHECK) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p anchorscan
 
 # The whole suite, as CI runs it; the import layers first (pipelines > transforms > anchors).
 test: venv lint

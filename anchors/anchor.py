@@ -85,7 +85,7 @@ class AnchorConfig:
         return -math.log10(self.fpr)
 
 
-def oas_shrinkage(covariance: np.ndarray, n: int) -> float:
+def oas_shrinkage(covariance: np.ndarray, n: float) -> float:
     """Oracle Approximating Shrinkage coefficient toward ``trace/d * I`` (Chen et al. 2010),
     in the form scikit-learn uses."""
     d = covariance.shape[0]
@@ -170,7 +170,7 @@ class AnchorModel:
         semantic_whitening = vectors / np.sqrt(np.maximum(eigenvalues, 1e-300))
         regression = np.linalg.solve(sigma_ss, sigma_sm)  # B^T
         schur = sigma_mm - sigma_sm.T @ regression
-        max_rank = moments.n - 1
+        max_rank = int(moments.n) - 1
         return cls(
             mean=moments.mean.copy(),
             d_semantic=d_semantic,
@@ -252,8 +252,10 @@ class Anchor:
     flagged: dict[str, Moments] = dataclasses.field(default_factory=dict)
     calibration_rows: CalibrationRows | None = dataclasses.field(default=None, repr=False)
     lineage: tuple[str, ...] = ()
-    model: AnchorModel | None = dataclasses.field(default=None, repr=False)
-    flag_models: dict[str, FlaggedClass] = dataclasses.field(default=None, repr=False)
+    # Derived from the statistics in __post_init__ unless given (dataclasses.replace passes them
+    # on, so recalibrating does not derive them again): never None after construction.
+    model: AnchorModel = dataclasses.field(default=None, repr=False)  # type: ignore[assignment]
+    flag_models: dict[str, FlaggedClass] = dataclasses.field(default=None, repr=False)  # type: ignore[arg-type]
 
     def __post_init__(self):
         if self.moments.dim != self.spec.d_backbone:

@@ -42,7 +42,7 @@ def anchor_id(metadata: dict) -> str:
 
 def statistics_tensors(statistics: dict[str, Moments]) -> tuple[dict[str, np.ndarray], dict]:
     """Named moments as tensors ``moments.<name>.mean|m2`` and their counts by name."""
-    tensors = {}
+    tensors: dict[str, np.ndarray] = {}
     for name, moments in statistics.items():
         tensors[f"moments.{name}.mean"], tensors[f"moments.{name}.m2"] = moments.mean, moments.m2
     return tensors, {name: moments.n for name, moments in statistics.items()}

@@ -65,7 +65,7 @@ class Delta:
     kept_energy: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
-    def n(self) -> int:
+    def n(self) -> float:
         return self.statistics["backbone"].n if "backbone" in self.statistics else 0
 
 
@@ -127,7 +127,7 @@ def export_delta(
 
 
 def delta_to_bytes(delta: Delta) -> bytes:
-    tensors = {}
+    tensors: dict[str, np.ndarray] = {}
     for name, moments in delta.statistics.items():
         tensors[f"delta.{name}.mean"] = moments.mean
         if name in delta.factors:

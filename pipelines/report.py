@@ -105,7 +105,7 @@ def roc_figure(rows: list[dict], labels: dict[str, tuple[int, str]]) -> str:
 
 def thumbnail(uri: str, size: int = 160) -> str:
     try:
-        image = Image.open(io.BytesIO(read_bytes(uri)))
+        image: Image.Image = Image.open(io.BytesIO(read_bytes(uri)))
         image.seek(0)
         image = image.convert("RGB")
         image.thumbnail((size, size))

@@ -12,6 +12,7 @@ import time
 import apache_beam as beam
 from apache_beam.io.fileio import MatchContinuously
 from apache_beam.transforms.periodicsequence import PeriodicImpulse
+from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
 
 from anchorscan.anchors.anchor import AnchorConfig
@@ -144,7 +145,7 @@ def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
     ticks = (
         pipeline
         | "FirstTick" >> beam.Create([args.anchor])
-        | "AtStart" >> beam.Map(lambda uri: beam.window.TimestampedValue(uri, start)),
+        | "AtStart" >> beam.Map(lambda uri: TimestampedValue(uri, start)),
         pipeline
         | "WindowStarts" >> PeriodicImpulse(first_boundary, stop, fire_interval=window)
         | "AnchorUri" >> beam.Map(lambda _: args.anchor),

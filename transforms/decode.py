@@ -73,7 +73,7 @@ class _Decoding:
         self.timestamp, self.window = timestamp, window
 
     def output(self, value, tag: str | None = None):
-        windowed = WindowedValue(value, self.timestamp, [self.window])
+        windowed = WindowedValue(value, self.timestamp, (self.window,))
         return beam.pvalue.TaggedOutput(tag, windowed) if tag else windowed
 
 

@@ -219,6 +219,13 @@ def _expand_indexed(indexed_pattern: tuple[int, str], carried_names: tuple[str, 
     return expand_input(pattern, index, carried_names)
 
 
+class _ErrorsApart(beam.PartitionFn):
+    """Listed ('unit', ...) items to partition 0, ('error', row) items to 1."""
+
+    def partition_for(self, element, num_partitions, *args, **kwargs) -> int:
+        return int(element[0] == "error")
+
+
 def _first_listed(units):
     """A URI listed twice is read once, with the columns of the --input that lists it first."""
     return min(units, key=lambda unit: unit.order)
@@ -242,7 +249,7 @@ class ListInputs(beam.PTransform):
             pipeline
             | "Patterns" >> beam.Create(list(enumerate(self.patterns)))
             | "Expand" >> beam.FlatMap(_expand_indexed, self.carried_names)
-            | "Split" >> beam.Partition(lambda kind_value, _: int(kind_value[0] == "error"), 2)
+            | "Split" >> beam.Partition(_ErrorsApart(), 2)
         )
         uris = (
             listed[0]

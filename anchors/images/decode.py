@@ -63,7 +63,7 @@ def _to_rgb(image: Image.Image, notes: list[str]) -> Image.Image:
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit samples: keep the high byte, as an 8-bit export would.
-        values = np.asarray(image, dtype=np.int64 if mode == "I" else np.uint16)
+        values: np.ndarray = np.asarray(image, dtype=np.int64 if mode == "I" else np.uint16)
         shift = 8 if values.max(initial=0) > 255 else 0
         image = Image.fromarray((values >> shift).clip(0, 255).astype(np.uint8))
         notes.append("16bit_to_8bit")
@@ -174,8 +174,10 @@ def _webp_first_frame_box(data: bytes) -> tuple[int, int, int, int] | None:
 def _first_frame_box(image: Image.Image, data: bytes) -> tuple[int, int, int, int] | None:
     """Where a GIF's or animated WebP's first frame lies on its logical screen, when smaller:
     the rest of the screen is background, not picture."""
-    if image.format == "GIF" and image.tile:
-        box = tuple(image.tile[0][1])
+    tile = getattr(image, "tile", None)  # an ImageFile's; a frame cropped from it has none
+    box: tuple[int, ...] | None
+    if image.format == "GIF" and tile:
+        box = tuple(tile[0][1])
     elif image.format == "WEBP":
         box = _webp_first_frame_box(data)
     else:
@@ -217,7 +219,7 @@ def decode_and_crop(
         with warnings.catch_warnings():
             # The size is checked below; damaged files make plugins warn, and the row says why.
             warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data), formats=DECODED_FORMATS)
+            image: Image.Image = Image.open(io.BytesIO(data), formats=DECODED_FORMATS)
             if image.width * image.height > max_pixels:
                 raise DecodeError(
                     f"image declares {image.width} x {image.height} pixels, over the "
@@ -262,15 +264,16 @@ def decode_and_crop(
         raise DecodeError(
             f"cannot decode image (damaged file?): the decoder failed with {exception_name(error)}: {error}"
         ) from error
-    if perturb:
+    if perturb and perturbation:
         image = perturb(image)
         notes.append(perturbation.replace(":", ""))
-        _check_side(*image.size, min_side)
+        _check_side(image.width, image.height, min_side)
     shorter = min(image.size)
     if shorter < size or (resize == "shorter_side" and shorter != size):
         # Crop the centre square first, so a long thin image is not upscaled whole.
         left, top = (image.width - shorter) // 2, (image.height - shorter) // 2
-        image = image.crop((left, top, left + shorter, top + shorter)).resize((size, size), Image.BICUBIC)
+        square = image.crop((left, top, left + shorter, top + shorter))
+        image = square.resize((size, size), Image.Resampling.BICUBIC)
         notes.append("upscale" if shorter < size else "downscale")
     left, top = (image.width - size) // 2, (image.height - size) // 2
     pixels = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)

@@ -114,13 +114,14 @@ class FeatureModule(nn.Module):
             enabled=self.autocast_dtype is not None,
         ):
             output = self.backbone(pixels.permute(0, 3, 1, 2))
-        parts = []
+        parts: list[torch.Tensor] = []
         for token_map in output.token_maps:
             weights = resample_weights(output.attention, token_map.shape[2:])
             parts.extend(spatial_statistics(token_map, weights))
         statistical = torch.cat(parts, dim=1)
-        if self.projection is not None:
-            statistical = statistical @ self.projection
+        projection = self.projection
+        if isinstance(projection, torch.Tensor):
+            statistical = statistical @ projection
         vectors = torch.cat([output.semantic.float(), statistical], dim=1)
         return vectors, 1.0 / (output.attention.flatten(1) ** 2).sum(dim=1)
 
@@ -136,7 +137,7 @@ def onnx_session(module: FeatureModule, crop_size: int):
         torch.onnx.export(
             module,
             (example,),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # the exporter writes to any binary file object
             input_names=["pixels"],
             output_names=["vectors", "positions"],
             dynamic_axes={"pixels": {0: "batch"}},
