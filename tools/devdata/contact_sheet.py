@@ -1,7 +1,8 @@
 """Tile a few images into one PNG contact sheet, for eyeballing a family (sanity check only).
 
-    python tools/devdata/contact_sheet.py OUT.png IMG [IMG ...] [--size 192 --cols 6]
+python tools/devdata/contact_sheet.py OUT.png IMG [IMG ...] [--size 192 --cols 6]
 """
+
 import argparse
 
 from PIL import Image

@@ -9,6 +9,7 @@ Kinds (each a folder of PNGs named as the real crop):
   motionblur9              256 px, horizontal 9 px box motion blur (reflect border) + Gaussian noise
                            sigma 2, for deblurring (MAXIM's deblurring weights are GoPro motion blur)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,7 @@ def noisy(array: np.ndarray, sigma: float, name: str) -> np.ndarray:
 def motion_blur(array: np.ndarray, length: int = 9) -> np.ndarray:
     pad = length // 2
     padded = np.pad(array.astype(np.float64), ((0, 0), (pad, pad), (0, 0)), mode="reflect")
-    out = sum(padded[:, k:k + array.shape[1]] for k in range(length)) / length
+    out = sum(padded[:, k : k + array.shape[1]] for k in range(length)) / length
     return out
 
 

