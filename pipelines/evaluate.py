@@ -195,7 +195,7 @@ def run(argv=None) -> list[dict]:
     if not args.sweep:
         return evaluate_once(images, args, options, args.output, args.perturbation)
     sweep = []
-    for perturbation in ["none", *args.sweep.split(",")]:
+    for perturbation in ["none", *args.sweep]:
         slug = perturbation.replace(":", "")
         table = evaluate_once(
             images,
