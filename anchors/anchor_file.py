@@ -112,7 +112,7 @@ def anchor_from_bytes(data: bytes) -> tuple[Anchor, dict]:
         spec,
         statistics["backbone"],
         forensic,
-        AnchorConfig(**metadata["config"]),
+        AnchorConfig.from_dict(metadata["config"]),
         {
             name[len("calibration.") :]: tensor
             for name, tensor in tensors.items()

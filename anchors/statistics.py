@@ -18,14 +18,16 @@ from anchorscan.anchors.stats import BufferedMoments, Moments
 
 @dataclasses.dataclass(frozen=True)
 class HoldOut:
-    """The calibration hold-out rule (§5.1): a stable hash of each URI, or of the first match
-    of ``group`` in it, sends ``fraction`` of the images to calibration."""
+    """The calibration hold-out rule (§5.1): a stable hash of the first match of ``group`` in
+    each URI, else of the picture's perceptual hash (``by_phash``, where the decode step gave
+    one), else of the URI, sends ``fraction`` of the images to calibration."""
 
     fraction: float
     group: str | None = None
+    by_phash: bool = True
 
-    def holds(self, uri: str) -> bool:
-        return holds_out(uri, self.fraction, self.group)
+    def holds(self, uri: str, phash: str = "") -> bool:
+        return holds_out(uri, self.fraction, self.group, phash if self.by_phash else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,10 +83,10 @@ class StatisticsAccumulator:
         self._keys: list[np.ndarray] = []
         self._rows: list[np.ndarray] = []
 
-    def add(self, uri: str, row: np.ndarray) -> StatisticsAccumulator:
+    def add(self, uri: str, row: np.ndarray, phash: str = "") -> StatisticsAccumulator:
         row = np.asarray(row)
         hold_out = self.layout.hold_out
-        if hold_out is not None and hold_out.holds(uri):
+        if hold_out is not None and hold_out.holds(uri, phash):
             self._keys.append(np.array([uri_key(uri)], dtype=np.uint64))
             self._rows.append(row[None, : self.layout.calibration_width])
             if len(self._keys) >= 2 * MAX_CALIBRATION_ROWS:

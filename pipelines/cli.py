@@ -50,6 +50,11 @@ COMMANDS = {
         "Write one self-contained HTML page about a scan.",
     ),
     "info": Command("info", "ANCHOR [--json]", "Print an anchor's metadata, after checking its checksum."),
+    "calibrate": Command(
+        "calibrate",
+        "--anchor A --input REAL_IMAGES [--input ...] --output A2 [--keep_held_out]",
+        "Calibrate an anchor's p-values on your own real images (its statistics stay as they are).",
+    ),
     "update": Command(
         "update",
         "--anchor A --input PATTERN [--input ...] --output A2 [--admit fpr|none|P]",

@@ -172,7 +172,7 @@ def evaluate_once(images, args, options, folder: str, perturbation: str | None) 
     labels = {image.uri: (image.label, image.generator) for image in images}
     # The anchor calls an image suspect above its threshold; a head above 0.
     threshold = (
-        AnchorConfig(**read_metadata(read_bytes(args.anchor))["config"]).threshold
+        AnchorConfig.from_dict(read_metadata(read_bytes(args.anchor))["config"]).threshold
         if args.head == "anchor"
         else 0.0
     )

@@ -100,7 +100,7 @@ def scan(args, options, test_pipeline=None, wait: bool = True) -> dict:
     check_paths([*args.input, args.anchor, args.output, args.head, args.skip_scored, args.weights])
     # The driver only checks the anchor; workers derive its scoring matrices.
     _, metadata = verified_contents(read_bytes(args.anchor))
-    spec, config = FeatureSpec.from_dict(metadata), AnchorConfig(**metadata["config"])
+    spec, config = FeatureSpec.from_dict(metadata), AnchorConfig.from_dict(metadata["config"])
     backbone = backbone_config(args, spec)
     extractor = driver_extractor(backbone)
     spec.require_same(extractor.spec, f"anchor {args.anchor}")  # refuse before any work

@@ -176,7 +176,7 @@ def stream_graph(args, options, files, ticks, learn=None) -> None:
     URI (``ticks``) and, optionally, FileMetadata of trusted real images (``learn``); tests
     feed these from a TestStream."""
     tensors, metadata = verified_contents(read_bytes(args.anchor))
-    spec, config = FeatureSpec.from_dict(metadata), AnchorConfig(**metadata["config"])
+    spec, config = FeatureSpec.from_dict(metadata), AnchorConfig.from_dict(metadata["config"])
     backbone = backbone_config(args, spec)
     extractor = driver_extractor(backbone)
     spec.require_same(extractor.spec, f"anchor {args.anchor}")
@@ -190,7 +190,7 @@ def stream_graph(args, options, files, ticks, learn=None) -> None:
         real = (
             learn
             | "NewReal" >> NewImages(args.window_seconds)
-            | "RealFeatures" >> EmbedUnits(steps.with_softened(softened(config.forensic_levels)))
+            | "RealFeatures" >> EmbedUnits(steps.for_fitting(softened(config.forensic_levels)))
         )
         _ = real.embedded | "LearnReal" >> LearnReal(
             args.anchor, anchor_layout(spec, config), tensors.get("projection")

@@ -64,7 +64,7 @@ def parser():
 def run(argv=None, test_pipeline=None) -> dict:
     args, options = parse(parser(), argv)
     tensors, metadata, spec, backbone, extractor = anchor_and_extractor(args)
-    config = AnchorConfig(**metadata["config"])
+    config = AnchorConfig.from_dict(metadata["config"])
     threshold = admission_threshold(config, args.admit)
     if not 0.0 < args.forgetting <= 1.0:
         raise UsageError(f"--forgetting must be in (0, 1], got {args.forgetting}")
@@ -72,7 +72,7 @@ def run(argv=None, test_pipeline=None) -> dict:
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=options)
     anchor = pipeline | "Anchor" >> LoadAnchor(args.anchor)
-    steps = chain_steps(args, options, backbone, extractor).with_softened(softened(config.forensic_levels))
+    steps = chain_steps(args, options, backbone, extractor).for_fitting(softened(config.forensic_levels))
     real = pipeline | "Real" >> ImageFeatures(args.input, steps)
     _, refused = real.embedded | "Update" >> UpdateAnchor(
         anchor, args.output, spec, config, tensors.get("projection"), threshold, args.forgetting

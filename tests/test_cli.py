@@ -93,6 +93,8 @@ FLAGS = {
         "--statistical",
         "--channels",
         "--forensic_levels",
+        "--calibration_key",
+        "--alarm_share",
     }
     | FEATURES
     | RUNTIME
@@ -134,6 +136,10 @@ FLAGS = {
     "report": {"--scores", "--output", "--anchor", "--labels", "--gallery"},
     "info": {"--json"},
     "update": {"--anchor", "--input", "--output", "--admit", "--forgetting", "--errors"} | RUNTIME | DECODING,
+    "calibrate": {"--anchor", "--input", "--output", "--keep_held_out", "--errors"}
+    | RUNTIME
+    | (DECODING - {"--perturbation"})
+    | HTTP,
     "flag": {"--anchor", "--generator", "--input", "--output", "--errors"} | RUNTIME | DECODING,
     "export-delta": {"--anchor", "--since", "--output", "--min_count", "--noise", "--rank", "--seed"},
     "merge": {"--output"},

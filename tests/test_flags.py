@@ -21,6 +21,7 @@ BASE = {
     "report": ["--scores", "scan", "--output", "OUT/r.html"],
     "info": ["a.safetensors"],
     "update": ["--anchor", "a.safetensors", "--input", "in", "--output", "OUT/a2.safetensors"],
+    "calibrate": ["--anchor", "a.safetensors", "--input", "in", "--output", "OUT/a2.safetensors"],
     "flag": ["--anchor", "a.safetensors", "--generator", "g", "--input", "in", "--output", "OUT/a2"],
     "export-delta": ["--anchor", "s.safetensors", "--since", "b.safetensors", "--output", "OUT/d"],
     "merge": ["b.safetensors", "d.delta", "--output", "OUT/m.safetensors"],

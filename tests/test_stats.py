@@ -104,7 +104,7 @@ def test_buffered_rows_stay_accurate_when_the_mean_drifts_far_from_the_first_buf
 
 # --- the one statistics step (anchors/statistics.py, transforms/statistics.py) ---------------
 
-Meta = collections.namedtuple("Meta", "uri")
+Meta = collections.namedtuple("Meta", "uri phash", defaults=("",))
 HOLD_OUT = HoldOut(0.3)
 # Three named statistics over column slices, as an anchor's (backbone, two forensic levels).
 LAYOUT = StatisticsLayout(

@@ -24,9 +24,14 @@ class Steps:
     decoding: DecodeSettings
     handler: FeatureModelHandler
 
-    def with_softened(self, softened: tuple) -> Steps:
-        """The same steps with the forensic features of these softness levels too (fitting)."""
-        return dataclasses.replace(self, handler=self.handler.with_softened(softened))
+    def for_fitting(self, softened: tuple) -> Steps:
+        """The same steps as fitting needs them: the forensic features of these softness levels
+        too, and each picture's perceptual hash (the hold-out groups near-duplicates)."""
+        return dataclasses.replace(
+            self,
+            decoding=dataclasses.replace(self.decoding, perceptual_hash=True),
+            handler=self.handler.with_softened(softened),
+        )
 
 
 class Features(NamedTuple):

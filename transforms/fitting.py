@@ -28,7 +28,9 @@ REFUSED = "refused"
 def anchor_layout(spec: FeatureSpec, config: AnchorConfig) -> StatisticsLayout:
     """The statistics an anchor is made of, for rows with every softness level (fit's rows),
     held out by the configuration's rule."""
-    hold_out = HoldOut(config.calibration_fraction, config.calibration_group)
+    hold_out = HoldOut(
+        config.calibration_fraction, config.calibration_group, config.calibration_key == "phash"
+    )
     return StatisticsLayout.for_anchor(spec, level_names(config.forensic_levels), hold_out)
 
 
