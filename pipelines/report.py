@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import posixpath
 
 import matplotlib
@@ -166,6 +167,7 @@ def render(
         folders_figure(rows),
     ]
     if labels:
+        parts += ["<h2>Flagged per label</h2>", flagged_table(rows, labels)]
         parts += ["<h2>ROC curves</h2>", roc_figure(rows, labels)]
     parts += [
         gallery(ranked[:gallery_size], "Most suspicious"),
@@ -174,6 +176,30 @@ def render(
     return (
         f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>"
+    )
+
+
+def flagged_table(rows: list[dict], labels: dict[str, tuple[int, str]]) -> str:
+    """Per labelled group, the share the scan flags (its own decision, ``is_suspect``) and the
+    share a looser curator would drop (anchor p < 0.05): the rates a curator acts on."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["uri"] in labels:
+            label, generator = labels[row["uri"]]
+            name = (
+                generator if label else (f"real ({generator})" if generator not in ("", "real") else "real")
+            )
+            groups.setdefault(name, []).append(row)
+    loose = -math.log10(0.05)
+    lines = "".join(
+        f"<tr><th>{html.escape(name)}</th><td>{len(members)}</td>"
+        f"<td>{100 * np.mean([r['is_suspect'] for r in members]):.1f} %</td>"
+        f"<td>{100 * np.mean([r['anchor_score'] > loose for r in members]):.1f} %</td></tr>"
+        for name, members in sorted(groups.items())
+    )
+    return (
+        "<table><tr><th>labelled as</th><th>images</th><th>flagged</th><th>anchor p &lt; 0.05</th></tr>"
+        f"{lines}</table>"
     )
 
 
