@@ -61,6 +61,7 @@ bench: venv
 	$(BIN)/python benchmarks/forward_backends.py
 	$(BIN)/python benchmarks/backbones.py
 	$(BIN)/python benchmarks/online_update.py
+	$(BIN)/python benchmarks/fit_speed.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

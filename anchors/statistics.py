@@ -34,11 +34,13 @@ class HoldOut:
 class StatisticsLayout:
     """Which columns of an embedded row feed which named statistic (``slices``: name, start,
     stop), and the rule that sends a row to calibration instead (its first
-    ``calibration_width`` columns kept)."""
+    ``calibration_width`` columns kept). A statistic named in ``optional`` takes only the rows
+    that have its columns (NaN where fitting did not simulate a softness level)."""
 
     slices: tuple[tuple[str, int, int], ...]
     hold_out: HoldOut | None = None
     calibration_width: int = 0
+    optional: tuple[str, ...] = ()
 
     @classmethod
     def for_anchor(
@@ -51,7 +53,8 @@ class StatisticsLayout:
             (f"forensic.{name}", split + j * width, split + (j + 1) * width)
             for j, name in enumerate(level_names)
         )
-        return cls((("backbone", 0, split), *levels), hold_out, spec.dim)
+        softened = tuple(name for name, _, _ in levels[1:])
+        return cls((("backbone", 0, split), *levels), hold_out, spec.dim, softened)
 
     @classmethod
     def whole(cls, name: str, width: int) -> StatisticsLayout:
@@ -92,8 +95,11 @@ class StatisticsAccumulator:
             if len(self._keys) >= 2 * MAX_CALIBRATION_ROWS:
                 self._trim()
             return self
+        optional = self.layout.optional
         for name, start, stop in self.layout.slices:
-            self.moments[name].add(row[start:stop])
+            part = row[start:stop]
+            if name not in optional or np.isfinite(part).all():
+                self.moments[name].add(part)
         return self
 
     def merge(self, other: StatisticsAccumulator) -> StatisticsAccumulator:

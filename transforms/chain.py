@@ -44,16 +44,17 @@ class Features(NamedTuple):
 
 
 class EmbedUnits(beam.PTransform):
-    """Listed units -> Read -> Decode -> Embed."""
+    """Listed units -> Read -> Decode -> Embed; ``count``: how many units were listed (fitting
+    simulates the softness levels on a sample of that size, see ``EmbedImages``)."""
 
-    def __init__(self, steps: Steps, previous=None):
+    def __init__(self, steps: Steps, previous=None, count=None):
         super().__init__()
-        self.steps, self.previous = steps, previous
+        self.steps, self.previous, self.count = steps, previous, count
 
     def expand(self, units) -> Features:
         records, read_errors = units | "Read" >> ReadInputs(self.steps.limits)
         images, decode_errors, reused = records | "Decode" >> DecodeImages(self.steps.decoding, self.previous)
-        embedded, embed_errors = images | "Embed" >> EmbedImages(self.steps.handler)
+        embedded, embed_errors = images | "Embed" >> EmbedImages(self.steps.handler, self.count)
         return Features(embedded, (read_errors, decode_errors, embed_errors), reused)
 
 
@@ -74,8 +75,8 @@ class ImageFeatures(beam.PTransform):
         self.carried_names, self.progress_label = carried_names, progress_label
 
     def expand(self, pipeline) -> Features:
-        units, list_errors = pipeline | "List" >> ListInputs(
+        units, list_errors, count = pipeline | "List" >> ListInputs(
             self.patterns, self.carried_names, self.progress_label
         )
-        features = units | "Features" >> EmbedUnits(self.steps, self.previous)
+        features = units | "Features" >> EmbedUnits(self.steps, self.previous, count)
         return features._replace(errors=(list_errors, *features.errors))

@@ -232,10 +232,10 @@ def _first_listed(units):
 
 
 class ListInputs(beam.PTransform):
-    """Input patterns -> distinct units to read (``anchors/io/sources.py``), with 'list' error
-    rows (one per URI) for inputs that name none and problems met while listing; a manifest's
-    ``carried_names`` columns travel with its units. Long local runs print progress as the
-    units are consumed."""
+    """Input patterns -> (distinct units to read (``anchors/io/sources.py``), 'list' error rows
+    (one per URI) for inputs that name none and problems met while listing, the units' count);
+    a manifest's ``carried_names`` columns travel with its units. Long local runs print
+    progress as the units are consumed."""
 
     def __init__(
         self, patterns: list[str], carried_names: tuple[str, ...] = (), progress_label: str = "progress"
@@ -265,8 +265,10 @@ class ListInputs(beam.PTransform):
             | "OnePerUri" >> beam.CombinePerKey(_first_row)
             | "Row" >> beam.Values()
         )
-        total = beam.pvalue.AsSingleton(uris | "CountInputs" >> beam.combiners.Count.Globally())
+        count = uris | "CountInputs" >> beam.combiners.Count.Globally()
         # Counted before decoding: the runner holds a side input's consumer back until the count
         # is done, and here that holds back URIs, not every image's features.
-        uris = uris | "Progress" >> beam.ParDo(ReportProgress(self.progress_label), total)
-        return uris, errors
+        uris = uris | "Progress" >> beam.ParDo(
+            ReportProgress(self.progress_label), beam.pvalue.AsSingleton(count)
+        )
+        return uris, errors, count
