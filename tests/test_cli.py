@@ -282,4 +282,6 @@ def test_info_names_the_forensic_channel(fitted_anchor, capsys):
     lines = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
     assert lines["d_forensic"] == "10"
     assert lines["forensic_level_names"].startswith("['sharp', 'blur0.4'")
-    assert lines["channels"] == "['forensic']" and lines["forensic_levels"] == "softness_path"
+    # the default score reads every channel, forensic first (the primary), the others as alarms
+    assert lines["channels"] == "['forensic', 'semantic', 'statistical']"
+    assert lines["combine"] == "alarms" and lines["forensic_levels"] == "softness_path"
