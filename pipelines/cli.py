@@ -28,6 +28,10 @@ COMMANDS = {
         "stream",
         "--watch LOCATION --anchor A --output PREFIX [--window_seconds 60] [--learn_real PATTERN]",
     ),
+    "curate": (
+        "curate",
+        "--scores PREFIX --output PREFIX [--max_score S | --drop_top F] [--reshard] [--samples_per_shard N]",
+    ),
 }
 USAGE = (
     "usage: anchorscan [--debug] COMMAND [options]\n\ncommands:\n"

@@ -16,6 +16,7 @@ from anchorscan.anchors.anchor import COMBINERS, AnchorConfig
 from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.io.datasets import DATASETS, GENIMAGE_SPLITS, read_dataset
 from anchorscan.anchors.io.gcs import check_paths
+from anchorscan.anchors.io.shards import split_sample_uri
 from anchorscan.anchors.io.storage import check_writable, read_bytes, write_atomically
 from anchorscan.anchors.io.uris import is_remote
 from anchorscan.anchors.metrics import detection_metrics
@@ -89,6 +90,14 @@ def parser():
     return parser
 
 
+def label_of(labels: dict[str, tuple[int, str]], uri: str) -> tuple[int, str]:
+    """A URI's (label, generator); a sample of a tar shard that the manifest labels as a whole
+    takes its shard's."""
+    if uri in labels:
+        return labels[uri]
+    return labels[split_sample_uri(uri)[0]]
+
+
 def metrics_table(labels: dict[str, tuple[int, str]], rows: list[dict], threshold: float) -> list[dict]:
     """One row per generator and a last `mean` row (the mean of the generators' metrics, as the
     papers report it); ``labels``: uri -> (label, generator). A generator is measured against
@@ -96,7 +105,7 @@ def metrics_table(labels: dict[str, tuple[int, str]], rows: list[dict], threshol
     real images (a manifest with a shared real set)."""
     scored: dict[tuple[int, str], list[float]] = {}
     for row in rows:
-        label, generator = labels[row["uri"]]
+        label, generator = label_of(labels, row["uri"])
         scored.setdefault((label, generator), []).append(row["score"])
     all_reals = [s for (label, _), values in scored.items() if label == 0 for s in values]
     table = []
@@ -179,7 +188,7 @@ def evaluate_once(images, args, options, folder: str, perturbation: str | None) 
     table = metrics_table(labels, rows, threshold)
     write_table(table, folder, header)
     unscored = len(images) - len(rows)
-    if unscored:
+    if unscored > 0:  # a labelled shard counts once among the images and once per sample among the rows
         print(f"{unscored} images could not be scored: see {prefix}-errors-*.parquet")
     return table
 
