@@ -200,7 +200,8 @@ def print_summary(outcome: dict) -> None:
     ]
     if written:
         span = written[0] if len(written) == 1 else f"{written[0]} ... {written[-1]}"
-        lines.append(f"            {span} ({len(written)} shards, {outcome['resharded']:,} samples)")
+        shards = f"{len(written)} shard{'s' if len(written) > 1 else ''}"
+        lines.append(f"            {span} ({shards}, {outcome['resharded']:,} samples)")
     print("\n".join(lines))
 
 

@@ -163,6 +163,8 @@ def _as_type(value, field: pa.Field):
             return value
         return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
     try:
+        if isinstance(value, str):  # text that may spell the value: Arrow's cast parses it
+            return pa.array([value], pa.string()).cast(field.type)[0].as_py()
         return pa.scalar(value, type=field.type).as_py()
     except (pa.ArrowException, TypeError, ValueError, OverflowError):
         return None

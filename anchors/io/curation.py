@@ -149,7 +149,9 @@ def decide(scores: list[pa.Table], errors: list[pa.Table], rule: KeepRule = Keep
     if rule.max_score is not None:
         drop(SCORE_ABOVE, among, score[among] > rule.max_score)
     elif rule.drop_top is not None:
-        highest = np.argsort(-score[among], kind="stable")[: math.ceil(rule.drop_top * len(among))]
+        # ceil of F n, rounded first so that 0.1 x 30 drops 3, not the 4 its float product says
+        dropping = math.ceil(round(rule.drop_top * len(among), 9))
+        highest = np.argsort(-score[among], kind="stable")[:dropping]
         marked = np.zeros(len(among), dtype=bool)
         marked[highest] = True
         drop(TOP_FRACTION, among, marked)

@@ -1,0 +1,329 @@
+"""WebDataset tar shards in, curation out: shards written by webdataset's own writer in
+img2dataset's layout, read as streams (local, http from a server on 127.0.0.1, gs:// on the
+emulator); hostile shards, each sample in exactly one table; `curate`'s outputs read back with
+webdataset, tarfile and DuckDB, byte-identical on a rerun."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import tarfile
+import tracemalloc
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from anchorscan.anchors.io import curation
+from anchorscan.anchors.io.shards import TarShardSource, split_sample_uri
+from anchorscan.anchors.io.sources import ReadError, ReadFailure, ReadLimits, Record, Unit, source_for
+from anchorscan.anchors.tables import ERROR_SCHEMA, SCORE_SCHEMA
+from anchorscan.pipelines import curate
+from anchorscan.pipelines.cli import main
+from anchorscan.transforms.carried import carried_columns, carried_row
+from anchorscan.transforms.listing import expand_input, indexed_inputs
+from helpers import RUNNER
+from servers import CrawlSite
+from shard_fixtures import HOSTILE_MAX_BYTES, write_flood, write_hostile_shards, write_img2dataset
+
+
+def read_unit(uri: str, limits: ReadLimits | None = None) -> tuple[dict, dict]:
+    """What the read step makes of a unit: {uri: record}, {uri: error message}, the unit's own
+    error (raised at the end) under the unit's URI."""
+    records, errors = {}, {}
+    try:
+        for item in source_for(uri).read(Unit(uri), limits or ReadLimits()):
+            if isinstance(item, ReadFailure):
+                assert item.uri not in errors, f"two error rows for {item.uri}"
+                errors[item.uri] = item.message
+            else:
+                assert isinstance(item, Record) and item.uri not in records, item.uri
+                records[item.uri] = item
+    except ReadError as error:
+        errors[uri] = str(error)
+    return records, errors
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Three shards of four samples in img2dataset's layout (one failed download each)."""
+    folder = tmp_path_factory.mktemp("dataset") / "shards"
+    return folder, write_img2dataset(folder, shards=3, per_shard=4)
+
+
+def test_a_shard_is_read_sample_by_sample_with_its_sidecar(dataset):
+    _, written = dataset
+    shard = written["shards"][0]
+    records, errors = read_unit(shard)
+    assert errors == {}  # the failed download is in the sidecar only: not the scan's error
+    assert list(records) == written["samples"][shard]  # in the shard's order
+    for uri, record in records.items():
+        assert record.data == written["images"][uri]
+        key = uri.split("#")[1]
+        assert record.carried["key"] == key and record.carried["shard"] == shard
+        assert record.carried["url"] == f"http://images.example/{key}.jpg"
+        assert record.carried["status"] == "success"
+
+
+def test_a_sample_uri_reads_that_sample_alone(dataset):
+    _, written = dataset
+    uri = written["samples"][written["shards"][1]][2]
+    records, errors = read_unit(uri)
+    assert list(records) == [uri] and errors == {}
+    assert records[uri].data == written["images"][uri]
+    missing = uri[:-1] + "x"
+    assert "no sample with the key" in read_unit(missing)[1][missing]
+    assert split_sample_uri("gs://b/s/00012.TAR#000120045") == ("gs://b/s/00012.TAR", "000120045")
+    assert split_sample_uri("photos/a#b.jpg") is None
+
+
+def test_without_a_sidecar_the_json_member_is_carried(tmp_path):
+    written = write_img2dataset(tmp_path / "s", shards=1, per_shard=2, sidecar=False)
+    records, errors = read_unit(written["shards"][0])
+    assert errors == {}
+    record = next(iter(records.values()))
+    assert record.carried["caption"].startswith("photo ") and record.carried["width"] == 256
+    columns = dict(carried_columns([str(tmp_path / "s")]))
+    assert columns["width"].name == "manifest_width" and columns["width"].type == pa.int64()
+    assert columns["error_message"].type == pa.string()  # null in the JSON: its type is not known
+
+
+def test_the_first_sidecar_fixes_the_carried_columns(dataset):
+    folder, _ = dataset
+    columns = dict(carried_columns([str(folder)]))
+    assert list(columns)[:4] == ["key", "shard", "url", "caption"]
+    # Names the score table has already take the manifest_ prefix.
+    assert columns["width"].name == "manifest_width" and columns["sha256"].name == "manifest_sha256"
+    # Another shard's sidecar with other types: what converts is kept, the rest is null.
+    fields = [(name, field) for name, field in columns.items() if name in ("width", "caption")]
+    assert carried_row({"width": "256", "caption": 7}, fields) == {"manifest_width": 256, "caption": "7"}
+    assert carried_row({"width": "wide"}, fields) == {"manifest_width": None, "caption": None}
+
+
+def test_folders_list_shards_and_brace_patterns_name_each(dataset):
+    folder, written = dataset
+    listed = [value.uri for kind, value in expand_input(str(folder)) if kind == "unit"]
+    assert listed == written["shards"]  # the tars, not their sidecars
+    pattern = str(folder / "{00000..00003}.tar")
+    names = [name for _, name in indexed_inputs([pattern])]
+    assert names == [str(folder / f"{n:05d}.tar") for n in range(4)]
+    outcomes = [kind for _, name in indexed_inputs([pattern]) for kind, _ in expand_input(name)]
+    assert outcomes == ["unit", "unit", "unit", "error"]  # 00003.tar does not exist: its own row
+
+
+def test_each_hostile_shard_gives_what_the_readme_says(tmp_path):
+    expected = write_hostile_shards(tmp_path / "hostile")
+    limits = ReadLimits(max_bytes=HOSTILE_MAX_BYTES)
+    for name, outcome in expected.items():
+        records, errors = read_unit(str(tmp_path / "hostile" / name), limits)
+        assert sorted(records) == sorted(outcome["scored"]), name
+        assert set(errors) == set(outcome["errors"]), (name, errors)
+        for uri, words in outcome["errors"].items():
+            assert words in errors[uri], (name, uri, errors[uri])
+    assert sorted(os.listdir(tmp_path)) == ["hostile"]  # nothing was written anywhere
+
+
+def test_a_flood_of_tiny_members_streams_in_flat_memory(tmp_path):
+    path = tmp_path / "flood.tar"
+    write_flood(path, 100_000)
+    tracemalloc.start()
+    try:
+        count = sum(1 for item in TarShardSource().read(Unit(str(path)), ReadLimits()))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == 100_000  # one "no image" row per sample
+    # The seen-keys set is the one thing that grows (about 100 bytes a key): far below the shard
+    # held whole (100 MB) or tarfile's list of every header (about 1 kB each).
+    assert peak < 30 * 2**20, peak
+
+
+def test_http_shards_stream_from_a_web_server(dataset, monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    _, written = dataset
+    shard = written["shards"][0]
+    with CrawlSite() as site:
+        site.images["00000.tar"] = pathlib.Path(shard).read_bytes()
+        site.images["00000.parquet"] = pathlib.Path(shard[: -len(".tar")] + ".parquet").read_bytes()
+        site.images["cut.tar"] = site.images["00000.tar"][:30_000]
+        uri = f"{site.url}/img/00000.tar"
+        records, errors = read_unit(uri)
+        assert errors == {}
+        assert [record.data for record in records.values()] == [
+            written["images"][sample] for sample in written["samples"][shard]
+        ]
+        assert next(iter(records.values())).carried["url"].startswith("http://images.example/")
+        cut = f"{site.url}/img/cut.tar"
+        records, errors = read_unit(cut)
+        assert "cut short" in errors[cut]
+        assert all(uri.startswith(cut + "#") for uri in records)
+        missing = f"{site.url}/404.tar"
+        assert "HTTP 404" in read_unit(missing)[1][missing]
+
+
+# --- curation ---------------------------------------------------------------------------------
+
+
+def score_rows(uris: list[str], images: dict, scores: list[float], suspect: list[bool], **extra) -> pa.Table:
+    rows = []
+    for uri, score, is_suspect in zip(uris, scores, suspect):
+        row = dict.fromkeys(SCORE_SCHEMA.names)
+        row.update(
+            uri=uri,
+            sha256=hashlib.sha256(images[uri]).hexdigest(),
+            score=score,
+            anchor_score=score,
+            is_suspect=is_suspect,
+            softness="sharp",
+            head="",
+            anchor_id="a" * 16,
+        )
+        rows.append({**row, **{name: values[len(rows)] for name, values in extra.items()}})
+    schema = pa.schema([*SCORE_SCHEMA, *(pa.field(name, pa.string()) for name in extra)])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def error_rows(uris: list[str]) -> pa.Table:
+    return pa.Table.from_pylist(
+        [{"uri": uri, "stage": "read", "error": "damaged", "error_type": "ReadError"} for uri in uris],
+        schema=ERROR_SCHEMA,
+    )
+
+
+def test_the_keep_rules_and_their_reasons(dataset):
+    _, written = dataset
+    uris = [uri for shard in written["shards"] for uri in written["samples"][shard]]
+    images = dict(written["images"])
+    images[uris[5]] = images[uris[1]]  # the same bytes twice: the first key is kept
+    scores = [float(i) for i in range(len(uris))]
+    suspect = [i in (3, 9) for i in range(len(uris))]
+    table = score_rows(uris[:-1], images, scores, suspect)
+    decided = curation.decide([table], [error_rows(uris[-1:])])
+    reasons = dict(zip(decided["uri"].to_pylist(), decided["dropped"].to_pylist()))
+    assert reasons == {
+        **dict.fromkeys(uris, ""),
+        uris[3]: "suspect",
+        uris[9]: "suspect",
+        uris[5]: "duplicate",
+        uris[-1]: "unreadable",
+    }
+    assert decided["uri"].to_pylist() == sorted(uris)  # by shard, then key
+    assert decided["p_value"].to_pylist()[2] == pytest.approx(1e-2)  # 10^-score, to rounding
+    by_score = curation.decide([table], [], curation.KeepRule(max_score=8.5))
+    assert {u for u, d in zip(by_score["uri"].to_pylist(), by_score["dropped"].to_pylist()) if d} == {
+        uris[5],
+        uris[9],
+        uris[10],
+    }
+    top = curation.decide([table], [], curation.KeepRule(drop_top=0.2))
+    dropped = [u for u, d in zip(top["uri"].to_pylist(), top["dropped"].to_pylist()) if d == "top_fraction"]
+    assert dropped == [uris[9], uris[10]]  # 0.2 x the 10 left after the duplicate
+    counts = curation.summary(decided)
+    assert counts["samples"] == len(uris) and counts["kept"] == len(uris) - 4 and counts["shards"] == 3
+
+
+def test_keys_are_written_in_datacomp_form_where_every_sample_has_a_uid():
+    uids = ["ff" * 16, "00" * 15 + "01", "0123456789abcdef" * 2]
+    kept = pa.table({"key": ["c", "a", "b"], "uid": uids})
+    array = curation.key_array(kept)
+    assert array.dtype == np.dtype("u8,u8")
+    assert array.tolist() == sorted((int(u[:16], 16), int(u[16:], 16)) for u in uids)
+    keys = curation.key_array(pa.table({"key": ["000010002", "000010001"], "uid": [None, None]}))
+    assert keys.dtype == np.dtype("<U9") and keys.tolist() == ["000010001", "000010002"]
+
+
+def write_scan(prefix, scores: pa.Table, errors: pa.Table) -> None:
+    pq.write_table(scores, f"{prefix}-scores-00000-of-00001.parquet")
+    pq.write_table(errors, f"{prefix}-errors-00000-of-00001.parquet")
+
+
+def test_curate_reshards_the_kept_samples_byte_identically(dataset, tmp_path, capsys):
+    import duckdb
+    import webdataset as wds
+
+    _, written = dataset
+    uris = [uri for shard in written["shards"] for uri in written["samples"][shard]]
+    suspect = [i % 4 == 1 for i in range(len(uris))]
+    scores = score_rows(uris[1:], written["images"], [1.0] * (len(uris) - 1), suspect[1:])
+    write_scan(tmp_path / "scan", scores, error_rows(uris[:1]))
+    args = ["--scores", str(tmp_path / "scan"), "--output", str(tmp_path / "cur"), "--reshard"]
+    outcome = curate.run([*args, "--samples_per_shard", "3", *RUNNER])
+    kept = [uri for uri, bad in zip(uris[1:], suspect[1:]) if not bad]
+    assert outcome["kept"] == len(kept) == 8 and outcome["resharded"] == 8
+    assert "dropped     4: unreadable 1, suspect 3" in capsys.readouterr().out
+    shards = sorted(tmp_path.glob("cur-*.tar"))
+    assert [p.name for p in shards] == ["cur-00000.tar", "cur-00001.tar", "cur-00002.tar"]
+    # webdataset reads them, every member of each kept sample, in order
+    samples = list(wds.WebDataset([str(p) for p in shards], shardshuffle=False))
+    assert [s["__key__"] for s in samples] == [uri.split("#")[1] for uri in kept]
+    assert all(s["jpg"] == written["images"][uri] for s, uri in zip(samples, kept))
+    assert all(set(s) >= {"jpg", "json", "txt"} for s in samples)
+    with tarfile.open(shards[0]) as archive:
+        members = archive.getmembers()
+    assert [m.name for m in members][:3] == [f"{kept[0].split('#')[1]}.{e}" for e in ("jpg", "json", "txt")]
+    assert {(m.mtime, m.uid, m.gid, m.uname, m.mode) for m in members} == {(0, 0, 0, "", 0o444)}
+    table = str(tmp_path / "cur-kept.parquet")
+    database = duckdb.connect()
+    got = database.execute(f"select count(*), sum(keep::int) from '{table}'").fetchall()[0]
+    assert got == (len(uris), 8)
+    reasons = dict(
+        database.execute(f"select dropped, count(*) from '{table}' where not keep group by 1").fetchall()
+    )
+    assert reasons == {"unreadable": 1, "suspect": 3}
+    keys = np.load(tmp_path / "cur-keys.npy")
+    assert keys.tolist() == sorted(uri.split("#")[1] for uri in kept)
+    # the same inputs give the same bytes; an existing output is refused without --overwrite
+    first = {p.name: p.read_bytes() for p in tmp_path.glob("cur-*")}
+    assert main(["curate", *args, "--samples_per_shard", "3", *RUNNER]) == 2
+    assert "already holds" in capsys.readouterr().err
+    curate.run([*args, "--samples_per_shard", "3", "--overwrite", *RUNNER])
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("cur-*")} == first
+    # one shard of 8: the higher-numbered shards of the last run do not stay behind
+    curate.run([*args, "--samples_per_shard", "10", "--overwrite", *RUNNER])
+    assert sorted(p.name for p in tmp_path.glob("cur-*.tar")) == ["cur-00000.tar"]
+
+
+def test_resharding_refuses_a_shard_that_changed_since_the_scan(tmp_path, capsys):
+    written = write_img2dataset(tmp_path / "s", shards=1, per_shard=3)
+    uris = written["samples"][written["shards"][0]]
+    images = {**written["images"], uris[1]: b"other bytes"}
+    write_scan(tmp_path / "scan", score_rows(uris, images, [0.0] * 3, [False] * 3), error_rows([]))
+    args = ["--scores", str(tmp_path / "scan"), "--output", str(tmp_path / "cur"), "--reshard"]
+    assert main(["curate", *args, *RUNNER]) == 2
+    assert "is not the one that was scored" in capsys.readouterr().err
+
+
+def test_curating_hostile_shards_writes_nothing_outside_the_output(tmp_path):
+    expected = write_hostile_shards(tmp_path / "hostile")
+    images = {}
+    for name in expected:
+        records, _ = read_unit(str(tmp_path / "hostile" / name), ReadLimits(max_bytes=HOSTILE_MAX_BYTES))
+        images.update({uri: record.data for uri, record in records.items()})
+    uris = sorted(images)
+    errors = sorted(uri for outcome in expected.values() for uri in outcome["errors"])
+    write_scan(
+        tmp_path / "scan",
+        score_rows(uris, images, [0.0] * len(uris), [False] * len(uris)),
+        error_rows(errors),
+    )
+    before = {str(p) for p in tmp_path.rglob("*")}
+    args = ["--scores", str(tmp_path / "scan"), "--output", str(tmp_path / "out" / "cur"), "--reshard"]
+    outcome = curate.run([*args, "--max_bytes", str(HOSTILE_MAX_BYTES), *RUNNER])
+    distinct = len(set(images.values()))  # some hostile shards share an image: duplicates are dropped
+    assert outcome["kept"] == distinct and outcome["samples"] == len(uris) + len(errors)
+    added = {str(p) for p in tmp_path.rglob("*")} - before
+    assert added and all(path.startswith(str(tmp_path / "out")) for path in added)
+    with tarfile.open(tmp_path / "out" / "cur-00000.tar") as archive:
+        names = archive.getnames()
+    assert not any(name.startswith("/") or ".." in name.split("/") for name in names)
+
+
+def test_curate_is_a_command_with_its_own_flags(capsys):
+    assert main(["curate", "--help"]) == 0
+    assert "--samples_per_shard" in capsys.readouterr().out
+    assert main(["curate", "--scores", "x", "--output", "y", "--drop_top", "1.5"]) == 2
+    assert "not a fraction" in capsys.readouterr().err
+    assert main(["curate", "--scores", "nowhere/scan", "--output", "y"]) == 2
+    assert "no PREFIX-scores-*.parquet" in capsys.readouterr().err
