@@ -5,6 +5,7 @@ webdataset, tarfile and DuckDB, byte-identical on a rerun."""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import pathlib
@@ -20,7 +21,7 @@ from anchorscan.anchors.io import curation
 from anchorscan.anchors.io.shards import TarShardSource, split_sample_uri
 from anchorscan.anchors.io.sources import ReadError, ReadFailure, ReadLimits, Record, Unit, source_for
 from anchorscan.anchors.tables import ERROR_SCHEMA, SCORE_SCHEMA
-from anchorscan.pipelines import curate
+from anchorscan.pipelines import curate, score
 from anchorscan.pipelines.cli import main
 from anchorscan.transforms.carried import carried_columns, carried_row
 from anchorscan.transforms.listing import expand_input, indexed_inputs
@@ -168,13 +169,13 @@ def test_http_shards_stream_from_a_web_server(dataset, monkeypatch):
 
 def score_rows(uris: list[str], images: dict, scores: list[float], suspect: list[bool], **extra) -> pa.Table:
     rows = []
-    for uri, score, is_suspect in zip(uris, scores, suspect):
+    for uri, value, is_suspect in zip(uris, scores, suspect):
         row = dict.fromkeys(SCORE_SCHEMA.names)
         row.update(
             uri=uri,
             sha256=hashlib.sha256(images[uri]).hexdigest(),
-            score=score,
-            anchor_score=score,
+            score=value,
+            anchor_score=value,
             is_suspect=is_suspect,
             softness="sharp",
             head="",
@@ -327,3 +328,139 @@ def test_curate_is_a_command_with_its_own_flags(capsys):
     assert "not a fraction" in capsys.readouterr().err
     assert main(["curate", "--scores", "nowhere/scan", "--output", "y"]) == 2
     assert "no PREFIX-scores-*.parquet" in capsys.readouterr().err
+
+
+# --- the commands on shards, with the backbone (slow) -----------------------------------------
+
+
+def table_rows(pattern: str) -> list[dict]:
+    files = sorted(glob.glob(pattern))
+    return pq.read_table(files).to_pylist() if files else []
+
+
+def test_score_and_curate_a_folder_of_shards_every_sample_in_one_table(fitted_anchor, tmp_path, capsys):
+    import webdataset as wds
+
+    anchor, _ = fitted_anchor
+    root = tmp_path / "corpus"
+    written = write_img2dataset(root / "shards", shards=2, per_shard=3)
+    hostile = write_hostile_shards(root / "hostile")
+    prefix = str(tmp_path / "scan" / "night1")
+    limits = ["--max_bytes", str(HOSTILE_MAX_BYTES)]
+    inputs = [
+        "--input",
+        str(root / "shards"),
+        "--input",
+        str(root / "hostile"),
+    ]  # the first sidecar fixes the columns
+    score.run([*inputs, "--anchor", str(anchor), "--output", prefix, *limits, *RUNNER])
+    scores, errors = table_rows(f"{prefix}-scores-*.parquet"), table_rows(f"{prefix}-errors-*.parquet")
+    scored = [row["uri"] for row in scores]
+    failed = {row["uri"]: row for row in errors}
+    assert len(scored) == len(set(scored)) and not set(scored) & set(failed)
+    samples = [uri for shard in written["shards"] for uri in written["samples"][shard]]
+    assert set(scored) == set(samples) | {uri for o in hostile.values() for uri in o["scored"]}
+    assert set(failed) == {uri for o in hostile.values() for uri in o["errors"]}
+    assert all(failed[uri]["stage"] == "read" for uri in failed)
+    # the sidecar's columns follow each row; the content hash is the image's
+    row = next(r for r in scores if r["uri"] == samples[0])
+    assert row["key"] == samples[0].split("#")[1] and row["shard"] == written["shards"][0]
+    assert row["url"].endswith(f"{row['key']}.jpg") and row["manifest_width"] == 256
+    assert row["sha256"] == hashlib.sha256(written["images"][samples[0]]).hexdigest()
+
+    outcome = curate.run(
+        ["--scores", prefix, "--output", str(tmp_path / "cur"), "--reshard", *limits, *RUNNER]
+    )
+    assert outcome["samples"] == len(scores) + len(errors)
+    kept = pq.read_table(tmp_path / "cur-kept.parquet")
+    assert sorted(kept["uri"].to_pylist()) == sorted([*scored, *failed])
+    resharded = list(wds.WebDataset(sorted(glob.glob(str(tmp_path / "cur-*.tar"))), shardshuffle=False))
+    assert len(resharded) == outcome["kept"] == outcome["resharded"]
+    assert "kept" in capsys.readouterr().out
+
+
+def test_nightly_scans_of_shards_score_only_what_is_new(fitted_anchor, tmp_path):
+    anchor, _ = fitted_anchor
+    shards = tmp_path / "shards"
+    write_img2dataset(shards, shards=2, per_shard=3)
+    first = score.run(
+        ["--input", str(shards), "--anchor", str(anchor), "--output", str(tmp_path / "n1"), *RUNNER]
+    )
+    write_img2dataset(shards, shards=1, per_shard=3, first_shard=2, seed=5)  # tonight's new shard
+    second = score.run(
+        [
+            "--input",
+            str(shards / "{00000..00002}.tar"),
+            "--anchor",
+            str(anchor),
+            "--output",
+            str(tmp_path / "n2"),
+            "--skip_scored",
+            str(tmp_path / "n1"),
+            *RUNNER,
+        ]
+    )
+    assert first["scored"] == 6 and (second["scored"], second["reused"]) == (3, 6)
+    rows = table_rows(str(tmp_path / "n2-scores-*.parquet"))
+    assert len(rows) == 9 and {row["key"] for row in rows} == {row["uri"].split("#")[1] for row in rows}
+
+
+def test_fit_update_and_evaluate_read_shards(fitted_anchor, tmp_path):
+    from test_evaluate import make_fakes
+
+    from anchorscan.anchors.anchor_file import read_metadata
+    from anchorscan.anchors.io.storage import read_bytes
+    from anchorscan.pipelines import evaluate, fit, update
+
+    anchor, _ = fitted_anchor
+    real = write_img2dataset(tmp_path / "real", shards=3, per_shard=12)
+    fitted = fit.run(
+        [
+            "--input",
+            str(tmp_path / "real" / "{00000..00002}.tar"),
+            "--anchor",
+            str(tmp_path / "a.safetensors"),
+        ]
+        + ["--calibration_fraction", "0.3", *RUNNER]
+    )
+    assert fitted["n"] + fitted["n_calibration"] == 36 and fitted["errors"] == 0
+    more = write_img2dataset(tmp_path / "more", shards=1, per_shard=6, seed=3)
+    update.run(
+        ["--anchor", str(anchor), "--input", more["shards"][0], "--output", str(tmp_path / "b.safetensors")]
+        + ["--admit", "none", *RUNNER]
+    )
+    before, after = (
+        read_metadata(read_bytes(str(anchor))),
+        read_metadata(read_bytes(str(tmp_path / "b.safetensors"))),
+    )
+    assert after["n"] + after["n_calibration"] == before["n"] + before["n_calibration"] + 6
+    # A manifest labels whole shards: each sample takes its shard's label.
+    pngs = tmp_path / "reals"
+    pngs.mkdir()
+    paths = []
+    for uri in real["samples"][real["shards"][0]][:6]:
+        paths.append(str(pngs / f"{uri.split('#')[1]}.jpg"))
+        pathlib.Path(paths[-1]).write_bytes(real["images"][uri])
+    fakes = make_fakes(paths, tmp_path / "fakes")
+    import webdataset as wds
+
+    with wds.TarWriter(str(tmp_path / "fake.tar")) as writer:
+        for path in fakes:
+            writer.write({"__key__": pathlib.Path(path).stem, "png": pathlib.Path(path).read_bytes()})
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        f"uri,label,generator\n{real['shards'][1]},real,\n{tmp_path / 'fake.tar'},fake,bicubic\n"
+    )
+    table = evaluate.run(
+        [
+            str(labels),
+            "--dataset",
+            "manifest",
+            "--anchor",
+            str(anchor),
+            "--output",
+            str(tmp_path / "eval"),
+            *RUNNER,
+        ]
+    )
+    assert (table[0]["generator"], table[0]["n_real"], table[0]["n_fake"]) == ("bicubic", 12, 6)

@@ -2,11 +2,12 @@
 columns (key, url, caption, ...), carried to the score rows under their own names.
 
 The driver reads each CSV or Parquet manifest's header (a CSV's first line, a Parquet footer)
-and the first listed shard's sidecar footer (or, without a sidecar, its first sample's JSON
-member), so the score table's schema is fixed when the pipeline is built. The values travel
-with each listed unit or sample through reading, decoding and inference (``ImageMeta.carried``)
-to its score row; a value that does not fit its column's type (another shard's sidecar with
-other types) is written as text in a text column and as null in any other."""
+and the footer of the first sidecar among the listed shards (or, where none has one, the
+first sample's JSON member), so the score table's schema is fixed when the pipeline is
+built. The values travel with each listed unit or sample through reading, decoding and
+inference (``ImageMeta.carried``) to its score row; a value that does not fit its column's
+type (another shard's sidecar with other types) is written as text in a text column and as
+null in any other."""
 
 from __future__ import annotations
 
@@ -73,20 +74,22 @@ def _plain(field: pa.Field) -> pa.Field:
 
 # Where an input lists many files, the driver looks among the first of them for a shard.
 LOOK_FOR_SHARDS = 1000
+# Shards without sidecars: how many of them the driver opens to find a first sample's JSON.
+LOOK_FOR_JSON = 10
 JSON_TYPES = ((bool, pa.bool_()), (int, pa.int64()), (float, pa.float64()), (str, pa.string()))
 
 
-def first_shard(patterns: list[str]) -> str | None:
-    """The first tar shard the inputs name (a shard, a sample of one, or among the first
-    LOOK_FOR_SHARDS files an input lists), or None."""
+def listed_shards(patterns: list[str]):
+    """The tar shards the inputs name (a shard, a sample of one, or among the first
+    LOOK_FOR_SHARDS files each input lists), in listing order, each once."""
+    seen = set()
     for index, name in indexed_inputs(patterns):
         for kind, value in itertools.islice(expand_input(name, index), LOOK_FOR_SHARDS):
-            if kind != "unit":
-                continue
-            split = split_sample_uri(value.uri)
-            if split or is_shard_path(value.uri):
-                return split[0] if split else value.uri
-    return None
+            split = split_sample_uri(value.uri) if kind == "unit" else None
+            shard = split[0] if split else value.uri if kind == "unit" and is_shard_path(value.uri) else None
+            if shard is not None and shard not in seen:
+                seen.add(shard)
+                yield shard
 
 
 def _json_type(value) -> pa.DataType:
@@ -94,28 +97,44 @@ def _json_type(value) -> pa.DataType:
     return next((kind for python, kind in JSON_TYPES if type(value) is python), pa.string())
 
 
-def shard_fields(shard: str) -> list[pa.Field]:
-    """``key``, ``shard``, then the columns of the shard's sidecar (its footer), or, where it
-    has none, the fields of its first sample's JSON member, typed by their JSON values."""
-    fields = [pa.field("key", pa.string()), pa.field("shard", pa.string())]
+def _sidecar_columns(shard: str) -> list[pa.Field] | None:
     try:
         sidecar = sidecar_of(shard)
-        if sidecar_exists(sidecar):
-            columns = _parquet_schema(sidecar)
-            return fields + [field for field in columns if field.name not in ("key", "shard")]
+        return _parquet_schema(sidecar) if sidecar_exists(sidecar) else None
+    except Exception as error:  # the read of that shard reports it
+        logging.warning("cannot read the columns of %s: %s", sidecar_of(shard), error)
+        return None
+
+
+def _json_columns(shard: str) -> list[pa.Field] | None:
+    try:
         with open_shard(shard) as stream:
             first = next(samples(stream, DEFAULT_MAX_BYTES), None)
-        metadata = (first and first.metadata()) or {}
-    except Exception as error:  # the read of that shard reports it
-        logging.warning("cannot read the columns of %s or its sidecar: %s", shard, error)
-        return fields
-    names = [name for name in metadata if name not in ("key", "shard")]
-    return fields + [pa.field(name, _json_type(metadata[name])) for name in names]
+    except Exception:  # the read of that shard reports it
+        return None
+    metadata = first.metadata() if first else None
+    return (
+        None if metadata is None else [pa.field(name, _json_type(value)) for name, value in metadata.items()]
+    )
+
+
+def shard_fields(patterns: list[str]) -> list[pa.Field]:
+    """``key`` and ``shard`` where the inputs name shards, then the columns of the first sidecar
+    among the listed shards (its footer), or, where none of them has one, the fields of the
+    first JSON member among their first samples, typed by their JSON values."""
+    shards = list(listed_shards(patterns))
+    if not shards:
+        return []
+    columns = next(filter(None, map(_sidecar_columns, shards)), None)
+    if columns is None:
+        columns = next(filter(None, map(_json_columns, shards[:LOOK_FOR_JSON])), [])
+    fields = [pa.field("key", pa.string()), pa.field("shard", pa.string())]
+    return fields + [field for field in columns if field.name not in ("key", "shard")]
 
 
 def carried_columns(patterns: list[str]) -> list[tuple[str, pa.Field]]:
     """(column in the manifests or sidecars, field in the score table) for every column of the
-    CSV and Parquet manifests among ``patterns`` but ``uri``, then the first shard's columns
+    CSV and Parquet manifests among ``patterns`` but ``uri``, then the shards' columns
     (``shard_fields``), in order of first appearance. A name met with two types becomes a
     string column; a name taken by a score column gets CLASH_PREFIX. A manifest that cannot be
     read adds nothing (the listing reports it as an error row)."""
@@ -127,9 +146,7 @@ def carried_columns(patterns: list[str]) -> list[tuple[str, pa.Field]]:
             headers.append(_header(pattern))
         except Exception:  # reported by the listing, with the same cause
             continue
-    shard = first_shard(patterns)
-    if shard is not None:
-        headers.append(shard_fields(shard))
+    headers.append(shard_fields(patterns))
     fields: dict[str, pa.Field] = {}
     for header in headers:
         for field in map(_plain, header):
