@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import os
 import pathlib
 import tarfile
@@ -16,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_gcs import ROOT, emulator, gcs_rows, upload  # noqa: F401 (emulator: a fixture)
 
 from anchorscan.anchors.io import curation
 from anchorscan.anchors.io.shards import TarShardSource, split_sample_uri
@@ -464,3 +466,44 @@ def test_fit_update_and_evaluate_read_shards(fitted_anchor, tmp_path):
         ]
     )
     assert (table[0]["generator"], table[0]["n_real"], table[0]["n_fake"]) == ("bicubic", 12, 6)
+
+
+@pytest.mark.usefixtures("emulator")
+def test_shards_on_cloud_storage_score_and_curate(fitted_anchor, tmp_path):
+    import webdataset as wds
+    from apache_beam.io.filesystems import FileSystems
+
+    anchor, _ = fitted_anchor
+    written = write_img2dataset(tmp_path / "shards", shards=2, per_shard=3)
+    for path in sorted((tmp_path / "shards").iterdir()):
+        upload(path, f"{ROOT}/shards/{path.name}")
+    prefix = f"{ROOT}/scans/night1"
+    summary = score.run(["--input", f"{ROOT}/shards", "--anchor", str(anchor), "--output", prefix, *RUNNER])
+    rows = gcs_rows(f"{prefix}-scores-*.parquet")
+    local = {uri.replace(str(tmp_path / "shards"), f"{ROOT}/shards"): uri for uri in written["images"]}
+    assert summary["scored"] == 6 and sorted(row["uri"] for row in rows) == sorted(local)
+    assert all(row["url"].endswith(f"{row['key']}.jpg") for row in rows)
+    assert all(
+        row["sha256"] == hashlib.sha256(written["images"][local[row["uri"]]]).hexdigest() for row in rows
+    )
+    # one sample by its URI, as a manifest or an earlier row names it
+    one = sorted(local)[4]
+    records, errors = read_unit(one)
+    assert errors == {} and list(records) == [one] and records[one].data == written["images"][local[one]]
+
+    curated = f"{ROOT}/curated/cur"
+    outcome = curate.run(
+        ["--scores", prefix, "--output", curated, "--reshard", "--samples_per_shard", "4", *RUNNER]
+    )
+    names = sorted(m.path for m in FileSystems.match([f"{curated}-*.tar"])[0].metadata_list)
+    assert names == [f"{curated}-00000.tar", f"{curated}-00001.tar"][: len(names)] and outcome["resharded"]
+    copies = []
+    for name in names:
+        copies.append(tmp_path / name.rsplit("/", 1)[1])
+        copies[-1].write_bytes(FileSystems.open(name).read())
+        with tarfile.open(copies[-1]) as archive:
+            assert all(member.name.split(".", 1)[1] in ("jpg", "json", "txt") for member in archive)
+    samples = list(wds.WebDataset([str(path) for path in copies], shardshuffle=False))
+    assert len(samples) == outcome["kept"] == outcome["resharded"]
+    kept = pq.read_table(io.BytesIO(FileSystems.open(f"{curated}-kept.parquet").read()))
+    assert len(kept) == 6 and sum(kept["keep"].to_pylist()) == outcome["kept"]
