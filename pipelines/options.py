@@ -29,7 +29,8 @@ from anchorscan.transforms.inference import DEFAULT_BATCH_SIZE
 # and it falls back, so runs would differ with the network. Pin the in-process runner.
 DEFAULT_LOCAL_RUNNER = "FnApiRunner"
 INPUT_HELP = (
-    "a glob, a folder (its image files, recursively) or a manifest (.txt one URI per "
+    "a glob, a folder (its image files and tar shards, recursively), a tar shard or a brace "
+    "pattern of shards ('shards/{00000..00099}.tar'), or a manifest (.txt one URI per "
     "line, .csv or .parquet with a 'uri' column), local or gs://; repeat for several"
 )
 

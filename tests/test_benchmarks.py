@@ -78,6 +78,8 @@ def test_shards_benchmark_prints_its_values(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    values = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line and " " not in line)
+    values = dict(
+        line.split("=", 1) for line in result.stdout.splitlines() if "=" in line and " " not in line
+    )
     for name in ("shard_over_folder", "shard_over_folder_read", "rss_large_shard_mb", "rss_small_shard_mb"):
         assert float(values[name]) > 0, name

@@ -165,7 +165,9 @@ def carried_columns(patterns: list[str]) -> list[tuple[str, pa.Field]]:
                     f"manifest columns {name!r} and {field.name!r}: {name!r} is a score "
                     f"column, and {field.name!r}, where it would go, is taken; rename one"
                 )
-            logging.warning("manifest column %r is also a score column: carried as %r", name, field.name)
+            logging.warning(
+                "column %r of a manifest or sidecar is also a score column: carried as %r", name, field.name
+            )
         carried.append((name, field))
     return carried
 
