@@ -507,3 +507,44 @@ def test_shards_on_cloud_storage_score_and_curate(fitted_anchor, tmp_path):
     assert len(samples) == outcome["kept"] == outcome["resharded"]
     kept = pq.read_table(io.BytesIO(FileSystems.open(f"{curated}-kept.parquet").read()))
     assert len(kept) == 6 and sum(kept["keep"].to_pylist()) == outcome["kept"]
+
+
+def test_a_shard_dropped_into_a_watched_folder_is_streamed_sample_by_sample(fitted_anchor, tmp_path):
+    from apache_beam.io.filesystem import FileMetadata
+    from apache_beam.testing import test_stream
+    from apache_beam.transforms.window import TimestampedValue
+    from test_stream import stream_events
+
+    anchor, _ = fitted_anchor
+    written = write_img2dataset(tmp_path / "incoming", shards=1, per_shard=3)
+    arrived = FileMetadata(written["shards"][0], 1, last_updated_in_seconds=1.0)
+    events = (
+        test_stream.TestStream(output_tags={"files", "ticks"})
+        .advance_watermark_to(0, tag="files")
+        .advance_watermark_to(0, tag="ticks")
+        .add_elements([TimestampedValue(str(anchor), 0)], tag="ticks")
+        .add_elements([TimestampedValue(arrived, 1)], tag="files")
+        .advance_watermark_to_infinity(tag="files")
+        .advance_watermark_to_infinity(tag="ticks")
+    )
+    stream_events(events, tmp_path / "incoming", anchor, tmp_path / "out" / "live")
+    rows = table_rows(str(tmp_path / "out" / "live-scores-*.parquet"))
+    assert sorted(row["uri"] for row in rows) == written["samples"][written["shards"][0]]
+
+
+def test_a_shards_samples_are_redistributed_where_the_runner_spreads_them(dataset):
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from anchorscan.transforms.read import ReadInputs
+
+    _, written = dataset
+    shard = written["shards"][0]
+    alone = written["samples"][shard][1]  # one sample named by its URI, beside its whole shard
+    options = beam.options.pipeline_options.PipelineOptions(RUNNER)
+    with beam.Pipeline(options=options) as pipeline:
+        units = pipeline | beam.Create([Unit(shard), Unit(alone)])
+        records, errors = units | ReadInputs(ReadLimits(), spread=True)
+        uris = records | beam.Map(lambda record: record.uri)
+        assert_that(uris, equal_to([*written["samples"][shard], alone]), label="AllRecords")
+        assert_that(errors, equal_to([]), label="NoErrors")
