@@ -23,7 +23,7 @@ from anchorscan.anchors.io import curation
 from anchorscan.anchors.io.shards import TarShardSource, split_sample_uri
 from anchorscan.anchors.io.sources import ReadError, ReadFailure, ReadLimits, Record, Unit, source_for
 from anchorscan.anchors.tables import ERROR_SCHEMA, SCORE_SCHEMA
-from anchorscan.pipelines import curate, score
+from anchorscan.pipelines import curate, report, score
 from anchorscan.pipelines.cli import main
 from anchorscan.transforms.carried import carried_columns, carried_row
 from anchorscan.transforms.listing import expand_input, indexed_inputs
@@ -78,6 +78,7 @@ def test_a_sample_uri_reads_that_sample_alone(dataset):
     assert records[uri].data == written["images"][uri]
     missing = uri[:-1] + "x"
     assert "no sample with the key" in read_unit(missing)[1][missing]
+    assert report.thumbnail(uri).startswith("<img")  # the report's galleries show samples too
     assert split_sample_uri("gs://b/s/00012.TAR#000120045") == ("gs://b/s/00012.TAR", "000120045")
     assert split_sample_uri("photos/a#b.jpg") is None
 
@@ -158,8 +159,9 @@ def test_http_shards_stream_from_a_web_server(dataset, monkeypatch):
             written["images"][sample] for sample in written["samples"][shard]
         ]
         assert next(iter(records.values())).carried["url"].startswith("http://images.example/")
-        cut = f"{site.url}/img/cut.tar"
+        cut = f"{site.url}/img/cut.tar"  # and no sidecar: the server's 404 says there is none
         records, errors = read_unit(cut)
+        assert set(errors) == {cut, *(uri for uri in errors if uri.startswith(cut + "#"))}
         assert "cut short" in errors[cut]
         assert all(uri.startswith(cut + "#") for uri in records)
         missing = f"{site.url}/404.tar"

@@ -21,9 +21,10 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 from anchorscan.anchors.errors import UsageError
-from anchorscan.anchors.io.fetch import is_http
+from anchorscan.anchors.io.fetch import FetchError, is_http
 from anchorscan.anchors.io.manifests import is_manifest
 from anchorscan.anchors.io.shards import (
+    GONE,
     is_shard_path,
     open_shard,
     samples,
@@ -101,6 +102,11 @@ def _sidecar_columns(shard: str) -> list[pa.Field] | None:
     try:
         sidecar = sidecar_of(shard)
         return _parquet_schema(sidecar) if sidecar_exists(sidecar) else None
+    except FetchError as error:
+        if error.status_code in GONE:  # a web server's way of saying there is none
+            return None
+        logging.warning("cannot read the columns of %s: %s", sidecar_of(shard), error)
+        return None
     except Exception as error:  # the read of that shard reports it
         logging.warning("cannot read the columns of %s: %s", sidecar_of(shard), error)
         return None

@@ -29,7 +29,12 @@ class HttpConfig:
 
 
 class FetchError(OSError):
-    """The URI could not be fetched; the message says why (status or cause)."""
+    """The URI could not be fetched; the message says why (status or cause); ``status_code``:
+    the server's answer, where it gave one."""
+
+    def __init__(self, message: str, status_code: int | None = None):
+        super().__init__(message)
+        self.status_code = status_code
 
 
 class _Transient(Exception):
@@ -170,7 +175,7 @@ def _ok_response(uri: str, deadline: float, config: HttpConfig):
                 if response.status_code >= 500:
                     raise _Transient(status)
                 if response.status_code >= 400:
-                    raise FetchError(status)
+                    raise FetchError(status, response.status_code)
                 yield response
                 return
         finally:

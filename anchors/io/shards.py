@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 from anchorscan.anchors.errors import exception_name
 from anchorscan.anchors.io import gcs
-from anchorscan.anchors.io.fetch import FetchError, HttpConfig, is_http, open_stream
+from anchorscan.anchors.io.fetch import FetchError, HttpConfig, fetch, is_http, open_stream
 from anchorscan.anchors.io.sources import (
     ByteSource,
     ReadError,
@@ -42,6 +42,8 @@ IMAGE_MEMBER_EXTENSIONS = frozenset(extension.lstrip(".") for extension in IMAGE
 SUCCESS = "success"
 # More members than this is not a shard but a flood (or an endless stream): it stops there.
 MAX_MEMBERS = 1_000_000
+# A web server's answers that say a shard has no sidecar.
+GONE = (404, 410)
 # Cloud Storage reads: bytes fetched per request (what a shard's read holds at once).
 GCS_CHUNK_BYTES = 8 * 2**20
 
@@ -302,9 +304,17 @@ def read_sidecar(shard: str, limits: ReadLimits) -> dict[str, dict] | None:
     import pyarrow.parquet as pq
 
     sidecar = sidecar_of(shard)
-    if not sidecar_exists(sidecar):
+    if is_http(sidecar):
+        try:
+            data = fetch(sidecar, limits.max_bytes, limits.http)
+        except FetchError as error:
+            if error.status_code in GONE:
+                return None
+            raise ReadError(str(error), exception_name(error)) from None
+    elif not sidecar_exists(sidecar):
         return None
-    data = read_limited(sidecar, limits.max_bytes, limits.http)
+    else:
+        data = read_limited(sidecar, limits.max_bytes, limits.http)
     try:
         table = pq.read_table(io.BytesIO(data))
     except Exception as error:
