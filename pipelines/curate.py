@@ -203,7 +203,3 @@ def print_summary(outcome: dict) -> None:
         shards = f"{len(written)} shard{'s' if len(written) > 1 else ''}"
         lines.append(f"            {span} ({shards}, {outcome['resharded']:,} samples)")
     print("\n".join(lines))
-
-
-if __name__ == "__main__":
-    run()

@@ -229,10 +229,6 @@ class OutputShard:
     name: str
     pieces: tuple[Piece, ...]
 
-    @property
-    def count(self) -> int:
-        return sum(piece.take for piece in self.pieces)
-
 
 def output_names(prefix: str, count: int) -> list[str]:
     width = max(5, len(str(count - 1)))

@@ -121,7 +121,6 @@ class Sample:
     position: int
     members: list[Member] = dataclasses.field(default_factory=list)
     problem: str | None = None
-    problem_type: str = "ReadError"
     size: int = 0
     # Another sample has its key (a duplicate), or it has none: its URI names its position.
     by_position: bool = False
@@ -130,9 +129,9 @@ class Sample:
         uri = sample_uri(shard, self.key)
         return f"{uri}#member={self.position}" if self.by_position else uri
 
-    def refuse(self, problem: str, problem_type: str = "ReadError") -> None:
+    def refuse(self, problem: str) -> None:
         if self.problem is None:
-            self.problem, self.problem_type = problem, problem_type
+            self.problem = problem
         self.members = []
 
     def image(self) -> Member:
@@ -414,7 +413,7 @@ def _outcome(shard: str, sample: Sample, sidecar_row: dict | None):
     """A sample's record, or its error row, or nothing where img2dataset recorded no image."""
     uri = sample.uri(shard)
     if sample.problem:
-        yield ReadFailure(uri, sample.problem, sample.problem_type)
+        yield ReadFailure(uri, sample.problem)
         return
     try:
         image = sample.image()
