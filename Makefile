@@ -2,8 +2,6 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# torch and torchvision pinned to the builds the CI machine carries (pip takes them from disk).
-TORCH := torch==2.14.1 torchvision==0.29.1
 RUNNER := --runner=FnApiRunner
 DEMO := out/demo
 
@@ -11,11 +9,12 @@ DEMO := out/demo
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# Pinned builds (torch, Beam) come from constraints.txt, as in templates/Dockerfile.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt torch torchvision
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
 # --overwrite: a demo run replaces the last one's tables (out/demo belongs to the demo)
@@ -41,11 +40,16 @@ demo: venv
 	$(BIN)/anchorscan curate $(RUNNER) --scores $(DEMO)/shards/scan --output $(DEMO)/shards/curated \
 	    --reshard --samples_per_shard 25 --overwrite
 
-# Lint, format, the import layers (pipelines > transforms > anchors).
+# Lint, format, the import layers (templates > pipelines > transforms > anchors), types. mypy
+# checks the package as it is installed: a tree of links names the folders anchorscan.*.
+TYPECHECK := build/typecheck
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	mkdir -p $(TYPECHECK)/anchorscan
+	for d in anchors transforms pipelines templates; do ln -sfn $(CURDIR)/$$d $(TYPECHECK)/anchorscan/$$d; done
+	cd $(TYPECHECK) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p anchorscan
 
 # The whole suite, as CI runs it; the import layers first (pipelines > transforms > anchors).
 test: venv lint
@@ -64,6 +68,7 @@ bench: venv
 	$(BIN)/python benchmarks/backbones.py
 	$(BIN)/python benchmarks/online_update.py
 	$(BIN)/python benchmarks/shards.py
+	$(BIN)/python benchmarks/fit_speed.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -42,7 +42,7 @@ def anchor_id(metadata: dict) -> str:
 
 def statistics_tensors(statistics: dict[str, Moments]) -> tuple[dict[str, np.ndarray], dict]:
     """Named moments as tensors ``moments.<name>.mean|m2`` and their counts by name."""
-    tensors = {}
+    tensors: dict[str, np.ndarray] = {}
     for name, moments in statistics.items():
         tensors[f"moments.{name}.mean"], tensors[f"moments.{name}.m2"] = moments.mean, moments.m2
     return tensors, {name: moments.n for name, moments in statistics.items()}
@@ -112,7 +112,7 @@ def anchor_from_bytes(data: bytes) -> tuple[Anchor, dict]:
         spec,
         statistics["backbone"],
         forensic,
-        AnchorConfig(**metadata["config"]),
+        AnchorConfig.from_dict(metadata["config"]),
         {
             name[len("calibration.") :]: tensor
             for name, tensor in tensors.items()

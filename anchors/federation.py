@@ -20,6 +20,7 @@ import numpy as np
 from anchorscan.anchors import checked_file
 from anchorscan.anchors.anchor import Anchor
 from anchorscan.anchors.anchor_file import statistics_id
+from anchorscan.anchors.errors import UserError
 from anchorscan.anchors.spec import FeatureSpec, IncompatibleAnchorError
 from anchorscan.anchors.stats import Moments
 from anchorscan.anchors.updating import merged_statistics, recalibrated
@@ -29,11 +30,11 @@ METADATA_KEY = "anchorscan_delta"
 MIN_COUNT = 64
 
 
-class DeltaFileError(ValueError):
+class DeltaFileError(UserError, ValueError):
     """The file is not a readable anchorscan delta."""
 
 
-class DeltaRefused(ValueError):
+class DeltaRefused(UserError, ValueError):
     """A delta that must not be exported or merged; the message says why and what to do."""
 
 
@@ -54,7 +55,7 @@ def subtract(total: Moments, base: Moments) -> Moments:
 @dataclasses.dataclass
 class Delta:
     spec: FeatureSpec
-    forensic_levels: tuple[str, ...]
+    level_names: tuple[str, ...]
     base_id: str
     site_id: str
     statistics: dict[str, Moments]  # with a factor, m2 = factor factor^T
@@ -64,7 +65,7 @@ class Delta:
     kept_energy: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
-    def n(self) -> int:
+    def n(self) -> float:
         return self.statistics["backbone"].n if "backbone" in self.statistics else 0
 
 
@@ -126,7 +127,7 @@ def export_delta(
 
 
 def delta_to_bytes(delta: Delta) -> bytes:
-    tensors = {}
+    tensors: dict[str, np.ndarray] = {}
     for name, moments in delta.statistics.items():
         tensors[f"delta.{name}.mean"] = moments.mean
         if name in delta.factors:
@@ -135,7 +136,7 @@ def delta_to_bytes(delta: Delta) -> bytes:
             tensors[f"delta.{name}.m2"] = moments.m2
     metadata = {
         **delta.spec.to_dict(),
-        "forensic_level_names": list(delta.forensic_levels),
+        "forensic_level_names": list(delta.level_names),
         "base": delta.base_id,
         "site": delta.site_id,
         "counts": {name: moments.n for name, moments in delta.statistics.items()},
@@ -181,9 +182,9 @@ def merge(base: Anchor, deltas: list[Delta]) -> Anchor:
             base.spec.require_same(delta.spec, f"delta {i}")
         except IncompatibleAnchorError as error:
             raise DeltaRefused(f"delta {i} comes from other features than the base:\n{error}") from None
-        if delta.forensic_levels != base.forensic.level_names:
+        if delta.level_names != base.forensic.level_names:
             raise DeltaRefused(
-                f"delta {i} models the forensic levels {list(delta.forensic_levels)}, "
+                f"delta {i} models the forensic levels {list(delta.level_names)}, "
                 f"the base {list(base.forensic.level_names)}"
             )
         if delta.base_id != base_id:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from anchorscan.anchors.errors import NotEnoughImagesError
 from anchorscan.anchors.stats import Moments
 
 
@@ -23,7 +24,9 @@ class ForensicModel:
         if len(level_names) != len(moments) or not moments:
             raise ValueError(f"{len(level_names)} level names for {len(moments)} Gaussians")
         if min(m.n for m in moments) < 2:
-            raise ValueError("the forensic channel needs at least 2 real images per level")
+            raise NotEnoughImagesError(
+                "the forensic channel needs at least 2 real images per softness level: add real images"
+            )
         self.level_names, self.moments = tuple(level_names), moments
         self._whitening = []
         for level in moments:

@@ -18,7 +18,7 @@ import numpy as np
 
 from anchorscan.anchors import checked_file
 from anchorscan.anchors.anchor import shrunk_covariance
-from anchorscan.anchors.errors import UserError
+from anchorscan.anchors.errors import NotEnoughImagesError, UsageError, UserError
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.stats import Moments
 
@@ -68,7 +68,9 @@ def _real_and_fake(
         raise ValueError(f"labels must be {REAL} (real) or {FAKE} (fake), one per feature row")
     real, fake = semantic[labels == REAL], semantic[labels == FAKE]
     if len(real) == 0 or len(fake) == 0:
-        raise ValueError(f"a head needs real and fake examples, got {len(real)} real and {len(fake)} fake")
+        raise NotEnoughImagesError(
+            f"a head needs real and fake examples, got {len(real)} real and {len(fake)} fake"
+        )
     return real, fake
 
 
@@ -78,13 +80,18 @@ class Head(abc.ABC):
     fitted on)."""
 
     kind: ClassVar[str]
-    # Whether ``score`` is a natural-log odds of "generated", which evidence can be added to.
+    # Whether ``decision`` is a natural-log odds of "generated", which evidence can be added to.
     log_odds: ClassVar[bool] = False
-    parts: ClassVar[str] = "semantic"
+    parts: str = "semantic"  # what the head reads; a field of the heads that can read more
     spec: FeatureSpec
 
+    @property
     @abc.abstractmethod
-    def _score_rows(self, rows: np.ndarray) -> np.ndarray:
+    def counts(self) -> dict[str, float]:
+        """{'real': n, 'fake': n}: the examples the head was fitted on."""
+
+    @abc.abstractmethod
+    def _decision_rows(self, rows: np.ndarray) -> np.ndarray:
         """Scores of rows of the part the head reads."""
 
     @abc.abstractmethod
@@ -100,15 +107,15 @@ class Head(abc.ABC):
     def _from_file(cls, spec: FeatureSpec, tensors: dict[str, np.ndarray], metadata: dict) -> Head:
         """The head that ``_tensors`` and ``_parameters`` describe."""
 
-    def score(self, features: np.ndarray, spec: FeatureSpec | None = None) -> np.ndarray:
+    def decision(self, features: np.ndarray, spec: FeatureSpec | None = None) -> np.ndarray:
         """Scores of (b, spec.dim) feature rows; ``spec``, the features' own, is checked first."""
         if spec is not None:
             self.spec.require_same(spec, f"this {self.kind} head")
-        return self._score_rows(feature_part(features, self.spec, self.parts))
+        return self._decision_rows(feature_part(features, self.spec, self.parts))
 
     def predict(self, features: np.ndarray, spec: FeatureSpec | None = None) -> np.ndarray:
         """True where the head calls the image generated."""
-        return self.score(features, spec) > 0
+        return self.decision(features, spec) > 0
 
     def to_bytes(self) -> bytes:
         metadata = {"kind": self.kind, **self.spec.to_dict(), "counts": self.counts, **self._parameters()}
@@ -129,7 +136,7 @@ class NearestNeighbourHead(Head):
     def __post_init__(self):
         smallest = min(len(self.real_bank), len(self.fake_bank))
         if not 1 <= self.k <= smallest:
-            raise ValueError(f"k must be in [1, {smallest}] (the smaller bank), got {self.k}")
+            raise UsageError(f"--k must be in [1, {smallest}] (the smaller bank), got {self.k}")
 
     @classmethod
     def fit(
@@ -139,7 +146,7 @@ class NearestNeighbourHead(Head):
         return cls(spec, l2_normalised(real.astype(np.float32)), l2_normalised(fake.astype(np.float32)), k)
 
     @property
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> dict[str, float]:
         return {"real": len(self.real_bank), "fake": len(self.fake_bank)}
 
     def _mean_top_k_similarity(self, queries: np.ndarray, bank: np.ndarray) -> np.ndarray:
@@ -151,7 +158,7 @@ class NearestNeighbourHead(Head):
             means[start : start + rows] = top_k.mean(axis=1, dtype=np.float64)
         return means
 
-    def _score_rows(self, rows):
+    def _decision_rows(self, rows):
         queries = l2_normalised(rows.astype(np.float32))
         return self._mean_top_k_similarity(queries, self.fake_bank) - self._mean_top_k_similarity(
             queries, self.real_bank
@@ -213,9 +220,9 @@ class LinearProbeHead(Head):
                     f"features {part_width(self.spec, self.parts)}"
                 )
             if moments.n == 0:
-                raise ValueError(f"a linear probe needs {name} examples, got none")
+                raise NotEnoughImagesError(f"a linear probe needs {name} examples, got none")
         if self.real.n + self.fake.n < 3:
-            raise ValueError("a linear probe needs at least 3 examples")
+            raise NotEnoughImagesError("a linear probe needs at least 3 examples")
         covariance, self.shrinkage = shrunk_covariance(pooled_within_class(self.real, self.fake))
         self.weights = np.linalg.solve(covariance, self.fake.mean - self.real.mean)
         midpoint = (self.fake.mean + self.real.mean) / 2
@@ -234,10 +241,10 @@ class LinearProbeHead(Head):
         return cls(spec, Moments.of(real), Moments.of(fake), parts)
 
     @property
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> dict[str, float]:
         return {"real": self.real.n, "fake": self.fake.n}
 
-    def _score_rows(self, rows):
+    def _decision_rows(self, rows):
         return rows.astype(np.float64) @ self.weights + self.bias
 
     def _tensors(self):
@@ -254,14 +261,11 @@ class LinearProbeHead(Head):
     @classmethod
     def _from_file(cls, spec, tensors, metadata):
         counts = metadata["counts"]
-        return cls(
-            spec,
-            *(
-                Moments.from_arrays(counts[name], tensors[f"{name}.mean"], tensors[f"{name}.m2"])
-                for name in ("real", "fake")
-            ),
-            metadata["parts"],
+        real, fake = (
+            Moments.from_arrays(counts[name], tensors[f"{name}.mean"], tensors[f"{name}.m2"])
+            for name in ("real", "fake")
         )
+        return cls(spec, real, fake, metadata["parts"])
 
 
 @dataclasses.dataclass(eq=False)
@@ -274,8 +278,12 @@ class LogisticHead(Head):
     spec: FeatureSpec
     coef: np.ndarray  # (d_semantic,)
     intercept: float
-    counts: dict[str, int]
+    class_counts: dict[str, float]
     C: float  # scikit-learn's inverse regularisation strength
+
+    @property
+    def counts(self) -> dict[str, float]:
+        return self.class_counts
 
     @classmethod
     def fit(
@@ -291,7 +299,7 @@ class LogisticHead(Head):
             spec, model.coef_[0].copy(), float(model.intercept_[0]), {"real": len(real), "fake": len(fake)}, C
         )
 
-    def _score_rows(self, rows):
+    def _decision_rows(self, rows):
         return l2_normalised(rows.astype(np.float64)) @ self.coef + self.intercept
 
     def _tensors(self):

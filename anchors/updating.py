@@ -13,6 +13,7 @@ import numpy as np
 from anchorscan.anchors.anchor import Anchor, AnchorConfig
 from anchorscan.anchors.anchor_file import statistics_id
 from anchorscan.anchors.calibration import MIN_CALIBRATION, NUM_QUANTILES, CalibrationRows
+from anchorscan.anchors.errors import NotEnoughImagesError, UsageError
 from anchorscan.anchors.statistics import Statistics
 from anchorscan.anchors.stats import Moments
 
@@ -48,7 +49,7 @@ def recalibrated(
     """An anchor on ``statistics``, calibrated on the kept held-out rows and ``held_out``."""
     parts = [rows for rows in (anchor.calibration_rows, held_out) if rows is not None and len(rows)]
     if not parts or sum(len(rows) for rows in parts) < MIN_CALIBRATION:
-        raise ValueError(
+        raise NotEnoughImagesError(
             f"need at least {MIN_CALIBRATION} held-out real images to calibrate; the "
             "anchor keeps none (fitted by an older anchorscan?): fit it again"
         )
@@ -92,7 +93,7 @@ def admission_threshold(config: AnchorConfig, admit: str) -> float | None:
         return None
     p = config.fpr if admit == "fpr" else float(admit)
     if not 0.0 < p < 1.0:
-        raise ValueError(f"--admit must be 'fpr', 'none' or a p-value in (0, 1), got {admit!r}")
+        raise UsageError(f"--admit must be 'fpr', 'none' or a p-value in (0, 1), got {admit!r}")
     return p
 
 
@@ -101,4 +102,4 @@ def admitted(anchor: Anchor, features: np.ndarray, threshold: float | None) -> n
     least ``threshold`` (its score at most -log10 threshold); all of them without one."""
     if threshold is None:
         return np.ones(len(features), dtype=bool)
-    return anchor.score(np.atleast_2d(features)[:, : anchor.spec.dim])["score"] <= -math.log10(threshold)
+    return anchor.assess(np.atleast_2d(features)[:, : anchor.spec.dim])["score"] <= -math.log10(threshold)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import sys
@@ -9,33 +10,88 @@ import traceback
 
 from anchorscan.anchors.errors import UserError
 
-# command -> (module under anchorscan.pipelines, one line of usage)
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One subcommand: its module under anchorscan.pipelines, one line of usage, and the
+    description its parser, `anchorscan --help` and its Flex template show."""
+
+    module: str
+    usage: str
+    description: str
+
+
 COMMANDS = {
-    "fit": ("fit", "--input PATTERN_OR_MANIFEST [--input ...] --anchor OUT_FILE [--backbone NAME]"),
-    "score": (
+    "fit": Command(
+        "fit",
+        "--input PATTERN_OR_MANIFEST [--input ...] --anchor OUT_FILE [--backbone NAME]",
+        "Fit an anchor (statistics of a frozen backbone's and the pixels' features) on real images.",
+    ),
+    "score": Command(
         "score",
         "--input PATTERN_OR_MANIFEST [--input ...] --anchor FILE --output PREFIX [--head HEAD]",
+        "Score images against an anchor; write Parquet tables of scores and of the inputs that "
+        "could not be scored.",
     ),
-    "fit-head": ("fit_head", "--kind nn|lda|logistic --real PATTERN --fake PATTERN --output HEAD"),
-    "evaluate": ("evaluate", "ROOT --dataset forensynths|genimage|manifest --anchor A --output DIR"),
-    "report": ("report", "--scores PREFIX --output report.html [--anchor A] [--labels MANIFEST]"),
-    "info": ("info", "ANCHOR [--json]"),
-    "update": ("update", "--anchor A --input PATTERN [--input ...] --output A2 [--admit fpr|none|P]"),
-    "flag": ("flag", "--anchor A --generator NAME --input PATTERN --output A2"),
-    "export-delta": ("export_delta", "--anchor SITE --since BASE --output DELTA [--noise S] [--rank R]"),
-    "merge": ("merge", "BASE DELTA [DELTA ...] --output A"),
-    "stream": (
+    "fit-head": Command(
+        "fit_head",
+        "--kind nn|lda|logistic --real PATTERN --fake PATTERN --output HEAD",
+        "Fit a UnivFD head on labelled real and generated images.",
+    ),
+    "evaluate": Command(
+        "evaluate",
+        "ROOT --dataset forensynths|genimage|manifest --anchor A --output DIR",
+        "Score a labelled dataset and write per-generator metrics. Write Beam's flags as "
+        "--name=value or after ROOT, so that their values are not taken for ROOT.",
+    ),
+    "report": Command(
+        "report",
+        "--scores PREFIX --output report.html [--anchor A] [--labels MANIFEST]",
+        "Write one self-contained HTML page about a scan.",
+    ),
+    "info": Command("info", "ANCHOR [--json]", "Print an anchor's metadata, after checking its checksum."),
+    "calibrate": Command(
+        "calibrate",
+        "--anchor A --input REAL_IMAGES [--input ...] --output A2 [--keep_held_out]",
+        "Calibrate an anchor's p-values on your own real images (its statistics stay as they are).",
+    ),
+    "update": Command(
+        "update",
+        "--anchor A --input PATTERN [--input ...] --output A2 [--admit fpr|none|P]",
+        "Absorb more real images into an anchor: exact statistics, the fit's hold-out rule, "
+        "calibrated again.",
+    ),
+    "flag": Command(
+        "flag",
+        "--anchor A --generator NAME --input PATTERN --output A2",
+        "Add images known to come from one generator to the anchor as a flagged class (10-30 "
+        "images suffice).",
+    ),
+    "export-delta": Command(
+        "export_delta",
+        "--anchor SITE --since BASE --output DELTA [--noise S] [--rank R]",
+        "Write a site's statistics since a common base anchor, for `anchorscan merge` elsewhere.",
+    ),
+    "merge": Command(
+        "merge",
+        "BASE DELTA [DELTA ...] --output A",
+        "Merge deltas from `anchorscan export-delta` into the base anchor.",
+    ),
+    "stream": Command(
         "stream",
         "--watch LOCATION --anchor A --output PREFIX [--window_seconds 60] [--learn_real PATTERN]",
+        "Watch a location for new images and score each once, in windows, against the newest anchor file.",
     ),
-    "curate": (
+    "curate": Command(
         "curate",
         "--scores PREFIX --output PREFIX [--max_score S | --drop_top F] [--reshard] [--samples_per_shard N]",
+        "Turn a scan's tables into what a training job reads: every sample kept or dropped (with "
+        "the reason), the sorted kept keys, and optionally shards of the kept samples.",
     ),
 }
 USAGE = (
     "usage: anchorscan [--debug] COMMAND [options]\n\ncommands:\n"
-    + "\n".join(f"  {name:12} {usage}" for name, (_, usage) in COMMANDS.items())
+    + "\n".join(f"  {name:12} {command.usage}" for name, command in COMMANDS.items())
     + (
         "\n\n`anchorscan COMMAND --help` lists a command's options; pipelines pass other flags to Beam."
         "\n--debug prints the traceback of an error (exit status 2: a mistake in the command line or "
@@ -59,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        importlib.import_module(f"anchorscan.pipelines.{COMMANDS[command][0]}").run(rest)
+        importlib.import_module(f"anchorscan.pipelines.{COMMANDS[command].module}").run(rest)
     except SystemExit as exit_:  # argparse: --help, or a usage error already printed
         return exit_.code if isinstance(exit_.code, int) else 2
     except UserError as error:

@@ -5,9 +5,8 @@ tables; re-sharding is a pipeline, one task per output shard."""
 
 from __future__ import annotations
 
-import argparse
-
 import apache_beam as beam
+import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
@@ -26,7 +25,8 @@ from anchorscan.anchors.io.curation import (
 from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.sources import DEFAULT_MAX_BYTES, DEFAULT_READ_TIMEOUT, ReadLimits
 from anchorscan.anchors.io.storage import check_writable, write_atomically
-from anchorscan.pipelines.options import add_http_args, command_parser, counter_totals, http_config, parse
+from anchorscan.pipelines.flags import command_parser, float_in, non_negative_float, positive_int, text
+from anchorscan.pipelines.options import add_http_args, counter_totals, http_config, parse
 from anchorscan.transforms.listing import matching_files
 from anchorscan.transforms.reshard import WriteOutputShards
 from anchorscan.transforms.sinks import OutputExistsError, PrefixLock
@@ -34,42 +34,31 @@ from anchorscan.transforms.sinks import OutputExistsError, PrefixLock
 DEFAULT_SAMPLES_PER_SHARD = 10_000
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not a fraction in [0, 1)")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
-
-
 def parser():
-    parser = command_parser(
-        "curate",
-        "Turn a scan's tables into what a training job reads: every sample kept or dropped (with "
-        "the reason), the sorted kept keys, and optionally shards of the kept samples.",
-    )
+    parser = command_parser("curate")
     parser.add_argument(
         "--scores",
         action="append",
         required=True,
+        type=text,
         help="the PREFIX given to `anchorscan score` (its scores and errors tables); repeat for more scans",
     )
     parser.add_argument(
-        "--output", required=True, help="prefix of PREFIX-kept.parquet, PREFIX-keys.npy and PREFIX-NNNNN.tar"
+        "--output",
+        required=True,
+        type=text,
+        help="prefix of PREFIX-kept.parquet, PREFIX-keys.npy and PREFIX-NNNNN.tar",
     )
     rule = parser.add_mutually_exclusive_group()
     rule.add_argument(
-        "--max_score", type=float, default=None, help="keep samples scoring at most S (instead of --keep fpr)"
+        "--max_score",
+        type=non_negative_float,
+        default=None,
+        help="keep samples scoring at most S (instead of --keep fpr)",
     )
     rule.add_argument(
         "--drop_top",
-        type=_fraction,
+        type=float_in(0.0, 1.0, low_open=False, high_open=True),
         default=None,
         help="drop the fraction F of samples with the highest scores (instead of --keep fpr)",
     )
@@ -84,12 +73,15 @@ def parser():
     )
     parser.add_argument(
         "--samples_per_shard",
-        type=_positive,
+        type=positive_int,
         default=DEFAULT_SAMPLES_PER_SHARD,
         help="samples in each written shard (the last may hold fewer)",
     )
     parser.add_argument(
-        "--max_bytes", type=int, default=DEFAULT_MAX_BYTES, help="the largest member re-sharding reads"
+        "--max_bytes",
+        type=positive_int,
+        default=DEFAULT_MAX_BYTES,
+        help="the largest member re-sharding reads",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace the outputs that --output already holds"
@@ -100,7 +92,9 @@ def parser():
 
 def read_tables(prefixes: list[str]) -> tuple[list, list, int]:
     """(score tables, errors tables, files read) under the scan prefixes."""
-    scores, errors, files = [], [], 0
+    scores: list[pa.Table] = []
+    errors: list[pa.Table] = []
+    files = 0
     for prefix in prefixes:
         for kind, tables in (("scores", scores), ("errors", errors)):
             for path in matching_files(f"{prefix}-{kind}-*.parquet"):

@@ -12,7 +12,7 @@ import os
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from anchorscan.anchors.anchor import COMBINERS, AnchorConfig
+from anchorscan.anchors.anchor import CHANNELS, COMBINERS, AnchorConfig
 from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.io.datasets import DATASETS, GENIMAGE_SPLITS, read_dataset
 from anchorscan.anchors.io.gcs import check_paths
@@ -21,12 +21,11 @@ from anchorscan.anchors.io.storage import check_writable, read_bytes, write_atom
 from anchorscan.anchors.io.uris import is_remote
 from anchorscan.anchors.metrics import detection_metrics
 from anchorscan.pipelines import score
+from anchorscan.pipelines.flags import choice_list, command_parser, perturbation_list, text
 from anchorscan.pipelines.options import (
     add_decoding_args,
     add_http_args,
     add_runtime_args,
-    channel_list,
-    command_parser,
     parse,
 )
 from anchorscan.transforms.listing import files_below, read_parquet_rows
@@ -40,36 +39,40 @@ COLUMNS = (
     "acc",
     "real_acc",
     "fake_acc",
+    "real_acc_p05",
+    "fake_acc_p05",
     "tpr_at_fpr1",
     "tpr_at_fpr5",
 )
 
 
 def parser():
-    parser = command_parser(
-        "evaluate",
-        "Score a labelled dataset and write per-generator metrics. Write Beam's flags "
-        "as --name=value or after ROOT, so that their values are not taken for ROOT.",
+    parser = command_parser("evaluate")
+    parser.add_argument(
+        "root", type=text, help="the dataset's root folder, or the manifest file for --dataset manifest"
     )
-    parser.add_argument("root", help="the dataset's root folder, or the manifest file for --dataset manifest")
     parser.add_argument(
         "--dataset", required=True, choices=DATASETS, help="how the dataset names real and generated images"
     )
-    parser.add_argument("--anchor", required=True, help="the anchor file")
+    parser.add_argument("--anchor", type=text, required=True, help="the anchor file")
     parser.add_argument(
         "--head",
+        type=text,
         default="anchor",
         help="'anchor' (the calibrated one-class score), a head file from fit-head, "
         "or anchor+HEAD_FILE (an lda/logistic head's log-odds plus the anchor's evidence)",
     )
     parser.add_argument(
-        "--output", required=True, help="folder for metrics.csv, metrics.md, metrics.json (local or gs://)"
+        "--output",
+        type=text,
+        required=True,
+        help="folder for metrics.csv, metrics.md, metrics.json (local or gs://)",
     )
     parser.add_argument("--split", default="val", choices=GENIMAGE_SPLITS, help="genimage: which split")
     parser.add_argument(
         "--channels",
+        type=choice_list(CHANNELS),
         default=None,
-        type=channel_list,
         help="comma-separated channels the anchor's score combines (default: the anchor's)",
     )
     parser.add_argument(
@@ -80,6 +83,7 @@ def parser():
     )
     parser.add_argument(
         "--sweep",
+        type=perturbation_list,
         default=None,
         help="comma-separated perturbations evaluated one after another "
         "(e.g. jpeg:95,jpeg:75,blur:1); writes sweep.csv",
@@ -95,35 +99,60 @@ def label_of(labels: dict[str, tuple[int, str]], uri: str) -> tuple[int, str]:
     takes its shard's."""
     if uri in labels:
         return labels[uri]
-    return labels[split_sample_uri(uri)[0]]
+    sample = split_sample_uri(uri)
+    if sample is None:
+        raise KeyError(uri)
+    return labels[sample[0]]
 
 
-def metrics_table(labels: dict[str, tuple[int, str]], rows: list[dict], threshold: float) -> list[dict]:
+def metrics_table(
+    labels: dict[str, tuple[int, str]], rows: list[dict], threshold: float, second_threshold: float = math.nan
+) -> list[dict]:
     """One row per generator and a last `mean` row (the mean of the generators' metrics, as the
     papers report it); ``labels``: uri -> (label, generator). A generator is measured against
     the real images filed under it (ForenSynths, GenImage) or, where it has none, against all
-    real images (a manifest with a shared real set)."""
+    real images (a manifest with a shared real set). Real images filed under a name no fake
+    has (a processing of real photos: `jpeg_q75`, `watermark`) get a row of their own: the
+    share the detector flags among them, at ``threshold`` and ``second_threshold``."""
     scored: dict[tuple[int, str], list[float]] = {}
     for row in rows:
         label, generator = label_of(labels, row["uri"])
         scored.setdefault((label, generator), []).append(row["score"])
-    all_reals = [s for (label, _), values in scored.items() if label == 0 for s in values]
+    fake_generators = {g for label, g in scored if label == 1}
+    processings = sorted(g for label, g in scored if label == 0 and g and g not in fake_generators)
+    all_reals = [
+        s for (label, g), values in scored.items() if label == 0 and g not in processings for s in values
+    ]
     table = []
-    for generator in sorted(g for label, g in scored if label == 1):
+    for generator in sorted(fake_generators):
         reals = scored.get((0, generator), all_reals)
         fakes = scored[(1, generator)]
         y = np.r_[np.zeros(len(reals)), np.ones(len(fakes))]
-        table.append({"generator": generator, **detection_metrics(y, np.r_[reals, fakes], threshold)})
-    if table:
+        metrics = detection_metrics(y, np.r_[reals, fakes], threshold, second_threshold)
+        table.append({"generator": generator, **metrics})
+    for generator in processings:
+        reals = scored[(0, generator)]
+        metrics = detection_metrics(np.zeros(len(reals)), np.asarray(reals), threshold, second_threshold)
+        table.append({"generator": generator, **metrics})
+    generators = [row for row in table if row["n_fake"]]  # the papers' mean: over generators
+    if generators:
         mean = {
             "generator": "mean",
-            "n_real": sum(r["n_real"] for r in table),
-            "n_fake": sum(r["n_fake"] for r in table),
+            "n_real": sum(r["n_real"] for r in generators),
+            "n_fake": sum(r["n_fake"] for r in generators),
         }
         for key in COLUMNS[3:]:
-            values = [r[key] for r in table if not math.isnan(r[key])]
+            values = [r[key] for r in generators if not math.isnan(r[key])]
             mean[key] = float(np.mean(values)) if values else float("nan")
         table.append(mean)
+    elif any(label == 0 for label, _ in scored):  # real images only: a last row pools them
+        pooled = np.asarray([s for (label, _), values in scored.items() if label == 0 for s in values])
+        table.append(
+            {
+                "generator": "all",
+                **detection_metrics(np.zeros(len(pooled)), pooled, threshold, second_threshold),
+            }
+        )
     return table
 
 
@@ -178,14 +207,17 @@ def evaluate_once(images, args, options, folder: str, perturbation: str | None) 
     rows = read_parquet_rows(prefix + "-scores-*.parquet", columns=["uri", "score"])
     labels = {image.uri: (image.label, image.generator) for image in images}
     # The anchor calls an image suspect above its threshold; a head above 0.
-    threshold = (
-        AnchorConfig(**read_metadata(read_bytes(args.anchor))["config"]).threshold
+    threshold, second = (
+        (
+            AnchorConfig.from_dict(read_metadata(read_bytes(args.anchor))["config"]).threshold,
+            -math.log10(0.05),
+        )
         if args.head == "anchor"
-        else 0.0
+        else (0.0, math.nan)
     )
     detector = "anchor" if args.head == "anchor" else f"head {args.head}"
     header = f"{detector}{f', {perturbation}' if perturbation else ''} on {args.dataset} {args.root}"
-    table = metrics_table(labels, rows, threshold)
+    table = metrics_table(labels, rows, threshold, second)
     write_table(table, folder, header)
     unscored = len(images) - len(rows)
     if unscored > 0:  # a labelled shard counts once among the images and once per sample among the rows
@@ -202,7 +234,7 @@ def run(argv=None) -> list[dict]:
     if not args.sweep:
         return evaluate_once(images, args, options, args.output, args.perturbation)
     sweep = []
-    for perturbation in ["none", *args.sweep.split(",")]:
+    for perturbation in ["none", *args.sweep]:
         slug = perturbation.replace(":", "")
         table = evaluate_once(
             images,

@@ -8,42 +8,49 @@ import numpy as np
 from anchorscan.anchors.anchor_file import anchor_from_bytes
 from anchorscan.anchors.federation import MIN_COUNT, delta_to_bytes, export_delta
 from anchorscan.anchors.io.storage import read_bytes, write_atomically
-from anchorscan.pipelines.options import command_parser
+from anchorscan.pipelines.flags import (
+    command_parser,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    text,
+)
 
 
 def parser():
-    parser = command_parser(
-        "export-delta",
-        "Write a site's statistics since a common base anchor, for `anchorscan merge` elsewhere.",
-    )
+    parser = command_parser("export-delta", beam=False)
     parser.add_argument(
-        "--anchor", required=True, help="the site's anchor (made from BASE by update or flag)"
+        "--anchor", type=text, required=True, help="the site's anchor (made from BASE by update or flag)"
     )
-    parser.add_argument("--since", required=True, help="BASE: the anchor every site started from")
-    parser.add_argument("--output", required=True, help="the delta file to write")
+    parser.add_argument("--since", type=text, required=True, help="BASE: the anchor every site started from")
+    parser.add_argument("--output", type=text, required=True, help="the delta file to write")
     parser.add_argument(
-        "--min_count", type=int, default=MIN_COUNT, help="refuse a delta of fewer real images than this"
+        "--min_count",
+        type=positive_int,
+        default=MIN_COUNT,
+        help="refuse a delta of fewer real images than this",
     )
     parser.add_argument(
         "--noise",
-        type=float,
+        type=non_negative_float,
         default=0.0,
         help="standard deviation of Gaussian noise added to every M2 entry (and, "
         "divided by n, to the means); recorded in the delta",
     )
     parser.add_argument(
-        "--rank", type=int, default=None, help="send each M2 as its best rank-R factor (smaller, approximate)"
+        "--rank",
+        type=positive_int,
+        default=None,
+        help="send each M2 as its best rank-R factor (smaller, approximate)",
     )
-    parser.add_argument("--seed", type=int, default=None, help="seed of the noise (default: fresh)")
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=None, help="seed of the noise (default: fresh)"
+    )
     return parser
 
 
 def run(argv=None) -> dict:
     args = parser().parse_args(argv)
-    if args.rank is not None and args.rank < 1:
-        raise ValueError(f"--rank must be at least 1, got {args.rank}")
-    if args.noise < 0:
-        raise ValueError(f"--noise must be non-negative, got {args.noise}")
     site, _ = anchor_from_bytes(read_bytes(args.anchor))
     base, _ = anchor_from_bytes(read_bytes(args.since))
     delta = export_delta(site, base, args.min_count, args.rank, args.noise, np.random.default_rng(args.seed))

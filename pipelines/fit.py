@@ -6,12 +6,13 @@ import time
 
 import apache_beam as beam
 
-from anchorscan.anchors.anchor import CHANNELS, COMBINERS, STATISTICAL_MODES, AnchorConfig
+from anchorscan.anchors.anchor import CALIBRATION_KEYS, CHANNELS, COMBINERS, STATISTICAL_MODES, AnchorConfig
 from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.storage import check_writable, read_bytes
 from anchorscan.anchors.softness import LEVEL_SETS, softened
 from anchorscan.pipelines.common import chain_steps, driver_extractor
+from anchorscan.pipelines.flags import choice_list, command_parser, float_in, open_fraction, regex, text
 from anchorscan.pipelines.options import (
     INPUT_HELP,
     add_backbone_args,
@@ -19,8 +20,6 @@ from anchorscan.pipelines.options import (
     add_http_args,
     add_runtime_args,
     backbone_config,
-    channel_list,
-    command_parser,
     counter_totals,
     error_total,
     parse,
@@ -31,33 +30,38 @@ from anchorscan.transforms.sinks import WriteErrors
 
 
 def parser():
-    parser = command_parser("fit", "Fit an anchor on real images.")
-    parser.add_argument("--input", action="append", required=True, help=f"real images: {INPUT_HELP}")
-    parser.add_argument("--anchor", required=True, help="the anchor file to write (local or gs://)")
+    parser = command_parser("fit")
     parser.add_argument(
-        "--errors", default=None, help="prefix of the errors table (default: the anchor's path)"
+        "--input", type=text, action="append", required=True, help=f"real images: {INPUT_HELP}"
+    )
+    parser.add_argument(
+        "--anchor", type=text, required=True, help="the anchor file to write (local or gs://)"
+    )
+    parser.add_argument(
+        "--errors", type=text, default=None, help="prefix of the errors table (default: the anchor's path)"
     )
     group = parser.add_argument_group("anchor")
     group.add_argument(
         "--calibration_fraction",
-        type=float,
+        type=open_fraction,
         default=0.1,
         help="share of real images held out (by URI hash) to calibrate p-values",
     )
     group.add_argument(
         "--calibration_group",
+        type=regex,
         default=None,
         help="regex: URIs with the same match (its first group) are held out together",
     )
     group.add_argument(
         "--fpr",
-        type=float,
+        type=float_in(0.0, 0.5),
         default=AnchorConfig.fpr,
         help="false-positive rate on real images at which is_suspect is set",
     )
     group.add_argument(
         "--explained_variance",
-        type=float,
+        type=float_in(0.0, 1.0),
         default=AnchorConfig.explained_variance,
         help="variance kept by the statistical part's leading eigenpairs",
     )
@@ -65,7 +69,8 @@ def parser():
         "--combine",
         default=AnchorConfig.combine,
         choices=sorted(COMBINERS),
-        help="how the p-values combine into the score",
+        help="how the channels' p-values combine: alarms (the first channel ranks, the others join "
+        "where they fire on their own), fisher or tippett",
     )
     group.add_argument(
         "--statistical",
@@ -75,9 +80,24 @@ def parser():
     )
     group.add_argument(
         "--channels",
+        type=choice_list(CHANNELS),
         default=",".join(AnchorConfig.channels),
-        type=channel_list,
-        help=f"comma-separated channels the score combines, among {', '.join(CHANNELS)}",
+        help=f"comma-separated channels the score combines, among {', '.join(CHANNELS)} (with "
+        "--combine alarms the first is the primary one)",
+    )
+    group.add_argument(
+        "--calibration_key",
+        default=AnchorConfig.calibration_key,
+        choices=CALIBRATION_KEYS,
+        help="without --calibration_group, what holds images out together: phash (the picture's "
+        "perceptual hash: re-encodes and resizes of one photo) or uri",
+    )
+    group.add_argument(
+        "--alarm_share",
+        type=float_in(0.0, 0.25),
+        default=AnchorConfig.alarm_share,
+        help="with --combine alarms: the share of the --fpr budget each channel after the first "
+        "spends; it joins the score only where it fires on its own at that share",
     )
     group.add_argument(
         "--forensic_levels",
@@ -101,14 +121,16 @@ def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
     check_writable(args.anchor, "--anchor")
     check_writable(args.errors or args.anchor, "--errors")
     config = AnchorConfig(
-        args.explained_variance,
-        args.fpr,
-        args.combine,
-        args.statistical,
-        args.channels,
-        args.forensic_levels,
-        args.calibration_fraction,
-        args.calibration_group,
+        explained_variance=args.explained_variance,
+        fpr=args.fpr,
+        combine=args.combine,
+        statistical=args.statistical,
+        channels=args.channels,
+        forensic_levels=args.forensic_levels,
+        calibration_fraction=args.calibration_fraction,
+        calibration_group=args.calibration_group,
+        calibration_key=args.calibration_key,
+        alarm_share=args.alarm_share,
     )
     backbone = backbone_config(args)
     extractor = driver_extractor(backbone)  # the spec and projection the anchor records
@@ -116,7 +138,7 @@ def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=options)
     # The forensic channel's softness levels are simulated on each real crop as it is embedded.
-    steps = chain_steps(args, options, backbone, extractor).with_softened(softened(config.forensic_levels))
+    steps = chain_steps(args, options, backbone, extractor).for_fitting(softened(config.forensic_levels))
     real = pipeline | "Real" >> ImageFeatures(args.input, steps)
     _ = real.embedded | "Fit" >> FitAnchor(args.anchor, extractor.spec, config, extractor.projection)
     _ = real.errors | WriteErrors(args.errors or args.anchor)

@@ -23,6 +23,7 @@ from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.storage import check_writable, read_bytes, write_atomically
 from anchorscan.anchors.statistics import StatisticsLayout
 from anchorscan.pipelines.common import chain_steps, driver_extractor
+from anchorscan.pipelines.flags import command_parser, int_in, positive_int, text
 from anchorscan.pipelines.options import (
     INPUT_HELP,
     add_backbone_args,
@@ -30,7 +31,6 @@ from anchorscan.pipelines.options import (
     add_http_args,
     add_runtime_args,
     backbone_config,
-    command_parser,
     counter_totals,
     error_total,
     parse,
@@ -41,30 +41,34 @@ from anchorscan.transforms.statistics import AccumulateStatisticsPerKey
 
 
 def parser():
-    parser = command_parser("fit-head", "Fit a UnivFD head on labelled real and generated images.")
+    parser = command_parser("fit-head")
     parser.add_argument(
         "--kind",
         required=True,
         choices=sorted(HEADS),
         help="nn: nearest neighbour; lda: closed-form linear probe; logistic: the UnivFD paper's probe",
     )
-    parser.add_argument("--real", action="append", required=True, help=f"real images: {INPUT_HELP}")
-    parser.add_argument("--fake", action="append", required=True, help=f"generated images: {INPUT_HELP}")
-    parser.add_argument("--output", required=True, help="the head file to write (local or gs://)")
     parser.add_argument(
-        "--errors", default=None, help="prefix of the errors table (default: the head's path)"
+        "--real", type=text, action="append", required=True, help=f"real images: {INPUT_HELP}"
+    )
+    parser.add_argument(
+        "--fake", type=text, action="append", required=True, help=f"generated images: {INPUT_HELP}"
+    )
+    parser.add_argument("--output", type=text, required=True, help="the head file to write (local or gs://)")
+    parser.add_argument(
+        "--errors", type=text, default=None, help="prefix of the errors table (default: the head's path)"
     )
     parser.add_argument(
         "--features",
-        default="semantic",
+        default=None,
         choices=PARTS,
-        help="what the head reads: the semantic embedding (UnivFD), or every "
-        "channel (semantic, statistical, forensic; lda only)",
+        help="what the head reads: every channel (semantic, statistical, forensic; lda only, its "
+        "default) or the semantic embedding (UnivFD's probe; nn and logistic read only this)",
     )
-    parser.add_argument("--k", type=int, default=1, help="nn: neighbours per class")
+    parser.add_argument("--k", type=int_in(1, 1000), default=1, help="nn: neighbours per class")
     parser.add_argument(
         "--max_per_class",
-        type=int,
+        type=positive_int,
         default=10000,
         help="nn and logistic: bank size per class (a uniform sample)",
     )
@@ -95,6 +99,7 @@ def _fit_lda(_, statistics: dict, spec, parts: str):
 
 def run(argv=None, test_pipeline=None):
     args, options = parse(parser(), argv)
+    args.features = args.features or ("all" if args.kind == "lda" else "semantic")
     if args.features != "semantic" and args.kind != "lda":
         raise UsageError(
             f"--features {args.features} is for the lda head; {args.kind} heads read "

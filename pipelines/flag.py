@@ -10,11 +10,11 @@ import apache_beam as beam
 from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.io.storage import read_bytes
 from anchorscan.pipelines.common import anchor_and_extractor, chain_steps
+from anchorscan.pipelines.flags import command_parser, generator_name, text
 from anchorscan.pipelines.options import (
     INPUT_HELP,
     add_decoding_args,
     add_runtime_args,
-    command_parser,
     counter_totals,
     error_total,
     parse,
@@ -25,24 +25,21 @@ from anchorscan.transforms.sinks import WriteErrors
 
 
 def parser():
-    parser = command_parser(
-        "flag",
-        "Add images known to come from one generator to the anchor "
-        "as a flagged class (10-30 images suffice).",
-    )
-    parser.add_argument("--anchor", required=True, help="the anchor (local or gs://)")
+    parser = command_parser("flag")
+    parser.add_argument("--anchor", type=text, required=True, help="the anchor (local or gs://)")
     parser.add_argument(
         "--generator",
+        type=generator_name,
         required=True,
         help="the generator's name (letters, digits, '_', '.', '-'); flagging "
         "the same name again adds to its images",
     )
     parser.add_argument(
-        "--input", action="append", required=True, help=f"the generator's images: {INPUT_HELP}"
+        "--input", type=text, action="append", required=True, help=f"the generator's images: {INPUT_HELP}"
     )
-    parser.add_argument("--output", required=True, help="the anchor file to write")
+    parser.add_argument("--output", type=text, required=True, help="the anchor file to write")
     parser.add_argument(
-        "--errors", default=None, help="prefix of the errors table (default: the output's path)"
+        "--errors", type=text, default=None, help="prefix of the errors table (default: the output's path)"
     )
     add_runtime_args(parser)
     add_decoding_args(parser)

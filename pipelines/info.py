@@ -1,13 +1,14 @@
-"""`anchorscan info`: what an anchor file holds, without deriving anything from it."""
+"""`anchorscan info`: what an anchor file holds, after checking its checksum (a modified or
+damaged file is refused, never printed as if valid); nothing is derived from it."""
 
 from __future__ import annotations
 
 import json
 
-from anchorscan.anchors.anchor_file import read_metadata
+from anchorscan.anchors.anchor_file import verified_contents
 from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.storage import read_bytes
-from anchorscan.pipelines.options import command_parser
+from anchorscan.pipelines.flags import command_parser, text
 
 FACTS = (
     "format_version",
@@ -30,8 +31,8 @@ FACTS = (
 
 
 def parser():
-    parser = command_parser("info", "Print an anchor's metadata.")
-    parser.add_argument("anchor", help="the anchor file (local or gs://)")
+    parser = command_parser("info", beam=False)
+    parser.add_argument("anchor", type=text, help="the anchor file (local or gs://)")
     parser.add_argument("--json", action="store_true", help="one JSON object")
     return parser
 
@@ -39,7 +40,7 @@ def parser():
 def run(argv=None) -> dict:
     args = parser().parse_args(argv)
     check_paths([args.anchor])
-    metadata = read_metadata(read_bytes(args.anchor))
+    _, metadata = verified_contents(read_bytes(args.anchor))
     if args.json:
         print(json.dumps(metadata, sort_keys=True))
         return metadata

@@ -6,14 +6,14 @@ from __future__ import annotations
 from anchorscan.anchors.anchor_file import anchor_from_bytes, anchor_to_bytes
 from anchorscan.anchors.federation import delta_from_bytes, merge
 from anchorscan.anchors.io.storage import read_bytes, write_atomically
-from anchorscan.pipelines.options import command_parser
+from anchorscan.pipelines.flags import command_parser, text
 
 
 def parser():
-    parser = command_parser("merge", "Merge deltas from `anchorscan export-delta` into the base anchor.")
-    parser.add_argument("base", help="the base anchor every delta was exported against")
-    parser.add_argument("deltas", nargs="+", metavar="DELTA", help="delta files")
-    parser.add_argument("--output", required=True, help="the merged anchor file to write")
+    parser = command_parser("merge", beam=False)
+    parser.add_argument("base", type=text, help="the base anchor every delta was exported against")
+    parser.add_argument("deltas", type=text, nargs="+", metavar="DELTA", help="delta files")
+    parser.add_argument("--output", type=text, required=True, help="the merged anchor file to write")
     return parser
 
 

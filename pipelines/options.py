@@ -10,8 +10,8 @@ import os
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
-from anchorscan.anchors.errors import UsageError
-from anchorscan.anchors.images.decode import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, PERTURBATION_HELP
+from anchorscan.anchors.images.decode import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
+from anchorscan.anchors.images.perturbations import PERTURBATION_HELP
 from anchorscan.anchors.io.fetch import HttpConfig
 from anchorscan.anchors.io.sources import DEFAULT_MAX_BYTES, DEFAULT_READ_TIMEOUT
 from anchorscan.anchors.models.backbones import (
@@ -19,29 +19,34 @@ from anchorscan.anchors.models.backbones import (
     BACKBONE_NAMES,
     DEFAULT_BACKBONE,
     RESIZE_MODES,
+    check_attention,
 )
 from anchorscan.anchors.models.features import PRECISIONS, RUNTIMES, BackboneConfig
 from anchorscan.anchors.spec import FeatureSpec
+from anchorscan.anchors.threads import CORES_MULTIPLE
+from anchorscan.pipelines.flags import (
+    int_in,
+    non_negative_int,
+    perturbation_value,
+    positive_float,
+    positive_int,
+    text,
+)
 from anchorscan.transforms.decode import DEFAULT_DECODE_TIMEOUT
 from anchorscan.transforms.inference import DEFAULT_BATCH_SIZE
 
 # The default local runner would first try to download the Prism binary; offline that fails
 # and it falls back, so runs would differ with the network. Pin the in-process runner.
 DEFAULT_LOCAL_RUNNER = "FnApiRunner"
+# Bounds no machine needs more of; a worker also caps processes and threads at CORES_MULTIPLE
+# times its own cores (anchors/threads.py), with a warning.
+MAX_RESOURCE = 1024
+MAX_BATCH_SIZE = 4096
 INPUT_HELP = (
     "a glob, a folder (its image files and tar shards, recursively), a tar shard or a brace "
     "pattern of shards ('shards/{00000..00099}.tar'), or a manifest (.txt one URI per "
     "line, .csv or .parquet with a 'uri' column), local or gs://; repeat for several"
 )
-
-
-def command_parser(command: str, description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(
-        prog=f"anchorscan {command}",
-        description=description,
-        epilog="Other flags pass to Beam (--runner, --direct_num_workers, --project, ...).",
-        allow_abbrev=False,
-    )
 
 
 def add_backbone_args(parser: argparse.ArgumentParser) -> None:
@@ -62,13 +67,13 @@ def add_backbone_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--statistical_budget",
-        type=int,
+        type=int_in(1, 65536),
         default=BackboneConfig.statistical_budget,
         help="largest size of the statistical part (seeded projection)",
     )
     group.add_argument(
         "--projection_seed",
-        type=int,
+        type=non_negative_int,
         default=BackboneConfig.projection_seed,
         help="seed of the statistical projection",
     )
@@ -78,7 +83,10 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     """How the backbone runs; never changes what the features are."""
     group = parser.add_argument_group("backbone runtime")
     group.add_argument(
-        "--weights", default=None, help="backbone weights file, local or gs:// (CLIP backbones need it)"
+        "--weights",
+        default=None,
+        type=text,
+        help="backbone weights file, local or gs:// (CLIP backbones need it)",
     )
     group.add_argument(
         "--device", default=BackboneConfig.device, choices=("cpu", "cuda"), help="where the backbone runs"
@@ -97,15 +105,16 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--batch_size",
-        type=int,
+        type=int_in(1, MAX_BATCH_SIZE),
         default=DEFAULT_BATCH_SIZE,
         help="inference batch size (try 64 or more on a GPU)",
     )
     group.add_argument(
         "--torch_threads",
-        type=int,
+        type=int_in(0, MAX_RESOURCE),
         default=0,
-        help="torch threads per worker (0: the cores shared among local workers)",
+        help=f"torch threads per worker (0: the cores shared among local workers; at most "
+        f"{CORES_MULTIPLE} x a worker's cores)",
     )
     group.add_argument(
         "--large_model", action="store_true", help="share one model copy between a worker's processes"
@@ -115,48 +124,55 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
 def add_decoding_args(parser: argparse.ArgumentParser, perturbation: bool = True) -> None:
     group = parser.add_argument_group("decoding")
     group.add_argument(
-        "--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="images with more pixels become error rows"
+        "--max_pixels",
+        type=positive_int,
+        default=DEFAULT_MAX_PIXELS,
+        help="images with more pixels become error rows",
     )
     group.add_argument(
-        "--max_bytes", type=int, default=DEFAULT_MAX_BYTES, help="files larger than this become error rows"
+        "--max_bytes",
+        type=positive_int,
+        default=DEFAULT_MAX_BYTES,
+        help="files larger than this become error rows",
     )
     group.add_argument(
-        "--min_side", type=int, default=DEFAULT_MIN_SIDE, help="images with a shorter side become error rows"
+        "--min_side",
+        type=positive_int,
+        default=DEFAULT_MIN_SIDE,
+        help="images with a shorter side become error rows",
     )
     group.add_argument(
         "--decode_timeout",
-        type=float,
+        type=positive_float,
         default=DEFAULT_DECODE_TIMEOUT,
         help="seconds one image may take to decode (its decoder is then stopped)",
     )
     group.add_argument(
-        "--read_timeout", type=float, default=DEFAULT_READ_TIMEOUT, help="seconds one file may take to read"
+        "--read_timeout",
+        type=positive_float,
+        default=DEFAULT_READ_TIMEOUT,
+        help="seconds one file may take to read",
     )
     group.add_argument(
         "--decode_processes",
-        type=int,
+        type=int_in(0, MAX_RESOURCE),
         default=0,
-        help="decoding processes per worker (0: one per core of a local worker)",
+        help=f"decoding processes per worker (0: one per core of a local worker; at most "
+        f"{CORES_MULTIPLE} x a worker's cores)",
     )
     group.add_argument(
-        "--decode_ahead", type=int, default=0, help="images decoding ahead of the forward pass (0: one batch)"
+        "--decode_ahead",
+        type=int_in(0, MAX_BATCH_SIZE),
+        default=0,
+        help="images decoding ahead of the forward pass (0: one batch)",
     )
     if perturbation:
         group.add_argument(
             "--perturbation",
             default=None,
+            type=perturbation_value,
             help=f"applied to every image before cropping: {PERTURBATION_HELP}",
         )
-
-
-def channel_list(text: str) -> tuple[str, ...]:
-    """--channels semantic,forensic -> ("semantic", "forensic"), checked."""
-    from anchorscan.anchors.anchor import CHANNELS
-
-    channels = tuple(part.strip() for part in text.split(",") if part.strip())
-    if not channels or set(channels) - set(CHANNELS):
-        raise argparse.ArgumentTypeError(f"choose among {', '.join(CHANNELS)}, comma-separated")
-    return channels
 
 
 def add_http_args(parser: argparse.ArgumentParser) -> None:
@@ -164,41 +180,31 @@ def add_http_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("http(s) inputs")
     group.add_argument(
         "--http_timeout",
-        type=float,
+        type=positive_float,
         default=HttpConfig.timeout,
         help="seconds to connect, and to wait for the next bytes of a response",
     )
     group.add_argument(
         "--http_retries",
-        type=int,
+        type=int_in(0, 20),
         default=HttpConfig.retries,
         help="retries on 5xx, timeouts and broken connections (never on 4xx)",
     )
     group.add_argument(
         "--http_max_per_host",
-        type=int,
+        type=int_in(1, 64),
         default=HttpConfig.max_per_host,
         help="requests in flight to one host from one worker process",
     )
     group.add_argument(
         "--http_max_time",
-        type=float,
+        type=positive_float,
         default=HttpConfig.max_time,
         help="seconds one URI may take, all attempts and redirects together",
     )
 
 
 def http_config(args) -> HttpConfig:
-    if (
-        args.http_timeout <= 0
-        or args.http_max_time <= 0
-        or args.http_retries < 0
-        or args.http_max_per_host < 1
-    ):
-        raise UsageError(
-            "--http_timeout and --http_max_time must be positive, --http_retries at "
-            "least 0 and --http_max_per_host at least 1"
-        )
     return HttpConfig(args.http_timeout, args.http_retries, args.http_max_per_host, args.http_max_time)
 
 
@@ -225,6 +231,7 @@ def backbone_config(args, spec: FeatureSpec | None = None) -> BackboneConfig:
     }
     if spec is not None:
         return BackboneConfig.from_spec(spec, **runtime)
+    check_attention(args.backbone, args.attention)
     return BackboneConfig(
         args.backbone,
         attention=args.attention,

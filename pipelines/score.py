@@ -6,21 +6,20 @@ import time
 
 import apache_beam as beam
 
-from anchorscan.anchors.anchor import COMBINERS, STATISTICAL_MODES, AnchorConfig
+from anchorscan.anchors.anchor import CHANNELS, COMBINERS, STATISTICAL_MODES, AnchorConfig
 from anchorscan.anchors.anchor_file import anchor_id, verified_contents
 from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.storage import read_bytes
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.pipelines.common import chain_steps, driver_extractor
+from anchorscan.pipelines.flags import choice_list, command_parser, text
 from anchorscan.pipelines.options import (
     INPUT_HELP,
     add_decoding_args,
     add_http_args,
     add_runtime_args,
     backbone_config,
-    channel_list,
-    command_parser,
     counter_totals,
     parse,
 )
@@ -38,17 +37,18 @@ from anchorscan.transforms.sinks import (
 
 
 def parser():
-    parser = command_parser(
-        "score",
-        "Score images against an anchor; write Parquet tables of "
-        "scores and of the inputs that could not be scored.",
-    )
-    parser.add_argument("--input", action="append", required=True, help=f"images: {INPUT_HELP}")
-    parser.add_argument("--anchor", required=True, help="the anchor file (local or gs://)")
+    parser = command_parser("score")
+    parser.add_argument("--input", type=text, action="append", required=True, help=f"images: {INPUT_HELP}")
+    parser.add_argument("--anchor", type=text, required=True, help="the anchor file (local or gs://)")
     parser.add_argument(
-        "--output", required=True, help="prefix of PREFIX-scores-*.parquet and PREFIX-errors-*.parquet"
+        "--output",
+        type=text,
+        required=True,
+        help="prefix of PREFIX-scores-*.parquet and PREFIX-errors-*.parquet",
     )
-    parser.add_argument("--head", default=None, help="a head file from fit-head: its score decides")
+    parser.add_argument(
+        "--head", type=text, default=None, help="a head file from fit-head: its score decides"
+    )
     parser.add_argument(
         "--with_anchor",
         action="store_true",
@@ -68,12 +68,13 @@ def parser():
     )
     parser.add_argument(
         "--channels",
+        type=choice_list(CHANNELS),
         default=None,
-        type=channel_list,
         help="comma-separated channels the score combines (default: the anchor's)",
     )
     parser.add_argument(
         "--skip_scored",
+        type=text,
         default=None,
         help="PREFIX or glob of earlier scores: content scored with the same detector reuses its row",
     )
@@ -99,7 +100,7 @@ def scan(args, options, test_pipeline=None, wait: bool = True) -> dict:
     check_paths([*args.input, args.anchor, args.output, args.head, args.skip_scored, args.weights])
     # The driver only checks the anchor; workers derive its scoring matrices.
     _, metadata = verified_contents(read_bytes(args.anchor))
-    spec, config = FeatureSpec.from_dict(metadata), AnchorConfig(**metadata["config"])
+    spec, config = FeatureSpec.from_dict(metadata), AnchorConfig.from_dict(metadata["config"])
     backbone = backbone_config(args, spec)
     extractor = driver_extractor(backbone)
     spec.require_same(extractor.spec, f"anchor {args.anchor}")  # refuse before any work

@@ -6,26 +6,29 @@ real images."""
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import apache_beam as beam
 from apache_beam.io.fileio import MatchContinuously
 from apache_beam.transforms.periodicsequence import PeriodicImpulse
+from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
 
 from anchorscan.anchors.anchor import AnchorConfig
 from anchorscan.anchors.anchor_file import verified_contents
+from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.io.storage import read_bytes
-from anchorscan.anchors.io.uris import has_glob
+from anchorscan.anchors.io.uris import glob_prefix, has_glob, local_path
 from anchorscan.anchors.softness import softened
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.tables import ERROR_SCHEMA, SCORE_SCHEMA
 from anchorscan.pipelines.common import chain_steps, driver_extractor
+from anchorscan.pipelines.flags import command_parser, positive_float, text
 from anchorscan.pipelines.options import (
     add_decoding_args,
     add_runtime_args,
     backbone_config,
-    command_parser,
     parse,
 )
 from anchorscan.transforms.chain import EmbedUnits
@@ -41,41 +44,45 @@ from anchorscan.transforms.streaming import (
 
 
 def parser():
-    parser = command_parser(
-        "stream",
-        "Watch a location for new images and score each once, in windows, against the newest anchor file.",
-    )
+    parser = command_parser("stream")
     parser.add_argument(
-        "--watch", required=True, help="a folder, glob or gs:// prefix to watch for new image files"
+        "--watch",
+        type=text,
+        required=True,
+        help="a folder, glob or gs:// prefix to watch for new image files",
     )
     parser.add_argument(
         "--anchor",
+        type=text,
         required=True,
         help="the anchor file; a newer file at this path is used from the next window on",
     )
     parser.add_argument(
         "--output",
+        type=text,
         required=True,
         help="prefix of PREFIX-scores-<window>-*.parquet and PREFIX-errors-<window>-*.parquet",
     )
-    parser.add_argument("--window_seconds", type=float, default=60.0, help="length of a window")
+    parser.add_argument("--window_seconds", type=positive_float, default=60.0, help="length of a window")
     parser.add_argument(
         "--learn_real",
+        type=text,
         default=None,
         help="a folder, glob or prefix of trusted real images: each window's are "
         "added to the anchor file (update without the guard)",
     )
     parser.add_argument(
-        "--poll_seconds", type=float, default=10.0, help="how often the watched locations are listed"
+        "--poll_seconds", type=positive_float, default=10.0, help="how often the watched locations are listed"
     )
     parser.add_argument(
         "--stop_after_seconds",
-        type=float,
+        type=positive_float,
         default=None,
         help="stop watching after this long (default: run until cancelled)",
     )
     parser.add_argument(
         "--pubsub_subscription",
+        type=text,
         default=None,
         help="read Cloud Storage notifications (OBJECT_FINALIZE) from this Pub/Sub "
         "subscription instead of listing --watch (streaming runners, e.g. Dataflow)",
@@ -83,6 +90,17 @@ def parser():
     add_runtime_args(parser)
     add_decoding_args(parser, perturbation=False)
     return parser
+
+
+def check_watched(watch: str, learn_real: str | None) -> None:
+    """A local folder to watch must exist: Beam's watcher would fail on it without a word."""
+    for flag, location in (("--watch", watch), ("--learn_real", learn_real)):
+        path = local_path(location) if location else None
+        if path is None:  # none given, or gs:// (its bucket is checked with every path)
+            continue
+        folder = os.path.dirname(glob_prefix(path)) if has_glob(path) else path
+        if not os.path.isdir(folder or "."):
+            raise UsageError(f"{flag} {location}: no such folder (create it first, or watch another)")
 
 
 def watch_pattern(location: str) -> str:
@@ -96,8 +114,7 @@ def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
     """Watches until --stop_after_seconds (or for ever); ``wait=False`` (a Flex template's
     launcher) returns once the streaming job is submitted."""
     args, options = parse(parser(), argv)
-    if args.window_seconds <= 0 or args.poll_seconds <= 0:
-        raise ValueError("--window_seconds and --poll_seconds must be positive")
+    check_watched(args.watch, args.learn_real)
     pipeline = test_pipeline or beam.Pipeline(options=options)
     start = Timestamp.now()
     stop = start + args.stop_after_seconds if args.stop_after_seconds else MAX_TIMESTAMP
@@ -128,7 +145,7 @@ def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
     ticks = (
         pipeline
         | "FirstTick" >> beam.Create([args.anchor])
-        | "AtStart" >> beam.Map(lambda uri: beam.window.TimestampedValue(uri, start)),
+        | "AtStart" >> beam.Map(lambda uri: TimestampedValue(uri, start)),
         pipeline
         | "WindowStarts" >> PeriodicImpulse(first_boundary, stop, fire_interval=window)
         | "AnchorUri" >> beam.Map(lambda _: args.anchor),
@@ -159,7 +176,7 @@ def stream_graph(args, options, files, ticks, learn=None) -> None:
     URI (``ticks``) and, optionally, FileMetadata of trusted real images (``learn``); tests
     feed these from a TestStream."""
     tensors, metadata = verified_contents(read_bytes(args.anchor))
-    spec, config = FeatureSpec.from_dict(metadata), AnchorConfig(**metadata["config"])
+    spec, config = FeatureSpec.from_dict(metadata), AnchorConfig.from_dict(metadata["config"])
     backbone = backbone_config(args, spec)
     extractor = driver_extractor(backbone)
     spec.require_same(extractor.spec, f"anchor {args.anchor}")
@@ -173,7 +190,7 @@ def stream_graph(args, options, files, ticks, learn=None) -> None:
         real = (
             learn
             | "NewReal" >> NewImages(args.window_seconds)
-            | "RealFeatures" >> EmbedUnits(steps.with_softened(softened(config.forensic_levels)))
+            | "RealFeatures" >> EmbedUnits(steps.for_fitting(softened(config.forensic_levels)))
         )
         _ = real.embedded | "LearnReal" >> LearnReal(
             args.anchor, anchor_layout(spec, config), tensors.get("projection")

@@ -14,11 +14,11 @@ from anchorscan.anchors.io.storage import read_bytes
 from anchorscan.anchors.softness import softened
 from anchorscan.anchors.updating import admission_threshold
 from anchorscan.pipelines.common import anchor_and_extractor, chain_steps
+from anchorscan.pipelines.flags import admit_value, command_parser, float_in, text
 from anchorscan.pipelines.options import (
     INPUT_HELP,
     add_decoding_args,
     add_runtime_args,
-    command_parser,
     counter_totals,
     error_total,
     parse,
@@ -29,16 +29,15 @@ from anchorscan.transforms.sinks import WriteErrors
 
 
 def parser():
-    parser = command_parser(
-        "update",
-        "Absorb more real images into an anchor: exact statistics, "
-        "the fit's hold-out rule, calibrated again.",
+    parser = command_parser("update")
+    parser.add_argument("--anchor", type=text, required=True, help="the anchor to update (local or gs://)")
+    parser.add_argument(
+        "--input", type=text, action="append", required=True, help=f"real images: {INPUT_HELP}"
     )
-    parser.add_argument("--anchor", required=True, help="the anchor to update (local or gs://)")
-    parser.add_argument("--input", action="append", required=True, help=f"real images: {INPUT_HELP}")
-    parser.add_argument("--output", required=True, help="the updated anchor file to write")
+    parser.add_argument("--output", type=text, required=True, help="the updated anchor file to write")
     parser.add_argument(
         "--admit",
+        type=admit_value,
         default="fpr",
         help="poisoning guard: admit only images whose p-value against the current "
         "anchor is at least this ('fpr': the anchor's own rate, i.e. what it "
@@ -46,13 +45,16 @@ def parser():
     )
     parser.add_argument(
         "--forgetting",
-        type=float,
+        type=float_in(0.0, 1.0),
         default=1.0,
         help="weight of the anchor's old statistics, in (0, 1] (1: no forgetting; "
         "below 1 the anchor can no longer export deltas against its base)",
     )
     parser.add_argument(
-        "--errors", default=None, help="prefix of the errors and refused tables (default: the output's path)"
+        "--errors",
+        type=text,
+        default=None,
+        help="prefix of the errors and refused tables (default: the output's path)",
     )
     add_runtime_args(parser)
     add_decoding_args(parser)
@@ -62,7 +64,7 @@ def parser():
 def run(argv=None, test_pipeline=None) -> dict:
     args, options = parse(parser(), argv)
     tensors, metadata, spec, backbone, extractor = anchor_and_extractor(args)
-    config = AnchorConfig(**metadata["config"])
+    config = AnchorConfig.from_dict(metadata["config"])
     threshold = admission_threshold(config, args.admit)
     if not 0.0 < args.forgetting <= 1.0:
         raise UsageError(f"--forgetting must be in (0, 1], got {args.forgetting}")
@@ -70,7 +72,7 @@ def run(argv=None, test_pipeline=None) -> dict:
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=options)
     anchor = pipeline | "Anchor" >> LoadAnchor(args.anchor)
-    steps = chain_steps(args, options, backbone, extractor).with_softened(softened(config.forensic_levels))
+    steps = chain_steps(args, options, backbone, extractor).for_fitting(softened(config.forensic_levels))
     real = pipeline | "Real" >> ImageFeatures(args.input, steps)
     _, refused = real.embedded | "Update" >> UpdateAnchor(
         anchor, args.output, spec, config, tensors.get("projection"), threshold, args.forgetting

@@ -19,10 +19,15 @@ COMMANDS=(fit score stream)
 
 usage() { sed -n '2,18p' "$0" >&2; exit 2; }
 
+# Beam's version as constraints.txt pins it: the SDK container the image is built on.
+beam_version() { sed -n 's/^apache-beam==//p' "$(dirname "$0")/../constraints.txt"; }
+
 build() {
-    local image=$1 templates=${2%/}
+    local image=$1 templates=${2%/} beam
+    beam=$(beam_version)
     for command in "${COMMANDS[@]}"; do
-        docker build -f templates/Dockerfile --build-arg COMMAND="$command" -t "$image-$command" .
+        docker build -f templates/Dockerfile --build-arg COMMAND="$command" --build-arg BEAM_VERSION="$beam" \
+            -t "$image-$command" .
         docker push "$image-$command"
         gcloud dataflow flex-template build "$templates/$command.json" \
             --image "$image-$command" --sdk-language PYTHON \

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from anchorscan.pipelines.templates import launch
+from anchorscan.templates.metadata import launch
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)

@@ -40,7 +40,7 @@ def test_round_trip_reproduces_statistics_calibration_and_scores(anchor, data):
     loaded.spec.require_same(spec())
     assert np.array_equal(metadata["projection"], np.eye(4))
     features = np.random.default_rng(1).normal(size=(20, DS + DM + D_FORENSIC)) * 3
-    expected, actual = anchor.score(features), loaded.score(features)
+    expected, actual = anchor.assess(features), loaded.assess(features)
     assert expected.keys() == actual.keys()
     for key in expected:
         assert np.array_equal(actual[key], expected[key]), key
@@ -63,7 +63,7 @@ def test_different_spec_is_refused_naming_the_field(field, value):
         spec().require_same(spec(**{field: value}))
     message = str(error.value)
     assert f"{field}:" in message and repr(value) in message
-    assert "fit a new anchor" in message and "--backbone synthetic" in message
+    assert "fit a new anchor" in message and "backbone synthetic" in message
     other = {"backbone", "weights_sha256", "preprocessing", "layout"} - {field}
     assert not any(f"{name}:" in message for name in other)
 

@@ -52,8 +52,11 @@ def test_score_refuses_an_anchor_from_other_weights(fitted_anchor, real_photos, 
 
 def test_missing_required_option_is_reported(tmp_path, capsys):
     assert main(["score", "--input", str(tmp_path), "--anchor", "a.safetensors"]) == 2
-    error = capsys.readouterr().err
-    assert "usage: anchorscan score" in error and "--output" in error
+    error = capsys.readouterr().err.strip()
+    assert error == (
+        "anchorscan score: error: the following arguments are required: --output "
+        "(see anchorscan score --help)"
+    )
 
 
 RUNTIME = {
@@ -90,6 +93,8 @@ FLAGS = {
         "--statistical",
         "--channels",
         "--forensic_levels",
+        "--calibration_key",
+        "--alarm_share",
     }
     | FEATURES
     | RUNTIME
@@ -131,6 +136,10 @@ FLAGS = {
     "report": {"--scores", "--output", "--anchor", "--labels", "--gallery"},
     "info": {"--json"},
     "update": {"--anchor", "--input", "--output", "--admit", "--forgetting", "--errors"} | RUNTIME | DECODING,
+    "calibrate": {"--anchor", "--input", "--output", "--keep_held_out", "--errors"}
+    | RUNTIME
+    | (DECODING - {"--perturbation"})
+    | HTTP,
     "flag": {"--anchor", "--generator", "--input", "--output", "--errors"} | RUNTIME | DECODING,
     "export-delta": {"--anchor", "--since", "--output", "--min_count", "--noise", "--rank", "--seed"},
     "merge": {"--output"},
@@ -211,7 +220,7 @@ def test_info_on_a_file_that_is_not_an_anchor_is_one_line_and_exit_2(tmp_path, c
 def test_a_bad_flag_value_is_one_line_and_exit_2(tmp_path, capsys):
     code = main(["fit", "--input", str(tmp_path), "--anchor", str(tmp_path / "a.safetensors"), "--fpr", "2"])
     assert code == 2
-    assert "--fpr must be in (0, 1), got 2.0" in one_line_error(capsys)
+    assert "argument --fpr: must be in (0, 0.5], got 2" in one_line_error(capsys)
 
 
 def test_an_output_under_a_regular_file_is_one_line_and_exit_2(fitted_anchor, tmp_path, capsys):

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from anchorscan.anchors.images.decode import parse_perturbation
+from anchorscan.anchors.images.perturbations import parse_perturbation
 from anchorscan.pipelines import fit, score
 from helpers import RUNNER, read_parquet_rows
 

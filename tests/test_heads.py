@@ -89,7 +89,7 @@ def test_nn_matches_a_brute_force_loop(training, queries, k):
 
     some = queries[::8]  # a Python loop per pair: keep it short
     expected = [mean_top_k_cosine(q, fakes) - mean_top_k_cosine(q, reals) for q in some[:, :DS]]
-    np.testing.assert_allclose(head.score(some), expected, atol=1e-5)
+    np.testing.assert_allclose(head.decision(some), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -104,19 +104,19 @@ def test_nn_matches_sklearn_cosine_neighbours(training, queries, k):
     }
     # cosine distance is 1 - similarity
     expected = distances[0].mean(axis=1) - distances[1].mean(axis=1)
-    np.testing.assert_allclose(head.score(queries), expected, atol=1e-5)
+    np.testing.assert_allclose(head.decision(queries), expected, atol=1e-5)
     if k == 1:
         np.testing.assert_array_equal(head.predict(queries), distances[1][:, 0] < distances[0][:, 0])
 
 
 def test_nn_scores_in_blocks_as_in_one_product(training, queries, monkeypatch):
     head = NearestNeighbourHead.fit(spec(), *training, k=3)
-    whole = head.score(queries)
+    whole = head.decision(queries)
     monkeypatch.setattr(heads, "SIMILARITY_BLOCK", 7 * len(head.fake_bank))
     # BLAS picks other kernels for other shapes, so float32 dot products of unit vectors of
     # length DS may differ by a few DS * eps; the score is a difference of two such means.
     tolerance = 4 * DS * np.finfo(np.float32).eps
-    np.testing.assert_allclose(head.score(queries), whole, rtol=0, atol=tolerance)
+    np.testing.assert_allclose(head.decision(queries), whole, rtol=0, atol=tolerance)
 
 
 def test_nn_refuses_k_larger_than_a_bank(training):
@@ -137,7 +137,7 @@ def test_lda_matches_sklearn_direction_and_decisions():
     assert cosine > 0.999
     test_features, test_labels = sample(500, 500, seed=3)
     expected = sklearn_lda.decision_function(test_features[:, :DS])  # also log-odds with priors
-    actual = head.score(test_features)
+    actual = head.decision(test_features)
     assert np.mean((actual > 0) == (expected > 0)) >= 0.99
     assert np.abs(actual - expected).max() < 0.05 * expected.std()
     assert 0.5 < np.mean(head.predict(test_features) == test_labels) < 1.0  # classes overlap
@@ -200,7 +200,7 @@ def test_lda_log_odds_at_the_class_midpoint_are_the_log_prior_odds(training):
     features, labels = training
     head = LinearProbeHead.fit_from_rows(spec(), features, labels)
     midpoint = (features[labels == 0].mean(axis=0) + features[labels == 1].mean(axis=0)) / 2
-    assert head.score(midpoint)[0] == pytest.approx(np.log(np.mean(labels) / np.mean(1 - labels)))
+    assert head.decision(midpoint)[0] == pytest.approx(np.log(np.mean(labels) / np.mean(1 - labels)))
 
 
 def test_logistic_matches_sklearn_fitted_directly(training, queries):
@@ -210,21 +210,23 @@ def test_logistic_matches_sklearn_fitted_directly(training, queries):
     order = np.argsort(labels, kind="stable")  # the head sees reals first, then fakes
     model = LogisticRegression(C=10.0, max_iter=1000).fit(rows[order], labels[order])
     np.testing.assert_allclose(head.coef, model.coef_[0], rtol=1e-5)
-    np.testing.assert_allclose(head.score(queries), model.decision_function(unit(queries[:, :DS])), atol=1e-5)
+    np.testing.assert_allclose(
+        head.decision(queries), model.decision_function(unit(queries[:, :DS])), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_head_separates_shifted_gaussians(kind):
     head = fit_head(kind, *sample(600, 400, seed=4, shift=4.0))
     test_features, test_labels = sample(300, 300, seed=5, shift=4.0)
-    assert auroc(test_labels, head.score(test_features)) > 0.95
+    assert auroc(test_labels, head.decision(test_features)) > 0.95
 
 
 def test_round_trip_gives_identical_scores(head, queries):
     loaded = head_from_bytes(head.to_bytes())
     assert type(loaded) is type(head) and loaded.kind == head.kind
     assert loaded.spec == head.spec and loaded.counts == head.counts
-    np.testing.assert_array_equal(loaded.score(queries), head.score(queries))
+    np.testing.assert_array_equal(loaded.decision(queries), head.decision(queries))
     assert loaded._parameters() == head._parameters()
 
 
@@ -249,15 +251,15 @@ def test_tampered_metadata_is_refused(training):
 @pytest.mark.parametrize("field, value", [("backbone", "clip-vit-l14"), ("weights_sha256", "f" * 64)])
 def test_head_refuses_features_of_another_spec(head, queries, field, value):
     with pytest.raises(IncompatibleAnchorError, match=f"{field}:"):
-        head.score(queries, spec(**{field: value}))
+        head.decision(queries, spec(**{field: value}))
     with pytest.raises(IncompatibleAnchorError):
         head.predict(queries, spec(**{field: value}))
-    np.testing.assert_array_equal(head.score(queries, spec()), head.score(queries))
+    np.testing.assert_array_equal(head.decision(queries, spec()), head.decision(queries))
 
 
 def test_head_refuses_features_of_another_width(head, queries):
     with pytest.raises(ValueError, match="feature spec expects rows of 12"):
-        head.score(queries[:, :DS])
+        head.decision(queries[:, :DS])
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -275,10 +277,10 @@ def test_lda_on_every_channel_reads_the_whole_row():
     loaded = head_from_bytes(head.to_bytes())
     assert loaded.parts == "all"
     queries, _ = sample(50, 50, seed=7)
-    np.testing.assert_allclose(loaded.score(queries), head.score(queries), rtol=1e-12)
+    np.testing.assert_allclose(loaded.decision(queries), head.decision(queries), rtol=1e-12)
     semantic_only = LinearProbeHead.fit_from_rows(spec(), features, labels)
     test_features, test_labels = sample(300, 300, seed=8)
     test_features[test_labels == 1, DS:] += 40.0
-    assert auroc(test_labels, head.score(test_features)) > auroc(
-        test_labels, semantic_only.score(test_features)
+    assert auroc(test_labels, head.decision(test_features)) > auroc(
+        test_labels, semantic_only.decision(test_features)
     )

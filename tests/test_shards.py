@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from test_gcs import ROOT, emulator, gcs_rows, upload  # noqa: F401 (emulator: a fixture)
 
-from anchorscan.anchors.io import curation
+from anchorscan.anchors.io import curation, shards
 from anchorscan.anchors.io.shards import TarShardSource, split_sample_uri
 from anchorscan.anchors.io.sources import ReadError, ReadFailure, ReadLimits, Record, Unit, source_for
 from anchorscan.anchors.tables import ERROR_SCHEMA, SCORE_SCHEMA
@@ -142,6 +142,32 @@ def test_a_flood_of_tiny_members_streams_in_flat_memory(tmp_path):
     # The seen-keys set is the one thing that grows (about 100 bytes a key): far below the shard
     # held whole (100 MB) or tarfile's list of every header (about 1 kB each).
     assert peak < 30 * 2**20, peak
+
+
+def test_a_shard_past_the_member_limit_stops_with_a_row(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "MAX_MEMBERS", 50)  # the limit's logic, not a million members
+    path = tmp_path / "flood.tar"
+    write_flood(path, 80)
+    records, errors = read_unit(str(path))
+    assert not records
+    assert "more than 50 members" in errors.pop(str(path))
+    assert len(errors) == 50  # each sample before the limit: one "no image" row
+
+
+def test_a_shard_without_its_end_of_archive_marker_refuses_its_last_sample(tmp_path):
+    whole = tmp_path / "whole.tar"
+    write_img2dataset(tmp_path / "made", shards=1, per_shard=3)
+    source = next((tmp_path / "made").glob("*.tar"))
+    with tarfile.open(source) as archive:
+        last = archive.getmembers()[-1]
+    end = last.offset_data + -(-last.size // 512) * 512  # the last member's padded data
+    whole.write_bytes(source.read_bytes()[:end])
+    records, errors = read_unit(str(whole))
+    shard_message = errors.pop(str(whole))
+    assert "without the end-of-archive marker" in shard_message, shard_message
+    (refused,) = errors.values()
+    assert "cut short or damaged" in refused
+    assert len(records) >= 1 and set(records).isdisjoint(errors)
 
 
 def test_http_shards_stream_from_a_web_server(dataset, monkeypatch):
@@ -329,7 +355,7 @@ def test_curate_is_a_command_with_its_own_flags(capsys):
     assert main(["curate", "--help"]) == 0
     assert "--samples_per_shard" in capsys.readouterr().out
     assert main(["curate", "--scores", "x", "--output", "y", "--drop_top", "1.5"]) == 2
-    assert "not a fraction" in capsys.readouterr().err
+    assert "--drop_top: must be in [0, 1), got 1.5" in capsys.readouterr().err
     assert main(["curate", "--scores", "nowhere/scan", "--output", "y"]) == 2
     assert "no PREFIX-scores-*.parquet" in capsys.readouterr().err
 

@@ -17,7 +17,7 @@ import tomllib
 from google.cloud.dataflow_v1beta3.types import ParameterType, TemplateMetadata
 from packaging.requirements import Requirement
 
-from anchorscan.pipelines import templates
+from anchorscan.templates import metadata as templates
 from helpers import RUNNER, read_parquet_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +57,7 @@ def read_metadata(command: str) -> tuple[TemplateMetadata, dict]:
 def options(command: str) -> dict[str, argparse.Action]:
     return {
         action.option_strings[-1].lstrip("-"): action
-        for action in templates.template_options(templates.command_parser(command))
+        for action in templates.template_options(templates.parser_of(command))
     }
 
 
@@ -116,7 +116,7 @@ def test_metadata_files_are_up_to_date_with_the_parsers(command):
     _, stored = read_metadata(command)
     assert stored == templates.metadata(command), (
         f"templates/{command}/metadata.json is out of date: run "
-        f"`.venv/bin/python -m anchorscan.pipelines.templates templates`"
+        f"`.venv/bin/python -m anchorscan.templates.metadata templates`"
     )
 
 
@@ -177,6 +177,12 @@ def test_the_entry_point_runs_stream_which_refuses_without_its_flags():
     assert done.returncode == 2 and "required" in done.stderr  # it runs, and refuses without its flags
 
 
+def constraint_pins() -> dict[str, str]:
+    with open(os.path.join(ROOT, "constraints.txt")) as handle:
+        lines = [line.split("#")[0].strip() for line in handle]
+    return dict(line.split("==") for line in lines if line)
+
+
 def dockerfile() -> str:
     with open(os.path.join(TEMPLATES, "Dockerfile")) as handle:
         return re.sub(r"\\\n\s*", " ", handle.read())  # continuation lines joined
@@ -200,22 +206,23 @@ def test_the_dockerfile_installs_what_pyproject_declares():
     ]
     assert "[test]" not in install and ".[" not in install
     requirements = {Requirement(r).name: Requirement(r) for r in project["project"]["dependencies"]}
-    # Beam at the SDK image's version, within what pyproject allows.
+    # The pinned builds come from constraints.txt, which pyproject's bounds admit; Beam at the SDK
+    # image's version, which flex.sh passes from the same file.
+    assert "constraints.txt" in copied and "-c constraints.txt" in install
+    pins = constraint_pins()
+    for name, version in pins.items():
+        assert requirements[name].specifier.contains(version), (name, version)
+    assert "BEAM_VERSION" not in arguments  # no second statement of Beam's version
     assert '"apache-beam[gcp]==${BEAM_VERSION}"' in install
-    assert requirements["apache-beam"].specifier.contains(arguments["BEAM_VERSION"])
     assert "FROM apache/beam_python${PYTHON_VERSION}_sdk:${BEAM_VERSION} AS beam" in text
     # Python: allowed by requires-python, and the launcher built for it.
     python = arguments["PYTHON_VERSION"]
     assert Requirement(f"python{project['project']['requires-python']}").specifier.contains(python)
     assert f"python{python.replace('.', '')}-template-launcher-base" in arguments["LAUNCHER_IMAGE"]
     assert "FROM python:${PYTHON_VERSION}-slim" in text
-    # torch pinned as the Makefile pins it, within pyproject's bounds.
+    # The Makefile installs the same pins, from the same file.
     with open(os.path.join(ROOT, "Makefile")) as handle:
-        makefile_torch = re.search(r"^TORCH := (.+)$", handle.read(), re.MULTILINE).group(1).split()
-    for pin in makefile_torch:
-        assert f" {pin} " in f" {text} "
-        name, version = pin.split("==")
-        assert requirements[name].specifier.contains(version)
+        assert handle.read().count("-c constraints.txt") == 2
     # The default backbone's weights ship in a package that pyproject declares.
     from anchorscan.anchors.models.backbones import DEFAULT_BACKBONE
 
@@ -255,7 +262,8 @@ def test_the_build_script_builds_one_template_per_command(tmp_path):
     calls = log.read_text().splitlines()
     for command in ("fit", "score", "stream"):
         assert (
-            f"docker build -f templates/Dockerfile --build-arg COMMAND={command} -t IMG-{command} ."
+            f"docker build -f templates/Dockerfile --build-arg COMMAND={command} "
+            f"--build-arg BEAM_VERSION={constraint_pins()['apache-beam']} -t IMG-{command} ."
         ) in calls
         assert (
             f"gcloud dataflow flex-template build gs://b/templates/{command}.json --image "

@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score as auroc
 
 from anchorscan.anchors.anchor import FLAG_PREFIX, AnchorConfig
 from anchorscan.anchors.anchor_file import anchor_from_bytes, anchor_to_bytes
-from anchorscan.anchors.calibration import COMBINERS, upper_tail_log_pvalues
+from anchorscan.anchors.calibration import fisher_log10, upper_tail_log_pvalues
 from anchorscan.anchors.stats import Moments
 from anchorscan.anchors.updating import flagged
 from helpers import fit_by_hash, leveled_rows, synthetic_spec, update_by_hash
@@ -52,14 +52,14 @@ def unit(*indices) -> np.ndarray:
 
 
 def assert_same_scores(a, b, features, rtol):
-    left, right = a.score(features), b.score(features)
+    left, right = a.assess(features), b.assess(features)
     for name in FLOATS:
         assert np.allclose(left[name], right[name], rtol=rtol, atol=1e-300), name
     assert np.array_equal(left["softness"], right["softness"])
     assert np.array_equal(left["is_suspect"], right["is_suspect"])
 
 
-CONFIG = AnchorConfig(channels=("semantic", "forensic"), calibration_fraction=0.2)
+CONFIG = AnchorConfig(channels=("semantic", "forensic"), combine="fisher", calibration_fraction=0.2)
 
 
 def test_fit_then_update_scores_like_fitting_on_both():
@@ -105,7 +105,7 @@ def test_poisoning_guard_keeps_auroc_where_an_unguarded_update_loses_it():
     labels = np.r_[np.zeros(300), np.ones(300)]
 
     def detector_auroc(anchor):
-        return auroc(labels, anchor.score(test)["score"])
+        return auroc(labels, anchor.assess(test)["score"])
 
     clean = detector_auroc(update_by_hash(base, uris_b, rows_b, admit="fpr"))
     guarded_anchor = update_by_hash(base, poisoned_uris, poisoned, admit="fpr")
@@ -117,14 +117,14 @@ def test_poisoning_guard_keeps_auroc_where_an_unguarded_update_loses_it():
 
 
 def fisher(*log_p):
-    return COMBINERS["fisher"](np.stack(log_p, axis=1))
+    return fisher_log10(np.stack(log_p, axis=1))
 
 
 def test_without_flagged_generators_the_score_is_the_channels_combination():
     uris, rows = real(600, 1, "a")
     anchor = fit_by_hash(SPEC, uris, rows, CONFIG)
     features = np.vstack([real(40, 3, "c")[1], fake(40, 4, unit(2), 3.0)])[:, :D]
-    scores = anchor.score(features)
+    scores = anchor.assess(features)
     log_p = {
         name: upper_tail_log_pvalues(scores[name], anchor.calibration[name], anchor.n_calibration)
         for name in ("semantic", "forensic")
@@ -154,13 +154,13 @@ def test_flagging_a_few_images_raises_that_generators_auroc_and_not_the_others(f
     labels = np.r_[np.zeros(400), np.ones(400)]
 
     def generator_auroc(a, fakes):
-        return auroc(labels, a.score(np.vstack([reals, fakes]))["score"])
+        return auroc(labels, a.assess(np.vstack([reals, fakes]))["score"])
 
     before_new, after_new = generator_auroc(anchor, unseen_new), generator_auroc(with_flag, unseen_new)
     before_old, after_old = generator_auroc(anchor, unseen_old), generator_auroc(with_flag, unseen_old)
     assert after_new > before_new + 0.04  # measured 0.05-0.07
     assert after_old >= before_old - 0.01
-    scored = with_flag.score(unseen_new)
+    scored = with_flag.assess(unseen_new)
     suspects = scored["is_suspect"]
     assert suspects.any() and (scored["component"][suspects] == FLAG_PREFIX + "newgen").mean() > 0.5
     assert np.all(scored["p_flagged"] <= 1.0)
@@ -169,7 +169,7 @@ def test_flagging_a_few_images_raises_that_generators_auroc_and_not_the_others(f
 def test_flagged_suspect_rate_on_real_images_stays_near_fpr(flag_setup):
     anchor, new, _ = flag_setup
     with_flag = flagged(anchor, "newgen", Moments.of(fake(20, 10, new, 3.0)[:, :D]))
-    rate = with_flag.score(real(4000, 21, "t")[1][:, :D])["is_suspect"].mean()
+    rate = with_flag.assess(real(4000, 21, "t")[1][:, :D])["is_suspect"].mean()
     fpr = anchor.config.fpr
     # the components' p-values come from the held-out real images (160 of them here), so the
     # rate is fpr up to the sampling error of that calibration: a few binomial deviations
@@ -186,7 +186,7 @@ def test_flag_statistics_are_stored_merged_and_named(flag_setup):
     reloaded, metadata = anchor_from_bytes(anchor_to_bytes(twice))
     assert metadata["flagged"] == {"newgen": 20} and set(reloaded.flagged) == {"newgen"}
     features = fake(30, 32, new, 3.0)[:, :D]
-    assert np.array_equal(reloaded.score(features)["score"], twice.score(features)["score"])
+    assert np.array_equal(reloaded.assess(features)["score"], twice.assess(features)["score"])
     with pytest.raises(ValueError, match="generator name"):
         flagged(anchor, "../evil", Moments.of(first))
     with pytest.raises(ValueError, match="at least 2 images"):

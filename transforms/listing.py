@@ -212,7 +212,7 @@ def braces(pattern: str) -> list[str]:
         return [pattern]
     try:
         return list(braceexpand.braceexpand(pattern))
-    except braceexpand.UnbalancedBracesError:  # a name with a brace in it
+    except ValueError:  # braceexpand's UnbalancedBracesError: a name with a brace in it
         return [pattern]
 
 
@@ -239,16 +239,23 @@ def _expand_indexed(indexed_pattern: tuple[int, str], carried_names: tuple[str, 
     return expand_input(pattern, index, carried_names)
 
 
+class _ErrorsApart(beam.PartitionFn):
+    """Listed ('unit', ...) items to partition 0, ('error', row) items to 1."""
+
+    def partition_for(self, element, num_partitions, *args, **kwargs) -> int:
+        return int(element[0] == "error")
+
+
 def _first_listed(units):
     """A URI listed twice is read once, with the columns of the --input that lists it first."""
     return min(units, key=lambda unit: unit.order)
 
 
 class ListInputs(beam.PTransform):
-    """Input patterns -> distinct units to read (``anchors/io/sources.py``), with 'list' error
-    rows (one per URI) for inputs that name none and problems met while listing; a manifest's
-    ``carried_names`` columns travel with its units. Long local runs print progress as the
-    units are consumed."""
+    """Input patterns -> (distinct units to read (``anchors/io/sources.py``), 'list' error rows
+    (one per URI) for inputs that name none and problems met while listing, the units' count);
+    a manifest's ``carried_names`` columns travel with its units. Long local runs print
+    progress as the units are consumed."""
 
     def __init__(
         self, patterns: list[str], carried_names: tuple[str, ...] = (), progress_label: str = "progress"
@@ -262,7 +269,7 @@ class ListInputs(beam.PTransform):
             pipeline
             | "Patterns" >> beam.Create(indexed_inputs(self.patterns))
             | "Expand" >> beam.FlatMap(_expand_indexed, self.carried_names)
-            | "Split" >> beam.Partition(lambda kind_value, _: int(kind_value[0] == "error"), 2)
+            | "Split" >> beam.Partition(_ErrorsApart(), 2)
         )
         uris = (
             listed[0]
@@ -278,8 +285,10 @@ class ListInputs(beam.PTransform):
             | "OnePerUri" >> beam.CombinePerKey(_first_row)
             | "Row" >> beam.Values()
         )
-        total = beam.pvalue.AsSingleton(uris | "CountInputs" >> beam.combiners.Count.Globally())
+        count = uris | "CountInputs" >> beam.combiners.Count.Globally()
         # Counted before decoding: the runner holds a side input's consumer back until the count
         # is done, and here that holds back URIs, not every image's features.
-        uris = uris | "Progress" >> beam.ParDo(ReportProgress(self.progress_label), total)
-        return uris, errors
+        uris = uris | "Progress" >> beam.ParDo(
+            ReportProgress(self.progress_label), beam.pvalue.AsSingleton(count)
+        )
+        return uris, errors, count

@@ -103,15 +103,20 @@ class ReadFn(beam.DoFn):
                 yield item
 
 
+class _SamplesApart(beam.PartitionFn):
+    """Records of tar shards' samples to partition 1, others to 0."""
+
+    def partition_for(self, element, num_partitions, *args, **kwargs) -> int:
+        return int(split_sample_uri(element.uri) is not None)
+
+
 class SpreadSamples(beam.PTransform):
     """A shard is read by one worker; its samples are then redistributed (a Reshuffle), so that
     decoding and scoring 10,000 samples do not sit on the core that read them. Other records
     come from units that the listing spread already and pass as they are."""
 
     def expand(self, records):
-        parts = records | "FromShards" >> beam.Partition(
-            lambda record, _: int(split_sample_uri(record.uri) is not None), 2
-        )
+        parts = records | "FromShards" >> beam.Partition(_SamplesApart(), 2)
         spread = parts[1] | "Spread" >> beam.Reshuffle()
         return (parts[0], spread) | "Records" >> beam.Flatten()
 

@@ -247,7 +247,8 @@ def reshard_plan(decided: pa.Table, prefix: str, samples_per_shard: int) -> list
     counts = pc.value_counts(_kept_in_shards(decided)["shard"]).to_pylist()
     by_shard = {count["values"]: count["counts"] for count in counts}
     names = output_names(prefix, math.ceil(sum(by_shard.values()) / samples_per_shard))
-    plan, offset = [[] for _ in names], 0
+    plan: list[list[Piece]] = [[] for _ in names]
+    offset = 0
     for shard in sorted(by_shard):
         first, last = offset, offset + by_shard[shard]  # this shard's kept samples, numbered globally
         for index in range(first // samples_per_shard, (last - 1) // samples_per_shard + 1):

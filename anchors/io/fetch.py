@@ -75,8 +75,8 @@ def _remaining(deadline: float, config: HttpConfig) -> float:
 
 
 def _read_body(response: requests.Response, max_bytes: int, deadline: float, config: HttpConfig) -> bytes:
-    declared = response.headers.get("Content-Length")
-    declared = int(declared) if declared and declared.isdigit() else None
+    header = response.headers.get("Content-Length")
+    declared = int(header) if header and header.isdigit() else None
     if declared is not None and declared > max_bytes:
         raise FetchError(
             f"response is larger than --max_bytes {max_bytes:,} (Content-Length {declared:,}); not read"
@@ -104,7 +104,7 @@ def _read_body(response: requests.Response, max_bytes: int, deadline: float, con
     raise _Transient(f"truncated response ({len(body):,} bytes, then {_cause(truncated)})")
 
 
-def _chain(error: BaseException) -> list[BaseException]:
+def _chain(error: BaseException | None) -> list[BaseException]:
     """``error`` and the errors it wraps (reason, arguments, cause), outermost first."""
     chain = []
     while error is not None and error not in chain:

@@ -176,7 +176,7 @@ class _Header(tarfile.TarInfo):
     def fromtarfile(cls, archive):
         try:
             return super().fromtarfile(archive)
-        except tarfile.EOFHeaderError:  # the end-of-archive marker: a proper end
+        except tarfile.EOFHeaderError:  # type: ignore[attr-defined]  # the end-of-archive marker: a proper end
             raise
         except tarfile.HeaderError as error:
             archive.damage = error
@@ -198,7 +198,7 @@ def samples(stream, max_bytes: int) -> Iterator[Sample]:
     try:
         while True:
             info = archive.next()
-            archive.members.clear()  # tarfile keeps every header it read; a shard may hold millions
+            archive.members.clear()  # type: ignore[attr-defined]  # tarfile keeps every header it read; a shard may hold millions
             if info is None:
                 break
             count += 1
@@ -235,9 +235,12 @@ def samples(stream, max_bytes: int) -> Iterator[Sample]:
                 what = "member " + posixpath.basename(info.name) if info.size > max_bytes else "its members"
                 current.refuse(f"{what} larger than --max_bytes {max_bytes:,}")
                 continue
-            current.members.append(Member(info.name, extension, archive.extractfile(info).read()))
+            handle = archive.extractfile(info)
+            if handle is None:  # not a regular member: refused above
+                continue
+            current.members.append(Member(info.name, extension, handle.read()))
         damage = getattr(archive, "damage", None)
-        if isinstance(damage, tarfile.EmptyHeaderError):
+        if isinstance(damage, tarfile.EmptyHeaderError):  # type: ignore[attr-defined]
             raise DamagedShardError(
                 f"the shard ends after {count:,} members without the end-of-archive marker (truncated?)"
             )

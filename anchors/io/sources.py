@@ -1,5 +1,5 @@
 """Byte sources: where the bytes of a listed input come from. The read step of every pipeline
-(``transforms/read.py``) hands each listed ``Unit`` to the first source in ``SOURCES`` that
+(``transforms/read.py``) hands each listed ``Unit`` to the first of ``registered_sources()`` that
 claims its URI and passes on the ``Record``s it yields: one per image, with its URI, its bytes
 and the columns that travel with it to the score row. Decoding never knows where bytes came
 from. A new kind of input (a tar shard, a Parquet column of bytes, an object store) is one
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from anchorscan.anchors.errors import MissingFileError, exception_name
 from anchorscan.anchors.io import gcs
 from anchorscan.anchors.io.fetch import FetchError, HttpConfig, fetch, is_http
-from anchorscan.anchors.io.uris import is_image_path, is_remote, local_path
+from anchorscan.anchors.io.uris import is_image_path, is_remote, local_file, local_path
 
 DEFAULT_MAX_BYTES = 256 * 2**20
 DEFAULT_READ_TIMEOUT = 60.0
@@ -193,7 +193,7 @@ def _read_errors(path: str | None):
 def open_regular_file(uri: str):
     """A local file opened for reading as it is streamed (a tar shard): regular files only, as
     ``_read_local`` checks them; problems opening it as ReadError."""
-    path = local_path(uri)
+    path = local_file(uri)
     with _read_errors(path):
         _require_regular_file(os.stat(path))
         handle = open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY), "rb")  # noqa: SIM115

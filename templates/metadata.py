@@ -2,7 +2,7 @@
 launcher's entry point (templates/launch.py) that turns template parameters into the command's
 flags, submits the job and returns.
 
-`python -m anchorscan.pipelines.templates` rewrites templates/<command>/metadata.json for every
+`python -m anchorscan.templates.metadata` rewrites templates/<command>/metadata.json for every
 command."""
 
 from __future__ import annotations
@@ -13,15 +13,11 @@ import json
 import os
 import sys
 
+from anchorscan.anchors.errors import UsageError
+from anchorscan.anchors.images.perturbations import PERTURBATION_PATTERN
+from anchorscan.pipelines.cli import COMMANDS
+
 TEMPLATE_COMMANDS = {"fit": "fit", "score": "score", "stream": "stream"}  # command -> module
-DESCRIPTIONS = {
-    "fit": "anchorscan fit: fit an anchor (mean and covariance of a frozen backbone's features) "
-    "on real images.",
-    "score": "anchorscan score: score images against an anchor; Parquet tables of scores and of "
-    "the inputs that could not be scored.",
-    "stream": "anchorscan stream: score new images as they arrive in a folder or gs:// prefix, "
-    "in windows, against the newest anchor file.",
-}
 STREAMING = {"stream"}
 
 GCS_PATH = r"^gs://[a-z0-9][-_.a-z0-9]*[a-z0-9](/\S*)?$"
@@ -29,7 +25,6 @@ INPUT_LIST = r"^(gs|https?)://[^\s,]+(,(gs|https?)://[^\s,]+)*$"
 NUMBER = r"^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$"
 INTEGER = r"^[-+]?[0-9]+$"
 BOOLEAN = r"^(true|false)$"
-PERTURBATION = r"^(jpeg:[0-9]+|png|blur:[0-9.]+|scale:[0-9.]+)$"
 # Free-text flags whose values are paths: how each is checked and offered in the console.
 PATHS = {
     "input": ("TEXT", INPUT_LIST),
@@ -83,26 +78,26 @@ def parameter(command: str, action: argparse.Action) -> dict:
         kind, regex = PATHS[name]
         entry.update(paramType=WRITTEN.get((command, name), kind), regexes=[regex])
     elif name == "perturbation":
-        entry.update(paramType="TEXT", regexes=[PERTURBATION])
+        entry.update(paramType="TEXT", regexes=[PERTURBATION_PATTERN])
     else:
         entry.update(paramType="TEXT")
     if isinstance(action, argparse._AppendAction):
-        entry["helpText"] += " (in a template: separate several with commas)"
+        entry["helpText"] = f"{entry['helpText']} (in a template: separate several with commas)"
     if action.default is not None and not action.required:
         default = action.default
         entry["defaultValue"] = str(default).lower() if isinstance(default, bool) else str(default)
     return entry
 
 
-def command_parser(command: str) -> argparse.ArgumentParser:
+def parser_of(command: str) -> argparse.ArgumentParser:
     return importlib.import_module(f"anchorscan.pipelines.{TEMPLATE_COMMANDS[command]}").parser()
 
 
 def metadata(command: str) -> dict:
-    parser = command_parser(command)
+    parser = parser_of(command)
     return {
         "name": f"anchorscan-{command}",
-        "description": DESCRIPTIONS[command],
+        "description": f"anchorscan {command}: {COMMANDS[command].description}",
         "parameters": [parameter(command, action) for action in template_options(parser)],
         **({"streaming": True} if command in STREAMING else {}),
     }
@@ -127,7 +122,7 @@ def template_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]
         flag, has_value, value = argument.partition("=")
         if has_value and flag in switches:
             if value.lower() not in ("true", "false"):
-                raise ValueError(f"{flag} takes true or false, not {value!r}")
+                raise UsageError(f"{flag} takes true or false, not {value!r}")
             flags += [flag] if value.lower() == "true" else []
         elif has_value and flag in lists:
             flags += [f"{flag}={item}" for item in value.split(",") if item]
@@ -140,8 +135,8 @@ def launch(command: str, argv: list[str]):
     """Runs ``command`` as the Flex template launcher calls it: builds and submits the
     pipeline, and returns without waiting for the job."""
     if command not in TEMPLATE_COMMANDS:
-        raise ValueError(f"ANCHORSCAN_COMMAND must be one of {', '.join(TEMPLATE_COMMANDS)}, not {command!r}")
-    parser = command_parser(command)
+        raise UsageError(f"ANCHORSCAN_COMMAND must be one of {', '.join(TEMPLATE_COMMANDS)}, not {command!r}")
+    parser = parser_of(command)
     module = importlib.import_module(f"anchorscan.pipelines.{TEMPLATE_COMMANDS[command]}")
     return module.run(template_argv(parser, argv), wait=False)
 

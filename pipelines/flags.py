@@ -1,0 +1,163 @@
+"""Parsers and flag values, without Beam: every command's parser is made here (one-line errors
+that name the flag, exit status 2), and every flag value is checked where it is parsed, so a
+bad value never reaches a pipeline. `info`, `merge` and `export-delta` import only this."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+
+from anchorscan.pipelines.cli import COMMANDS
+
+BEAM_EPILOG = "Other flags pass to Beam (--runner, --direct_num_workers, --project, ...)."
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line: what is wrong, naming the flag, and where
+    to read more."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def command_parser(command: str, beam: bool = True) -> CommandParser:
+    """The parser of ``command``, described as cli.COMMANDS describes it; ``beam``: whether
+    flags it does not know go to Beam."""
+    return CommandParser(
+        prog=f"anchorscan {command}",
+        description=COMMANDS[command].description,
+        epilog=BEAM_EPILOG if beam else None,
+        allow_abbrev=False,
+    )
+
+
+# --- values: each function parses one flag's text or says what it must be ---------------------
+
+
+def _number(text: str, kind):
+    try:
+        value = kind(text)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def int_in(low: int, high: int | None = None, unit: str = ""):
+    """Integers from ``low`` to ``high`` (inclusive; no upper bound without one)."""
+
+    def parse(text: str) -> int:
+        value = _number(text, int)
+        if value < low or (high is not None and value > high):
+            bound = f"from {low:,} to {high:,}" if high is not None else f"at least {low:,}"
+            raise argparse.ArgumentTypeError(f"must be {bound}{unit}, got {text}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def float_in(low: float, high: float | None = None, low_open: bool = True, high_open: bool = False):
+    """Finite numbers in the interval from ``low`` to ``high``, open or closed at each end."""
+
+    def parse(text: str) -> float:
+        value = _number(text, float)
+        too_low = value <= low if low_open else value < low
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            left, right = "(" if low_open else "[", ")" if high_open else "]"
+            interval = (
+                f"in {left}{low:g}, {high:g}{right}"
+                if high is not None
+                else (f"above {low:g}" if low_open else f"at least {low:g}")
+            )
+            raise argparse.ArgumentTypeError(f"must be {interval}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+positive_float = float_in(0.0)
+non_negative_float = float_in(0.0, low_open=False)
+positive_int = int_in(1)
+non_negative_int = int_in(0)
+open_fraction = float_in(0.0, 1.0, high_open=True)  # (0, 1)
+
+
+def text(value: str) -> str:
+    """A path, prefix or name: never empty (an empty --output would write beside the working
+    directory's files; an empty --input would scan it)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
+
+def regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as error:
+        raise argparse.ArgumentTypeError(f"is not a regular expression ({error}): {value!r}") from None
+    return value
+
+
+def choice_list(choices: tuple[str, ...]):
+    """Comma-separated distinct names among ``choices``."""
+
+    def parse(value: str) -> tuple[str, ...]:
+        names = tuple(part.strip() for part in value.split(",") if part.strip())
+        if not names or set(names) - set(choices) or len(set(names)) < len(names):
+            raise argparse.ArgumentTypeError(
+                f"must be distinct names among {', '.join(choices)}, comma-separated; got {value!r}"
+            )
+        return names
+
+    parse.__name__ = "list"
+    return parse
+
+
+def admit_value(value: str) -> str:
+    """`update --admit`: 'fpr', 'none' or a p-value in (0, 1)."""
+    if value not in ("fpr", "none"):
+        try:
+            p = float(value)
+        except ValueError:
+            p = math.nan
+        if not 0.0 < p < 1.0:
+            raise argparse.ArgumentTypeError(f"must be 'fpr', 'none' or a p-value in (0, 1), got {value!r}")
+    return value
+
+
+def generator_name(value: str) -> str:
+    from anchorscan.anchors.anchor import GENERATOR_NAME
+
+    if not GENERATOR_NAME.match(value):
+        raise argparse.ArgumentTypeError(
+            f"must start with a letter or digit and hold only letters, digits, '_', '.' and '-' "
+            f"(at most 64), got {value!r}"
+        )
+    return value
+
+
+def perturbation_value(value: str) -> str:
+    from anchorscan.anchors.errors import UsageError
+    from anchorscan.anchors.images.perturbations import parse_perturbation
+
+    try:
+        parse_perturbation(value)
+    except UsageError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--perturbation ")) from None
+    return value
+
+
+def perturbation_list(value: str) -> list[str]:
+    """`evaluate --sweep`: comma-separated perturbations, each checked."""
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("must name at least one perturbation")
+    return [perturbation_value(item) for item in items]
