@@ -82,6 +82,12 @@ COMMANDS = {
         "--watch LOCATION --anchor A --output PREFIX [--window_seconds 60] [--learn_real PATTERN]",
         "Watch a location for new images and score each once, in windows, against the newest anchor file.",
     ),
+    "curate": Command(
+        "curate",
+        "--scores PREFIX --output PREFIX [--max_score S | --drop_top F] [--reshard] [--samples_per_shard N]",
+        "Turn a scan's tables into what a training job reads: every sample kept or dropped (with "
+        "the reason), the sorted kept keys, and optionally shards of the kept samples.",
+    ),
 }
 USAGE = (
     "usage: anchorscan [--debug] COMMAND [options]\n\ncommands:\n"

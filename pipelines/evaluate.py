@@ -16,6 +16,7 @@ from anchorscan.anchors.anchor import CHANNELS, COMBINERS, AnchorConfig
 from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.io.datasets import DATASETS, GENIMAGE_SPLITS, read_dataset
 from anchorscan.anchors.io.gcs import check_paths
+from anchorscan.anchors.io.shards import split_sample_uri
 from anchorscan.anchors.io.storage import check_writable, read_bytes, write_atomically
 from anchorscan.anchors.io.uris import is_remote
 from anchorscan.anchors.metrics import detection_metrics
@@ -93,6 +94,17 @@ def parser():
     return parser
 
 
+def label_of(labels: dict[str, tuple[int, str]], uri: str) -> tuple[int, str]:
+    """A URI's (label, generator); a sample of a tar shard that the manifest labels as a whole
+    takes its shard's."""
+    if uri in labels:
+        return labels[uri]
+    sample = split_sample_uri(uri)
+    if sample is None:
+        raise KeyError(uri)
+    return labels[sample[0]]
+
+
 def metrics_table(
     labels: dict[str, tuple[int, str]], rows: list[dict], threshold: float, second_threshold: float = math.nan
 ) -> list[dict]:
@@ -104,7 +116,7 @@ def metrics_table(
     share the detector flags among them, at ``threshold`` and ``second_threshold``."""
     scored: dict[tuple[int, str], list[float]] = {}
     for row in rows:
-        label, generator = labels[row["uri"]]
+        label, generator = label_of(labels, row["uri"])
         scored.setdefault((label, generator), []).append(row["score"])
     fake_generators = {g for label, g in scored if label == 1}
     processings = sorted(g for label, g in scored if label == 0 and g and g not in fake_generators)
@@ -208,7 +220,7 @@ def evaluate_once(images, args, options, folder: str, perturbation: str | None) 
     table = metrics_table(labels, rows, threshold, second)
     write_table(table, folder, header)
     unscored = len(images) - len(rows)
-    if unscored:
+    if unscored > 0:  # a labelled shard counts once among the images and once per sample among the rows
         print(f"{unscored} images could not be scored: see {prefix}-errors-*.parquet")
     return table
 

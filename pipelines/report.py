@@ -22,6 +22,7 @@ from anchorscan.anchors.anchor_file import verified_contents
 from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.io.datasets import manifest
 from anchorscan.anchors.io.gcs import check_paths
+from anchorscan.anchors.io.sources import ReadError, ReadLimits, Record, Unit, source_for
 from anchorscan.anchors.io.storage import check_writable, read_bytes, write_atomically
 from anchorscan.pipelines.flags import command_parser, int_in, text
 from anchorscan.transforms.listing import read_parquet_rows
@@ -104,9 +105,18 @@ def roc_figure(rows: list[dict], labels: dict[str, tuple[int, str]]) -> str:
     return _figure_html(figure, "ROC curves")
 
 
+def image_bytes(uri: str) -> bytes:
+    """The bytes a scan read for ``uri``, through the byte source that read them (a file, or a
+    sample of a tar shard)."""
+    for item in source_for(uri).read(Unit(uri), ReadLimits()):
+        if isinstance(item, Record):
+            return item.data
+    raise ReadError(f"{uri}: no image")
+
+
 def thumbnail(uri: str, size: int = 160) -> str:
     try:
-        image: Image.Image = Image.open(io.BytesIO(read_bytes(uri)))
+        image: Image.Image = Image.open(io.BytesIO(image_bytes(uri)))
         image.seek(0)
         image = image.convert("RGB")
         image.thumbnail((size, size))

@@ -69,6 +69,22 @@ def test_online_update_benchmark_prints_its_values():
         assert math.isfinite(float(values[name])) and float(values[name]) > 0, name
 
 
+def test_shards_benchmark_prints_its_values(tmp_path):
+    script = Path(__file__).parents[1] / "benchmarks" / "shards.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    values = dict(
+        line.split("=", 1) for line in result.stdout.splitlines() if "=" in line and " " not in line
+    )
+    for name in ("shard_over_folder", "shard_over_folder_read", "rss_large_shard_mb", "rss_small_shard_mb"):
+        assert float(values[name]) > 0, name
+
+
 def test_fit_speed_benchmark_prints_its_values(tmp_path):
     script = Path(__file__).parents[1] / "benchmarks" / "fit_speed.py"
     result = subprocess.run(

@@ -155,6 +155,18 @@ FLAGS = {
     }
     | RUNTIME
     | (DECODING - {"--perturbation"}),
+    "curate": {
+        "--scores",
+        "--output",
+        "--max_score",
+        "--drop_top",
+        "--keep",
+        "--reshard",
+        "--samples_per_shard",
+        "--max_bytes",
+        "--overwrite",
+    }
+    | HTTP,
 }
 
 

@@ -26,6 +26,7 @@ BASE = {
     "export-delta": ["--anchor", "s.safetensors", "--since", "b.safetensors", "--output", "OUT/d"],
     "merge": ["b.safetensors", "d.delta", "--output", "OUT/m.safetensors"],
     "stream": ["--watch", "in", "--anchor", "a.safetensors", "--output", "OUT/s"],
+    "curate": ["--scores", "scan", "--output", "OUT/c"],
 }
 
 # Bad values for each kind of check; a flag's kind is the function that parses it.

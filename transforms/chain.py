@@ -18,11 +18,13 @@ from anchorscan.transforms.read import ReadInputs
 
 @dataclasses.dataclass(frozen=True)
 class Steps:
-    """How each step runs, as the command's flags say."""
+    """How each step runs, as the command's flags say; ``spread_samples``: a shard's samples
+    redistributed after its read (distributed runners, see ``transforms/read.py``)."""
 
     limits: ReadLimits
     decoding: DecodeSettings
     handler: FeatureModelHandler
+    spread_samples: bool = False
 
     def for_fitting(self, softened: tuple) -> Steps:
         """The same steps as fitting needs them: the forensic features of these softness levels
@@ -52,7 +54,7 @@ class EmbedUnits(beam.PTransform):
         self.steps, self.previous, self.count = steps, previous, count
 
     def expand(self, units) -> Features:
-        records, read_errors = units | "Read" >> ReadInputs(self.steps.limits)
+        records, read_errors = units | "Read" >> ReadInputs(self.steps.limits, self.steps.spread_samples)
         images, decode_errors, reused = records | "Decode" >> DecodeImages(self.steps.decoding, self.previous)
         embedded, embed_errors = images | "Embed" >> EmbedImages(self.steps.handler, self.count)
         return Features(embedded, (read_errors, decode_errors, embed_errors), reused)

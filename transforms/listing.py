@@ -6,6 +6,7 @@ import os
 import re
 
 import apache_beam as beam
+import braceexpand
 from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
 
@@ -204,10 +205,29 @@ def _walk(root: str, depth: int | None, wanted):
     yield from visit(root, 1, frozenset({(status.st_dev, status.st_ino)}))
 
 
+def braces(pattern: str) -> list[str]:
+    """A brace pattern's names, as img2dataset and webdataset write shard sets
+    (``shards/{00000..01999}.tar``), in order; any other pattern as it is."""
+    if "{" not in pattern:
+        return [pattern]
+    try:
+        return list(braceexpand.braceexpand(pattern))
+    except ValueError:  # braceexpand's UnbalancedBracesError: a name with a brace in it
+        return [pattern]
+
+
 def distinct_patterns(patterns: list[str]) -> list[str]:
     """Each --input once, in order (a folder with or without its trailing '/' is one input),
     as text that Beam's coders accept (see anchors/uris.py)."""
     return list(dict.fromkeys(uri_text(pattern.rstrip("/") or pattern) for pattern in patterns))
+
+
+def indexed_inputs(patterns: list[str]) -> list[tuple[int, str]]:
+    """(--input index, name) for each input, brace patterns expanded: each name is listed on
+    its own (so 2,000 shards spread over the workers) and a missing one is its own row."""
+    return [
+        (index, name) for index, pattern in enumerate(distinct_patterns(patterns)) for name in braces(pattern)
+    ]
 
 
 def _first_row(rows):
@@ -247,7 +267,7 @@ class ListInputs(beam.PTransform):
     def expand(self, pipeline):
         listed = (
             pipeline
-            | "Patterns" >> beam.Create(list(enumerate(self.patterns)))
+            | "Patterns" >> beam.Create(indexed_inputs(self.patterns))
             | "Expand" >> beam.FlatMap(_expand_indexed, self.carried_names)
             | "Split" >> beam.Partition(_ErrorsApart(), 2)
         )
