@@ -16,7 +16,7 @@ from anchorscan.anchors.anchor import CHANNELS, COMBINERS, AnchorConfig
 from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.io.datasets import DATASETS, GENIMAGE_SPLITS, read_dataset
 from anchorscan.anchors.io.gcs import check_paths
-from anchorscan.anchors.io.storage import check_writable, read_bytes, write_atomically
+from anchorscan.anchors.io.storage import check_writable, read_bytes, read_checked_file, write_atomically
 from anchorscan.anchors.io.uris import is_remote
 from anchorscan.anchors.metrics import detection_metrics
 from anchorscan.pipelines import score
@@ -172,7 +172,7 @@ def evaluate_once(images, args, options, folder: str, perturbation: str | None) 
     labels = {image.uri: (image.label, image.generator) for image in images}
     # The anchor calls an image suspect above its threshold; a head above 0.
     threshold = (
-        AnchorConfig(**read_metadata(read_bytes(args.anchor))["config"]).threshold
+        AnchorConfig(**read_metadata(read_checked_file(args.anchor), args.anchor)["config"]).threshold
         if args.head == "anchor"
         else 0.0
     )

@@ -9,7 +9,7 @@ import apache_beam as beam
 from anchorscan.anchors.anchor import CHANNELS, COMBINERS, STATISTICAL_MODES, AnchorConfig
 from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.io.gcs import check_paths
-from anchorscan.anchors.io.storage import check_writable, read_bytes
+from anchorscan.anchors.io.storage import check_writable, read_checked_file
 from anchorscan.anchors.softness import LEVEL_SETS, softened
 from anchorscan.pipelines.common import chain_steps, driver_extractor
 from anchorscan.pipelines.flags import choice_list, command_parser, float_in, open_fraction, regex, text
@@ -129,7 +129,7 @@ def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
         return {"anchor": args.anchor}
     result.wait_until_finish()
 
-    metadata = read_metadata(read_bytes(args.anchor))
+    metadata = read_metadata(read_checked_file(args.anchor), args.anchor)
     summary = {
         "anchor": args.anchor,
         "n": metadata["n"],

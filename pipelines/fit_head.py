@@ -20,7 +20,7 @@ from anchorscan.anchors.heads import (
     head_from_bytes,
 )
 from anchorscan.anchors.io.gcs import check_paths
-from anchorscan.anchors.io.storage import check_writable, read_bytes, write_atomically
+from anchorscan.anchors.io.storage import check_writable, read_checked_file, write_atomically
 from anchorscan.anchors.statistics import StatisticsLayout
 from anchorscan.pipelines.common import chain_steps, driver_extractor
 from anchorscan.pipelines.flags import command_parser, int_in, positive_int, text
@@ -144,7 +144,7 @@ def run(argv=None, test_pipeline=None):
     result = pipeline.run()
     result.wait_until_finish()
 
-    fitted = head_from_bytes(read_bytes(args.output))
+    fitted = head_from_bytes(read_checked_file(args.output), args.output)
     print(
         f"head        {args.output} ({args.kind})\n"
         f"images      {fitted.counts['real']} real, {fitted.counts['fake']} fake, "

@@ -10,7 +10,7 @@ from anchorscan.anchors.anchor import CHANNELS, COMBINERS, STATISTICAL_MODES, An
 from anchorscan.anchors.anchor_file import anchor_id, verified_contents
 from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.io.gcs import check_paths
-from anchorscan.anchors.io.storage import read_bytes
+from anchorscan.anchors.io.storage import read_checked_file
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.pipelines.common import chain_steps, driver_extractor
 from anchorscan.pipelines.flags import choice_list, command_parser, text
@@ -99,7 +99,7 @@ def scan(args, options, test_pipeline=None, wait: bool = True) -> dict:
     launcher) returns once the job is submitted."""
     check_paths([*args.input, args.anchor, args.output, args.head, args.skip_scored, args.weights])
     # The driver only checks the anchor; workers derive its scoring matrices.
-    _, metadata = verified_contents(read_bytes(args.anchor))
+    _, metadata = verified_contents(read_checked_file(args.anchor), args.anchor)
     spec, config = FeatureSpec.from_dict(metadata), AnchorConfig(**metadata["config"])
     backbone = backbone_config(args, spec)
     extractor = driver_extractor(backbone)

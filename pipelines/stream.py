@@ -17,7 +17,7 @@ from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
 from anchorscan.anchors.anchor import AnchorConfig
 from anchorscan.anchors.anchor_file import verified_contents
 from anchorscan.anchors.errors import UsageError
-from anchorscan.anchors.io.storage import read_bytes
+from anchorscan.anchors.io.storage import read_checked_file
 from anchorscan.anchors.io.uris import glob_prefix, has_glob, local_path
 from anchorscan.anchors.softness import softened
 from anchorscan.anchors.spec import FeatureSpec
@@ -174,7 +174,7 @@ def stream_graph(args, options, files, ticks, learn=None) -> None:
     """The stream from its inputs: FileMetadata of polls (``files``), ticks carrying the anchor
     URI (``ticks``) and, optionally, FileMetadata of trusted real images (``learn``); tests
     feed these from a TestStream."""
-    tensors, metadata = verified_contents(read_bytes(args.anchor))
+    tensors, metadata = verified_contents(read_checked_file(args.anchor), args.anchor)
     spec, config = FeatureSpec.from_dict(metadata), AnchorConfig(**metadata["config"])
     backbone = backbone_config(args, spec)
     extractor = driver_extractor(backbone)

@@ -10,7 +10,7 @@ import apache_beam as beam
 from anchorscan.anchors.anchor import AnchorConfig
 from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.errors import UsageError
-from anchorscan.anchors.io.storage import read_bytes
+from anchorscan.anchors.io.storage import read_checked_file
 from anchorscan.anchors.softness import softened
 from anchorscan.anchors.updating import admission_threshold
 from anchorscan.pipelines.common import anchor_and_extractor, chain_steps
@@ -83,7 +83,7 @@ def run(argv=None, test_pipeline=None) -> dict:
     result = pipeline.run()
     result.wait_until_finish()
 
-    after = read_metadata(read_bytes(args.output))
+    after = read_metadata(read_checked_file(args.output), args.output)
     counters = counter_totals(result)
     summary = {
         "anchor": args.output,
