@@ -208,6 +208,18 @@ def check_calibration(tensors, metadata, spec: FeatureSpec, flagged, error, what
         )
 
 
+def check_scores_finite(anchor: Anchor) -> None:
+    """The models derived from finite statistics can still overflow (a forged M2 of 1e300):
+    raises ValueError where they do not score the anchor's own means and kept calibration rows
+    finitely."""
+    probe = np.concatenate([anchor.moments.mean, anchor.forensic.moments[0].mean])[None, :]
+    if anchor.calibration_rows is not None:
+        probe = np.vstack([probe, anchor.calibration_rows.features[:16]])
+    scores = anchor.assess(probe)
+    if not all(np.isfinite(scores[name]).all() for name in ("score", "semantic", "statistical", "forensic")):
+        raise ValueError("its models do not score finitely (NaN or infinity)")
+
+
 def anchor_from_bytes(data: bytes, source: str | None = None) -> tuple[Anchor, dict]:
     """Returns the anchor, with its scoring matrices derived, and its metadata."""
     tensors, metadata = verified_contents(data, source)
@@ -240,6 +252,7 @@ def anchor_from_bytes(data: bytes, source: str | None = None) -> tuple[Anchor, d
             rows,
             tuple(metadata["lineage"]),
         )
+        check_scores_finite(anchor)
     except (np.linalg.LinAlgError, ValueError) as problem:  # valid numbers, degenerate models
         raise AnchorFileError(
             f"{checked_file.named('anchor', source)}: its statistics do not give a model "

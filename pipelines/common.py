@@ -68,6 +68,8 @@ def anchor_and_extractor(args):
     anchor refused before any work (an anchor this anchorscan would make other features for)."""
     check_paths([*args.input, args.anchor, args.output, args.errors, args.weights])
     check_writable(args.output, "--output")
+    if args.errors:
+        check_writable(f"{args.errors}-errors", "--errors")
     tensors, metadata = verified_contents(read_checked_file(args.anchor), args.anchor)
     spec = FeatureSpec.from_dict(metadata)
     backbone = backbone_config(args, spec)

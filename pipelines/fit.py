@@ -26,7 +26,7 @@ from anchorscan.pipelines.options import (
 )
 from anchorscan.transforms.chain import ImageFeatures
 from anchorscan.transforms.fitting import FitAnchor
-from anchorscan.transforms.sinks import WriteErrors
+from anchorscan.transforms.sinks import WriteErrors, cleaned_on_failure
 
 
 def parser():
@@ -124,10 +124,11 @@ def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
     real = pipeline | "Real" >> ImageFeatures(args.input, steps)
     _ = real.embedded | "Fit" >> FitAnchor(args.anchor, extractor.spec, config, extractor.projection)
     _ = real.errors | WriteErrors(args.errors or args.anchor)
-    result = pipeline.run()
-    if not wait:
-        return {"anchor": args.anchor}
-    result.wait_until_finish()
+    with cleaned_on_failure([f"{args.errors or args.anchor}-errors"]):
+        result = pipeline.run()
+        if not wait:
+            return {"anchor": args.anchor}
+        result.wait_until_finish()
 
     metadata = read_metadata(read_checked_file(args.anchor), args.anchor)
     summary = {

@@ -36,7 +36,7 @@ from anchorscan.pipelines.options import (
     parse,
 )
 from anchorscan.transforms.chain import ImageFeatures
-from anchorscan.transforms.sinks import WriteErrors
+from anchorscan.transforms.sinks import WriteErrors, cleaned_on_failure
 from anchorscan.transforms.statistics import AccumulateStatisticsPerKey
 
 
@@ -106,6 +106,8 @@ def run(argv=None, test_pipeline=None):
         )
     check_paths([*args.real, *args.fake, args.output, args.errors, args.weights])
     check_writable(args.output, "--output")
+    if args.errors:
+        check_writable(f"{args.errors}-errors", "--errors")
     backbone = backbone_config(args)
     extractor = driver_extractor(backbone)
     spec = extractor.spec
@@ -141,8 +143,9 @@ def run(argv=None, test_pipeline=None):
         )
     _ = head | "WriteHead" >> beam.Map(lambda fitted: write_atomically(args.output, fitted.to_bytes()))
     _ = tuple(errors) | WriteErrors(args.errors or args.output)
-    result = pipeline.run()
-    result.wait_until_finish()
+    with cleaned_on_failure([f"{args.errors or args.output}-errors"]):
+        result = pipeline.run()
+        result.wait_until_finish()
 
     fitted = head_from_bytes(read_checked_file(args.output), args.output)
     print(

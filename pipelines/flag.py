@@ -21,7 +21,7 @@ from anchorscan.pipelines.options import (
 )
 from anchorscan.transforms.chain import ImageFeatures
 from anchorscan.transforms.fitting import FlagGenerator, LoadAnchor
-from anchorscan.transforms.sinks import WriteErrors
+from anchorscan.transforms.sinks import WriteErrors, cleaned_on_failure
 
 
 def parser():
@@ -58,8 +58,9 @@ def run(argv=None, test_pipeline=None) -> dict:
         anchor, args.output, spec, tensors.get("projection"), args.generator
     )
     _ = images.errors | WriteErrors(args.errors or args.output)
-    result = pipeline.run()
-    result.wait_until_finish()
+    with cleaned_on_failure([f"{args.errors or args.output}-errors"]):
+        result = pipeline.run()
+        result.wait_until_finish()
 
     after = read_metadata(read_checked_file(args.output), args.output)
     summary = {

@@ -135,7 +135,16 @@ FLAGS = {
     "info": {"--json"},
     "update": {"--anchor", "--input", "--output", "--admit", "--forgetting", "--errors"} | RUNTIME | DECODING,
     "flag": {"--anchor", "--generator", "--input", "--output", "--errors"} | RUNTIME | DECODING,
-    "export-delta": {"--anchor", "--since", "--output", "--min_count", "--noise", "--rank", "--seed", "--sign"},
+    "export-delta": {
+        "--anchor",
+        "--since",
+        "--output",
+        "--min_count",
+        "--noise",
+        "--rank",
+        "--seed",
+        "--sign",
+    },
     "merge": {"--output", "--trust"},
     "keygen": {"--output"},
     "stream": {

@@ -15,7 +15,7 @@ from anchorscan.anchors.anchor_file import anchor_from_bytes, anchor_to_bytes
 from anchorscan.anchors.calibration import COMBINERS, upper_tail_log_pvalues
 from anchorscan.anchors.stats import Moments
 from anchorscan.anchors.updating import flagged
-from helpers import fit_by_hash, leveled_rows, synthetic_spec, update_by_hash
+from helpers import fit_by_hash, guarded_update, leveled_rows, synthetic_spec, update_by_hash
 
 DS, DM, P = 5, 7, 3
 SPEC = synthetic_spec(DS, DM, P)
@@ -107,10 +107,10 @@ def test_poisoning_guard_keeps_auroc_where_an_unguarded_update_loses_it():
     def detector_auroc(anchor):
         return auroc(labels, anchor.assess(test)["score"])
 
-    clean = detector_auroc(update_by_hash(base, uris_b, rows_b, admit="fpr"))
-    guarded_anchor = update_by_hash(base, poisoned_uris, poisoned, admit="fpr")
+    clean = detector_auroc(guarded_update(base, rows_b)[0])
+    guarded_anchor, _ = guarded_update(base, poisoned)
     guarded = detector_auroc(guarded_anchor)
-    unguarded = detector_auroc(update_by_hash(base, poisoned_uris, poisoned, admit="none"))
+    unguarded = detector_auroc(update_by_hash(base, poisoned_uris, poisoned))
     assert abs(guarded - clean) <= 0.02
     assert clean - unguarded > 0.02
     assert guarded_anchor.moments.n < base.moments.n + 400  # some images were refused
