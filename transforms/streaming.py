@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import apache_beam as beam
 import pyarrow as pa
@@ -109,7 +109,8 @@ class NewImages(beam.PTransform):
         return (
             matches
             | "Readable" >> beam.Filter(lambda metadata: listable(metadata.path))
-            | "ByPath" >> beam.Map(lambda metadata: (metadata.path, metadata))
+            | "ByPath"
+            >> beam.Map(lambda metadata: (metadata.path, metadata)).with_output_types(tuple[str, Any])
             | "Settled" >> beam.ParDo(SettledFiles(self.settle))
             | "Unit" >> beam.Map(Unit)
             | "Window" >> beam.WindowInto(FixedWindows(self.window_seconds))
