@@ -89,9 +89,14 @@ def child_lineage(anchor: Anchor, forgetting: float = 1.0) -> tuple[str, ...]:
     return anchor.lineage + (statistics_id(anchor.statistics()),)
 
 
-# An untrusted round counts at most this share of the anchor's real images: three rounds of
-# poison that the other checks miss make at most 1 - 1 / 1.25^3 = 49 % of the statistics.
-ROUND_SHARE = 0.25
+# An untrusted image enters only with a p-value of at least this against the current anchor:
+# within the central 90 % of the held-out real photos. A round of real photos loses a tenth of
+# its images; fakes the anchor misses lie mostly in that tail (docs/QUALITY.md, *Poisoning*).
+DEFAULT_ADMIT = "0.1"
+# An untrusted round counts at most this share of the anchor's real images: any number of
+# rounds of poison the other checks miss makes at most 1 - 1 / 1.1^r of the statistics after r
+# rounds (27 % after three), whatever their size.
+ROUND_SHARE = 0.1
 # The round test's false-refusal rate on rounds of real photos like the anchor's held-out ones.
 ROUND_ALPHA = 0.01
 # The band of the round test: the lowest third of the p-values an admitted image can have.
@@ -190,9 +195,9 @@ def flagged(anchor: Anchor, generator: str, images: Moments) -> Anchor:
     return recalibrated(anchor, statistics, None, child_lineage(anchor))
 
 
-def admission_threshold(config: AnchorConfig, admit: str) -> float | None:
-    """``--admit``: 'fpr' (the anchor's own false-positive rate: admit what it does not flag),
-    a p-value in (0, 1), or 'none' (admit everything)."""
+def admission_threshold(config: AnchorConfig, admit: str = DEFAULT_ADMIT) -> float | None:
+    """``--admit``: a p-value in (0, 1) (DEFAULT_ADMIT by default), 'fpr' (the anchor's own
+    false-positive rate: admit what it does not flag), or 'none' (admit everything)."""
     if admit == "none":
         return None
     p = config.fpr if admit == "fpr" else float(admit)
@@ -201,17 +206,13 @@ def admission_threshold(config: AnchorConfig, admit: str) -> float | None:
     return p
 
 
-def admitted(anchor: Anchor, features: np.ndarray, threshold: float | None) -> np.ndarray:
-    """Which images the poisoning guard lets in: the current anchor's combined p-value is at
-    least ``threshold`` (its score at most -log10 threshold); all of them without one."""
-    return admission(anchor, features, threshold)[0]
-
-
 def admission(
     anchor: Anchor, features: np.ndarray, threshold: float | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(admitted, near, scores) of each image: whether the guard lets it in, whether it is an
-    admitted image in the round test's band (``near_band``), and its score against the anchor."""
+    """(admitted, near, scores) of each image: whether the guard lets it in (its combined
+    p-value against the current anchor at least ``threshold``, its score at most -log10 of it;
+    every image without one), whether it is an admitted image in the round test's band
+    (``near_band``), and its score."""
     scores = anchor.assess(np.atleast_2d(features)[:, : anchor.spec.dim])["score"]
     _, high = near_band(threshold)
     keep = scores <= -math.log10(threshold) if threshold is not None else np.ones(len(scores), dtype=bool)

@@ -13,7 +13,7 @@ from anchorscan.anchors.anchor_file import anchor_from_bytes, read_metadata
 from anchorscan.anchors.errors import UsageError, UserError
 from anchorscan.anchors.io.storage import read_checked_file
 from anchorscan.anchors.softness import softened
-from anchorscan.anchors.updating import ROUND_SHARE, admission_threshold, round_test
+from anchorscan.anchors.updating import DEFAULT_ADMIT, ROUND_SHARE, admission_threshold, round_test
 from anchorscan.pipelines.common import anchor_and_extractor, chain_steps
 from anchorscan.pipelines.flags import admit_value, command_parser, float_in, text
 from anchorscan.pipelines.options import (
@@ -40,9 +40,10 @@ def parser():
         "--admit",
         type=admit_value,
         default=None,
-        help="poisoning guard: admit only images whose p-value against the current "
-        "anchor is at least this ('fpr', the default: the anchor's own rate, i.e. what it "
-        "does not flag; a p-value; 'none': every image, the round test and the bound still apply)",
+        help=f"poisoning guard: admit only images whose p-value against the current anchor is at "
+        f"least this ({DEFAULT_ADMIT} by default: within the central 90 %% of its held-out real photos; "
+        "'fpr': the anchor's own rate, what it does not flag; 'none': every image, the round test "
+        "and the bound still apply)",
     )
     parser.add_argument(
         "--trusted",
@@ -74,7 +75,7 @@ def run(argv=None, test_pipeline=None) -> dict:
         raise UsageError("--trusted admits every image; --admit is the guard of untrusted updates")
     tensors, metadata, spec, backbone, extractor = anchor_and_extractor(args)
     config = AnchorConfig(**metadata["config"])
-    admit = "none" if args.trusted else args.admit or "fpr"
+    admit = "none" if args.trusted else args.admit or DEFAULT_ADMIT
     threshold = admission_threshold(config, admit)
 
     started = time.time()
@@ -127,6 +128,11 @@ class RoundRefused(UserError):
 def print_update_summary(summary: dict) -> None:
     if summary["trusted"]:
         admitted = f"{summary['admitted']} trusted images, held out by the anchor's rule"
+    elif "n" not in summary:
+        admitted = (
+            f"none: {summary['admitted']} images passed the per-image check, {summary['near_threshold']} "
+            "of them just above the threshold, and the round test refused them all (reason round)"
+        )
     else:
         admitted = (
             f"{summary['admitted']} images ({summary['near_threshold']} just above the threshold; "
@@ -140,8 +146,8 @@ def print_update_summary(summary: dict) -> None:
     print(
         f"anchor      {summary['anchor']} ({outcome})\n"
         f"admitted    {admitted}\n"
-        f"refused     {summary['refused']} images the current anchor flags (--admit "
-        f"{summary['admit']}): {summary['refused_table']}\n"
+        f"refused     {summary['refused']} images below --admit {summary['admit']} against the "
+        f"current anchor: {summary['refused_table']}\n"
         f"errors      {summary['errors']}\n"
         f"time        {summary['seconds']:.1f} s"
     )

@@ -151,13 +151,13 @@ def update_by_hash(anchor: Anchor, uris: list[str], rows: np.ndarray, forgetting
     return updated(anchor, Statistics(additions, held_out), forgetting, trusted=True)
 
 
-def guarded_update(anchor: Anchor, rows: np.ndarray, admit: str = "fpr"):
+def guarded_update(anchor: Anchor, rows: np.ndarray, admit: str | None = None):
     """What `update` computes for untrusted images, in memory: (the updated anchor, or None
     where the round is refused; the round test)."""
     from anchorscan.anchors.statistics import Statistics
     from anchorscan.anchors.updating import admission, admission_threshold, round_test, updated
 
-    threshold = admission_threshold(anchor.config, admit)
+    threshold = admission_threshold(anchor.config, *([admit] if admit else []))
     keep, near, _ = admission(anchor, rows, threshold)
     test = round_test(int(keep.sum()), int(near.sum()), anchor, threshold)
     if test.refused:

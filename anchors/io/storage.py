@@ -161,13 +161,9 @@ def check_writable(uri: str, flag: str, size: int = 0) -> None:
             free = status.f_bavail * status.f_frsize
             if free < size:
                 raise OSError(errno.ENOSPC, f"{size:,} bytes needed, {free:,} free", folder)
-    except FileExistsError:  # makedirs: a file stands where the folder should be
+    except (FileExistsError, NotADirectoryError):  # a file stands where a folder should be
         raise UnwritableOutputError(
-            f"cannot write {flag} {uri}: {folder} or a folder above it is a file, not a folder"
-        ) from None
-    except NotADirectoryError:
-        raise UnwritableOutputError(
-            f"cannot write {flag} {uri}: a folder above it is a file, not a folder"
+            f"cannot write {flag} {uri}: {_file_in_the_way(folder)} is a file, not a folder"
         ) from None
     except OSError as error:
         if error.errno in ENVIRONMENT_ERRNOS:
@@ -177,6 +173,14 @@ def check_writable(uri: str, flag: str, size: int = 0) -> None:
             ) from None
         where = f" ({error.filename})" if error.filename else ""
         raise UnwritableOutputError(f"cannot write {flag} {uri}: {error.strerror or error}{where}") from None
+
+
+def _file_in_the_way(folder: str) -> str:
+    """The nearest of ``folder`` and the folders above it that exists: the file in the way."""
+    path = os.path.abspath(folder)
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
 
 
 def files_in(folder: str, suffix: str) -> list[str]:
