@@ -34,12 +34,22 @@ demo: venv
 	    --anchor $(DEMO)/anchor.safetensors --head $(DEMO)/lda.safetensors --output $(DEMO)/eval-lda
 	$(BIN)/anchorscan report --scores $(DEMO)/scan --anchor $(DEMO)/anchor.safetensors \
 	    --labels demo/data/scan/manifest.csv --output $(DEMO)/report.html
+	@echo "--- curating a scraped dataset: img2dataset's shards in, filtered shards out (README)"
+	$(BIN)/anchorscan score $(RUNNER) --input 'demo/data/shards/{00000..00002}.tar' \
+	    --anchor $(DEMO)/anchor.safetensors --output $(DEMO)/shards/scan --overwrite
+	$(BIN)/anchorscan curate $(RUNNER) --scores $(DEMO)/shards/scan --output $(DEMO)/shards/curated \
+	    --reshard --samples_per_shard 25 --overwrite
 
-# Lint, format, the import layers (pipelines > transforms > anchors).
+# Lint, format, the import layers (templates > pipelines > transforms > anchors), types. mypy
+# checks the package as it is installed: a tree of links names the folders anchorscan.*.
+TYPECHECK := build/typecheck
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	mkdir -p $(TYPECHECK)/anchorscan
+	for d in anchors transforms pipelines templates; do ln -sfn $(CURDIR)/$$d $(TYPECHECK)/anchorscan/$$d; done
+	cd $(TYPECHECK) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p anchorscan
 
 # The whole suite, as CI runs it; the import layers first (pipelines > transforms > anchors).
 test: venv lint
@@ -50,12 +60,15 @@ test-fast: venv lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # Throughput of every stage against the bare forward pass, the backbones against their FLOPs,
-# online updates against full re-derivations and a delta's size.
+# online updates against full re-derivations and a delta's size, shards against folders and the
+# memory of scanning a 1 GB shard.
 bench: venv
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/forward_backends.py
 	$(BIN)/python benchmarks/backbones.py
 	$(BIN)/python benchmarks/online_update.py
+	$(BIN)/python benchmarks/shards.py
+	$(BIN)/python benchmarks/fit_speed.py
 
 # The poisoning measurement of docs/QUALITY.md (about 15 minutes): the development bench is not in
 # the repository, so give its folder: make poisoning BENCH=../shared/bench/dev

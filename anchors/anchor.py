@@ -20,6 +20,8 @@ from anchorscan.anchors.calibration import (
     COMBINERS,
     NUM_QUANTILES,
     CalibrationRows,
+    alarm_terms,
+    combined_log10,
     sketch,
     tippett_log10,
     upper_tail_log_pvalues,
@@ -34,6 +36,7 @@ from anchorscan.anchors.stats import Moments
 COMPONENTS = ("semantic", "statistical", "statistical_raw", "forensic")
 CHANNELS = ("semantic", "statistical", "forensic")  # what the score can combine
 STATISTICAL_MODES = {"decoupled": "statistical", "raw": "statistical_raw"}
+CALIBRATION_KEYS = ("phash", "uri")
 FLAG_PREFIX = "flag:"  # a flagged generator's component: "flag:NAME"
 GENERATOR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -42,14 +45,19 @@ GENERATOR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 class AnchorConfig:
     explained_variance: float = 0.95
     fpr: float = 0.01
-    combine: str = "fisher"
+    # docs/METHOD.md §5.4, docs/QUALITY.md round 3: every channel; the first is the primary one,
+    # the others alarms that join where they fire on their own at alarm_share of the fpr budget
+    combine: str = "alarms"
     statistical: str = "decoupled"
-    # docs/QUALITY.md, selection rule 1: the forensic channel alone; the others are written out
-    channels: tuple[str, ...] = ("forensic",)
+    channels: tuple[str, ...] = ("forensic", "semantic", "statistical")
     forensic_levels: str = "softness_path"
     # the hold-out rule (§5.1), recorded so that `update` holds out new images the same way
     calibration_fraction: float = 0.1
     calibration_group: str | None = None
+    # what groups the hold-out without --calibration_group: the picture's perceptual hash (so
+    # near-duplicates are held out together), or the URI alone (anchors fitted before phash)
+    calibration_key: str = "phash"
+    alarm_share: float = 0.05
 
     def __post_init__(self):
         if not 0.0 < self.explained_variance <= 1.0:
@@ -74,10 +82,26 @@ class AnchorConfig:
             )
         if not 0.0 < self.calibration_fraction < 1.0:
             raise UsageError(f"--calibration_fraction must be in (0, 1), got {self.calibration_fraction}")
+        if not 0.0 < self.alarm_share * (len(self.channels) - 1) < 1.0 and len(self.channels) > 1:
+            raise UsageError(
+                f"--alarm_share {self.alarm_share} times {len(self.channels) - 1} alarm channels must be "
+                "below 1 (the primary channel keeps the rest of the budget)"
+            )
+        if self.calibration_key not in CALIBRATION_KEYS:
+            raise UsageError(
+                f"--calibration_key must be one of {', '.join(CALIBRATION_KEYS)}, "
+                f"got {self.calibration_key!r}"
+            )
         if self.forensic_levels not in LEVEL_SETS:
             raise UsageError(
                 f"--forensic_levels must be one of {', '.join(LEVEL_SETS)}, got {self.forensic_levels!r}"
             )
+
+    @classmethod
+    def from_dict(cls, config: dict) -> AnchorConfig:
+        """The configuration an anchor file records; one written before the perceptual-hash
+        hold-out held out by URI, and keeps doing so when updated."""
+        return cls(**{"calibration_key": "uri", **config})
 
     @property
     def threshold(self) -> float:
@@ -85,7 +109,7 @@ class AnchorConfig:
         return -math.log10(self.fpr)
 
 
-def oas_shrinkage(covariance: np.ndarray, n: int) -> float:
+def oas_shrinkage(covariance: np.ndarray, n: float) -> float:
     """Oracle Approximating Shrinkage coefficient toward ``trace/d * I`` (Chen et al. 2010),
     in the form scikit-learn uses."""
     d = covariance.shape[0]
@@ -170,7 +194,7 @@ class AnchorModel:
         semantic_whitening = vectors / np.sqrt(np.maximum(eigenvalues, 1e-300))
         regression = np.linalg.solve(sigma_ss, sigma_sm)  # B^T
         schur = sigma_mm - sigma_sm.T @ regression
-        max_rank = moments.n - 1
+        max_rank = int(moments.n) - 1
         return cls(
             mean=moments.mean.copy(),
             d_semantic=d_semantic,
@@ -252,8 +276,10 @@ class Anchor:
     flagged: dict[str, Moments] = dataclasses.field(default_factory=dict)
     calibration_rows: CalibrationRows | None = dataclasses.field(default=None, repr=False)
     lineage: tuple[str, ...] = ()
-    model: AnchorModel | None = dataclasses.field(default=None, repr=False)
-    flag_models: dict[str, FlaggedClass] = dataclasses.field(default=None, repr=False)
+    # Derived from the statistics in __post_init__ unless given (dataclasses.replace passes them
+    # on, so recalibrating does not derive them again): never None after construction.
+    model: AnchorModel = dataclasses.field(default=None, repr=False)  # type: ignore[assignment]
+    flag_models: dict[str, FlaggedClass] = dataclasses.field(default=None, repr=False)  # type: ignore[arg-type]
 
     def __post_init__(self):
         if self.moments.dim != self.spec.d_backbone:
@@ -422,39 +448,42 @@ class Anchor:
             )
             for channel in CHANNELS
         }
-        score = COMBINERS[config.combine](np.stack([log_p[c] for c in config.channels], axis=1))
+        channel_log_p = np.stack([log_p[c] for c in config.channels], axis=1)
+        score = combined_log10(channel_log_p, config.combine, config.fpr, config.alarm_share)
+        # What fired: the candidate with the smallest p-value as the rule weighs it.
+        ranked = (
+            alarm_terms(channel_log_p, config.fpr, config.alarm_share)
+            if config.combine == "alarms"
+            else channel_log_p
+        )
         candidates = list(config.channels)
         if self.flag_models:
             # A flagged generator joins only where it fires on its own (its Sidak-corrected
             # p-value below fpr), so on real images it moves at most that share of scores (§9.3).
             flags = [FLAG_PREFIX + name for name in self.flag_models]
-            log_p.update(
-                {
-                    flag: upper_tail_log_pvalues(result[flag], self.calibration[flag], self.n_calibration)
-                    for flag in flags
-                }
-            )
+            flag_log_p = {
+                flag: upper_tail_log_pvalues(result[flag], self.calibration[flag], self.n_calibration)
+                for flag in flags
+            }
             k = 1 + len(flags)
             fired = {
-                flag: tippett_log10(np.stack([log_p[flag]] + [np.zeros_like(score)] * (k - 1), axis=1))
+                flag: tippett_log10(np.stack([flag_log_p[flag]] + [np.zeros_like(score)] * (k - 1), axis=1))
                 > config.threshold
                 for flag in flags
             }
-            score = tippett_log10(
-                np.stack([-score * math.log(10)] + [np.where(fired[f], log_p[f], 0.0) for f in flags], axis=1)
-            )
-            result["p_flagged"] = np.exp(np.min([log_p[flag] for flag in flags], axis=0))
-            for flag in flags:  # a flag that did not fire is not what fired
-                log_p[flag] = np.where(fired[flag], log_p[flag], 0.0)
+            joined = [np.where(fired[f], flag_log_p[f], 0.0) for f in flags]
+            score = tippett_log10(np.stack([-score * math.log(10), *joined], axis=1))
+            result["p_flagged"] = np.exp(np.min([flag_log_p[flag] for flag in flags], axis=0))
+            # a flag that did not fire is not what fired
+            ranked = np.hstack([ranked, np.stack(joined, axis=1)])
             candidates += flags
         else:
             result["p_flagged"] = np.ones(len(score))
-        smallest = np.argmin(np.stack([log_p[c] for c in candidates], axis=1), axis=1)
         result.update({f"p_{channel}": np.exp(log_p[channel]) for channel in CHANNELS})
         result.update(
             score=score,
             is_suspect=score > config.threshold,
-            component=np.asarray(candidates)[smallest],
+            component=np.asarray(candidates)[np.argmin(ranked, axis=1)],
             softness=np.asarray(self.forensic.level_names)[result["softness_level"]],
         )
         return result

@@ -43,7 +43,7 @@ def anchor_id(metadata: dict) -> str:
 
 def statistics_tensors(statistics: dict[str, Moments]) -> tuple[dict[str, np.ndarray], dict]:
     """Named moments as tensors ``moments.<name>.mean|m2`` and their counts by name."""
-    tensors = {}
+    tensors: dict[str, np.ndarray] = {}
     for name, moments in statistics.items():
         tensors[f"moments.{name}.mean"], tensors[f"moments.{name}.m2"] = moments.mean, moments.m2
     return tensors, {name: moments.n for name, moments in statistics.items()}
@@ -151,7 +151,7 @@ def check_contents(tensors: dict[str, np.ndarray], metadata: dict, what: str) ->
             )
     check_calibration(tensors, metadata, spec, flagged, error, what)
     try:
-        AnchorConfig(**field(metadata, "config", dict, error, what))
+        AnchorConfig.from_dict(field(metadata, "config", dict, error, what))
     except (TypeError, ValueError) as problem:
         raise error(f"{what}: its configuration is not valid: {problem}") from None
     lineage = field(metadata, "lineage", list, error, what)
@@ -240,7 +240,7 @@ def anchor_from_bytes(data: bytes, source: str | None = None) -> tuple[Anchor, d
             spec,
             statistics["backbone"],
             forensic,
-            AnchorConfig(**metadata["config"]),
+            AnchorConfig.from_dict(metadata["config"]),
             {
                 name[len("calibration.") :]: tensor
                 for name, tensor in tensors.items()

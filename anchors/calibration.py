@@ -92,6 +92,25 @@ def tippett_log10(log_pvalues: np.ndarray) -> np.ndarray:
     return -log_combined / math.log(10)
 
 
+def alarms_log10(log_pvalues: np.ndarray, fpr: float, share: float) -> np.ndarray:
+    """-log10 of the alarms rule's p-value (docs/METHOD.md §5.4): the first column is the primary
+    channel, the others alarms. Weighted Bonferroni: the primary channel spends ``1 - m share``
+    of the false-positive budget ``fpr`` and each of the ``m`` alarms ``share`` of it; an alarm
+    joins only where it fires on its own (``p <= share * fpr``). Valid under any dependence
+    between channels; where no alarm fires, the score ranks as the primary channel's."""
+    log_pvalues = np.minimum(np.atleast_2d(np.asarray(log_pvalues, dtype=np.float64)), 0.0)
+    return -alarm_terms(log_pvalues, fpr, share).min(axis=1).clip(max=0.0) / math.log(10)
+
+
+def alarm_terms(log_pvalues: np.ndarray, fpr: float, share: float) -> np.ndarray:
+    """Each channel's weighted log p-value under the alarms rule (+inf for an alarm that did not
+    fire): the smallest is the combined one, and its column is what fired."""
+    primary, alarms = log_pvalues[:, :1], log_pvalues[:, 1:]
+    weight = 1.0 - alarms.shape[1] * share
+    fired = alarms <= math.log(share * fpr)
+    return np.hstack([primary - math.log(weight), np.where(fired, alarms - math.log(share), np.inf)])
+
+
 def max_log_bayes_factor(score: np.ndarray) -> np.ndarray:
     """The most evidence against "real" that a p-value can carry, as a natural-log Bayes factor:
     -ln(-e p ln p) for p < 1/e, else 0 (Sellke, Bayarri and Berger 2001). ``score`` is
@@ -102,16 +121,25 @@ def max_log_bayes_factor(score: np.ndarray) -> np.ndarray:
     return np.where(log_p < -1.0, bound, 0.0)
 
 
-COMBINERS = {"fisher": fisher_log10, "tippett": tippett_log10}
+COMBINERS = ("alarms", "fisher", "tippett")
 
 
-def holds_out(uri: str, fraction: float, group: str | None = None) -> bool:
+def combined_log10(log_pvalues: np.ndarray, rule: str, fpr: float, share: float) -> np.ndarray:
+    """-log10 of the combined p-value of the channels' log p-values (columns) by ``rule``."""
+    if rule == "alarms":
+        return alarms_log10(log_pvalues, fpr, share)
+    return fisher_log10(log_pvalues) if rule == "fisher" else tippett_log10(log_pvalues)
+
+
+def holds_out(uri: str, fraction: float, group: str | None = None, phash: str = "") -> bool:
     """Whether ``uri`` belongs to the calibration slice: a stable hash, the same on every worker.
 
     ``group`` is a regular expression whose first match (its first group, if it has one) is
     hashed instead of the whole URI, so that related files - crops of one photo, frames of one
-    video - land on the same side and calibration images are really unseen."""
-    key = uri
+    video - land on the same side and calibration images are really unseen. Without one, the
+    picture's perceptual hash (``phash``, where given) is hashed: re-encodes and resizes of one
+    photo, which scraped corpora hold many of, land on the same side (docs/METHOD.md §5.1)."""
+    key = f"phash:{phash}" if phash else uri
     if group:
         match = re.search(group, uri)
         if match:

@@ -59,15 +59,16 @@ def environment_failure(error: BaseException, path: str | None = None) -> Enviro
     ENVIRONMENT_ERRNOS anywhere in its chain, or the text of one that a runner's worker sent
     back; None where the failure is not the environment's. ``path``: what was being written."""
     seen, first = set(), error
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, EnvironmentFailure):
-            return error
-        if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS:
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, EnvironmentFailure):
+            return cause
+        if isinstance(cause, OSError) and cause.errno in ENVIRONMENT_ERRNOS:
             return EnvironmentFailure(
-                f"{error.filename or path or 'an output'}: {ENVIRONMENT_ERRNOS[error.errno]}"
+                f"{cause.filename or path or 'an output'}: {ENVIRONMENT_ERRNOS[cause.errno]}"
             )
-        error = error.__cause__ or error.__context__
+        cause = cause.__cause__ or cause.__context__
     for match in _ERRNO_TEXT.finditer(str(first)):
         number = int(match.group(1))
         if number in ENVIRONMENT_ERRNOS:

@@ -29,7 +29,7 @@ from anchorscan.anchors.errors import UserError
 from anchorscan.anchors.spec import FeatureSpec, IncompatibleAnchorError
 from anchorscan.anchors.stats import Moments
 from anchorscan.anchors.updating import merged_statistics, recalibrated
-from anchorscan.anchors.validation import check, check_array, check_count, check_moments, field
+from anchorscan.anchors.validation import check, check_array, check_count, check_moments, field, present
 
 FORMAT_VERSION = 2  # 2: the site's lineage since the base, signatures
 METADATA_KEY = "anchorscan_delta"
@@ -79,7 +79,7 @@ class Delta:
     checksum: str | None = None  # the file's, as read
 
     @property
-    def n(self) -> int:
+    def n(self) -> float:
         return self.statistics["backbone"].n if "backbone" in self.statistics else 0
 
     @property
@@ -159,7 +159,7 @@ def export_delta(
 def delta_to_bytes(delta: Delta, signer: signing.Signer | None = None) -> bytes:
     """The delta file; with ``signer``, its fingerprint in the metadata and the signature of the
     checksum beside it."""
-    tensors = {}
+    tensors: dict[str, np.ndarray] = {}
     for name, moments in delta.statistics.items():
         tensors[f"delta.{name}.mean"] = moments.mean
         if name in delta.factors:
@@ -233,22 +233,19 @@ def delta_from_bytes(data: bytes, source: str | None = None) -> Delta:
     for name, n in counts.items():
         label = f"{what}: statistic {name}"
         check_count(label, n, error)
-        mean = tensors.get(f"delta.{name}.mean")
-        check(mean is not None, error, f"{label}: its mean is missing")
+        mean = present(tensors.get(f"delta.{name}.mean"), error, f"{label}: its mean is missing")
         if name in ranks:
             rank = field(ranks, name, int, error, f"{what} ranks")
             check(1 <= rank < widths[name], error, f"{label}: rank {rank} is not below its dimension")
             energy = field(kept, name, (int, float), error, f"{what} kept_energy")
             check(0 <= energy <= 1, error, f"{label}: kept energy {energy!r} is not a share")
-            factor = tensors.get(f"delta.{name}.factor")
-            check(factor is not None, error, f"{label}: its factor is missing")
+            factor = present(tensors.get(f"delta.{name}.factor"), error, f"{label}: its factor is missing")
             check_array(f"{label} factor", factor, (widths[name], rank), error)
             check_array(f"{label} mean", mean, (widths[name],), error)
             factors[name] = factor
             m2 = factor @ factor.T  # positive semi-definite by construction
         else:
-            m2 = tensors.get(f"delta.{name}.m2")
-            check(m2 is not None, error, f"{label}: its M2 is missing")
+            m2 = present(tensors.get(f"delta.{name}.m2"), error, f"{label}: its M2 is missing")
             check_moments(label, n, mean, m2, widths[name], error)
         statistics[name] = Moments.from_arrays(n, mean, m2)
     for level in levels:
@@ -307,7 +304,7 @@ def check_signatures(deltas: list[Delta], trusted: dict | None, names: list[str]
             )
         return warnings
     for delta, name in zip(deltas, names):
-        if delta.signature is None:
+        if delta.signature is None or delta.signer is None:
             raise DeltaRefused(
                 f"{name} is not signed: with --trust only deltas signed by an enrolled site are "
                 "merged (the site runs export-delta --sign SITE.key)"
@@ -317,7 +314,9 @@ def check_signatures(deltas: list[Delta], trusted: dict | None, names: list[str]
                 f"{name} is signed by key {delta.signer[:16]}, which is not among the --trust keys: "
                 "enrol the site's .pub file if it is one of yours"
             )
-        if not signing.verifies(trusted[delta.signer], delta.checksum, delta.signature):
+        if delta.checksum is None or not signing.verifies(
+            trusted[delta.signer], delta.checksum, delta.signature
+        ):
             raise DeltaRefused(
                 f"{name}: its signature does not verify under the key of {delta.signer[:16]}: the "
                 "delta was changed after it was signed"

@@ -84,8 +84,13 @@ class Head(abc.ABC):
     kind: ClassVar[str]
     # Whether ``decision`` is a natural-log odds of "generated", which evidence can be added to.
     log_odds: ClassVar[bool] = False
-    parts: ClassVar[str] = "semantic"
+    parts: str = "semantic"  # what the head reads; a field of the heads that can read more
     spec: FeatureSpec
+
+    @property
+    @abc.abstractmethod
+    def counts(self) -> dict[str, float]:
+        """{'real': n, 'fake': n}: the examples the head was fitted on."""
 
     @abc.abstractmethod
     def _decision_rows(self, rows: np.ndarray) -> np.ndarray:
@@ -148,7 +153,7 @@ class NearestNeighbourHead(Head):
         return cls(spec, l2_normalised(real.astype(np.float32)), l2_normalised(fake.astype(np.float32)), k)
 
     @property
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> dict[str, float]:
         return {"real": len(self.real_bank), "fake": len(self.fake_bank)}
 
     def _mean_top_k_similarity(self, queries: np.ndarray, bank: np.ndarray) -> np.ndarray:
@@ -255,7 +260,7 @@ class LinearProbeHead(Head):
         return cls(spec, Moments.of(real), Moments.of(fake), parts)
 
     @property
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> dict[str, float]:
         return {"real": self.real.n, "fake": self.fake.n}
 
     def _decision_rows(self, rows):
@@ -275,14 +280,11 @@ class LinearProbeHead(Head):
     @classmethod
     def _from_file(cls, spec, tensors, metadata):
         counts = metadata["counts"]
-        return cls(
-            spec,
-            *(
-                Moments.from_arrays(counts[name], tensors[f"{name}.mean"], tensors[f"{name}.m2"])
-                for name in ("real", "fake")
-            ),
-            metadata["parts"],
+        real, fake = (
+            Moments.from_arrays(counts[name], tensors[f"{name}.mean"], tensors[f"{name}.m2"])
+            for name in ("real", "fake")
         )
+        return cls(spec, real, fake, metadata["parts"])
 
     @classmethod
     def check_file(cls, spec, tensors, metadata, what):
@@ -311,8 +313,12 @@ class LogisticHead(Head):
     spec: FeatureSpec
     coef: np.ndarray  # (d_semantic,)
     intercept: float
-    counts: dict[str, int]
+    class_counts: dict[str, float]
     C: float  # scikit-learn's inverse regularisation strength
+
+    @property
+    def counts(self) -> dict[str, float]:
+        return self.class_counts
 
     @classmethod
     def fit(

@@ -4,6 +4,8 @@ threshold) are composed here."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
@@ -44,11 +46,17 @@ def accuracy_at_threshold(labels, scores, threshold: float) -> tuple[float, floa
     return _mean_or_nan(correct), _mean_or_nan(correct[~labels]), _mean_or_nan(correct[labels])
 
 
-def detection_metrics(labels, scores, threshold: float) -> dict:
-    """The metrics of one evaluation set; NaN where a metric needs both classes."""
+def detection_metrics(labels, scores, threshold: float, second_threshold: float = math.nan) -> dict:
+    """The metrics of one evaluation set; NaN where a metric needs both classes (or, for the
+    ``_p05`` accuracies, where the detector has no ``second_threshold``: a head's)."""
     labels, scores = _labels_and_scores(labels, scores)
     both = _both_classes(labels)
     acc, real_acc, fake_acc = accuracy_at_threshold(labels, scores, threshold)
+    _, real_p05, fake_p05 = (
+        accuracy_at_threshold(labels, scores, second_threshold)
+        if not math.isnan(second_threshold)
+        else (math.nan,) * 3
+    )
     return {
         "n_real": int((~labels).sum()),
         "n_fake": int(labels.sum()),
@@ -59,4 +67,6 @@ def detection_metrics(labels, scores, threshold: float) -> dict:
         "fake_acc": fake_acc,
         "tpr_at_fpr1": tpr_at_fpr(labels, scores, 0.01),
         "tpr_at_fpr5": tpr_at_fpr(labels, scores, 0.05),
+        "real_acc_p05": real_p05,
+        "fake_acc_p05": fake_p05,
     }

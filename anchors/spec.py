@@ -80,6 +80,6 @@ class FeatureSpec:
             raise IncompatibleAnchorError(
                 f"{anchor_name} was fitted on different features and cannot score these:\n  "
                 + "\n  ".join(differences)
-                + f"\nScore with --backbone {self.backbone} and the same weights and preprocessing, "
-                "or fit a new anchor for this backbone."
+                + f"\nGive the --weights it was fitted with (backbone {self.backbone}), or fit a new "
+                "anchor on these features (`anchorscan fit --backbone ...`)."
             )

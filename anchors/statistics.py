@@ -18,25 +18,29 @@ from anchorscan.anchors.stats import BufferedMoments, Moments
 
 @dataclasses.dataclass(frozen=True)
 class HoldOut:
-    """The calibration hold-out rule (§5.1): a stable hash of each URI, or of the first match
-    of ``group`` in it, sends ``fraction`` of the images to calibration."""
+    """The calibration hold-out rule (§5.1): a stable hash of the first match of ``group`` in
+    each URI, else of the picture's perceptual hash (``by_phash``, where the decode step gave
+    one), else of the URI, sends ``fraction`` of the images to calibration."""
 
     fraction: float
     group: str | None = None
+    by_phash: bool = True
 
-    def holds(self, uri: str) -> bool:
-        return holds_out(uri, self.fraction, self.group)
+    def holds(self, uri: str, phash: str = "") -> bool:
+        return holds_out(uri, self.fraction, self.group, phash if self.by_phash else "")
 
 
 @dataclasses.dataclass(frozen=True)
 class StatisticsLayout:
     """Which columns of an embedded row feed which named statistic (``slices``: name, start,
     stop), and the rule that sends a row to calibration instead (its first
-    ``calibration_width`` columns kept)."""
+    ``calibration_width`` columns kept). A statistic named in ``optional`` takes only the rows
+    that have its columns (NaN where fitting did not simulate a softness level)."""
 
     slices: tuple[tuple[str, int, int], ...]
     hold_out: HoldOut | None = None
     calibration_width: int = 0
+    optional: tuple[str, ...] = ()
 
     @classmethod
     def for_anchor(
@@ -49,7 +53,8 @@ class StatisticsLayout:
             (f"forensic.{name}", split + j * width, split + (j + 1) * width)
             for j, name in enumerate(level_names)
         )
-        return cls((("backbone", 0, split), *levels), hold_out, spec.dim)
+        softened = tuple(name for name, _, _ in levels[1:])
+        return cls((("backbone", 0, split), *levels), hold_out, spec.dim, softened)
 
     @classmethod
     def whole(cls, name: str, width: int) -> StatisticsLayout:
@@ -81,17 +86,20 @@ class StatisticsAccumulator:
         self._keys: list[np.ndarray] = []
         self._rows: list[np.ndarray] = []
 
-    def add(self, uri: str, row: np.ndarray) -> StatisticsAccumulator:
+    def add(self, uri: str, row: np.ndarray, phash: str = "") -> StatisticsAccumulator:
         row = np.asarray(row)
         hold_out = self.layout.hold_out
-        if hold_out is not None and hold_out.holds(uri):
+        if hold_out is not None and hold_out.holds(uri, phash):
             self._keys.append(np.array([uri_key(uri)], dtype=np.uint64))
             self._rows.append(row[None, : self.layout.calibration_width])
             if len(self._keys) >= 2 * MAX_CALIBRATION_ROWS:
                 self._trim()
             return self
+        optional = self.layout.optional
         for name, start, stop in self.layout.slices:
-            self.moments[name].add(row[start:stop])
+            part = row[start:stop]
+            if name not in optional or np.isfinite(part).all():
+                self.moments[name].add(part)
         return self
 
     def merge(self, other: StatisticsAccumulator) -> StatisticsAccumulator:

@@ -15,6 +15,7 @@ class Moments:
     """Count, mean and centred scatter matrix of a stream of d-dimensional rows."""
 
     __slots__ = ("m2", "mean", "n")
+    n: float  # a count; a weight after forgetting
 
     def __init__(self, dim: int):
         self.n = 0
@@ -26,7 +27,7 @@ class Moments:
         return self.mean.shape[0]
 
     @classmethod
-    def from_arrays(cls, n: int, mean: np.ndarray, m2: np.ndarray) -> Moments:
+    def from_arrays(cls, n: float, mean: np.ndarray, m2: np.ndarray) -> Moments:
         moments = cls(mean.shape[0])
         moments.n = int(n) if float(n).is_integer() else float(n)  # a weight after forgetting
         moments.mean = np.asarray(mean, dtype=np.float64).copy()
@@ -64,7 +65,7 @@ class Moments:
             raise ValueError(f"cannot merge moments of dimension {other.dim} into {self.dim}")
         return self._merge_parts(other.n, other.mean, other.m2)
 
-    def _merge_parts(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray) -> Moments:
+    def _merge_parts(self, n_b: float, mean_b: np.ndarray, m2_b: np.ndarray) -> Moments:
         if n_b == 0:
             return self
         if self.n == 0:
@@ -169,6 +170,7 @@ class BufferedMoments:
             return None
         offset = self._shifted_sum / self._count
         scatter = self._scatter  # upper triangle; the lower one is zero
+        assert scatter is not None and self._reference is not None  # set with the first buffer
         m2 = scatter + scatter.T
         np.fill_diagonal(m2, scatter.diagonal())
         scaled = offset * np.sqrt(self._count)

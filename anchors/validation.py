@@ -12,8 +12,11 @@ class (a ``UserError``: exit status 2) naming the file and the statistic."""
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 MAX_COUNT = 2**53  # float64 holds every whole number below this exactly
 # Symmetry within 1e-9 of the largest entry: Chan's merge keeps M2 exactly symmetric and a
@@ -28,6 +31,13 @@ PSD_TOLERANCE = 1e-9
 def check(condition: bool, error: type[Exception], message: str) -> None:
     if not condition:
         raise error(message)
+
+
+def present(value: T | None, error: type[Exception], message: str) -> T:
+    """``value``, which must be there."""
+    if value is None:
+        raise error(message)
+    return value
 
 
 def check_count(name: str, n, error: type[Exception], whole: bool = True, minimum: float = 0) -> float:
@@ -52,7 +62,7 @@ def check_count(name: str, n, error: type[Exception], whole: bool = True, minimu
 
 
 def check_array(
-    name: str, array: np.ndarray, shape: tuple[int, ...], error: type[Exception], finite: bool = True
+    name: str, array: np.ndarray, shape: tuple[int | None, ...], error: type[Exception], finite: bool = True
 ) -> np.ndarray:
     """``array`` has ``shape`` (None: any length on that axis) and, with ``finite``, holds no
     NaN or infinity."""

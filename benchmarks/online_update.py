@@ -14,10 +14,10 @@ import os
 import time
 
 import numpy as np
+from online_precision import OnlineAnchorModel
 
 from anchorscan.anchors.anchor import AnchorModel
 from anchorscan.anchors.forensic import ForensicModel
-from anchorscan.anchors.online import OnlineAnchorModel
 from anchorscan.anchors.stats import Moments
 
 FORENSIC = 10  # the forensic channel's features per level

@@ -50,6 +50,11 @@ COMMANDS = {
         "Write one self-contained HTML page about a scan.",
     ),
     "info": Command("info", "ANCHOR [--json]", "Print an anchor's metadata, after checking its checksum."),
+    "calibrate": Command(
+        "calibrate",
+        "--anchor A --input REAL_IMAGES [--input ...] --output A2 [--keep_held_out]",
+        "Calibrate an anchor's p-values on your own real images (its statistics stay as they are).",
+    ),
     "update": Command(
         "update",
         "--anchor A --input PATTERN [--input ...] --output A2 [--admit fpr|none|P]",
@@ -82,6 +87,12 @@ COMMANDS = {
         "stream",
         "--watch LOCATION --anchor A --output PREFIX [--window_seconds 60] [--learn_real PATTERN]",
         "Watch a location for new images and score each once, in windows, against the newest anchor file.",
+    ),
+    "curate": Command(
+        "curate",
+        "--scores PREFIX --output PREFIX [--max_score S | --drop_top F] [--reshard] [--samples_per_shard N]",
+        "Turn a scan's tables into what a training job reads: every sample kept or dropped (with "
+        "the reason), the sorted kept keys, and optionally shards of the kept samples.",
     ),
 }
 USAGE = (

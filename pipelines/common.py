@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from apache_beam.options.pipeline_options import StandardOptions
+
 from anchorscan.anchors.anchor_file import verified_contents
 from anchorscan.anchors.io.fetch import HttpConfig
 from anchorscan.anchors.io.gcs import check_paths
@@ -13,6 +15,7 @@ from anchorscan.anchors.io.storage import check_writable, local_copy, read_check
 from anchorscan.anchors.models.features import BackboneConfig, FeatureExtractor
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.pipelines.options import (
+    LOCAL_RUNNERS,
     backbone_config,
     decode_processes,
     http_config,
@@ -59,7 +62,8 @@ def chain_steps(args, options, config: BackboneConfig, extractor: FeatureExtract
         torch_threads=torch_threads(args, options),
         large_model=args.large_model,
     )
-    return Steps(limits, decoding, handler)
+    distributed = str(options.view_as(StandardOptions).runner) not in LOCAL_RUNNERS
+    return Steps(limits, decoding, handler, spread_samples=distributed)
 
 
 def anchor_and_extractor(args):

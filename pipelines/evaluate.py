@@ -16,6 +16,7 @@ from anchorscan.anchors.anchor import CHANNELS, COMBINERS, AnchorConfig
 from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.io.datasets import DATASETS, GENIMAGE_SPLITS, read_dataset
 from anchorscan.anchors.io.gcs import check_paths
+from anchorscan.anchors.io.shards import split_sample_uri
 from anchorscan.anchors.io.storage import check_writable, read_bytes, read_checked_file, write_atomically
 from anchorscan.anchors.io.uris import is_remote
 from anchorscan.anchors.metrics import detection_metrics
@@ -38,6 +39,8 @@ COLUMNS = (
     "acc",
     "real_acc",
     "fake_acc",
+    "real_acc_p05",
+    "fake_acc_p05",
     "tpr_at_fpr1",
     "tpr_at_fpr5",
 )
@@ -91,32 +94,65 @@ def parser():
     return parser
 
 
-def metrics_table(labels: dict[str, tuple[int, str]], rows: list[dict], threshold: float) -> list[dict]:
+def label_of(labels: dict[str, tuple[int, str]], uri: str) -> tuple[int, str]:
+    """A URI's (label, generator); a sample of a tar shard that the manifest labels as a whole
+    takes its shard's."""
+    if uri in labels:
+        return labels[uri]
+    sample = split_sample_uri(uri)
+    if sample is None:
+        raise KeyError(uri)
+    return labels[sample[0]]
+
+
+def metrics_table(
+    labels: dict[str, tuple[int, str]], rows: list[dict], threshold: float, second_threshold: float = math.nan
+) -> list[dict]:
     """One row per generator and a last `mean` row (the mean of the generators' metrics, as the
     papers report it); ``labels``: uri -> (label, generator). A generator is measured against
     the real images filed under it (ForenSynths, GenImage) or, where it has none, against all
-    real images (a manifest with a shared real set)."""
+    real images (a manifest with a shared real set). Real images filed under a name no fake
+    has (a processing of real photos: `jpeg_q75`, `watermark`) get a row of their own: the
+    share the detector flags among them, at ``threshold`` and ``second_threshold``."""
     scored: dict[tuple[int, str], list[float]] = {}
     for row in rows:
-        label, generator = labels[row["uri"]]
+        label, generator = label_of(labels, row["uri"])
         scored.setdefault((label, generator), []).append(row["score"])
-    all_reals = [s for (label, _), values in scored.items() if label == 0 for s in values]
+    fake_generators = {g for label, g in scored if label == 1}
+    processings = sorted(g for label, g in scored if label == 0 and g and g not in fake_generators)
+    all_reals = [
+        s for (label, g), values in scored.items() if label == 0 and g not in processings for s in values
+    ]
     table = []
-    for generator in sorted(g for label, g in scored if label == 1):
+    for generator in sorted(fake_generators):
         reals = scored.get((0, generator), all_reals)
         fakes = scored[(1, generator)]
         y = np.r_[np.zeros(len(reals)), np.ones(len(fakes))]
-        table.append({"generator": generator, **detection_metrics(y, np.r_[reals, fakes], threshold)})
-    if table:
+        metrics = detection_metrics(y, np.r_[reals, fakes], threshold, second_threshold)
+        table.append({"generator": generator, **metrics})
+    for generator in processings:
+        reals = scored[(0, generator)]
+        metrics = detection_metrics(np.zeros(len(reals)), np.asarray(reals), threshold, second_threshold)
+        table.append({"generator": generator, **metrics})
+    generators = [row for row in table if row["n_fake"]]  # the papers' mean: over generators
+    if generators:
         mean = {
             "generator": "mean",
-            "n_real": sum(r["n_real"] for r in table),
-            "n_fake": sum(r["n_fake"] for r in table),
+            "n_real": sum(r["n_real"] for r in generators),
+            "n_fake": sum(r["n_fake"] for r in generators),
         }
         for key in COLUMNS[3:]:
-            values = [r[key] for r in table if not math.isnan(r[key])]
+            values = [r[key] for r in generators if not math.isnan(r[key])]
             mean[key] = float(np.mean(values)) if values else float("nan")
         table.append(mean)
+    elif any(label == 0 for label, _ in scored):  # real images only: a last row pools them
+        pooled = np.asarray([s for (label, _), values in scored.items() if label == 0 for s in values])
+        table.append(
+            {
+                "generator": "all",
+                **detection_metrics(np.zeros(len(pooled)), pooled, threshold, second_threshold),
+            }
+        )
     return table
 
 
@@ -171,17 +207,22 @@ def evaluate_once(images, args, options, folder: str, perturbation: str | None) 
     rows = read_parquet_rows(prefix + "-scores-*.parquet", columns=["uri", "score"])
     labels = {image.uri: (image.label, image.generator) for image in images}
     # The anchor calls an image suspect above its threshold; a head above 0.
-    threshold = (
-        AnchorConfig(**read_metadata(read_checked_file(args.anchor), args.anchor)["config"]).threshold
+    threshold, second = (
+        (
+            AnchorConfig.from_dict(
+                read_metadata(read_checked_file(args.anchor), args.anchor)["config"]
+            ).threshold,
+            -math.log10(0.05),
+        )
         if args.head == "anchor"
-        else 0.0
+        else (0.0, math.nan)
     )
     detector = "anchor" if args.head == "anchor" else f"head {args.head}"
     header = f"{detector}{f', {perturbation}' if perturbation else ''} on {args.dataset} {args.root}"
-    table = metrics_table(labels, rows, threshold)
+    table = metrics_table(labels, rows, threshold, second)
     write_table(table, folder, header)
     unscored = len(images) - len(rows)
-    if unscored:
+    if unscored > 0:  # a labelled shard counts once among the images and once per sample among the rows
         print(f"{unscored} images could not be scored: see {prefix}-errors-*.parquet")
     return table
 
@@ -195,7 +236,7 @@ def run(argv=None) -> list[dict]:
     if not args.sweep:
         return evaluate_once(images, args, options, args.output, args.perturbation)
     sweep = []
-    for perturbation in ["none", *args.sweep.split(",")]:
+    for perturbation in ["none", *args.sweep]:
         slug = perturbation.replace(":", "")
         table = evaluate_once(
             images,

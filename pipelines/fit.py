@@ -6,7 +6,7 @@ import time
 
 import apache_beam as beam
 
-from anchorscan.anchors.anchor import CHANNELS, COMBINERS, STATISTICAL_MODES, AnchorConfig
+from anchorscan.anchors.anchor import CALIBRATION_KEYS, CHANNELS, COMBINERS, STATISTICAL_MODES, AnchorConfig
 from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.storage import check_writable, read_checked_file
@@ -69,7 +69,8 @@ def parser():
         "--combine",
         default=AnchorConfig.combine,
         choices=sorted(COMBINERS),
-        help="how the p-values combine into the score",
+        help="how the channels' p-values combine: alarms (the first channel ranks, the others join "
+        "where they fire on their own), fisher or tippett",
     )
     group.add_argument(
         "--statistical",
@@ -81,7 +82,22 @@ def parser():
         "--channels",
         type=choice_list(CHANNELS),
         default=",".join(AnchorConfig.channels),
-        help=f"comma-separated channels the score combines, among {', '.join(CHANNELS)}",
+        help=f"comma-separated channels the score combines, among {', '.join(CHANNELS)} (with "
+        "--combine alarms the first is the primary one)",
+    )
+    group.add_argument(
+        "--calibration_key",
+        default=AnchorConfig.calibration_key,
+        choices=CALIBRATION_KEYS,
+        help="without --calibration_group, what holds images out together: phash (the picture's "
+        "perceptual hash: re-encodes and resizes of one photo) or uri",
+    )
+    group.add_argument(
+        "--alarm_share",
+        type=float_in(0.0, 0.25),
+        default=AnchorConfig.alarm_share,
+        help="with --combine alarms: the share of the --fpr budget each channel after the first "
+        "spends; it joins the score only where it fires on its own at that share",
     )
     group.add_argument(
         "--forensic_levels",
@@ -105,14 +121,16 @@ def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
     check_writable(args.anchor, "--anchor")
     check_writable(args.errors or args.anchor, "--errors")
     config = AnchorConfig(
-        args.explained_variance,
-        args.fpr,
-        args.combine,
-        args.statistical,
-        args.channels,
-        args.forensic_levels,
-        args.calibration_fraction,
-        args.calibration_group,
+        explained_variance=args.explained_variance,
+        fpr=args.fpr,
+        combine=args.combine,
+        statistical=args.statistical,
+        channels=args.channels,
+        forensic_levels=args.forensic_levels,
+        calibration_fraction=args.calibration_fraction,
+        calibration_group=args.calibration_group,
+        calibration_key=args.calibration_key,
+        alarm_share=args.alarm_share,
     )
     backbone = backbone_config(args)
     extractor = driver_extractor(backbone)  # the spec and projection the anchor records
@@ -120,7 +138,7 @@ def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=options)
     # The forensic channel's softness levels are simulated on each real crop as it is embedded.
-    steps = chain_steps(args, options, backbone, extractor).with_softened(softened(config.forensic_levels))
+    steps = chain_steps(args, options, backbone, extractor).for_fitting(softened(config.forensic_levels))
     real = pipeline | "Real" >> ImageFeatures(args.input, steps)
     _ = real.embedded | "Fit" >> FitAnchor(args.anchor, extractor.spec, config, extractor.projection)
     _ = real.errors | WriteErrors(args.errors or args.anchor)

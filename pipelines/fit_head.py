@@ -60,10 +60,10 @@ def parser():
     )
     parser.add_argument(
         "--features",
-        default="semantic",
+        default=None,
         choices=PARTS,
-        help="what the head reads: the semantic embedding (UnivFD), or every "
-        "channel (semantic, statistical, forensic; lda only)",
+        help="what the head reads: every channel (semantic, statistical, forensic; lda only, its "
+        "default) or the semantic embedding (UnivFD's probe; nn and logistic read only this)",
     )
     parser.add_argument("--k", type=int_in(1, 1000), default=1, help="nn: neighbours per class")
     parser.add_argument(
@@ -99,6 +99,7 @@ def _fit_lda(_, statistics: dict, spec, parts: str):
 
 def run(argv=None, test_pipeline=None):
     args, options = parse(parser(), argv)
+    args.features = args.features or ("all" if args.kind == "lda" else "semantic")
     if args.features != "semantic" and args.kind != "lda":
         raise UsageError(
             f"--features {args.features} is for the lda head; {args.kind} heads read "

@@ -32,7 +32,14 @@ from anchorscan.pipelines.options import backbone_config, counter_totals
 from anchorscan.transforms.chain import EmbedUnits
 from anchorscan.transforms.fitting import anchor_layout
 from anchorscan.transforms.scoring import ScoreFeatures
-from anchorscan.transforms.streaming import UNLOADABLE, LearnReal, settled, window_file_name, write_table
+from anchorscan.transforms.streaming import (
+    UNLOADABLE,
+    LearnReal,
+    Sighting,
+    settled,
+    window_file_name,
+    write_table,
+)
 
 
 class Watcher:
@@ -41,7 +48,7 @@ class Watcher:
 
     def __init__(self, pattern: str, settle: float):
         self.pattern, self.settle = pattern, settle
-        self.sightings = {}
+        self.sightings: dict[str, Sighting] = {}
 
     def poll(self, now: float) -> list[str]:
         try:
@@ -121,14 +128,14 @@ def run_local(args, options) -> dict:
     with tempfile.TemporaryDirectory(prefix="anchorscan-stream-") as folder:
         keeper = AnchorKeeper(args.anchor, folder)
         tensors, metadata = anchor_file.verified_contents(read_checked_file(keeper.path), args.anchor)
-        spec, config = FeatureSpec.from_dict(metadata), AnchorConfig(**metadata["config"])
+        spec, config = FeatureSpec.from_dict(metadata), AnchorConfig.from_dict(metadata["config"])
         backbone = backbone_config(args, spec)
         extractor = driver_extractor(backbone)
         spec.require_same(extractor.spec, f"anchor {args.anchor}")
         steps = chain_steps(args, options, backbone, extractor)
         learning = (
             (
-                steps.with_softened(softened(config.forensic_levels)),
+                steps.for_fitting(softened(config.forensic_levels)),
                 anchor_layout(spec, config),
                 tensors.get("projection"),
             )

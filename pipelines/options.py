@@ -43,7 +43,8 @@ DEFAULT_LOCAL_RUNNER = "FnApiRunner"
 MAX_RESOURCE = 1024
 MAX_BATCH_SIZE = 4096
 INPUT_HELP = (
-    "a glob, a folder (its image files, recursively) or a manifest (.txt one URI per "
+    "a glob, a folder (its image files and tar shards, recursively), a tar shard or a brace "
+    "pattern of shards ('shards/{00000..00099}.tar'), or a manifest (.txt one URI per "
     "line, .csv or .parquet with a 'uri' column), local or gs://; repeat for several"
 )
 

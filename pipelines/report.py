@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import posixpath
 
 import matplotlib
@@ -21,6 +22,7 @@ from anchorscan.anchors.anchor_file import verified_contents
 from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.io.datasets import manifest
 from anchorscan.anchors.io.gcs import check_paths
+from anchorscan.anchors.io.sources import ReadError, ReadLimits, Record, Unit, source_for
 from anchorscan.anchors.io.storage import check_writable, read_bytes, read_checked_file, write_atomically
 from anchorscan.pipelines.flags import command_parser, int_in, text
 from anchorscan.transforms.listing import read_parquet_rows
@@ -103,9 +105,18 @@ def roc_figure(rows: list[dict], labels: dict[str, tuple[int, str]]) -> str:
     return _figure_html(figure, "ROC curves")
 
 
+def image_bytes(uri: str) -> bytes:
+    """The bytes a scan read for ``uri``, through the byte source that read them (a file, or a
+    sample of a tar shard)."""
+    for item in source_for(uri).read(Unit(uri), ReadLimits()):
+        if isinstance(item, Record):
+            return item.data
+    raise ReadError(f"{uri}: no image")
+
+
 def thumbnail(uri: str, size: int = 160) -> str:
     try:
-        image = Image.open(io.BytesIO(read_bytes(uri)))
+        image: Image.Image = Image.open(io.BytesIO(image_bytes(uri)))
         image.seek(0)
         image = image.convert("RGB")
         image.thumbnail((size, size))
@@ -166,6 +177,7 @@ def render(
         folders_figure(rows),
     ]
     if labels:
+        parts += ["<h2>Flagged per label</h2>", flagged_table(rows, labels)]
         parts += ["<h2>ROC curves</h2>", roc_figure(rows, labels)]
     parts += [
         gallery(ranked[:gallery_size], "Most suspicious"),
@@ -174,6 +186,30 @@ def render(
     return (
         f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>"
+    )
+
+
+def flagged_table(rows: list[dict], labels: dict[str, tuple[int, str]]) -> str:
+    """Per labelled group, the share the scan flags (its own decision, ``is_suspect``) and the
+    share a looser curator would drop (anchor p < 0.05): the rates a curator acts on."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["uri"] in labels:
+            label, generator = labels[row["uri"]]
+            name = (
+                generator if label else (f"real ({generator})" if generator not in ("", "real") else "real")
+            )
+            groups.setdefault(name, []).append(row)
+    loose = -math.log10(0.05)
+    lines = "".join(
+        f"<tr><th>{html.escape(name)}</th><td>{len(members)}</td>"
+        f"<td>{100 * np.mean([r['is_suspect'] for r in members]):.1f} %</td>"
+        f"<td>{100 * np.mean([r['anchor_score'] > loose for r in members]):.1f} %</td></tr>"
+        for name, members in sorted(groups.items())
+    )
+    return (
+        "<table><tr><th>labelled as</th><th>images</th><th>flagged</th><th>anchor p &lt; 0.05</th></tr>"
+        f"{lines}</table>"
     )
 
 

@@ -102,7 +102,7 @@ def scan(args, options, test_pipeline=None, wait: bool = True) -> dict:
     check_writable(f"{args.output}-scores", "--output")
     # The driver only checks the anchor; workers derive its scoring matrices.
     _, metadata = verified_contents(read_checked_file(args.anchor), args.anchor)
-    spec, config = FeatureSpec.from_dict(metadata), AnchorConfig(**metadata["config"])
+    spec, config = FeatureSpec.from_dict(metadata), AnchorConfig.from_dict(metadata["config"])
     backbone = backbone_config(args, spec)
     extractor = driver_extractor(backbone)
     spec.require_same(extractor.spec, f"anchor {args.anchor}")  # refuse before any work

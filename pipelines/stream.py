@@ -16,6 +16,7 @@ import apache_beam as beam
 from apache_beam.io.fileio import MatchContinuously
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.transforms.periodicsequence import PeriodicImpulse
+from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
 
 from anchorscan.anchors.anchor import AnchorConfig
@@ -168,7 +169,7 @@ def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
     ticks = (
         pipeline
         | "FirstTick" >> beam.Create([args.anchor])
-        | "AtStart" >> beam.Map(lambda uri: beam.window.TimestampedValue(uri, start)),
+        | "AtStart" >> beam.Map(lambda uri: TimestampedValue(uri, start)),
         pipeline
         | "WindowStarts" >> PeriodicImpulse(first_boundary, stop, fire_interval=window)
         | "AnchorUri" >> beam.Map(lambda _: args.anchor),
@@ -214,7 +215,7 @@ def stream_graph(args, options, files, ticks, learn=None) -> None:
     URI (``ticks``) and, optionally, FileMetadata of trusted real images (``learn``); tests
     feed these from a TestStream."""
     tensors, metadata = verified_contents(read_checked_file(args.anchor), args.anchor)
-    spec, config = FeatureSpec.from_dict(metadata), AnchorConfig(**metadata["config"])
+    spec, config = FeatureSpec.from_dict(metadata), AnchorConfig.from_dict(metadata["config"])
     backbone = backbone_config(args, spec)
     extractor = driver_extractor(backbone)
     spec.require_same(extractor.spec, f"anchor {args.anchor}")
@@ -231,7 +232,7 @@ def stream_graph(args, options, files, ticks, learn=None) -> None:
         real = (
             learn
             | "NewReal" >> NewImages(args.window_seconds, args.settle_seconds)
-            | "RealFeatures" >> EmbedUnits(steps.with_softened(softened(config.forensic_levels)))
+            | "RealFeatures" >> EmbedUnits(steps.for_fitting(softened(config.forensic_levels)))
         )
         _ = real.embedded | "LearnReal" >> LearnReal(
             args.anchor, anchor_layout(spec, config), tensors.get("projection")

@@ -74,14 +74,14 @@ def run(argv=None, test_pipeline=None) -> dict:
     if args.trusted and args.admit is not None:
         raise UsageError("--trusted admits every image; --admit is the guard of untrusted updates")
     tensors, metadata, spec, backbone, extractor = anchor_and_extractor(args)
-    config = AnchorConfig(**metadata["config"])
+    config = AnchorConfig.from_dict(metadata["config"])
     admit = "none" if args.trusted else args.admit or DEFAULT_ADMIT
     threshold = admission_threshold(config, admit)
 
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=options)
     anchor = pipeline | "Anchor" >> LoadAnchor(args.anchor)
-    steps = chain_steps(args, options, backbone, extractor).with_softened(softened(config.forensic_levels))
+    steps = chain_steps(args, options, backbone, extractor).for_fitting(softened(config.forensic_levels))
     real = pipeline | "Real" >> ImageFeatures(args.input, steps)
     _, refused = real.embedded | "Update" >> UpdateAnchor(
         anchor, args.output, spec, config, tensors.get("projection"), threshold, args.forgetting, args.trusted

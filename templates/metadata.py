@@ -82,7 +82,7 @@ def parameter(command: str, action: argparse.Action) -> dict:
     else:
         entry.update(paramType="TEXT")
     if isinstance(action, argparse._AppendAction):
-        entry["helpText"] += " (in a template: separate several with commas)"
+        entry["helpText"] = f"{entry['helpText']} (in a template: separate several with commas)"
     if action.default is not None and not action.required:
         default = action.default
         entry["defaultValue"] = str(default).lower() if isinstance(default, bool) else str(default)

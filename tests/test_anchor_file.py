@@ -63,7 +63,7 @@ def test_different_spec_is_refused_naming_the_field(field, value):
         spec().require_same(spec(**{field: value}))
     message = str(error.value)
     assert f"{field}:" in message and repr(value) in message
-    assert "fit a new anchor" in message and "--backbone synthetic" in message
+    assert "fit a new anchor" in message and "backbone synthetic" in message
     other = {"backbone", "weights_sha256", "preprocessing", "layout"} - {field}
     assert not any(f"{name}:" in message for name in other)
 

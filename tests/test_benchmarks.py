@@ -91,3 +91,37 @@ def test_the_poisoning_measurement_runs_on_the_demo_data(tmp_path):
         assert 0.0 <= row["auroc"] <= 1.0 and 0.0 <= row["real_fpr"] <= 1.0
         assert row["round_refused"] or row["admitted"] + row["refused"] == row["images"]
     assert "| 60% | 1 |" in result.stdout
+
+
+def test_shards_benchmark_prints_its_values(tmp_path):
+    script = Path(__file__).parents[1] / "benchmarks" / "shards.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    values = dict(
+        line.split("=", 1) for line in result.stdout.splitlines() if "=" in line and " " not in line
+    )
+    for name in ("shard_over_folder", "shard_over_folder_read", "rss_large_shard_mb", "rss_small_shard_mb"):
+        assert float(values[name]) > 0, name
+
+
+def test_fit_speed_benchmark_prints_its_values(tmp_path):
+    script = Path(__file__).parents[1] / "benchmarks" / "fit_speed.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    values = dict(
+        line.split("=", 1) for line in result.stdout.splitlines() if "=" in line and " " not in line
+    )
+    for name in ("fit_steady_state_over_score", "forward_ms_per_image", "blur_convolution_over_matrix"):
+        value = float(values[name])
+        assert value > 0 or ("steady_state" in name and math.isnan(value)), (name, value)
+    assert " met)" in result.stdout or " not met)" in result.stdout

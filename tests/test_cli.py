@@ -93,6 +93,8 @@ FLAGS = {
         "--statistical",
         "--channels",
         "--forensic_levels",
+        "--calibration_key",
+        "--alarm_share",
     }
     | FEATURES
     | RUNTIME
@@ -136,6 +138,10 @@ FLAGS = {
     "update": {"--anchor", "--input", "--output", "--admit", "--trusted", "--forgetting", "--errors"}
     | RUNTIME
     | DECODING,
+    "calibrate": {"--anchor", "--input", "--output", "--keep_held_out", "--errors"}
+    | RUNTIME
+    | (DECODING - {"--perturbation"})
+    | HTTP,
     "flag": {"--anchor", "--generator", "--input", "--output", "--errors"} | RUNTIME | DECODING,
     "export-delta": {
         "--anchor",
@@ -162,6 +168,18 @@ FLAGS = {
     }
     | RUNTIME
     | (DECODING - {"--perturbation"}),
+    "curate": {
+        "--scores",
+        "--output",
+        "--max_score",
+        "--drop_top",
+        "--keep",
+        "--reshard",
+        "--samples_per_shard",
+        "--max_bytes",
+        "--overwrite",
+    }
+    | HTTP,
 }
 
 
@@ -289,4 +307,6 @@ def test_info_names_the_forensic_channel(fitted_anchor, capsys):
     lines = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
     assert lines["d_forensic"] == "10"
     assert lines["forensic_level_names"].startswith("['sharp', 'blur0.4'")
-    assert lines["channels"] == "['forensic']" and lines["forensic_levels"] == "softness_path"
+    # the default score reads every channel, forensic first (the primary), the others as alarms
+    assert lines["channels"] == "['forensic', 'semantic', 'statistical']"
+    assert lines["combine"] == "alarms" and lines["forensic_levels"] == "softness_path"

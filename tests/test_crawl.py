@@ -82,7 +82,7 @@ def test_rows_carry_the_columns_of_the_first_manifest_that_lists_their_uri(tmp_p
     carried = carried_columns(patterns)
     names = tuple(name for name, _ in carried)
     with beam.Pipeline(options=PipelineOptions(RUNNER)) as pipeline:
-        units, _ = pipeline | ListInputs(patterns, names)
+        units, _, _ = pipeline | ListInputs(patterns, names)
         rows = units | beam.Map(lambda unit: {"uri": unit.uri, **carried_row(unit.carried, carried)})
         assert_that(
             rows,

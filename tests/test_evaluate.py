@@ -284,3 +284,18 @@ def test_anchor_evidence_needs_a_log_odds_head(fitted_anchor, real_photos, tmp_p
                 *RUNNER,
             ]
         )
+
+
+def test_processed_real_photos_get_rows_of_their_own():
+    # uri -> (label, generator): a shared real set, one family, and two processings of reals.
+    labels = {f"r{i}": (0, "") for i in range(10)}
+    labels |= {f"f{i}": (1, "gen") for i in range(10)}
+    labels |= {f"j{i}": (0, "jpeg_q75") for i in range(8)} | {f"w{i}": (0, "watermark") for i in range(4)}
+    scores = {f"r{i}": 0.1 * i for i in range(10)} | {f"f{i}": 2.0 + i for i in range(10)}
+    scores |= {f"j{i}": 2.5 if i < 2 else 0.1 for i in range(8)} | {f"w{i}": 0.1 for i in range(4)}
+    rows = [{"uri": uri, "score": value} for uri, value in scores.items()]
+    table = {row["generator"]: row for row in evaluate.metrics_table(labels, rows, 2.0, 1.3)}
+    assert table["jpeg_q75"]["n_fake"] == 0 and table["jpeg_q75"]["real_acc"] == 6 / 8
+    assert table["watermark"]["real_acc"] == 1.0 and np.isnan(table["watermark"]["auroc"])
+    assert table["gen"]["fake_acc"] == 9 / 10 and table["gen"]["fake_acc_p05"] == 1.0
+    assert table["gen"]["real_acc"] == 1.0  # against the shared reals (the processed ones are apart)

@@ -169,3 +169,35 @@ def test_concurrent_forensic_passes_restore_the_callers_thread_count(extractor, 
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_softness_levels_are_simulated_on_a_deterministic_sample_of_a_large_fit():
+    import collections
+
+    from anchorscan.transforms.inference import SOFTENED_IMAGES, softening_chosen
+
+    Meta = collections.namedtuple("Meta", "uri")
+    small = [Meta(f"s/{i}.jpg") for i in range(SOFTENED_IMAGES)]
+    assert all(softening_chosen(meta, len(small)) for meta in small)
+    assert all(softening_chosen(meta, None) for meta in small[:10])  # a stream: total unknown
+    large = [Meta(f"l/{i}.jpg") for i in range(20 * SOFTENED_IMAGES)]
+    chosen = [softening_chosen(meta, len(large)) for meta in large]
+    # A hash sample: its size is binomial(20,000, 1/20), sd 31: within 4 sd of the target.
+    assert abs(sum(chosen) - SOFTENED_IMAGES) < 4 * np.sqrt(SOFTENED_IMAGES * 0.95)
+    assert chosen == [softening_chosen(meta, len(large)) for meta in large]  # the same every run
+
+
+def test_unsampled_rows_get_nan_levels_and_sampled_rows_the_full_computation():
+    from anchorscan.anchors.models.features import BackboneConfig
+    from anchorscan.anchors.softness import softened
+
+    extractor = BackboneConfig("efficientnet-lite0", runtime="torch").build()
+    pixels = torch.from_numpy(np.random.default_rng(4).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8))
+    levels = softened("softness_path")
+    full = extractor.forensic_features(pixels, levels)
+    part = extractor.forensic_features(pixels, levels, np.array([True, False, True]))
+    width = extractor.spec.d_forensic
+    np.testing.assert_array_equal(part[:, :width], full[:, :width])  # the sharp level: every row
+    assert np.isnan(part[1, width:]).all() and not np.isnan(part[[0, 2]]).any()
+    # The same crops, batched otherwise: equal up to float32 summation order.
+    np.testing.assert_allclose(part[[0, 2]], full[[0, 2]], rtol=1e-5, atol=1e-5)

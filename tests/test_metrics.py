@@ -63,8 +63,9 @@ def test_accuracy_at_threshold_matches_sklearn_recalls(seed):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_detection_metrics_gathers_the_metrics(seed):
     labels, scores = tied_scores(seed)
-    metrics = detection_metrics(labels, scores, threshold=5.0)
+    metrics = detection_metrics(labels, scores, threshold=5.0, second_threshold=3.0)
     acc, real_acc, fake_acc = accuracy_at_threshold(labels, scores, 5.0)
+    _, real_p05, fake_p05 = accuracy_at_threshold(labels, scores, 3.0)
     assert metrics == {
         "n_real": int(np.sum(labels == 0)),
         "n_fake": int(np.sum(labels == 1)),
@@ -75,7 +76,14 @@ def test_detection_metrics_gathers_the_metrics(seed):
         "fake_acc": fake_acc,
         "tpr_at_fpr1": pytest.approx(counted_tpr_at_fpr(labels, scores, 0.01)),
         "tpr_at_fpr5": pytest.approx(counted_tpr_at_fpr(labels, scores, 0.05)),
+        "real_acc_p05": real_p05,
+        "fake_acc_p05": fake_p05,
     }
+
+
+def test_a_detector_without_a_second_threshold_has_no_p05_accuracies():
+    metrics = detection_metrics(np.r_[np.zeros(3), np.ones(3)], np.arange(6.0), threshold=2.0)
+    assert np.isnan(metrics["real_acc_p05"]) and np.isnan(metrics["fake_acc_p05"])
 
 
 def test_one_class_gives_nan_where_a_metric_needs_both():

@@ -77,6 +77,9 @@ def test_report_is_self_contained(scanned):
     assert page.count('src="data:image/jpeg;base64,') == 8  # 4 most and 4 least suspicious
     assert not re.search(r'src="(?!data:)', page)  # nothing fetched from elsewhere
     assert "list: 1" in page  # the unmatched input is counted
+    table = page[page.index("Flagged per label") :]
+    assert re.search(r"<th>gen</th><td>\d+</td><td>[\d.]+ %</td><td>[\d.]+ %</td>", table)
+    assert "<th>real</th>" in table
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (.ci/run installs it)")

@@ -255,10 +255,16 @@ def test_a_stuck_decode_neither_delays_the_exit_nor_outlives_the_scan(fitted_anc
         if line.startswith("output"):
             summary_printed = time.monotonic()
     assert scan_process.wait(timeout=60) == 0
-    assert time.monotonic() - summary_printed < 5  # a decode thread once held the exit 108 s
+    # A decode thread once held the exit 108 s; a clean exit takes a second or two, and the
+    # margin to 30 s is for a loaded machine's teardown of Beam and the decoder processes.
+    assert time.monotonic() - summary_printed < 30
     sampler.join()
-    assert max(counts) == 2  # never more decodes at once than --decode_processes
-    time.sleep(1.5)  # a child notices its parent's exit within a second
+    assert max(counts) == 2  # never more decoder processes at once than --decode_processes
+    # A child notices its parent's exit within a second of its own polling; wait for that (on a
+    # loaded machine it may take longer), not for a fixed time.
+    deadline = time.monotonic() + 30
+    while processes_marked(mark) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert processes_marked(mark) == []
     errors = read_parquet_rows(str(tmp_path / "out-errors-*.parquet"))
     assert sorted(row["error_type"] for row in errors) == ["TimeoutError"] * 3
@@ -268,7 +274,7 @@ def test_a_retried_bundle_writes_no_duplicate_rows(fitted_anchor, corpus, tmp_pa
     anchor, _ = fitted_anchor
     _, expected = corpus
     uris = sorted(uri for uri in expected if "/crop" in uri or "/broken" in uri)
-    real_score = anchor_module.Anchor.score
+    real_score = anchor_module.Anchor.assess
     calls = {"n": 0}
 
     def flaky_score(self, *args, **kwargs):
@@ -277,7 +283,7 @@ def test_a_retried_bundle_writes_no_duplicate_rows(fitted_anchor, corpus, tmp_pa
             raise ConnectionError("transient failure injected by the test")
         return real_score(self, *args, **kwargs)
 
-    monkeypatch.setattr(anchor_module.Anchor, "score", flaky_score)
+    monkeypatch.setattr(anchor_module.Anchor, "assess", flaky_score)
     prefix = str(tmp_path / "out")
     subset = tmp_path / "subset.txt"
     subset.write_text("\n".join(uris[:120]))

@@ -104,7 +104,7 @@ def test_buffered_rows_stay_accurate_when_the_mean_drifts_far_from_the_first_buf
 
 # --- the one statistics step (anchors/statistics.py, transforms/statistics.py) ---------------
 
-Meta = collections.namedtuple("Meta", "uri")
+Meta = collections.namedtuple("Meta", "uri phash", defaults=("",))
 HOLD_OUT = HoldOut(0.3)
 # Three named statistics over column slices, as an anchor's (backbone, two forensic levels).
 LAYOUT = StatisticsLayout(
@@ -228,3 +228,16 @@ def test_merging_leaves_every_accumulator_but_the_first_as_it_was():
     assert state(second) == before
     assert_same_statistics(merged, data)
     assert_same_statistics(fn.extract_output(second), data[30:])
+
+
+def test_an_optional_statistic_takes_only_the_rows_that_have_its_columns():
+    # Fitting simulates softness levels on a sample of its images: the other rows carry NaN
+    # there, and the level's statistic is the moments of the sampled rows alone.
+    layout = StatisticsLayout((("backbone", 0, 2), ("forensic.soft", 2, 4)), optional=("forensic.soft",))
+    data = rows(n=60, d=4, seed=8)
+    sampled = np.arange(60) % 3 == 0
+    data[~sampled, 2:] = np.nan
+    fn = StatisticsCombineFn(layout, batch_size=8)
+    result = fn.extract_output(fn_with_rows(fn, [(Meta(f"{i}"), (row, 1.0)) for i, row in enumerate(data)]))
+    assert_same_moments(result.moments["backbone"], Moments.of(data[:, :2]))
+    assert_same_moments(result.moments["forensic.soft"], Moments.of(data[sampled, 2:]))

@@ -3,6 +3,8 @@ slow)."""
 
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -225,3 +227,38 @@ def test_export_delta_and_merge_from_the_command_line(fitted_anchor, updated_anc
     )
     assert main(["merge", str(updated), str(delta), "--output", str(tmp_path / "x.safetensors")]) == 2
     assert "images the base already has" in capsys.readouterr().err
+
+
+def test_calibrate_on_your_own_reals_moves_the_thresholds_not_the_statistics(fitted_anchor, tmp_path):
+    from PIL import Image, ImageFilter
+
+    from anchorscan.anchors.anchor_file import statistics_id
+    from anchorscan.pipelines import calibrate
+
+    anchor, _ = fitted_anchor
+    # A domain of one's own: soft thumbnails, which the anchor's calibration never saw.
+    yours = tmp_path / "yours"
+    yours.mkdir()
+    for path in write_crops(yours, count_per_photo=5, seed=13):
+        image = Image.open(path).convert("RGB")
+        small = image.resize((image.width // 2, image.height // 2), Image.Resampling.BOX)
+        soft = small.resize(image.size, Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(1.5))
+        pathlib.Path(path).unlink()
+        soft.save(path.rsplit(".", 1)[0] + ".png")
+    output = tmp_path / "calibrated.safetensors"
+    summary = calibrate.run(
+        ["--anchor", str(anchor), "--input", str(yours), "--output", str(output), *RUNNER]
+    )
+    before, _ = anchor_from_bytes(anchor.read_bytes())
+    after, _ = anchor_from_bytes(output.read_bytes())
+    assert statistics_id(after.statistics()) == statistics_id(before.statistics())  # not refitted
+    assert after.n_calibration == summary["images"] == len(list(yours.iterdir()))
+    assert not np.array_equal(after.calibration["forensic"], before.calibration["forensic"])
+    # Each half scored against the other half's calibration: near the nominal rate whatever the
+    # old calibration made of these images (30 images: one of 15 is 6.7 %, so 2 in 30 at most).
+    assert 0.0 <= summary["flagged_after"] <= 2 / 30 < summary["flagged_before"] + 2 / 30
+    kept = tmp_path / "kept.safetensors"
+    calibrate.run(
+        ["--anchor", str(anchor), "--input", str(yours), "--output", str(kept), "--keep_held_out", *RUNNER]
+    )
+    assert anchor_from_bytes(kept.read_bytes())[0].n_calibration == after.n_calibration + before.n_calibration

@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score as auroc
 
 from anchorscan.anchors.anchor import FLAG_PREFIX, AnchorConfig
 from anchorscan.anchors.anchor_file import anchor_from_bytes, anchor_to_bytes
-from anchorscan.anchors.calibration import COMBINERS, upper_tail_log_pvalues
+from anchorscan.anchors.calibration import fisher_log10, upper_tail_log_pvalues
 from anchorscan.anchors.stats import Moments
 from anchorscan.anchors.updating import flagged
 from helpers import fit_by_hash, guarded_update, leveled_rows, synthetic_spec, update_by_hash
@@ -59,7 +59,7 @@ def assert_same_scores(a, b, features, rtol):
     assert np.array_equal(left["is_suspect"], right["is_suspect"])
 
 
-CONFIG = AnchorConfig(channels=("semantic", "forensic"), calibration_fraction=0.2)
+CONFIG = AnchorConfig(channels=("semantic", "forensic"), combine="fisher", calibration_fraction=0.2)
 
 
 def test_fit_then_update_scores_like_fitting_on_both():
@@ -195,7 +195,7 @@ def test_the_round_tests_false_refusals_on_clean_rounds():
 
 
 def fisher(*log_p):
-    return COMBINERS["fisher"](np.stack(log_p, axis=1))
+    return fisher_log10(np.stack(log_p, axis=1))
 
 
 def test_without_flagged_generators_the_score_is_the_channels_combination():

@@ -1,24 +1,41 @@
-"""A crawl manifest's other columns (page_url, crawl_id, licence, ...), carried to the score rows
-under their own names.
+"""A crawl manifest's other columns (page_url, crawl_id, licence, ...) and a shard's sidecar
+columns (key, url, caption, ...), carried to the score rows under their own names.
 
-The driver reads each CSV or Parquet manifest's header (a CSV's first line, a Parquet footer),
-so the score table's schema is fixed when the pipeline is built. The values travel with each
-listed unit through reading, decoding and inference (``ImageMeta.carried``) to its score row."""
+The driver reads each CSV or Parquet manifest's header (a CSV's first line, a Parquet footer)
+and the footer of the first sidecar among the listed shards (or, where none has one, the
+first sample's JSON member), so the score table's schema is fixed when the pipeline is
+built. The values travel with each listed unit or sample through reading, decoding and
+inference (``ImageMeta.carried``) to its score row; a value that does not fit its column's
+type (another shard's sidecar with other types) is written as text in a text column and as
+null in any other."""
 
 from __future__ import annotations
 
 import csv
 import io
+import itertools
+import json
 import logging
 
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 from anchorscan.anchors.errors import UsageError
-from anchorscan.anchors.io.fetch import is_http
+from anchorscan.anchors.io.fetch import FetchError, is_http
 from anchorscan.anchors.io.manifests import is_manifest
+from anchorscan.anchors.io.shards import (
+    GONE,
+    is_shard_path,
+    open_shard,
+    samples,
+    sidecar_exists,
+    sidecar_of,
+    split_sample_uri,
+)
+from anchorscan.anchors.io.sources import DEFAULT_MAX_BYTES
 from anchorscan.anchors.io.storage import read_bytes
 from anchorscan.anchors.tables import SCORE_SCHEMA
+from anchorscan.transforms.listing import expand_input, indexed_inputs
 
 # A carried column named like a score column is written under this prefix.
 CLASH_PREFIX = "manifest_"
@@ -28,16 +45,20 @@ def carries_columns(pattern: str) -> bool:
     return is_manifest(pattern) and pattern.lower().endswith((".csv", ".parquet"))
 
 
+def _parquet_schema(path: str) -> list[pa.Field]:
+    import pyarrow.parquet as pq
+
+    if is_http(path):
+        return list(pq.read_schema(io.BytesIO(read_bytes(path))))
+    with FileSystems.open(path, compression_type="uncompressed") as handle:
+        return list(pq.read_schema(handle))
+
+
 def _header(manifest: str) -> list[pa.Field]:
     """The manifest's columns and types (a CSV's are strings), reading as little as the format
     allows."""
     if manifest.lower().endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        if is_http(manifest):
-            return list(pq.read_schema(io.BytesIO(read_bytes(manifest))))
-        with FileSystems.open(manifest, compression_type="uncompressed") as handle:
-            return list(pq.read_schema(handle))
+        return _parquet_schema(manifest)
     if is_http(manifest):
         first = read_bytes(manifest).split(b"\n", 1)[0]
     else:
@@ -52,19 +73,88 @@ def _plain(field: pa.Field) -> pa.Field:
     return field.with_type(field.type.value_type) if pa.types.is_dictionary(field.type) else field
 
 
+# Where an input lists many files, the driver looks among the first of them for a shard.
+LOOK_FOR_SHARDS = 1000
+# Shards without sidecars: how many of them the driver opens to find a first sample's JSON.
+LOOK_FOR_JSON = 10
+JSON_TYPES = ((bool, pa.bool_()), (int, pa.int64()), (float, pa.float64()), (str, pa.string()))
+
+
+def listed_shards(patterns: list[str]):
+    """The tar shards the inputs name (a shard, a sample of one, or among the first
+    LOOK_FOR_SHARDS files each input lists), in listing order, each once."""
+    seen = set()
+    for index, name in indexed_inputs(patterns):
+        for kind, value in itertools.islice(expand_input(name, index), LOOK_FOR_SHARDS):
+            split = split_sample_uri(value.uri) if kind == "unit" else None
+            shard = split[0] if split else value.uri if kind == "unit" and is_shard_path(value.uri) else None
+            if shard is not None and shard not in seen:
+                seen.add(shard)
+                yield shard
+
+
+def _json_type(value) -> pa.DataType:
+    # Nested values (objects, lists) and nulls, whose type is not known, are carried as text.
+    return next((kind for python, kind in JSON_TYPES if type(value) is python), pa.string())
+
+
+def _sidecar_columns(shard: str) -> list[pa.Field] | None:
+    try:
+        sidecar = sidecar_of(shard)
+        return _parquet_schema(sidecar) if sidecar_exists(sidecar) else None
+    except FetchError as error:
+        if error.status_code in GONE:  # a web server's way of saying there is none
+            return None
+        logging.warning("cannot read the columns of %s: %s", sidecar_of(shard), error)
+        return None
+    except Exception as error:  # the read of that shard reports it
+        logging.warning("cannot read the columns of %s: %s", sidecar_of(shard), error)
+        return None
+
+
+def _json_columns(shard: str) -> list[pa.Field] | None:
+    try:
+        with open_shard(shard) as stream:
+            first = next(samples(stream, DEFAULT_MAX_BYTES), None)
+    except Exception:  # the read of that shard reports it
+        return None
+    metadata = first.metadata() if first else None
+    return (
+        None if metadata is None else [pa.field(name, _json_type(value)) for name, value in metadata.items()]
+    )
+
+
+def shard_fields(patterns: list[str]) -> list[pa.Field]:
+    """``key`` and ``shard`` where the inputs name shards, then the columns of the first sidecar
+    among the listed shards (its footer), or, where none of them has one, the fields of the
+    first JSON member among their first samples, typed by their JSON values."""
+    shards = list(listed_shards(patterns))
+    if not shards:
+        return []
+    columns = next(filter(None, map(_sidecar_columns, shards)), None)
+    if columns is None:
+        columns = next(filter(None, map(_json_columns, shards[:LOOK_FOR_JSON])), [])
+    fields = [pa.field("key", pa.string()), pa.field("shard", pa.string())]
+    return fields + [field for field in columns if field.name not in ("key", "shard")]
+
+
 def carried_columns(patterns: list[str]) -> list[tuple[str, pa.Field]]:
-    """(column in the manifests, field in the score table) for every column of the CSV and
-    Parquet manifests among ``patterns`` but ``uri``, in order of first appearance. A name met
-    with two types becomes a string column; a name taken by a score column gets CLASH_PREFIX.
-    A manifest that cannot be read adds nothing (the listing reports it as an error row)."""
-    fields: dict[str, pa.Field] = {}
+    """(column in the manifests or sidecars, field in the score table) for every column of the
+    CSV and Parquet manifests among ``patterns`` but ``uri``, then the shards' columns
+    (``shard_fields``), in order of first appearance. A name met with two types becomes a
+    string column; a name taken by a score column gets CLASH_PREFIX. A manifest that cannot be
+    read adds nothing (the listing reports it as an error row)."""
+    headers = []
     for pattern in patterns:
         if not carries_columns(pattern):
             continue
         try:
-            header = _header(pattern)
+            headers.append(_header(pattern))
         except Exception:  # reported by the listing, with the same cause
             continue
+    headers.append(shard_fields(patterns))
+    fields: dict[str, pa.Field] = {}
+    for header in headers:
         for field in map(_plain, header):
             if field.name == "uri" or not field.name:
                 continue
@@ -81,15 +171,28 @@ def carried_columns(patterns: list[str]) -> list[tuple[str, pa.Field]]:
                     f"manifest columns {name!r} and {field.name!r}: {name!r} is a score "
                     f"column, and {field.name!r}, where it would go, is taken; rename one"
                 )
-            logging.warning("manifest column %r is also a score column: carried as %r", name, field.name)
+            logging.warning(
+                "column %r of a manifest or sidecar is also a score column: carried as %r", name, field.name
+            )
         carried.append((name, field))
     return carried
 
 
 def _as_type(value, field: pa.Field):
-    if value is not None and pa.types.is_string(field.type) and not isinstance(value, str):
-        return str(value)  # a column met with several types
-    return value
+    """``value`` as the column's type: text in a text column (a column met with several
+    types), null where it does not convert (a sidecar whose types differ from the first's)."""
+    if value is None:
+        return None
+    if pa.types.is_string(field.type):
+        if isinstance(value, str):
+            return value
+        return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
+    try:
+        if isinstance(value, str):  # text that may spell the value: Arrow's cast parses it
+            return pa.array([value], pa.string()).cast(field.type)[0].as_py()
+        return pa.scalar(value, type=field.type).as_py()
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        return None
 
 
 def carried_row(values: dict, carried: list[tuple[str, pa.Field]]) -> dict:

@@ -18,15 +18,22 @@ from anchorscan.transforms.read import ReadInputs
 
 @dataclasses.dataclass(frozen=True)
 class Steps:
-    """How each step runs, as the command's flags say."""
+    """How each step runs, as the command's flags say; ``spread_samples``: a shard's samples
+    redistributed after its read (distributed runners, see ``transforms/read.py``)."""
 
     limits: ReadLimits
     decoding: DecodeSettings
     handler: FeatureModelHandler
+    spread_samples: bool = False
 
-    def with_softened(self, softened: tuple) -> Steps:
-        """The same steps with the forensic features of these softness levels too (fitting)."""
-        return dataclasses.replace(self, handler=self.handler.with_softened(softened))
+    def for_fitting(self, softened: tuple) -> Steps:
+        """The same steps as fitting needs them: the forensic features of these softness levels
+        too, and each picture's perceptual hash (the hold-out groups near-duplicates)."""
+        return dataclasses.replace(
+            self,
+            decoding=dataclasses.replace(self.decoding, perceptual_hash=True),
+            handler=self.handler.with_softened(softened),
+        )
 
 
 class Features(NamedTuple):
@@ -39,16 +46,17 @@ class Features(NamedTuple):
 
 
 class EmbedUnits(beam.PTransform):
-    """Listed units -> Read -> Decode -> Embed."""
+    """Listed units -> Read -> Decode -> Embed; ``count``: how many units were listed (fitting
+    simulates the softness levels on a sample of that size, see ``EmbedImages``)."""
 
-    def __init__(self, steps: Steps, previous=None):
+    def __init__(self, steps: Steps, previous=None, count=None):
         super().__init__()
-        self.steps, self.previous = steps, previous
+        self.steps, self.previous, self.count = steps, previous, count
 
     def expand(self, units) -> Features:
-        records, read_errors = units | "Read" >> ReadInputs(self.steps.limits)
+        records, read_errors = units | "Read" >> ReadInputs(self.steps.limits, self.steps.spread_samples)
         images, decode_errors, reused = records | "Decode" >> DecodeImages(self.steps.decoding, self.previous)
-        embedded, embed_errors = images | "Embed" >> EmbedImages(self.steps.handler)
+        embedded, embed_errors = images | "Embed" >> EmbedImages(self.steps.handler, self.count)
         return Features(embedded, (read_errors, decode_errors, embed_errors), reused)
 
 
@@ -69,8 +77,8 @@ class ImageFeatures(beam.PTransform):
         self.carried_names, self.progress_label = carried_names, progress_label
 
     def expand(self, pipeline) -> Features:
-        units, list_errors = pipeline | "List" >> ListInputs(
+        units, list_errors, count = pipeline | "List" >> ListInputs(
             self.patterns, self.carried_names, self.progress_label
         )
-        features = units | "Features" >> EmbedUnits(self.steps, self.previous)
+        features = units | "Features" >> EmbedUnits(self.steps, self.previous, count)
         return features._replace(errors=(list_errors, *features.errors))

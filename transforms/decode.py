@@ -14,7 +14,12 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
-from anchorscan.anchors.images.decode import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, decode_and_crop
+from anchorscan.anchors.images.decode import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_SIDE,
+    decode_and_crop,
+    decode_and_hash,
+)
 from anchorscan.anchors.images.decoder_pool import DecodeFailed, DecoderPool, Job
 from anchorscan.anchors.io.sources import Record
 from anchorscan.anchors.tables import error_row
@@ -36,6 +41,7 @@ class ImageMeta(NamedTuple):
     height: int
     preprocess: str
     carried: dict  # the columns a manifest or sidecar carries to the score row
+    phash: str = ""  # the picture's perceptual hash, where the decode step computed one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +58,11 @@ class DecodeSettings:
     perturbation: str | None = None
     processes: int = 1
     ahead: int = 1
+    perceptual_hash: bool = False  # for hold-out groups (fit, update, calibrate)
 
     def decoder(self):
         return functools.partial(
-            decode_and_crop,
+            decode_and_hash if self.perceptual_hash else decode_and_crop,
             size=self.crop,
             max_pixels=self.max_pixels,
             resize=self.resize,
@@ -73,7 +80,7 @@ class _Decoding:
         self.timestamp, self.window = timestamp, window
 
     def output(self, value, tag: str | None = None):
-        windowed = WindowedValue(value, self.timestamp, [self.window])
+        windowed = WindowedValue(value, self.timestamp, (self.window,))
         return beam.pvalue.TaggedOutput(tag, windowed) if tag else windowed
 
 
@@ -109,7 +116,13 @@ class DecodeImageFn(beam.DoFn):
             yield decoding.output(error_row(uri, "decode", str(error), error.error_type), ERRORS)
             return
         meta = ImageMeta(
-            uri, decoding.sha256, crop.width, crop.height, crop.preprocess, decoding.record.carried
+            uri,
+            decoding.sha256,
+            crop.width,
+            crop.height,
+            crop.preprocess,
+            decoding.record.carried,
+            crop.phash,
         )
         yield decoding.output((meta, crop.pixels))
 

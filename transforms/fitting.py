@@ -30,7 +30,9 @@ REFUSED = "refused"
 def anchor_layout(spec: FeatureSpec, config: AnchorConfig) -> StatisticsLayout:
     """The statistics an anchor is made of, for rows with every softness level (fit's rows),
     held out by the configuration's rule."""
-    hold_out = HoldOut(config.calibration_fraction, config.calibration_group)
+    hold_out = HoldOut(
+        config.calibration_fraction, config.calibration_group, config.calibration_key == "phash"
+    )
     return StatisticsLayout.for_anchor(spec, level_names(config.forensic_levels), hold_out)
 
 
@@ -38,13 +40,14 @@ def fitted(
     statistics: Statistics, spec: FeatureSpec, config: AnchorConfig, num_quantiles: int = NUM_QUANTILES
 ):
     """The anchor on real images' statistics, calibrated on their held-out rows."""
-    if len(statistics.held_out) < MIN_CALIBRATION:
+    held_out = statistics.held_out
+    if held_out is None or len(held_out) < MIN_CALIBRATION:
         raise NotEnoughImagesError(
-            f"only {len(statistics.held_out)} real images were held out for calibration (need at "
+            f"only {len(held_out or ())} real images were held out for calibration (need at "
             f"least {MIN_CALIBRATION}): add real images or raise --calibration_fraction"
         )
     anchor = Anchor.from_statistics(spec, config, statistics.moments)
-    return anchor.calibrated_on(statistics.held_out, num_quantiles)
+    return anchor.calibrated_on(held_out, num_quantiles)
 
 
 class LoadAnchor(beam.PTransform):

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
+from anchorscan.anchors.calibration import uri_key
 from anchorscan.anchors.io.storage import local_copy
 from anchorscan.anchors.models.features import BackboneConfig, FeatureExtractor
 from anchorscan.anchors.spec import IncompatibleAnchorError
@@ -82,11 +83,15 @@ class FeatureModelHandler(ModelHandler[np.ndarray, tuple, FeatureExtractor]):
         model: FeatureExtractor,
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[tuple]:
-        features = model(torch.from_numpy(np.stack(batch)), self.softened)
+        if self.softened:  # (crop, whether to simulate its softness levels), see EmbedImages
+            crops, soften_rows = np.stack([crop for crop, _ in batch]), np.array([flag for _, flag in batch])
+        else:
+            crops, soften_rows = np.stack(batch), None
+        features = model(torch.from_numpy(crops), self.softened, soften_rows)
         return list(zip(features.vectors, features.attention_positions.tolist()))
 
-    def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
-        return sum(example.nbytes for example in batch)
+    def get_num_bytes(self, batch: Sequence) -> int:
+        return sum((example[0] if self.softened else example).nbytes for example in batch)
 
     def get_metrics_namespace(self) -> str:
         return "anchorscan"
@@ -101,15 +106,38 @@ def _failed_batch_rows(failure):
         yield error_row(meta.uri, "embed", f"feature extraction failed: {message}", kind.__name__)
 
 
+# Images whose softness levels fitting simulates: the levels are 10-dimensional Gaussians,
+# which this many images estimate well; beyond it, simulating more costs fit most of its time
+# (nine softened copies per image) and changes nothing (docs/METHOD.md §8.3).
+SOFTENED_IMAGES = 1000
+
+
+def softening_chosen(meta, total: int | None) -> bool:
+    """A deterministic sample of about SOFTENED_IMAGES of ``total`` images (all of them when
+    there are fewer, or when the total is not known: a stream's window)."""
+    if not total or total <= SOFTENED_IMAGES:
+        return True
+    return uri_key(meta.uri) < SOFTENED_IMAGES / total * 2**64
+
+
+def _with_softening(row, total):
+    meta, crop = row
+    return meta, (crop, softening_chosen(meta, total))
+
+
 class EmbedImages(beam.PTransform):
     """(ImageMeta, crop) -> (ImageMeta, (vector, attention_positions)), and error rows for
-    batches whose forward pass failed."""
+    batches whose forward pass failed. Fitting (a handler with softened levels) simulates them
+    on a sample of the ``count`` images listed (NaN in their columns elsewhere)."""
 
-    def __init__(self, handler: FeatureModelHandler):
+    def __init__(self, handler: FeatureModelHandler, count=None):
         super().__init__()
-        self.handler = handler
+        self.handler, self.count = handler, count
 
     def expand(self, images):
+        if self.handler.softened:
+            total = beam.pvalue.AsSingleton(self.count) if self.count is not None else None
+            images = images | "ChooseSoftened" >> beam.Map(_with_softening, total)
         embedded, failed = images | RunInference(KeyedModelHandler(self.handler)).with_exception_handling()
         errors = failed.failed_inferences | "FailedBatchRows" >> beam.FlatMap(_failed_batch_rows)
         return embedded, errors

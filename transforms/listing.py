@@ -6,6 +6,7 @@ import os
 import re
 
 import apache_beam as beam
+import braceexpand
 from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
 
@@ -214,10 +215,29 @@ def _walk(root: str, depth: int | None, wanted):
     yield from visit(root, 1, frozenset({(status.st_dev, status.st_ino)}))
 
 
+def braces(pattern: str) -> list[str]:
+    """A brace pattern's names, as img2dataset and webdataset write shard sets
+    (``shards/{00000..01999}.tar``), in order; any other pattern as it is."""
+    if "{" not in pattern:
+        return [pattern]
+    try:
+        return list(braceexpand.braceexpand(pattern))
+    except ValueError:  # braceexpand's UnbalancedBracesError: a name with a brace in it
+        return [pattern]
+
+
 def distinct_patterns(patterns: list[str]) -> list[str]:
     """Each --input once, in order (a folder with or without its trailing '/' is one input),
     as text that Beam's coders accept (see anchors/uris.py)."""
     return list(dict.fromkeys(uri_text(pattern.rstrip("/") or pattern) for pattern in patterns))
+
+
+def indexed_inputs(patterns: list[str]) -> list[tuple[int, str]]:
+    """(--input index, name) for each input, brace patterns expanded: each name is listed on
+    its own (so 2,000 shards spread over the workers) and a missing one is its own row."""
+    return [
+        (index, name) for index, pattern in enumerate(distinct_patterns(patterns)) for name in braces(pattern)
+    ]
 
 
 def _first_row(rows):
@@ -229,16 +249,23 @@ def _expand_indexed(indexed_pattern: tuple[int, str], carried_names: tuple[str, 
     return expand_input(pattern, index, carried_names)
 
 
+class _ErrorsApart(beam.PartitionFn):
+    """Listed ('unit', ...) items to partition 0, ('error', row) items to 1."""
+
+    def partition_for(self, element, num_partitions, *args, **kwargs) -> int:
+        return int(element[0] == "error")
+
+
 def _first_listed(units):
     """A URI listed twice is read once, with the columns of the --input that lists it first."""
     return min(units, key=lambda unit: unit.order)
 
 
 class ListInputs(beam.PTransform):
-    """Input patterns -> distinct units to read (``anchors/io/sources.py``), with 'list' error
-    rows (one per URI) for inputs that name none and problems met while listing; a manifest's
-    ``carried_names`` columns travel with its units. Long local runs print progress as the
-    units are consumed."""
+    """Input patterns -> (distinct units to read (``anchors/io/sources.py``), 'list' error rows
+    (one per URI) for inputs that name none and problems met while listing, the units' count);
+    a manifest's ``carried_names`` columns travel with its units. Long local runs print
+    progress as the units are consumed."""
 
     def __init__(
         self, patterns: list[str], carried_names: tuple[str, ...] = (), progress_label: str = "progress"
@@ -250,9 +277,9 @@ class ListInputs(beam.PTransform):
     def expand(self, pipeline):
         listed = (
             pipeline
-            | "Patterns" >> beam.Create(list(enumerate(self.patterns)))
+            | "Patterns" >> beam.Create(indexed_inputs(self.patterns))
             | "Expand" >> beam.FlatMap(_expand_indexed, self.carried_names)
-            | "Split" >> beam.Partition(lambda kind_value, _: int(kind_value[0] == "error"), 2)
+            | "Split" >> beam.Partition(_ErrorsApart(), 2)
         )
         uris = (
             listed[0]
@@ -268,8 +295,10 @@ class ListInputs(beam.PTransform):
             | "OnePerUri" >> beam.CombinePerKey(_first_row)
             | "Row" >> beam.Values()
         )
-        total = beam.pvalue.AsSingleton(uris | "CountInputs" >> beam.combiners.Count.Globally())
+        count = uris | "CountInputs" >> beam.combiners.Count.Globally()
         # Counted before decoding: the runner holds a side input's consumer back until the count
         # is done, and here that holds back URIs, not every image's features.
-        uris = uris | "Progress" >> beam.ParDo(ReportProgress(self.progress_label), total)
-        return uris, errors
+        uris = uris | "Progress" >> beam.ParDo(
+            ReportProgress(self.progress_label), beam.pvalue.AsSingleton(count)
+        )
+        return uris, errors, count

@@ -11,6 +11,7 @@ import apache_beam as beam
 
 from anchorscan.anchors.errors import exception_name
 from anchorscan.anchors.io.fetch import is_http
+from anchorscan.anchors.io.shards import split_sample_uri
 from anchorscan.anchors.io.sources import ReadError, ReadFailure, ReadLimits, Unit, source_for
 from anchorscan.anchors.tables import error_row
 
@@ -102,13 +103,34 @@ class ReadFn(beam.DoFn):
                 yield item
 
 
-class ReadInputs(beam.PTransform):
-    """Units -> (records, error rows)."""
+class _SamplesApart(beam.PartitionFn):
+    """Records of tar shards' samples to partition 1, others to 0."""
 
-    def __init__(self, limits: ReadLimits):
+    def partition_for(self, element, num_partitions, *args, **kwargs) -> int:
+        return int(split_sample_uri(element.uri) is not None)
+
+
+class SpreadSamples(beam.PTransform):
+    """A shard is read by one worker; its samples are then redistributed (a Reshuffle), so that
+    decoding and scoring 10,000 samples do not sit on the core that read them. Other records
+    come from units that the listing spread already and pass as they are."""
+
+    def expand(self, records):
+        parts = records | "FromShards" >> beam.Partition(_SamplesApart(), 2)
+        spread = parts[1] | "Spread" >> beam.Reshuffle()
+        return (parts[0], spread) | "Records" >> beam.Flatten()
+
+
+class ReadInputs(beam.PTransform):
+    """Units -> (records, error rows); ``spread``: shards' samples redistributed over the
+    workers (on distributed runners: Beam's local runner holds a shuffle's whole input in
+    memory, which would hold every sample of a shard)."""
+
+    def __init__(self, limits: ReadLimits, spread: bool = False):
         super().__init__()
-        self.limits = limits
+        self.limits, self.spread = limits, spread
 
     def expand(self, units):
         outputs = units | beam.ParDo(ReadFn(self.limits)).with_outputs(ERRORS, main="records")
-        return outputs.records, outputs[ERRORS]
+        records = outputs.records | "SpreadSamples" >> SpreadSamples() if self.spread else outputs.records
+        return records, outputs[ERRORS]

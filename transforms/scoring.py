@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -36,7 +37,7 @@ class ScoreBatchFn(beam.DoFn):
     """Scores batches against the anchor and, given one, a head whose score then decides; the
     ``carried`` columns (``transforms/carried.py``) follow in each row."""
 
-    def __init__(self, choices: ScoreChoices = ScoreChoices(), carried: tuple = ()):
+    def __init__(self, choices: ScoreChoices = ScoreChoices(), carried: Sequence = ()):
         self.choices, self.carried = choices, list(carried)
         self.scored = Metrics.counter("anchorscan", "images_scored")
         self.suspects = Metrics.counter("anchorscan", "images_suspect")
@@ -107,7 +108,7 @@ class ScoreFeatures(beam.PTransform):
         anchor_uri: str,
         choices: ScoreChoices = ScoreChoices(),
         head_uri: str | None = None,
-        carried: tuple = (),
+        carried: Sequence = (),
         max_batch_size: int = 256,
     ):
         super().__init__()
@@ -149,7 +150,7 @@ class ScoreFeatures(beam.PTransform):
         return outputs.scores, outputs[ERRORS]
 
 
-def reused_row(record_and_row, carried: tuple = ()) -> dict:
+def reused_row(record_and_row, carried: Sequence = ()) -> dict:
     """The earlier score row of content scanned before, under this record's URI and with the
     columns this record carries (``--skip_scored``)."""
     record, row = record_and_row

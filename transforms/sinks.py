@@ -136,7 +136,7 @@ def table_files(prefix: str) -> list[str]:
     return sorted(m.path for result in FileSystems.match(patterns) for m in result.metadata_list)
 
 
-def clear_tables(prefix: str, overwrite: bool, keep: list[str] = ()) -> None:
+def clear_tables(prefix: str, overwrite: bool, keep: tuple[str, ...] | list[str] = ()) -> None:
     """Makes room for a scan's tables under ``prefix``: refuses where tables are there already,
     unless ``overwrite``, which deletes them before the scan writes, so that old and new shards
     (whose counts may differ) are never mixed. ``keep``: files the scan still reads."""
@@ -266,6 +266,7 @@ class PrefixLock:
     def __exit__(self, *exc_info):
         if self.local:
             os.unlink(self.path.removeprefix("file://"))
+            assert self._fd is not None  # set by __enter__
             os.close(self._fd)
         else:
             FileSystems.delete([self.path])

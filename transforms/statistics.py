@@ -55,7 +55,7 @@ class StatisticsCombineFn(beam.CombineFn):
 
     def add_input(self, accumulator: StatisticsAccumulator, row) -> StatisticsAccumulator:
         meta, (vector, _) = row
-        return accumulator.add(meta.uri, vector)
+        return accumulator.add(meta.uri, vector, meta.phash)
 
     def merge_accumulators(self, accumulators) -> StatisticsAccumulator:
         accumulators = iter(accumulators)

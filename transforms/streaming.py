@@ -217,7 +217,7 @@ class ScoreJoinedFn(ScoreBatchFn):
         super().__init__(**kwargs)
         self.max_batch_size = max_batch_size
 
-    def process(self, joined):
+    def process(self, joined, *_):  # the anchor comes joined, not as a side input
         _, groups = joined
         references = list(groups["anchor"])
         batch = []

@@ -51,6 +51,7 @@ def _serve(connection: Connection, decode: Callable[[bytes], Any]) -> None:
             data = connection.recv_bytes()
         except (EOFError, OSError):  # the parent is gone
             return
+        outcome: tuple
         try:
             outcome = ("ok", decode(data))
         except DecodeError as error:
@@ -87,8 +88,8 @@ class Job:
     __slots__ = ("data", "outcome", "started")
 
     def __init__(self, data: bytes):
-        self.data: bytes | None = data
-        self.started: float | None = None
+        self.data = data  # emptied once a process has it
+        self.started = 0.0  # monotonic time it started running
         self.outcome: tuple | None = None
 
 
@@ -187,17 +188,16 @@ class DecoderPool:
                 self._replace(worker)
                 continue
             self._waiting.popleft()
-            job.data, job.started, worker.job = None, time.monotonic(), job
+            job.data, job.started, worker.job = b"", time.monotonic(), job
 
     def _collect(self) -> None:
         """Waits until a running job ends or the first one runs out of time; records outcomes."""
-        busy = [worker for worker in self._workers if worker.job is not None]
+        busy = [(worker, worker.job) for worker in self._workers if worker.job is not None]
         if not busy:
             raise RuntimeError("waiting for a decode that is neither queued nor running")
-        deadline = min(worker.job.started for worker in busy) + self.timeout
-        ready = wait([worker.connection for worker in busy], max(deadline - time.monotonic(), 0.0))
-        for worker in busy:
-            job = worker.job
+        deadline = min(job.started for _, job in busy) + self.timeout
+        ready = wait([worker.connection for worker, _ in busy], max(deadline - time.monotonic(), 0.0))
+        for worker, job in busy:
             if worker.connection in ready:
                 try:
                     job.outcome = worker.connection.recv()

@@ -92,6 +92,10 @@ def _convolve(image: Image.Image, kernel: np.ndarray) -> Image.Image:
     return Image.fromarray(blurred.round().clip(0, 255).astype(np.uint8))
 
 
+def _thumbnail(image: Image.Image, scale: float) -> Image.Image:
+    return _resized(image, scale, Image.Resampling.BOX).resize(image.size, Image.Resampling.BICUBIC)
+
+
 def _resized(image: Image.Image, factor: float, method) -> Image.Image:
     return image.resize((max(1, round(image.width * factor)), max(1, round(image.height * factor))), method)
 
@@ -138,7 +142,7 @@ PERTURBATIONS: dict[str, Perturbation] = {
     "thumbnail": Perturbation(
         "SCALE",
         _positive_up_to(1, "SCALE", below=True),
-        lambda scale: lambda image: _resized(image, scale, Image.BOX).resize(image.size, Image.BICUBIC),
+        lambda scale: lambda image: _thumbnail(image, scale),
         NUMBER,
         "an upscaled thumbnail: area downscale by SCALE, bicubic back up",
     ),
@@ -152,7 +156,7 @@ PERTURBATIONS: dict[str, Perturbation] = {
     "scale": Perturbation(
         "FACTOR",
         _positive_up_to(10, "FACTOR"),
-        lambda factor: lambda image: _resized(image, factor, Image.BICUBIC),
+        lambda factor: lambda image: _resized(image, factor, Image.Resampling.BICUBIC),
         NUMBER,
         "bicubic rescale by FACTOR",
     ),
@@ -177,12 +181,13 @@ def parse_perturbation(spec: str | None):
     kind = PERTURBATIONS.get(name)
     if kind is None:
         raise UsageError(f"--perturbation must be one of {PERTURBATION_HELP}, not {spec!r}")
-    if kind.parameter is None:
+    if kind.parse is None:
         if colon:
             raise UsageError(f"--perturbation {name} takes no value, got {spec!r}")
         return kind.make()
     try:
         return kind.make(kind.parse(value))
     except ValueError as error:
-        words = str(error) if str(error).startswith(kind.parameter) else f"{kind.parameter} must be a number"
+        parameter = kind.parameter or ""
+        words = str(error) if str(error).startswith(parameter) else f"{parameter} must be a number"
         raise UsageError(f"--perturbation {spec!r}: {words} ({name}:{kind.parameter})") from None

@@ -4,6 +4,7 @@ a FetchError whose message gives the status or the cause."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import socket
 import threading
@@ -28,7 +29,12 @@ class HttpConfig:
 
 
 class FetchError(OSError):
-    """The URI could not be fetched; the message says why (status or cause)."""
+    """The URI could not be fetched; the message says why (status or cause); ``status_code``:
+    the server's answer, where it gave one."""
+
+    def __init__(self, message: str, status_code: int | None = None):
+        super().__init__(message)
+        self.status_code = status_code
 
 
 class _Transient(Exception):
@@ -69,8 +75,8 @@ def _remaining(deadline: float, config: HttpConfig) -> float:
 
 
 def _read_body(response: requests.Response, max_bytes: int, deadline: float, config: HttpConfig) -> bytes:
-    declared = response.headers.get("Content-Length")
-    declared = int(declared) if declared and declared.isdigit() else None
+    header = response.headers.get("Content-Length")
+    declared = int(header) if header and header.isdigit() else None
     if declared is not None and declared > max_bytes:
         raise FetchError(
             f"response is larger than --max_bytes {max_bytes:,} (Content-Length {declared:,}); not read"
@@ -98,7 +104,7 @@ def _read_body(response: requests.Response, max_bytes: int, deadline: float, con
     raise _Transient(f"truncated response ({len(body):,} bytes, then {_cause(truncated)})")
 
 
-def _chain(error: BaseException) -> list[BaseException]:
+def _chain(error: BaseException | None) -> list[BaseException]:
     """``error`` and the errors it wraps (reason, arguments, cause), outermost first."""
     chain = []
     while error is not None and error not in chain:
@@ -135,7 +141,10 @@ def _cause(error: BaseException) -> str:
     return f"{type(chain[-1]).__name__}: {chain[-1]}"
 
 
-def _fetch_once(uri: str, max_bytes: int, deadline: float, config: HttpConfig) -> bytes:
+@contextlib.contextmanager
+def _ok_response(uri: str, deadline: float, config: HttpConfig):
+    """The response of ``uri`` after redirects, once its status says a body follows; its
+    host's slot is held until the block ends."""
     url, seen = uri, {uri}
     for _ in range(MAX_REDIRECTS + 1):
         slot = _host_slot(url, config.max_per_host)
@@ -166,20 +175,26 @@ def _fetch_once(uri: str, max_bytes: int, deadline: float, config: HttpConfig) -
                 if response.status_code >= 500:
                     raise _Transient(status)
                 if response.status_code >= 400:
-                    raise FetchError(status)
-                return _read_body(response, max_bytes, deadline, config)
+                    raise FetchError(status, response.status_code)
+                yield response
+                return
         finally:
             slot.release()
     raise FetchError(f"more than {MAX_REDIRECTS} redirects")
 
 
-def fetch(uri: str, max_bytes: int, config: HttpConfig = HttpConfig()) -> bytes:
-    """The body of ``uri``: at most ``max_bytes``, retried on transient failures with
-    exponential backoff, never past ``config.max_time``."""
+def _fetch_once(uri: str, max_bytes: int, deadline: float, config: HttpConfig) -> bytes:
+    with _ok_response(uri, deadline, config) as response:
+        return _read_body(response, max_bytes, deadline, config)
+
+
+def _retried(attempt_once, config: HttpConfig):
+    """``attempt_once(deadline)``, retried on transient failures with exponential backoff,
+    never past ``config.max_time``."""
     deadline, attempt = time.monotonic() + config.max_time, 0
     while True:
         try:
-            return _fetch_once(uri, max_bytes, deadline, config)
+            return attempt_once(deadline)
         except _Transient as error:
             attempts = f" (after {attempt + 1} attempts)" if attempt else ""
             if attempt == config.retries:
@@ -192,3 +207,35 @@ def fetch(uri: str, max_bytes: int, config: HttpConfig = HttpConfig()) -> bytes:
                 ) from None
             time.sleep(pause)
             attempt += 1
+
+
+def fetch(uri: str, max_bytes: int, config: HttpConfig = HttpConfig()) -> bytes:
+    """The body of ``uri``: at most ``max_bytes``, retried on transient failures with
+    exponential backoff, never past ``config.max_time``."""
+    return _retried(lambda deadline: _fetch_once(uri, max_bytes, deadline, config), config)
+
+
+class _Body:
+    """A response body as a file object that is read as it arrives: each read waits at most
+    ``config.timeout``; a stall, a reset or a body cut short is a FetchError."""
+
+    def __init__(self, response: requests.Response):
+        self.raw = response.raw
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self.raw.read(None if size < 0 else size)
+        except urllib3.exceptions.ReadTimeoutError:
+            raise FetchError("timed out while reading the response") from None
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise FetchError(f"the response was cut short ({_cause(error)})") from None
+
+
+@contextlib.contextmanager
+def open_stream(uri: str, config: HttpConfig = HttpConfig()):
+    """The body of ``uri`` as a readable file object, for inputs too large to hold (a tar
+    shard): the request is retried as ``fetch``'s until the body starts; the body itself is read
+    once, each read within ``config.timeout``, with no size cap (the reader caps what it keeps)."""
+    with contextlib.ExitStack() as stack:
+        response = _retried(lambda deadline: stack.enter_context(_ok_response(uri, deadline, config)), config)
+        yield _Body(response)

@@ -87,7 +87,7 @@ def client():
 def _client_for(emulator: str | None):
     """A storage client for checks and error messages (the endpoint follows the emulator)."""
     from google.auth.credentials import AnonymousCredentials
-    from google.cloud import storage
+    from google.cloud import storage  # type: ignore[attr-defined]  # a namespace package
 
     credentials, project = _credentials_for(emulator)
     if credentials is None:
@@ -202,7 +202,7 @@ def check_paths(uris) -> None:
     """Fails within seconds, with a sentence, when a gs:// path among ``uris`` (files, prefixes
     or patterns; None is skipped) lies in a bucket that does not exist, cannot be reached or is
     not readable; one request per bucket."""
-    buckets = {}
+    buckets: dict[str, str] = {}
     for uri in uris:
         if uri and is_gcs(uri):
             buckets.setdefault(bucket_and_prefix(uri)[0], uri)

@@ -1,15 +1,17 @@
 """Byte sources: where the bytes of a listed input come from. The read step of every pipeline
-(``transforms/read.py``) hands each listed ``Unit`` to the first source in ``SOURCES`` that
+(``transforms/read.py``) hands each listed ``Unit`` to the first of ``registered_sources()`` that
 claims its URI and passes on the ``Record``s it yields: one per image, with its URI, its bytes
 and the columns that travel with it to the score row. Decoding never knows where bytes came
 from. A new kind of input (a tar shard, a Parquet column of bytes, an object store) is one
-``ByteSource`` subclass and one line in ``SOURCES``."""
+``ByteSource`` subclass and one line in ``registered_sources``."""
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import errno
+import functools
 import os
 import stat
 from collections.abc import Iterator
@@ -17,7 +19,7 @@ from collections.abc import Iterator
 from anchorscan.anchors.errors import MissingFileError, exception_name
 from anchorscan.anchors.io import gcs
 from anchorscan.anchors.io.fetch import FetchError, HttpConfig, fetch, is_http
-from anchorscan.anchors.io.uris import is_image_path, is_remote, local_path
+from anchorscan.anchors.io.uris import is_image_path, is_remote, local_file, local_path
 
 DEFAULT_MAX_BYTES = 256 * 2**20
 DEFAULT_READ_TIMEOUT = 60.0
@@ -100,17 +102,22 @@ class FileSource(ByteSource):
         yield Record(unit.uri, read_limited(unit.uri, limits.max_bytes, limits.http), unit.carried)
 
 
-# The first source that claims a URI reads it; FileSource claims everything and comes last.
-SOURCES: tuple[ByteSource, ...] = (FileSource(),)
+@functools.cache
+def registered_sources() -> tuple[ByteSource, ...]:
+    """The first source that claims a URI reads it; FileSource claims everything and comes
+    last. Sources in their own modules build on the classes above, so they are imported here."""
+    from anchorscan.anchors.io.shards import TarShardSource
+
+    return (TarShardSource(), FileSource())
 
 
 def source_for(uri: str) -> ByteSource:
-    return next(source for source in SOURCES if source.claims(uri))
+    return next(source for source in registered_sources() if source.claims(uri))
 
 
 def listable(path: str) -> bool:
     """Whether a folder's walk lists this file (an image, or a container a source reads)."""
-    return any(source.lists(path) for source in SOURCES)
+    return any(source.lists(path) for source in registered_sources())
 
 
 # --- reading one file, whatever it turns out to be --------------------------------------------
@@ -123,13 +130,13 @@ _NOT_FILES = {
 }
 
 
-def _require_regular_file(status: os.stat_result, max_bytes: int) -> None:
+def _require_regular_file(status: os.stat_result, max_bytes: int | None = None) -> None:
     if stat.S_ISDIR(status.st_mode):
         raise ReadError("is a directory, not a file", "IsADirectoryError")
     if not stat.S_ISREG(status.st_mode):
         kind = _NOT_FILES.get(stat.S_IFMT(status.st_mode), "not a regular file")
         raise ReadError(f"{kind}, not a file: not opened (reading it could wait forever)")
-    if status.st_size > max_bytes:
+    if max_bytes is not None and status.st_size > max_bytes:
         raise ReadError(f"file is larger than --max_bytes {max_bytes:,}")
 
 
@@ -152,18 +159,11 @@ def _read_gcs(uri: str, max_bytes: int) -> bytes:
         return blob.download_as_bytes(timeout=gcs.TRANSFER_TIMEOUT)
 
 
-def read_limited(uri: str, max_bytes: int, http: HttpConfig = HttpConfig()) -> bytes:
-    """The bytes of one file, at most ``max_bytes``; ReadError with a sentence otherwise."""
-    if is_http(uri):
-        try:
-            return fetch(uri, max_bytes, http)
-        except FetchError as error:
-            raise ReadError(str(error), exception_name(error)) from None
-    if is_remote(uri) and not gcs.is_gcs(uri):
-        raise ReadError("only local files, gs:// and http(s):// URIs can be read")
-    path = local_path(uri)
+@contextlib.contextmanager
+def _read_errors(path: str | None):
+    """Whatever stops a read, as a ReadError with a sentence (``path``: the local file, if any)."""
     try:
-        data = _read_local(path, max_bytes) if path is not None else _read_gcs(uri, max_bytes)
+        yield
     except ReadError:
         raise
     except FileNotFoundError as error:
@@ -187,6 +187,33 @@ def read_limited(uri: str, max_bytes: int, http: HttpConfig = HttpConfig()) -> b
         raise ReadError(
             f"cannot read file: {exception_name(error)}: {error}", exception_name(error)
         ) from None
+
+
+@contextlib.contextmanager
+def open_regular_file(uri: str):
+    """A local file opened for reading as it is streamed (a tar shard): regular files only, as
+    ``_read_local`` checks them; problems opening it as ReadError."""
+    path = local_file(uri)
+    with _read_errors(path):
+        _require_regular_file(os.stat(path))
+        handle = open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY), "rb")  # noqa: SIM115
+    with handle:
+        _require_regular_file(os.fstat(handle.fileno()))
+        yield handle
+
+
+def read_limited(uri: str, max_bytes: int, http: HttpConfig = HttpConfig()) -> bytes:
+    """The bytes of one file, at most ``max_bytes``; ReadError with a sentence otherwise."""
+    if is_http(uri):
+        try:
+            return fetch(uri, max_bytes, http)
+        except FetchError as error:
+            raise ReadError(str(error), exception_name(error)) from None
+    if is_remote(uri) and not gcs.is_gcs(uri):
+        raise ReadError("only local files, gs:// and http(s):// URIs can be read")
+    path = local_path(uri)
+    with _read_errors(path):
+        data = _read_local(path, max_bytes) if path is not None else _read_gcs(uri, max_bytes)
     if len(data) > max_bytes:
         raise ReadError(f"file is larger than --max_bytes {max_bytes:,}")
     return data

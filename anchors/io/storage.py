@@ -23,7 +23,7 @@ from anchorscan.anchors.errors import (
 )
 from anchorscan.anchors.io import gcs
 from anchorscan.anchors.io.fetch import fetch, is_http
-from anchorscan.anchors.io.uris import is_remote, local_path
+from anchorscan.anchors.io.uris import is_remote, local_file
 
 # Files read whole from web servers (manifests, thumbnails): a cap against endless responses.
 MAX_HTTP_FILE_BYTES = 2**30
@@ -48,7 +48,7 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
             return gcs.blob(uri).download_as_bytes(timeout=gcs.TRANSFER_TIMEOUT)
     if is_remote(uri):
         raise UnreadableFileError(f"{uri}: only local paths, gs:// and http(s):// URIs can be read")
-    path = local_path(uri)
+    path = local_file(uri)
     try:
         with open(path, "rb") as handle:
             if max_bytes is not None:
@@ -78,7 +78,7 @@ def read_checked_file(uri: str) -> bytes:
 def local_copy(uri: str) -> str:
     """A local path with the contents of ``uri`` (copied once per process for remote files)."""
     if not is_remote(uri):
-        return local_path(uri)
+        return local_file(uri)
     if not gcs.is_gcs(uri):
         raise UnreadableFileError(f"{uri}: copy it to a local path or gs:// first")
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
@@ -106,7 +106,7 @@ def write_atomically(uri: str, data: bytes, mode: int = 0o666) -> None:
         return
     if is_remote(uri):
         raise UnwritableOutputError(f"{uri}: outputs are local paths or gs:// URIs")
-    path = local_path(uri)
+    path = local_file(uri)
     temporary = f"{path}.tmp-{uuid.uuid4().hex}"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -143,7 +143,7 @@ def check_writable(uri: str, flag: str, size: int = 0) -> None:
         return
     if is_remote(uri):
         raise UnwritableOutputError(f"{flag} {uri}: outputs are local paths or gs:// URIs")
-    path = local_path(uri)
+    path = local_file(uri)
     folder = os.path.dirname(os.path.abspath(path))
     probe = os.path.join(folder, f".anchorscan-probe-{uuid.uuid4().hex}")
     try:
@@ -194,7 +194,7 @@ def files_in(folder: str, suffix: str) -> list[str]:
         return sorted(f"gs://{bucket}/{name}" for name in names if name.endswith(suffix))
     if is_remote(folder):
         raise UnreadableFileError(f"{folder}: only local folders and gs:// prefixes can be listed")
-    path = local_path(folder)
+    path = local_file(folder)
     if not os.path.isdir(path):
         raise MissingFileError(f"{folder}: no such folder")
     return sorted(

@@ -51,3 +51,11 @@ def local_path(uri: str) -> str | None:
     if uri.startswith(FILE_SCHEME):
         return os.fsdecode(urllib.parse.unquote_to_bytes(uri[len(FILE_SCHEME) :]))
     return None if is_remote(uri) else uri
+
+
+def local_file(uri: str) -> str:
+    """The local path of a URI known not to be remote."""
+    path = local_path(uri)
+    if path is None:
+        raise ValueError(f"{uri} is not a local path")
+    return path

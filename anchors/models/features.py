@@ -114,13 +114,14 @@ class FeatureModule(nn.Module):
             enabled=self.autocast_dtype is not None,
         ):
             output = self.backbone(pixels.permute(0, 3, 1, 2))
-        parts = []
+        parts: list[torch.Tensor] = []
         for token_map in output.token_maps:
             weights = resample_weights(output.attention, token_map.shape[2:])
             parts.extend(spatial_statistics(token_map, weights))
         statistical = torch.cat(parts, dim=1)
-        if self.projection is not None:
-            statistical = statistical @ self.projection
+        projection = self.projection
+        if isinstance(projection, torch.Tensor):
+            statistical = statistical @ projection
         vectors = torch.cat([output.semantic.float(), statistical], dim=1)
         return vectors, 1.0 / (output.attention.flatten(1) ** 2).sum(dim=1)
 
@@ -136,7 +137,7 @@ def onnx_session(module: FeatureModule, crop_size: int):
         torch.onnx.export(
             module,
             (example,),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # the exporter writes to any binary file object
             input_names=["pixels"],
             output_names=["vectors", "positions"],
             dynamic_axes={"pixels": {0: "batch"}},
@@ -213,10 +214,14 @@ class FeatureExtractor:
             vectors, positions = self.module(pixels.to(self.device, non_blocking=True))
         return vectors.cpu().numpy(), positions.cpu().numpy()
 
-    def forensic_features(self, pixels: torch.Tensor, softened: tuple = ()) -> np.ndarray:
+    def forensic_features(
+        self, pixels: torch.Tensor, softened: tuple = (), soften_rows: np.ndarray | None = None
+    ) -> np.ndarray:
         """The forensic features of the crops, then, for each of ``softened`` (fit time: the
         softness levels after "sharp", see ``forensic.SOFTNESS_PATH``), of the crops softened
-        so, side by side. In torch beside the backbone: ONNX export has no FFT here."""
+        so, side by side; only for the crops ``soften_rows`` marks (all without it), NaN for
+        the others. In torch beside the backbone: ONNX export has no FFT here."""
+        rows = np.ones(len(pixels), dtype=bool) if soften_rows is None else np.asarray(soften_rows, bool)
         # One thread: its small FFTs gain little from more, and beside decoder processes the
         # other threads' barrier waits cost more cores than they save (docs/BENCHMARKS.md).
         # The count is process-wide: the lock keeps two threads' save and restore from interleaving.
@@ -225,16 +230,22 @@ class FeatureExtractor:
             torch.set_num_threads(1)
             try:
                 with torch.inference_mode():
-                    return torch.cat(
-                        [self.forensic(soften(pixels, how)) for how in (None, *softened)], 1
-                    ).numpy()
+                    sharp = self.forensic(pixels).numpy()
+                    if not softened:
+                        return sharp
+                    levels = np.full((len(pixels), len(softened) * sharp.shape[1]), np.nan, np.float32)
+                    if rows.any():
+                        chosen = pixels[torch.from_numpy(rows)]
+                        levels[rows] = torch.cat([self.forensic(soften(chosen, how)) for how in softened], 1)
+                    return np.concatenate([sharp, levels], axis=1)
             finally:
                 torch.set_num_threads(threads)
 
-    def __call__(self, pixels: torch.Tensor, softened: tuple = ()) -> Features:
+    def __call__(
+        self, pixels: torch.Tensor, softened: tuple = (), soften_rows: np.ndarray | None = None
+    ) -> Features:
         """``pixels``: (B, H, W, 3) uint8 crops. Rows are [semantic ; statistical ; forensic]
         (and the softened copies' forensic features, see ``forensic_features``)."""
         vectors, positions = self.backbone_features(pixels)
-        return Features(
-            np.concatenate([vectors, self.forensic_features(pixels, softened)], axis=1), positions
-        )
+        forensic = self.forensic_features(pixels, softened, soften_rows)
+        return Features(np.concatenate([vectors, forensic], axis=1), positions)

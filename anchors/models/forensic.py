@@ -276,16 +276,31 @@ class ResidualFeatures(nn.Module):
 # --- softened copies of real photos (fit time) -------------------------------------------------
 
 
-def gaussian_blur(pixels: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of uint8 (B, H, W, 3), reflected at the borders, back to uint8."""
+@functools.lru_cache(maxsize=32)
+def _blur_matrix(size: int, sigma: float) -> torch.Tensor:
+    """The (size, size) matrix of a 1-d Gaussian blur reflected at the borders (the border
+    sample not repeated): a blur along one axis is one matrix product."""
     radius = max(1, math.ceil(3 * sigma))
-    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2)
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
     taps /= taps.sum()
+    matrix = np.zeros((size, size))
+    for row in range(size):
+        for offset, weight in zip(range(-radius, radius + 1), taps):
+            column = abs(row + offset)
+            if column >= size:
+                column = 2 * (size - 1) - column
+            matrix[row, column] += weight
+    return torch.tensor(matrix, dtype=torch.float32)
+
+
+def gaussian_blur(pixels: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of uint8 (B, H, W, 3), reflected at the borders, back to uint8.
+    Two matrix products: five times faster than a one-channel convolution on CPUs
+    (benchmarks/fit_speed.py), and the same pixels but for rounding ties."""
     height, width = pixels.shape[1:3]
-    x = pixels.permute(0, 3, 1, 2).float().reshape(-1, 1, height, width)
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), taps.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), taps.view(1, 1, -1, 1))
-    return x.reshape(-1, 3, height, width).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    x = pixels.permute(0, 3, 1, 2).float()
+    x = _blur_matrix(height, sigma) @ x @ _blur_matrix(width, sigma).T
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def upscaled_thumbnail(pixels: torch.Tensor, scale: float) -> torch.Tensor:

@@ -1,0 +1,438 @@
+"""WebDataset tar shards, as img2dataset writes scraped datasets (``00000.tar`` holding
+``KEY.jpg``, ``KEY.json``, ``KEY.txt``, with ``00000.parquet`` beside it): read member by member
+as a stream, never extracted and never held whole, each sample (the members that share a key)
+one record whose URI is ``SHARD#KEY``.
+
+Keys follow webdataset: a member's name up to the first dot of its base name, folders
+included (``part/000010005.jpg`` -> ``part/000010005``); consecutive members with one key form
+a sample. A sample's image is its member whose extension is an image extension (``jpg``,
+``png``, ...; ``KEY.mask.png`` is not one); a sample with none or with two is an error row.
+Member names are never used as paths: a link, a device, a name with ``..`` or an absolute
+name makes its sample an error row, and nothing from it is read."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import posixpath
+import tarfile
+from collections.abc import Iterator
+
+from anchorscan.anchors.errors import exception_name
+from anchorscan.anchors.io import gcs
+from anchorscan.anchors.io.fetch import FetchError, HttpConfig, fetch, is_http, open_stream
+from anchorscan.anchors.io.sources import (
+    ByteSource,
+    ReadError,
+    ReadFailure,
+    ReadLimits,
+    Record,
+    Unit,
+    open_regular_file,
+    read_limited,
+)
+from anchorscan.anchors.io.uris import IMAGE_EXTENSIONS, is_remote, local_path
+
+SHARD_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
+IMAGE_MEMBER_EXTENSIONS = frozenset(extension.lstrip(".") for extension in IMAGE_EXTENSIONS)
+# img2dataset's status of a sample whose image was downloaded; other rows have no image.
+SUCCESS = "success"
+# More members than this is not a shard but a flood (or an endless stream): it stops there.
+MAX_MEMBERS = 1_000_000
+# A web server's answers that say a shard has no sidecar.
+GONE = (404, 410)
+# Cloud Storage reads: bytes fetched per request (what a shard's read holds at once).
+GCS_CHUNK_BYTES = 8 * 2**20
+
+
+def is_shard_path(path: str) -> bool:
+    return path.lower().endswith(SHARD_EXTENSIONS)
+
+
+def split_sample_uri(uri: str) -> tuple[str, str] | None:
+    """(shard, key) of a sample URI ``SHARD#KEY``; None for any other URI."""
+    lowered = uri.lower()
+    cuts = [lowered.find(extension + "#") for extension in SHARD_EXTENSIONS]
+    cuts = [cut + len(extension) for cut, extension in zip(cuts, SHARD_EXTENSIONS) if cut > 0]
+    if not cuts:
+        return None
+    cut = min(cuts)
+    return uri[:cut], uri[cut + 1 :]
+
+
+def sample_uri(shard: str, key: str) -> str:
+    return f"{shard}#{key}"
+
+
+def sidecar_of(shard: str) -> str:
+    """The Parquet file img2dataset writes beside a shard: the same stem."""
+    stem = next(shard[: -len(e)] for e in SHARD_EXTENSIONS if shard.lower().endswith(e))
+    return stem + ".parquet"
+
+
+def key_and_extension(name: str) -> tuple[str, str] | None:
+    """webdataset's split of a member name: (folder + stem, extension after the first dot of
+    the base name, lower case); None for a name without one (it belongs to no sample)."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, extension = base.partition(".")
+    if not stem or not dot or not extension:
+        return None
+    return (f"{folder}/{stem}" if folder else stem), extension.lower()
+
+
+def unsafe_name(name: str) -> str | None:
+    """Why a member name could write outside a folder if anyone extracted it, or None."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its name is not UTF-8"
+    if name.startswith("/") or name.startswith("\\") or (len(name) > 1 and name[1] == ":"):
+        return "its name is an absolute path"
+    if ".." in name.replace("\\", "/").split("/"):
+        return "its name climbs out of the shard's folder (..)"
+    return None
+
+
+def _kind(info: tarfile.TarInfo) -> str:
+    if info.issym() or info.islnk():
+        return f"a link (to {info.linkname})"
+    if info.isdev() or info.isfifo():
+        return "a device or pipe"
+    return "not a regular file"
+
+
+@dataclasses.dataclass
+class Member:
+    name: str
+    extension: str
+    data: bytes
+
+
+@dataclasses.dataclass
+class Sample:
+    """The members of one key, in the shard's order; ``problem``: why the sample cannot be used
+    (its members' data is then not kept), ``position``: its first member's number in the shard
+    (from 1)."""
+
+    key: str
+    position: int
+    members: list[Member] = dataclasses.field(default_factory=list)
+    problem: str | None = None
+    size: int = 0
+    # Another sample has its key (a duplicate), or it has none: its URI names its position.
+    by_position: bool = False
+
+    def uri(self, shard: str) -> str:
+        uri = sample_uri(shard, self.key)
+        return f"{uri}#member={self.position}" if self.by_position else uri
+
+    def refuse(self, problem: str) -> None:
+        if self.problem is None:
+            self.problem = problem
+        self.members = []
+
+    def image(self) -> Member:
+        """The image member; ReadError where there is none or more than one."""
+        images = [member for member in self.members if member.extension in IMAGE_MEMBER_EXTENSIONS]
+        if len(images) == 1:
+            return images[0]
+        names = ", ".join(posixpath.basename(member.name) for member in (images or self.members))
+        if images:
+            raise ReadError(
+                f"the sample has {len(images)} image members ({names}); one image is scored per "
+                "sample: give the others a compound extension (KEY.mask.png) that marks them as "
+                "not the image"
+            )
+        raise NoImageError(f"the sample has no image member (members: {names or 'none'})")
+
+    def metadata(self) -> dict | None:
+        """The fields of its ``json`` member (an object), or None."""
+        member = next((m for m in self.members if m.extension == "json"), None)
+        if member is None:
+            return None
+        try:
+            fields = json.loads(member.data)
+        except ValueError:
+            return None
+        return fields if isinstance(fields, dict) else None
+
+
+class NoImageError(ReadError):
+    """A sample without an image member."""
+
+
+class DamagedShardError(ReadError):
+    """The shard stopped being a tar before its end (truncated, or garbage after a member)."""
+
+
+class _Header(tarfile.TarInfo):
+    """Remembers the header error that makes tarfile end an archive quietly: past the first
+    member it takes a cut or damaged header for the archive's end."""
+
+    @classmethod
+    def fromtarfile(cls, archive):
+        try:
+            return super().fromtarfile(archive)
+        except tarfile.EOFHeaderError:  # type: ignore[attr-defined]  # the end-of-archive marker: a proper end
+            raise
+        except tarfile.HeaderError as error:
+            archive.damage = error
+            raise
+
+
+def samples(stream, max_bytes: int) -> Iterator[Sample]:
+    """The samples of a tar read from ``stream`` (read once, in order, never seeking back);
+    members larger than ``max_bytes`` (or a sample's members together) are not read into
+    memory. Raises DamagedShardError where the tar is cut short or damaged, ReadError where it
+    is not a tar at all; the samples before that point have been yielded."""
+    try:
+        archive = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_Header)  # noqa: SIM115 (closed by the caller's stream)
+    except tarfile.ReadError as error:
+        raise ReadError(f"not a tar archive ({error})", "tarfile.ReadError") from None
+    seen: set[str] = set()
+    current: Sample | None = None
+    count = 0
+    try:
+        while True:
+            info = archive.next()
+            archive.members.clear()  # type: ignore[attr-defined]  # tarfile keeps every header it read; a shard may hold millions
+            if info is None:
+                break
+            count += 1
+            if count > MAX_MEMBERS:
+                raise DamagedShardError(
+                    f"the shard holds more than {MAX_MEMBERS:,} members; the rest is not read"
+                )
+            if info.isdir():
+                continue
+            split = key_and_extension(info.name)
+            if split is None:
+                problem = "the member has no extension: it belongs to no sample"
+                yield Sample(info.name, count, problem=problem, by_position=True)
+                continue
+            key, extension = split
+            if current is None or key != current.key:
+                if current is not None:
+                    yield current
+                current = Sample(key, count, by_position=key in seen)
+                if key in seen:
+                    current.refuse(f"a sample with this key came earlier in the shard (duplicate key {key})")
+                seen.add(key)
+            reason = unsafe_name(info.name) or (None if info.isreg() else f"it is {_kind(info)}")
+            if reason:
+                current.refuse(f"member {info.name!r} is not read: {reason}")
+                continue
+            if current.problem:
+                continue
+            if any(member.extension == extension for member in current.members):
+                current.refuse(f"the sample has two members named {posixpath.basename(info.name)}")
+                continue
+            current.size += info.size
+            if info.size > max_bytes or current.size > max_bytes:
+                what = "member " + posixpath.basename(info.name) if info.size > max_bytes else "its members"
+                current.refuse(f"{what} larger than --max_bytes {max_bytes:,}")
+                continue
+            handle = archive.extractfile(info)
+            if handle is None:  # not a regular member: refused above
+                continue
+            current.members.append(Member(info.name, extension, handle.read()))
+        damage = getattr(archive, "damage", None)
+        if isinstance(damage, tarfile.EmptyHeaderError):  # type: ignore[attr-defined]
+            raise DamagedShardError(
+                f"the shard ends after {count:,} members without the end-of-archive marker (truncated?)"
+            )
+        if damage is not None:
+            raise DamagedShardError(f"the shard is damaged after {count:,} members ({damage})")
+    except (tarfile.ReadError, EOFError, OSError, ValueError) as error:
+        # The sample being read may have lost members: it is refused, not scored incomplete.
+        if current is not None:
+            current.refuse("the shard is cut short or damaged inside or right after this sample")
+            yield current
+            current = None
+        if isinstance(error, ReadError):
+            raise
+        raise DamagedShardError(
+            f"the shard is cut short or damaged after {count:,} members ({error})", exception_name(error)
+        ) from None
+    if current is not None:
+        yield current
+    if count == 0:
+        raise ReadError("the shard holds no samples (an empty tar)")
+
+
+# --- opening a shard as a stream ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def open_shard(uri: str, http: HttpConfig = HttpConfig()):
+    """A shard as a readable stream: a local regular file, a Cloud Storage object read in chunks,
+    or a web server's response read as it arrives."""
+    if is_http(uri):
+        try:
+            with open_stream(uri, http) as body:
+                yield body
+        except FetchError as error:
+            raise ReadError(str(error), exception_name(error)) from None
+        return
+    if gcs.is_gcs(uri):
+        with gcs.storage_errors(uri):
+            reader = gcs.blob(uri).open("rb", chunk_size=GCS_CHUNK_BYTES, timeout=gcs.TRANSFER_TIMEOUT)
+        with reader:
+            yield _StorageStream(uri, reader)
+        return
+    if is_remote(uri):
+        raise ReadError("only local files, gs:// and http(s):// URIs can be read")
+    with open_regular_file(uri) as handle:
+        yield handle
+
+
+class _StorageStream:
+    """A Cloud Storage reader whose errors say what happened in words."""
+
+    def __init__(self, uri: str, reader):
+        self.uri, self.reader = uri, reader
+
+    def read(self, size: int = -1) -> bytes:
+        with gcs.storage_errors(self.uri):
+            return self.reader.read(size)
+
+
+def read_sidecar(shard: str, limits: ReadLimits) -> dict[str, dict] | None:
+    """The rows of the shard's sidecar Parquet by key, or None where it has none; ReadError
+    where it is there but not a table of keys."""
+    import pyarrow.parquet as pq
+
+    sidecar = sidecar_of(shard)
+    if is_http(sidecar):
+        try:
+            data = fetch(sidecar, limits.max_bytes, limits.http)
+        except FetchError as error:
+            if error.status_code in GONE:
+                return None
+            raise ReadError(str(error), exception_name(error)) from None
+    elif not sidecar_exists(sidecar):
+        return None
+    else:
+        data = read_limited(sidecar, limits.max_bytes, limits.http)
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except Exception as error:
+        raise ReadError(f"the sidecar is not a Parquet table ({error})", exception_name(error)) from None
+    if "key" not in table.column_names:
+        raise ReadError("the sidecar has no key column, so its rows cannot be matched to samples")
+    rows: dict[str, dict] = {}
+    for row in table.to_pylist():
+        if row["key"] is not None:
+            rows.setdefault(str(row["key"]), row)
+    return rows
+
+
+def sidecar_exists(sidecar: str) -> bool:
+    if is_http(sidecar):
+        return True  # a web server answers 404 for a missing one, which the read tells apart
+    if gcs.is_gcs(sidecar):
+        with gcs.storage_errors(sidecar):
+            return gcs.existing_blob(sidecar) is not None
+    path = local_path(sidecar)
+    return path is not None and os.path.isfile(path)
+
+
+def _json_value(value):
+    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
+
+
+def carried_values(shard: str, sample: Sample, sidecar_row: dict | None) -> dict:
+    """The columns a sample carries to its score row: its key and shard, then its sidecar row,
+    or its JSON member's fields where the sidecar has no row for it."""
+    fields = sidecar_row if sidecar_row is not None else (sample.metadata() or {})
+    return {
+        **{name: _json_value(value) for name, value in fields.items() if name != "key"},
+        "key": sample.key,
+        "shard": shard,
+    }
+
+
+class TarShardSource(ByteSource):
+    """A tar shard (local, gs:// or http(s)://; .tar, .tar.gz, .tgz): one record per sample,
+    streamed; or one sample of it, named ``SHARD#KEY``."""
+
+    name = "shard"
+
+    def lists(self, path: str) -> bool:
+        return is_shard_path(path)
+
+    def claims(self, uri: str) -> bool:
+        return is_shard_path(uri) or split_sample_uri(uri) is not None
+
+    def read(self, unit: Unit, limits: ReadLimits) -> Iterator[Record | ReadFailure]:
+        split = split_sample_uri(unit.uri)
+        shard, wanted = split if split else (unit.uri, None)
+        try:
+            sidecar = read_sidecar(shard, limits)
+        except ReadError as error:
+            sidecar = None
+            if wanted is None:
+                message = f"{error}; the shard is read without it"
+                yield ReadFailure(sidecar_of(shard), message, error.error_type)
+        except Exception as error:  # e.g. a web server that cannot say whether there is one
+            sidecar = None
+            if wanted is None:
+                yield ReadFailure(
+                    sidecar_of(shard), f"cannot read the sidecar ({error}); the shard is read without it"
+                )
+        unmatched: dict[str, dict] = dict(sidecar or {})
+        found = False
+        try:
+            with open_shard(shard, limits.http) as stream:
+                for sample in samples(stream, limits.max_bytes):
+                    if wanted is not None and sample.key != wanted:
+                        continue
+                    found = True
+                    row = unmatched.pop(sample.key, None)
+                    yield from _outcome(shard, sample, row)
+                    if wanted is not None:
+                        return
+        except ReadError as error:
+            if wanted is None:
+                yield from _never_reached(shard, unmatched, "the shard was cut short before this sample")
+            raise ReadError(f"{error}{_after(found, wanted)}", error.error_type) from None
+        if wanted is not None:
+            raise ReadError(f"the shard holds no sample with the key {wanted}")
+        yield from _never_reached(
+            shard, unmatched, "the sidecar lists this sample as downloaded, but the shard does not hold it"
+        )
+
+
+def _after(found: bool, wanted: str | None) -> str:
+    if wanted is not None:
+        return f" (looking for the sample {wanted})"
+    return "; the samples before that point were read" if found else ""
+
+
+def _outcome(shard: str, sample: Sample, sidecar_row: dict | None):
+    """A sample's record, or its error row, or nothing where img2dataset recorded no image."""
+    uri = sample.uri(shard)
+    if sample.problem:
+        yield ReadFailure(uri, sample.problem)
+        return
+    try:
+        image = sample.image()
+    except NoImageError as error:
+        status = (sidecar_row or sample.metadata() or {}).get("status")
+        if status is None or status == SUCCESS:
+            yield ReadFailure(uri, str(error))
+        return  # else a failed download, recorded as such: not the scan's error
+    except ReadError as error:
+        yield ReadFailure(uri, str(error))
+        return
+    yield Record(uri, image.data, carried_values(shard, sample, sidecar_row))
+
+
+def _never_reached(shard: str, unmatched: dict[str, dict], why: str):
+    """Error rows for the samples the sidecar lists as downloaded that the read never met."""
+    for key, row in sorted(unmatched.items()):
+        if row.get("status", SUCCESS) == SUCCESS:
+            yield ReadFailure(sample_uri(shard, key), why)

@@ -1,0 +1,199 @@
+"""Curate a scan: its score and errors tables -> what a training job reads: every sample's
+decision (``PREFIX-kept.parquet``), the kept keys (``PREFIX-keys.npy``) and, with --reshard, tar
+shards of the kept samples (``PREFIX-00000.tar`` ...). The decisions run on the driver over Arrow
+tables; re-sharding is a pipeline, one task per output shard."""
+
+from __future__ import annotations
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from anchorscan.anchors.errors import UsageError
+from anchorscan.anchors.io.curation import (
+    REASONS,
+    KeepRule,
+    ReshardError,
+    decide,
+    key_array,
+    npy_bytes,
+    parquet_bytes,
+    reshard_plan,
+    summary,
+)
+from anchorscan.anchors.io.gcs import check_paths
+from anchorscan.anchors.io.sources import DEFAULT_MAX_BYTES, DEFAULT_READ_TIMEOUT, ReadLimits
+from anchorscan.anchors.io.storage import check_writable, write_atomically
+from anchorscan.pipelines.flags import command_parser, float_in, non_negative_float, positive_int, text
+from anchorscan.pipelines.options import add_http_args, counter_totals, http_config, parse
+from anchorscan.transforms.listing import matching_files
+from anchorscan.transforms.reshard import WriteOutputShards
+from anchorscan.transforms.sinks import OutputExistsError, PrefixLock
+
+DEFAULT_SAMPLES_PER_SHARD = 10_000
+
+
+def parser():
+    parser = command_parser("curate")
+    parser.add_argument(
+        "--scores",
+        action="append",
+        required=True,
+        type=text,
+        help="the PREFIX given to `anchorscan score` (its scores and errors tables); repeat for more scans",
+    )
+    parser.add_argument(
+        "--output",
+        required=True,
+        type=text,
+        help="prefix of PREFIX-kept.parquet, PREFIX-keys.npy and PREFIX-NNNNN.tar",
+    )
+    rule = parser.add_mutually_exclusive_group()
+    rule.add_argument(
+        "--max_score",
+        type=non_negative_float,
+        default=None,
+        help="keep samples scoring at most S (instead of --keep fpr)",
+    )
+    rule.add_argument(
+        "--drop_top",
+        type=float_in(0.0, 1.0, low_open=False, high_open=True),
+        default=None,
+        help="drop the fraction F of samples with the highest scores (instead of --keep fpr)",
+    )
+    rule.add_argument(
+        "--keep",
+        choices=("fpr",),
+        default="fpr",
+        help="fpr (default): drop the samples the detector calls suspect (the anchor's false-positive rate)",
+    )
+    parser.add_argument(
+        "--reshard", action="store_true", help="also write tar shards holding the kept samples, all members"
+    )
+    parser.add_argument(
+        "--samples_per_shard",
+        type=positive_int,
+        default=DEFAULT_SAMPLES_PER_SHARD,
+        help="samples in each written shard (the last may hold fewer)",
+    )
+    parser.add_argument(
+        "--max_bytes",
+        type=positive_int,
+        default=DEFAULT_MAX_BYTES,
+        help="the largest member re-sharding reads",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the outputs that --output already holds"
+    )
+    add_http_args(parser)
+    return parser
+
+
+def read_tables(prefixes: list[str]) -> tuple[list, list, int]:
+    """(score tables, errors tables, files read) under the scan prefixes."""
+    scores: list[pa.Table] = []
+    errors: list[pa.Table] = []
+    files = 0
+    for prefix in prefixes:
+        for kind, tables in (("scores", scores), ("errors", errors)):
+            for path in matching_files(f"{prefix}-{kind}-*.parquet"):
+                with FileSystems.open(path, compression_type="uncompressed") as handle:
+                    tables.append(pq.read_table(handle))
+                files += 1
+    if not files:
+        raise UsageError(
+            f"--scores {prefixes[0]}: no PREFIX-scores-*.parquet or PREFIX-errors-*.parquet "
+            "tables there; give the --output prefix of `anchorscan score`"
+        )
+    return scores, errors, files
+
+
+def existing_outputs(prefix: str) -> list[str]:
+    patterns = [
+        f"{prefix}-kept.parquet",
+        f"{prefix}-keys.npy",
+        f"{prefix}-[0-9]*.tar",
+        f"{prefix}-[0-9]*.partial",
+    ]
+    return sorted(m.path for result in FileSystems.match(patterns) for m in result.metadata_list)
+
+
+def clear_outputs(prefix: str, overwrite: bool) -> None:
+    """Refuses an --output that holds a curation already, unless --overwrite, which deletes it
+    first (a smaller curation must not leave the last one's higher-numbered shards behind)."""
+    existing = existing_outputs(prefix)
+    if existing and not overwrite:
+        raise OutputExistsError(
+            f"--output {prefix} already holds {len(existing)} curation files (e.g. {existing[0]}): "
+            "choose another --output, or pass --overwrite to replace them"
+        )
+    if existing:
+        FileSystems.delete(existing)
+
+
+def run(argv=None, test_pipeline=None) -> dict:
+    args, options = parse(parser(), argv)
+    check_paths([*args.scores, args.output])
+    check_writable(f"{args.output}-kept.parquet", "--output")
+    rule = KeepRule(args.max_score, args.drop_top)
+    scores, errors, files = read_tables(args.scores)
+    decided = decide(scores, errors, rule)
+    counts = summary(decided)
+    table_uri, keys_uri = f"{args.output}-kept.parquet", f"{args.output}-keys.npy"
+    keys = key_array(decided.filter(decided["keep"]))
+    with PrefixLock(args.output):
+        clear_outputs(args.output, args.overwrite)
+        # The table first: re-sharding tasks read their kept keys from it.
+        write_atomically(table_uri, parquet_bytes(decided))
+        write_atomically(keys_uri, npy_bytes(keys))
+        plan = reshard_plan(decided, args.output, args.samples_per_shard) if args.reshard else []
+        resharded = 0
+        if plan:
+            limits = ReadLimits(args.max_bytes, DEFAULT_READ_TIMEOUT, http_config(args))
+            pipeline = test_pipeline or beam.Pipeline(options=options)
+            _ = pipeline | "Reshard" >> WriteOutputShards(plan, table_uri, limits)
+            try:
+                result = pipeline.run()
+                result.wait_until_finish()
+            except ReshardError:
+                raise
+            except Exception as error:  # a remote runner reports the task's error as text
+                if ReshardError.__name__ in str(error):
+                    raise ReshardError(
+                        str(error).split(f"{ReshardError.__name__}: ")[-1].splitlines()[0]
+                    ) from None
+                raise
+            resharded = counter_totals(result).get("samples_resharded", 0)
+    outcome = {
+        **counts,
+        "tables": files,
+        "rule": rule.describe(),
+        "kept_table": table_uri,
+        "keys": keys_uri,
+        "key_dtype": str(keys.dtype),
+        "shards_written": [shard.name for shard in plan],
+        "resharded": resharded,
+    }
+    print_summary(outcome)
+    return outcome
+
+
+def print_summary(outcome: dict) -> None:
+    samples, kept = outcome["samples"], outcome["kept"]
+    dropped = outcome["dropped"]
+    by_reason = ", ".join(f"{reason} {dropped[reason]:,}" for reason in REASONS if reason in dropped)
+    written = outcome["shards_written"]
+    lines = [
+        f"samples     {samples:,} in {outcome['shards']:,} shards (from {outcome['tables']} tables)",
+        f"kept        {kept:,} ({kept / max(samples, 1):.1%})",
+        f"dropped     {samples - kept:,}{f': {by_reason}' if by_reason else ''}",
+        f"rule        {outcome['rule']}",
+        f"output      {outcome['kept_table']} (every sample: keep, dropped)",
+        f"            {outcome['keys']} ({kept:,} keys, dtype {outcome['key_dtype']})",
+    ]
+    if written:
+        span = written[0] if len(written) == 1 else f"{written[0]} ... {written[-1]}"
+        shards = f"{len(written)} shard{'s' if len(written) > 1 else ''}"
+        lines.append(f"            {span} ({shards}, {outcome['resharded']:,} samples)")
+    print("\n".join(lines))

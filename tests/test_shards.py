@@ -1,0 +1,578 @@
+"""WebDataset tar shards in, curation out: shards written by webdataset's own writer in
+img2dataset's layout, read as streams (local, http from a server on 127.0.0.1, gs:// on the
+emulator); hostile shards, each sample in exactly one table; `curate`'s outputs read back with
+webdataset, tarfile and DuckDB, byte-identical on a rerun."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import os
+import pathlib
+import tarfile
+import tracemalloc
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_gcs import ROOT, emulator, gcs_rows, upload  # noqa: F401 (emulator: a fixture)
+
+from anchorscan.anchors.io import curation, shards
+from anchorscan.anchors.io.shards import TarShardSource, split_sample_uri
+from anchorscan.anchors.io.sources import ReadError, ReadFailure, ReadLimits, Record, Unit, source_for
+from anchorscan.anchors.tables import ERROR_SCHEMA, SCORE_SCHEMA
+from anchorscan.pipelines import curate, report, score
+from anchorscan.pipelines.cli import main
+from anchorscan.transforms.carried import carried_columns, carried_row
+from anchorscan.transforms.listing import expand_input, indexed_inputs
+from helpers import RUNNER
+from servers import CrawlSite
+from shard_fixtures import HOSTILE_MAX_BYTES, write_flood, write_hostile_shards, write_img2dataset
+
+
+def read_unit(uri: str, limits: ReadLimits | None = None) -> tuple[dict, dict]:
+    """What the read step makes of a unit: {uri: record}, {uri: error message}, the unit's own
+    error (raised at the end) under the unit's URI."""
+    records, errors = {}, {}
+    try:
+        for item in source_for(uri).read(Unit(uri), limits or ReadLimits()):
+            if isinstance(item, ReadFailure):
+                assert item.uri not in errors, f"two error rows for {item.uri}"
+                errors[item.uri] = item.message
+            else:
+                assert isinstance(item, Record) and item.uri not in records, item.uri
+                records[item.uri] = item
+    except ReadError as error:
+        errors[uri] = str(error)
+    return records, errors
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Three shards of four samples in img2dataset's layout (one failed download each)."""
+    folder = tmp_path_factory.mktemp("dataset") / "shards"
+    return folder, write_img2dataset(folder, shards=3, per_shard=4)
+
+
+def test_a_shard_is_read_sample_by_sample_with_its_sidecar(dataset):
+    _, written = dataset
+    shard = written["shards"][0]
+    records, errors = read_unit(shard)
+    assert errors == {}  # the failed download is in the sidecar only: not the scan's error
+    assert list(records) == written["samples"][shard]  # in the shard's order
+    for uri, record in records.items():
+        assert record.data == written["images"][uri]
+        key = uri.split("#")[1]
+        assert record.carried["key"] == key and record.carried["shard"] == shard
+        assert record.carried["url"] == f"http://images.example/{key}.jpg"
+        assert record.carried["status"] == "success"
+
+
+def test_a_sample_uri_reads_that_sample_alone(dataset):
+    _, written = dataset
+    uri = written["samples"][written["shards"][1]][2]
+    records, errors = read_unit(uri)
+    assert list(records) == [uri] and errors == {}
+    assert records[uri].data == written["images"][uri]
+    missing = uri[:-1] + "x"
+    assert "no sample with the key" in read_unit(missing)[1][missing]
+    assert report.thumbnail(uri).startswith("<img")  # the report's galleries show samples too
+    assert split_sample_uri("gs://b/s/00012.TAR#000120045") == ("gs://b/s/00012.TAR", "000120045")
+    assert split_sample_uri("photos/a#b.jpg") is None
+
+
+def test_without_a_sidecar_the_json_member_is_carried(tmp_path):
+    written = write_img2dataset(tmp_path / "s", shards=1, per_shard=2, sidecar=False)
+    records, errors = read_unit(written["shards"][0])
+    assert errors == {}
+    record = next(iter(records.values()))
+    assert record.carried["caption"].startswith("photo ") and record.carried["width"] == 256
+    columns = dict(carried_columns([str(tmp_path / "s")]))
+    assert columns["width"].name == "manifest_width" and columns["width"].type == pa.int64()
+    assert columns["error_message"].type == pa.string()  # null in the JSON: its type is not known
+
+
+def test_the_first_sidecar_fixes_the_carried_columns(dataset):
+    folder, _ = dataset
+    columns = dict(carried_columns([str(folder)]))
+    assert list(columns)[:4] == ["key", "shard", "url", "caption"]
+    # Names the score table has already take the manifest_ prefix.
+    assert columns["width"].name == "manifest_width" and columns["sha256"].name == "manifest_sha256"
+    # Another shard's sidecar with other types: what converts is kept, the rest is null.
+    fields = [(name, field) for name, field in columns.items() if name in ("width", "caption")]
+    assert carried_row({"width": "256", "caption": 7}, fields) == {"manifest_width": 256, "caption": "7"}
+    assert carried_row({"width": "wide"}, fields) == {"manifest_width": None, "caption": None}
+
+
+def test_folders_list_shards_and_brace_patterns_name_each(dataset):
+    folder, written = dataset
+    listed = [value.uri for kind, value in expand_input(str(folder)) if kind == "unit"]
+    assert listed == written["shards"]  # the tars, not their sidecars
+    pattern = str(folder / "{00000..00003}.tar")
+    names = [name for _, name in indexed_inputs([pattern])]
+    assert names == [str(folder / f"{n:05d}.tar") for n in range(4)]
+    outcomes = [kind for _, name in indexed_inputs([pattern]) for kind, _ in expand_input(name)]
+    assert outcomes == ["unit", "unit", "unit", "error"]  # 00003.tar does not exist: its own row
+
+
+def test_each_hostile_shard_gives_what_the_readme_says(tmp_path):
+    expected = write_hostile_shards(tmp_path / "hostile")
+    limits = ReadLimits(max_bytes=HOSTILE_MAX_BYTES)
+    for name, outcome in expected.items():
+        records, errors = read_unit(str(tmp_path / "hostile" / name), limits)
+        assert sorted(records) == sorted(outcome["scored"]), name
+        assert set(errors) == set(outcome["errors"]), (name, errors)
+        for uri, words in outcome["errors"].items():
+            assert words in errors[uri], (name, uri, errors[uri])
+    assert sorted(os.listdir(tmp_path)) == ["hostile"]  # nothing was written anywhere
+
+
+def test_a_flood_of_tiny_members_streams_in_flat_memory(tmp_path):
+    path = tmp_path / "flood.tar"
+    write_flood(path, 100_000)
+    tracemalloc.start()
+    try:
+        count = sum(1 for item in TarShardSource().read(Unit(str(path)), ReadLimits()))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == 100_000  # one "no image" row per sample
+    # The seen-keys set is the one thing that grows (about 100 bytes a key): far below the shard
+    # held whole (100 MB) or tarfile's list of every header (about 1 kB each).
+    assert peak < 30 * 2**20, peak
+
+
+def test_a_shard_past_the_member_limit_stops_with_a_row(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "MAX_MEMBERS", 50)  # the limit's logic, not a million members
+    path = tmp_path / "flood.tar"
+    write_flood(path, 80)
+    records, errors = read_unit(str(path))
+    assert not records
+    assert "more than 50 members" in errors.pop(str(path))
+    assert len(errors) == 50  # each sample before the limit: one "no image" row
+
+
+def test_a_shard_without_its_end_of_archive_marker_refuses_its_last_sample(tmp_path):
+    whole = tmp_path / "whole.tar"
+    write_img2dataset(tmp_path / "made", shards=1, per_shard=3)
+    source = next((tmp_path / "made").glob("*.tar"))
+    with tarfile.open(source) as archive:
+        last = archive.getmembers()[-1]
+    end = last.offset_data + -(-last.size // 512) * 512  # the last member's padded data
+    whole.write_bytes(source.read_bytes()[:end])
+    records, errors = read_unit(str(whole))
+    shard_message = errors.pop(str(whole))
+    assert "without the end-of-archive marker" in shard_message, shard_message
+    (refused,) = errors.values()
+    assert "cut short or damaged" in refused
+    assert len(records) >= 1 and set(records).isdisjoint(errors)
+
+
+def test_http_shards_stream_from_a_web_server(dataset, monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    _, written = dataset
+    shard = written["shards"][0]
+    with CrawlSite() as site:
+        site.images["00000.tar"] = pathlib.Path(shard).read_bytes()
+        site.images["00000.parquet"] = pathlib.Path(shard[: -len(".tar")] + ".parquet").read_bytes()
+        site.images["cut.tar"] = site.images["00000.tar"][:30_000]
+        uri = f"{site.url}/img/00000.tar"
+        records, errors = read_unit(uri)
+        assert errors == {}
+        assert [record.data for record in records.values()] == [
+            written["images"][sample] for sample in written["samples"][shard]
+        ]
+        assert next(iter(records.values())).carried["url"].startswith("http://images.example/")
+        cut = f"{site.url}/img/cut.tar"  # and no sidecar: the server's 404 says there is none
+        records, errors = read_unit(cut)
+        assert set(errors) == {cut, *(uri for uri in errors if uri.startswith(cut + "#"))}
+        assert "cut short" in errors[cut]
+        assert all(uri.startswith(cut + "#") for uri in records)
+        missing = f"{site.url}/404.tar"
+        assert "HTTP 404" in read_unit(missing)[1][missing]
+
+
+# --- curation ---------------------------------------------------------------------------------
+
+
+def score_rows(uris: list[str], images: dict, scores: list[float], suspect: list[bool], **extra) -> pa.Table:
+    rows = []
+    for uri, value, is_suspect in zip(uris, scores, suspect):
+        row = dict.fromkeys(SCORE_SCHEMA.names)
+        row.update(
+            uri=uri,
+            sha256=hashlib.sha256(images[uri]).hexdigest(),
+            score=value,
+            anchor_score=value,
+            is_suspect=is_suspect,
+            softness="sharp",
+            head="",
+            anchor_id="a" * 16,
+        )
+        rows.append({**row, **{name: values[len(rows)] for name, values in extra.items()}})
+    schema = pa.schema([*SCORE_SCHEMA, *(pa.field(name, pa.string()) for name in extra)])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def error_rows(uris: list[str]) -> pa.Table:
+    return pa.Table.from_pylist(
+        [{"uri": uri, "stage": "read", "error": "damaged", "error_type": "ReadError"} for uri in uris],
+        schema=ERROR_SCHEMA,
+    )
+
+
+def test_the_keep_rules_and_their_reasons(dataset):
+    _, written = dataset
+    uris = [uri for shard in written["shards"] for uri in written["samples"][shard]]
+    images = dict(written["images"])
+    images[uris[5]] = images[uris[1]]  # the same bytes twice: the first key is kept
+    scores = [float(i) for i in range(len(uris))]
+    suspect = [i in (3, 9) for i in range(len(uris))]
+    table = score_rows(uris[:-1], images, scores, suspect)
+    decided = curation.decide([table], [error_rows(uris[-1:])])
+    reasons = dict(zip(decided["uri"].to_pylist(), decided["dropped"].to_pylist()))
+    assert reasons == {
+        **dict.fromkeys(uris, ""),
+        uris[3]: "suspect",
+        uris[9]: "suspect",
+        uris[5]: "duplicate",
+        uris[-1]: "unreadable",
+    }
+    assert decided["uri"].to_pylist() == sorted(uris)  # by shard, then key
+    assert decided["p_value"].to_pylist()[2] == pytest.approx(1e-2)  # 10^-score, to rounding
+    by_score = curation.decide([table], [], curation.KeepRule(max_score=8.5))
+    assert {u for u, d in zip(by_score["uri"].to_pylist(), by_score["dropped"].to_pylist()) if d} == {
+        uris[5],
+        uris[9],
+        uris[10],
+    }
+    top = curation.decide([table], [], curation.KeepRule(drop_top=0.2))
+    dropped = [u for u, d in zip(top["uri"].to_pylist(), top["dropped"].to_pylist()) if d == "top_fraction"]
+    assert dropped == [uris[9], uris[10]]  # 0.2 x the 10 left after the duplicate
+    counts = curation.summary(decided)
+    assert counts["samples"] == len(uris) and counts["kept"] == len(uris) - 4 and counts["shards"] == 3
+
+
+def test_keys_are_written_in_datacomp_form_where_every_sample_has_a_uid():
+    uids = ["ff" * 16, "00" * 15 + "01", "0123456789abcdef" * 2]
+    kept = pa.table({"key": ["c", "a", "b"], "uid": uids})
+    array = curation.key_array(kept)
+    assert array.dtype == np.dtype("u8,u8")
+    assert array.tolist() == sorted((int(u[:16], 16), int(u[16:], 16)) for u in uids)
+    keys = curation.key_array(pa.table({"key": ["000010002", "000010001"], "uid": [None, None]}))
+    assert keys.dtype == np.dtype("<U9") and keys.tolist() == ["000010001", "000010002"]
+
+
+def write_scan(prefix, scores: pa.Table, errors: pa.Table) -> None:
+    pq.write_table(scores, f"{prefix}-scores-00000-of-00001.parquet")
+    pq.write_table(errors, f"{prefix}-errors-00000-of-00001.parquet")
+
+
+def test_curate_reshards_the_kept_samples_byte_identically(dataset, tmp_path, capsys):
+    import duckdb
+    import webdataset as wds
+
+    _, written = dataset
+    uris = [uri for shard in written["shards"] for uri in written["samples"][shard]]
+    suspect = [i % 4 == 1 for i in range(len(uris))]
+    scores = score_rows(uris[1:], written["images"], [1.0] * (len(uris) - 1), suspect[1:])
+    write_scan(tmp_path / "scan", scores, error_rows(uris[:1]))
+    args = ["--scores", str(tmp_path / "scan"), "--output", str(tmp_path / "cur"), "--reshard"]
+    outcome = curate.run([*args, "--samples_per_shard", "3", *RUNNER])
+    kept = [uri for uri, bad in zip(uris[1:], suspect[1:]) if not bad]
+    assert outcome["kept"] == len(kept) == 8 and outcome["resharded"] == 8
+    assert "dropped     4: unreadable 1, suspect 3" in capsys.readouterr().out
+    shards = sorted(tmp_path.glob("cur-*.tar"))
+    assert [p.name for p in shards] == ["cur-00000.tar", "cur-00001.tar", "cur-00002.tar"]
+    # webdataset reads them, every member of each kept sample, in order
+    samples = list(wds.WebDataset([str(p) for p in shards], shardshuffle=False))
+    assert [s["__key__"] for s in samples] == [uri.split("#")[1] for uri in kept]
+    assert all(s["jpg"] == written["images"][uri] for s, uri in zip(samples, kept))
+    assert all(set(s) >= {"jpg", "json", "txt"} for s in samples)
+    with tarfile.open(shards[0]) as archive:
+        members = archive.getmembers()
+    assert [m.name for m in members][:3] == [f"{kept[0].split('#')[1]}.{e}" for e in ("jpg", "json", "txt")]
+    assert {(m.mtime, m.uid, m.gid, m.uname, m.mode) for m in members} == {(0, 0, 0, "", 0o444)}
+    table = str(tmp_path / "cur-kept.parquet")
+    database = duckdb.connect()
+    got = database.execute(f"select count(*), sum(keep::int) from '{table}'").fetchall()[0]
+    assert got == (len(uris), 8)
+    reasons = dict(
+        database.execute(f"select dropped, count(*) from '{table}' where not keep group by 1").fetchall()
+    )
+    assert reasons == {"unreadable": 1, "suspect": 3}
+    keys = np.load(tmp_path / "cur-keys.npy")
+    assert keys.tolist() == sorted(uri.split("#")[1] for uri in kept)
+    # the same inputs give the same bytes; an existing output is refused without --overwrite
+    first = {p.name: p.read_bytes() for p in tmp_path.glob("cur-*")}
+    assert main(["curate", *args, "--samples_per_shard", "3", *RUNNER]) == 2
+    assert "already holds" in capsys.readouterr().err
+    curate.run([*args, "--samples_per_shard", "3", "--overwrite", *RUNNER])
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("cur-*")} == first
+    # one shard of 8: the higher-numbered shards of the last run do not stay behind
+    curate.run([*args, "--samples_per_shard", "10", "--overwrite", *RUNNER])
+    assert sorted(p.name for p in tmp_path.glob("cur-*.tar")) == ["cur-00000.tar"]
+
+
+def test_resharding_refuses_a_shard_that_changed_since_the_scan(tmp_path, capsys):
+    written = write_img2dataset(tmp_path / "s", shards=1, per_shard=3)
+    uris = written["samples"][written["shards"][0]]
+    images = {**written["images"], uris[1]: b"other bytes"}
+    write_scan(tmp_path / "scan", score_rows(uris, images, [0.0] * 3, [False] * 3), error_rows([]))
+    args = ["--scores", str(tmp_path / "scan"), "--output", str(tmp_path / "cur"), "--reshard"]
+    assert main(["curate", *args, *RUNNER]) == 2
+    assert "is not the one that was scored" in capsys.readouterr().err
+
+
+def test_curating_hostile_shards_writes_nothing_outside_the_output(tmp_path):
+    expected = write_hostile_shards(tmp_path / "hostile")
+    images = {}
+    for name in expected:
+        records, _ = read_unit(str(tmp_path / "hostile" / name), ReadLimits(max_bytes=HOSTILE_MAX_BYTES))
+        images.update({uri: record.data for uri, record in records.items()})
+    uris = sorted(images)
+    errors = sorted(uri for outcome in expected.values() for uri in outcome["errors"])
+    write_scan(
+        tmp_path / "scan",
+        score_rows(uris, images, [0.0] * len(uris), [False] * len(uris)),
+        error_rows(errors),
+    )
+    before = {str(p) for p in tmp_path.rglob("*")}
+    args = ["--scores", str(tmp_path / "scan"), "--output", str(tmp_path / "out" / "cur"), "--reshard"]
+    outcome = curate.run([*args, "--max_bytes", str(HOSTILE_MAX_BYTES), *RUNNER])
+    distinct = len(set(images.values()))  # some hostile shards share an image: duplicates are dropped
+    assert outcome["kept"] == distinct and outcome["samples"] == len(uris) + len(errors)
+    added = {str(p) for p in tmp_path.rglob("*")} - before
+    assert added and all(path.startswith(str(tmp_path / "out")) for path in added)
+    with tarfile.open(tmp_path / "out" / "cur-00000.tar") as archive:
+        names = archive.getnames()
+    assert not any(name.startswith("/") or ".." in name.split("/") for name in names)
+
+
+def test_curate_is_a_command_with_its_own_flags(capsys):
+    assert main(["curate", "--help"]) == 0
+    assert "--samples_per_shard" in capsys.readouterr().out
+    assert main(["curate", "--scores", "x", "--output", "y", "--drop_top", "1.5"]) == 2
+    assert "--drop_top: must be in [0, 1), got 1.5" in capsys.readouterr().err
+    assert main(["curate", "--scores", "nowhere/scan", "--output", "y"]) == 2
+    assert "no PREFIX-scores-*.parquet" in capsys.readouterr().err
+
+
+# --- the commands on shards, with the backbone (slow) -----------------------------------------
+
+
+def table_rows(pattern: str) -> list[dict]:
+    files = sorted(glob.glob(pattern))
+    return pq.read_table(files).to_pylist() if files else []
+
+
+def test_score_and_curate_a_folder_of_shards_every_sample_in_one_table(fitted_anchor, tmp_path, capsys):
+    import webdataset as wds
+
+    anchor, _ = fitted_anchor
+    root = tmp_path / "corpus"
+    written = write_img2dataset(root / "shards", shards=2, per_shard=3)
+    hostile = write_hostile_shards(root / "hostile")
+    prefix = str(tmp_path / "scan" / "night1")
+    limits = ["--max_bytes", str(HOSTILE_MAX_BYTES)]
+    inputs = [
+        "--input",
+        str(root / "shards"),
+        "--input",
+        str(root / "hostile"),
+    ]  # the first sidecar fixes the columns
+    score.run([*inputs, "--anchor", str(anchor), "--output", prefix, *limits, *RUNNER])
+    scores, errors = table_rows(f"{prefix}-scores-*.parquet"), table_rows(f"{prefix}-errors-*.parquet")
+    scored = [row["uri"] for row in scores]
+    failed = {row["uri"]: row for row in errors}
+    assert len(scored) == len(set(scored)) and not set(scored) & set(failed)
+    samples = [uri for shard in written["shards"] for uri in written["samples"][shard]]
+    assert set(scored) == set(samples) | {uri for o in hostile.values() for uri in o["scored"]}
+    assert set(failed) == {uri for o in hostile.values() for uri in o["errors"]}
+    assert all(failed[uri]["stage"] == "read" for uri in failed)
+    # the sidecar's columns follow each row; the content hash is the image's
+    row = next(r for r in scores if r["uri"] == samples[0])
+    assert row["key"] == samples[0].split("#")[1] and row["shard"] == written["shards"][0]
+    assert row["url"].endswith(f"{row['key']}.jpg") and row["manifest_width"] == 256
+    assert row["sha256"] == hashlib.sha256(written["images"][samples[0]]).hexdigest()
+
+    outcome = curate.run(
+        ["--scores", prefix, "--output", str(tmp_path / "cur"), "--reshard", *limits, *RUNNER]
+    )
+    assert outcome["samples"] == len(scores) + len(errors)
+    kept = pq.read_table(tmp_path / "cur-kept.parquet")
+    assert sorted(kept["uri"].to_pylist()) == sorted([*scored, *failed])
+    resharded = list(wds.WebDataset(sorted(glob.glob(str(tmp_path / "cur-*.tar"))), shardshuffle=False))
+    assert len(resharded) == outcome["kept"] == outcome["resharded"]
+    assert "kept" in capsys.readouterr().out
+
+
+def test_nightly_scans_of_shards_score_only_what_is_new(fitted_anchor, tmp_path):
+    anchor, _ = fitted_anchor
+    shards = tmp_path / "shards"
+    write_img2dataset(shards, shards=2, per_shard=3)
+    first = score.run(
+        ["--input", str(shards), "--anchor", str(anchor), "--output", str(tmp_path / "n1"), *RUNNER]
+    )
+    write_img2dataset(shards, shards=1, per_shard=3, first_shard=2, seed=5)  # tonight's new shard
+    second = score.run(
+        [
+            "--input",
+            str(shards / "{00000..00002}.tar"),
+            "--anchor",
+            str(anchor),
+            "--output",
+            str(tmp_path / "n2"),
+            "--skip_scored",
+            str(tmp_path / "n1"),
+            *RUNNER,
+        ]
+    )
+    assert first["scored"] == 6 and (second["scored"], second["reused"]) == (3, 6)
+    rows = table_rows(str(tmp_path / "n2-scores-*.parquet"))
+    assert len(rows) == 9 and {row["key"] for row in rows} == {row["uri"].split("#")[1] for row in rows}
+
+
+def test_fit_update_and_evaluate_read_shards(fitted_anchor, tmp_path):
+    from test_evaluate import make_fakes
+
+    from anchorscan.anchors.anchor_file import read_metadata
+    from anchorscan.anchors.io.storage import read_bytes
+    from anchorscan.pipelines import evaluate, fit, update
+
+    anchor, _ = fitted_anchor
+    real = write_img2dataset(tmp_path / "real", shards=3, per_shard=12)
+    fitted = fit.run(
+        [
+            "--input",
+            str(tmp_path / "real" / "{00000..00002}.tar"),
+            "--anchor",
+            str(tmp_path / "a.safetensors"),
+        ]
+        + ["--calibration_fraction", "0.3", *RUNNER]
+    )
+    assert fitted["n"] + fitted["n_calibration"] == 36 and fitted["errors"] == 0
+    more = write_img2dataset(tmp_path / "more", shards=1, per_shard=6, seed=3)
+    update.run(
+        ["--anchor", str(anchor), "--input", more["shards"][0], "--output", str(tmp_path / "b.safetensors")]
+        + ["--admit", "none", *RUNNER]
+    )
+    before, after = (
+        read_metadata(read_bytes(str(anchor))),
+        read_metadata(read_bytes(str(tmp_path / "b.safetensors"))),
+    )
+    assert after["n"] + after["n_calibration"] == before["n"] + before["n_calibration"] + 6
+    # A manifest labels whole shards: each sample takes its shard's label.
+    pngs = tmp_path / "reals"
+    pngs.mkdir()
+    paths = []
+    for uri in real["samples"][real["shards"][0]][:6]:
+        paths.append(str(pngs / f"{uri.split('#')[1]}.jpg"))
+        pathlib.Path(paths[-1]).write_bytes(real["images"][uri])
+    fakes = make_fakes(paths, tmp_path / "fakes")
+    import webdataset as wds
+
+    with wds.TarWriter(str(tmp_path / "fake.tar")) as writer:
+        for path in fakes:
+            writer.write({"__key__": pathlib.Path(path).stem, "png": pathlib.Path(path).read_bytes()})
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        f"uri,label,generator\n{real['shards'][1]},real,\n{tmp_path / 'fake.tar'},fake,bicubic\n"
+    )
+    table = evaluate.run(
+        [
+            str(labels),
+            "--dataset",
+            "manifest",
+            "--anchor",
+            str(anchor),
+            "--output",
+            str(tmp_path / "eval"),
+            *RUNNER,
+        ]
+    )
+    assert (table[0]["generator"], table[0]["n_real"], table[0]["n_fake"]) == ("bicubic", 12, 6)
+
+
+@pytest.mark.usefixtures("emulator")
+def test_shards_on_cloud_storage_score_and_curate(fitted_anchor, tmp_path):
+    import webdataset as wds
+    from apache_beam.io.filesystems import FileSystems
+
+    anchor, _ = fitted_anchor
+    written = write_img2dataset(tmp_path / "shards", shards=2, per_shard=3)
+    for path in sorted((tmp_path / "shards").iterdir()):
+        upload(path, f"{ROOT}/shards/{path.name}")
+    prefix = f"{ROOT}/scans/night1"
+    summary = score.run(["--input", f"{ROOT}/shards", "--anchor", str(anchor), "--output", prefix, *RUNNER])
+    rows = gcs_rows(f"{prefix}-scores-*.parquet")
+    local = {uri.replace(str(tmp_path / "shards"), f"{ROOT}/shards"): uri for uri in written["images"]}
+    assert summary["scored"] == 6 and sorted(row["uri"] for row in rows) == sorted(local)
+    assert all(row["url"].endswith(f"{row['key']}.jpg") for row in rows)
+    assert all(
+        row["sha256"] == hashlib.sha256(written["images"][local[row["uri"]]]).hexdigest() for row in rows
+    )
+    # one sample by its URI, as a manifest or an earlier row names it
+    one = sorted(local)[4]
+    records, errors = read_unit(one)
+    assert errors == {} and list(records) == [one] and records[one].data == written["images"][local[one]]
+
+    curated = f"{ROOT}/curated/cur"
+    outcome = curate.run(
+        ["--scores", prefix, "--output", curated, "--reshard", "--samples_per_shard", "4", *RUNNER]
+    )
+    names = sorted(m.path for m in FileSystems.match([f"{curated}-*.tar"])[0].metadata_list)
+    assert names == [f"{curated}-00000.tar", f"{curated}-00001.tar"][: len(names)] and outcome["resharded"]
+    copies = []
+    for name in names:
+        copies.append(tmp_path / name.rsplit("/", 1)[1])
+        copies[-1].write_bytes(FileSystems.open(name).read())
+        with tarfile.open(copies[-1]) as archive:
+            assert all(member.name.split(".", 1)[1] in ("jpg", "json", "txt") for member in archive)
+    samples = list(wds.WebDataset([str(path) for path in copies], shardshuffle=False))
+    assert len(samples) == outcome["kept"] == outcome["resharded"]
+    kept = pq.read_table(io.BytesIO(FileSystems.open(f"{curated}-kept.parquet").read()))
+    assert len(kept) == 6 and sum(kept["keep"].to_pylist()) == outcome["kept"]
+
+
+def test_a_shard_dropped_into_a_watched_folder_is_streamed_sample_by_sample(fitted_anchor, tmp_path):
+    from apache_beam.io.filesystem import FileMetadata
+    from apache_beam.testing import test_stream
+    from apache_beam.transforms.window import TimestampedValue
+    from test_stream import stream_events
+
+    anchor, _ = fitted_anchor
+    written = write_img2dataset(tmp_path / "incoming", shards=1, per_shard=3)
+    arrived = FileMetadata(written["shards"][0], 1, last_updated_in_seconds=1.0)
+    events = (
+        test_stream.TestStream(output_tags={"files", "ticks"})
+        .advance_watermark_to(0, tag="files")
+        .advance_watermark_to(0, tag="ticks")
+        .add_elements([TimestampedValue(str(anchor), 0)], tag="ticks")
+        .add_elements([TimestampedValue(arrived, 1)], tag="files")
+        .advance_watermark_to_infinity(tag="files")
+        .advance_watermark_to_infinity(tag="ticks")
+    )
+    stream_events(events, tmp_path / "incoming", anchor, tmp_path / "out" / "live")
+    rows = table_rows(str(tmp_path / "out" / "live-scores-*.parquet"))
+    assert sorted(row["uri"] for row in rows) == written["samples"][written["shards"][0]]
+
+
+def test_a_shards_samples_are_redistributed_where_the_runner_spreads_them(dataset):
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from anchorscan.transforms.read import ReadInputs
+
+    _, written = dataset
+    shard = written["shards"][0]
+    alone = written["samples"][shard][1]  # one sample named by its URI, beside its whole shard
+    options = beam.options.pipeline_options.PipelineOptions(RUNNER)
+    with beam.Pipeline(options=options) as pipeline:
+        units = pipeline | beam.Create([Unit(shard), Unit(alone)])
+        records, errors = units | ReadInputs(ReadLimits(), spread=True)
+        uris = records | beam.Map(lambda record: record.uri)
+        assert_that(uris, equal_to([*written["samples"][shard], alone]), label="AllRecords")
+        assert_that(errors, equal_to([]), label="NoErrors")
