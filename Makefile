@@ -70,7 +70,7 @@ bench: venv
 	$(BIN)/python benchmarks/shards.py
 	$(BIN)/python benchmarks/fit_speed.py
 
-# The poisoning measurement of docs/QUALITY.md (about 15 minutes): the development bench is not in
+# The poisoning measurement of docs/QUALITY.md (about 30 minutes): the development bench is not in
 # the repository, so give its folder: make poisoning BENCH=../shared/bench/dev
 poisoning: venv
 	$(BIN)/python benchmarks/poisoning.py --bench $(BENCH) --output out/poisoning
