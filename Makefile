@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 RUNNER := --runner=FnApiRunner
 DEMO := out/demo
 
-.PHONY: venv demo lint test test-fast bench clean
+.PHONY: venv demo lint test test-fast bench poisoning clean
 
 venv: $(VENV)/.installed
 
@@ -69,6 +69,11 @@ bench: venv
 	$(BIN)/python benchmarks/online_update.py
 	$(BIN)/python benchmarks/shards.py
 	$(BIN)/python benchmarks/fit_speed.py
+
+# The poisoning measurement of docs/QUALITY.md (about 30 minutes): the development bench is not in
+# the repository, so give its folder: make poisoning BENCH=../shared/bench/dev
+poisoning: venv
+	$(BIN)/python benchmarks/poisoning.py --bench $(BENCH) --output out/poisoning
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

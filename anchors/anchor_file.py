@@ -20,12 +20,13 @@ import dataclasses
 import numpy as np
 
 from anchorscan.anchors import checked_file
-from anchorscan.anchors.anchor import Anchor, AnchorConfig
-from anchorscan.anchors.calibration import CalibrationRows
+from anchorscan.anchors.anchor import COMPONENTS, FLAG_PREFIX, GENERATOR_NAME, Anchor, AnchorConfig
+from anchorscan.anchors.calibration import MAX_CALIBRATION_ROWS, MIN_CALIBRATION, CalibrationRows
 from anchorscan.anchors.errors import UserError
 from anchorscan.anchors.forensic import ForensicModel
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.stats import Moments
+from anchorscan.anchors.validation import check, check_array, check_count, check_moments, field
 
 FORMAT_VERSION = 3  # 2: the forensic channel; 3: named statistics, flagged generators, calibration rows
 METADATA_KEY = "anchorscan"
@@ -82,20 +83,146 @@ def anchor_to_bytes(anchor: Anchor, projection: np.ndarray | None = None) -> byt
     return checked_file.pack(tensors, metadata, METADATA_KEY, FORMAT_VERSION)
 
 
-def read_metadata(data: bytes) -> dict:
-    """The JSON metadata alone, without reading the tensors (for `anchorscan info`)."""
-    return checked_file.read_metadata(data, METADATA_KEY, FORMAT_VERSION, "anchor", AnchorFileError)
+def read_metadata(data: bytes, source: str | None = None) -> dict:
+    """The JSON metadata alone, without reading the tensors or checking them (a run's summary of
+    the file it has just written)."""
+    return checked_file.read_metadata(data, METADATA_KEY, FORMAT_VERSION, "anchor", AnchorFileError, source)
 
 
-def verified_contents(data: bytes) -> tuple[dict[str, np.ndarray], dict]:
-    """The tensors and metadata of an anchor file whose checksum holds; refuses truncated,
-    tampered or foreign files. Cheap: no linear algebra."""
-    return checked_file.unpack(data, METADATA_KEY, FORMAT_VERSION, "anchor", AnchorFileError)
+def verified_contents(data: bytes, source: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """The tensors and metadata of an anchor file whose checksum holds and whose numbers are
+    an anchor's (``check_contents``); refuses truncated, tampered, forged or foreign files.
+    ``source`` names the file in messages."""
+    tensors, metadata = checked_file.unpack(
+        data, METADATA_KEY, FORMAT_VERSION, "anchor", AnchorFileError, source
+    )
+    check_contents(tensors, metadata, checked_file.named("anchor", source))
+    return tensors, metadata
 
 
-def anchor_from_bytes(data: bytes) -> tuple[Anchor, dict]:
+def check_contents(tensors: dict[str, np.ndarray], metadata: dict, what: str) -> None:
+    """Every number an anchor file holds, checked as it enters (anchors/validation.py): the
+    spec's sizes, each named statistic's count, mean and M2 (the backbone's and the forensic
+    levels' counts equal: they are the same images), the calibration sketches (finite,
+    ascending) and rows, the configuration."""
+    error = AnchorFileError
+    spec = FeatureSpec.checked(metadata, error, what)
+    levels = field(metadata, "forensic_level_names", list, error, what)
+    check(
+        bool(levels) and all(isinstance(level, str) for level in levels) and len(set(levels)) == len(levels),
+        error,
+        f"{what}: forensic_level_names {levels!r} are not distinct names",
+    )
+    counts = field(metadata, "moments", dict, error, what)
+    widths = {"backbone": spec.d_backbone, **{f"forensic.{level}": spec.d_forensic for level in levels}}
+    flagged = [name for name in counts if name.startswith("flag.")]
+    for name in flagged:
+        check(bool(GENERATOR_NAME.match(name[len("flag.") :])), error, f"{what}: bad generator name {name!r}")
+        widths[name] = spec.dim
+    check(
+        set(counts) == set(widths), error, f"{what}: statistics {sorted(counts)}, expected {sorted(widths)}"
+    )
+    for name, width in widths.items():
+        # counts are weights after --forgetting or a down-weighted update (docs/METHOD.md §9.2)
+        for part in ("mean", "m2"):
+            check(
+                f"moments.{name}.{part}" in tensors,
+                error,
+                f"{what}: the tensor moments.{name}.{part} is missing",
+            )
+        check_moments(
+            f"{what}: statistic {name}",
+            counts[name],
+            tensors[f"moments.{name}.mean"],
+            tensors[f"moments.{name}.m2"],
+            width,
+            error,
+            whole=False,
+        )
+    real = counts["backbone"]
+    check(real >= 3, error, f"{what}: the backbone statistic counts {real}, fewer than 3 images")
+    for name in widths:
+        if name.startswith("forensic."):
+            check(
+                abs(counts[name] - real) <= 1e-9 * real,
+                error,
+                f"{what}: statistic {name} counts {counts[name]}, the backbone's {real}: "
+                "they are the same images",
+            )
+    check_calibration(tensors, metadata, spec, flagged, error, what)
+    try:
+        AnchorConfig.from_dict(field(metadata, "config", dict, error, what))
+    except (TypeError, ValueError) as problem:
+        raise error(f"{what}: its configuration is not valid: {problem}") from None
+    lineage = field(metadata, "lineage", list, error, what)
+    check(all(isinstance(entry, str) for entry in lineage), error, f"{what}: lineage holds a non-text entry")
+    if "projection" in tensors:
+        check_array(f"{what}: projection", tensors["projection"], (None, None), error)
+    known = {f"moments.{name}.{part}" for name in widths for part in ("mean", "m2")}
+    known |= {"projection", "calibration.keys", "calibration.features"}
+    known |= {f"calibration.{component}" for component in _components(flagged)}
+    check(not set(tensors) - known, error, f"{what}: unexpected tensors {sorted(set(tensors) - known)}")
+
+
+def _components(flagged: list[str]) -> tuple[str, ...]:
+    return COMPONENTS + tuple(FLAG_PREFIX + name[len("flag.") :] for name in sorted(flagged))
+
+
+def check_calibration(tensors, metadata, spec: FeatureSpec, flagged, error, what: str) -> None:
+    """Sketches finite and ascending, one per component, all of one length; the calibration
+    count a whole number at least MIN_CALIBRATION, the kept rows' (when kept)."""
+    n_calibration = check_count(
+        f"{what}: n_calibration", metadata.get("n_calibration"), error, minimum=MIN_CALIBRATION
+    )
+    lengths = set()
+    for component in _components(flagged):
+        name = f"calibration.{component}"
+        check(name in tensors, error, f"{what}: the calibration sketch {name} is missing")
+        sketch = check_array(f"{what}: {name}", tensors[name], (None,), error)
+        check(
+            len(sketch) >= 2 and bool((np.diff(sketch) >= 0).all()),
+            error,
+            f"{what}: {name} is not an ascending quantile sketch",
+        )
+        lengths.add(len(sketch))
+    check(len(lengths) == 1, error, f"{what}: the calibration sketches differ in length")
+    if "calibration.keys" in tensors or "calibration.features" in tensors:
+        check(
+            "calibration.keys" in tensors and "calibration.features" in tensors,
+            error,
+            f"{what}: calibration keys and features must come together",
+        )
+        keys = check_array(f"{what}: calibration.keys", tensors["calibration.keys"], (None,), error)
+        check(
+            keys.dtype == np.uint64 and len(np.unique(keys)) == len(keys),
+            error,
+            f"{what}: calibration keys repeat",
+        )
+        check_array(
+            f"{what}: calibration.features", tensors["calibration.features"], (len(keys), spec.dim), error
+        )
+        check(
+            len(keys) == n_calibration and len(keys) <= MAX_CALIBRATION_ROWS,
+            error,
+            f"{what}: {len(keys)} calibration rows for n_calibration {n_calibration}",
+        )
+
+
+def check_scores_finite(anchor: Anchor) -> None:
+    """The models derived from finite statistics can still overflow (a forged M2 of 1e300):
+    raises ValueError where they do not score the anchor's own means and kept calibration rows
+    finitely."""
+    probe = np.concatenate([anchor.moments.mean, anchor.forensic.moments[0].mean])[None, :]
+    if anchor.calibration_rows is not None:
+        probe = np.vstack([probe, anchor.calibration_rows.features[:16]])
+    scores = anchor.assess(probe)
+    if not all(np.isfinite(scores[name]).all() for name in ("score", "semantic", "statistical", "forensic")):
+        raise ValueError("its models do not score finitely (NaN or infinity)")
+
+
+def anchor_from_bytes(data: bytes, source: str | None = None) -> tuple[Anchor, dict]:
     """Returns the anchor, with its scoring matrices derived, and its metadata."""
-    tensors, metadata = verified_contents(data)
+    tensors, metadata = verified_contents(data, source)
     spec = FeatureSpec.from_dict(metadata)
     statistics = statistics_from_tensors(tensors, metadata["moments"])
     rows = (
@@ -104,24 +231,32 @@ def anchor_from_bytes(data: bytes) -> tuple[Anchor, dict]:
         else None
     )
     levels = tuple(metadata["forensic_level_names"])
-    forensic = ForensicModel(levels, [statistics[f"forensic.{level}"] for level in levels])
     flagged = {
         name[len("flag.") :]: moments for name, moments in statistics.items() if name.startswith("flag.")
     }
-    anchor = Anchor(
-        spec,
-        statistics["backbone"],
-        forensic,
-        AnchorConfig.from_dict(metadata["config"]),
-        {
-            name[len("calibration.") :]: tensor
-            for name, tensor in tensors.items()
-            if name.startswith("calibration.") and name not in ("calibration.keys", "calibration.features")
-        },
-        metadata["n_calibration"],
-        flagged,
-        rows,
-        tuple(metadata.get("lineage", ())),
-    )
+    try:
+        forensic = ForensicModel(levels, [statistics[f"forensic.{level}"] for level in levels])
+        anchor = Anchor(
+            spec,
+            statistics["backbone"],
+            forensic,
+            AnchorConfig.from_dict(metadata["config"]),
+            {
+                name[len("calibration.") :]: tensor
+                for name, tensor in tensors.items()
+                if name.startswith("calibration.")
+                and name not in ("calibration.keys", "calibration.features")
+            },
+            metadata["n_calibration"],
+            flagged,
+            rows,
+            tuple(metadata["lineage"]),
+        )
+        check_scores_finite(anchor)
+    except (np.linalg.LinAlgError, ValueError) as problem:  # valid numbers, degenerate models
+        raise AnchorFileError(
+            f"{checked_file.named('anchor', source)}: its statistics do not give a model "
+            f"({problem}): refit it"
+        ) from None
     metadata["projection"] = tensors.get("projection")
     return anchor, metadata

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from typing import ClassVar
 
 import numpy as np
@@ -21,6 +22,7 @@ from anchorscan.anchors.anchor import shrunk_covariance
 from anchorscan.anchors.errors import NotEnoughImagesError, UsageError, UserError
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.stats import Moments
+from anchorscan.anchors.validation import check, check_array, check_count, check_moments, field
 
 FORMAT_VERSION = 2  # 2: the forensic channel in the features, the LDA probe's parts
 METADATA_KEY = "anchorscan_head"
@@ -107,6 +109,11 @@ class Head(abc.ABC):
     def _from_file(cls, spec: FeatureSpec, tensors: dict[str, np.ndarray], metadata: dict) -> Head:
         """The head that ``_tensors`` and ``_parameters`` describe."""
 
+    @classmethod
+    @abc.abstractmethod
+    def check_file(cls, spec: FeatureSpec, tensors: dict[str, np.ndarray], metadata: dict, what: str) -> None:
+        """Refuses (HeadFileError) numbers that no such head holds: shapes, finiteness, counts."""
+
     def decision(self, features: np.ndarray, spec: FeatureSpec | None = None) -> np.ndarray:
         """Scores of (b, spec.dim) feature rows; ``spec``, the features' own, is checked first."""
         if spec is not None:
@@ -173,6 +180,18 @@ class NearestNeighbourHead(Head):
     @classmethod
     def _from_file(cls, spec, tensors, metadata):
         return cls(spec, tensors["real_bank"], tensors["fake_bank"], metadata["k"])
+
+    @classmethod
+    def check_file(cls, spec, tensors, metadata, what):
+        _only_tensors(tensors, ("real_bank", "fake_bank"), what)
+        banks = [
+            check_array(f"{what}: {name}", tensors[name], (None, spec.d_semantic), HeadFileError)
+            for name in ("real_bank", "fake_bank")
+        ]
+        k = field(metadata, "k", int, HeadFileError, what)
+        check(
+            1 <= k <= min(len(bank) for bank in banks), HeadFileError, f"{what}: k={k} does not fit its banks"
+        )
 
 
 def part_moments(moments: Moments, spec: FeatureSpec, parts: str) -> Moments:
@@ -267,6 +286,22 @@ class LinearProbeHead(Head):
         )
         return cls(spec, real, fake, metadata["parts"])
 
+    @classmethod
+    def check_file(cls, spec, tensors, metadata, what):
+        _only_tensors(tensors, ("real.mean", "real.m2", "fake.mean", "fake.m2"), what)
+        parts = field(metadata, "parts", str, HeadFileError, what)
+        check(parts in PARTS, HeadFileError, f"{what}: parts {parts!r}, expected one of {PARTS}")
+        counts = field(metadata, "counts", dict, HeadFileError, what)
+        for name in ("real", "fake"):
+            check_moments(
+                f"{what}: {name} class",
+                counts.get(name),
+                tensors[f"{name}.mean"],
+                tensors[f"{name}.m2"],
+                part_width(spec, parts),
+                HeadFileError,
+            )
+
 
 @dataclasses.dataclass(eq=False)
 class LogisticHead(Head):
@@ -312,17 +347,44 @@ class LogisticHead(Head):
     def _from_file(cls, spec, tensors, metadata):
         return cls(spec, tensors["coef"], float(tensors["intercept"][0]), metadata["counts"], metadata["C"])
 
+    @classmethod
+    def check_file(cls, spec, tensors, metadata, what):
+        _only_tensors(tensors, ("coef", "intercept"), what)
+        check_array(f"{what}: coef", tensors["coef"], (spec.d_semantic,), HeadFileError)
+        check_array(f"{what}: intercept", tensors["intercept"], (1,), HeadFileError)
+        C = field(metadata, "C", (int, float), HeadFileError, what)
+        check(math.isfinite(C) and C > 0, HeadFileError, f"{what}: C={C!r} is not a positive number")
+        counts = field(metadata, "counts", dict, HeadFileError, what)
+        for name in ("real", "fake"):
+            check_count(f"{what}: {name} examples", counts.get(name), HeadFileError)
+
+
+def _only_tensors(tensors: dict, names: tuple[str, ...], what: str) -> None:
+    check(
+        set(tensors) == set(names),
+        HeadFileError,
+        f"{what}: tensors {sorted(tensors)}, expected {sorted(names)}",
+    )
+
 
 HEADS: dict[str, type[Head]] = {
     head.kind: head for head in (NearestNeighbourHead, LinearProbeHead, LogisticHead)
 }
 
 
-def head_from_bytes(data: bytes) -> Head:
-    """The head that ``Head.to_bytes`` wrote; refuses truncated, tampered or foreign files."""
-    tensors, metadata = checked_file.unpack(data, METADATA_KEY, FORMAT_VERSION, "head", HeadFileError)
+def head_from_bytes(data: bytes, source: str | None = None) -> Head:
+    """The head that ``Head.to_bytes`` wrote; refuses truncated, tampered, forged or foreign
+    files (every number checked as it enters: anchors/validation.py)."""
+    what = checked_file.named("head", source)
+    tensors, metadata = checked_file.unpack(data, METADATA_KEY, FORMAT_VERSION, "head", HeadFileError, source)
     if metadata.get("kind") not in HEADS:
         raise HeadFileError(
-            f"unknown head kind {metadata.get('kind')!r}; this anchorscan reads {sorted(HEADS)}"
+            f"{what}: unknown head kind {metadata.get('kind')!r}; this anchorscan reads {sorted(HEADS)}"
         )
-    return HEADS[metadata["kind"]]._from_file(FeatureSpec.from_dict(metadata), tensors, metadata)
+    spec = FeatureSpec.checked(metadata, HeadFileError, what)
+    head = HEADS[metadata["kind"]]
+    head.check_file(spec, tensors, metadata, what)
+    try:
+        return head._from_file(spec, tensors, metadata)
+    except (np.linalg.LinAlgError, ValueError) as problem:  # valid numbers, degenerate head
+        raise HeadFileError(f"{what}: its numbers do not give a head ({problem}): fit it again") from None

@@ -7,6 +7,7 @@ import hashlib
 import json
 
 from anchorscan.anchors.errors import UserError
+from anchorscan.anchors.validation import check, field
 
 
 class IncompatibleAnchorError(UserError, ValueError):
@@ -48,6 +49,21 @@ class FeatureSpec:
     def from_dict(cls, data: dict) -> FeatureSpec:
         return cls(
             data["backbone"], data["weights_sha256"], dict(data["preprocessing"]), dict(data["layout"])
+        )
+
+    @classmethod
+    def checked(cls, metadata: dict, error: type[Exception], what: str) -> FeatureSpec:
+        """The spec a file's metadata records, refused with ``error`` where a field is missing
+        or not what a spec holds (the layout's sizes whole numbers, the semantic one positive)."""
+        layout = field(metadata, "layout", dict, error, what)
+        for key in ("d_semantic", "d_statistical", "d_forensic"):
+            size = field(layout, key, int, error, f"{what} layout")
+            check(size >= (key == "d_semantic"), error, f"{what}: layout {key} is {size}, not a size")
+        return cls(
+            field(metadata, "backbone", str, error, what),
+            field(metadata, "weights_sha256", str, error, what),
+            dict(field(metadata, "preprocessing", dict, error, what)),
+            dict(layout),
         )
 
     def digest(self) -> str:

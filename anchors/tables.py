@@ -91,8 +91,14 @@ ERROR_COLUMNS = (
 
 # `update`'s record of the images its poisoning guard refused (docs/METHOD.md §9.2).
 REFUSED_COLUMNS = (
-    Column("uri", pa.string(), "an image given as real that the current anchor flags"),
+    Column("uri", pa.string(), "an image given as real that the guard refused"),
     Column("anchor_score", pa.float64(), "its score against the anchor being updated"),
+    Column(
+        "reason",
+        pa.string(),
+        "`flagged`: the current anchor flags it (below --admit); `round`: its round was refused "
+        "as a whole (its admitted images do not look like real photos as a batch)",
+    ),
 )
 
 

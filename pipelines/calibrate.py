@@ -14,7 +14,7 @@ from anchorscan.anchors.anchor import Anchor
 from anchorscan.anchors.anchor_file import anchor_from_bytes
 from anchorscan.anchors.calibration import MIN_CALIBRATION, CalibrationRows
 from anchorscan.anchors.errors import NotEnoughImagesError
-from anchorscan.anchors.io.storage import read_bytes
+from anchorscan.anchors.io.storage import read_checked_file
 from anchorscan.anchors.statistics import HoldOut, Statistics, StatisticsLayout
 from anchorscan.pipelines.common import anchor_and_extractor, chain_steps
 from anchorscan.pipelines.flags import command_parser, text
@@ -103,8 +103,8 @@ def run(argv=None, test_pipeline=None) -> dict:
     result = pipeline.run()
     result.wait_until_finish()
 
-    before, _ = anchor_from_bytes(read_bytes(args.anchor))
-    after, _ = anchor_from_bytes(read_bytes(args.output))
+    before, _ = anchor_from_bytes(read_checked_file(args.anchor), args.anchor)
+    after, _ = anchor_from_bytes(read_checked_file(args.output), args.output)
     rows = after.calibration_rows
     assert rows is not None  # calibrated_on keeps them
     summary = {

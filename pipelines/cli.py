@@ -8,7 +8,7 @@ import logging
 import sys
 import traceback
 
-from anchorscan.anchors.errors import UserError
+from anchorscan.anchors.errors import UserError, environment_failure
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,15 +67,21 @@ COMMANDS = {
         "Add images known to come from one generator to the anchor as a flagged class (10-30 "
         "images suffice).",
     ),
+    "keygen": Command(
+        "keygen",
+        "--output SITE",
+        "Make a site's key pair (SITE.key, SITE.pub) to sign its deltas for `merge --trust`.",
+    ),
     "export-delta": Command(
         "export_delta",
-        "--anchor SITE --since BASE --output DELTA [--noise S] [--rank R]",
+        "--anchor SITE --since BASE --output DELTA [--sign SITE.key] [--noise S] [--rank R]",
         "Write a site's statistics since a common base anchor, for `anchorscan merge` elsewhere.",
     ),
     "merge": Command(
         "merge",
-        "BASE DELTA [DELTA ...] --output A",
-        "Merge deltas from `anchorscan export-delta` into the base anchor.",
+        "BASE DELTA [DELTA ...] --output A [--trust DIR]",
+        "Merge deltas from `anchorscan export-delta` into the base anchor; with --trust, only "
+        "deltas signed by an enrolled site.",
     ),
     "stream": Command(
         "stream",
@@ -94,15 +100,21 @@ USAGE = (
     + "\n".join(f"  {name:12} {command.usage}" for name, command in COMMANDS.items())
     + (
         "\n\n`anchorscan COMMAND --help` lists a command's options; pipelines pass other flags to Beam."
-        "\n--debug prints the traceback of an error (exit status 2: a mistake in the command line or "
-        "its files; 1: an internal error)."
+        "\nExit status: 0 done; 2 the arguments or their files are wrong or refused; 3 the environment "
+        "(disk full, read-only, permission, network); 1 an internal error (a bug). --debug prints "
+        "the traceback of any error."
     )
 )
 
 
+EXIT_DONE, EXIT_BUG, EXIT_USER, EXIT_ENVIRONMENT = 0, 1, 2, 3
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Exit status 0 on success, 2 on a mistake the user can fix (one line says what and how),
-    1 on an internal error (with its traceback). ``--debug`` anywhere: tracebacks for both."""
+    """Exit status 0 on success; 2 on a mistake the user can fix and on a refusal (one line says
+    what and how); 3 when the environment stopped the command (a full disk, a read-only file
+    system, permission denied on an output, storage or the network unreachable: one line); 1 on
+    an internal error (with its traceback). ``--debug`` anywhere: tracebacks for all."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [arg for arg in argv if arg != "--debug"]
@@ -119,22 +131,29 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse: --help, or a usage error already printed
         return exit_.code if isinstance(exit_.code, int) else 2
     except UserError as error:
-        if debug:
-            traceback.print_exc()
-        print(f"anchorscan {command}: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
+        return _one_line(command, error, EXIT_USER, debug)
     except KeyboardInterrupt:
         print(f"anchorscan {command}: interrupted", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as error:
+        failure = environment_failure(error)  # also what a runner's worker met, wrapped
+        if failure is not None:
+            return _one_line(command, failure, EXIT_ENVIRONMENT, debug)
         print(
             f"anchorscan {command}: internal error (a bug in anchorscan or a library it uses; "
             "please report it with this traceback):",
             file=sys.stderr,
         )
         traceback.print_exc()
-        return 1
-    return 0
+        return EXIT_BUG
+    return EXIT_DONE
+
+
+def _one_line(command: str, error: BaseException, status: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(f"anchorscan {command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

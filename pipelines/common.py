@@ -11,7 +11,7 @@ from anchorscan.anchors.anchor_file import verified_contents
 from anchorscan.anchors.io.fetch import HttpConfig
 from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.sources import ReadLimits
-from anchorscan.anchors.io.storage import check_writable, local_copy, read_bytes
+from anchorscan.anchors.io.storage import check_writable, local_copy, read_checked_file
 from anchorscan.anchors.models.features import BackboneConfig, FeatureExtractor
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.pipelines.options import (
@@ -72,7 +72,9 @@ def anchor_and_extractor(args):
     anchor refused before any work (an anchor this anchorscan would make other features for)."""
     check_paths([*args.input, args.anchor, args.output, args.errors, args.weights])
     check_writable(args.output, "--output")
-    tensors, metadata = verified_contents(read_bytes(args.anchor))
+    if args.errors:
+        check_writable(f"{args.errors}-errors", "--errors")
+    tensors, metadata = verified_contents(read_checked_file(args.anchor), args.anchor)
     spec = FeatureSpec.from_dict(metadata)
     backbone = backbone_config(args, spec)
     extractor = driver_extractor(backbone)

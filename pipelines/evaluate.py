@@ -17,7 +17,7 @@ from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.io.datasets import DATASETS, GENIMAGE_SPLITS, read_dataset
 from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.shards import split_sample_uri
-from anchorscan.anchors.io.storage import check_writable, read_bytes, write_atomically
+from anchorscan.anchors.io.storage import check_writable, read_bytes, read_checked_file, write_atomically
 from anchorscan.anchors.io.uris import is_remote
 from anchorscan.anchors.metrics import detection_metrics
 from anchorscan.pipelines import score
@@ -209,7 +209,9 @@ def evaluate_once(images, args, options, folder: str, perturbation: str | None) 
     # The anchor calls an image suspect above its threshold; a head above 0.
     threshold, second = (
         (
-            AnchorConfig.from_dict(read_metadata(read_bytes(args.anchor))["config"]).threshold,
+            AnchorConfig.from_dict(
+                read_metadata(read_checked_file(args.anchor), args.anchor)["config"]
+            ).threshold,
             -math.log10(0.05),
         )
         if args.head == "anchor"

@@ -9,7 +9,7 @@ import apache_beam as beam
 from anchorscan.anchors.anchor import CALIBRATION_KEYS, CHANNELS, COMBINERS, STATISTICAL_MODES, AnchorConfig
 from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.io.gcs import check_paths
-from anchorscan.anchors.io.storage import check_writable, read_bytes
+from anchorscan.anchors.io.storage import check_writable, read_checked_file
 from anchorscan.anchors.softness import LEVEL_SETS, softened
 from anchorscan.pipelines.common import chain_steps, driver_extractor
 from anchorscan.pipelines.flags import choice_list, command_parser, float_in, open_fraction, regex, text
@@ -26,7 +26,7 @@ from anchorscan.pipelines.options import (
 )
 from anchorscan.transforms.chain import ImageFeatures
 from anchorscan.transforms.fitting import FitAnchor
-from anchorscan.transforms.sinks import WriteErrors
+from anchorscan.transforms.sinks import WriteErrors, cleaned_on_failure
 
 
 def parser():
@@ -142,12 +142,13 @@ def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
     real = pipeline | "Real" >> ImageFeatures(args.input, steps)
     _ = real.embedded | "Fit" >> FitAnchor(args.anchor, extractor.spec, config, extractor.projection)
     _ = real.errors | WriteErrors(args.errors or args.anchor)
-    result = pipeline.run()
-    if not wait:
-        return {"anchor": args.anchor}
-    result.wait_until_finish()
+    with cleaned_on_failure([f"{args.errors or args.anchor}-errors"]):
+        result = pipeline.run()
+        if not wait:
+            return {"anchor": args.anchor}
+        result.wait_until_finish()
 
-    metadata = read_metadata(read_bytes(args.anchor))
+    metadata = read_metadata(read_checked_file(args.anchor), args.anchor)
     summary = {
         "anchor": args.anchor,
         "n": metadata["n"],

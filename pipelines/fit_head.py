@@ -20,7 +20,7 @@ from anchorscan.anchors.heads import (
     head_from_bytes,
 )
 from anchorscan.anchors.io.gcs import check_paths
-from anchorscan.anchors.io.storage import check_writable, read_bytes, write_atomically
+from anchorscan.anchors.io.storage import check_writable, read_checked_file, write_atomically
 from anchorscan.anchors.statistics import StatisticsLayout
 from anchorscan.pipelines.common import chain_steps, driver_extractor
 from anchorscan.pipelines.flags import command_parser, int_in, positive_int, text
@@ -36,7 +36,7 @@ from anchorscan.pipelines.options import (
     parse,
 )
 from anchorscan.transforms.chain import ImageFeatures
-from anchorscan.transforms.sinks import WriteErrors
+from anchorscan.transforms.sinks import WriteErrors, cleaned_on_failure
 from anchorscan.transforms.statistics import AccumulateStatisticsPerKey
 
 
@@ -107,6 +107,8 @@ def run(argv=None, test_pipeline=None):
         )
     check_paths([*args.real, *args.fake, args.output, args.errors, args.weights])
     check_writable(args.output, "--output")
+    if args.errors:
+        check_writable(f"{args.errors}-errors", "--errors")
     backbone = backbone_config(args)
     extractor = driver_extractor(backbone)
     spec = extractor.spec
@@ -142,10 +144,11 @@ def run(argv=None, test_pipeline=None):
         )
     _ = head | "WriteHead" >> beam.Map(lambda fitted: write_atomically(args.output, fitted.to_bytes()))
     _ = tuple(errors) | WriteErrors(args.errors or args.output)
-    result = pipeline.run()
-    result.wait_until_finish()
+    with cleaned_on_failure([f"{args.errors or args.output}-errors"]):
+        result = pipeline.run()
+        result.wait_until_finish()
 
-    fitted = head_from_bytes(read_bytes(args.output))
+    fitted = head_from_bytes(read_checked_file(args.output), args.output)
     print(
         f"head        {args.output} ({args.kind})\n"
         f"images      {fitted.counts['real']} real, {fitted.counts['fake']} fake, "

@@ -8,7 +8,7 @@ import time
 import apache_beam as beam
 
 from anchorscan.anchors.anchor_file import read_metadata
-from anchorscan.anchors.io.storage import read_bytes
+from anchorscan.anchors.io.storage import read_checked_file
 from anchorscan.pipelines.common import anchor_and_extractor, chain_steps
 from anchorscan.pipelines.flags import command_parser, generator_name, text
 from anchorscan.pipelines.options import (
@@ -21,7 +21,7 @@ from anchorscan.pipelines.options import (
 )
 from anchorscan.transforms.chain import ImageFeatures
 from anchorscan.transforms.fitting import FlagGenerator, LoadAnchor
-from anchorscan.transforms.sinks import WriteErrors
+from anchorscan.transforms.sinks import WriteErrors, cleaned_on_failure
 
 
 def parser():
@@ -58,10 +58,11 @@ def run(argv=None, test_pipeline=None) -> dict:
         anchor, args.output, spec, tensors.get("projection"), args.generator
     )
     _ = images.errors | WriteErrors(args.errors or args.output)
-    result = pipeline.run()
-    result.wait_until_finish()
+    with cleaned_on_failure([f"{args.errors or args.output}-errors"]):
+        result = pipeline.run()
+        result.wait_until_finish()
 
-    after = read_metadata(read_bytes(args.output))
+    after = read_metadata(read_checked_file(args.output), args.output)
     summary = {
         "anchor": args.output,
         "generator": args.generator,

@@ -7,7 +7,7 @@ import json
 
 from anchorscan.anchors.anchor_file import verified_contents
 from anchorscan.anchors.io.gcs import check_paths
-from anchorscan.anchors.io.storage import read_bytes
+from anchorscan.anchors.io.storage import read_checked_file
 from anchorscan.pipelines.flags import command_parser, text
 
 FACTS = (
@@ -40,7 +40,7 @@ def parser():
 def run(argv=None) -> dict:
     args = parser().parse_args(argv)
     check_paths([args.anchor])
-    _, metadata = verified_contents(read_bytes(args.anchor))
+    _, metadata = verified_contents(read_checked_file(args.anchor), args.anchor)
     if args.json:
         print(json.dumps(metadata, sort_keys=True))
         return metadata

@@ -1,11 +1,24 @@
 """Merge sites' deltas into their common base (docs/METHOD.md §9.4): the CombineFn's merge on
-every named statistic, then calibrated again on the base's held-out images."""
+every named statistic, then calibrated again on the base's held-out images. Every delta is
+checked first - its numbers, its signature (with --trust), that the base holds none of it - and
+the output is checked writable before any of that work."""
 
 from __future__ import annotations
 
+import logging
+
 from anchorscan.anchors.anchor_file import anchor_from_bytes, anchor_to_bytes
-from anchorscan.anchors.federation import delta_from_bytes, merge
-from anchorscan.anchors.io.storage import read_bytes, write_atomically
+from anchorscan.anchors.errors import UsageError
+from anchorscan.anchors.federation import check_signatures, delta_from_bytes, merge
+from anchorscan.anchors.io.gcs import check_paths
+from anchorscan.anchors.io.storage import (
+    check_writable,
+    files_in,
+    read_bytes,
+    read_checked_file,
+    write_atomically,
+)
+from anchorscan.anchors.signing import trusted_keys
 from anchorscan.pipelines.flags import command_parser, text
 
 
@@ -14,14 +27,37 @@ def parser():
     parser.add_argument("base", type=text, help="the base anchor every delta was exported against")
     parser.add_argument("deltas", type=text, nargs="+", metavar="DELTA", help="delta files")
     parser.add_argument("--output", type=text, required=True, help="the merged anchor file to write")
+    parser.add_argument(
+        "--trust",
+        type=text,
+        default=None,
+        metavar="DIR",
+        help="a folder of the enrolled sites' public keys (SITE.pub from `anchorscan keygen`): only "
+        "deltas signed by one of them are merged (default: any delta, with a warning)",
+    )
     return parser
+
+
+def trusted_sites(folder: str) -> dict:
+    """The public keys in ``folder``/*.pub, by fingerprint."""
+    files = files_in(folder, ".pub")
+    if not files:
+        raise UsageError(f"--trust {folder}: no .pub files there (the sites' keys from `anchorscan keygen`)")
+    return trusted_keys({path: read_bytes(path, 2**16) for path in files})
 
 
 def run(argv=None) -> dict:
     args = parser().parse_args(argv)
-    base, metadata = anchor_from_bytes(read_bytes(args.base))
-    deltas = [delta_from_bytes(read_bytes(uri)) for uri in args.deltas]  # all checked first
-    merged = merge(base, deltas)
+    check_paths([args.base, *args.deltas, args.output, args.trust])
+    base_data = read_checked_file(args.base)
+    # The merged anchor holds what the base holds, the new statistics in place of the old.
+    check_writable(args.output, "--output", size=len(base_data))
+    trusted = trusted_sites(args.trust) if args.trust else None
+    base, metadata = anchor_from_bytes(base_data, args.base)
+    deltas = [delta_from_bytes(read_checked_file(uri), uri) for uri in args.deltas]  # all checked first
+    for warning in check_signatures(deltas, trusted, args.deltas):
+        logging.warning("%s", warning)
+    merged = merge(base, deltas, args.deltas)
     write_atomically(args.output, anchor_to_bytes(merged, metadata["projection"]))
     summary = {
         "anchor": args.output,
@@ -29,11 +65,14 @@ def run(argv=None) -> dict:
         "n": merged.moments.n,
         "deltas": len(deltas),
         "flagged": {k: m.n for k, m in merged.flagged.items()},
+        "signed_by": [delta.signer for delta in deltas],
     }
+    verified = "signatures verified against --trust" if trusted is not None else "signatures not checked"
     print(
         f"anchor      {args.output}\n"
         f"merged      {len(deltas)} deltas: n {base.moments.n} -> {merged.moments.n} real images; "
         f"flagged: {summary['flagged'] or 'none'}\n"
+        f"trust       {verified}\n"
         f"calibrated  on the base's {merged.n_calibration} held-out images"
     )
     return summary

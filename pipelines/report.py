@@ -23,7 +23,7 @@ from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.io.datasets import manifest
 from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.sources import ReadError, ReadLimits, Record, Unit, source_for
-from anchorscan.anchors.io.storage import check_writable, read_bytes, write_atomically
+from anchorscan.anchors.io.storage import check_writable, read_bytes, read_checked_file, write_atomically
 from anchorscan.pipelines.flags import command_parser, int_in, text
 from anchorscan.transforms.listing import read_parquet_rows
 
@@ -227,7 +227,7 @@ def run(argv=None) -> str:
     errors = read_parquet_rows(f"{args.scores}-errors-*.parquet")
     calibration = None
     if args.anchor:
-        tensors, _ = verified_contents(read_bytes(args.anchor))
+        tensors, _ = verified_contents(read_checked_file(args.anchor), args.anchor)
         calibration = {
             name.removeprefix("calibration."): values
             for name, values in tensors.items()

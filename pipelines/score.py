@@ -10,7 +10,7 @@ from anchorscan.anchors.anchor import CHANNELS, COMBINERS, STATISTICAL_MODES, An
 from anchorscan.anchors.anchor_file import anchor_id, verified_contents
 from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.io.gcs import check_paths
-from anchorscan.anchors.io.storage import read_bytes
+from anchorscan.anchors.io.storage import check_writable, read_checked_file
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.pipelines.common import chain_steps, driver_extractor
 from anchorscan.pipelines.flags import choice_list, command_parser, text
@@ -31,6 +31,7 @@ from anchorscan.transforms.sinks import (
     ReadPreviousScores,
     WriteErrors,
     WriteScores,
+    cleaned_on_failure,
     clear_tables,
     score_tables,
 )
@@ -98,8 +99,9 @@ def scan(args, options, test_pipeline=None, wait: bool = True) -> dict:
     """The scan that ``args`` (this command's flags) describe; ``wait=False`` (a Flex template's
     launcher) returns once the job is submitted."""
     check_paths([*args.input, args.anchor, args.output, args.head, args.skip_scored, args.weights])
+    check_writable(f"{args.output}-scores", "--output")
     # The driver only checks the anchor; workers derive its scoring matrices.
-    _, metadata = verified_contents(read_bytes(args.anchor))
+    _, metadata = verified_contents(read_checked_file(args.anchor), args.anchor)
     spec, config = FeatureSpec.from_dict(metadata), AnchorConfig.from_dict(metadata["config"])
     backbone = backbone_config(args, spec)
     extractor = driver_extractor(backbone)
@@ -112,12 +114,13 @@ def scan(args, options, test_pipeline=None, wait: bool = True) -> dict:
     with PrefixLock(args.output):
         clear_tables(args.output, args.overwrite, keep=previous_tables)
         started = time.time()
-        result = run_scan(
-            args, options, extractor, backbone, detector, head, previous_tables, carried, test_pipeline
-        )
-        if not wait:
-            return {"output": args.output, "anchor_id": detector}
-        result.wait_until_finish()
+        with cleaned_on_failure([f"{args.output}-scores", f"{args.output}-errors"]):
+            result = run_scan(
+                args, options, extractor, backbone, detector, head, previous_tables, carried, test_pipeline
+            )
+            if not wait:
+                return {"output": args.output, "anchor_id": detector}
+            result.wait_until_finish()
     counters = counter_totals(result)
     summary = {
         "output": args.output,

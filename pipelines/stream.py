@@ -1,7 +1,10 @@
 """Scan as a stream (docs/METHOD.md §10): watch a folder or gs:// prefix, score each new image
-once in fixed windows against the anchor file as it is at each window's start, write one
-Parquet file of scores and one of errors per window; optionally learn from a stream of trusted
-real images."""
+once (when its size and modification time have settled) in fixed windows against the anchor
+file as it is at each window's start (the last good one where it cannot be read), write one
+Parquet file of scores and one of errors per window as the window closes; optionally learn from
+a stream of trusted real images. On a streaming runner (Dataflow, Flink) this is one streaming
+pipeline (``stream_graph``); on a local runner, whose stages run one after the other, the
+driver watches and runs one bounded pipeline per window (pipelines/local_stream.py)."""
 
 from __future__ import annotations
 
@@ -11,29 +14,34 @@ import time
 
 import apache_beam as beam
 from apache_beam.io.fileio import MatchContinuously
+from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.transforms.periodicsequence import PeriodicImpulse
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
 
 from anchorscan.anchors.anchor import AnchorConfig
-from anchorscan.anchors.anchor_file import verified_contents
+from anchorscan.anchors.anchor_file import anchor_id, verified_contents
 from anchorscan.anchors.errors import UsageError
-from anchorscan.anchors.io.storage import read_bytes
+from anchorscan.anchors.io.gcs import check_paths
+from anchorscan.anchors.io.storage import check_writable, read_checked_file
 from anchorscan.anchors.io.uris import glob_prefix, has_glob, local_path
 from anchorscan.anchors.softness import softened
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.tables import ERROR_SCHEMA, SCORE_SCHEMA
 from anchorscan.pipelines.common import chain_steps, driver_extractor
-from anchorscan.pipelines.flags import command_parser, positive_float, text
+from anchorscan.pipelines.flags import command_parser, non_negative_float, positive_float, text
 from anchorscan.pipelines.options import (
+    LOCAL_RUNNERS,
     add_decoding_args,
     add_runtime_args,
     backbone_config,
+    counter_totals,
     parse,
 )
 from anchorscan.transforms.chain import EmbedUnits
 from anchorscan.transforms.fitting import anchor_layout
 from anchorscan.transforms.streaming import (
+    SETTLE_SECONDS,
     AnchorReferences,
     LearnReal,
     NewImages,
@@ -75,6 +83,13 @@ def parser():
         "--poll_seconds", type=positive_float, default=10.0, help="how often the watched locations are listed"
     )
     parser.add_argument(
+        "--settle_seconds",
+        type=non_negative_float,
+        default=SETTLE_SECONDS,
+        help="a file is read once its size and modification time have not changed for this long "
+        "(a file copied in slowly is read once, whole)",
+    )
+    parser.add_argument(
         "--stop_after_seconds",
         type=positive_float,
         default=None,
@@ -114,7 +129,16 @@ def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
     """Watches until --stop_after_seconds (or for ever); ``wait=False`` (a Flex template's
     launcher) returns once the streaming job is submitted."""
     args, options = parse(parser(), argv)
+    check_paths([args.watch, args.learn_real, args.anchor, args.output, args.weights])
     check_watched(args.watch, args.learn_real)
+    check_writable(f"{args.output}-scores", "--output")
+    if args.learn_real:
+        check_writable(args.anchor, "--anchor (--learn_real writes it)")
+    runner = str(options.view_as(StandardOptions).runner)
+    if test_pipeline is None and runner in LOCAL_RUNNERS and not args.pubsub_subscription:
+        from anchorscan.pipelines.local_stream import run_local
+
+        return run_local(args, options)
     pipeline = test_pipeline or beam.Pipeline(options=options)
     start = Timestamp.now()
     stop = start + args.stop_after_seconds if args.stop_after_seconds else MAX_TIMESTAMP
@@ -157,12 +181,27 @@ def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
     if not wait:
         return {"output": args.output}
     result.wait_until_finish()
-    summary = {"output": args.output, "seconds": time.time() - started}
+    counters = counter_totals(result)
+    summary = {
+        "output": args.output,
+        "seconds": time.time() - started,
+        "anchor_reloads_failed": counters.get("anchor_reloads_failed", 0),
+    }
     print(
         f"stream      stopped after {summary['seconds']:.1f} s; windows written to "
-        f"{args.output}-scores-*.parquet and {args.output}-errors-*.parquet"
+        f"{args.output}-scores-*.parquet and {args.output}-errors-*.parquet\n"
+        f"anchor      {reloads_text(summary['anchor_reloads_failed'])}"
     )
     return summary
+
+
+def reloads_text(failed: int) -> str:
+    if not failed:
+        return "every reload of --anchor read a good file"
+    return (
+        f"{failed} reloads failed (the file at --anchor could not be read or verified): those "
+        "windows kept the last good anchor (the rows' anchor_id names it; the log says why)"
+    )
 
 
 def _notified(uri: str):
@@ -175,21 +214,24 @@ def stream_graph(args, options, files, ticks, learn=None) -> None:
     """The stream from its inputs: FileMetadata of polls (``files``), ticks carrying the anchor
     URI (``ticks``) and, optionally, FileMetadata of trusted real images (``learn``); tests
     feed these from a TestStream."""
-    tensors, metadata = verified_contents(read_bytes(args.anchor))
+    tensors, metadata = verified_contents(read_checked_file(args.anchor), args.anchor)
     spec, config = FeatureSpec.from_dict(metadata), AnchorConfig.from_dict(metadata["config"])
     backbone = backbone_config(args, spec)
     extractor = driver_extractor(backbone)
     spec.require_same(extractor.spec, f"anchor {args.anchor}")
     steps = chain_steps(args, options, backbone, extractor)
-    references = ticks | "AnchorReferences" >> AnchorReferences(args.window_seconds)
-    scanned = files | "NewImages" >> NewImages(args.window_seconds) | "Features" >> EmbedUnits(steps)
+    initial = (args.anchor, anchor_id(metadata))
+    references = ticks | "AnchorReferences" >> AnchorReferences(args.window_seconds, initial)
+    # Notifications come for finalised objects, which are whole: nothing to wait for.
+    settle = 0.0 if args.pubsub_subscription else args.settle_seconds
+    scanned = files | "NewImages" >> NewImages(args.window_seconds, settle) | "Features" >> EmbedUnits(steps)
     rows, score_errors = scanned.embedded | "Score" >> ScoreWindows(references)
     _ = rows | "WriteScores" >> WriteWindowedParquet(args.output, "scores", SCORE_SCHEMA)
     errors = [*scanned.errors, score_errors]
     if learn is not None:
         real = (
             learn
-            | "NewReal" >> NewImages(args.window_seconds)
+            | "NewReal" >> NewImages(args.window_seconds, args.settle_seconds)
             | "RealFeatures" >> EmbedUnits(steps.for_fitting(softened(config.forensic_levels)))
         )
         _ = real.embedded | "LearnReal" >> LearnReal(

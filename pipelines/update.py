@@ -1,5 +1,6 @@
-"""Update an anchor with more real images: list, decode, embed, guard, hold out, merge the
-statistics into the anchor's, calibrate again, write (docs/METHOD.md §9.2)."""
+"""Update an anchor with more real images: list, decode, embed, guard (unless --trusted), merge
+the statistics into the anchor's, calibrate again, write (docs/METHOD.md §9.2). A round the
+guard refuses as a whole writes its refused table and no anchor, and exits 2 saying why."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import time
 import apache_beam as beam
 
 from anchorscan.anchors.anchor import AnchorConfig
-from anchorscan.anchors.anchor_file import read_metadata
-from anchorscan.anchors.errors import UsageError
-from anchorscan.anchors.io.storage import read_bytes
+from anchorscan.anchors.anchor_file import anchor_from_bytes, read_metadata
+from anchorscan.anchors.errors import UsageError, UserError
+from anchorscan.anchors.io.storage import read_checked_file
 from anchorscan.anchors.softness import softened
-from anchorscan.anchors.updating import admission_threshold
+from anchorscan.anchors.updating import DEFAULT_ADMIT, ROUND_SHARE, admission_threshold, round_test
 from anchorscan.pipelines.common import anchor_and_extractor, chain_steps
 from anchorscan.pipelines.flags import admit_value, command_parser, float_in, text
 from anchorscan.pipelines.options import (
@@ -25,7 +26,7 @@ from anchorscan.pipelines.options import (
 )
 from anchorscan.transforms.chain import ImageFeatures
 from anchorscan.transforms.fitting import LoadAnchor, UpdateAnchor, WriteRefused
-from anchorscan.transforms.sinks import WriteErrors
+from anchorscan.transforms.sinks import WriteErrors, cleaned_on_failure
 
 
 def parser():
@@ -38,10 +39,17 @@ def parser():
     parser.add_argument(
         "--admit",
         type=admit_value,
-        default="fpr",
-        help="poisoning guard: admit only images whose p-value against the current "
-        "anchor is at least this ('fpr': the anchor's own rate, i.e. what it "
-        "does not flag; a p-value; 'none': admit everything)",
+        default=None,
+        help=f"poisoning guard: admit only images whose p-value against the current anchor is at "
+        f"least this ({DEFAULT_ADMIT} by default: within the central 90 %% of its held-out real photos; "
+        "'fpr': the anchor's own rate, what it does not flag; 'none': every image, the round test "
+        "and the bound still apply)",
+    )
+    parser.add_argument(
+        "--trusted",
+        action="store_true",
+        help="the images are known real photos (e.g. your own): no guard; held out for calibration "
+        "by the anchor's rule, as fit does (then update(fit(A), B) scores like fit(A + B))",
     )
     parser.add_argument(
         "--forgetting",
@@ -63,11 +71,12 @@ def parser():
 
 def run(argv=None, test_pipeline=None) -> dict:
     args, options = parse(parser(), argv)
+    if args.trusted and args.admit is not None:
+        raise UsageError("--trusted admits every image; --admit is the guard of untrusted updates")
     tensors, metadata, spec, backbone, extractor = anchor_and_extractor(args)
     config = AnchorConfig.from_dict(metadata["config"])
-    threshold = admission_threshold(config, args.admit)
-    if not 0.0 < args.forgetting <= 1.0:
-        raise UsageError(f"--forgetting must be in (0, 1], got {args.forgetting}")
+    admit = "none" if args.trusted else args.admit or DEFAULT_ADMIT
+    threshold = admission_threshold(config, admit)
 
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=options)
@@ -75,39 +84,70 @@ def run(argv=None, test_pipeline=None) -> dict:
     steps = chain_steps(args, options, backbone, extractor).for_fitting(softened(config.forensic_levels))
     real = pipeline | "Real" >> ImageFeatures(args.input, steps)
     _, refused = real.embedded | "Update" >> UpdateAnchor(
-        anchor, args.output, spec, config, tensors.get("projection"), threshold, args.forgetting
+        anchor, args.output, spec, config, tensors.get("projection"), threshold, args.forgetting, args.trusted
     )
     prefix = args.errors or args.output
     _ = refused | WriteRefused(prefix)
     _ = real.errors | WriteErrors(prefix)
-    result = pipeline.run()
-    result.wait_until_finish()
+    with cleaned_on_failure([f"{prefix}-refused", f"{prefix}-errors"]):
+        result = pipeline.run()
+        result.wait_until_finish()
 
-    after = read_metadata(read_bytes(args.output))
     counters = counter_totals(result)
     summary = {
         "anchor": args.output,
         "n_before": metadata["n"],
-        "n": after["n"],
-        "n_calibration": after["n_calibration"],
         "admitted": counters.get("images_admitted", 0),
+        "near_threshold": counters.get("images_near_threshold", 0),
         "refused": counters.get("images_refused", 0),
-        "admit": args.admit,
+        "round_refused": bool(counters.get("rounds_refused", 0)),
+        "admit": admit,
+        "trusted": args.trusted,
         "errors": error_total(counters),
         "seconds": time.time() - started,
         "refused_table": f"{prefix}-refused-*.parquet",
     }
+    if summary["round_refused"]:
+        # The same test the pipeline ran, from the same counts: its reason in words.
+        anchor_now, _ = anchor_from_bytes(read_checked_file(args.anchor), args.anchor)
+        test = round_test(summary["admitted"], summary["near_threshold"], anchor_now, threshold)
+        print_update_summary(summary)
+        raise RoundRefused(
+            f"{args.output} was not written: {test.reason()} (the round's images: {prefix}-refused-*.parquet)"
+        )
+    after = read_metadata(read_checked_file(args.output), args.output)
+    summary.update(n=after["n"], n_calibration=after["n_calibration"])
     print_update_summary(summary)
     return summary
 
 
+class RoundRefused(UserError):
+    """The guard refused the round as a whole: no anchor was written."""
+
+
 def print_update_summary(summary: dict) -> None:
+    if summary["trusted"]:
+        admitted = f"{summary['admitted']} trusted images, held out by the anchor's rule"
+    elif "n" not in summary:
+        admitted = (
+            f"none: {summary['admitted']} images passed the per-image check, {summary['near_threshold']} "
+            "of them just above the threshold, and the round test refused them all (reason round)"
+        )
+    else:
+        admitted = (
+            f"{summary['admitted']} images ({summary['near_threshold']} just above the threshold; "
+            f"none held out; a round counts at most {ROUND_SHARE:.0%} of the anchor's images)"
+        )
+    outcome = (
+        f"n {summary['n_before']} -> {summary['n']}, {summary['n_calibration']} held out for calibration"
+        if "n" in summary
+        else "the round was refused: no anchor written"
+    )
     print(
-        f"anchor      {summary['anchor']}\n"
-        f"admitted    {summary['admitted']} images (n {summary['n_before']} -> {summary['n']}, "
-        f"{summary['n_calibration']} held out for calibration)\n"
-        f"refused     {summary['refused']} images the current anchor flags (--admit "
-        f"{summary['admit']}): {summary['refused_table']}\n"
+        f"anchor      {summary['anchor']} ({outcome})\n"
+        f"admitted    {admitted}\n"
+        f"refused     {summary['refused']} images below --admit {summary['admit']} against the "
+        f"current anchor: {summary['refused_table']}\n"
         f"errors      {summary['errors']}\n"
         f"time        {summary['seconds']:.1f} s"
     )

@@ -134,16 +134,12 @@ def fit_by_hash(
     )
 
 
-def update_by_hash(
-    anchor: Anchor, uris: list[str], rows: np.ndarray, admit: str = "none", forgetting: float = 1.0
-) -> Anchor:
-    """What `update` computes, in memory: the guard, the same hold-out rule, the merge."""
+def update_by_hash(anchor: Anchor, uris: list[str], rows: np.ndarray, forgetting: float = 1.0) -> Anchor:
+    """What `update --trusted` computes, in memory: the fit's hold-out rule, the merge."""
     from anchorscan.anchors.calibration import CalibrationRows, holds_out, uri_key
     from anchorscan.anchors.statistics import Statistics
-    from anchorscan.anchors.updating import admission_threshold, admitted, updated
+    from anchorscan.anchors.updating import updated
 
-    keep = admitted(anchor, rows, admission_threshold(anchor.config, admit))
-    uris, rows = [uri for uri, k in zip(uris, keep) if k], rows[keep]
     config = anchor.config
     held = np.array([holds_out(uri, config.calibration_fraction, config.calibration_group) for uri in uris])
     fitted = rows[~held]
@@ -152,7 +148,26 @@ def update_by_hash(
         [uri_key(uri) for uri, h in zip(uris, held) if h], rows[held][:, : anchor.spec.dim]
     )
     additions = {"backbone": Moments.of(fitted[:, :d]), **level_moments(fitted, anchor.spec)}
-    return updated(anchor, Statistics(additions, held_out), forgetting)
+    return updated(anchor, Statistics(additions, held_out), forgetting, trusted=True)
+
+
+def guarded_update(anchor: Anchor, rows: np.ndarray, admit: str | None = None):
+    """What `update` computes for untrusted images, in memory: (the updated anchor, or None
+    where the round is refused; the round test)."""
+    from anchorscan.anchors.statistics import Statistics
+    from anchorscan.anchors.updating import admission, admission_threshold, round_test, updated
+
+    threshold = admission_threshold(anchor.config, *([admit] if admit else []))
+    keep, near, _ = admission(anchor, rows, threshold)
+    test = round_test(int(keep.sum()), int(near.sum()), anchor, threshold)
+    if test.refused:
+        return None, test
+    kept = rows[keep]
+    additions = {
+        "backbone": Moments.of(kept[:, : anchor.spec.d_backbone]),
+        **level_moments(kept, anchor.spec),
+    }
+    return updated(anchor, Statistics(additions, None), trusted=False), test
 
 
 def level_moments(rows: np.ndarray, spec: FeatureSpec) -> dict[str, Moments]:

@@ -69,6 +69,30 @@ def test_online_update_benchmark_prints_its_values():
         assert math.isfinite(float(values[name])) and float(values[name]) > 0, name
 
 
+def test_the_poisoning_measurement_runs_on_the_demo_data(tmp_path):
+    """benchmarks/poisoning.py --quick: fit, one update round per condition and an evaluation
+    after each, through the command line, on the bundled demo data (the bench run is
+    docs/QUALITY.md's)."""
+    import json
+
+    script = Path(__file__).parents[1] / "benchmarks" / "poisoning.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick", "--output", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    results = json.loads((tmp_path / "poisoning.json").read_text())
+    assert list(results["conditions"]) == ["0%", "30%", "60%"]
+    for condition, history in results["conditions"].items():
+        [row] = history
+        assert (row["fakes"] > 0) == (condition != "0%")
+        assert 0.0 <= row["auroc"] <= 1.0 and 0.0 <= row["real_fpr"] <= 1.0
+        assert row["round_refused"] or row["admitted"] + row["refused"] == row["images"]
+    assert "| 60% | 1 |" in result.stdout
+
+
 def test_shards_benchmark_prints_its_values(tmp_path):
     script = Path(__file__).parents[1] / "benchmarks" / "shards.py"
     result = subprocess.run(

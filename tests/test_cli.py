@@ -135,14 +135,26 @@ FLAGS = {
     | HTTP,
     "report": {"--scores", "--output", "--anchor", "--labels", "--gallery"},
     "info": {"--json"},
-    "update": {"--anchor", "--input", "--output", "--admit", "--forgetting", "--errors"} | RUNTIME | DECODING,
+    "update": {"--anchor", "--input", "--output", "--admit", "--trusted", "--forgetting", "--errors"}
+    | RUNTIME
+    | DECODING,
     "calibrate": {"--anchor", "--input", "--output", "--keep_held_out", "--errors"}
     | RUNTIME
     | (DECODING - {"--perturbation"})
     | HTTP,
     "flag": {"--anchor", "--generator", "--input", "--output", "--errors"} | RUNTIME | DECODING,
-    "export-delta": {"--anchor", "--since", "--output", "--min_count", "--noise", "--rank", "--seed"},
-    "merge": {"--output"},
+    "export-delta": {
+        "--anchor",
+        "--since",
+        "--output",
+        "--min_count",
+        "--noise",
+        "--rank",
+        "--seed",
+        "--sign",
+    },
+    "merge": {"--output", "--trust"},
+    "keygen": {"--output"},
     "stream": {
         "--watch",
         "--anchor",
@@ -151,6 +163,7 @@ FLAGS = {
         "--learn_real",
         "--poll_seconds",
         "--stop_after_seconds",
+        "--settle_seconds",
         "--pubsub_subscription",
     }
     | RUNTIME
@@ -243,8 +256,8 @@ def test_an_output_under_a_regular_file_is_one_line_and_exit_2(fitted_anchor, tm
     assert code == 2
     error = one_line_error(capsys)
     assert error == (
-        f"anchorscan score: error: cannot write {blocker}/out.lock, the lock beside "
-        f"--output: a file, not a folder ({blocker})"
+        f"anchorscan score: error: cannot write --output {blocker}/out-scores: "
+        f"{blocker} is a file, not a folder"
     )
 
 

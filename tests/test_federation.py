@@ -155,3 +155,107 @@ def test_delta_file_is_checked(sites):
 
     with pytest.raises(DeltaFileError, match="not an anchorscan delta"):
         delta_from_bytes(anchor_to_bytes(base))
+
+
+# --- trust boundaries (issue #20) ---------------------------------------------------------------
+
+
+def test_the_same_statistics_under_another_site_id_are_refused_now_and_later(sites):
+    base, site_anchors, _, _, _ = sites
+    delta = export_delta(site_anchors[0], base)
+    renamed = dataclasses.replace(delta, site_id="f" * 64, site_lineage=("f" * 64,))
+    with pytest.raises(DeltaRefused, match="already merged"):
+        merge(base, [delta, renamed])
+    merged = merge(base, [delta])
+    assert f"delta:{delta.content_id}" in merged.lineage
+    # a later merge into the merged anchor: by content, whatever site the delta names
+    with pytest.raises(DeltaRefused, match="already merged"):
+        merge(merged, [renamed])
+    with pytest.raises(DeltaRefused, match="already merged"):
+        merge(update_by_hash(merged, *real(80, 77, "later")), [delta])  # and after an update
+
+
+def test_a_site_delta_since_its_last_merged_one_joins_exactly_a_cumulative_one_is_refused(sites):
+    base, _, _, _, _ = sites
+    first = update_by_hash(base, *real(200, 80, "s-first"))
+    second = update_by_hash(first, *real(150, 81, "s-second"))
+    merged = merge(base, [export_delta(first, base)])
+    cumulative = export_delta(second, base)  # holds the first delta's images again
+    with pytest.raises(DeltaRefused, match="images the base already has"):
+        merge(merged, [cumulative])
+    with pytest.raises(DeltaRefused, match="images the base already has"):
+        merge(base, [export_delta(first, base), cumulative])
+    later = merge(merged, [export_delta(second, first)])  # what the site added since
+    assert later.moments.n == second.moments.n
+    # Chan's merge against the site's own statistics: subtraction rounding, amplified by
+    # n / n_added (about 5 here)
+    assert np.allclose(
+        later.moments.m2, second.moments.m2, rtol=1e-8, atol=1e-10 * np.abs(second.moments.m2).max()
+    )
+    with pytest.raises(DeltaRefused, match="images the base already has"):
+        merge(second, [export_delta(second, base)])  # into the site itself
+
+
+def test_a_delta_below_its_own_minimum_count_is_refused(sites):
+    base, site_anchors, _, _, _ = sites
+    delta = export_delta(site_anchors[0], base)
+    claimed = dataclasses.replace(delta, min_count=delta.n + 1)
+    with pytest.raises(DeltaRefused, match="below its own minimum count"):
+        merge(base, [claimed])
+
+
+def test_noise_leaves_a_delta_that_loads_and_merges(sites):
+    base, site_anchors, _, _, _ = sites
+    noisy = export_delta(site_anchors[0], base, noise=50.0, rng=np.random.default_rng(3))
+    # noise of this size makes M2 indefinite; export keeps its positive part, a scatter matrix
+    assert np.linalg.eigvalsh(noisy.statistics["backbone"].m2)[0] >= -1e-9 * np.trace(
+        noisy.statistics["backbone"].m2
+    )
+    merge(base, [delta_from_bytes(delta_to_bytes(noisy))])
+
+
+@pytest.fixture(scope="module")
+def keys():
+    from anchorscan.anchors.signing import Signer, new_key_pair, trusted_keys
+
+    pairs = [new_key_pair() for _ in range(2)]
+    return [Signer(private) for private, _ in pairs], trusted_keys({"site-a.pub": pairs[0][1]})
+
+
+def test_signed_deltas_from_enrolled_sites_only(sites, keys):
+    from anchorscan.anchors.federation import check_signatures
+
+    base, site_anchors, _, _, _ = sites
+    (enrolled, stranger), trusted = keys
+    signed = delta_from_bytes(delta_to_bytes(export_delta(site_anchors[0], base), enrolled))
+    assert signed.signer == enrolled.fingerprint and check_signatures([signed], trusted, ["a"]) == []
+    unsigned = delta_from_bytes(delta_to_bytes(export_delta(site_anchors[0], base)))
+    with pytest.raises(DeltaRefused, match="not signed"):
+        check_signatures([unsigned], trusted, ["a"])
+    other = delta_from_bytes(delta_to_bytes(export_delta(site_anchors[1], base), stranger))
+    with pytest.raises(DeltaRefused, match="not among the --trust keys"):
+        check_signatures([other], trusted, ["b"])
+    # without --trust: merged, with a warning that says what that means
+    assert "not who wrote them" in check_signatures([unsigned], None, ["a"])[0]
+
+
+def test_a_signed_delta_changed_after_signing_is_refused(sites, keys):
+    import json
+    import struct
+
+    import safetensors.numpy
+
+    from anchorscan.anchors import checked_file
+    from anchorscan.anchors.federation import METADATA_KEY, check_signatures
+
+    base, site_anchors, _, _, _ = sites
+    (enrolled, _), trusted = keys
+    data = delta_to_bytes(export_delta(site_anchors[0], base), enrolled)
+    (size,) = struct.unpack("<Q", data[:8])
+    metadata = json.loads(json.loads(data[8 : 8 + size])["__metadata__"][METADATA_KEY])
+    tensors = dict(safetensors.numpy.load(data))
+    tensors["delta.backbone.mean"] = tensors["delta.backbone.mean"] * 2  # the forger's change
+    metadata["checksum"] = checked_file.checksum(metadata, tensors)  # and a fresh checksum
+    forged = delta_from_bytes(safetensors.numpy.save(tensors, metadata={METADATA_KEY: json.dumps(metadata)}))
+    with pytest.raises(DeltaRefused, match="signature does not verify"):
+        check_signatures([forged], trusted, ["a"])

@@ -24,6 +24,7 @@ BASE = {
     "calibrate": ["--anchor", "a.safetensors", "--input", "in", "--output", "OUT/a2.safetensors"],
     "flag": ["--anchor", "a.safetensors", "--generator", "g", "--input", "in", "--output", "OUT/a2"],
     "export-delta": ["--anchor", "s.safetensors", "--since", "b.safetensors", "--output", "OUT/d"],
+    "keygen": ["--output", "OUT/site"],
     "merge": ["b.safetensors", "d.delta", "--output", "OUT/m.safetensors"],
     "stream": ["--watch", "in", "--anchor", "a.safetensors", "--output", "OUT/s"],
     "curate": ["--scores", "scan", "--output", "OUT/c"],

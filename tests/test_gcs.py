@@ -315,7 +315,7 @@ def test_without_credentials_the_message_says_what_to_set(tmp_path, capsys):
         ),
     ):
         started = time.monotonic()
-        assert main(["info", "gs://private-bucket/anchors/a.safetensors"]) == 2
+        assert main(["info", "gs://private-bucket/anchors/a.safetensors"]) == 3
         # Beam's own credential search would take ~18 s; one lookup takes well under a second,
         # with 10 s of margin for a loaded machine.
         assert time.monotonic() - started < 10
@@ -352,7 +352,7 @@ def test_unreachable_storage_fails_in_seconds(capsys, monkeypatch):
                 )
                 elapsed = time.monotonic() - started
             message = capsys.readouterr().err
-            assert code == 2 and message.count("\n") == 1, message
+            assert code == 3 and message.count("\n") == 1, message
             assert f"cannot reach Google Cloud Storage at {endpoint}" in message
             assert "STORAGE_EMULATOR_HOST" in message
             # The bounded retries: CHECK_SECONDS, plus one request's timeout past the deadline,

@@ -10,6 +10,7 @@ import glob
 import os
 import threading
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -37,8 +38,9 @@ def every_table(pattern: str, schema) -> dict[str, list[dict]]:
     return tables
 
 
-def stream_events(events, watched, anchor, output) -> None:
-    """The stream command's graph over a TestStream of "files" and "ticks" (anchor paths)."""
+def stream_events(events, watched, anchor, output, settle: float = 0.0):
+    """The stream command's graph over a TestStream of "files" and "ticks" (anchor paths);
+    returns the run's result (its counters)."""
     args, options = parse(
         stream.parser(),
         [
@@ -50,14 +52,19 @@ def stream_events(events, watched, anchor, output) -> None:
             str(output),
             "--window_seconds",
             str(WINDOW),
+            "--settle_seconds",
+            str(settle),
             "--runner",
             "BundleBasedDirectRunner",
         ],
     )
     options.view_as(StandardOptions).streaming = True
-    with test_pipeline.TestPipeline(options=options) as pipeline:
-        inputs = pipeline | events
-        stream.stream_graph(args, options, inputs["files"], inputs["ticks"])
+    pipeline = test_pipeline.TestPipeline(options=options)
+    inputs = pipeline | events
+    stream.stream_graph(args, options, inputs["files"], inputs["ticks"])
+    result = pipeline.run()
+    result.wait_until_finish()
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +207,8 @@ def test_the_watcher_scores_files_added_while_it_runs_and_learns(two_anchors, tm
             "0.5",
             "--stop_after_seconds",
             "7",
+            "--settle_seconds",
+            "0",  # renamed in: whole at once
             "--learn_real",
             str(trusted),
             *RUNNER,
@@ -243,3 +252,151 @@ def test_watch_pattern_and_window_file_names():
         window_file_name("out/scan", "scores", IntervalWindow(60, 120), 0)
         == "out/scan-scores-19700101T000100-19700101T000200-00000.parquet"
     )
+
+
+# --- the stream keeps going and keeps everything (issue #20) ---------------------------------------
+
+
+def test_a_file_is_read_once_its_size_and_mtime_have_settled():
+    from anchorscan.transforms.streaming import settled
+
+    sighting, read = None, []
+    # a file copied in slowly: it grows for three polls, then stays put
+    for now, size, mtime in [
+        (0, 10, 1.0),
+        (1, 20, 2.0),
+        (2, 30, 3.0),
+        (3, 30, 3.0),
+        (4, 30, 3.0),
+        (5, 30, 3.0),
+        (9, 30, 3.0),
+    ]:
+        sighting, now_read = settled(sighting, size, mtime, now, settle=2.0)
+        read.append(now_read)
+    assert read == [False, False, False, False, True, False, False]  # once, two seconds after its last change
+    sighting, again = settled(sighting, 31, 10.0, 10, settle=2.0)  # rewritten: a new version
+    assert not again and settled(sighting, 31, 10.0, 12, settle=2.0)[1]
+    assert settled(None, 5, 1.0, 0, settle=0.0)[1]  # no settle interval: read at first sight
+
+
+def test_a_slowly_written_file_is_scored_once_and_a_corrupt_anchor_keeps_the_last_good_one(
+    two_anchors, tmp_path, caplog
+):
+
+    first, _ = two_anchors
+    [image] = write_crops(tmp_path, count_per_photo=1, seed=12)[:1]
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(first.read_bytes()[: len(first.read_bytes()) // 2])  # truncated mid-copy
+    growing = [FileMetadata(image, size, last_updated_in_seconds=float(size)) for size in (100, 200, 300)]
+    whole = FileMetadata(image, os.path.getsize(image), last_updated_in_seconds=400.0)
+
+    def at(t, *values):
+        return [TimestampedValue(value, t) for value in values]
+
+    events = (
+        test_stream.TestStream(output_tags={"files", "ticks"})
+        .advance_watermark_to(0, tag="files")
+        .advance_watermark_to(0, tag="ticks")
+        .add_elements(at(0, str(first)), tag="ticks")
+        .add_elements(at(1, growing[0]), tag="files")
+        .add_elements(at(2, growing[1]), tag="files")
+        .add_elements(at(3, growing[2]), tag="files")
+        .add_elements(at(4, whole), tag="files")
+        .add_elements(at(5, whole), tag="files")  # unchanged for 1 s: not yet
+        .advance_watermark_to(WINDOW, tag="files")
+        .advance_watermark_to(WINDOW, tag="ticks")
+        .add_elements(at(WINDOW, str(corrupt)), tag="ticks")  # the anchor file, damaged
+        .add_elements(at(WINDOW + 1, whole), tag="files")  # unchanged for 7 s: read now
+        .add_elements(at(WINDOW + 2, whole), tag="files")
+        .advance_watermark_to_infinity(tag="files")
+        .advance_watermark_to_infinity(tag="ticks")
+    )
+    output = tmp_path / "out" / "scan"
+    stream_events(events, tmp_path, first, output, settle=3.0)
+    rows = [
+        row for table in every_table(f"{output}-scores-*.parquet", SCORE_SCHEMA).values() for row in table
+    ]
+    assert [row["uri"] for row in rows] == [image]  # once, whole: no error rows for its halves
+    assert not glob.glob(f"{output}-errors-*.parquet")
+    assert rows[0]["anchor_id"] == anchor_id(read_metadata(first.read_bytes()))  # the last good anchor
+    assert (
+        f"anchor {corrupt} could not be reloaded" in caplog.text
+        and "still scoring with anchor" in caplog.text
+    )
+
+
+def test_the_local_stream_keeps_the_last_good_anchor_and_reads_a_slow_file_once(
+    two_anchors, tmp_path, capsys
+):
+    first, _ = two_anchors
+    watched = tmp_path / "incoming"
+    watched.mkdir()
+    anchor = tmp_path / "live.safetensors"
+    anchor.write_bytes(first.read_bytes())
+    early = write_crops(watched, count_per_photo=1, seed=13)
+    (tmp_path / "src").mkdir()
+    source = write_crops(tmp_path / "src", count_per_photo=1, seed=14)[0]
+    slow = watched / ("slow_" + os.path.basename(source))
+    written = threading.Event()
+
+    def damage_and_copy_slowly():
+        time.sleep(1.0)
+        anchor.write_bytes(b"not an anchor any more")  # replaced in place, damaged
+        data = Path(source).read_bytes()
+        with open(slow, "wb") as handle:  # copied in over about three seconds
+            for start in range(0, len(data), len(data) // 6 + 1):
+                handle.write(data[start : start + len(data) // 6 + 1])
+                handle.flush()
+                time.sleep(0.5)
+        written.set()
+
+    writer = threading.Thread(target=damage_and_copy_slowly)
+    writer.start()
+    output = tmp_path / "out" / "scan"
+    summary = stream.run(
+        [
+            "--watch", str(watched), "--anchor", str(anchor), "--output", str(output),
+            "--window_seconds", "3", "--poll_seconds", "0.3", "--settle_seconds", "1",
+            "--stop_after_seconds", "12", *RUNNER,
+        ]
+    )  # fmt: skip
+    writer.join()
+    assert written.is_set()
+    rows = [
+        row for table in every_table(f"{output}-scores-*.parquet", SCORE_SCHEMA).values() for row in table
+    ]
+    assert sorted(row["uri"] for row in rows) == sorted([*early, str(slow)])  # each once; the slow one whole
+    assert not glob.glob(f"{output}-errors-*.parquet")
+    assert {row["anchor_id"] for row in rows} == {anchor_id(read_metadata(first.read_bytes()))}
+    assert summary["anchor_reloads_failed"] >= 1
+    assert "reloads failed" in capsys.readouterr().out
+
+
+def test_a_crash_loses_at_most_the_open_window(two_anchors, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    first, _ = two_anchors
+    watched = tmp_path / "incoming"
+    watched.mkdir()
+    early = write_crops(watched, count_per_photo=1, seed=15)
+    output = tmp_path / "out" / "scan"
+    command = [
+        sys.executable, "-m", "anchorscan.pipelines.cli", "stream", "--watch", str(watched),
+        "--anchor", str(first), "--output", str(output), "--window_seconds", "2", "--poll_seconds", "0.3",
+        "--settle_seconds", "0", *RUNNER,
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240  # model loading on a loaded 2-core machine, with margin
+        while not glob.glob(f"{output}-scores-*.parquet") and time.monotonic() < deadline:
+            assert process.poll() is None, "the stream ended by itself"
+            time.sleep(0.2)
+        late = write_crops(tmp_path, count_per_photo=1, seed=16)[0]
+        os.replace(late, watched / "late.png")  # in the window that is open when the stream dies
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    tables = every_table(f"{output}-scores-*.parquet", SCORE_SCHEMA)  # each read whole
+    assert sorted(row["uri"] for table in tables.values() for row in table) == sorted(early)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from anchorscan.anchors.anchor_file import anchor_from_bytes, read_metadata
+from anchorscan.anchors.updating import ROUND_SHARE
 from anchorscan.pipelines import fit, score, update
 from anchorscan.pipelines.cli import main
 from helpers import HOLD_OUT_BY_NAME, RUNNER, read_parquet_rows, write_crops
@@ -33,8 +34,7 @@ def updated_anchor(fitted_anchor, more_photos, tmp_path_factory):
             str(more_photos),
             "--output",
             str(output),
-            "--admit",
-            "none",
+            "--trusted",
             *RUNNER,
         ]
     )
@@ -102,8 +102,60 @@ def test_guard_refuses_and_records_flagged_images(fitted_anchor, more_photos, tm
     refused = read_parquet_rows(str(output) + "-refused-*.parquet")
     assert refused and f"refused     {len(refused)} images" in printed
     assert all(
-        row["uri"].startswith(str(more_photos)) and row["anchor_score"] > -np.log10(0.9) for row in refused
+        row["uri"].startswith(str(more_photos))
+        and row["anchor_score"] > -np.log10(0.9)
+        and row["reason"] == "flagged"
+        for row in refused
     )
+
+
+def test_untrusted_images_never_join_the_calibration(fitted_anchor, more_photos, tmp_path):
+    anchor, _ = fitted_anchor
+    output = tmp_path / "untrusted.safetensors"
+    summary = update.run(
+        ["--anchor", str(anchor), "--input", str(more_photos), "--output", str(output), *RUNNER]
+    )
+    before, after = anchor_from_bytes(anchor.read_bytes())[0], anchor_from_bytes(output.read_bytes())[0]
+    assert np.array_equal(after.calibration_rows.keys, before.calibration_rows.keys)
+    assert summary["n_calibration"] == before.n_calibration and summary["admitted"] > 0
+    # the round counted at most ROUND_SHARE of the anchor's real images
+    assert before.moments.n < after.moments.n <= before.moments.n + int(ROUND_SHARE * before.moments.n)
+
+
+def test_a_round_that_does_not_look_real_is_refused_whole(fitted_anchor, real_photos, tmp_path, capsys):
+    """Thumbnails blown up by pixel repetition, admitted without the per-image check (--admit
+    none): their p-values pile up in the lowest third, the round is refused, nothing is written
+    but its table. (Smoothly upscaled ones look like soft real photos to the softness-aware
+    anchor, and with the fixture's 10 held-out images the test needs 12 of 14 in the band.)"""
+    from PIL import Image
+
+    anchor, _ = fitted_anchor
+    fakes = tmp_path / "upscaled"
+    fakes.mkdir()
+    for path in sorted(real_photos.glob("*.png"))[:14]:
+        image = Image.open(path)
+        small = image.resize((image.width // 4, image.height // 4), Image.Resampling.BOX)
+        small.resize(image.size, Image.Resampling.NEAREST).save(fakes / path.name)
+    output = tmp_path / "poisoned.safetensors"
+    argv = [
+        "update",
+        "--anchor",
+        str(anchor),
+        "--input",
+        str(fakes),
+        "--output",
+        str(output),
+        "--admit",
+        "none",
+    ]
+    assert main([*argv, *RUNNER]) == 2
+    captured = capsys.readouterr()
+    error = captured.err.strip().splitlines()[-1]
+    assert "do not look like real photos as a batch" in error and "--trusted" in error
+    assert "the round test refused them all" in captured.out
+    assert not output.exists()
+    refused = read_parquet_rows(str(output) + "-refused-*.parquet")
+    assert len(refused) == 14 and {row["reason"] for row in refused} == {"round"}
 
 
 def test_flag_then_score_names_the_component(fitted_anchor, real_photos, tmp_path):
@@ -174,7 +226,7 @@ def test_export_delta_and_merge_from_the_command_line(fitted_anchor, updated_anc
         result.moments.m2, site.moments.m2, rtol=1e-8, atol=1e-10 * np.abs(site.moments.m2).max()
     )
     assert main(["merge", str(updated), str(delta), "--output", str(tmp_path / "x.safetensors")]) == 2
-    assert "another base" in capsys.readouterr().err
+    assert "images the base already has" in capsys.readouterr().err
 
 
 def test_calibrate_on_your_own_reals_moves_the_thresholds_not_the_statistics(fitted_anchor, tmp_path):

@@ -5,6 +5,8 @@ in one call into the maths (anchors/anchor.py, anchors/updating.py) and one writ
 
 from __future__ import annotations
 
+import dataclasses
+
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
@@ -108,33 +110,74 @@ class FitAnchor(beam.PTransform):
 
 
 class AdmitFn(beam.DoFn):
-    """The poisoning guard: batches of embedded images in, those the current anchor does not
-    flag out; the others tagged REFUSED as (uri, score) rows."""
+    """The guard's first part: batches of embedded images in, those the current anchor does not
+    flag out, each with whether it lies in the round test's band (``updating.admission``); the
+    others tagged REFUSED as refused-table rows."""
 
     def __init__(self, threshold: float | None):
         self.threshold = threshold
         self.admitted = Metrics.counter("anchorscan", "images_admitted")
+        self.near = Metrics.counter("anchorscan", "images_near_threshold")
         self.refused = Metrics.counter("anchorscan", "images_refused")
 
     def process(self, batch, anchor: Anchor):
         vectors = np.stack([vector for _, (vector, _) in batch])
-        keep = updating.admitted(anchor, vectors, self.threshold)
-        scores = (
-            anchor.assess(vectors[:, : anchor.spec.dim])["score"] if not keep.all() else np.zeros(len(batch))
-        )
+        keep, near, scores = updating.admission(anchor, vectors, self.threshold)
         self.admitted.inc(int(keep.sum()))
+        self.near.inc(int(near.sum()))
         self.refused.inc(int((~keep).sum()))
-        for row, admit, score in zip(batch, keep, scores):
+        for row, admit, close, score in zip(batch, keep, near, scores):
             if admit:
-                yield row
+                yield row, bool(close), float(score)
             else:
-                yield beam.pvalue.TaggedOutput(REFUSED, {"uri": row[0].uri, "anchor_score": float(score)})
+                yield beam.pvalue.TaggedOutput(REFUSED, refused_row(row, score, "flagged"))
+
+
+def _counted_admitted(row):
+    Metrics.counter("anchorscan", "images_admitted").inc()
+    return row
+
+
+def refused_row(row, score: float, reason: str) -> dict:
+    return {"uri": row[0].uri, "anchor_score": score, "reason": reason}
+
+
+def _round_test(counts: tuple[int, int], anchor: Anchor, threshold: float | None) -> updating.RoundTest:
+    return updating.round_test(*counts, anchor, threshold)
+
+
+class ApplyRoundTest(beam.DoFn):
+    """The guard's second part: an admitted image goes on to the statistics unless its round
+    was refused, then it is a REFUSED row (a round is refused whole, never half admitted)."""
+
+    def process(self, admitted, test: updating.RoundTest):
+        row, _, score = admitted
+        if not test.refused:
+            yield row
+            return
+        yield beam.pvalue.TaggedOutput(REFUSED, refused_row(row, score, "round"))
+
+
+def _sum_pairs(pairs) -> tuple[int, int]:
+    pairs = list(pairs)
+    return sum(pair[0] for pair in pairs), sum(pair[1] for pair in pairs)
+
+
+def _updated(anchor: Anchor, statistics: Statistics, test, forgetting: float, trusted: bool):
+    """The updated anchor, or nothing where the round was refused (the anchor is not written)."""
+    if test is not None and test.refused:
+        Metrics.counter("anchorscan", "rounds_refused").inc()
+        return
+    yield updating.updated(anchor, statistics, forgetting, trusted)
 
 
 class UpdateAnchor(beam.PTransform):
     """Embedded real images (rows with every forensic level, as `fit`'s) -> the updated anchor
     file at ``output_uri``, and the refused images' rows. ``anchor``: the loaded anchor (a
-    PCollection of one) with its ``spec`` and ``config``, whose hold-out rule applies."""
+    PCollection of one) with its ``spec`` and ``config``. Trusted images are all admitted and
+    held out by the anchor's rule, as `fit` holds out; untrusted ones pass the guard
+    (docs/METHOD.md §9.2): refused where the anchor flags them (``threshold``), refused as a
+    round where the round test fails, none held out, the round's weight bounded."""
 
     def __init__(
         self,
@@ -145,29 +188,56 @@ class UpdateAnchor(beam.PTransform):
         projection,
         threshold: float | None,
         forgetting: float = 1.0,
+        trusted: bool = False,
     ):
         super().__init__()
         self.anchor, self.output_uri, self.spec, self.config = anchor, output_uri, spec, config
         self.projection, self.threshold, self.forgetting = projection, threshold, forgetting
+        self.trusted = trusted
 
     def expand(self, embedded):
-        guarded = (
-            embedded
-            | "GuardBatch" >> beam.BatchElements(min_batch_size=1, max_batch_size=256)
-            | "Admit"
-            >> beam.ParDo(AdmitFn(self.threshold), beam.pvalue.AsSingleton(self.anchor)).with_outputs(
-                REFUSED, main="admitted"
+        layout = anchor_layout(self.spec, self.config)
+        if self.trusted:
+            statistics = (
+                embedded
+                | "CountTrusted" >> beam.Map(_counted_admitted)
+                | "Statistics" >> AccumulateStatistics(layout)
             )
-        )
-        statistics = guarded.admitted | "Statistics" >> AccumulateStatistics(
-            anchor_layout(self.spec, self.config)
-        )
+            test, refused = None, embedded.pipeline | "NoneRefused" >> beam.Create([])
+        else:
+            guarded = (
+                embedded
+                | "GuardBatch" >> beam.BatchElements(min_batch_size=1, max_batch_size=256)
+                | "Admit"
+                >> beam.ParDo(AdmitFn(self.threshold), beam.pvalue.AsSingleton(self.anchor)).with_outputs(
+                    REFUSED, main="admitted"
+                )
+            )
+            test = (
+                guarded.admitted
+                | "CountBand" >> beam.Map(lambda admitted: (1, int(admitted[1])))
+                | "RoundCounts" >> beam.CombineGlobally(_sum_pairs)
+                | "RoundTest" >> beam.Map(_round_test, beam.pvalue.AsSingleton(self.anchor), self.threshold)
+            )
+            passed = guarded.admitted | "ApplyRoundTest" >> beam.ParDo(
+                ApplyRoundTest(), beam.pvalue.AsSingleton(test)
+            ).with_outputs(REFUSED, main="passed")
+            untrusted = dataclasses.replace(layout, hold_out=None)  # none joins the calibration
+            statistics = passed.passed | "Statistics" >> AccumulateStatistics(untrusted)
+            refused = (guarded[REFUSED], passed[REFUSED]) | "AllRefused" >> beam.Flatten()
         written = (
             self.anchor
-            | "Update" >> beam.Map(updating.updated, beam.pvalue.AsSingleton(statistics), self.forgetting)
+            | "Update"
+            >> beam.FlatMap(
+                _updated,
+                beam.pvalue.AsSingleton(statistics),
+                beam.pvalue.AsSingleton(test) if test is not None else None,
+                self.forgetting,
+                self.trusted,
+            )
             | "WriteAnchor" >> WriteAnchor(self.output_uri, self.projection)
         )
-        return written, guarded[REFUSED]
+        return written, refused
 
 
 class WriteRefused(beam.PTransform):

@@ -14,7 +14,7 @@ from anchorscan.anchors.errors import exception_name
 from anchorscan.anchors.io import gcs
 from anchorscan.anchors.io.fetch import is_http
 from anchorscan.anchors.io.gcs import describe, is_gcs
-from anchorscan.anchors.io.manifests import is_manifest, read_manifest
+from anchorscan.anchors.io.manifests import is_manifest, names_local_file, read_manifest
 from anchorscan.anchors.io.sources import Unit, listable
 from anchorscan.anchors.io.storage import read_bytes
 from anchorscan.anchors.io.uris import has_glob, local_path, uri_text
@@ -71,7 +71,17 @@ def manifest_entries(manifest: str, index: int = 0, carried_names: tuple[str, ..
         )
     csv_line = " (line {})" if manifest.lower().endswith(".csv") else ""
     for number, row in enumerate(rows, start=1):
-        if row["uri"]:
+        if row["uri"] and names_local_file(manifest, row["uri"]):
+            yield (
+                "error",
+                error_row(
+                    uri_text(row["uri"]),
+                    "list",
+                    f"row {number} of the remote manifest {manifest} names a local file; a manifest "
+                    "fetched over http(s) or from gs:// may name only remote URIs: not read",
+                ),
+            )
+        elif row["uri"]:
             carried = {name: row.get(name) for name in carried_names}
             yield "unit", Unit(uri_text(row["uri"]), (index, number), carried)
         else:

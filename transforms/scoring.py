@@ -14,7 +14,7 @@ from anchorscan.anchors import anchor_file
 from anchorscan.anchors.anchor import Anchor
 from anchorscan.anchors.calibration import max_log_bayes_factor
 from anchorscan.anchors.heads import head_from_bytes
-from anchorscan.anchors.io.storage import read_bytes
+from anchorscan.anchors.io.storage import read_checked_file
 from anchorscan.anchors.tables import error_row, score_row
 from anchorscan.anchors.threads import limit_blas_threads
 from anchorscan.transforms.carried import carried_row
@@ -86,7 +86,7 @@ class ScoreBatchFn(beam.DoFn):
 
 def load_anchor(uri: str) -> tuple[Anchor, dict]:
     limit_blas_threads()  # the anchor's eigendecompositions run beside torch's threads
-    return anchor_file.anchor_from_bytes(read_bytes(uri))
+    return anchor_file.anchor_from_bytes(read_checked_file(uri), uri)
 
 
 def head_id(head, data: bytes) -> str:
@@ -94,8 +94,8 @@ def head_id(head, data: bytes) -> str:
 
 
 def load_head(uri: str, with_anchor: bool = False) -> tuple:
-    data = read_bytes(uri)
-    head = head_from_bytes(data)
+    data = read_checked_file(uri)
+    head = head_from_bytes(data, uri)
     return head, head_id(head, data) + ("+anchor" if with_anchor else "")
 
 

@@ -3,6 +3,7 @@ refusal that keep two scans, or an old and a new one, from mixing their tables u
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -15,7 +16,13 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from anchorscan.anchors.errors import UnwritableOutputError, UsageError, UserError
+from anchorscan.anchors.errors import (
+    ENVIRONMENT_ERRNOS,
+    EnvironmentFailure,
+    UnwritableOutputError,
+    UsageError,
+    UserError,
+)
 from anchorscan.anchors.io.uris import has_glob, is_remote
 from anchorscan.anchors.tables import ERROR_SCHEMA, SCORE_SCHEMA
 
@@ -150,6 +157,39 @@ def clear_tables(prefix: str, overwrite: bool, keep: tuple[str, ...] | list[str]
     FileSystems.delete(existing)
 
 
+def _written(prefixes: list[str]) -> set[str]:
+    """What Beam's file sinks write for tables ``PREFIX-TABLE`` (e.g. ``out/scan-scores``): the
+    files in their ``beam-temp-*`` folders and the finished tables."""
+    patterns = []
+    for prefix in prefixes:
+        folder, name = FileSystems.split(prefix)
+        patterns += [FileSystems.join(folder, f"beam-temp-{name}-*", "*"), f"{prefix}-*.parquet"]
+    return {m.path for result in FileSystems.match(patterns) for m in result.metadata_list}
+
+
+@contextlib.contextmanager
+def cleaned_on_failure(prefixes: list[str]):
+    """Where the block fails (or is interrupted), removes what its Beam sinks left under the
+    table prefixes ``prefixes``: their temporary folders and any table that was not there
+    before, so that nothing half-written stays and a rerun starts clean."""
+    before = _written(prefixes)
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):  # the failure, not the cleaning, is what to report
+            left = sorted(_written(prefixes) - before)
+            if left:
+                FileSystems.delete(left)
+                logging.warning(
+                    "removed %d files the failed run had begun to write (e.g. %s)", len(left), left[0]
+                )
+            for folder in {os.path.dirname(path) for path in left if "/beam-temp-" in path}:
+                if not is_remote(folder):
+                    with contextlib.suppress(OSError):
+                        os.rmdir(folder)
+        raise
+
+
 class PrefixLock:
     """``PREFIX.lock``, held while a scan writes ``PREFIX-*``: a second scan of the same prefix
     refuses instead of deleting the first one's rows. Locally an flock, which the system drops
@@ -173,9 +213,10 @@ class PrefixLock:
                 self._lock_remote(holder)
         except OSError as error:
             where = f" ({error.filename})" if error.filename else ""
-            raise UnwritableOutputError(
-                f"cannot write {self.path}, the lock beside --output: {error.strerror or error}{where}"
-            ) from None
+            message = f"cannot write {self.path}, the lock beside --output: {error.strerror or error}{where}"
+            if error.errno in ENVIRONMENT_ERRNOS:
+                raise EnvironmentFailure(f"{message}: {ENVIRONMENT_ERRNOS[error.errno]}") from None
+            raise UnwritableOutputError(message) from None
         return self
 
     def _refuse(self, holder: bytes, hint: str = ""):

@@ -1,32 +1,37 @@
 """Streaming pieces (docs/METHOD.md §10): new files scored once each, in fixed windows, against
 the anchor file as it is at each window's start, written as one Parquet file per window.
 
-Designed around Beam's local runners: the watcher re-lists every poll and duplicates are dropped
-here (per file path and modification time, in keyed state), because only the re-listing
-watcher polls in real time on the in-process runner; the anchor side input is the ``Latest``
-reference per window, a (uri, checksum) pair that each worker resolves once through a cache,
-so a window never holds copies of the anchor itself; each window's rows are written by this
-module, atomically and under a name fixed by the window, so a file is complete or absent and a
-retried window overwrites its own file.
+The watcher re-lists every poll; a file is passed on once its size and modification time have
+not changed for a settle interval (``settled``: keyed state per path here, the driver's own
+state in the local stream), once per version of the file. The anchor side input is the
+``Latest`` reference per window, a (uri, anchor id) pair read and verified at each tick - where
+the file cannot be read or verified, the last good reference, logged and counted - that each
+worker resolves once through a cache (which falls back to the anchor it last loaded), so a
+window never holds copies of the anchor itself and a damaged anchor file never stops the
+stream. Each window's rows are written by this module, atomically and under a name fixed by the
+window, so a file is complete or absent and a retried window overwrites its own file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.coders import BooleanCoder
+from apache_beam.coders import BooleanCoder, FloatCoder, TupleCoder, VarIntCoder
+from apache_beam.metrics import Metrics
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.transforms.window import FixedWindows
 
 from anchorscan.anchors import anchor_file, updating
 from anchorscan.anchors.anchor import Anchor
+from anchorscan.anchors.errors import EnvironmentFailure, UserError
 from anchorscan.anchors.io.sources import Unit, listable
-from anchorscan.anchors.io.storage import read_bytes, write_atomically
+from anchorscan.anchors.io.storage import read_checked_file, write_atomically
 from anchorscan.anchors.statistics import Statistics, StatisticsLayout
 from anchorscan.anchors.tables import error_row
 from anchorscan.anchors.threads import limit_blas_threads
@@ -36,39 +41,77 @@ from anchorscan.transforms.statistics import AccumulateStatistics
 ANCHOR_CACHE_SIZE = 2  # the anchor in use and the one replacing it
 
 
-def file_key(metadata) -> tuple[str, str]:
-    """A matched file as (path@mtime, path): a file is new when its path or its modification
-    time is."""
-    return f"{metadata.path}@{metadata.last_updated_in_seconds}", metadata.path
+# Seconds a file's size and modification time must stay the same before it is read: a file
+# copied in slowly is read once, whole (--settle_seconds).
+SETTLE_SECONDS = 5.0
 
 
-class FirstSighting(beam.DoFn):
-    """(key, uri) -> uri the first time the key is seen (keyed state; keys are never forgotten,
-    like MatchContinuously's own deduplication)."""
+@dataclasses.dataclass(frozen=True)
+class Sighting:
+    """What the watcher last saw of a file: its size and modification time, since when, and
+    whether this version was passed on."""
 
-    SEEN = ReadModifyWriteStateSpec("seen", BooleanCoder())
+    size: int
+    mtime: float
+    since: float
+    read: bool = False
 
-    def process(self, element, seen=beam.DoFn.StateParam(SEEN)):
-        if not seen.read():
-            seen.write(True)
-            yield element[1]
+
+def settled(previous: Sighting | None, size: int, mtime: float, now: float, settle: float):
+    """(the file's sighting now, whether to read it now): a version is read once, when its size
+    and modification time have not changed for ``settle`` seconds; a changed file is a new
+    version."""
+    if previous is None or (previous.size, previous.mtime) != (size, mtime):
+        previous = Sighting(size, mtime, now)
+    if not previous.read and now - previous.since >= settle:
+        return dataclasses.replace(previous, read=True), True
+    return previous, False
+
+
+class SettledFiles(beam.DoFn):
+    """(path, FileMetadata) of every poll, keyed by path -> the path once per version, when it
+    has settled (``settled``, in keyed state; the poll's timestamp is the time). Keys are never
+    forgotten, like MatchContinuously's own deduplication."""
+
+    SIGHTING = ReadModifyWriteStateSpec(
+        "sighting", TupleCoder([VarIntCoder(), FloatCoder(), FloatCoder(), BooleanCoder()])
+    )
+
+    def __init__(self, settle: float):
+        self.settle = settle
+
+    def process(self, element, timestamp=beam.DoFn.TimestampParam, sighting=beam.DoFn.StateParam(SIGHTING)):
+        path, metadata = element
+        stored = sighting.read()
+        current, read = settled(
+            Sighting(*stored) if stored else None,
+            int(metadata.size_in_bytes),
+            float(metadata.last_updated_in_seconds),
+            float(timestamp),
+            self.settle,
+        )
+        sighting.write(dataclasses.astuple(current))
+        if read:
+            yield path
 
 
 class NewImages(beam.PTransform):
     """FileMetadata of every poll -> units to read for the files not seen before (images,
-    or containers a byte source reads), in fixed windows of ``window_seconds`` by the poll
-    that first saw them."""
+    or containers a byte source reads), each once its size and modification time have settled
+    for ``settle`` seconds, in fixed windows of ``window_seconds`` by the poll that passed them
+    on."""
 
-    def __init__(self, window_seconds: float):
+    def __init__(self, window_seconds: float, settle: float = SETTLE_SECONDS):
         super().__init__()
-        self.window_seconds = window_seconds
+        self.window_seconds, self.settle = window_seconds, settle
 
     def expand(self, matches):
         return (
             matches
             | "Readable" >> beam.Filter(lambda metadata: listable(metadata.path))
-            | "Key" >> beam.Map(file_key).with_output_types(tuple[str, str])
-            | "FirstSighting" >> beam.ParDo(FirstSighting())
+            | "ByPath"
+            >> beam.Map(lambda metadata: (metadata.path, metadata)).with_output_types(tuple[str, Any])
+            | "Settled" >> beam.ParDo(SettledFiles(self.settle))
             | "Unit" >> beam.Map(Unit)
             | "Window" >> beam.WindowInto(FixedWindows(self.window_seconds))
         )
@@ -83,30 +126,62 @@ def gcs_notification_uri(message) -> str | None:
 
 
 def anchor_reference(uri: str) -> tuple[str, str]:
-    """(uri, anchor id) of the file at ``uri`` now: what the side input carries."""
-    return uri, anchor_file.anchor_id(anchor_file.read_metadata(read_bytes(uri)))
+    """(uri, anchor id) of the file at ``uri`` now, after checking it (checksum and numbers):
+    what the side input carries."""
+    _, metadata = anchor_file.verified_contents(read_checked_file(uri), uri)
+    return uri, anchor_file.anchor_id(metadata)
+
+
+# Anchors that cannot be read or verified: the user's (a damaged or foreign file) or the
+# environment's (storage out of reach). Either way the stream keeps the last good anchor.
+UNLOADABLE = (UserError, EnvironmentFailure)
+
+
+def reload_failed(uri: str, problem: Exception, kept: str) -> None:
+    logging.warning("anchor %s could not be reloaded (%s): still scoring with anchor %s", uri, problem, kept)
+    Metrics.counter("anchorscan", "anchor_reloads_failed").inc()
+
+
+class ReadReference(beam.DoFn):
+    """A tick's anchor URI -> the reference of the file now, or, where it cannot be read or
+    verified, the last good one (``initial``, the driver's, to start with), logged and counted."""
+
+    def __init__(self, initial: tuple[str, str]):
+        self.initial = initial
+
+    def setup(self):
+        self.last_good = self.initial
+
+    def process(self, uri):
+        try:
+            self.last_good = anchor_reference(uri)
+        except UNLOADABLE as problem:
+            reload_failed(uri, problem, self.last_good[1])
+        yield self.last_good
 
 
 class AnchorReferences(beam.PTransform):
     """Ticks carrying the anchor's URI -> per window, the reference read at the newest tick:
     the slowly-updating side input, as ``Latest`` so that a runner firing many ticks per window
-    yields one value."""
+    yields one value. ``initial``: the reference the driver verified, kept until a tick reads a
+    good file."""
 
-    def __init__(self, window_seconds: float):
+    def __init__(self, window_seconds: float, initial: tuple[str, str]):
         super().__init__()
-        self.window_seconds = window_seconds
+        self.window_seconds, self.initial = window_seconds, initial
 
     def expand(self, ticks):
         return (
             ticks
             | "Window" >> beam.WindowInto(FixedWindows(self.window_seconds))
-            | "Read" >> beam.Map(anchor_reference)
+            | "Read" >> beam.ParDo(ReadReference(self.initial))
             | "Latest" >> beam.combiners.Latest.Globally().without_defaults()
         )
 
 
 class _AnchorCache:
-    """Anchors by id, per worker process: an anchor's models are derived once, not per window."""
+    """Anchors by id, per worker process: an anchor's models are derived once, not per window.
+    Where the file no longer loads, the anchor loaded last stands in (logged and counted)."""
 
     lock = threading.Lock()
     anchors: ClassVar[dict[str, tuple[Anchor, str]]] = {}
@@ -117,7 +192,14 @@ class _AnchorCache:
             if expected_id in cls.anchors:
                 return cls.anchors[expected_id]
             limit_blas_threads()
-            anchor, metadata = anchor_file.anchor_from_bytes(read_bytes(uri))
+            try:
+                anchor, metadata = anchor_file.anchor_from_bytes(read_checked_file(uri), uri)
+            except UNLOADABLE as problem:
+                if not cls.anchors:
+                    raise
+                last = list(cls.anchors.values())[-1]
+                reload_failed(uri, problem, last[1])
+                return last
             loaded_id = anchor_file.anchor_id(metadata)
             if loaded_id != expected_id:  # replaced again since the tick: rows name the one used
                 logging.info("anchor %s changed since its window's tick: scoring with %s", uri, loaded_id)
@@ -158,7 +240,14 @@ class ScoreJoinedFn(ScoreBatchFn):
             yield from self._score(batch, references[-1])
 
     def _score(self, batch, reference):
-        anchor, anchor_id = _AnchorCache.get(*reference)
+        try:
+            anchor, anchor_id = _AnchorCache.get(*reference)
+        except UNLOADABLE as problem:  # no anchor has loaded on this worker yet
+            for row in batch:
+                yield beam.pvalue.TaggedOutput(
+                    "errors", error_row(row[0].uri, "score", f"the anchor could not be loaded: {problem}")
+                )
+            return
         yield from ScoreBatchFn.process(self, batch, anchor, anchor_id)
 
 
@@ -192,6 +281,13 @@ def window_file_name(prefix: str, table: str, window, shard: int) -> str:
     return f"{prefix}-{table}-{start}-{end}-{shard:05d}.parquet"
 
 
+def write_table(path: str, rows, schema: pa.Schema) -> None:
+    """Rows as one Parquet file, written whole under a temporary name and renamed."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(list(rows), schema=schema), sink)
+    write_atomically(path, sink.getvalue().to_pybytes())
+
+
 class _WriteWindowFn(beam.DoFn):
     def __init__(self, prefix: str, table: str, schema: pa.Schema):
         self.prefix, self.table, self.schema = prefix, table, schema
@@ -199,9 +295,7 @@ class _WriteWindowFn(beam.DoFn):
     def process(self, keyed_rows, window=beam.DoFn.WindowParam):
         shard, rows = keyed_rows
         target = window_file_name(self.prefix, self.table, window, shard)
-        sink = pa.BufferOutputStream()
-        pq.write_table(pa.Table.from_pylist(list(rows), schema=self.schema), sink)
-        write_atomically(target, sink.getvalue().to_pybytes())
+        write_table(target, rows, self.schema)
         yield target
 
 
@@ -225,8 +319,16 @@ class WriteWindowedParquet(beam.PTransform):
 
 def _learn(statistics: Statistics, output_uri: str, projection) -> str:
     """One window's trusted real images merged into the anchor file as it is now (so windows
-    learned one after the other add up), written back to it."""
-    anchor, _ = _AnchorCache.get(*anchor_reference(output_uri))
+    learned one after the other add up), written back to it; where the file cannot be read or
+    verified, into the anchor loaded last."""
+    try:
+        reference = anchor_reference(output_uri)
+    except UNLOADABLE as problem:
+        if not _AnchorCache.anchors:
+            raise
+        reference = (output_uri, list(_AnchorCache.anchors)[-1])
+        reload_failed(output_uri, problem, reference[1])
+    anchor, _ = _AnchorCache.get(*reference)
     write_atomically(
         output_uri, anchor_file.anchor_to_bytes(updating.updated(anchor, statistics), projection)
     )

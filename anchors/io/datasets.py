@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Callable, Iterable
 
 from anchorscan.anchors.errors import UserError
-from anchorscan.anchors.io.manifests import read_manifest
+from anchorscan.anchors.io.manifests import names_local_file, read_manifest
 from anchorscan.anchors.io.uris import IMAGE_EXTENSIONS, is_image_path
 
 FORENSYNTHS_LABELS = {"0_real": 0, "1_fake": 1}
@@ -110,6 +110,11 @@ def manifest(path: str, data: bytes) -> list[LabelledImage]:
     images = []
     for line, row in enumerate(read_manifest(path, data, MANIFEST_COLUMNS), start=2):
         label, generator = ((row[column] or "").strip() for column in MANIFEST_COLUMNS[1:])
+        if names_local_file(path, row["uri"]):
+            raise DatasetError(
+                f"manifest {path} line {line} names the local file {row['uri']!r}; a manifest fetched "
+                "over http(s) or from gs:// may name only remote URIs"
+            )
         if not row["uri"] or label.lower() not in MANIFEST_LABELS:
             raise DatasetError(
                 f"manifest {path} line {line}: needs a uri and a label 0, 1, real "

@@ -16,7 +16,7 @@ import functools
 import logging
 import os
 
-from anchorscan.anchors.errors import MissingFileError, UserError
+from anchorscan.anchors.errors import EnvironmentFailure, MissingFileError
 from anchorscan.anchors.io.uris import glob_prefix
 
 EMULATOR_VARIABLE = "STORAGE_EMULATOR_HOST"
@@ -29,8 +29,9 @@ CREDENTIALS_HINT = (
 )
 
 
-class GcsSetupError(UserError, ValueError):
-    """gs:// paths cannot be used as set up here; the message says what to set."""
+class GcsSetupError(EnvironmentFailure):
+    """gs:// paths cannot be used as this machine is set up (no credentials, access denied,
+    storage unreachable): the environment's, exit status 3; the message says what to set."""
 
 
 def is_gcs(uri: str) -> bool:

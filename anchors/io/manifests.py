@@ -23,6 +23,13 @@ def is_manifest(pattern: str) -> bool:
     return pattern.lower().endswith(MANIFEST_EXTENSIONS) and not has_glob(pattern)
 
 
+def names_local_file(manifest: str, uri: str) -> bool:
+    """Whether a manifest fetched from a web server or Cloud Storage names a local file: such a
+    manifest may name only remote URIs (whoever wrote it must not make the scan read this
+    machine's files)."""
+    return is_remote(manifest) and not is_remote(uri)
+
+
 def resolve(manifest: str, entry: str) -> str:
     """An entry's URI: as written when absolute or scheme-qualified, else beside the manifest."""
     if "://" in entry or entry.startswith("/"):

@@ -6,34 +6,53 @@ is the pipelines' business (``transforms/listing.py``, through Beam's file syste
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import posixpath
 import tempfile
 import uuid
 
-from anchorscan.anchors.errors import MissingFileError, UnreadableFileError, UnwritableOutputError
+from anchorscan.anchors.errors import (
+    ENVIRONMENT_ERRNOS,
+    EnvironmentFailure,
+    MissingFileError,
+    UnreadableFileError,
+    UnwritableOutputError,
+    environment_failure,
+)
 from anchorscan.anchors.io import gcs
 from anchorscan.anchors.io.fetch import fetch, is_http
 from anchorscan.anchors.io.uris import is_remote, local_file
 
 # Files read whole from web servers (manifests, thumbnails): a cap against endless responses.
 MAX_HTTP_FILE_BYTES = 2**30
+# Anchors, heads and deltas are read whole into memory: a cap against a file made to exhaust it.
+# An anchor of d features holds about 16 d^2 bytes (two float64 d x d matrices counting the
+# calibration rows): 2 GiB allows d of 11,000, five times the default backbone's 2,058.
+MAX_CHECKED_FILE_BYTES = 2 * 2**30
 
 
-def read_bytes(uri: str) -> bytes:
-    """The whole file. A file that cannot be read is the user's to fix (a wrong path, a missing
-    permission), so the error says which file and why."""
+def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """The whole file, refused over ``max_bytes`` before it is read. A file that cannot be read
+    is the user's to fix (a wrong path, a missing permission), so the error says which file and
+    why."""
     if is_http(uri):  # a manifest or a report's thumbnail on a web server
-        return fetch(uri, MAX_HTTP_FILE_BYTES)
+        return fetch(uri, max_bytes or MAX_HTTP_FILE_BYTES)
     if gcs.is_gcs(uri):
         with gcs.storage_errors(uri):
+            if max_bytes is not None:
+                found = gcs.existing_blob(uri)
+                if found is not None:
+                    _within(uri, found.size or 0, max_bytes)
             return gcs.blob(uri).download_as_bytes(timeout=gcs.TRANSFER_TIMEOUT)
     if is_remote(uri):
         raise UnreadableFileError(f"{uri}: only local paths, gs:// and http(s):// URIs can be read")
     path = local_file(uri)
     try:
         with open(path, "rb") as handle:
+            if max_bytes is not None:
+                _within(uri, os.fstat(handle.fileno()).st_size, max_bytes)
             return handle.read()
     except FileNotFoundError:
         raise MissingFileError(f"{uri}: file not found") from None
@@ -41,6 +60,19 @@ def read_bytes(uri: str) -> bytes:
         raise UnreadableFileError(f"{uri}: is a folder, not a file") from None
     except OSError as error:
         raise UnreadableFileError(f"cannot read {uri}: {error.strerror or error}") from None
+
+
+def _within(uri: str, size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise UnreadableFileError(
+            f"{uri}: {size:,} bytes, more than an anchor, head or delta file may hold "
+            f"({max_bytes:,}): not one of ours, or not from a backbone this anchorscan runs"
+        )
+
+
+def read_checked_file(uri: str) -> bytes:
+    """An anchor, head or delta file's bytes, capped at MAX_CHECKED_FILE_BYTES."""
+    return read_bytes(uri, MAX_CHECKED_FILE_BYTES)
 
 
 def local_copy(uri: str) -> str:
@@ -63,9 +95,11 @@ def local_copy(uri: str) -> str:
     return target
 
 
-def write_atomically(uri: str, data: bytes) -> None:
-    """Readers never see half a file: locally a temporary file beside ``uri`` renamed over it
-    (removed again if anything fails), on Cloud Storage one upload (objects appear whole)."""
+def write_atomically(uri: str, data: bytes, mode: int = 0o666) -> None:
+    """Readers never see half a file: locally a temporary file beside ``uri`` (created with
+    ``mode``, less the umask) renamed over it, removed again if anything fails; on Cloud Storage
+    one upload (objects appear whole). A full disk, a read-only file system or a permission
+    denied is an EnvironmentFailure that names ``uri``."""
     if gcs.is_gcs(uri):
         with gcs.storage_errors(uri):
             gcs.blob(uri).upload_from_string(data, timeout=gcs.TRANSFER_TIMEOUT)
@@ -74,34 +108,97 @@ def write_atomically(uri: str, data: bytes) -> None:
         raise UnwritableOutputError(f"{uri}: outputs are local paths or gs:// URIs")
     path = local_file(uri)
     temporary = f"{path}.tmp-{uuid.uuid4().hex}"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
-        with open(temporary, "wb") as handle:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as handle:
             handle.write(data)
         os.replace(temporary, path)
+    except OSError as error:
+        failure = environment_failure(error, uri)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
 
 
-def check_writable(uri: str, flag: str) -> None:
-    """Fails now, not after the work, where a local output cannot be written (a file where a
-    folder should be, no permission): writes and deletes an empty file beside it. Object stores
-    are left to their first write."""
-    if is_remote(uri):
+# A probe's size: a full disk accepts an empty file (a new inode), not a block of data.
+PROBE_BYTES = 4096
+
+
+def check_writable(uri: str, flag: str, size: int = 0) -> None:
+    """Fails now, not after the work, where an output cannot be written: writes and deletes a
+    probe beside it (locally a block of data, which a full disk refuses; on Cloud Storage a
+    small object, which needs the permission to create and delete objects). ``size``: the
+    output's expected bytes, refused where the local file system has less free space. A file
+    where a folder should be is the user's (UnwritableOutputError, exit 2); a full disk, a
+    read-only file system, no permission, storage out of reach are the environment's (exit 3)."""
+    if gcs.is_gcs(uri):
+        bucket_and_folder = uri.rsplit("/", 1)[0]
+        probe = f"{bucket_and_folder}/.anchorscan-probe-{uuid.uuid4().hex}"
+        with gcs.storage_errors(probe):
+            gcs.blob(probe).upload_from_string(b"probe", timeout=gcs.TRANSFER_TIMEOUT)
+            gcs.blob(probe).delete(timeout=gcs.TRANSFER_TIMEOUT)
         return
+    if is_remote(uri):
+        raise UnwritableOutputError(f"{flag} {uri}: outputs are local paths or gs:// URIs")
     path = local_file(uri)
     folder = os.path.dirname(os.path.abspath(path))
     probe = os.path.join(folder, f".anchorscan-probe-{uuid.uuid4().hex}")
     try:
         os.makedirs(folder, exist_ok=True)
-        with open(probe, "wb"):
-            pass
-        os.unlink(probe)
-    except FileExistsError:  # makedirs: a file stands where the folder should be
+        try:
+            with open(probe, "wb") as handle:
+                handle.write(b"\0" * PROBE_BYTES)
+                handle.flush()
+                os.fsync(handle.fileno())
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(probe)
+        if size:
+            status = os.statvfs(folder)
+            free = status.f_bavail * status.f_frsize
+            if free < size:
+                raise OSError(errno.ENOSPC, f"{size:,} bytes needed, {free:,} free", folder)
+    except (FileExistsError, NotADirectoryError):  # a file stands where a folder should be
         raise UnwritableOutputError(
-            f"cannot write {flag} {uri}: {folder} or a folder above it is a file, not a folder"
+            f"cannot write {flag} {uri}: {_file_in_the_way(folder)} is a file, not a folder"
         ) from None
     except OSError as error:
+        if error.errno in ENVIRONMENT_ERRNOS:
+            detail = f" ({error.strerror})" if error.errno == errno.ENOSPC and size else ""
+            raise EnvironmentFailure(
+                f"cannot write {flag} {uri}{detail}: {ENVIRONMENT_ERRNOS[error.errno]}"
+            ) from None
         where = f" ({error.filename})" if error.filename else ""
         raise UnwritableOutputError(f"cannot write {flag} {uri}: {error.strerror or error}{where}") from None
+
+
+def _file_in_the_way(folder: str) -> str:
+    """The nearest of ``folder`` and the folders above it that exists: the file in the way."""
+    path = os.path.abspath(folder)
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def files_in(folder: str, suffix: str) -> list[str]:
+    """The files directly in a local folder or gs:// prefix whose names end with ``suffix``
+    (a coordinator's key folder; a few files, listed without Beam)."""
+    if gcs.is_gcs(folder):
+        bucket, _ = gcs.bucket_and_prefix(folder)
+        prefix = folder[len(f"gs://{bucket}/") :].rstrip("/") + "/" if "/" in folder[5:] else ""
+        with gcs.storage_errors(folder):
+            names = [blob.name for blob in gcs.client().list_blobs(bucket, prefix=prefix, delimiter="/")]
+        return sorted(f"gs://{bucket}/{name}" for name in names if name.endswith(suffix))
+    if is_remote(folder):
+        raise UnreadableFileError(f"{folder}: only local folders and gs:// prefixes can be listed")
+    path = local_file(folder)
+    if not os.path.isdir(path):
+        raise MissingFileError(f"{folder}: no such folder")
+    return sorted(
+        os.path.join(path, name)
+        for name in os.listdir(path)
+        if name.endswith(suffix) and os.path.isfile(os.path.join(path, name))
+    )
