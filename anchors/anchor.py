@@ -11,6 +11,7 @@ p-value against held-out real images; the chosen channels' p-values combine into
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from anchorscan.anchors.calibration import (
     COMBINERS,
+    MIN_CALIBRATION,
     NUM_QUANTILES,
     CalibrationRows,
     alarm_terms,
@@ -419,6 +421,19 @@ class Anchor:
             result[FLAG_PREFIX + name] = flagged.log_odds(features)
         return result
 
+    @functools.cached_property
+    def alarm_levels(self) -> np.ndarray:
+        """Which softness levels the alarms speak for (docs/METHOD.md §5.4): those the forensic
+        channel gives at least MIN_CALIBRATION of the held-out real images. An alarm's p-value is
+        calibrated on those images; a soft photo at a level they barely hold (a blurred or
+        upscaled thumbnail) shifts the backbone's embedding in a way the calibration never saw,
+        so there the alarms stay silent. Every level where the held-out rows are not kept."""
+        count = len(self.forensic.level_names)
+        if self.calibration_rows is None:
+            return np.ones(count, dtype=bool)
+        _, levels = self.forensic.distances(self.calibration_rows.features[:, self.spec.d_backbone :])
+        return np.bincount(levels, minlength=count) >= MIN_CALIBRATION
+
     def assess(
         self,
         features: np.ndarray,
@@ -449,6 +464,9 @@ class Anchor:
             for channel in CHANNELS
         }
         channel_log_p = np.stack([log_p[c] for c in config.channels], axis=1)
+        if config.combine == "alarms":  # silent alarms: p = 1 where they do not speak
+            outside = ~self.alarm_levels[result["softness_level"]]
+            channel_log_p[:, 1:] = np.where(outside[:, None], 0.0, channel_log_p[:, 1:])
         score = combined_log10(channel_log_p, config.combine, config.fpr, config.alarm_share)
         # What fired: the candidate with the smallest p-value as the rule weighs it.
         ranked = (

@@ -7,7 +7,14 @@ from scipy import stats
 from sklearn.covariance import OAS, oas
 from sklearn.metrics import roc_auc_score
 
-from anchorscan.anchors.anchor import AnchorConfig, AnchorModel, Spectrum, oas_shrinkage, shrunk_covariance
+from anchorscan.anchors.anchor import (
+    Anchor,
+    AnchorConfig,
+    AnchorModel,
+    Spectrum,
+    oas_shrinkage,
+    shrunk_covariance,
+)
 from anchorscan.anchors.calibration import (
     fisher_log10,
     holds_out,
@@ -344,3 +351,29 @@ def test_alarms_name_what_fired():
     assert result["component"][-2] in ("semantic", "statistical") and result["component"][-1] == "forensic"
     assert result["is_suspect"][-2:].all()
     assert set(result["component"][:-2]) <= {"forensic", "semantic", "statistical"}
+
+
+def test_alarms_stay_silent_at_softness_levels_the_held_out_images_do_not_hold():
+    """A photo far in content fires the semantic alarm at the sharp level, which the held-out
+    images hold; at a level they do not hold (a soft photo's) the alarm says nothing and only
+    the forensic channel decides. The p-values are reported either way."""
+    from anchorscan.anchors.forensic import ForensicModel
+
+    spec = synthetic_spec(6, 4)
+    rows = with_forensic(sample(6, 4, n=400, seed=21))
+    fitted = rows[:300, spec.d_backbone :]
+    soft = fitted + 50.0  # a level far from every held-out image's pixels
+    forensic = ForensicModel(("sharp", "blur1.0"), [Moments.of(fitted), Moments.of(soft)])
+    anchor = Anchor.fit(spec, Moments.of(rows[:300, : spec.d_backbone]), forensic, rows[300:])
+    assert anchor.alarm_levels.tolist() == [True, False]
+    far_content = np.vstack([rows[300:301], rows[300:301]])
+    far_content[:, :6] += 1e3
+    far_content[1, spec.d_backbone :] += 50.0  # the same content, at the soft level
+    result = anchor.assess(far_content)
+    assert result["softness"].tolist() == ["sharp", "blur1.0"]
+    assert result["p_semantic"][1] == result["p_semantic"][0] < 1e-6  # reported alike
+    assert result["is_suspect"].tolist() == [True, False]
+    assert result["component"].tolist() == [result["component"][0], "forensic"]
+    assert result["component"][0] in ("semantic", "statistical")
+    # Fisher's and Tippett's rules are not gated
+    assert anchor.assess(far_content, combine="tippett")["is_suspect"].all()
