@@ -119,7 +119,10 @@ def metrics_table(
         label, generator = label_of(labels, row["uri"])
         scored.setdefault((label, generator), []).append(row["score"])
     fake_generators = {g for label, g in scored if label == 1}
-    processings = sorted(g for label, g in scored if label == 0 and g and g not in fake_generators)
+    # a real image filed as "real" (as many manifests do) is in the shared set too
+    processings = sorted(
+        g for label, g in scored if label == 0 and g.lower() not in ("", "real") and g not in fake_generators
+    )
     all_reals = [
         s for (label, g), values in scored.items() if label == 0 and g not in processings for s in values
     ]

@@ -299,3 +299,11 @@ def test_processed_real_photos_get_rows_of_their_own():
     assert table["watermark"]["real_acc"] == 1.0 and np.isnan(table["watermark"]["auroc"])
     assert table["gen"]["fake_acc"] == 9 / 10 and table["gen"]["fake_acc_p05"] == 1.0
     assert table["gen"]["real_acc"] == 1.0  # against the shared reals (the processed ones are apart)
+
+
+def test_reals_filed_as_real_are_the_shared_real_set():
+    labels = {f"r{i}": (0, "real") for i in range(10)} | {f"f{i}": (1, "gen") for i in range(10)}
+    rows = [{"uri": f"r{i}", "score": 0.1 * i} for i in range(10)]
+    rows += [{"uri": f"f{i}", "score": 2.0 + i} for i in range(10)]
+    table = {row["generator"]: row for row in evaluate.metrics_table(labels, rows, 2.0, 1.3)}
+    assert "real" not in table and table["gen"]["n_real"] == 10 and table["gen"]["auroc"] == 1.0
