@@ -26,7 +26,14 @@ from anchorscan.anchors.errors import UserError
 from anchorscan.anchors.forensic import ForensicModel
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.stats import Moments
-from anchorscan.anchors.validation import check, check_array, check_count, check_moments, field
+from anchorscan.anchors.validation import (
+    check,
+    check_array,
+    check_count,
+    check_moments,
+    distinct_names,
+    field,
+)
 
 FORMAT_VERSION = 3  # 2: the forensic channel; 3: named statistics, flagged generators, calibration rows
 METADATA_KEY = "anchorscan"
@@ -107,12 +114,7 @@ def check_contents(tensors: dict[str, np.ndarray], metadata: dict, what: str) ->
     ascending) and rows, the configuration."""
     error = AnchorFileError
     spec = FeatureSpec.checked(metadata, error, what)
-    levels = field(metadata, "forensic_level_names", list, error, what)
-    check(
-        bool(levels) and all(isinstance(level, str) for level in levels) and len(set(levels)) == len(levels),
-        error,
-        f"{what}: forensic_level_names {levels!r} are not distinct names",
-    )
+    levels = distinct_names(metadata, "forensic_level_names", error, what)
     counts = field(metadata, "moments", dict, error, what)
     widths = {"backbone": spec.d_backbone, **{f"forensic.{level}": spec.d_forensic for level in levels}}
     flagged = [name for name in counts if name.startswith("flag.")]

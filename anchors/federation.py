@@ -29,7 +29,15 @@ from anchorscan.anchors.errors import UserError
 from anchorscan.anchors.spec import FeatureSpec, IncompatibleAnchorError
 from anchorscan.anchors.stats import Moments
 from anchorscan.anchors.updating import merged_statistics, recalibrated
-from anchorscan.anchors.validation import check, check_array, check_count, check_moments, field, present
+from anchorscan.anchors.validation import (
+    check,
+    check_array,
+    check_count,
+    check_moments,
+    distinct_names,
+    field,
+    present,
+)
 
 FORMAT_VERSION = 2  # 2: the site's lineage since the base, signatures
 METADATA_KEY = "anchorscan_delta"
@@ -194,12 +202,7 @@ def delta_from_bytes(data: bytes, source: str | None = None) -> Delta:
     error = DeltaFileError
     tensors, metadata = checked_file.unpack(data, METADATA_KEY, FORMAT_VERSION, "delta", error, source)
     spec = FeatureSpec.checked(metadata, error, what)
-    levels = field(metadata, "forensic_level_names", list, error, what)
-    check(
-        bool(levels) and all(isinstance(level, str) for level in levels) and len(set(levels)) == len(levels),
-        error,
-        f"{what}: forensic_level_names {levels!r} are not distinct names",
-    )
+    levels = distinct_names(metadata, "forensic_level_names", error, what)
     ids = {key: field(metadata, key, str, error, what) for key in ("base", "site")}
     lineage = field(metadata, "site_lineage", list, error, what)
     check(

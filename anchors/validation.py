@@ -142,3 +142,14 @@ def _tuple(kinds) -> tuple:
 
 def _names(kinds) -> str:
     return " or ".join(kind.__name__ for kind in _tuple(kinds))
+
+
+def distinct_names(metadata: dict, key: str, error: type[Exception], what: str) -> list[str]:
+    """``metadata[key]``: a non-empty list of distinct strings."""
+    names = field(metadata, key, list, error, what)
+    check(
+        bool(names) and all(isinstance(name, str) for name in names) and len(set(names)) == len(names),
+        error,
+        f"{what}: {key} {names!r} are not distinct names",
+    )
+    return names

@@ -31,39 +31,34 @@ REQUIRED = (
 pytestmark = pytest.mark.slow  # runs the throughput script end to end (about 2 minutes)
 
 
-def test_throughput_benchmark_prints_every_required_value(tmp_path):
-    script = Path(__file__).parents[1] / "benchmarks" / "throughput.py"
+def benchmark_values(script_name: str, *args: str, timeout: int = 600) -> tuple[dict[str, str], str]:
+    """Runs benchmarks/SCRIPT with ``args`` in a fresh process: its NAME=VALUE lines, its output."""
+    script = Path(__file__).parents[1] / "benchmarks" / script_name
     result = subprocess.run(
-        [sys.executable, str(script), "--quick", "--workdir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout
     )
     assert result.returncode == 0, result.stderr[-3000:]
     values = dict(
         line.split("=", 1) for line in result.stdout.splitlines() if "=" in line and " " not in line
     )
+    return values, result.stdout
+
+
+def test_throughput_benchmark_prints_every_required_value(tmp_path):
+    values, output = benchmark_values("throughput.py", "--quick", "--workdir", str(tmp_path))
     for name in REQUIRED:
         value = float(values[name])
         # Steady states are differences of two run sizes: at --quick's tiny counts they can be
         # below the noise, which the script reports as nan rather than as a rate.
         assert value >= 0 or ("steady_state" in name and math.isnan(value)), (name, value)
     assert int(values["region_decode_max_pixel_difference"]) == 0  # the scores cannot change
-    targets = result.stdout.split("\ntargets\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    targets = output.split("\ntargets\n", 1)[1].split("\n\n", 1)[0].splitlines()
     assert len(targets) == 6 and all(" met " in line or " not met " in line for line in targets)
 
 
 def test_online_update_benchmark_prints_its_values():
-    script = Path(__file__).parents[1] / "benchmarks" / "online_update.py"
-    result = subprocess.run(
-        [sys.executable, str(script), "--dims", "64", "--ks", "1,4", "--updates", "4"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    values = dict(
-        line.split("=", 1) for line in result.stdout.splitlines() if "=" in line and " " not in line
+    values, _ = benchmark_values(
+        "online_update.py", "--dims", "64", "--ks", "1,4", "--updates", "4", timeout=300
     )
     for name in ("online_speedup_d64_k1", "online_speedup_d64_k4", "delta_mb_d64", "delta_rank64_mb_d64"):
         assert math.isfinite(float(values[name])) and float(values[name]) > 0, name
@@ -75,14 +70,7 @@ def test_the_poisoning_measurement_runs_on_the_demo_data(tmp_path):
     docs/QUALITY.md's)."""
     import json
 
-    script = Path(__file__).parents[1] / "benchmarks" / "poisoning.py"
-    result = subprocess.run(
-        [sys.executable, str(script), "--quick", "--output", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    _, output = benchmark_values("poisoning.py", "--quick", "--output", str(tmp_path), timeout=1200)
     results = json.loads((tmp_path / "poisoning.json").read_text())
     assert list(results["conditions"]) == ["0%", "30%", "60%"]
     for condition, history in results["conditions"].items():
@@ -90,38 +78,18 @@ def test_the_poisoning_measurement_runs_on_the_demo_data(tmp_path):
         assert (row["fakes"] > 0) == (condition != "0%")
         assert 0.0 <= row["auroc"] <= 1.0 and 0.0 <= row["real_fpr"] <= 1.0
         assert row["round_refused"] or row["admitted"] + row["refused"] == row["images"]
-    assert "| 60% | 1 |" in result.stdout
+    assert "| 60% | 1 |" in output
 
 
 def test_shards_benchmark_prints_its_values(tmp_path):
-    script = Path(__file__).parents[1] / "benchmarks" / "shards.py"
-    result = subprocess.run(
-        [sys.executable, str(script), "--quick", "--workdir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    values = dict(
-        line.split("=", 1) for line in result.stdout.splitlines() if "=" in line and " " not in line
-    )
+    values, _ = benchmark_values("shards.py", "--quick", "--workdir", str(tmp_path))
     for name in ("shard_over_folder", "shard_over_folder_read", "rss_large_shard_mb", "rss_small_shard_mb"):
         assert float(values[name]) > 0, name
 
 
 def test_fit_speed_benchmark_prints_its_values(tmp_path):
-    script = Path(__file__).parents[1] / "benchmarks" / "fit_speed.py"
-    result = subprocess.run(
-        [sys.executable, str(script), "--quick", "--workdir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    values = dict(
-        line.split("=", 1) for line in result.stdout.splitlines() if "=" in line and " " not in line
-    )
+    values, output = benchmark_values("fit_speed.py", "--quick", "--workdir", str(tmp_path))
     for name in ("fit_steady_state_over_score", "forward_ms_per_image", "blur_convolution_over_matrix"):
         value = float(values[name])
         assert value > 0 or ("steady_state" in name and math.isnan(value)), (name, value)
-    assert " met)" in result.stdout or " not met)" in result.stdout
+    assert " met)" in output or " not met)" in output
