@@ -97,7 +97,7 @@ def scan(inputs: list[str], decode: bool, spread: bool = False) -> tuple[int, fl
 
     counted = Path(tempfile.mkdtemp()) / "count"
     pipeline = beam.Pipeline(options=PipelineOptions(["--runner", "FnApiRunner"]))
-    units, _ = pipeline | "List" >> ListInputs(inputs)
+    units, _, _ = pipeline | "List" >> ListInputs(inputs)
     records, _ = units | "Read" >> ReadInputs(ReadLimits(), spread)
     outputs = [records]
     if decode:
