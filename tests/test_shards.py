@@ -457,7 +457,7 @@ def test_fit_update_and_evaluate_read_shards(fitted_anchor, tmp_path):
     more = write_img2dataset(tmp_path / "more", shards=1, per_shard=6, seed=3)
     update.run(
         ["--anchor", str(anchor), "--input", more["shards"][0], "--output", str(tmp_path / "b.safetensors")]
-        + ["--admit", "none", *RUNNER]
+        + ["--trusted", *RUNNER]  # photos one vouches for: every sample counts, as a fit's
     )
     before, after = (
         read_metadata(read_bytes(str(anchor))),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import json
 import logging
 import os
@@ -167,6 +168,20 @@ def _written(prefixes: list[str]) -> set[str]:
     return {m.path for result in FileSystems.match(patterns) for m in result.metadata_list}
 
 
+def _temporary_folders(prefixes: list[str]) -> set[str]:
+    """The local ``beam-temp-*`` folders of tables ``PREFIX-TABLE``."""
+    folders = set()
+    for prefix in prefixes:
+        if not is_remote(prefix):
+            folder, name = os.path.split(os.path.abspath(prefix))
+            folders |= {
+                path
+                for path in glob.glob(os.path.join(glob.escape(folder), f"beam-temp-{glob.escape(name)}-*"))
+                if os.path.isdir(path)
+            }
+    return folders
+
+
 @contextlib.contextmanager
 def cleaned_on_failure(prefixes: list[str]):
     """Where the block fails (or is interrupted), removes what its Beam sinks left under the
@@ -183,7 +198,11 @@ def cleaned_on_failure(prefixes: list[str]):
                 logging.warning(
                     "removed %d files the failed run had begun to write (e.g. %s)", len(left), left[0]
                 )
-            for folder in {os.path.dirname(path) for path in left if "/beam-temp-" in path}:
+            # the temporary folders too, also those the failure left empty (locally; an object
+            # store has no folders)
+            for folder in {
+                os.path.dirname(path) for path in left if "/beam-temp-" in path
+            } | _temporary_folders(prefixes):
                 if not is_remote(folder):
                     with contextlib.suppress(OSError):
                         os.rmdir(folder)
