@@ -42,7 +42,8 @@ def merged_statistics(
             if forgetting != 1.0 and not name.startswith("flag.")
             else moments.copy()
         )
-        merged[name] = start.merge(additions[name]) if name in additions else start
+        with np.errstate(over="ignore", invalid="ignore"):  # recalibrated() refuses an overflow
+            merged[name] = start.merge(additions[name]) if name in additions else start
     for name, moments in additions.items():
         if name not in merged:
             merged[name] = moments.copy()
