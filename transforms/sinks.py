@@ -198,14 +198,11 @@ def cleaned_on_failure(prefixes: list[str]):
                 logging.warning(
                     "removed %d files the failed run had begun to write (e.g. %s)", len(left), left[0]
                 )
-            # the temporary folders too, also those the failure left empty (locally; an object
-            # store has no folders)
-            for folder in {
-                os.path.dirname(path) for path in left if "/beam-temp-" in path
-            } | _temporary_folders(prefixes):
-                if not is_remote(folder):
-                    with contextlib.suppress(OSError):
-                        os.rmdir(folder)
+            # the temporary folders too, emptied now or left empty by the failure (locally: an
+            # object store has no folders)
+            for folder in _temporary_folders(prefixes):
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
         raise
 
 
