@@ -29,7 +29,7 @@ from anchorscan.pipelines.options import (
 )
 from anchorscan.transforms.chain import ImageFeatures
 from anchorscan.transforms.fitting import LoadAnchor, WriteAnchor
-from anchorscan.transforms.sinks import WriteErrors
+from anchorscan.transforms.sinks import WriteErrors, cleaned_on_failure
 from anchorscan.transforms.statistics import AccumulateStatistics
 
 # Fewer of your images than this leave p-values below 1 / n to the calibration's tail model.
@@ -100,8 +100,9 @@ def run(argv=None, test_pipeline=None) -> dict:
         | "WriteAnchor" >> WriteAnchor(args.output, tensors.get("projection"))
     )
     _ = yours.errors | WriteErrors(args.errors or args.output)
-    result = pipeline.run()
-    result.wait_until_finish()
+    with cleaned_on_failure([f"{args.errors or args.output}-errors"]):
+        result = pipeline.run()
+        result.wait_until_finish()
 
     before, _ = anchor_from_bytes(read_checked_file(args.anchor), args.anchor)
     after, _ = anchor_from_bytes(read_checked_file(args.output), args.output)
