@@ -30,6 +30,7 @@ from anchorscan.anchors.validation import (
     check,
     check_array,
     check_count,
+    check_level_counts,
     check_moments,
     distinct_names,
     field,
@@ -109,8 +110,8 @@ def verified_contents(data: bytes, source: str | None = None) -> tuple[dict[str,
 
 def check_contents(tensors: dict[str, np.ndarray], metadata: dict, what: str) -> None:
     """Every number an anchor file holds, checked as it enters (anchors/validation.py): the
-    spec's sizes, each named statistic's count, mean and M2 (the backbone's and the forensic
-    levels' counts equal: they are the same images), the calibration sketches (finite,
+    spec's sizes, each named statistic's count, mean and M2 (the forensic levels' counts against
+    the backbone's: ``check_level_counts``), the calibration sketches (finite,
     ascending) and rows, the configuration."""
     error = AnchorFileError
     spec = FeatureSpec.checked(metadata, error, what)
@@ -141,16 +142,12 @@ def check_contents(tensors: dict[str, np.ndarray], metadata: dict, what: str) ->
             error,
             whole=False,
         )
-    real = counts["backbone"]
-    check(real >= 3, error, f"{what}: the backbone statistic counts {real}, fewer than 3 images")
-    for name in widths:
-        if name.startswith("forensic."):
-            check(
-                abs(counts[name] - real) <= 1e-9 * real,
-                error,
-                f"{what}: statistic {name} counts {counts[name]}, the backbone's {real}: "
-                "they are the same images",
-            )
+    check(
+        counts["backbone"] >= 3,
+        error,
+        f"{what}: the backbone statistic counts {counts['backbone']}, fewer than 3 images",
+    )
+    check_level_counts(counts, levels, error, what)
     check_calibration(tensors, metadata, spec, flagged, error, what)
     try:
         AnchorConfig.from_dict(field(metadata, "config", dict, error, what))

@@ -95,10 +95,12 @@ def check_scatter(name: str, m2: np.ndarray, error: type[Exception]) -> None:
     )
     diagonal = np.diag(m2)
     trace = float(diagonal.sum())
+    # Rounding leaves a delta's subtracted diagonal a few ulps of the trace below zero, never more.
     check(
-        bool((diagonal >= 0).all()),
+        bool((diagonal >= -PSD_TOLERANCE * max(trace, 0.0)).all()),
         error,
-        f"{name}: M2 has a negative diagonal entry ({diagonal.min():.3g}): no scatter matrix does",
+        f"{name}: M2 has a negative diagonal entry ({diagonal.min():.3g}, below -{PSD_TOLERANCE:g} x "
+        f"its trace {trace:.3g}): no scatter matrix does",
     )
     if trace == 0.0:  # identical rows: M2 must be zero
         check(largest == 0.0, error, f"{name}: M2 has a zero trace but non-zero entries")
@@ -142,6 +144,28 @@ def _tuple(kinds) -> tuple:
 
 def _names(kinds) -> str:
     return " or ".join(kind.__name__ for kind in _tuple(kinds))
+
+
+def check_level_counts(counts: dict, levels: list[str], error: type[Exception], what: str) -> None:
+    """The forensic levels' counts against the backbone's (docs/METHOD.md §8.3, §9.5): the first
+    level (sharp) takes every real image, so it counts what the backbone counts; the softened
+    levels take the same deterministic sample of them, so they count alike and at most that."""
+    real = counts["backbone"]
+    tolerance = 1e-9 * real  # counts may be weights after --forgetting: equal up to rounding
+    sharp, *softened = (f"forensic.{level}" for level in levels)
+    check(
+        abs(counts[sharp] - real) <= tolerance,
+        error,
+        f"{what}: statistic {sharp} counts {counts[sharp]}, the backbone's {real}: they are the same images",
+    )
+    for name in softened:
+        first = counts[softened[0]]
+        check(
+            abs(counts[name] - first) <= tolerance and counts[name] <= real + tolerance,
+            error,
+            f"{what}: statistic {name} counts {counts[name]}: the softened levels count the same sample "
+            f"of the backbone's {real} images ({softened[0]} counts {first})",
+        )
 
 
 def distinct_names(metadata: dict, key: str, error: type[Exception], what: str) -> list[str]:

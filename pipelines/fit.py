@@ -19,6 +19,7 @@ from anchorscan.pipelines.options import (
     add_decoding_args,
     add_http_args,
     add_runtime_args,
+    add_softening_arg,
     backbone_config,
     counter_totals,
     error_total,
@@ -106,6 +107,7 @@ def parser():
         help="softness_path: real photos' focus blur and upscales are real; sharp: "
         "only for corpora known to be sharp (more recall, soft photos flagged)",
     )
+    add_softening_arg(group)
     add_backbone_args(parser)
     add_runtime_args(parser)
     add_decoding_args(parser)
@@ -138,7 +140,9 @@ def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=options)
     # The forensic channel's softness levels are simulated on each real crop as it is embedded.
-    steps = chain_steps(args, options, backbone, extractor).for_fitting(softened(config.forensic_levels))
+    steps = chain_steps(args, options, backbone, extractor).for_fitting(
+        softened(config.forensic_levels), args.softened_images
+    )
     real = pipeline | "Real" >> ImageFeatures(args.input, steps)
     _ = real.embedded | "Fit" >> FitAnchor(args.anchor, extractor.spec, config, extractor.projection)
     _ = real.errors | WriteErrors(args.errors or args.anchor)

@@ -33,7 +33,7 @@ from anchorscan.pipelines.flags import (
     text,
 )
 from anchorscan.transforms.decode import DEFAULT_DECODE_TIMEOUT
-from anchorscan.transforms.inference import DEFAULT_BATCH_SIZE
+from anchorscan.transforms.inference import DEFAULT_BATCH_SIZE, SOFTENED_IMAGES
 
 # The default local runner would first try to download the Prism binary; offline that fails
 # and it falls back, so runs would differ with the network. Pin the in-process runner.
@@ -47,6 +47,18 @@ INPUT_HELP = (
     "pattern of shards ('shards/{00000..00099}.tar'), or a manifest (.txt one URI per "
     "line, .csv or .parquet with a 'uri' column), local or gs://; repeat for several"
 )
+
+
+def add_softening_arg(group) -> None:
+    """How many real images of a fit or an update the softness levels are simulated on."""
+    group.add_argument(
+        "--softened_images",
+        type=positive_int,
+        default=SOFTENED_IMAGES,
+        help="simulate the forensic softness levels on a deterministic sample of about this many "
+        "images (all of a smaller input): the levels' Gaussians need no more, and each costs nine "
+        "softened copies",
+    )
 
 
 def add_backbone_args(parser: argparse.ArgumentParser) -> None:

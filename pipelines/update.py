@@ -20,6 +20,7 @@ from anchorscan.pipelines.options import (
     INPUT_HELP,
     add_decoding_args,
     add_runtime_args,
+    add_softening_arg,
     counter_totals,
     error_total,
     parse,
@@ -64,6 +65,7 @@ def parser():
         default=None,
         help="prefix of the errors and refused tables (default: the output's path)",
     )
+    add_softening_arg(parser)
     add_runtime_args(parser)
     add_decoding_args(parser)
     return parser
@@ -81,7 +83,9 @@ def run(argv=None, test_pipeline=None) -> dict:
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=options)
     anchor = pipeline | "Anchor" >> LoadAnchor(args.anchor)
-    steps = chain_steps(args, options, backbone, extractor).for_fitting(softened(config.forensic_levels))
+    steps = chain_steps(args, options, backbone, extractor).for_fitting(
+        softened(config.forensic_levels), args.softened_images
+    )
     real = pipeline | "Real" >> ImageFeatures(args.input, steps)
     _, refused = real.embedded | "Update" >> UpdateAnchor(
         anchor, args.output, spec, config, tensors.get("projection"), threshold, args.forgetting, args.trusted

@@ -11,7 +11,7 @@ import apache_beam as beam
 
 from anchorscan.anchors.io.sources import ReadLimits
 from anchorscan.transforms.decode import DecodeImages, DecodeSettings
-from anchorscan.transforms.inference import EmbedImages, FeatureModelHandler
+from anchorscan.transforms.inference import SOFTENED_IMAGES, EmbedImages, FeatureModelHandler
 from anchorscan.transforms.listing import ListInputs
 from anchorscan.transforms.read import ReadInputs
 
@@ -19,20 +19,24 @@ from anchorscan.transforms.read import ReadInputs
 @dataclasses.dataclass(frozen=True)
 class Steps:
     """How each step runs, as the command's flags say; ``spread_samples``: a shard's samples
-    redistributed after its read (distributed runners, see ``transforms/read.py``)."""
+    redistributed after its read (distributed runners, see ``transforms/read.py``);
+    ``softened_images``: about how many images fitting simulates the softness levels on."""
 
     limits: ReadLimits
     decoding: DecodeSettings
     handler: FeatureModelHandler
     spread_samples: bool = False
+    softened_images: int = SOFTENED_IMAGES
 
-    def for_fitting(self, softened: tuple) -> Steps:
+    def for_fitting(self, softened: tuple, softened_images: int = SOFTENED_IMAGES) -> Steps:
         """The same steps as fitting needs them: the forensic features of these softness levels
-        too, and each picture's perceptual hash (the hold-out groups near-duplicates)."""
+        too (on a sample of about ``softened_images``), and each picture's perceptual hash (the
+        hold-out groups near-duplicates)."""
         return dataclasses.replace(
             self,
             decoding=dataclasses.replace(self.decoding, perceptual_hash=True),
             handler=self.handler.with_softened(softened),
+            softened_images=softened_images,
         )
 
 
@@ -56,7 +60,9 @@ class EmbedUnits(beam.PTransform):
     def expand(self, units) -> Features:
         records, read_errors = units | "Read" >> ReadInputs(self.steps.limits, self.steps.spread_samples)
         images, decode_errors, reused = records | "Decode" >> DecodeImages(self.steps.decoding, self.previous)
-        embedded, embed_errors = images | "Embed" >> EmbedImages(self.steps.handler, self.count)
+        embedded, embed_errors = images | "Embed" >> EmbedImages(
+            self.steps.handler, self.count, self.steps.softened_images
+        )
         return Features(embedded, (read_errors, decode_errors, embed_errors), reused)
 
 

@@ -106,38 +106,40 @@ def _failed_batch_rows(failure):
         yield error_row(meta.uri, "embed", f"feature extraction failed: {message}", kind.__name__)
 
 
-# Images whose softness levels fitting simulates: the levels are 10-dimensional Gaussians,
-# which this many images estimate well; beyond it, simulating more costs fit most of its time
-# (nine softened copies per image) and changes nothing (docs/METHOD.md §8.3).
+# Images whose softness levels fitting simulates by default (`--softened_images`): the levels
+# are 10-dimensional Gaussians, which this many images estimate well; beyond it, simulating
+# more costs fit most of its time (nine softened copies per image) and changes nothing
+# (docs/METHOD.md §8.3).
 SOFTENED_IMAGES = 1000
 
 
-def softening_chosen(meta, total: int | None) -> bool:
-    """A deterministic sample of about SOFTENED_IMAGES of ``total`` images (all of them when
-    there are fewer, or when the total is not known: a stream's window)."""
-    if not total or total <= SOFTENED_IMAGES:
+def softening_chosen(meta, total: int | None, sample: int = SOFTENED_IMAGES) -> bool:
+    """A deterministic sample of about ``sample`` of ``total`` images (all of them when there
+    are fewer, or when the total is not known: a stream's window)."""
+    if not total or total <= sample:
         return True
-    return uri_key(meta.uri) < SOFTENED_IMAGES / total * 2**64
+    return uri_key(meta.uri) < sample / total * 2**64
 
 
-def _with_softening(row, total):
+def _with_softening(row, total, sample):
     meta, crop = row
-    return meta, (crop, softening_chosen(meta, total))
+    return meta, (crop, softening_chosen(meta, total, sample))
 
 
 class EmbedImages(beam.PTransform):
     """(ImageMeta, crop) -> (ImageMeta, (vector, attention_positions)), and error rows for
     batches whose forward pass failed. Fitting (a handler with softened levels) simulates them
-    on a sample of the ``count`` images listed (NaN in their columns elsewhere)."""
+    on a sample of about ``softened_images`` of the ``count`` images listed (NaN in their
+    columns elsewhere)."""
 
-    def __init__(self, handler: FeatureModelHandler, count=None):
+    def __init__(self, handler: FeatureModelHandler, count=None, softened_images: int = SOFTENED_IMAGES):
         super().__init__()
-        self.handler, self.count = handler, count
+        self.handler, self.count, self.softened_images = handler, count, softened_images
 
     def expand(self, images):
         if self.handler.softened:
             total = beam.pvalue.AsSingleton(self.count) if self.count is not None else None
-            images = images | "ChooseSoftened" >> beam.Map(_with_softening, total)
+            images = images | "ChooseSoftened" >> beam.Map(_with_softening, total, self.softened_images)
         embedded, failed = images | RunInference(KeyedModelHandler(self.handler)).with_exception_handling()
         errors = failed.failed_inferences | "FailedBatchRows" >> beam.FlatMap(_failed_batch_rows)
         return embedded, errors
