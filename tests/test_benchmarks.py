@@ -64,6 +64,49 @@ def test_online_update_benchmark_prints_its_values():
         assert math.isfinite(float(values[name])) and float(values[name]) > 0, name
 
 
+# `make bench`'s other scripts on small inputs (seconds each), so one that no longer runs fails
+# here: the values each must print, and the arguments that make it short.
+QUICK = {
+    "forward_backends.py": (("--batch", "2", "--seconds", "0.2"), ("eager_images_per_s",)),
+    "backbones.py": (
+        ("--backbones", "efficientnet-lite0", "clip-vit-b-16", "--batch", "2", "--seconds", "0.2"),
+        ("matmul_peak_gflops",),
+    ),
+    "shards.py": (("--quick",), ("shard_over_folder", "rss_large_over_small")),
+    # fits 60 images with a softening sample of 20: the anchor's levels are sampled, and score,
+    # which reads it, must run (issue 29: nothing in CI crossed the sample before)
+    "fit_speed.py": (
+        ("--quick", "--images", "60", "--softened_images", "20"),
+        (
+            "fit_steady_state_over_score",
+            "sampled_flagged_share",
+            "sampled_vs_unsampled_p_forensic_max_abs_difference",
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("script", sorted(QUICK))
+def test_every_benchmark_runs_on_a_small_input(script, tmp_path):
+    args, names = QUICK[script]
+    if "--quick" in args and script != "forward_backends.py":
+        args = (*args, "--workdir", str(tmp_path))
+    values, _ = benchmark_values(script, *args, timeout=900)
+    for name in names:
+        assert name in values, (script, name, sorted(values))
+        assert not math.isinf(float(values[name])), (script, name)
+
+
+def test_every_script_of_make_bench_has_a_short_run_here():
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    bench = makefile.split("\nbench:", 1)[1].split("\n\n", 1)[0]
+    scripts = {
+        line.split("benchmarks/", 1)[1].split()[0] for line in bench.splitlines() if "benchmarks/" in line
+    }
+    covered = {*QUICK, "throughput.py", "online_update.py"}
+    assert scripts and scripts <= covered, scripts - covered
+
+
 def test_the_poisoning_measurement_runs_on_the_demo_data(tmp_path):
     """benchmarks/poisoning.py --quick: fit, one update round per condition and an evaluation
     after each, through the command line, on the bundled demo data (the bench run is

@@ -95,6 +95,7 @@ FLAGS = {
         "--forensic_levels",
         "--calibration_key",
         "--alarm_share",
+        "--softened_images",
     }
     | FEATURES
     | RUNTIME
@@ -135,7 +136,16 @@ FLAGS = {
     | HTTP,
     "report": {"--scores", "--output", "--anchor", "--labels", "--gallery"},
     "info": {"--json"},
-    "update": {"--anchor", "--input", "--output", "--admit", "--trusted", "--forgetting", "--errors"}
+    "update": {
+        "--anchor",
+        "--input",
+        "--output",
+        "--admit",
+        "--trusted",
+        "--forgetting",
+        "--errors",
+        "--softened_images",
+    }
     | RUNTIME
     | DECODING,
     "calibrate": {"--anchor", "--input", "--output", "--keep_held_out", "--errors"}
