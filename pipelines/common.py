@@ -8,7 +8,6 @@ import dataclasses
 from apache_beam.options.pipeline_options import StandardOptions
 
 from anchorscan.anchors.anchor_file import verified_contents
-from anchorscan.anchors.io.fetch import HttpConfig
 from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.sources import ReadLimits
 from anchorscan.anchors.io.storage import check_writable, local_copy, read_checked_file
@@ -36,12 +35,7 @@ def driver_extractor(config: BackboneConfig) -> FeatureExtractor:
 def chain_steps(args, options, config: BackboneConfig, extractor: FeatureExtractor) -> Steps:
     """How the chain's steps run, from a command's flags (see pipelines/options.py)."""
     preprocessing = extractor.backbone.preprocessing
-    limits = ReadLimits(
-        args.max_bytes,
-        args.read_timeout,
-        # stream watches storage, not web servers: it has no http flags
-        http_config(args) if hasattr(args, "http_timeout") else HttpConfig(),
-    )
+    limits = ReadLimits(args.max_bytes, args.read_timeout, http_config(args))
     decoding = DecodeSettings(
         preprocessing["crop"],
         preprocessing["resize"],

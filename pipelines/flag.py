@@ -14,6 +14,7 @@ from anchorscan.pipelines.flags import command_parser, generator_name, text
 from anchorscan.pipelines.options import (
     INPUT_HELP,
     add_decoding_args,
+    add_http_args,
     add_runtime_args,
     counter_totals,
     error_total,
@@ -43,6 +44,7 @@ def parser():
     )
     add_runtime_args(parser)
     add_decoding_args(parser)
+    add_http_args(parser)
     return parser
 
 

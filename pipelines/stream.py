@@ -33,6 +33,7 @@ from anchorscan.pipelines.flags import command_parser, non_negative_float, posit
 from anchorscan.pipelines.options import (
     LOCAL_RUNNERS,
     add_decoding_args,
+    add_http_args,
     add_runtime_args,
     backbone_config,
     counter_totals,
@@ -104,6 +105,7 @@ def parser():
     )
     add_runtime_args(parser)
     add_decoding_args(parser, perturbation=False)
+    add_http_args(parser)
     return parser
 
 

@@ -19,6 +19,7 @@ from anchorscan.pipelines.flags import admit_value, command_parser, float_in, te
 from anchorscan.pipelines.options import (
     INPUT_HELP,
     add_decoding_args,
+    add_http_args,
     add_runtime_args,
     add_softening_arg,
     counter_totals,
@@ -68,6 +69,7 @@ def parser():
     add_softening_arg(parser)
     add_runtime_args(parser)
     add_decoding_args(parser)
+    add_http_args(parser)
     return parser
 
 

@@ -147,12 +147,13 @@ FLAGS = {
         "--softened_images",
     }
     | RUNTIME
-    | DECODING,
+    | DECODING
+    | HTTP,
     "calibrate": {"--anchor", "--input", "--output", "--keep_held_out", "--errors"}
     | RUNTIME
     | (DECODING - {"--perturbation"})
     | HTTP,
-    "flag": {"--anchor", "--generator", "--input", "--output", "--errors"} | RUNTIME | DECODING,
+    "flag": {"--anchor", "--generator", "--input", "--output", "--errors"} | RUNTIME | DECODING | HTTP,
     "export-delta": {
         "--anchor",
         "--since",
@@ -177,7 +178,8 @@ FLAGS = {
         "--pubsub_subscription",
     }
     | RUNTIME
-    | (DECODING - {"--perturbation"}),
+    | (DECODING - {"--perturbation"})
+    | HTTP,
     "curate": {
         "--scores",
         "--output",
