@@ -214,10 +214,19 @@ def test_a_closed_set_is_checked_by_the_parser(capsys):
     assert "invalid choice: 'svm'" in capsys.readouterr().err
 
 
-def test_the_readme_tables_are_the_schemas():
+def test_the_reference_tables_are_the_schemas():
+    reference = (Path(__file__).parents[1] / "docs" / "REFERENCE.md").read_text()
+    assert markdown_table(SCORE_COLUMNS) in reference
+    assert markdown_table(ERROR_COLUMNS) in reference
+
+
+def test_the_readme_summary_names_real_columns():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert markdown_table(SCORE_COLUMNS) in readme
-    assert markdown_table(ERROR_COLUMNS) in readme
+    summary = readme.split("\n## What the columns mean\n", 1)[1].split("\n## ", 1)[0]
+    first_cells = re.findall(r"^\| (`.*?`) \|", summary, flags=re.MULTILINE)
+    named = {name for cell in first_cells for name in re.findall(r"`(\w+)`", cell)}
+    assert "score" in named and named <= {column.name for column in SCORE_COLUMNS}, named
+    assert all(f"`{column.name}`" in summary for column in ERROR_COLUMNS)
 
 
 def one_line_error(capsys) -> str:
