@@ -1,6 +1,6 @@
 """The two outputs of a scan: one row per scored image, one per input that could not be scored.
 Every input URI ends in exactly one of them. The columns are defined here once: the Arrow
-schemas, the row builders and the README's table (checked by a test) follow from them."""
+schemas, the row builders and docs/REFERENCE.md's table (checked by a test) follow from them."""
 
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ def error_row(uri: str, stage: str, error: str, error_type: str = "") -> dict:
 
 
 def markdown_table(columns: tuple[Column, ...]) -> str:
-    """The README's table of ``columns``."""
+    """The reference's (docs/REFERENCE.md) table of ``columns``."""
     type_names = {
         pa.string(): "string",
         pa.float64(): "float64",
