@@ -500,3 +500,40 @@ def test_trust_anchors_without_a_certificate_are_refused_by_name(tmp_path, capsy
     assert main([*flags, "--c2pa_trust_anchors", str(tmp_path / "missing.pem")]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "missing.pem" in error
+
+
+def test_a_sidecar_exif_column_declares_where_the_file_does_not(fitted_anchor):
+    from apache_beam.pvalue import TaggedOutput
+
+    from anchorscan.anchors.anchor_file import anchor_from_bytes
+    from anchorscan.transforms.decode import ImageMeta
+    from anchorscan.transforms.scoring import ScoreBatchFn
+
+    anchor_path, _ = fitted_anchor
+    anchor, _ = anchor_from_bytes(anchor_path.read_bytes())
+    generator = {"exif": json.dumps({"Image Software": "Midjourney v6"})}
+    camera = {"exif": json.dumps({"Image Make": "Canon", "Image Software": "Canon EOS R5 1.8.1"})}
+    captured = Provenance("captured", "xmp")
+    metas = [
+        ImageMeta("reencoded", "0" * 64, 300, 260, "center_crop", generator),
+        ImageMeta("camera", "1" * 64, 300, 260, "center_crop", camera),
+        ImageMeta("both", "2" * 64, 300, 260, "center_crop", generator, provenance=captured),
+    ]
+    # Features the statistics do not call suspect: a held-out real image's.
+    real = anchor.calibration_rows.features
+    vector = real[np.flatnonzero(~anchor.assess(real)["is_suspect"])[0]].astype(np.float64)
+    batch = [(meta, (vector, 9.0)) for meta in metas]
+
+    def rows(decide: str) -> dict:
+        outputs = ScoreBatchFn(provenance=decide).process(batch, anchor, "anchor-id")
+        return {row["uri"]: row for row in outputs if not isinstance(row, TaggedOutput)}
+
+    used = rows("use")
+    assert {
+        uri: (row["provenance"], row["provenance_source"], row["is_suspect"]) for uri, row in used.items()
+    } == {
+        "reencoded": ("ai_generated", "sidecar:exif", True),
+        "camera": ("", "", False),
+        "both": ("captured", "xmp", False),  # the file's own declaration first
+    }
+    assert not rows("ignore")["reencoded"]["is_suspect"]

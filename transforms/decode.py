@@ -8,7 +8,7 @@ import collections
 import dataclasses
 import functools
 import hashlib
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -66,7 +66,7 @@ class DecodeSettings:
     c2pa_trust_anchors: str = ""
 
     def decoder(self):
-        options = {
+        options: dict[str, Any] = {
             "size": self.crop,
             "max_pixels": self.max_pixels,
             "resize": self.resize,
