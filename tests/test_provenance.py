@@ -537,3 +537,45 @@ def test_a_sidecar_exif_column_declares_where_the_file_does_not(fitted_anchor):
         "both": ("captured", "xmp", False),  # the file's own declaration first
     }
     assert not rows("ignore")["reencoded"]["is_suspect"]
+
+
+def test_mutated_metadata_is_read_or_refused_by_name_never_escaping(credentials):
+    """Metadata-carrying files under tests/fuzz.py's mutations, through the decode worker as a
+    scan runs it: each mutant decodes with a provenance or is a decode error; no read escapes
+    its bounds (``refused:`` an exception's name), crashes its process or runs out of time."""
+    import functools
+    import random
+
+    from anchorscan.anchors.images.decode import decode_and_declare
+    from anchorscan.anchors.images.decoder_pool import DecodeFailed
+    from fuzz import mutate
+
+    image = picture()
+    files = {
+        "c2pa-jpeg": c2pa_signed(
+            credentials, encoded(image, "JPEG"), "image/jpeg", "trainedAlgorithmicMedia"
+        ),
+        "c2pa-png": c2pa_signed(credentials, encoded(image, "PNG"), "image/png", "digitalCapture"),
+        "xmp-jpeg": encoded(image, "JPEG", xmp=xmp_element("humanEdits")),
+        "xmp-webp": encoded(image, "WEBP", xmp=xmp_attribute("trainedAlgorithmicMedia")),
+        "text-png": png_with_text(image, {"parameters": A1111, "prompt": COMFY_PROMPT}, itxt=True),
+        "exif-jpeg": with_software(image, "JPEG", "NovelAI"),
+    }
+    rng, names = random.Random(0), sorted(files)
+    mutants = [mutate(files[name], files[name], rng)[1] for name in names for _ in range(60)]
+    known = {"", "c2pa", "xmp", "exif", "png:parameters", "png:prompt", "png:Software"}
+    pool = DecoderPool(functools.partial(decode_and_declare, size=32, min_side=8), processes=2, timeout=30)
+    read = 0
+    try:
+        for job in [pool.submit(data) for data in mutants]:
+            try:
+                declared = pool.result(job).provenance
+            except DecodeFailed as error:
+                assert not error.escaped and error.error_type not in ("TimeoutError", "DecoderCrash"), error
+                continue
+            reasons = declared.source.removeprefix("refused:").split(",refused:")
+            assert declared.source in known or all(reason.islower() for reason in reasons), declared
+            read += 1
+    finally:
+        pool.close()
+    assert read > len(mutants) // 2
