@@ -26,6 +26,7 @@ from anchorscan.anchors.images.provenance import (
     MAX_BLOCK_BYTES,
     MAX_BLOCKS,
     Provenance,
+    combined,
     declared_provenance,
     read_declarations,
     sidecar_provenance,
@@ -290,6 +291,11 @@ def test_an_img2dataset_sidecar_exif_column_declares_a_generator():
         sidecar_provenance(" " * (provenance.MAX_SIDECAR_BYTES + 1)).source
         == "refused:sidecar_exif_too_large"
     )
+    refused = sidecar_provenance("[1]")
+    assert combined(Provenance(source="refused:xmp_entities"), refused) == Provenance(
+        source="refused:xmp_entities,refused:sidecar_exif_malformed"
+    )
+    assert combined(Provenance("captured", "xmp"), refused) == Provenance("captured", "xmp")
 
 
 # --- hostile metadata -------------------------------------------------------------------------

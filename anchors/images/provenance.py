@@ -392,7 +392,9 @@ def sidecar_provenance(exif_column) -> Provenance:
 
 def combined(in_file: Provenance, in_sidecar: Provenance) -> Provenance:
     """The file's own declaration, or the sidecar's where the file declares nothing (its
-    re-encoding dropped the file's metadata)."""
-    if in_file.kind or not in_sidecar.kind:
+    re-encoding dropped the file's metadata); declaring nothing, the refusals of both."""
+    if in_file.kind:
         return in_file
-    return dataclasses.replace(in_sidecar, signer=in_file.signer)
+    if in_sidecar.kind:
+        return dataclasses.replace(in_sidecar, signer=in_file.signer)
+    return dataclasses.replace(in_file, source=",".join(filter(None, (in_file.source, in_sidecar.source))))
