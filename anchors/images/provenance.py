@@ -227,6 +227,8 @@ def xmp_source_types(packet: bytes) -> list[str]:
 
 
 def _xmp_kinds(blocks: _Blocks) -> list[str]:
+    if not blocks.xmp:
+        return []
     from defusedxml import DefusedXmlException
 
     kinds = []
@@ -295,13 +297,13 @@ SIGNER_STATES = {"Trusted": "trusted", "Valid": "untrusted", "Invalid": "invalid
 
 def _c2pa(data: bytes, blocks: _Blocks, trust_anchors: str) -> tuple[list[str], str]:
     """(kinds of the active manifest's actions, "signer (state)") of a file's C2PA manifest."""
-    import c2pa
-
     if not blocks.c2pa_bytes:
         return [], ""
     if blocks.c2pa_bytes > MAX_C2PA_BYTES:
         blocks.refused.append("c2pa_too_large")
         return [], ""
+    import c2pa  # its native library is loaded by the processes that meet a manifest only
+
     try:
         reader = c2pa.Reader.try_create(
             C2PA_FORMATS[blocks.container], io.BytesIO(data), context=_c2pa_context(trust_anchors)
