@@ -74,6 +74,23 @@ SCORE_COLUMNS = (
         "effective number of positions the spatial statistics weigh, `1 / sum a^2`",
     ),
     Column("anchor_id", pa.string(), "first 16 hex digits of the anchor's checksum"),
+    Column(
+        "provenance",
+        pa.string(),
+        "what the file declares of its origin: `ai_generated`, `ai_edited`, `edited`, `captured`, "
+        "or empty (see *Declared provenance*)",
+    ),
+    Column(
+        "provenance_source",
+        pa.string(),
+        "where it is declared: `c2pa`, `xmp`, `png:parameters`, `png:prompt`, `exif`, `sidecar:exif` ...; "
+        "declaring nothing, the metadata reads refused (`refused:xmp_entities` ...)",
+    ),
+    Column(
+        "provenance_signer",
+        pa.string(),
+        "a C2PA manifest's signer and its validation state, e.g. `OpenAI (untrusted)`",
+    ),
 )
 
 ERROR_COLUMNS = (

@@ -45,6 +45,7 @@ def chain_steps(args, options, config: BackboneConfig, extractor: FeatureExtract
         getattr(args, "perturbation", None),
         decode_processes(args, options),
         args.decode_ahead or args.batch_size,
+        c2pa_trust_anchors=getattr(args, "c2pa_trust_anchors", None) or "",
     )
     # Fixed-size batches: memory is bounded from the first batch on, and an image's features
     # do not depend on how the runner happened to batch it.

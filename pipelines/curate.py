@@ -26,7 +26,7 @@ from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.sources import DEFAULT_MAX_BYTES, DEFAULT_READ_TIMEOUT, ReadLimits
 from anchorscan.anchors.io.storage import check_writable, write_atomically
 from anchorscan.pipelines.flags import command_parser, float_in, non_negative_float, positive_int, text
-from anchorscan.pipelines.options import add_http_args, counter_totals, http_config, parse
+from anchorscan.pipelines.options import PROVENANCE_CHOICES, add_http_args, counter_totals, http_config, parse
 from anchorscan.transforms.listing import matching_files
 from anchorscan.transforms.reshard import WriteOutputShards
 from anchorscan.transforms.sinks import OutputExistsError, PrefixLock
@@ -86,6 +86,13 @@ def parser():
     parser.add_argument(
         "--overwrite", action="store_true", help="replace the outputs that --output already holds"
     )
+    parser.add_argument(
+        "--provenance",
+        choices=PROVENANCE_CHOICES,
+        default="use",
+        help="use: drop the samples whose metadata declares an AI origin (reason declared_ai) "
+        "whatever the rule; ignore: the rule alone decides",
+    )
     add_http_args(parser)
     return parser
 
@@ -136,7 +143,7 @@ def run(argv=None, test_pipeline=None) -> dict:
     args, options = parse(parser(), argv)
     check_paths([*args.scores, args.output])
     check_writable(f"{args.output}-kept.parquet", "--output")
-    rule = KeepRule(args.max_score, args.drop_top)
+    rule = KeepRule(args.max_score, args.drop_top, declared_ai=args.provenance == "use")
     scores, errors, files = read_tables(args.scores)
     decided = decide(scores, errors, rule)
     counts = summary(decided)

@@ -98,6 +98,23 @@ def text(value: str) -> str:
     return value
 
 
+def pem_certificates(path: str) -> str:
+    """The text of a PEM file of certificates (local or gs://), read when the flag is parsed."""
+    from anchorscan.anchors.errors import UserError
+    from anchorscan.anchors.io.storage import read_checked_file
+
+    try:
+        pem = read_checked_file(text(path)).decode("utf-8", "replace")
+    except UserError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if "-----BEGIN CERTIFICATE-----" not in pem:
+        raise argparse.ArgumentTypeError(
+            f"{path}: no PEM certificate in it (give CA certificates, each between "
+            "-----BEGIN CERTIFICATE----- and -----END CERTIFICATE-----)"
+        )
+    return pem
+
+
 def regex(value: str) -> str:
     try:
         re.compile(value)

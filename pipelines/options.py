@@ -27,6 +27,7 @@ from anchorscan.anchors.threads import CORES_MULTIPLE
 from anchorscan.pipelines.flags import (
     int_in,
     non_negative_int,
+    pem_certificates,
     perturbation_value,
     positive_float,
     positive_int,
@@ -47,6 +48,28 @@ INPUT_HELP = (
     "pattern of shards ('shards/{00000..00099}.tar'), or a manifest (.txt one URI per "
     "line, .csv or .parquet with a 'uri' column), local or gs://; repeat for several"
 )
+
+
+PROVENANCE_CHOICES = ("use", "ignore")
+
+
+def add_provenance_args(parser: argparse.ArgumentParser) -> None:
+    """What a scan does with what files declare of their origin (see README, *Declared provenance*)."""
+    group = parser.add_argument_group("declared provenance")
+    group.add_argument(
+        "--provenance",
+        choices=PROVENANCE_CHOICES,
+        default="use",
+        help="use: a file whose C2PA, XMP or generator metadata declares it AI-made is suspect "
+        "whatever the statistics say; ignore: only the statistics decide (the columns are still written)",
+    )
+    group.add_argument(
+        "--c2pa_trust_anchors",
+        type=pem_certificates,
+        default=None,
+        help="a PEM file of CA certificates (local or gs://): C2PA signers chaining to one read "
+        "as trusted; without it every valid signer reads as untrusted",
+    )
 
 
 def add_softening_arg(group) -> None:

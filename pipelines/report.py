@@ -162,7 +162,8 @@ def render(
         f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>"
         for k, v in (
             ("images scored", len(rows)),
-            ("suspect", f"{suspect} ({100 * suspect / max(len(rows), 1):.1f} %)"),
+            ("suspect", f"{suspect} ({100 * suspect / max(len(rows), 1):.1f} %){declared_ai_note(rows)}"),
+            ("declared provenance", declared_share(rows)),
             ("not scored", ", ".join(f"{stage}: {n}" for stage, n in sorted(stages.items())) or "0"),
             ("anchor", ", ".join(sorted({row["anchor_id"] for row in rows}))),
             ("head", ", ".join(sorted({row["head"] for row in rows if row["head"]})) or "none"),
@@ -187,6 +188,30 @@ def render(
         f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>"
     )
+
+
+AI_KINDS = ("ai_generated", "ai_edited")
+
+
+def declared_share(rows: list[dict]) -> str:
+    """Each declared kind's count and the share of scored images declaring any ("none" where
+    none does, or the scan predates the provenance columns)."""
+    kinds: dict[str, int] = {}
+    for row in rows:
+        if row.get("provenance"):
+            kinds[row["provenance"]] = kinds.get(row["provenance"], 0) + 1
+    if not kinds:
+        return "none"
+    share = 100 * sum(kinds.values()) / max(len(rows), 1)
+    return (
+        ", ".join(f"{kind}: {count}" for kind, count in sorted(kinds.items())) + f" ({share:.1f} % of scored)"
+    )
+
+
+def declared_ai_note(rows: list[dict]) -> str:
+    """How many suspects are so because their file declares an AI origin, counted apart."""
+    declared = sum(bool(row["is_suspect"] and row.get("provenance") in AI_KINDS) for row in rows)
+    return f", {declared} of them declared AI by their metadata" if declared else ""
 
 
 def flagged_table(rows: list[dict], labels: dict[str, tuple[int, str]]) -> str:

@@ -18,6 +18,7 @@ from anchorscan.pipelines.options import (
     INPUT_HELP,
     add_decoding_args,
     add_http_args,
+    add_provenance_args,
     add_runtime_args,
     backbone_config,
     counter_totals,
@@ -87,6 +88,7 @@ def parser():
     add_runtime_args(parser)
     add_decoding_args(parser)
     add_http_args(parser)
+    add_provenance_args(parser)
     return parser
 
 
@@ -128,6 +130,10 @@ def scan(args, options, test_pipeline=None, wait: bool = True) -> dict:
         "scored": counters.get("images_scored", 0),
         "reused": counters.get("images_reused", 0),
         "suspect": counters.get("images_suspect", 0),
+        "declared_ai": counters.get("images_declared_ai", 0),
+        "provenance": {
+            k[len("provenance_") :]: v for k, v in counters.items() if k.startswith("provenance_")
+        },
         "errors": {k[len("errors_") :]: v for k, v in counters.items() if k.startswith("errors_")},
         "seconds": time.time() - started,
         "fpr": config.fpr,
@@ -159,7 +165,9 @@ def run_scan(
     names = tuple(name for name, _ in carried)
     scanned = pipeline | "Images" >> ImageFeatures(args.input, steps, names, previous)
     choices = ScoreChoices(args.combine, args.statistical, args.channels, args.with_anchor)
-    rows, score_errors = scanned.embedded | "Score" >> ScoreFeatures(args.anchor, choices, args.head, carried)
+    rows, score_errors = scanned.embedded | "Score" >> ScoreFeatures(
+        args.anchor, choices, args.head, carried, provenance=args.provenance
+    )
     reused = scanned.reused | "Reused" >> beam.Map(reused_row, carried)
     _ = (rows, reused) | "AllScores" >> beam.Flatten() | WriteScores(args.output, score_schema(carried))
     _ = (*scanned.errors, score_errors) | WriteErrors(args.output)
@@ -191,8 +199,26 @@ def print_score_summary(summary: dict) -> None:
         f"scored      {scored} images against anchor {summary['anchor_id']}{reused}\n"
         f"suspect     {summary['suspect']} ({rate:.1%}; expected on real images: "
         f"{summary['fpr']:.1%})\n"
+        f"{declared_line(summary)}"
         f"errors      {errors}{f' ({by_stage})' if errors else ''}\n"
         f"time        {summary['seconds']:.1f} s "
         f"({(scored + errors) / max(summary['seconds'], 1e-9):.1f} images/s)\n"
         f"output      {summary['output']}-scores-*.parquet, {summary['output']}-errors-*.parquet"
     )
+
+
+def declared_line(summary: dict) -> str:
+    """The summary's line on declared provenance ("" where no file declared anything): the
+    declared-AI images count apart from the statistics' suspects."""
+    declared = summary["provenance"]
+    if not declared:
+        return ""
+    scored = max(summary["scored"], 1)
+    kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(declared.items()))
+    share = sum(declared.values()) / scored
+    acted = (
+        f"; {summary['declared_ai']} declared AI, suspect whatever the statistics say"
+        if summary["declared_ai"]
+        else ""
+    )
+    return f"declared    {kinds} ({share:.1%} of scored{acted})\n"

@@ -99,6 +99,16 @@ def decode_that_sleeps(data: bytes) -> tuple[int, float, float]:
     return os.getpid(), started, time.time()
 
 
+def decode_that_leaves_a_thread(data: bytes) -> int:
+    """A stand-in decoder that returns its pid but leaves a thread waiting forever behind it,
+    as a metadata read past its deadline does."""
+    import os
+    import threading
+
+    threading.Thread(target=threading.Event().wait, daemon=True).start()
+    return os.getpid()
+
+
 # --- updates, flags and federation in memory (docs/METHOD.md §9) ---------------------------------
 
 LEVELS = ("sharp", "blur0.4")  # two forensic levels: rows carry both side by side, as fit's do

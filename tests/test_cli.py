@@ -112,6 +112,8 @@ FLAGS = {
         "--channels",
         "--skip_scored",
         "--overwrite",
+        "--provenance",
+        "--c2pa_trust_anchors",
     }
     | RUNTIME
     | DECODING
@@ -190,6 +192,7 @@ FLAGS = {
         "--samples_per_shard",
         "--max_bytes",
         "--overwrite",
+        "--provenance",
     }
     | HTTP,
 }
@@ -200,7 +203,7 @@ def test_help_lists_exactly_the_commands_own_flags(command, capsys):
     assert main([command, "--help"]) == 0
     text = capsys.readouterr().out
     assert text.startswith(f"usage: anchorscan {command} ")
-    listed = set(re.findall(r"^  (--[a-z_]+)", text, re.MULTILINE))
+    listed = set(re.findall(r"^  (--[a-z0-9_]+)", text, re.MULTILINE))
     assert listed == FLAGS[command]
 
 

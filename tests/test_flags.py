@@ -40,6 +40,8 @@ def bad_values(action: argparse.Action) -> list[str]:
         return ["nope", ""]
     if check is flags.text:
         return ["", "  "]
+    if check is flags.pem_certificates:
+        return ["", "/nonexistent/ca.pem", "/dev/null"]
     if check is flags.regex:
         return ["(", "[a-"]
     if check is flags.generator_name:

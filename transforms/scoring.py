@@ -14,6 +14,7 @@ from anchorscan.anchors import anchor_file
 from anchorscan.anchors.anchor import Anchor
 from anchorscan.anchors.calibration import max_log_bayes_factor
 from anchorscan.anchors.heads import head_from_bytes
+from anchorscan.anchors.images.provenance import combined, sidecar_provenance
 from anchorscan.anchors.io.storage import read_checked_file
 from anchorscan.anchors.tables import error_row, score_row
 from anchorscan.anchors.threads import limit_blas_threads
@@ -37,8 +38,10 @@ class ScoreBatchFn(beam.DoFn):
     """Scores batches against the anchor and, given one, a head whose score then decides; the
     ``carried`` columns (``transforms/carried.py``) follow in each row."""
 
-    def __init__(self, choices: ScoreChoices = ScoreChoices(), carried: Sequence = ()):
-        self.choices, self.carried = choices, list(carried)
+    def __init__(
+        self, choices: ScoreChoices = ScoreChoices(), carried: Sequence = (), provenance: str = "use"
+    ):
+        self.choices, self.carried, self.provenance = choices, list(carried), provenance
         self.scored = Metrics.counter("anchorscan", "images_scored")
         self.suspects = Metrics.counter("anchorscan", "images_suspect")
 
@@ -65,7 +68,6 @@ class ScoreBatchFn(beam.DoFn):
         # A damaged anchor or head must not turn into rows that look scored (p = 0.5, NaN).
         valid = np.isfinite(scores["score"]) & np.isfinite(scores["anchor_score"])
         self.scored.inc(int(valid.sum()))
-        self.suspects.inc(int(scores["is_suspect"][valid].sum()))
         for i, (meta, (_, positions)) in enumerate(finite):
             if not valid[i]:
                 yield beam.pvalue.TaggedOutput(
@@ -78,10 +80,27 @@ class ScoreBatchFn(beam.DoFn):
                     ),
                 )
                 continue
-            yield {
-                **score_row(meta, scores, i, positions, head_id, anchor_id),
-                **carried_row(meta.carried, self.carried),
-            }
+            row = score_row(meta, scores, i, positions, head_id, anchor_id)
+            yield {**row, **self._declared(meta, row), **carried_row(meta.carried, self.carried)}
+
+    def _declared(self, meta, row: dict) -> dict:
+        """The provenance columns of a row; with ``provenance="use"``, ``is_suspect`` set where
+        the file declares an AI origin. Counted apart: statistical suspects, declared AI, and
+        each declared kind."""
+        declared = combined(meta.provenance, sidecar_provenance(meta.carried.get("exif")))
+        if declared.kind:
+            Metrics.counter("anchorscan", f"provenance_{declared.kind}").inc()
+        decides = declared.declares_ai and self.provenance == "use"
+        if decides:
+            Metrics.counter("anchorscan", "images_declared_ai").inc()
+        elif row["is_suspect"]:
+            self.suspects.inc()
+        return {
+            "is_suspect": row["is_suspect"] or decides,
+            "provenance": declared.kind,
+            "provenance_source": declared.source,
+            "provenance_signer": declared.signer,
+        }
 
 
 def load_anchor(uri: str) -> tuple[Anchor, dict]:
@@ -110,10 +129,11 @@ class ScoreFeatures(beam.PTransform):
         head_uri: str | None = None,
         carried: Sequence = (),
         max_batch_size: int = 256,
+        provenance: str = "use",
     ):
         super().__init__()
         self.anchor_uri, self.choices, self.head_uri = anchor_uri, choices, head_uri
-        self.carried, self.max_batch_size = carried, max_batch_size
+        self.carried, self.max_batch_size, self.provenance = carried, max_batch_size, provenance
 
     def expand(self, embedded):
         loaded = (
@@ -141,7 +161,7 @@ class ScoreFeatures(beam.PTransform):
             | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.max_batch_size)
             | "Score"
             >> beam.ParDo(
-                ScoreBatchFn(self.choices, self.carried),
+                ScoreBatchFn(self.choices, self.carried, self.provenance),
                 anchor,
                 anchor_id,
                 *head_inputs,

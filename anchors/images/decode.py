@@ -16,6 +16,7 @@ from PIL import Image
 
 from anchorscan.anchors.errors import exception_name
 from anchorscan.anchors.images.perturbations import parse_perturbation
+from anchorscan.anchors.images.provenance import DEFAULT_TIMEOUT, Provenance, declared_provenance
 
 # The only formats Pillow may open, whatever a file's name says: never PostScript or PDF (which
 # Pillow hands to Ghostscript where it is installed), nor the dozens of rarer plugins. A JPEG
@@ -38,6 +39,7 @@ class Crop:
     height: int
     preprocess: str  # what was done, e.g. "exif_rotate+cmyk_to_rgb+center_crop"
     phash: str = ""  # perceptual hash of the whole picture, where asked for (hold-out groups)
+    provenance: Provenance = Provenance()  # what the file declares of its origin, where asked for
 
 
 def _describe_unknown(data: bytes) -> str:
@@ -307,3 +309,12 @@ def perceptual_hash(data: bytes) -> str:
 def decode_and_hash(data: bytes, size: int, **options) -> Crop:
     """``decode_and_crop`` with the picture's ``perceptual_hash`` (fit-time hold-out groups)."""
     return dataclasses.replace(decode_and_crop(data, size, **options), phash=perceptual_hash(data))
+
+
+def decode_and_declare(
+    data: bytes, size: int, trust_anchors: str = "", metadata_timeout: float = DEFAULT_TIMEOUT, **options
+) -> Crop:
+    """``decode_and_crop`` with what the file declares of its origin (``declared_provenance``),
+    read from the same bytes once the pixels decode."""
+    crop = decode_and_crop(data, size, **options)
+    return dataclasses.replace(crop, provenance=declared_provenance(data, trust_anchors, metadata_timeout))

@@ -45,7 +45,10 @@ class DecodeFailed(DecodeError):
 
 
 def _serve(connection: Connection, decode: Callable[[bytes], Any]) -> None:
-    """The child's loop: bytes in, ("ok", result) or ("error" or "escape", type, message) out."""
+    """The child's loop: bytes in, (outcome, retire) out; outcome ("ok", result) or ("error" or
+    "escape", type, message); ``retire``: the decode left a thread running (a metadata read
+    past its deadline, see provenance.py), so this process is to be replaced."""
+    threads = threading.active_count()
     while True:
         try:
             data = connection.recv_bytes()
@@ -63,7 +66,7 @@ def _serve(connection: Connection, decode: Callable[[bytes], Any]) -> None:
                 exception_name(error),
                 f"cannot decode image: {exception_name(error)}: {error}",
             )
-        connection.send(outcome)
+        connection.send((outcome, threading.active_count() > threads))
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -200,9 +203,10 @@ class DecoderPool:
         for worker, job in busy:
             if worker.connection in ready:
                 try:
-                    job.outcome = worker.connection.recv()
+                    job.outcome, retire = worker.connection.recv()
                     worker.job = None
-                    continue
+                    if not retire:
+                        continue  # a retired process falls through to its replacement
                 except (EOFError, OSError):
                     try:
                         code = worker.process.wait(1)

@@ -25,10 +25,12 @@ from anchorscan.anchors.io.sources import ReadError, ReadLimits
 UNREADABLE = "unreadable"  # in the errors table: no image to judge
 DUPLICATE_KEY = "duplicate_key"  # its key was kept from an earlier shard
 DUPLICATE = "duplicate"  # the same bytes as an earlier sample (the first key is kept)
+DECLARED_AI = "declared_ai"  # its own metadata declares it AI-generated or AI-edited (score's provenance)
 SUSPECT = "suspect"  # --keep fpr: the detector calls it suspect (the anchor: p below its fpr)
 SCORE_ABOVE = "score_above"  # --max_score S: score above S
 TOP_FRACTION = "top_fraction"  # --drop_top F: among the fraction F with the highest scores
-REASONS = (UNREADABLE, DUPLICATE_KEY, DUPLICATE, SUSPECT, SCORE_ABOVE, TOP_FRACTION)
+REASONS = (UNREADABLE, DUPLICATE_KEY, DUPLICATE, DECLARED_AI, SUSPECT, SCORE_ABOVE, TOP_FRACTION)
+DECLARED_AI_KINDS = ("ai_generated", "ai_edited")
 
 CURATION_SCHEMA = pa.schema(
     [
@@ -64,6 +66,7 @@ class KeepRule:
 
     max_score: float | None = None
     drop_top: float | None = None
+    declared_ai: bool = True  # --provenance use: samples declaring an AI origin dropped first
 
     def describe(self) -> str:
         if self.max_score is not None:
@@ -108,6 +111,7 @@ def _rows(scores: list[pa.Table], errors: list[pa.Table]) -> pa.Table:
             "caption": _column(table, "caption", pa.string()),
             "uid": _column(table, "uid", pa.string()),
             "error": _column(table, "error", pa.string()),
+            "provenance": _column(table, "provenance", pa.string()),
         }
         parts.append(pa.table(columns))
     return pa.concat_tables(parts) if parts else _rows([pa.table({"uri": pa.array([], pa.string())})], [])
@@ -144,6 +148,10 @@ def decide(scores: list[pa.Table], errors: list[pa.Table], rule: KeepRule = Keep
     drop(DUPLICATE_KEY, among, ~_first_of_each(rows["key"].to_numpy(zero_copy_only=False)[among]))
     among = still_kept()
     drop(DUPLICATE, among, ~_first_of_each(rows["sha256"].to_numpy(zero_copy_only=False)[among]))
+    if rule.declared_ai:
+        among = still_kept()
+        provenance = rows["provenance"].to_numpy(zero_copy_only=False)[among]
+        drop(DECLARED_AI, among, np.isin(provenance, DECLARED_AI_KINDS))
     among = still_kept()
     score = rows["score"].to_numpy(zero_copy_only=False).astype(float)
     if rule.max_score is not None:
@@ -157,7 +165,7 @@ def decide(scores: list[pa.Table], errors: list[pa.Table], rule: KeepRule = Keep
         drop(TOP_FRACTION, among, marked)
     else:
         drop(SUSPECT, among, rows["is_suspect"].to_numpy(zero_copy_only=False).astype(bool)[among])
-    decided = rows.drop_columns(["scored"])
+    decided = rows.drop_columns(["scored", "provenance"])
     decided = decided.append_column("keep", pa.array(dropped == "")).append_column(
         "dropped", pa.array(dropped.tolist(), pa.string())
     )
