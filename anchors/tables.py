@@ -76,6 +76,9 @@ SCORE_COLUMNS = (
     Column("anchor_id", pa.string(), "first 16 hex digits of the anchor's checksum"),
 )
 
+# A carried column (a manifest's, a sidecar's) named like a score column is written under this prefix.
+CLASH_PREFIX = "manifest_"
+
 ERROR_COLUMNS = (
     Column("uri", pa.string(), "the input, or the `--input` pattern that matched nothing"),
     Column("stage", pa.string(), "`list`, `read`, `decode`, `embed` or `score`"),
