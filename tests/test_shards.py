@@ -478,6 +478,26 @@ def test_two_crawls_with_keys_from_zero_curate_into_one_dataset(tmp_path, capsys
     assert "  'a'                kept 6 of 6" in capsys.readouterr().out
 
 
+def test_a_crawl_with_uids_keeps_them_in_the_keep_list_and_the_shards(tmp_path):
+    import json
+
+    import webdataset as wds
+
+    written = write_img2dataset(tmp_path / "s", shards=1, per_shard=3)
+    uris = written["samples"][written["shards"][0]]
+    uids = ["0123456789ABCDEF" * 2, "f" * 32, "0" * 31 + "1"]  # DataComp's: 32 hex digits
+    write_scan(tmp_path / "scan", crawl_rows(written, uris, [False] * 3, uid=uids), error_rows([]))
+    out = str(tmp_path / "cur")
+    curate.run(["--scores", str(tmp_path / "scan"), "--output", out, "--reshard", *RUNNER])
+    keys = np.load(f"{out}-keys.npy")
+    lowered = sorted(uid.lower() for uid in uids)
+    assert keys.tolist() == sorted(divmod(int(uid, 16), 2**64) for uid in lowered)
+    samples = list(wds.WebDataset(f"{out}-00000.tar", shardshuffle=False))
+    assert sorted(json.loads(s["json"])["uid"] for s in samples) == lowered
+    assert sorted(datacomp_keeps([pathlib.Path(f"{out}-00000.tar")], keys, "cur")) == lowered
+    assert set(pq.read_table(f"{out}-kept.parquet")["uid_from"].to_pylist()) == {"uid"}
+
+
 def test_a_true_duplicate_is_still_dropped_and_the_by_table_says_why(tmp_path, capsys):
     written = write_img2dataset(tmp_path / "s", shards=1, per_shard=4)
     uris = written["samples"][written["shards"][0]]
