@@ -283,16 +283,18 @@ def test_the_keep_list_is_datacomps_with_or_without_uids():
         {
             "uid": ["FF" * 16, "not-a-uid", None, None, None],
             "url": [None, "http://a/x.jpg", "http://a/y.jpg", None, None],
-            "sha256": ["00" * 32, "11" * 32, "22" * 32, "ab" * 32, None],
+            "sha256": ["00" * 32, "11" * 32, "22" * 32, "AB" * 32, "not a hash"],
+            "uri": ["a.png", "b.png", "c.png", "d.png", "e.png"],
         }
     )
-    uids, sources = curation.sample_uids(rows)
-    from_url = [hashlib.sha256(url.encode()).hexdigest()[:32] for url in ("http://a/x.jpg", "http://a/y.jpg")]
-    assert uids == ["ff" * 16, *from_url, "ab" * 16, None]
-    assert sources == ["uid", "url", "url", "sha256", None]
-    array = curation.key_array(pa.table({"uid": uids[:4]}))
+    uids, sources = (column.to_pylist() for column in curation.sample_uids(rows))
+    hashed = ("http://a/x.jpg", "http://a/y.jpg", "e.png")
+    derived = [hashlib.sha256(text.encode()).hexdigest()[:32] for text in hashed]
+    assert uids == ["ff" * 16, *derived[:2], "ab" * 16, derived[2]]
+    assert sources == ["uid", "url", "url", "sha256", "uri"]
+    array = curation.key_array(pa.table({"uid": uids}))
     assert array.dtype == np.dtype("u8,u8")
-    assert array.tolist() == sorted((int(u[:16], 16), int(u[16:], 16)) for u in uids[:4])
+    assert array.tolist() == sorted((int(u[:16], 16), int(u[16:], 16)) for u in uids)
 
 
 def write_scan(prefix, scores: pa.Table, errors: pa.Table) -> None:

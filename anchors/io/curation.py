@@ -75,6 +75,7 @@ _EXTENSIONS = "|".join(extension.lstrip(".").replace(".", r"\.") for extension i
 SAMPLE_PATTERN = rf"(?s)^(?P<shard>.*?\.(?i:{_EXTENSIONS}))#(?P<key>.*)$"
 SHARD_PATTERN = rf"(?s)^.*\.(?i:{_EXTENSIONS})$"
 UID_PATTERN = r"^[0-9a-fA-F]{32}$"
+SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
 ROW_GROUP_ROWS = 65_536
 UID_DTYPE = np.dtype("u8,u8")
 
@@ -202,43 +203,60 @@ def _rows(scores: list[pa.Table], errors: list[pa.Table], follow_anchor: str | N
     return pa.concat_tables(parts)
 
 
-def _first_of_each(values: np.ndarray) -> np.ndarray:
-    """Whether each value is the first of its kind in the array."""
+def _first_of_each(values: pa.ChunkedArray) -> np.ndarray:
+    """Whether each value is the first of its kind in the array (hashed by Arrow: no Python
+    object per value)."""
     first = np.zeros(len(values), dtype=bool)
     if len(values):
-        first[np.unique(values, return_index=True)[1]] = True
+        table = pa.table({"value": values, "index": pa.array(np.arange(len(values)))})
+        groups = table.group_by("value", use_threads=False).aggregate([("index", "min")])
+        first[groups["index_min"].to_numpy()] = True
     return first
 
 
 def _first_of_each_sample(rows: pa.Table) -> np.ndarray:
     """Whether each row (sorted by shard and key) is the first of its (shard, key)."""
-    shards = pc.fill_null(rows["shard"], "").to_numpy(zero_copy_only=False)
-    keys = rows["key"].to_numpy(zero_copy_only=False)
     first = np.ones(len(rows), dtype=bool)
-    first[1:] = (shards[1:] != shards[:-1]) | (keys[1:] != keys[:-1])
+    if len(rows) > 1:
+        shards, keys = pc.fill_null(rows["shard"], ""), rows["key"]
+        later, earlier = slice(1, None), slice(0, len(rows) - 1)
+        differs = pc.or_(
+            pc.not_equal(shards[later], shards[earlier]), pc.not_equal(keys[later], keys[earlier])
+        )
+        first[1:] = differs.to_numpy(zero_copy_only=False)
     return first
 
 
-def sample_uids(rows: pa.Table) -> tuple[list[str | None], list[str | None]]:
+def _derived_uid(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def sample_uids(rows: pa.Table) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
     """(uid, where it came from) of each row: the crawl's own ``uid`` where it is 128 bits (32
     hex digits, as DataComp's pools have), else the first 32 hex digits of the SHA-256 of the
-    sample's URL (UTF-8), else of its image's SHA-256; None for a row with none of them."""
-    uids: list[str | None] = []
-    sources: list[str | None] = []
-    for given, url, sha256 in zip(*(rows[name].to_pylist() for name in ("uid", "url", "sha256"))):
-        if given is not None and re.fullmatch(UID_PATTERN, given):
-            uids.append(given.lower())
-            sources.append("uid")
-        elif url:
-            uids.append(hashlib.sha256(url.encode("utf-8")).hexdigest()[:32])
-            sources.append("url")
-        elif sha256:
-            uids.append(sha256[:32])
-            sources.append("sha256")
-        else:
-            uids.append(None)
-            sources.append(None)
-    return uids, sources
+    sample's URL (UTF-8), else the first 32 of its image's SHA-256, else (a hand-made table
+    without either) of the SHA-256 of its URI."""
+    uids, sources = [], []
+    # In batches: a table's worth of Python strings at once would be most of curate's memory.
+    for batch in rows.select(["uid", "url", "sha256", "uri"]).to_batches(max_chunksize=ROW_GROUP_ROWS):
+        batch_uids: list[str | None] = []
+        batch_sources: list[str | None] = []
+        for given, url, sha256, uri in zip(*(column.to_pylist() for column in batch.columns)):
+            uid: str | None
+            source: str | None
+            if given is not None and re.fullmatch(UID_PATTERN, given):
+                uid, source = given.lower(), "uid"
+            elif url:
+                uid, source = _derived_uid(url), "url"
+            elif sha256 is not None and re.fullmatch(SHA256_PATTERN, sha256):
+                uid, source = sha256[:32].lower(), "sha256"
+            else:
+                uid, source = (None, None) if uri is None else (_derived_uid(uri), "uri")
+            batch_uids.append(uid)
+            batch_sources.append(source)
+        uids.append(pa.array(batch_uids, pa.string()))
+        sources.append(pa.array(batch_sources, pa.string()))
+    return pa.chunked_array(uids, pa.string()), pa.chunked_array(sources, pa.string())
 
 
 def decide(
@@ -268,8 +286,10 @@ def decide(
     scored = rows["scored"].to_numpy(zero_copy_only=False).astype(bool)
     dropped[~scored] = UNREADABLE
     score = rows["score"].to_numpy(zero_copy_only=False).astype(float)
-    suspect = rows["is_suspect"].to_numpy(zero_copy_only=False)
-    invalid = np.isnan(score) | np.array([value is None for value in suspect], dtype=bool)
+    suspect = pc.fill_null(rows["is_suspect"], False).to_numpy(zero_copy_only=False)
+    invalid = pc.or_(pc.fill_null(pc.is_nan(rows["score"]), True), pc.is_null(rows["is_suspect"])).to_numpy(
+        zero_copy_only=False
+    )
 
     def drop(reason: str, among: np.ndarray, which: np.ndarray) -> None:
         """Among the still-kept rows ``among`` (indices), drops those ``which`` marks."""
@@ -282,10 +302,10 @@ def decide(
     among = still_kept()
     drop(OTHER_ANCHOR, among, ~rows["followed"].to_numpy(zero_copy_only=False).astype(bool)[among])
     among = still_kept()
-    drop(DUPLICATE, among, ~_first_of_each(rows["sha256"].to_numpy(zero_copy_only=False)[among]))
+    drop(DUPLICATE, among, ~_first_of_each(pc.take(rows["sha256"], among)))
     uids, sources = sample_uids(rows)
     among = still_kept()
-    drop(DUPLICATE_UID, among, ~_first_of_each(np.array(uids, dtype=object)[among]))
+    drop(DUPLICATE_UID, among, ~_first_of_each(pc.take(uids, among)))
     among = still_kept()
     if rule.max_score is not None:
         drop(SCORE_ABOVE, among, score[among] > rule.max_score)
@@ -297,12 +317,12 @@ def decide(
         marked[highest] = True
         drop(TOP_FRACTION, among, marked)
     else:
-        drop(SUSPECT, among, suspect[among].astype(bool))
+        drop(SUSPECT, among, suspect[among])
     carried = [name for name in rows.column_names if name not in CURATION_SCHEMA.names]
     carried.remove("scored")
     carried.remove("followed")
-    decided = rows.set_column(rows.schema.get_field_index("uid"), "uid", pa.array(uids, pa.string()))
-    decided = decided.append_column("uid_from", pa.array(sources, pa.string()))
+    decided = rows.set_column(rows.schema.get_field_index("uid"), "uid", uids)
+    decided = decided.append_column("uid_from", sources)
     decided = decided.append_column("keep", pa.array(dropped == "")).append_column(
         "dropped", pa.array(dropped.tolist(), pa.string())
     )
@@ -310,16 +330,20 @@ def decide(
     return decided.select(schema.names).cast(schema)
 
 
+def _reason_counts(dropped: pa.ChunkedArray | pa.Array) -> Counter:
+    return Counter({row["values"]: row["counts"] for row in pc.value_counts(dropped).to_pylist()})
+
+
 def summary(decided: pa.Table) -> dict:
     """Counts for the one-screen summary: samples, shards, kept (in shards, and images outside
     shards, which are listed but not re-sharded), and dropped by reason."""
-    reasons = decided["dropped"].to_pylist()
+    reasons = _reason_counts(decided["dropped"])
     return {
         "samples": len(decided),
         "shards": len(pc.unique(decided["shard"].drop_null())),
-        "kept": reasons.count(""),
+        "kept": reasons[""],
         "kept_in_shards": len(_kept_in_shards(decided)),
-        "dropped": {reason: reasons.count(reason) for reason in REASONS if reason in reasons},
+        "dropped": {reason: reasons[reason] for reason in REASONS if reasons[reason]},
     }
 
 
@@ -328,10 +352,10 @@ def breakdown(decided: pa.Table, columns: list[str]) -> pa.Table:
     dropped, and the dropped by each reason, the values sorted."""
     rows = []
     for column in columns:
-        values = pc.cast(decided[column], pa.string()).to_pylist()
+        pairs = pa.table({"value": pc.cast(decided[column], pa.string()), "dropped": decided["dropped"]})
         counts: dict = {}
-        for value, reason in zip(values, decided["dropped"].to_pylist()):
-            counts.setdefault(value, Counter())[reason] += 1
+        for group in pairs.group_by(["value", "dropped"]).aggregate([([], "count_all")]).to_pylist():
+            counts.setdefault(group["value"], Counter())[group["dropped"]] += group["count_all"]
         for value in sorted(counts, key=lambda v: (v is None, v or "")):
             tally = counts[value]
             total = sum(tally.values())
@@ -360,13 +384,24 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return buffer.getvalue()
 
 
+# Each hex digit's ASCII code -> its value (uids are lower case by now).
+_HEX_VALUES = np.zeros(256, dtype=np.uint64)
+_HEX_VALUES[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint64)
+
+
 def key_array(kept: pa.Table) -> np.ndarray:
     """DataComp's keep-list of the kept samples: their 128-bit uids (``sample_uids``) as a
     structured array of two little-endian uint64 fields (``np.dtype("u8,u8")``: the uid's high
     and low halves), sorted, as DataComp's resharder reads it."""
-    pairs = [(int(uid[:16], 16), int(uid[16:], 16)) for uid in kept["uid"].to_pylist()]
-    array = np.array(pairs, dtype=UID_DTYPE)
-    array.sort()
+    digits = _HEX_VALUES[np.array(kept["uid"].to_pylist(), dtype="S32").view(np.uint8).reshape(-1, 32)]
+    halves = [np.zeros(len(digits), dtype=np.uint64) for _ in range(2)]
+    for half, first in zip(halves, (0, 16)):
+        for position in range(16):  # big-endian hex: shift in one digit at a time
+            half[:] = (half << np.uint64(4)) | digits[:, first + position]
+    high, low = halves
+    order = np.lexsort((low, high))
+    array = np.empty(len(digits), dtype=UID_DTYPE)
+    array["f0"], array["f1"] = high[order], low[order]
     return array
 
 
