@@ -21,6 +21,7 @@ from anchorscan.anchors.io.curation import (
     breakdown,
     check_score_table,
     decide,
+    indexed_samples,
     key_array,
     npy_bytes,
     parquet_bytes,
@@ -30,9 +31,9 @@ from anchorscan.anchors.io.curation import (
 )
 from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.sources import DEFAULT_MAX_BYTES, DEFAULT_READ_TIMEOUT, ReadLimits
-from anchorscan.anchors.io.storage import check_writable, write_atomically
+from anchorscan.anchors.io.storage import check_writable, read_bytes, write_atomically
 from anchorscan.pipelines.flags import command_parser, float_in, non_negative_float, positive_int, text
-from anchorscan.pipelines.options import add_http_args, counter_totals, http_config, parse
+from anchorscan.pipelines.options import add_http_args, http_config, parse
 from anchorscan.transforms.listing import matching_files
 from anchorscan.transforms.reshard import WriteOutputShards
 from anchorscan.transforms.sinks import OutputExistsError, PrefixLock
@@ -196,7 +197,9 @@ def run(argv=None, test_pipeline=None) -> dict:
                         str(error).split(f"{ReshardError.__name__}: ")[-1].splitlines()[0]
                     ) from None
                 raise
-            resharded = counter_totals(result).get("samples_resharded", 0)
+            # What the shards hold, from the index written after them all (a runner's counters
+            # may count a retried task twice, or not at all).
+            resharded = indexed_samples(read_bytes(wids_index_name(args.output)))
             # Every kept sample of a shard is written, or the run fails: none is lost quietly.
             if resharded != counts["kept_in_shards"]:
                 raise RuntimeError(

@@ -618,3 +618,8 @@ def wids_index_bytes(prefix: str, shards: list[tuple[str, int, int]]) -> bytes:
         ],
     }
     return json.dumps(index, indent=2).encode()
+
+
+def indexed_samples(index: bytes) -> int:
+    """The samples a wids shard index counts in its shards."""
+    return sum(int(shard["nsamples"]) for shard in json.loads(index)["shardlist"])
