@@ -541,6 +541,28 @@ def test_scans_made_with_different_anchors_are_refused_unless_one_is_followed(tm
     assert not glob.glob(str(tmp_path / "c-*"))
     assert main(["curate", *args, "--follow_anchor", "c" * 16, *RUNNER]) == 2
     assert f"--follow_anchor {'c' * 16}: no scores table was made with it" in capsys.readouterr().err
+    # one anchor, but the second scan's scores are a head's: another scale
+    headed = other.set_column(
+        other.schema.get_field_index("anchor_id"), "anchor_id", pa.array(["a" * 16] * 3)
+    )
+    headed = headed.set_column(headed.schema.get_field_index("head"), "head", pa.array(["lda:3f2a"] * 3))
+    write_scan(tmp_path / "h", headed, error_rows([]))
+    assert (
+        main(
+            [
+                "curate",
+                "--scores",
+                str(tmp_path / "a"),
+                "--scores",
+                str(tmp_path / "h"),
+                "--output",
+                str(tmp_path / "c"),
+                *RUNNER,
+            ]
+        )
+        == 2
+    )
+    assert "different heads (lda:3f2a, no head: the head column)" in capsys.readouterr().err
     outcome = curate.run([*args, "--follow_anchor", "a" * 16, *RUNNER])
     decided = pq.read_table(tmp_path / "c-kept.parquet")
     reasons = dict(zip(decided["uri"].to_pylist(), decided["dropped"].to_pylist()))

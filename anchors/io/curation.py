@@ -146,22 +146,33 @@ def check_score_table(table: pa.Table, name: str) -> None:
 
 def check_anchors(scores: list[pa.Table], follow_anchor: str | None) -> None:
     """Refuses scans made with different anchors (their scores and suspect calls do not
-    compare), unless ``follow_anchor`` names the one whose decisions count."""
+    compare), unless ``follow_anchor`` names the one whose decisions count; and the rows that
+    decide scored with different heads (a head's score is on another scale)."""
     anchors = sorted(
         {value or "none" for table in scores for value in pc.unique(table["anchor_id"]).to_pylist()}
     )
-    if follow_anchor is not None:
-        if follow_anchor not in anchors:
-            raise UsageError(
-                f"--follow_anchor {follow_anchor}: no scores table was made with it; "
-                f"the scans' anchors: {', '.join(anchors) or 'none'}"
-            )
-        return
-    if len(anchors) > 1:
+    if follow_anchor is not None and follow_anchor not in anchors:
+        raise UsageError(
+            f"--follow_anchor {follow_anchor}: no scores table was made with it; "
+            f"the scans' anchors: {', '.join(anchors) or 'none'}"
+        )
+    if follow_anchor is None and len(anchors) > 1:
         raise UsageError(
             f"--scores: the scans were made with different anchors ({', '.join(anchors)}: the "
             "anchor_id column), whose scores do not compare; curate each scan alone, or pass "
             f"--follow_anchor {anchors[0]} to decide by that anchor's rows"
+        )
+    heads = set()
+    for table in scores:
+        deciding = table
+        if follow_anchor is not None:
+            deciding = table.filter(pc.equal(pc.fill_null(table["anchor_id"], "none"), follow_anchor))
+        heads |= set(pc.unique(_column(deciding, "head", pa.string())).to_pylist())
+    if len(heads) > 1:
+        names = ", ".join(sorted(head or "no head" for head in heads))
+        raise UsageError(
+            f"--scores: the scans' scores come from different heads ({names}: the head column), "
+            "whose scores do not compare; curate each scan alone"
         )
 
 
