@@ -93,6 +93,9 @@ SCORE_COLUMNS = (
     ),
 )
 
+# A carried column (a manifest's, a sidecar's) named like a score column is written under this prefix.
+CLASH_PREFIX = "manifest_"
+
 ERROR_COLUMNS = (
     Column("uri", pa.string(), "the input, or the `--input` pattern that matched nothing"),
     Column("stage", pa.string(), "`list`, `read`, `decode`, `embed` or `score`"),

@@ -1,7 +1,10 @@
 """Curate a scan: its score and errors tables -> what a training job reads: every sample's
-decision (``PREFIX-kept.parquet``), the kept keys (``PREFIX-keys.npy``) and, with --reshard, tar
-shards of the kept samples (``PREFIX-00000.tar`` ...). The decisions run on the driver over Arrow
-tables; re-sharding is a pipeline, one task per output shard."""
+decision (``PREFIX-kept.parquet``), DataComp's keep-list of the kept uids (``PREFIX-keys.npy``),
+counts per value of --by columns (``PREFIX-by.parquet``) and, with --reshard, tar shards of the
+kept samples in img2dataset's layout (``PREFIX-00000.tar`` with ``PREFIX-00000.parquet`` and
+``PREFIX-00000_stats.json`` ...) and their wids index (``PREFIX-shardindex.json``). The
+decisions run on the driver over Arrow tables; re-sharding is a pipeline, one task per output
+shard."""
 
 from __future__ import annotations
 
@@ -15,18 +18,22 @@ from anchorscan.anchors.io.curation import (
     REASONS,
     KeepRule,
     ReshardError,
+    breakdown,
+    check_score_table,
     decide,
+    indexed_samples,
     key_array,
     npy_bytes,
     parquet_bytes,
     reshard_plan,
     summary,
+    wids_index_name,
 )
 from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.sources import DEFAULT_MAX_BYTES, DEFAULT_READ_TIMEOUT, ReadLimits
-from anchorscan.anchors.io.storage import check_writable, write_atomically
+from anchorscan.anchors.io.storage import check_writable, read_bytes, write_atomically
 from anchorscan.pipelines.flags import command_parser, float_in, non_negative_float, positive_int, text
-from anchorscan.pipelines.options import PROVENANCE_CHOICES, add_http_args, counter_totals, http_config, parse
+from anchorscan.pipelines.options import PROVENANCE_CHOICES, add_http_args, http_config, parse
 from anchorscan.transforms.listing import matching_files
 from anchorscan.transforms.reshard import WriteOutputShards
 from anchorscan.transforms.sinks import OutputExistsError, PrefixLock
@@ -48,6 +55,21 @@ def parser():
         required=True,
         type=text,
         help="prefix of PREFIX-kept.parquet, PREFIX-keys.npy and PREFIX-NNNNN.tar",
+    )
+    parser.add_argument(
+        "--follow_anchor",
+        type=text,
+        default=None,
+        help="where the scans were made with different anchors: the anchor_id whose rows decide "
+        "(the other anchors' samples dropped as other_anchor)",
+    )
+    parser.add_argument(
+        "--by",
+        action="append",
+        default=[],
+        type=text,
+        help="count kept and dropped samples per value of this column (any carried column, e.g. "
+        "status or a manifest's source); repeat for more",
     )
     rule = parser.add_mutually_exclusive_group()
     rule.add_argument(
@@ -107,6 +129,8 @@ def read_tables(prefixes: list[str]) -> tuple[list, list, int]:
             for path in matching_files(f"{prefix}-{kind}-*.parquet"):
                 with FileSystems.open(path, compression_type="uncompressed") as handle:
                     tables.append(pq.read_table(handle))
+                if kind == "scores":
+                    check_score_table(tables[-1], path)
                 files += 1
     if not files:
         raise UsageError(
@@ -120,7 +144,11 @@ def existing_outputs(prefix: str) -> list[str]:
     patterns = [
         f"{prefix}-kept.parquet",
         f"{prefix}-keys.npy",
+        f"{prefix}-by.parquet",
+        f"{prefix}-shardindex.json",
         f"{prefix}-[0-9]*.tar",
+        f"{prefix}-[0-9]*.parquet",
+        f"{prefix}-[0-9]*_stats.json",
         f"{prefix}-[0-9]*.partial",
     ]
     return sorted(m.path for result in FileSystems.match(patterns) for m in result.metadata_list)
@@ -145,21 +173,26 @@ def run(argv=None, test_pipeline=None) -> dict:
     check_writable(f"{args.output}-kept.parquet", "--output")
     rule = KeepRule(args.max_score, args.drop_top, declared_ai=args.provenance == "use")
     scores, errors, files = read_tables(args.scores)
-    decided = decide(scores, errors, rule)
+    decided = decide(scores, errors, rule, args.follow_anchor)
+    check_columns(args.by, decided)
     counts = summary(decided)
     table_uri, keys_uri = f"{args.output}-kept.parquet", f"{args.output}-keys.npy"
+    by_uri = f"{args.output}-by.parquet" if args.by else None
+    by_table = breakdown(decided, args.by)
     keys = key_array(decided.filter(decided["keep"]))
     with PrefixLock(args.output):
         clear_outputs(args.output, args.overwrite)
-        # The table first: re-sharding tasks read their kept keys from it.
+        # The table first: re-sharding tasks read their kept samples from it.
         write_atomically(table_uri, parquet_bytes(decided))
         write_atomically(keys_uri, npy_bytes(keys))
+        if by_uri:
+            write_atomically(by_uri, parquet_bytes(by_table))
         plan = reshard_plan(decided, args.output, args.samples_per_shard) if args.reshard else []
         resharded = 0
         if plan:
             limits = ReadLimits(args.max_bytes, DEFAULT_READ_TIMEOUT, http_config(args))
             pipeline = test_pipeline or beam.Pipeline(options=options)
-            _ = pipeline | "Reshard" >> WriteOutputShards(plan, table_uri, limits)
+            _ = pipeline | "Reshard" >> WriteOutputShards(plan, table_uri, limits, args.output)
             try:
                 result = pipeline.run()
                 result.wait_until_finish()
@@ -171,19 +204,43 @@ def run(argv=None, test_pipeline=None) -> dict:
                         str(error).split(f"{ReshardError.__name__}: ")[-1].splitlines()[0]
                     ) from None
                 raise
-            resharded = counter_totals(result).get("samples_resharded", 0)
+            # What the shards hold, from the index written after them all (a runner's counters
+            # may count a retried task twice, or not at all).
+            resharded = indexed_samples(read_bytes(wids_index_name(args.output)))
+            # Every kept sample of a shard is written, or the run fails: none is lost quietly.
+            if resharded != counts["kept_in_shards"]:
+                raise RuntimeError(
+                    f"re-sharding wrote {resharded:,} samples of the "
+                    f"{counts['kept_in_shards']:,} kept in shards"
+                )
     outcome = {
         **counts,
         "tables": files,
         "rule": rule.describe(),
         "kept_table": table_uri,
         "keys": keys_uri,
-        "key_dtype": str(keys.dtype),
+        "by_table": by_uri,
+        "by": by_table.to_pylist(),
         "shards_written": [shard.name for shard in plan],
+        "wids_index": wids_index_name(args.output) if plan else None,
         "resharded": resharded,
+        "reshard": args.reshard,
     }
     print_summary(outcome)
     return outcome
+
+
+def check_columns(columns: list[str], decided) -> None:
+    for column in columns:
+        if column not in decided.column_names:
+            raise UsageError(
+                f"--by {column}: the scans have no such column; their columns: "
+                f"{', '.join(decided.column_names)}"
+            )
+
+
+# The summary lists at most this many values of a --by column (the table has them all).
+BY_VALUES_SHOWN = 20
 
 
 def print_summary(outcome: dict) -> None:
@@ -196,11 +253,37 @@ def print_summary(outcome: dict) -> None:
         f"kept        {kept:,} ({kept / max(samples, 1):.1%})",
         f"dropped     {samples - kept:,}{f': {by_reason}' if by_reason else ''}",
         f"rule        {outcome['rule']}",
-        f"output      {outcome['kept_table']} (every sample: keep, dropped)",
-        f"            {outcome['keys']} ({kept:,} keys, dtype {outcome['key_dtype']})",
+        f"output      {outcome['kept_table']} (every sample: keep, dropped, carried columns)",
+        f"            {outcome['keys']} ({kept:,} uids, sorted u8,u8: DataComp's keep-list)",
     ]
+    if outcome["by_table"]:
+        lines.append(f"            {outcome['by_table']} (kept and dropped per value of --by)")
     if written:
         span = written[0] if len(written) == 1 else f"{written[0]} ... {written[-1]}"
         shards = f"{len(written)} shard{'s' if len(written) > 1 else ''}"
-        lines.append(f"            {span} ({shards}, {outcome['resharded']:,} samples)")
+        samples_written = f"{outcome['resharded']:,} samples"
+        lines.append(f"            {span} ({shards}, {samples_written}, with sidecars and stats)")
+        lines.append(f"            {outcome['wids_index']} (wids shard index)")
+    outside = kept - outcome["kept_in_shards"]
+    if outcome["reshard"] and outside:
+        lines.append(f"            {outside:,} kept images outside shards: listed, not re-sharded")
+    lines += by_lines(outcome["by"])
     print("\n".join(lines))
+
+
+def by_lines(rows: list[dict]) -> list[str]:
+    """Per --by column, a line per value: kept of samples, dropped by reason."""
+    lines: list[str] = []
+    for column in dict.fromkeys(row["column"] for row in rows):
+        values = [row for row in rows if row["column"] == column]
+        lines.append(f"by {column}")
+        for row in values[:BY_VALUES_SHOWN]:
+            reasons = ", ".join(f"{reason} {row[reason]:,}" for reason in REASONS if row[reason])
+            value = "(none)" if row["value"] is None else repr(row["value"])
+            lines.append(
+                f"  {value:<18} kept {row['kept']:,} of {row['samples']:,}"
+                + (f", dropped {reasons}" if reasons else "")
+            )
+        if len(values) > BY_VALUES_SHOWN:
+            lines.append(f"  ... {len(values) - BY_VALUES_SHOWN:,} more values in the --by table")
+    return lines

@@ -41,16 +41,17 @@ def write_img2dataset(
     seed: int = 0,
     sidecar: bool = True,
     failed_per_shard: int = 1,
+    host: str = "images.example",
 ) -> dict:
     """Shards ``folder/NNNNN.tar`` as img2dataset writes them, through ``webdataset.ShardWriter``;
     each shard's last ``failed_per_shard`` keys failed to download: in the sidecar (status
-    ``failed_to_download``), not in the tar. Returns the shards, the sample URIs by shard and
-    each sample's image bytes by URI."""
+    ``failed_to_download``), not in the tar; URLs on ``host``. Returns the shards, the sample
+    URIs by shard, each sample's image bytes by URI and its sidecar row by URI."""
     import webdataset as wds
 
     folder.mkdir(parents=True, exist_ok=True)
     images = iter(photo_jpegs(shards * per_shard, seed))
-    written: dict = {"shards": [], "samples": {}, "images": {}}
+    written: dict = {"shards": [], "samples": {}, "images": {}, "rows": {}}
     pattern = str(folder / "%05d.tar")
     with wds.ShardWriter(pattern, maxcount=per_shard, start_shard=first_shard, verbose=0) as writer:
         for number in range(first_shard, first_shard + shards):
@@ -58,7 +59,7 @@ def write_img2dataset(
             rows = []
             for index in range(per_shard + failed_per_shard):
                 key = f"{number:05d}{index:04d}"
-                url = f"http://images.example/{key}.jpg"
+                url = f"http://{host}/{key}.jpg"
                 caption = f"photo {key}"
                 if index >= per_shard:
                     rows.append(_row(key, url, caption, "failed_to_download", None))
@@ -70,6 +71,7 @@ def write_img2dataset(
                 uri = f"{shard}#{key}"
                 written["samples"].setdefault(shard, []).append(uri)
                 written["images"][uri] = image
+                written["rows"][uri] = meta
             written["shards"].append(shard)
             if sidecar:
                 pq.write_table(pa.Table.from_pylist(rows), folder / f"{number:05d}.parquet")

@@ -136,3 +136,11 @@ def test_fit_speed_benchmark_prints_its_values(tmp_path):
         value = float(values[name])
         assert value > 0 or ("steady_state" in name and math.isnan(value)), (name, value)
     assert " met)" in output or " not met)" in output
+
+
+def test_curation_benchmark_prints_its_ratios(tmp_path):
+    values, output = benchmark_values("curation.py", "--quick", "--workdir", str(tmp_path))
+    for name in ("curate_rss_ratio", "curate_time_ratio", "curate_rss_large_mb", "curate_time_large_s"):
+        assert float(values[name]) > 0, name
+    targets = output.split("targets\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert len(targets) == 2 and all(line.endswith((": met", ": not met")) for line in targets)

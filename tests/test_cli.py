@@ -185,6 +185,8 @@ FLAGS = {
     "curate": {
         "--scores",
         "--output",
+        "--follow_anchor",
+        "--by",
         "--max_score",
         "--drop_top",
         "--keep",

@@ -29,7 +29,13 @@ from anchorscan.transforms.carried import carried_columns, carried_row
 from anchorscan.transforms.listing import expand_input, indexed_inputs
 from helpers import RUNNER
 from servers import CrawlSite
-from shard_fixtures import HOSTILE_MAX_BYTES, write_flood, write_hostile_shards, write_img2dataset
+from shard_fixtures import (
+    HOSTILE_MAX_BYTES,
+    photo_jpegs,
+    write_flood,
+    write_hostile_shards,
+    write_img2dataset,
+)
 
 
 def read_unit(uri: str, limits: ReadLimits | None = None) -> tuple[dict, dict]:
@@ -197,7 +203,9 @@ def test_http_shards_stream_from_a_web_server(dataset, monkeypatch):
 # --- curation ---------------------------------------------------------------------------------
 
 
-def score_rows(uris: list[str], images: dict, scores: list[float], suspect: list[bool], **extra) -> pa.Table:
+def score_rows(
+    uris: list[str], images: dict, scores: list[float], suspect: list[bool], anchor_id="a" * 16, **extra
+) -> pa.Table:
     rows = []
     for uri, value, is_suspect in zip(uris, scores, suspect):
         row = dict.fromkeys(SCORE_SCHEMA.names)
@@ -209,11 +217,26 @@ def score_rows(uris: list[str], images: dict, scores: list[float], suspect: list
             is_suspect=is_suspect,
             softness="sharp",
             head="",
-            anchor_id="a" * 16,
+            anchor_id=anchor_id,
         )
         rows.append({**row, **{name: values[len(rows)] for name, values in extra.items()}})
-    schema = pa.schema([*SCORE_SCHEMA, *(pa.field(name, pa.string()) for name in extra)])
+    schema = pa.schema(
+        [*SCORE_SCHEMA, *(pa.field(name, pa.array(values).type) for name, values in extra.items())]
+    )
     return pa.Table.from_pylist(rows, schema=schema)
+
+
+def crawl_rows(written: dict, uris: list[str], suspect: list[bool], **options) -> pa.Table:
+    """Score rows of img2dataset samples as `score` writes them: the sidecar's columns carried
+    (``key`` and ``shard`` the reader's, ``width`` as ``manifest_width``: a score column's name)."""
+    sidecar = [written["rows"][uri] for uri in uris]
+    carried = {
+        "key": [uri.split("#")[1] for uri in uris],
+        "shard": [uri.split("#")[0] for uri in uris],
+        **{name: [row[name] for row in sidecar] for name in ("url", "caption", "status")},
+        "manifest_width": [row["width"] for row in sidecar],
+    }
+    return score_rows(uris, written["images"], [1.0] * len(uris), suspect, **options, **carried)
 
 
 def error_rows(uris: list[str]) -> pa.Table:
@@ -255,14 +278,23 @@ def test_the_keep_rules_and_their_reasons(dataset):
     assert counts["samples"] == len(uris) and counts["kept"] == len(uris) - 4 and counts["shards"] == 3
 
 
-def test_keys_are_written_in_datacomp_form_where_every_sample_has_a_uid():
-    uids = ["ff" * 16, "00" * 15 + "01", "0123456789abcdef" * 2]
-    kept = pa.table({"key": ["c", "a", "b"], "uid": uids})
-    array = curation.key_array(kept)
+def test_the_keep_list_is_datacomps_with_or_without_uids():
+    rows = pa.table(
+        {
+            "uid": ["FF" * 16, "not-a-uid", None, None, None],
+            "url": [None, "http://a/x.jpg", "http://a/y.jpg", None, None],
+            "sha256": ["00" * 32, "11" * 32, "22" * 32, "AB" * 32, "not a hash"],
+            "uri": ["a.png", "b.png", "c.png", "d.png", "e.png"],
+        }
+    )
+    uids, sources = (column.to_pylist() for column in curation.sample_uids(rows))
+    hashed = ("http://a/x.jpg", "http://a/y.jpg", "e.png")
+    derived = [hashlib.sha256(text.encode()).hexdigest()[:32] for text in hashed]
+    assert uids == ["ff" * 16, *derived[:2], "ab" * 16, derived[2]]
+    assert sources == ["uid", "url", "url", "sha256", "uri"]
+    array = curation.key_array(pa.table({"uid": uids}))
     assert array.dtype == np.dtype("u8,u8")
     assert array.tolist() == sorted((int(u[:16], 16), int(u[16:], 16)) for u in uids)
-    keys = curation.key_array(pa.table({"key": ["000010002", "000010001"], "uid": [None, None]}))
-    assert keys.dtype == np.dtype("<U9") and keys.tolist() == ["000010001", "000010002"]
 
 
 def write_scan(prefix, scores: pa.Table, errors: pa.Table) -> None:
@@ -270,15 +302,42 @@ def write_scan(prefix, scores: pa.Table, errors: pa.Table) -> None:
     pq.write_table(errors, f"{prefix}-errors-00000-of-00001.parquet")
 
 
-def test_curate_reshards_the_kept_samples_byte_identically(dataset, tmp_path, capsys):
+def datacomp_keeps(shards: list[pathlib.Path], keys: np.ndarray, prefix: str) -> list[str]:
+    """What DataComp's resharder keeps of ``shards`` given the keep-list ``keys``, by its logic:
+    each shard's sample count from ``successes`` in its stats JSON, each sample's uid from its
+    ``json`` member, split into the two uint64 halves and looked up in the sorted ``u8,u8``
+    array (kept as many times as the array holds it). Returns the kept uids."""
+    import json
+
+    import webdataset as wds
+
+    assert keys.dtype == np.dtype("u8,u8") and keys.tolist() == sorted(keys.tolist())
+    kept, counted = [], 0
+    for shard in shards:
+        stats = json.loads(pathlib.Path(str(shard)[: -len(".tar")] + "_stats.json").read_text())
+        counted += int(stats["successes"])
+        for sample in wds.WebDataset(str(shard), shardshuffle=False):
+            uid = json.loads(sample["json"])["uid"]
+            wanted = np.array([divmod(int(uid, 16), 2**64)], np.dtype("u8,u8"))[0]
+            count = np.searchsorted(keys, wanted, "right") - np.searchsorted(keys, wanted, "left")
+            kept += [uid] * int(count)
+    assert counted == len(kept), (
+        f"{prefix}: the stats count {counted} samples, the keep-list finds {len(kept)}"
+    )
+    return kept
+
+
+def test_curate_reshards_the_kept_samples_in_img2datasets_layout(dataset, tmp_path, capsys):
+    import json
+
     import duckdb
     import webdataset as wds
+    import wids
 
     _, written = dataset
     uris = [uri for shard in written["shards"] for uri in written["samples"][shard]]
     suspect = [i % 4 == 1 for i in range(len(uris))]
-    scores = score_rows(uris[1:], written["images"], [1.0] * (len(uris) - 1), suspect[1:])
-    write_scan(tmp_path / "scan", scores, error_rows(uris[:1]))
+    write_scan(tmp_path / "scan", crawl_rows(written, uris[1:], suspect[1:]), error_rows(uris[:1]))
     args = ["--scores", str(tmp_path / "scan"), "--output", str(tmp_path / "cur"), "--reshard"]
     outcome = curate.run([*args, "--samples_per_shard", "3", *RUNNER])
     kept = [uri for uri, bad in zip(uris[1:], suspect[1:]) if not bad]
@@ -286,15 +345,48 @@ def test_curate_reshards_the_kept_samples_byte_identically(dataset, tmp_path, ca
     assert "dropped     4: unreadable 1, suspect 3" in capsys.readouterr().out
     shards = sorted(tmp_path.glob("cur-*.tar"))
     assert [p.name for p in shards] == ["cur-00000.tar", "cur-00001.tar", "cur-00002.tar"]
-    # webdataset reads them, every member of each kept sample, in order
+    # each sample under its uid (from its URL: the crawl has none), every member, images unchanged
+    uid = {uri: hashlib.sha256(written["rows"][uri]["url"].encode()).hexdigest()[:32] for uri in kept}
     samples = list(wds.WebDataset([str(p) for p in shards], shardshuffle=False))
-    assert [s["__key__"] for s in samples] == [uri.split("#")[1] for uri in kept]
+    assert [s["__key__"] for s in samples] == [uid[uri] for uri in kept]
     assert all(s["jpg"] == written["images"][uri] for s, uri in zip(samples, kept))
     assert all(set(s) >= {"jpg", "json", "txt"} for s in samples)
+    metadata = [json.loads(s["json"]) for s in samples]
+    assert [(m["uid"], m["key"], m["url"]) for m in metadata] == [
+        (uid[uri], uid[uri], written["rows"][uri]["url"]) for uri in kept
+    ]
     with tarfile.open(shards[0]) as archive:
         members = archive.getmembers()
-    assert [m.name for m in members][:3] == [f"{kept[0].split('#')[1]}.{e}" for e in ("jpg", "json", "txt")]
+    assert [m.name for m in members][:3] == [f"{uid[kept[0]]}.{e}" for e in ("jpg", "json", "txt")]
     assert {(m.mtime, m.uid, m.gid, m.uname, m.mode) for m in members} == {(0, 0, 0, "", 0o444)}
+    # img2dataset's sidecar and stats beside each shard: one row per sample, the same keys,
+    # every carried column under the crawl's own names
+    for shard in shards:
+        sidecar = pq.read_table(shard.with_suffix(".parquet")).to_pylist()
+        in_tar = [s["__key__"] for s in wds.WebDataset(str(shard), shardshuffle=False)]
+        assert [row["key"] for row in sidecar] == in_tar
+        stats = json.loads((tmp_path / f"{shard.stem}_stats.json").read_text())
+        assert stats["successes"] == stats["count"] == len(in_tar)
+    rows = pq.read_table([str(shard.with_suffix(".parquet")) for shard in shards]).to_pylist()
+    for row, uri in zip(rows, kept):
+        crawl = written["rows"][uri]
+        assert row["source"] == uri and row["uid"] == uid[uri]
+        assert (row["url"], row["caption"], row["status"], row["width"]) == (
+            crawl["url"],
+            crawl["caption"],
+            "success",
+            crawl["width"],
+        )
+    # wids opens the output by its index alone
+    index = tmp_path / "cur-shardindex.json"
+    dataset = wids.ShardListDataset(str(index), cache_dir=str(tmp_path / "wids-cache"), transformations=[])
+    assert len(dataset) == 8
+    opened = [dataset[i] for i in range(8)]
+    assert [sample["__key__"] for sample in opened] == [uid[uri] for uri in kept]
+    assert [sample[".jpg"].read() for sample in opened] == [written["images"][uri] for uri in kept]
+    # DataComp's resharder keeps every sample of the output, each once, by the keep-list
+    keys = np.load(tmp_path / "cur-keys.npy")
+    assert sorted(datacomp_keeps(shards, keys, "cur")) == sorted(uid.values())
     table = str(tmp_path / "cur-kept.parquet")
     database = duckdb.connect()
     got = database.execute(f"select count(*), sum(keep::int) from '{table}'").fetchall()[0]
@@ -303,8 +395,10 @@ def test_curate_reshards_the_kept_samples_byte_identically(dataset, tmp_path, ca
         database.execute(f"select dropped, count(*) from '{table}' where not keep group by 1").fetchall()
     )
     assert reasons == {"unreadable": 1, "suspect": 3}
-    keys = np.load(tmp_path / "cur-keys.npy")
-    assert keys.tolist() == sorted(uri.split("#")[1] for uri in kept)
+    carried = database.execute(
+        f"select status, manifest_width, uid_from from '{table}' where keep"
+    ).fetchall()
+    assert set(carried) == {("success", 256, "url")}
     # the same inputs give the same bytes; an existing output is refused without --overwrite
     first = {p.name: p.read_bytes() for p in tmp_path.glob("cur-*")}
     assert main(["curate", *args, "--samples_per_shard", "3", *RUNNER]) == 2
@@ -349,6 +443,180 @@ def test_curating_hostile_shards_writes_nothing_outside_the_output(tmp_path):
     with tarfile.open(tmp_path / "out" / "cur-00000.tar") as archive:
         names = archive.getnames()
     assert not any(name.startswith("/") or ".." in name.split("/") for name in names)
+
+
+def test_two_crawls_with_keys_from_zero_curate_into_one_dataset(tmp_path, capsys):
+    import webdataset as wds
+
+    # img2dataset numbers each run's shards and keys from 0: the two crawls' keys are the same
+    crawls = [
+        write_img2dataset(tmp_path / name, shards=2, per_shard=3, seed=seed, host=f"{name}.example")
+        for seed, name in enumerate(("laion", "coyo"))
+    ]
+    uris = [[uri for shard in c["shards"] for uri in c["samples"][shard]] for c in crawls]
+    assert [u.split("#")[1] for u in uris[0]] == [u.split("#")[1] for u in uris[1]]
+    for name, crawl, listed in zip(("a", "b"), crawls, uris):
+        source = [name] * len(listed)
+        table = crawl_rows(crawl, listed, [False] * len(listed), crawl=source)
+        write_scan(tmp_path / name, table, error_rows([]))
+    # the first scan given twice: its samples are the same shard and key twice, one sample each
+    args = ["--scores", str(tmp_path / "a"), "--scores", str(tmp_path / "b"), "--scores", str(tmp_path / "a")]
+    out = str(tmp_path / "out" / "cur")
+    outcome = curate.run([*args, "--output", out, "--reshard", "--by", "crawl", *RUNNER])
+    assert outcome["samples"] == outcome["kept"] == outcome["resharded"] == 12
+    samples = list(wds.WebDataset(sorted(glob.glob(f"{out}-*.tar")), shardshuffle=False))
+    images = {**crawls[0]["images"], **crawls[1]["images"]}
+    assert sorted(s["jpg"] for s in samples) == sorted(images.values())
+    assert len({s["__key__"] for s in samples}) == 12
+    kept = pq.read_table(f"{out}-kept.parquet")
+    assert sorted(zip(kept["shard"].to_pylist(), kept["key"].to_pylist())) == sorted(
+        tuple(uri.split("#")) for uri in uris[0] + uris[1]
+    )
+    by = pq.read_table(f"{out}-by.parquet").to_pylist()
+    assert [(row["column"], row["value"], row["samples"], row["kept"]) for row in by] == [
+        ("crawl", "a", 6, 6),
+        ("crawl", "b", 6, 6),
+    ]
+    assert "  'a'                kept 6 of 6" in capsys.readouterr().out
+
+
+def test_a_crawl_with_uids_keeps_them_in_the_keep_list_and_the_shards(tmp_path):
+    import json
+
+    import webdataset as wds
+
+    written = write_img2dataset(tmp_path / "s", shards=1, per_shard=3)
+    uris = written["samples"][written["shards"][0]]
+    uids = ["0123456789ABCDEF" * 2, "f" * 32, "0" * 31 + "1"]  # DataComp's: 32 hex digits
+    write_scan(tmp_path / "scan", crawl_rows(written, uris, [False] * 3, uid=uids), error_rows([]))
+    out = str(tmp_path / "cur")
+    curate.run(["--scores", str(tmp_path / "scan"), "--output", out, "--reshard", *RUNNER])
+    keys = np.load(f"{out}-keys.npy")
+    lowered = sorted(uid.lower() for uid in uids)
+    assert keys.tolist() == sorted(divmod(int(uid, 16), 2**64) for uid in lowered)
+    samples = list(wds.WebDataset(f"{out}-00000.tar", shardshuffle=False))
+    assert sorted(json.loads(s["json"])["uid"] for s in samples) == lowered
+    assert sorted(datacomp_keeps([pathlib.Path(f"{out}-00000.tar")], keys, "cur")) == lowered
+    assert set(pq.read_table(f"{out}-kept.parquet")["uid_from"].to_pylist()) == {"uid"}
+
+
+def test_a_true_duplicate_is_still_dropped_and_the_by_table_says_why(tmp_path, capsys):
+    written = write_img2dataset(tmp_path / "s", shards=1, per_shard=4)
+    uris = written["samples"][written["shards"][0]]
+    images = {**written["images"], uris[3]: written["images"][uris[0]]}  # the same bytes twice
+    table = score_rows(
+        uris, images, [1.0] * 4, [False, True, False, False], kind=["photo", "photo", "art", "art"]
+    )
+    write_scan(tmp_path / "scan", table, error_rows([]))
+    out = str(tmp_path / "cur")
+    outcome = curate.run(["--scores", str(tmp_path / "scan"), "--output", out, "--by", "kind", *RUNNER])
+    assert outcome["dropped"] == {"duplicate": 1, "suspect": 1}
+    by = {row["value"]: row for row in pq.read_table(f"{out}-by.parquet").to_pylist()}
+    assert (by["photo"]["kept"], by["photo"]["suspect"], by["art"]["kept"], by["art"]["duplicate"]) == (
+        1,
+        1,
+        1,
+        1,
+    )
+    printed = capsys.readouterr().out
+    assert "  'photo'            kept 1 of 2, dropped suspect 1" in printed
+    assert "  'art'              kept 1 of 2, dropped duplicate 1" in printed
+    assert main(["curate", "--scores", str(tmp_path / "scan"), "--output", f"{out}2", "--by", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--by nope: the scans have no such column" in err and "kind" in err
+    assert not glob.glob(f"{out}2-*")
+
+
+def test_scans_made_with_different_anchors_are_refused_unless_one_is_followed(tmp_path, capsys):
+    written = write_img2dataset(tmp_path / "s", shards=2, per_shard=2)
+    first, second = (written["samples"][shard] for shard in written["shards"])
+    write_scan(tmp_path / "a", score_rows(first, written["images"], [1.0] * 2, [False] * 2), error_rows([]))
+    # the second shard scanned by another anchor, which also scored the first shard's first sample
+    other = score_rows([first[0], *second], written["images"], [9.0] * 3, [True] * 3, anchor_id="b" * 16)
+    write_scan(tmp_path / "b", other, error_rows([]))
+    args = ["--scores", str(tmp_path / "a"), "--scores", str(tmp_path / "b"), "--output", str(tmp_path / "c")]
+    assert main(["curate", *args, *RUNNER]) == 2
+    err = capsys.readouterr().err
+    assert f"different anchors ({'a' * 16}, {'b' * 16}" in err and "--follow_anchor" in err
+    assert not glob.glob(str(tmp_path / "c-*"))
+    assert main(["curate", *args, "--follow_anchor", "c" * 16, *RUNNER]) == 2
+    assert f"--follow_anchor {'c' * 16}: no scores table was made with it" in capsys.readouterr().err
+    # one anchor, but the second scan's scores are a head's: another scale
+    headed = other.set_column(
+        other.schema.get_field_index("anchor_id"), "anchor_id", pa.array(["a" * 16] * 3)
+    )
+    headed = headed.set_column(headed.schema.get_field_index("head"), "head", pa.array(["lda:3f2a"] * 3))
+    write_scan(tmp_path / "h", headed, error_rows([]))
+    assert (
+        main(
+            [
+                "curate",
+                "--scores",
+                str(tmp_path / "a"),
+                "--scores",
+                str(tmp_path / "h"),
+                "--output",
+                str(tmp_path / "c"),
+                *RUNNER,
+            ]
+        )
+        == 2
+    )
+    assert "different heads (lda:3f2a, no head: the head column)" in capsys.readouterr().err
+    outcome = curate.run([*args, "--follow_anchor", "a" * 16, *RUNNER])
+    decided = pq.read_table(tmp_path / "c-kept.parquet")
+    reasons = dict(zip(decided["uri"].to_pylist(), decided["dropped"].to_pylist()))
+    # the followed anchor's row of the sample both scored decides it; the rest are reported
+    assert reasons == {first[0]: "", first[1]: "", second[0]: "other_anchor", second[1]: "other_anchor"}
+    assert outcome["kept"] == 2 and outcome["dropped"] == {"other_anchor": 2}
+
+
+def test_tables_that_lie_are_refused_or_their_rows_dropped(tmp_path, capsys):
+    written = write_img2dataset(tmp_path / "s", shards=1, per_shard=4)
+    uris = written["samples"][written["shards"][0]]
+    table = score_rows(uris, written["images"], [float("nan"), None, 1.0, 1.0], [False, False, None, False])
+    write_scan(tmp_path / "scan", table, error_rows([]))
+    out = str(tmp_path / "cur")
+    outcome = curate.run(["--scores", str(tmp_path / "scan"), "--output", out, "--reshard", *RUNNER])
+    assert outcome["kept"] == outcome["resharded"] == 1 and outcome["dropped"] == {"invalid_score": 3}
+    decided = pq.read_table(f"{out}-kept.parquet")
+    assert dict(zip(decided["uri"].to_pylist(), decided["dropped"].to_pylist()))[uris[3]] == ""
+    for column in ("is_suspect", "anchor_id"):
+        write_scan(tmp_path / column, table.drop_columns([column]), error_rows([]))
+        code = main(["curate", "--scores", str(tmp_path / column), "--output", str(tmp_path / "x"), *RUNNER])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert f"{column}-scores-00000-of-00001.parquet: no {column} column" in err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_a_key_with_a_newline_is_resharded_under_its_own_shard_and_key(tmp_path):
+    import webdataset as wds
+
+    jpg = photo_jpegs(2, seed=3)
+    shard = tmp_path / "odd.tar"
+    with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT) as archive:
+        for name, data in (("line\nbreak.jpg", jpg[0]), ("plain.jpg", jpg[1])):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    records, errors = read_unit(str(shard))
+    assert not errors and len(records) == 2
+    uris = sorted(records)
+    carried = {name: [records[uri].carried[name] for uri in uris] for name in ("key", "shard")}
+    images = {uri: records[uri].data for uri in uris}
+    write_scan(tmp_path / "scan", score_rows(uris, images, [0.0] * 2, [False] * 2, **carried), error_rows([]))
+    out = str(tmp_path / "cur")
+    outcome = curate.run(["--scores", str(tmp_path / "scan"), "--output", out, "--reshard", *RUNNER])
+    # kept = written + reported: both in the output shard, each listed under its shard and key
+    assert outcome["kept"] == outcome["kept_in_shards"] == outcome["resharded"] == 2
+    decided = pq.read_table(f"{out}-kept.parquet")
+    assert sorted(zip(decided["shard"].to_pylist(), decided["key"].to_pylist())) == [
+        (str(shard), "line\nbreak"),
+        (str(shard), "plain"),
+    ]
+    written = list(wds.WebDataset(f"{out}-00000.tar", shardshuffle=False))
+    assert sorted(sample["jpg"] for sample in written) == sorted(jpg)
 
 
 def test_curate_is_a_command_with_its_own_flags(capsys):

@@ -34,11 +34,8 @@ from anchorscan.anchors.io.shards import (
 )
 from anchorscan.anchors.io.sources import DEFAULT_MAX_BYTES
 from anchorscan.anchors.io.storage import read_bytes
-from anchorscan.anchors.tables import SCORE_SCHEMA
+from anchorscan.anchors.tables import CLASH_PREFIX, SCORE_SCHEMA
 from anchorscan.transforms.listing import expand_input, indexed_inputs
-
-# A carried column named like a score column is written under this prefix.
-CLASH_PREFIX = "manifest_"
 
 
 def carries_columns(pattern: str) -> bool:
