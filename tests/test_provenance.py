@@ -381,6 +381,7 @@ def test_curate_drops_declared_ai_unless_told_to_ignore_it():
             "anchor_score": [0.0, 0.0, 9.0, 0.0, 0.0],
             "is_suspect": [True, True, True, False, False],
             "provenance": declared,
+            "anchor_id": ["a" * 16] * 5,
         }
     )
     decided = curation.decide([table], [])
