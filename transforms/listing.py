@@ -17,7 +17,7 @@ from anchorscan.anchors.io.gcs import describe, is_gcs
 from anchorscan.anchors.io.manifests import is_manifest, names_local_file, read_manifest
 from anchorscan.anchors.io.sources import Unit, listable
 from anchorscan.anchors.io.storage import read_bytes
-from anchorscan.anchors.io.uris import has_glob, local_path, uri_text
+from anchorscan.anchors.io.uris import FILE_SCHEME, glob_prefix, has_glob, is_remote, local_path, uri_text
 from anchorscan.anchors.tables import error_row
 from anchorscan.transforms.progress import ReportProgress
 
@@ -36,8 +36,13 @@ gcs.ANONYMOUS_HOOKS.append(_tell_beam_anonymous)
 
 
 def matching_files(pattern: str) -> list[str]:
-    """Sorted paths that ``pattern`` matches, local or gs:// (none when nothing matches)."""
-    return sorted(metadata.path for metadata in FileSystems.match([pattern])[0].metadata_list)
+    """Sorted paths that ``pattern`` matches, local or gs:// (none when nothing matches). Beam
+    lists the folder of a glob's fixed part, which for a bare relative glob (``s1-scores-*``)
+    is '' and lists nothing: such a glob is matched in ``.``, its paths given back bare."""
+    path = local_path(pattern)
+    bare = path is not None and has_glob(path) and not os.path.dirname(glob_prefix(path))
+    found = FileSystems.match([f"./{pattern}" if bare else pattern])[0].metadata_list
+    return sorted(metadata.path[2:] if bare else metadata.path for metadata in found)
 
 
 def files_below(root: str) -> list[str]:
@@ -226,10 +231,19 @@ def braces(pattern: str) -> list[str]:
         return [pattern]
 
 
+def _absolute(pattern: str) -> str:
+    """A relative local --input made absolute: the tables then name files that can be found
+    from any folder later (``curate --reshard`` reads the shards again)."""
+    if is_remote(pattern) or pattern.startswith(FILE_SCHEME) or os.path.isabs(pattern):
+        return pattern
+    return os.path.abspath(pattern)
+
+
 def distinct_patterns(patterns: list[str]) -> list[str]:
-    """Each --input once, in order (a folder with or without its trailing '/' is one input),
-    as text that Beam's coders accept (see anchors/uris.py)."""
-    return list(dict.fromkeys(uri_text(pattern.rstrip("/") or pattern) for pattern in patterns))
+    """Each --input once, in order (a folder with or without its trailing '/' is one input; a
+    relative local one from the working folder), as text that Beam's coders accept (see
+    anchors/uris.py)."""
+    return list(dict.fromkeys(uri_text(_absolute(pattern.rstrip("/") or pattern)) for pattern in patterns))
 
 
 def indexed_inputs(patterns: list[str]) -> list[tuple[int, str]]:
