@@ -9,10 +9,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 
 import pytest
 from test_shards import error_rows, read_unit, score_rows, write_scan
 
+from anchorscan.anchors.calibration import MIN_CALIBRATION
 from anchorscan.pipelines import score
 from anchorscan.pipelines.cli import main
 from anchorscan.transforms.sinks import PrefixLock
@@ -215,3 +217,81 @@ def test_a_curation_whose_shard_is_gone_names_it_and_leaves_nothing(scanned_shar
     assert not list((tmp_path / "c3").iterdir())  # no .partial, no kept table, no keys
     moved.rename(shard)
     assert curate_cli(tmp_path / "scan", prefix, "--reshard", "--samples_per_shard", "2") == 0
+
+
+def test_a_refused_calibrate_prints_one_line_and_leaves_nothing(fitted_anchor, tmp_path):
+    anchor, _ = fitted_anchor
+    yours = tmp_path / "yours"
+    yours.mkdir()
+    for index in range(30):  # images that cannot be read: no calibration, an errors table's rows
+        (yours / f"photo_{index}.jpg").write_bytes(b"not an image")
+    command = [sys.executable, "-m", "anchorscan.pipelines.cli", "calibrate", "--anchor", str(anchor)]
+    # A bare --output: its errors table's prefix is "cal", in the working folder.
+    command += ["--input", "yours", "--output", "cal", *RUNNER]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "anchorscan calibrate: error: only 0 of your real images could be embedded (need at least "
+        f"{MIN_CALIBRATION}) [while running 'Calibrate']"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["yours"]  # no cal-errors-*.parquet
+
+
+def soft_upscales(folder, count: int) -> None:
+    """Photos shrunk and blown up again with a blur: what the anchor calls suspect."""
+    from PIL import Image, ImageFilter
+
+    folder.mkdir()
+    for path in write_crops(folder, count_per_photo=count, seed=13):
+        image = Image.open(path).convert("RGB")
+        small = image.resize((image.width // 4, image.height // 4), Image.Resampling.BOX)
+        small.resize(image.size, Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(2)).save(path)
+
+
+def test_a_rescan_that_reuses_every_row_counts_its_suspects(fitted_anchor, tmp_path, capsys):
+    anchor, _ = fitted_anchor
+    soft_upscales(tmp_path / "night", 2)
+    assert scan(anchor, tmp_path / "night", tmp_path / "n1") == 0
+    suspects = sum(row["is_suspect"] for row in read_parquet_rows(f"{tmp_path}/n1-scores-*.parquet"))
+    assert suspects > 0
+    capsys.readouterr()
+    summary = score.run(
+        [
+            "--input",
+            str(tmp_path / "night"),
+            "--anchor",
+            str(anchor),
+            "--output",
+            str(tmp_path / "n2"),
+            "--skip_scored",
+            str(tmp_path / "n1"),
+            *RUNNER,
+        ]
+    )
+    assert summary["scored"] == 0 and summary["suspect"] == suspects
+    rows = len(list((tmp_path / "night").iterdir()))
+    assert f"suspect     {suspects} ({suspects / rows:.1%};" in capsys.readouterr().out
+
+
+def test_shards_scored_by_a_relative_path_are_curated_from_another_folder(
+    fitted_anchor, tmp_path, monkeypatch, capsys
+):
+    anchor, _ = fitted_anchor
+    (tmp_path / "work").mkdir()
+    (tmp_path / "other").mkdir()
+    written = write_img2dataset(tmp_path / "work" / "i2d", shards=2, per_shard=3)
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["score", "--input", "i2d", "--anchor", str(anchor), "--output", "s1", *RUNNER]) == 0
+    rows = read_parquet_rows(f"{tmp_path}/work/s1-scores-*.parquet")
+    assert sorted(row["uri"] for row in rows) == sorted(written["images"])  # the absolute paths
+    tables = sorted(p.name for p in (tmp_path / "work").glob("s1-*"))
+    # an --input glob that matches the tables --overwrite would delete
+    argv = ["score", "--input", "*", "--anchor", str(anchor), "--output", "s1", "--overwrite", *RUNNER]
+    assert main(argv) == 2
+    assert "s1-errors-00000-of-00001.parquet is an input of this run (*)" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "work").glob("s1-*")) == tables
+    monkeypatch.chdir(tmp_path / "other")
+    assert curate_cli(tmp_path / "work" / "s1", "cur", "--reshard", "--drop_top", "0") == 0
+    with tarfile.open(tmp_path / "other" / "cur-00000.tar") as archive:
+        keys = {name.split(".")[0] for name in archive.getnames()}
+    assert keys == {uri.split("#")[1] for uri in written["images"]}  # read again from i2d

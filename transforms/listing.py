@@ -17,7 +17,7 @@ from anchorscan.anchors.io.gcs import describe, is_gcs
 from anchorscan.anchors.io.manifests import is_manifest, names_local_file, read_manifest
 from anchorscan.anchors.io.sources import Unit, listable
 from anchorscan.anchors.io.storage import read_bytes
-from anchorscan.anchors.io.uris import FILE_SCHEME, glob_prefix, has_glob, is_remote, local_path, uri_text
+from anchorscan.anchors.io.uris import glob_prefix, has_glob, local_path, uri_text
 from anchorscan.anchors.tables import error_row
 from anchorscan.transforms.progress import ReportProgress
 
@@ -122,7 +122,10 @@ def expand_input(pattern: str, index: int = 0, carried_names: tuple[str, ...] = 
                 yield kind, value
             return
         path = local_path(pattern)
-        listing = _list_local(path) if path is not None else _list_remote(pattern)
+        if path is None:
+            listing = _list_remote(pattern)
+        else:  # relative paths listed absolute: the tables name files found from any folder later
+            listing = _list_local(path if os.path.isabs(path) else os.path.abspath(path))
         for kind, value in listing:
             reported = reported or kind == "uri"
             yield (kind, value) if kind == "error" else ("unit", Unit(value, (index, 0)))
@@ -231,19 +234,10 @@ def braces(pattern: str) -> list[str]:
         return [pattern]
 
 
-def _absolute(pattern: str) -> str:
-    """A relative local --input made absolute: the tables then name files that can be found
-    from any folder later (``curate --reshard`` reads the shards again)."""
-    if is_remote(pattern) or pattern.startswith(FILE_SCHEME) or os.path.isabs(pattern):
-        return pattern
-    return os.path.abspath(pattern)
-
-
 def distinct_patterns(patterns: list[str]) -> list[str]:
-    """Each --input once, in order (a folder with or without its trailing '/' is one input; a
-    relative local one from the working folder), as text that Beam's coders accept (see
-    anchors/uris.py)."""
-    return list(dict.fromkeys(uri_text(_absolute(pattern.rstrip("/") or pattern)) for pattern in patterns))
+    """Each --input once, in order (a folder with or without its trailing '/' is one input),
+    as text that Beam's coders accept (see anchors/uris.py)."""
+    return list(dict.fromkeys(uri_text(pattern.rstrip("/") or pattern) for pattern in patterns))
 
 
 def indexed_inputs(patterns: list[str]) -> list[tuple[int, str]]:
