@@ -10,6 +10,7 @@ import glob
 import json
 import logging
 import os
+import posixpath
 import re
 import socket
 import time
@@ -27,7 +28,7 @@ from anchorscan.anchors.errors import (
     UserError,
 )
 from anchorscan.anchors.io.sources import listable
-from anchorscan.anchors.io.storage import files_named, is_below, resolved
+from anchorscan.anchors.io.storage import files_named, resolved
 from anchorscan.anchors.io.uris import has_glob, is_remote, local_file
 from anchorscan.anchors.tables import ERROR_SCHEMA, SCORE_SCHEMA
 from anchorscan.transforms.listing import braces, matching_files
@@ -140,24 +141,31 @@ class ReadPreviousScores(beam.PTransform):
 TABLE_NAMES = (r"-scores-\d+-of-\d+\.parquet", r"-errors-\d+-of-\d+\.parquet")
 
 
-def _names_input(path: str, inputs: list[str]) -> str | None:
-    """The first of ``inputs`` that names the file ``path``: the file itself, a folder above it
-    (whose walk reads it, see ``listable``) or a glob that matches it."""
-    found = resolved(path)
+def _read_among(paths: list[str], inputs: list[str]) -> tuple[str, str] | None:
+    """(path, input) for the first of ``paths`` that one of ``inputs`` names: the file itself, a
+    folder above it (whose walk reads it, see ``listable``) or a glob that matches it. The
+    inputs are resolved once: a curation reads thousands of shards."""
+    named: dict[str, str] = {}
+    globs = []
     for given in inputs:
         for name in braces(given):
-            if has_glob(name):  # matched as the listing matches it: links not resolved
-                pattern, typed = (
-                    (name, path)
-                    if is_remote(name)
-                    else (os.path.abspath(local_file(name)), os.path.abspath(path))
-                )
-                named = re.fullmatch(FileSystem.translate_pattern(pattern), typed) is not None
-            else:
-                where = resolved(name)
-                named = found == where or (is_below(found, where) and listable(found))
-            if named:
-                return given
+            if not has_glob(name):
+                named.setdefault(resolved(name), given)
+            else:  # matched as the listing matches it: links not resolved
+                pattern = name if is_remote(name) else os.path.abspath(local_file(name))
+                globs.append((re.compile(FileSystem.translate_pattern(pattern)), given))
+    for path in paths:
+        found = resolved(path)
+        folders = [found]
+        if listable(found):
+            while (parent := posixpath.dirname(folders[-1])) not in (folders[-1], "gs:"):
+                folders.append(parent)
+        typed = path if is_remote(path) else os.path.abspath(local_file(path))
+        given = next((named[folder] for folder in folders if folder in named), None) or next(
+            (given for pattern, given in globs if pattern.fullmatch(typed)), None
+        )
+        if given is not None:
+            return path, given
     return None
 
 
@@ -190,13 +198,12 @@ class Outputs:
                 f"{self.flag} {self.prefix} already holds {len(existing)} {kind} (e.g. {existing[0]}): "
                 f"choose another {self.flag}, or pass --overwrite to replace them"
             )
-        for path in existing:
-            given = _names_input(path, inputs)
-            if given is not None:
-                raise UsageError(
-                    f"{path} is an input of this run ({given}), which --overwrite would delete: "
-                    f"write to another {self.flag}"
-                )
+        read = _read_among(existing, inputs)
+        if read is not None:
+            raise UsageError(
+                f"{read[0]} is an input of this run ({read[1]}), which --overwrite would delete: "
+                f"write to another {self.flag}"
+            )
         FileSystems.delete(existing)
 
     @contextlib.contextmanager

@@ -230,11 +230,5 @@ def files_named(prefix: str, suffixes: tuple[str, ...]) -> list[str]:
 
 def resolved(uri: str) -> str:
     """Where ``uri`` leads: a local path made absolute with its links and ``..`` resolved,
-    another URI as it is."""
-    return uri if is_remote(uri) else os.path.realpath(local_file(uri))
-
-
-def is_below(path: str, folder: str) -> bool:
-    """Whether ``path`` (as ``resolved`` gives it) is ``folder`` or a file below it."""
-    separator = "/" if is_remote(folder) else os.sep
-    return path == folder or path.startswith(folder.rstrip(separator) + separator)
+    another URI without a trailing '/'."""
+    return uri.rstrip("/") if is_remote(uri) else os.path.realpath(local_file(uri))
