@@ -1,5 +1,6 @@
 """Parquet outputs with explicit schemas; the earlier score tables a scan reuses; the lock and the
-refusal that keep two scans, or an old and a new one, from mixing their tables under one prefix."""
+refusal that keep two scans, or an old and a new one, from mixing their tables under one prefix;
+``Outputs``, the exact names a command writes under a prefix, which alone --overwrite deletes."""
 
 from __future__ import annotations
 
@@ -161,11 +162,11 @@ def _read_among(paths: list[str], inputs: list[str]) -> tuple[str, str] | None:
             while (parent := posixpath.dirname(folders[-1])) not in (folders[-1], "gs:"):
                 folders.append(parent)
         typed = path if is_remote(path) else os.path.abspath(local_file(path))
-        given = next((named[folder] for folder in folders if folder in named), None) or next(
+        source = next((named[folder] for folder in folders if folder in named), None) or next(
             (given for pattern, given in globs if pattern.fullmatch(typed)), None
         )
-        if given is not None:
-            return path, given
+        if source is not None:
+            return path, source
     return None
 
 
