@@ -110,6 +110,18 @@ USAGE = (
 EXIT_DONE, EXIT_BUG, EXIT_USER, EXIT_ENVIRONMENT = 0, 1, 2, 3
 
 
+class _UserErrorTracebacks(logging.Filter):
+    """Beam logs the traceback of an error that a step raises before the command sees it; a
+    user error's one line says what to fix, so its traceback shows with --debug only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], UserError))
+
+
+BEAM_STEP_ERRORS = logging.getLogger("apache_beam.runners.common")
+QUIET_USER_ERRORS = _UserErrorTracebacks()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit status 0 on success; 2 on a mistake the user can fix and on a refusal (one line says
     what and how); 3 when the environment stopped the command (a full disk, a read-only file
@@ -126,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"anchorscan: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if debug:
+        BEAM_STEP_ERRORS.removeFilter(QUIET_USER_ERRORS)
+    else:
+        BEAM_STEP_ERRORS.addFilter(QUIET_USER_ERRORS)
     try:
         importlib.import_module(f"anchorscan.pipelines.{COMMANDS[command].module}").run(rest)
     except SystemExit as exit_:  # argparse: --help, or a usage error already printed

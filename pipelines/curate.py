@@ -36,7 +36,7 @@ from anchorscan.pipelines.flags import command_parser, float_in, non_negative_fl
 from anchorscan.pipelines.options import PROVENANCE_CHOICES, add_http_args, http_config, parse
 from anchorscan.transforms.listing import matching_files
 from anchorscan.transforms.reshard import WriteOutputShards
-from anchorscan.transforms.sinks import OutputExistsError, PrefixLock
+from anchorscan.transforms.sinks import Outputs, PrefixLock
 
 DEFAULT_SAMPLES_PER_SHARD = 10_000
 
@@ -140,36 +140,23 @@ def read_tables(prefixes: list[str]) -> tuple[list, list, int]:
     return scores, errors, files
 
 
-def existing_outputs(prefix: str) -> list[str]:
-    patterns = [
-        f"{prefix}-kept.parquet",
-        f"{prefix}-keys.npy",
-        f"{prefix}-by.parquet",
-        f"{prefix}-shardindex.json",
-        f"{prefix}-[0-9]*.tar",
-        f"{prefix}-[0-9]*.parquet",
-        f"{prefix}-[0-9]*_stats.json",
-        f"{prefix}-[0-9]*.partial",
-    ]
-    return sorted(m.path for result in FileSystems.match(patterns) for m in result.metadata_list)
-
-
-def clear_outputs(prefix: str, overwrite: bool) -> None:
-    """Refuses an --output that holds a curation already, unless --overwrite, which deletes it
-    first (a smaller curation must not leave the last one's higher-numbered shards behind)."""
-    existing = existing_outputs(prefix)
-    if existing and not overwrite:
-        raise OutputExistsError(
-            f"--output {prefix} already holds {len(existing)} curation files (e.g. {existing[0]}): "
-            "choose another --output, or pass --overwrite to replace them"
-        )
-    if existing:
-        FileSystems.delete(existing)
+# The exact names curate writes after its --output prefix.
+CURATION_NAMES = (
+    r"-kept\.parquet",
+    r"-keys\.npy",
+    r"-by\.parquet",
+    r"-shardindex\.json",
+    r"-\d{5,}\.tar",
+    r"-\d{5,}\.tar\.partial",
+    r"-\d{5,}\.parquet",
+    r"-\d{5,}_stats\.json",
+)
 
 
 def run(argv=None, test_pipeline=None) -> dict:
     args, options = parse(parser(), argv)
     check_paths([*args.scores, args.output])
+    outputs = Outputs(args.output, CURATION_NAMES)
     check_writable(f"{args.output}-kept.parquet", "--output")
     rule = KeepRule(args.max_score, args.drop_top, declared_ai=args.provenance == "use")
     scores, errors, files = read_tables(args.scores)
@@ -180,9 +167,11 @@ def run(argv=None, test_pipeline=None) -> dict:
     by_uri = f"{args.output}-by.parquet" if args.by else None
     by_table = breakdown(decided, args.by)
     keys = key_array(decided.filter(decided["keep"]))
-    with PrefixLock(args.output):
-        clear_outputs(args.output, args.overwrite)
-        # The table first: re-sharding tasks read their kept samples from it.
+    # What the run reads: the tables, and the shards that re-sharding reads again.
+    inputs = [f"{prefix}-{kind}-*.parquet" for prefix in args.scores for kind in ("scores", "errors")]
+    inputs += decided["shard"].drop_null().unique().to_pylist()
+    with PrefixLock(args.output), outputs.writing(args.overwrite, inputs, "curation files"):
+        # The table first: re-sharding tasks read their kept keys from it.
         write_atomically(table_uri, parquet_bytes(decided))
         write_atomically(keys_uri, npy_bytes(keys))
         if by_uri:

@@ -28,12 +28,13 @@ from anchorscan.transforms.carried import carried_columns, score_schema
 from anchorscan.transforms.chain import ImageFeatures
 from anchorscan.transforms.scoring import ScoreChoices, ScoreFeatures, load_head, reused_row
 from anchorscan.transforms.sinks import (
+    TABLE_NAMES,
+    Outputs,
     PrefixLock,
     ReadPreviousScores,
     WriteErrors,
     WriteScores,
     cleaned_on_failure,
-    clear_tables,
     score_tables,
 )
 
@@ -101,6 +102,7 @@ def scan(args, options, test_pipeline=None, wait: bool = True) -> dict:
     """The scan that ``args`` (this command's flags) describe; ``wait=False`` (a Flex template's
     launcher) returns once the job is submitted."""
     check_paths([*args.input, args.anchor, args.output, args.head, args.skip_scored, args.weights])
+    outputs = Outputs(args.output, TABLE_NAMES)
     check_writable(f"{args.output}-scores", "--output")
     # The driver only checks the anchor; workers derive its scoring matrices.
     _, metadata = verified_contents(read_checked_file(args.anchor), args.anchor)
@@ -114,7 +116,7 @@ def scan(args, options, test_pipeline=None, wait: bool = True) -> dict:
 
     previous_tables = score_tables(args.skip_scored) if args.skip_scored else []
     with PrefixLock(args.output):
-        clear_tables(args.output, args.overwrite, keep=previous_tables)
+        outputs.make_room(args.overwrite, [*args.input, *previous_tables], "table files")
         started = time.time()
         with cleaned_on_failure([f"{args.output}-scores", f"{args.output}-errors"]):
             result = run_scan(
@@ -193,7 +195,8 @@ def check_head(args, spec: FeatureSpec) -> str:
 def print_score_summary(summary: dict) -> None:
     scored, errors = summary["scored"], sum(summary["errors"].values())
     by_stage = ", ".join(f"{stage} {count}" for stage, count in sorted(summary["errors"].items()))
-    rate = summary["suspect"] / scored if scored else 0.0
+    rows = scored + summary["reused"]  # the suspects counted are those of every row written
+    rate = summary["suspect"] / rows if rows else 0.0
     reused = f" (+{summary['reused']} reused from earlier scans)" if summary["reused"] else ""
     print(
         f"scored      {scored} images against anchor {summary['anchor_id']}{reused}\n"

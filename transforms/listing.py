@@ -17,7 +17,7 @@ from anchorscan.anchors.io.gcs import describe, is_gcs
 from anchorscan.anchors.io.manifests import is_manifest, names_local_file, read_manifest
 from anchorscan.anchors.io.sources import Unit, listable
 from anchorscan.anchors.io.storage import read_bytes
-from anchorscan.anchors.io.uris import has_glob, local_path, uri_text
+from anchorscan.anchors.io.uris import glob_prefix, has_glob, local_path, uri_text
 from anchorscan.anchors.tables import error_row
 from anchorscan.transforms.progress import ReportProgress
 
@@ -36,8 +36,13 @@ gcs.ANONYMOUS_HOOKS.append(_tell_beam_anonymous)
 
 
 def matching_files(pattern: str) -> list[str]:
-    """Sorted paths that ``pattern`` matches, local or gs:// (none when nothing matches)."""
-    return sorted(metadata.path for metadata in FileSystems.match([pattern])[0].metadata_list)
+    """Sorted paths that ``pattern`` matches, local or gs:// (none when nothing matches). Beam
+    lists the folder of a glob's fixed part, which for a bare relative glob (``s1-scores-*``)
+    is '' and lists nothing: such a glob is matched in ``.``, its paths given back bare."""
+    path = local_path(pattern)
+    bare = path is not None and has_glob(path) and not os.path.dirname(glob_prefix(path))
+    found = FileSystems.match([f"./{pattern}" if bare else pattern])[0].metadata_list
+    return sorted(metadata.path[2:] if bare else metadata.path for metadata in found)
 
 
 def files_below(root: str) -> list[str]:
@@ -117,7 +122,10 @@ def expand_input(pattern: str, index: int = 0, carried_names: tuple[str, ...] = 
                 yield kind, value
             return
         path = local_path(pattern)
-        listing = _list_local(path) if path is not None else _list_remote(pattern)
+        if path is None:
+            listing = _list_remote(pattern)
+        else:  # relative paths listed absolute: the tables name files found from any folder later
+            listing = _list_local(path if os.path.isabs(path) else os.path.abspath(path))
         for kind, value in listing:
             reported = reported or kind == "uri"
             yield (kind, value) if kind == "error" else ("unit", Unit(value, (index, 0)))

@@ -174,4 +174,6 @@ def reused_row(record_and_row, carried: Sequence = ()) -> dict:
     """The earlier score row of content scanned before, under this record's URI and with the
     columns this record carries (``--skip_scored``)."""
     record, row = record_and_row
+    if row["is_suspect"]:  # the summary's suspects are the table's, reused rows included
+        Metrics.counter("anchorscan", "images_suspect").inc()
     return {**row, "uri": record.uri, **carried_row(record.carried, list(carried))}

@@ -1,5 +1,6 @@
 """Parquet outputs with explicit schemas; the earlier score tables a scan reuses; the lock and the
-refusal that keep two scans, or an old and a new one, from mixing their tables under one prefix."""
+refusal that keep two scans, or an old and a new one, from mixing their tables under one prefix;
+``Outputs``, the exact names a command writes under a prefix, which alone --overwrite deletes."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import glob
 import json
 import logging
 import os
+import posixpath
+import re
 import socket
 import time
 
 import apache_beam as beam
+from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
@@ -24,8 +28,11 @@ from anchorscan.anchors.errors import (
     UsageError,
     UserError,
 )
-from anchorscan.anchors.io.uris import has_glob, is_remote
+from anchorscan.anchors.io.sources import listable
+from anchorscan.anchors.io.storage import files_named, resolved
+from anchorscan.anchors.io.uris import has_glob, is_remote, local_file
 from anchorscan.anchors.tables import ERROR_SCHEMA, SCORE_SCHEMA
+from anchorscan.transforms.listing import braces, matching_files
 
 
 class OutputExistsError(UserError):
@@ -95,7 +102,7 @@ def score_tables(prefix_or_glob: str) -> list[str]:
     """The score tables among the files that a --skip_scored value matches: a glob may also
     match errors tables and other files, which are left out (with a warning)."""
     pattern = previous_scores_pattern(prefix_or_glob)
-    files = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+    files = matching_files(pattern)
     tables = [path for path in files if _is_score_table(path)]
     if len(tables) < len(files):
         logging.warning(
@@ -131,31 +138,92 @@ class ReadPreviousScores(beam.PTransform):
         )
 
 
-def table_files(prefix: str) -> list[str]:
-    """The score and errors tables under ``prefix``, as a scan writes them."""
-    patterns = [f"{prefix}-scores-*.parquet", f"{prefix}-errors-*.parquet"]
-    return sorted(m.path for result in FileSystems.match(patterns) for m in result.metadata_list)
+# The exact names of a scan's tables after its --output prefix (Beam's shard names).
+TABLE_NAMES = (r"-scores-\d+-of-\d+\.parquet", r"-errors-\d+-of-\d+\.parquet")
 
 
-def clear_tables(prefix: str, overwrite: bool, keep: tuple[str, ...] | list[str] = ()) -> None:
-    """Makes room for a scan's tables under ``prefix``: refuses where tables are there already,
-    unless ``overwrite``, which deletes them before the scan writes, so that old and new shards
-    (whose counts may differ) are never mixed. ``keep``: files the scan still reads."""
-    existing = table_files(prefix)
-    if not existing:
-        return
-    if not overwrite:
-        raise OutputExistsError(
-            f"--output {prefix} already holds {len(existing)} table files (e.g. {existing[0]}): "
-            "choose another --output, or pass --overwrite to replace them"
+def _read_among(paths: list[str], inputs: list[str]) -> tuple[str, str] | None:
+    """(path, input) for the first of ``paths`` that one of ``inputs`` names: the file itself, a
+    folder above it (whose walk reads it, see ``listable``) or a glob that matches it. The
+    inputs are resolved once: a curation reads thousands of shards."""
+    named: dict[str, str] = {}
+    globs = []
+    for given in inputs:
+        for name in braces(given):
+            if not has_glob(name):
+                named.setdefault(resolved(name), given)
+            else:  # matched as the listing matches it: links not resolved
+                pattern = name if is_remote(name) else os.path.abspath(local_file(name))
+                globs.append((re.compile(FileSystem.translate_pattern(pattern)), given))
+    for path in paths:
+        found = resolved(path)
+        folders = [found]
+        if listable(found):
+            while (parent := posixpath.dirname(folders[-1])) not in (folders[-1], "gs:"):
+                folders.append(parent)
+        typed = path if is_remote(path) else os.path.abspath(local_file(path))
+        source = next((named[folder] for folder in folders if folder in named), None) or next(
+            (given for pattern, given in globs if pattern.fullmatch(typed)), None
         )
-    reused = sorted(set(existing) & set(keep))
-    if reused:
-        raise UsageError(
-            f"--skip_scored reads {reused[0]}, which --overwrite would delete: write "
-            "the new scan to another --output"
-        )
-    FileSystems.delete(existing)
+        if source is not None:
+            return path, source
+    return None
+
+
+class Outputs:
+    """What a command writes under an output prefix, declared exactly: ``names`` are regular
+    expressions of what follows the prefix in each file's name. --overwrite deletes the files
+    that match one of them, never a file that merely begins with the prefix, never an input."""
+
+    def __init__(self, prefix: str, names: tuple[str, ...], flag: str = "--output"):
+        if has_glob(prefix):
+            raise UsageError(
+                f"{flag} {prefix}: an output prefix may not hold glob characters (*, ?, [): "
+                "name the prefix itself"
+            )
+        self.prefix, self.names, self.flag = prefix, names, flag
+
+    def existing(self) -> list[str]:
+        return files_named(self.prefix, self.names)
+
+    def make_room(self, overwrite: bool, inputs: list[str], kind: str) -> None:
+        """Refuses where outputs of ours are there already, unless ``overwrite``, which deletes
+        them before the run writes (so that a run's files are never mixed with an earlier
+        run's, whose count may differ); refuses, deleting nothing, where one of them is among
+        the run's ``inputs`` (files, folders or globs it reads)."""
+        existing = self.existing()
+        if not existing:
+            return
+        if not overwrite:
+            raise OutputExistsError(
+                f"{self.flag} {self.prefix} already holds {len(existing)} {kind} (e.g. {existing[0]}): "
+                f"choose another {self.flag}, or pass --overwrite to replace them"
+            )
+        read = _read_among(existing, inputs)
+        if read is not None:
+            raise UsageError(
+                f"{read[0]} is an input of this run ({read[1]}), which --overwrite would delete: "
+                f"write to another {self.flag}"
+            )
+        FileSystems.delete(existing)
+
+    @contextlib.contextmanager
+    def writing(self, overwrite: bool, inputs: list[str], kind: str):
+        """``make_room``, then the block that writes the outputs: where it fails (or is
+        interrupted), every output file is removed again (none was there when it began), so
+        nothing half-written stays and a rerun is not refused."""
+        self.make_room(overwrite, inputs, kind)
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(Exception):  # the failure, not the cleaning, is what to report
+                left = self.existing()
+                if left:
+                    FileSystems.delete(left)
+                    logging.info(
+                        "removed %d files the failed run had begun to write (e.g. %s)", len(left), left[0]
+                    )
+            raise
 
 
 def _written(prefixes: list[str]) -> set[str]:
@@ -165,7 +233,7 @@ def _written(prefixes: list[str]) -> set[str]:
     for prefix in prefixes:
         folder, name = FileSystems.split(prefix)
         patterns += [FileSystems.join(folder, f"beam-temp-{name}-*", "*"), f"{prefix}-*.parquet"]
-    return {m.path for result in FileSystems.match(patterns) for m in result.metadata_list}
+    return {path for pattern in patterns for path in matching_files(pattern)}
 
 
 def _temporary_folders(prefixes: list[str]) -> set[str]:
@@ -195,7 +263,7 @@ def cleaned_on_failure(prefixes: list[str]):
             left = sorted(_written(prefixes) - before)
             if left:
                 FileSystems.delete(left)
-                logging.warning(
+                logging.info(
                     "removed %d files the failed run had begun to write (e.g. %s)", len(left), left[0]
                 )
             # the temporary folders too, emptied now or left empty by the failure (locally: an

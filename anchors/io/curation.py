@@ -8,6 +8,7 @@ same inputs give byte-identical outputs."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -519,7 +520,14 @@ def kept_by_shard(curation_table, shards: list[str]) -> tuple[dict[str, dict[str
 def _kept_samples(piece: Piece, kept: dict[str, dict], limits: ReadLimits):
     """The samples of ``piece``, read from its shard, each checked against what was scored."""
     ordinal, taken = 0, 0
-    with open_shard(piece.shard, limits.http) as stream:
+    with contextlib.ExitStack() as opened:
+        try:
+            stream = opened.enter_context(open_shard(piece.shard, limits.http))
+        except ReadError as error:  # gone or unreadable since the scan
+            raise ReshardError(
+                f"{piece.shard}: the scan read this shard, which cannot be read now ({error}): put "
+                "it back where the scan found it, or score it where it is now, then curate"
+            ) from None
         for sample in samples(stream, limits.max_bytes):
             if sample.key not in kept or sample.problem:
                 continue

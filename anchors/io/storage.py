@@ -10,6 +10,7 @@ import errno
 import hashlib
 import os
 import posixpath
+import re
 import tempfile
 import uuid
 
@@ -202,3 +203,32 @@ def files_in(folder: str, suffix: str) -> list[str]:
         for name in os.listdir(path)
         if name.endswith(suffix) and os.path.isfile(os.path.join(path, name))
     )
+
+
+def files_named(prefix: str, suffixes: tuple[str, ...]) -> list[str]:
+    """The files beside ``prefix`` (local or gs://) whose names are its last part followed by
+    one of ``suffixes`` (regular expressions, matched whole): the exact names a command writes
+    under an output prefix, never another file that merely begins the same way. A bare local
+    prefix (``cur``) names files in the working folder, given back bare as well."""
+    if gcs.is_gcs(prefix):
+        folder, name = prefix.rsplit("/", 1)
+        wanted = re.compile(re.escape(name) + f"(?:{'|'.join(suffixes)})")
+        return [uri for uri in files_in(folder, "") if wanted.fullmatch(uri.rsplit("/", 1)[1])]
+    if is_remote(prefix):
+        raise UnreadableFileError(f"{prefix}: outputs are local paths or gs:// URIs")
+    folder, name = os.path.split(local_file(prefix))
+    wanted = re.compile(re.escape(name) + f"(?:{'|'.join(suffixes)})")
+    try:
+        names = os.listdir(folder or ".")
+    except (FileNotFoundError, NotADirectoryError):  # nothing written there yet
+        return []
+    except OSError as error:
+        raise UnreadableFileError(f"cannot list {folder or '.'}: {error.strerror or error}") from None
+    paths = (os.path.join(folder, name) for name in names if wanted.fullmatch(name))
+    return sorted(path for path in paths if os.path.isfile(path))
+
+
+def resolved(uri: str) -> str:
+    """Where ``uri`` leads: a local path made absolute with its links and ``..`` resolved,
+    another URI without a trailing '/'."""
+    return uri.rstrip("/") if is_remote(uri) else os.path.realpath(local_file(uri))
