@@ -141,12 +141,20 @@ def scanned_shards(tmp_path):
 def test_overwrite_deletes_only_the_names_a_curation_writes(scanned_shards, tmp_path):
     (tmp_path / "c3").mkdir()
     # A user's files that begin like curate's: "a digit, then anything" matched the first two.
-    mine = ["cur-2024-notes.tar", "cur-0-DO-NOT-DELETE.tar", "cur-kept.parquet.bak", "cur-00000.tar.txt"]
+    mine = [
+        "cur-2024-notes.tar",
+        "cur-0-DO-NOT-DELETE.tar",
+        "cur-kept.parquet.bak",
+        "cur-00000.tar.txt",
+        "cur-2024_stats.json",
+        "cur-0-notes.parquet",
+    ]
     for name in mine:
         (tmp_path / "c3" / name).write_text(f"{name}: the user's")
     args = ["--reshard", "--samples_per_shard", "3"]
     assert curate_cli(tmp_path / "scan", tmp_path / "c3" / "cur", *args) == 0
-    ours = {"cur-kept.parquet", "cur-keys.npy", "cur-00000.tar", "cur-00001.tar"}
+    shards = {f"cur-0000{i}{ending}" for i in (0, 1) for ending in (".tar", ".parquet", "_stats.json")}
+    ours = {"cur-kept.parquet", "cur-keys.npy", "cur-shardindex.json", *shards}
     assert {p.name for p in (tmp_path / "c3").iterdir()} == ours | set(mine)
     assert curate_cli(tmp_path / "scan", tmp_path / "c3" / "cur", "--overwrite") == 0
     left = {p.name for p in (tmp_path / "c3").iterdir()}
