@@ -138,7 +138,7 @@ FLAGS = {
     "update": {"--anchor", "--input", "--output", "--admit", "--trusted", "--forgetting", "--errors"}
     | RUNTIME
     | DECODING,
-    "calibrate": {"--anchor", "--input", "--output", "--keep_held_out", "--errors"}
+    "calibrate": {"--anchor", "--input", "--output", "--keep_held_out", "--errors", "--force"}
     | RUNTIME
     | (DECODING - {"--perturbation"})
     | HTTP,
