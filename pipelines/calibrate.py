@@ -75,8 +75,8 @@ def parser():
     parser.add_argument(
         "--force",
         action="store_true",
-        help=f"calibrate even when more than {MOSTLY_FLAGGED:.0%} of your images are flagged by the "
-        f"anchor or fewer than {MOSTLY_DISTINCT:.0%} are distinct (recorded in the anchor's lineage)",
+        help="calibrate even when the anchor flags most of your images or most are copies (for images "
+        "you know are real; recorded in the anchor's lineage)",
     )
     add_runtime_args(parser)
     add_decoding_args(parser, perturbation=False)
