@@ -51,7 +51,7 @@ def host_addresses(host: str) -> set[str]:
     """The IP addresses ``host`` resolves to (none where it does not resolve: the request
     itself then says so). Tests replace it to give a loopback server a public address."""
     try:
-        return {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
+        return {str(info[4][0]) for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
     except (socket.gaierror, UnicodeError, ValueError):
         return set()
 
