@@ -285,16 +285,16 @@ def test_exposed_private_keys_are_warned_about_and_merge_names_the_verifying_key
     os.chmod(key, 0o644)  # and anyone on the machine can read it
 
     delta = tmp_path / "site-a.delta"
-    export = ["export-delta", "--anchor", str(site_file), "--since", str(base_file), "--output", str(delta)]
+    export = ["export-delta", "--anchor", str(site_file), "--since", str(base_file), "--sign", str(key)]
     with caplog.at_level(logging.WARNING):
-        assert main([*export, "--sign", str(key)]) == 0
+        assert main([*export, "--output", str(delta)]) == 0
     assert [
         r.getMessage() for r in caplog.records if f"--sign {key} can be read by other users" in r.getMessage()
     ]
     caplog.clear()
     os.chmod(key, 0o600)
     with caplog.at_level(logging.WARNING):
-        assert main([*export, "--output", str(tmp_path / "again.delta"), "--sign", str(key)]) == 0
+        assert main([*export, "--output", str(tmp_path / "again.delta")]) == 0
     assert not [r for r in caplog.records if "can be read by other users" in r.getMessage()]
 
     merged = tmp_path / "merged.safetensors"
