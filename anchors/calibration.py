@@ -154,6 +154,9 @@ def holds_out(uri: str, fraction: float, group: str | None = None, phash: str = 
 # the smallest of the parts' smallest).
 MAX_CALIBRATION_ROWS = 4096
 MIN_CALIBRATION = 5  # fewer held-out images cannot calibrate a p-value
+# A lineage entry recording an `anchorscan calibrate` run (when, on how many images, how many
+# distinct, forced or not), apart from the statistics ids the rest of a lineage holds.
+CALIBRATION_PREFIX = "calibration:"
 
 
 def uri_key(uri: str) -> int:

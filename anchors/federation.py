@@ -25,6 +25,7 @@ import numpy as np
 from anchorscan.anchors import checked_file, signing
 from anchorscan.anchors.anchor import GENERATOR_NAME, Anchor
 from anchorscan.anchors.anchor_file import statistics_id
+from anchorscan.anchors.calibration import CALIBRATION_PREFIX
 from anchorscan.anchors.errors import UserError
 from anchorscan.anchors.spec import FeatureSpec, IncompatibleAnchorError
 from anchorscan.anchors.stats import Moments
@@ -150,7 +151,12 @@ def export_delta(
                 moments.m2 = (vectors * positive) @ vectors.T
                 moments.m2 = (moments.m2 + moments.m2.T) / 2
     site_id = statistics_id(site.statistics())
-    since = site.lineage[site.lineage.index(base_id) + 1 :]
+    # The anchors the site made since the base; its calibrations added no images.
+    since = tuple(
+        entry
+        for entry in site.lineage[site.lineage.index(base_id) + 1 :]
+        if not entry.startswith(CALIBRATION_PREFIX)
+    )
     return Delta(
         site.spec,
         site.forensic.level_names,

@@ -5,6 +5,8 @@ thumbnails) come from a calibration on other photos; this re-derives the thresho
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import time
 
 import apache_beam as beam
@@ -12,10 +14,15 @@ import numpy as np
 
 from anchorscan.anchors.anchor import Anchor
 from anchorscan.anchors.anchor_file import anchor_from_bytes
-from anchorscan.anchors.calibration import MIN_CALIBRATION, CalibrationRows
-from anchorscan.anchors.errors import NotEnoughImagesError
+from anchorscan.anchors.calibration import (
+    CALIBRATION_PREFIX,
+    MAX_CALIBRATION_ROWS,
+    MIN_CALIBRATION,
+    CalibrationRows,
+    holds_out,
+)
+from anchorscan.anchors.errors import NotEnoughImagesError, UserError
 from anchorscan.anchors.io.storage import read_checked_file
-from anchorscan.anchors.statistics import HoldOut, Statistics, StatisticsLayout
 from anchorscan.pipelines.common import anchor_and_extractor, chain_steps
 from anchorscan.pipelines.flags import command_parser, text
 from anchorscan.pipelines.options import (
@@ -30,10 +37,24 @@ from anchorscan.pipelines.options import (
 from anchorscan.transforms.chain import ImageFeatures
 from anchorscan.transforms.fitting import LoadAnchor, WriteAnchor
 from anchorscan.transforms.sinks import WriteErrors, cleaned_on_failure
-from anchorscan.transforms.statistics import AccumulateStatistics
 
 # Fewer of your images than this leave p-values below 1 / n to the calibration's tail model.
 FEW_IMAGES = 200
+# Refused without --force: more than this share of your (distinct) images flagged by the anchor
+# at its own threshold. Real photos of a domain the anchor was not calibrated on raise its
+# false-positive rate from the nominal fpr (1 % by default) to some tens of percent; when most
+# of them are flagged, the anchor sees them as unlike every real photo it knows, which is what
+# generated or processed images (upscales) look like. Calibrating on them moves the thresholds
+# above them and their kind is never flagged again.
+MOSTLY_FLAGGED = 0.5
+# Refused without --force: fewer distinct images (by content) than this share of those read.
+# Copies calibrate as one image each; a folder that is mostly copies is not the sample of your
+# domain that calibrate is for.
+MOSTLY_DISTINCT = 0.5
+
+
+class CalibrationRefused(UserError, ValueError):
+    """Your images would switch detection off; the message says why and that --force overrides."""
 
 
 def parser():
@@ -51,21 +72,58 @@ def parser():
     parser.add_argument(
         "--errors", type=text, default=None, help="prefix of the errors table (default: the output's path)"
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="calibrate even when the anchor flags most of your images or most are copies (for images "
+        "you know are real; recorded in the anchor's lineage)",
+    )
     add_runtime_args(parser)
     add_decoding_args(parser, perturbation=False)
     add_http_args(parser)
     return parser
 
 
-def calibrated(anchor: Anchor, yours: Statistics, keep_held_out: bool) -> Anchor:
-    rows = yours.held_out
-    if rows is None or len(rows) < MIN_CALIBRATION:
+def content_row(embedded) -> tuple[int, np.ndarray]:
+    """An embedded image as (key, features). The key is its content's (copies of one file are one
+    image), its last bit the half its perceptual hash falls in: ``cross_calibrated_share``
+    splits by that bit, so re-encodes and resizes of one photo are never scored against each
+    other, as fit's hold-out keeps them on one side."""
+    meta, (vector, _) = embedded
+    half = holds_out(meta.uri, 0.5, phash=meta.phash)
+    return (int(meta.sha256[:16], 16) & ~1) | int(half), np.asarray(vector)
+
+
+def calibrated(
+    anchor: Anchor, sample: list, read: int, distinct: int, keep_held_out: bool, force: bool
+) -> Anchor:
+    """``anchor`` calibrated on your distinct images (``sample``: at most MAX_CALIBRATION_ROWS
+    of them, the smallest keys), refused where they would switch detection off unless
+    ``force``; the lineage records what calibrated it."""
+    if not force and distinct < MOSTLY_DISTINCT * read:
+        raise CalibrationRefused(
+            f"only {distinct} of the {read} images are distinct (by content): calibrate on a "
+            "sample of your real images, not copies, or pass --force"
+        )
+    if distinct < MIN_CALIBRATION:
         raise NotEnoughImagesError(
-            f"only {len(rows or ())} of your real images could be embedded (need at least {MIN_CALIBRATION})"
+            f"only {distinct} distinct images of yours could be embedded (need at least {MIN_CALIBRATION})"
+        )
+    rows = CalibrationRows.merged([CalibrationRows([key for key, _ in sample], [row for _, row in sample])])
+    flagged = flagged_share(anchor, rows.features)
+    if not force and flagged > MOSTLY_FLAGGED:
+        raise CalibrationRefused(
+            f"the anchor flags {flagged:.1%} of these images (more than {MOSTLY_FLAGGED:.0%}): "
+            "calibrating on them would stop it flagging images like them; calibrate on real photos "
+            "of your domain, or pass --force if these are"
         )
     if keep_held_out and anchor.calibration_rows is not None:
         rows = CalibrationRows.merged([anchor.calibration_rows, rows])
-    return anchor.calibrated_on(rows)
+    result = anchor.calibrated_on(rows)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    forced = "yes" if force else "no"
+    result.lineage += (f"{CALIBRATION_PREFIX}{date} images={read} distinct={distinct} forced={forced}",)
+    return result
 
 
 def flagged_share(anchor: Anchor, features: np.ndarray) -> float:
@@ -74,7 +132,8 @@ def flagged_share(anchor: Anchor, features: np.ndarray) -> float:
 
 def cross_calibrated_share(anchor: Anchor, rows: CalibrationRows) -> float:
     """The share of your images an anchor calibrated on the other half of them flags (two
-    halves by key): what to expect on more images like yours."""
+    halves by the keys' last bit: by perceptual hash, ``content_row``): what to expect on more
+    images like yours."""
     odd = rows.keys % 2 == 1
     shares = []
     for held in (odd, ~odd):
@@ -86,17 +145,30 @@ def cross_calibrated_share(anchor: Anchor, rows: CalibrationRows) -> float:
 
 def run(argv=None, test_pipeline=None) -> dict:
     args, options = parse(parser(), argv)
-    tensors, _, spec, backbone, extractor = anchor_and_extractor(args)
+    tensors, _, _, backbone, extractor = anchor_and_extractor(args)
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=options)
     anchor = pipeline | "Anchor" >> LoadAnchor(args.anchor)
-    yours = pipeline | "Real" >> ImageFeatures(args.input, chain_steps(args, options, backbone, extractor))
-    # Every image of yours is a calibration image: none feeds a statistic.
-    layout = StatisticsLayout((), HoldOut(1.0, by_phash=False), spec.dim)
-    statistics = yours.embedded | "Statistics" >> AccumulateStatistics(layout)
+    steps = chain_steps(args, options, backbone, extractor)
+    steps = dataclasses.replace(steps, decoding=dataclasses.replace(steps.decoding, perceptual_hash=True))
+    yours = pipeline | "Real" >> ImageFeatures(args.input, steps)
+    # Every image of yours is a calibration image, each content once: none feeds a statistic.
+    rows = yours.embedded | "Rows" >> beam.Map(content_row)
+    distinct = rows | "Distinct" >> beam.CombinePerKey(lambda copies: next(iter(copies)))
+    sample = distinct | "Sample" >> beam.combiners.Top.Smallest(MAX_CALIBRATION_ROWS, key=lambda row: row[0])
+    read = yours.embedded | "Read" >> beam.combiners.Count.Globally()
+    distinct_count = distinct | "DistinctCount" >> beam.combiners.Count.Globally()
     _ = (
         anchor
-        | "Calibrate" >> beam.Map(calibrated, beam.pvalue.AsSingleton(statistics), args.keep_held_out)
+        | "Calibrate"
+        >> beam.Map(
+            calibrated,
+            beam.pvalue.AsSingleton(sample),
+            beam.pvalue.AsSingleton(read),
+            beam.pvalue.AsSingleton(distinct_count),
+            args.keep_held_out,
+            args.force,
+        )
         | "WriteAnchor" >> WriteAnchor(args.output, tensors.get("projection"))
     )
     _ = yours.errors | WriteErrors(args.errors or args.output)
@@ -111,6 +183,7 @@ def run(argv=None, test_pipeline=None) -> dict:
     summary = {
         "anchor": args.output,
         "images": after.n_calibration,
+        "record": after.lineage[-1],
         "fpr": after.config.fpr,
         "flagged_before": flagged_share(before, rows.features),
         "flagged_after": cross_calibrated_share(before, rows),
@@ -131,6 +204,7 @@ def print_summary(summary: dict) -> None:
     print(
         f"anchor      {summary['anchor']}\n"
         f"calibrated  on {summary['images']} real images, {summary['errors']} errors\n"
+        f"lineage     {summary['record']}\n"
         f"flagged     {summary['flagged_before']:.1%} of them before (nominal {summary['fpr']:.1%}); "
         f"{summary['flagged_after']:.1%} after, each half scored by the other half's calibration\n"
         f"time        {summary['seconds']:.1f} s{few}"

@@ -4,12 +4,17 @@ key (--sign) so that a coordinator can accept only enrolled sites."""
 
 from __future__ import annotations
 
+import logging
+import os
+import stat
+
 import numpy as np
 
 from anchorscan.anchors.anchor_file import anchor_from_bytes, read_metadata
 from anchorscan.anchors.federation import MIN_COUNT, delta_to_bytes, export_delta
 from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.storage import check_writable, read_bytes, read_checked_file, write_atomically
+from anchorscan.anchors.io.uris import local_path
 from anchorscan.anchors.signing import Signer
 from anchorscan.pipelines.flags import (
     command_parser,
@@ -72,10 +77,26 @@ def delta_bytes_bound(metadata: dict) -> int:
     return sum(8 * (widths[name.split(".")[0]] + 1) ** 2 for name in metadata["moments"])
 
 
+def warn_if_others_can_read(key: str) -> None:
+    """A private key that users other than its owner can read signs for whoever reads it
+    (keygen writes it mode 0600)."""
+    path = local_path(key)
+    if path is not None and os.stat(path).st_mode & (stat.S_IRGRP | stat.S_IROTH):
+        logging.warning(
+            "--sign %s can be read by other users of this machine (mode %s): whoever reads it can sign "
+            "deltas as this site; chmod 600 it, and make a new key pair with `anchorscan keygen` if "
+            "others may have copied it",
+            key,
+            oct(stat.S_IMODE(os.stat(path).st_mode)),
+        )
+
+
 def run(argv=None) -> dict:
     args = parser().parse_args(argv)
     check_paths([args.anchor, args.since, args.output, args.sign])
     signer = Signer(read_bytes(args.sign, 2**16), args.sign) if args.sign else None
+    if args.sign:
+        warn_if_others_can_read(args.sign)
     site_data = read_checked_file(args.anchor)
     check_writable(args.output, "--output", size=delta_bytes_bound(read_metadata(site_data, args.anchor)))
     site, _ = anchor_from_bytes(site_data, args.anchor)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from anchorscan.anchors.anchor_file import verified_contents
+from anchorscan.anchors.calibration import CALIBRATION_PREFIX
 from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.storage import read_checked_file
 from anchorscan.pipelines.flags import command_parser, text
@@ -49,4 +50,8 @@ def run(argv=None) -> dict:
     for key, value in metadata["config"].items():
         print(f"{key:20} {value}")
     print(f"{'preprocessing':20} {json.dumps(metadata['preprocessing'], sort_keys=True)}")
+    # What calibrated it (`anchorscan calibrate` runs, oldest first); statistics ids say nothing.
+    for entry in metadata["lineage"]:
+        if entry.startswith(CALIBRATION_PREFIX):
+            print(f"{'calibrated':20} {entry[len(CALIBRATION_PREFIX) :]}")
     return metadata

@@ -147,19 +147,22 @@ def run_local(args, options) -> dict:
             watchers.append(Watcher(watch_pattern(args.learn_real), args.settle_seconds))
         totals = {"windows": 0, "images_scored": 0, "errors": 0, "learned": 0}
         window = window_of(started, args.window_seconds)
-        pending: list[list[str]] = [[] for _ in watchers]
+        # Each watcher's files in the open window, each once: a file rewritten after it was passed
+        # on is read when the window closes, as it is then.
+        pending: list[dict[str, None]] = [{} for _ in watchers]
         while True:
             now = time.time()
             for found, watcher in zip(pending, watchers):
-                found += watcher.poll(now)
+                found.update(dict.fromkeys(watcher.poll(now)))
             if now >= float(window.end) or now >= stop:
                 if any(pending):
-                    counters = run_window(args, options, window, keeper.path, steps, learning, *pending)
+                    files = [list(found) for found in pending]
+                    counters = run_window(args, options, window, keeper.path, steps, learning, *files)
                     totals["windows"] += 1
                     totals["images_scored"] += counters.get("images_scored", 0)
                     totals["errors"] += sum(v for k, v in counters.items() if k.startswith("errors_"))
                     totals["learned"] += len(pending[1]) if len(pending) > 1 else 0
-                pending = [[] for _ in watchers]
+                pending = [{} for _ in watchers]
                 if now >= stop:
                     break
                 keeper.refresh()

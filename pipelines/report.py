@@ -159,7 +159,7 @@ def render(
     for row in errors:
         stages[row["stage"]] = stages.get(row["stage"], 0) + 1
     summary = "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>"
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
         for k, v in (
             ("images scored", len(rows)),
             ("suspect", f"{suspect} ({100 * suspect / max(len(rows), 1):.1f} %){declared_ai_note(rows)}"),

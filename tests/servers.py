@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 
 LOOPBACK = "127.0.0.1"
 
@@ -149,6 +150,7 @@ class CrawlSite:
     /loop            302 to itself; /ping and /pong redirect to each other
     /hop/N           302 to /hop/N+1, without end
     /to-file         302 to file:///etc/passwd
+    /away/URL        302 to URL (an absolute http URL: another host)
     /busy/NAME       /img/NAME after 0.3 s; ``max_in_flight`` records the most requests at once
     """
 
@@ -251,6 +253,8 @@ class CrawlSite:
             self._redirect(handler, f"/hop/{int(name) + 1}")
         elif path == "/to-file":
             self._redirect(handler, "file:///etc/passwd")
+        elif path.startswith("/away/"):
+            self._redirect(handler, urllib.parse.unquote(path[len("/away/") :]))  # the client quotes [ ]
         elif path.startswith("/busy/"):
             with self._lock:
                 self.in_flight += 1

@@ -151,7 +151,7 @@ FLAGS = {
     | RUNTIME
     | DECODING
     | HTTP,
-    "calibrate": {"--anchor", "--input", "--output", "--keep_held_out", "--errors"}
+    "calibrate": {"--anchor", "--input", "--output", "--keep_held_out", "--errors", "--force"}
     | RUNTIME
     | (DECODING - {"--perturbation"})
     | HTTP,

@@ -123,9 +123,19 @@ def crawl(monkeypatch, tmp_path):
         yield site
 
 
-def test_a_crawled_manifest_is_scored_with_its_columns(fitted_anchor, crawl, tmp_path):
+def test_a_crawled_manifest_is_scored_with_its_columns(fitted_anchor, crawl, tmp_path, monkeypatch):
     anchor, _ = fitted_anchor
     good = sorted(crawl.images)
+    # The site under the name localhost is a public host to the redirect guard (the requests
+    # still reach 127.0.0.1): its redirect to the cloud metadata server is not followed.
+    resolve = fetch_module.host_addresses
+    monkeypatch.setattr(
+        fetch_module,
+        "host_addresses",
+        lambda host: {"93.184.216.34"} if host == "localhost" else resolve(host),
+    )
+    public = crawl.url.replace("127.0.0.1", "localhost")
+    metadata_server = "http://169.254.169.254/latest/meta-data/"
     pages = {
         f"{crawl.url}/img/{good[0]}": "p0",
         f"{crawl.url}/redirect/{good[1]}": "p1",
@@ -136,6 +146,7 @@ def test_a_crawled_manifest_is_scored_with_its_columns(fitted_anchor, crawl, tmp
         f"{crawl.url}/truncated": "p6",
         f"{crawl.url}/big": "p7",
         f"{crawl.url}/slow": "p8",
+        f"{public}/away/{metadata_server}": "p9",
     }
     manifest = tmp_path / "crawl.csv"
     manifest.write_text(
@@ -179,6 +190,8 @@ def test_a_crawled_manifest_is_scored_with_its_columns(fitted_anchor, crawl, tmp
         "truncated": "truncated response (100 of 10,000 bytes) (after 2 attempts)",
         "big": "response is larger than --max_bytes 2,000,000 (Content-Length 3,000,000); not read",
         "slow": "timed out (after 2 attempts)",
+        "": f"HTTP 302 redirect from a public host to {metadata_server}, a loopback, private or "
+        "link-local address: not followed",
     }
     assert {uri.rsplit("/", 1)[1]: row["error"] for uri, row in errors.items()} == expected
     assert {row["stage"] for row in errors.values()} == {"read"}

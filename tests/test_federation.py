@@ -259,3 +259,62 @@ def test_a_signed_delta_changed_after_signing_is_refused(sites, keys):
     forged = delta_from_bytes(safetensors.numpy.save(tensors, metadata={METADATA_KEY: json.dumps(metadata)}))
     with pytest.raises(DeltaRefused, match="signature does not verify"):
         check_signatures([forged], trusted, ["a"])
+
+
+def test_exposed_private_keys_are_warned_about_and_merge_names_the_verifying_key(
+    sites, tmp_path, capsys, caplog
+):
+    """From the command line: a private key others can read given to --sign, and a site's
+    private key copied into the --trust folder, are each warned about (the delta still signs and
+    merges); the merge names the enrolled key file and fingerprint that verified the delta."""
+    import logging
+    import os
+
+    from anchorscan.anchors.anchor_file import anchor_to_bytes
+    from anchorscan.pipelines.cli import main
+
+    base, site_anchors, _, _, _ = sites
+    base_file, site_file = tmp_path / "base.safetensors", tmp_path / "site.safetensors"
+    base_file.write_bytes(anchor_to_bytes(base))
+    site_file.write_bytes(anchor_to_bytes(site_anchors[0]))
+    trust = tmp_path / "trust"
+    trust.mkdir()
+    assert main(["keygen", "--output", str(trust / "site-a")]) == 0
+    fingerprint = capsys.readouterr().out.split("fingerprint ")[1].split()[0]
+    key = trust / "site-a.key"  # the careless coordinator keeps the site's private key beside its .pub
+    os.chmod(key, 0o644)  # and anyone on the machine can read it
+
+    delta = tmp_path / "site-a.delta"
+    export = ["export-delta", "--anchor", str(site_file), "--since", str(base_file), "--sign", str(key)]
+    with caplog.at_level(logging.WARNING):
+        assert main([*export, "--output", str(delta)]) == 0
+    assert [
+        r.getMessage() for r in caplog.records if f"--sign {key} can be read by other users" in r.getMessage()
+    ]
+    caplog.clear()
+    os.chmod(key, 0o600)
+    with caplog.at_level(logging.WARNING):
+        assert main([*export, "--output", str(tmp_path / "again.delta")]) == 0
+    assert not [r for r in caplog.records if "can be read by other users" in r.getMessage()]
+
+    merged = tmp_path / "merged.safetensors"
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING):
+        assert (
+            main(["merge", str(base_file), str(delta), "--output", str(merged), "--trust", str(trust)]) == 0
+        )
+    assert [r for r in caplog.records if "holds site-a.key, a private key" in r.getMessage()]
+    assert f"{delta} verified by site-a.pub (fingerprint {fingerprint})" in capsys.readouterr().out
+
+
+def test_a_site_that_calibrated_since_the_base_still_exports_and_merges(sites):
+    """`calibrate` records itself in the lineage; a delta's site lineage holds statistics ids
+    only, so the record stays at the site and the delta is read and merged as before."""
+    from anchorscan.anchors.calibration import CALIBRATION_PREFIX
+
+    base, site_anchors, _, _, _ = sites
+    record = f"{CALIBRATION_PREFIX}2026-12-07T21:00:00Z images=300 distinct=300 forced=no"
+    site = dataclasses.replace(site_anchors[0], lineage=(*site_anchors[0].lineage, record))
+    delta = delta_from_bytes(delta_to_bytes(export_delta(site, base)))
+    assert record not in delta.site_lineage
+    assert merge(base, [delta]).moments.n == site.moments.n

@@ -108,6 +108,48 @@ def test_redirects_are_followed_only_to_http_and_a_few_times(site, path, message
     assert sum(site.requests.values()) <= 6
 
 
+@pytest.fixture
+def public_url(site, monkeypatch):
+    """The site under the name localhost, which the redirect guard resolves to a public address
+    (the requests still reach the loopback server): a public web server, as far as it knows."""
+    resolve = fetch_module.host_addresses
+    monkeypatch.setattr(
+        fetch_module,
+        "host_addresses",
+        lambda host: {"93.184.216.34"} if host == "localhost" else resolve(host),
+    )
+    return site.url.replace("127.0.0.1", "localhost")
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "http://127.0.0.1:{port}/img/a.png",  # this machine, and a server that answers there
+        "http://[::1]:{port}/img/a.png",
+        "http://0.0.0.0:{port}/img/a.png",
+        "http://10.1.2.3/admin",  # a private network
+        "http://192.168.0.1/",
+        "http://169.254.169.254/latest/meta-data/",  # link-local: a cloud's metadata server
+        "http://[fe80::1]/",
+        "http://[::ffff:127.0.0.1]:{port}/img/a.png",
+    ],
+)
+def test_a_public_host_cannot_redirect_to_this_machine_or_its_network(site, public_url, target):
+    target = target.format(port=site.url.rsplit(":", 1)[1])
+    with pytest.raises(FetchError) as refused:
+        fetch(f"{public_url}/away/{target}", 10**6, FAST)
+    assert str(refused.value) == (
+        f"HTTP 302 redirect from a public host to {target}, a loopback, private or link-local address: "
+        "not followed"
+    )
+    with pytest.raises(ReadError, match="redirect from a public host"):
+        read_limited(f"{public_url}/away/{target}", 10**6, FAST)
+    assert site.requests.get("/img/a.png") is None  # never fetched
+    # a public host's redirects to itself are followed, as a loopback host's to itself
+    assert fetch(f"{public_url}/redirect/b.png", 10**6, FAST) == site.images["b.png"]
+    assert fetch(f"{site.url}/away/{site.url}/img/b.png", 10**6, FAST) == site.images["b.png"]
+
+
 def test_requests_to_one_host_are_capped(site):
     site.images.update({f"{i}.png": png(i) for i in range(8)})
     config = HttpConfig(timeout=5.0, retries=0, max_per_host=2, max_time=30.0)

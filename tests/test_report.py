@@ -118,3 +118,35 @@ def test_report_renders_in_chromium(scanned, tmp_path):
         timeout=120,
     )
     assert dom.stdout.count("<img") == 11 and "Most suspicious" in dom.stdout
+
+
+def test_every_value_a_hand_made_table_holds_is_escaped(tmp_path, capsys):
+    """A scores table made by hand, markup in every string column (anchor_id and head were
+    written raw), and an errors table likewise: the page holds the text, never the markup."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from anchorscan.anchors.tables import ERROR_SCHEMA, SCORE_SCHEMA
+    from anchorscan.pipelines.cli import main
+
+    def hostile(schema: pa.Schema, count: int) -> pa.Table:
+        columns = {}
+        for field in schema:
+            if pa.types.is_string(field.type):
+                columns[field.name] = [
+                    f'<script>alert("{field.name} {i}")</script><img src=x>' for i in range(count)
+                ]
+            elif pa.types.is_boolean(field.type):
+                columns[field.name] = [i % 2 == 0 for i in range(count)]
+            else:
+                columns[field.name] = [float(i) for i in range(count)]
+        return pa.Table.from_pydict(columns).cast(schema)
+
+    pq.write_table(hostile(SCORE_SCHEMA, 6), tmp_path / "hand-scores-00000-of-00001.parquet")
+    pq.write_table(hostile(ERROR_SCHEMA, 2), tmp_path / "hand-errors-00000-of-00001.parquet")
+    page = tmp_path / "report.html"
+    assert main(["report", "--scores", str(tmp_path / "hand"), "--output", str(page), "--gallery", "3"]) == 0
+    text = page.read_text()
+    assert "<script" not in text and "<img src=x" not in text
+    for column in ("anchor_id", "head", "stage", "uri"):
+        assert f"&lt;script&gt;alert(&quot;{column} 0&quot;)&lt;/script&gt;" in text, column

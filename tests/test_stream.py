@@ -400,3 +400,82 @@ def test_a_crash_loses_at_most_the_open_window(two_anchors, tmp_path):
         process.wait()
     tables = every_table(f"{output}-scores-*.parquet", SCORE_SCHEMA)  # each read whole
     assert sorted(row["uri"] for table in tables.values() for row in table) == sorted(early)
+
+
+def test_a_file_rewritten_within_its_window_is_scored_once_there(two_anchors, tmp_path):
+    """Polls that see a file, then its rewrite (a new version), in one window: one row for it
+    in that window; a version in the next window is that window's."""
+    first, _ = two_anchors
+    image, other = write_crops(tmp_path, count_per_photo=1, seed=21)[:2]
+    versions = [FileMetadata(image, 10, last_updated_in_seconds=mtime) for mtime in (1.0, 2.0, 3.0)]
+
+    def at(t, *values):
+        return [TimestampedValue(value, t) for value in values]
+
+    events = (
+        test_stream.TestStream(output_tags={"files", "ticks"})
+        .advance_watermark_to(0, tag="files")
+        .advance_watermark_to(0, tag="ticks")
+        .add_elements(at(0, str(first)), tag="ticks")
+        .add_elements(at(1, versions[0], FileMetadata(other, 10, last_updated_in_seconds=1.0)), tag="files")
+        .add_elements(at(2, versions[1]), tag="files")  # rewritten after it was passed on
+        .add_elements(at(3, versions[2]), tag="files")  # and again
+        .advance_watermark_to(WINDOW, tag="files")
+        .advance_watermark_to(WINDOW, tag="ticks")
+        .add_elements(at(WINDOW, str(first)), tag="ticks")
+        .add_elements(at(WINDOW + 1, FileMetadata(image, 10, last_updated_in_seconds=4.0)), tag="files")
+        .advance_watermark_to_infinity(tag="files")
+        .advance_watermark_to_infinity(tag="ticks")
+    )
+    output = tmp_path / "out" / "scan"
+    stream_events(events, tmp_path, first, output)
+    scores = every_table(f"{output}-scores-*.parquet", SCORE_SCHEMA)
+    by_window = [sorted(row["uri"] for row in table) for _, table in sorted(scores.items())]
+    assert by_window == [sorted([image, other]), [image]]
+
+
+class FakeClock:
+    """time.time and time.sleep for the local stream's driver: each sleep moves the clock on and
+    runs the events due by then (no waiting; the driver sees them at its next poll)."""
+
+    def __init__(self, start: float, events: list):
+        self.now, self.events = start, sorted(events, key=lambda event: event[0])
+
+    def time(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += max(seconds, 1e-3)
+        while self.events and self.events[0][0] <= self.now:
+            self.events.pop(0)[1]()
+
+
+def test_the_local_stream_scores_a_file_rewritten_within_its_window_once(two_anchors, tmp_path, monkeypatch):
+    from anchorscan.pipelines import local_stream
+
+    first, _ = two_anchors
+    watched = tmp_path / "incoming"
+    watched.mkdir()
+    images = write_crops(watched, count_per_photo=1, seed=22)
+    start = 3000.0  # a window's start, on the driver's clock
+    rewritten = []
+
+    def rewrite():  # after the polls passed it on (settled at start + 1): a new version
+        os.utime(images[0], (os.path.getmtime(images[0]) + 60,) * 2)
+        rewritten.append(True)
+
+    clock = FakeClock(start, [(start + 1.6, rewrite)])
+    monkeypatch.setattr(local_stream, "time", clock)
+    output = tmp_path / "out" / "scan"
+    stream.run(
+        [
+            "--watch", str(watched), "--anchor", str(first), "--output", str(output),
+            "--window_seconds", "3", "--poll_seconds", "0.3", "--settle_seconds", "1",
+            "--stop_after_seconds", "3", *RUNNER,
+        ]
+    )  # fmt: skip
+    assert rewritten
+    rows = [
+        row for table in every_table(f"{output}-scores-*.parquet", SCORE_SCHEMA).values() for row in table
+    ]
+    assert sorted(row["uri"] for row in rows) == sorted(images)  # each once, the rewritten one too

@@ -4,6 +4,7 @@ slow)."""
 from __future__ import annotations
 
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -246,8 +247,10 @@ def test_calibrate_on_your_own_reals_moves_the_thresholds_not_the_statistics(fit
         pathlib.Path(path).unlink()
         soft.save(path.rsplit(".", 1)[0] + ".png")
     output = tmp_path / "calibrated.safetensors"
+    # The anchor flags most of these: a calibration refused unless forced (the upscales test
+    # below), as here, where they are known to be real.
     summary = calibrate.run(
-        ["--anchor", str(anchor), "--input", str(yours), "--output", str(output), *RUNNER]
+        ["--anchor", str(anchor), "--input", str(yours), "--output", str(output), "--force", *RUNNER]
     )
     before, _ = anchor_from_bytes(anchor.read_bytes())
     after, _ = anchor_from_bytes(output.read_bytes())
@@ -259,6 +262,87 @@ def test_calibrate_on_your_own_reals_moves_the_thresholds_not_the_statistics(fit
     assert 0.0 <= summary["flagged_after"] <= 2 / 30 < summary["flagged_before"] + 2 / 30
     kept = tmp_path / "kept.safetensors"
     calibrate.run(
-        ["--anchor", str(anchor), "--input", str(yours), "--output", str(kept), "--keep_held_out", *RUNNER]
+        [
+            "--anchor",
+            str(anchor),
+            "--input",
+            str(yours),
+            "--output",
+            str(kept),
+            "--keep_held_out",
+            "--force",
+            *RUNNER,
+        ]
     )
     assert anchor_from_bytes(kept.read_bytes())[0].n_calibration == after.n_calibration + before.n_calibration
+
+
+def test_calibrate_refuses_upscales_the_anchor_flags_unless_forced(fitted_anchor, tmp_path, capsys):
+    """23 bicubic upscales of real photos, all flagged by the anchor: calibrating on them would
+    make it flag none of their kind. Refused with nothing written; --force calibrates and the
+    lineage says so."""
+    from PIL import Image
+
+    anchor, _ = fitted_anchor
+    upscales = tmp_path / "upscales"
+    upscales.mkdir()
+    for i, path in enumerate(write_crops(upscales, count_per_photo=4, seed=17)):
+        image = Image.open(path).convert("RGB")
+        pathlib.Path(path).unlink()
+        if i < 23:
+            small = image.resize((image.width // 4, image.height // 4), Image.Resampling.BICUBIC)
+            small.resize(image.size, Image.Resampling.BICUBIC).save(path.rsplit(".", 1)[0] + ".png")
+    output = tmp_path / "cal" / "calibrated.safetensors"
+    output.parent.mkdir()
+    argv = ["calibrate", "--anchor", str(anchor), "--input", str(upscales), "--output", str(output), *RUNNER]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    flagged = re.search(r"the anchor flags ([\d.]+)% of these images \(more than 50%\)", error)
+    assert flagged and float(flagged.group(1)) > 90 and "--force" in error, error
+    assert list(output.parent.iterdir()) == []
+
+    assert main([*argv, "--force"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(output)]) == 0
+    calibrated = [line for line in capsys.readouterr().out.splitlines() if line.startswith("calibrated ")]
+    assert len(calibrated) == 1 and calibrated[0].endswith("images=23 distinct=23 forced=yes")
+
+
+def test_calibrate_refuses_copies_of_one_photo(fitted_anchor, tmp_path, capsys):
+    """150 copies of one photo calibrate as one image: refused as mostly duplicates, and forced
+    still too few distinct images to calibrate on (never 150 votes for one picture)."""
+    anchor, _ = fitted_anchor
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    photo = pathlib.Path(write_crops(tmp_path, count_per_photo=1, seed=3)[0])
+    for i in range(150):
+        (copies / f"copy_{i}{photo.suffix}").write_bytes(photo.read_bytes())
+    output = tmp_path / "cal" / "calibrated.safetensors"
+    output.parent.mkdir()
+    argv = ["calibrate", "--anchor", str(anchor), "--input", str(copies), "--output", str(output), *RUNNER]
+    assert main(argv) == 2
+    assert "only 1 of the 150 images are distinct" in capsys.readouterr().err
+    assert main([*argv, "--force"]) == 2
+    assert "only 1 distinct images of yours" in capsys.readouterr().err
+    assert list(output.parent.iterdir()) == []
+
+
+def test_a_trusted_update_of_six_images_exports_and_merges(fitted_anchor, tmp_path, capsys):
+    """Six images: M2 of the few added is near singular, and its subtraction leaves round-off
+    below zero on the diagonal (-5e-16 was refused as a forgery); within the PSD tolerance."""
+    anchor, _ = fitted_anchor
+    six = tmp_path / "six"
+    six.mkdir()
+    write_crops(six, count_per_photo=1, seed=23)
+    site = tmp_path / "site.safetensors"
+    argv = ["update", "--anchor", str(anchor), "--input", str(six), "--output", str(site), "--trusted"]
+    assert main([*argv, *RUNNER]) == 0
+    delta = tmp_path / "site.delta"
+    argv = ["export-delta", "--anchor", str(site), "--since", str(anchor), "--output", str(delta)]
+    assert main([*argv, "--min_count", "1"]) == 0
+    merged = tmp_path / "merged.safetensors"
+    assert main(["merge", str(anchor), str(delta), "--output", str(merged)]) == 0, capsys.readouterr().err
+    assert (
+        anchor_from_bytes(merged.read_bytes())[0].moments.n
+        == anchor_from_bytes(site.read_bytes())[0].moments.n
+    )

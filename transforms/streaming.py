@@ -99,7 +99,7 @@ class NewImages(beam.PTransform):
     """FileMetadata of every poll -> units to read for the files not seen before (images,
     or containers a byte source reads), each once its size and modification time have settled
     for ``settle`` seconds, in fixed windows of ``window_seconds`` by the poll that passed them
-    on."""
+    on; a file at most once per window."""
 
     def __init__(self, window_seconds: float, settle: float = SETTLE_SECONDS):
         super().__init__()
@@ -112,8 +112,11 @@ class NewImages(beam.PTransform):
             | "ByPath"
             >> beam.Map(lambda metadata: (metadata.path, metadata)).with_output_types(tuple[str, Any])
             | "Settled" >> beam.ParDo(SettledFiles(self.settle))
-            | "Unit" >> beam.Map(Unit)
             | "Window" >> beam.WindowInto(FixedWindows(self.window_seconds))
+            # A file rewritten after it was passed on is a new version, but one file of a window
+            # is read once (as it is when the window closes), never scored twice there.
+            | "OncePerWindow" >> beam.Distinct()
+            | "Unit" >> beam.Map(Unit)
         )
 
 

@@ -1,11 +1,13 @@
 """http(s):// inputs, as crawled manifests list them: fetched with requests, with timeouts,
-bounded retries, a size cap, a per-host concurrency cap and guarded redirects. Every failure is
-a FetchError whose message gives the status or the cause."""
+bounded retries, a size cap, a per-host concurrency cap and guarded redirects (http(s) only, a
+few, never from a public host to this machine's or a private network's addresses). Every
+failure is a FetchError whose message gives the status or the cause."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import socket
 import threading
 import time
@@ -43,6 +45,28 @@ class _Transient(Exception):
 
 def is_http(uri: str) -> bool:
     return urllib.parse.urlsplit(uri).scheme.lower() in HTTP_SCHEMES
+
+
+def host_addresses(host: str) -> set[str]:
+    """The IP addresses ``host`` resolves to (none where it does not resolve: the request
+    itself then says so). Tests replace it to give a loopback server a public address."""
+    try:
+        return {str(info[4][0]) for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
+    except (socket.gaierror, UnicodeError, ValueError):
+        return set()
+
+
+def is_internal(url: str) -> bool:
+    """Whether ``url``'s host is or resolves to a loopback, private, link-local or unspecified
+    address: this machine, its network, a cloud's metadata server."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    for text in host_addresses(host):
+        address = ipaddress.ip_address(text.split("%")[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        if address.is_loopback or address.is_private or address.is_link_local or address.is_unspecified:
+            return True
+    return False
 
 
 _local = threading.local()
@@ -168,6 +192,13 @@ def _ok_response(uri: str, deadline: float, config: HttpConfig):
                         )
                     if target in seen:
                         raise FetchError(f"HTTP {response.status_code} redirect loop back to {target}")
+                    # As a remote manifest may name no local file, a public server may send the
+                    # scan to no address inside this machine or its network.
+                    if is_internal(target) and not is_internal(uri):
+                        raise FetchError(
+                            f"HTTP {response.status_code} redirect from a public host to {target}, a "
+                            "loopback, private or link-local address: not followed"
+                        )
                     url = target
                     seen.add(url)
                     continue
