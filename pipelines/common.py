@@ -41,6 +41,8 @@ def chain_steps(args, options, config: BackboneConfig, extractor: FeatureExtract
         args.read_timeout,
         # stream watches storage, not web servers: it has no http flags
         http_config(args) if hasattr(args, "http_timeout") else HttpConfig(),
+        args.max_shard_bytes,
+        args.max_skip_bytes,
     )
     decoding = DecodeSettings(
         preprocessing["crop"],

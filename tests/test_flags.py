@@ -40,6 +40,8 @@ def bad_values(action: argparse.Action) -> list[str]:
         return ["nope", ""]
     if check is flags.text:
         return ["", "  "]
+    if check is flags.input_pattern:
+        return ["", "  ", "s/{0..1000000}.tar", "{a,b}{0..999999}"]
     if check is flags.regex:
         return ["(", "[a-"]
     if check is flags.generator_name:

@@ -278,7 +278,7 @@ def _kept_samples(piece: Piece, kept: dict[str, str], limits: ReadLimits):
     """The samples of ``piece``, read from its shard, each checked against what was scored."""
     ordinal, taken = 0, 0
     with open_shard(piece.shard, limits.http) as stream:
-        for sample in samples(stream, limits.max_bytes):
+        for sample in samples(stream, limits):
             if sample.key not in kept or sample.problem:
                 continue
             ordinal += 1
