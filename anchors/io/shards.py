@@ -20,6 +20,7 @@ import os
 import posixpath
 import tarfile
 from collections.abc import Iterator
+from typing import Literal
 
 from anchorscan.anchors.errors import exception_name
 from anchorscan.anchors.io import gcs
@@ -218,7 +219,7 @@ class _Header(tarfile.TarInfo):
                 f"member {self.name!r} is a tar header that declares {self.size:,} bytes, more than "
                 f"{MAX_HEADER_BYTES:,} (a GNU long name or PAX header is a few hundred)"
             )
-        return super()._proc_member(tarfile_)
+        return super()._proc_member(tarfile_)  # type: ignore[misc]  # tarfile's documented hook, untyped
 
     @classmethod
     def fromtarfile(cls, archive):
@@ -255,7 +256,7 @@ class _ShardStream:
 def _check_ahead(archive: tarfile.TarFile, last: tarfile.TarInfo | None, limits: ReadLimits) -> None:
     """Before tarfile reads past what is left of the last member to the next header: the bytes
     that skips (a member not read), and where the next header starts, within the limits."""
-    skipped = archive.offset - archive.fileobj.tell()  # type: ignore[union-attr]
+    skipped = archive.offset - archive.fileobj.tell()
     if last is not None and skipped > limits.max_skip_bytes:
         raise ShardLimitError(
             f"member {last.name!r} ({last.size:,} bytes) is not read, and reading past it would go "
@@ -275,9 +276,10 @@ def samples(stream, limits: ReadLimits) -> Iterator[Sample]:
     shard_stream = _ShardStream(stream)
     # Only gzip is decompressed: its output is at most about 1,000 times its input, a chunk's
     # some 10 MB, where a bzip2 or xz chunk could decompress to gigabytes at once.
-    mode = "r|gz" if shard_stream.compressed else "r|"
+    mode: Literal["r|gz", "r|"] = "r|gz" if shard_stream.compressed else "r|"
     try:
-        archive = tarfile.open(fileobj=shard_stream, mode=mode, tarinfo=_Header)  # noqa: SIM115 (closed by the caller's stream)
+        # Stream modes only read: typeshed's file protocol asks for more than _ShardStream has.
+        archive: tarfile.TarFile = tarfile.open(fileobj=shard_stream, mode=mode, tarinfo=_Header)  # type: ignore[call-overload]  # noqa: SIM115 (closed by the caller's stream)
     except tarfile.ReadError as error:
         raise ReadError(f"not a tar archive ({error})", "tarfile.ReadError") from None
     seen: set[str] = set()
@@ -310,9 +312,9 @@ def samples(stream, limits: ReadLimits) -> Iterator[Sample]:
                 current = Sample(key, count, by_position=key in seen)
                 if key in seen:
                     current.refuse(f"a sample with this key came earlier in the shard (duplicate key {key})")
-                problem = key_problem(key)
-                if problem:
-                    current.refuse(f"{problem}: the sample is not read")
+                refusal = key_problem(key)
+                if refusal:
+                    current.refuse(f"{refusal}: the sample is not read")
                 seen.add(key)
             reason = unsafe_name(info.name) or (None if info.isreg() else f"it is {_kind(info)}")
             if reason:

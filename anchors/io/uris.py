@@ -8,6 +8,7 @@ becomes ``file:///data/caf%E9.png``), which ``local_path`` turns back into the s
 from __future__ import annotations
 
 import os
+import re
 import urllib.parse
 
 import braceexpand
@@ -69,6 +70,11 @@ def local_file(uri: str) -> str:
 MAX_BRACE_NAMES = 1_000_000
 
 
+# braceexpand's own ranges: {1..10}, {10..1..3}, {a..g..2}.
+_INT_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.-?(\d+))?$")
+_LETTER_RANGE = re.compile(r"^([A-Za-z])\.\.([A-Za-z])(?:\.\.-?(\d+))?$")
+
+
 def _count_pattern(pattern: str) -> int:
     """How many names ``braceexpand`` makes of ``pattern``, counted along its grammar (a
     product of literal parts and brace groups) without making them; ValueError where its
@@ -96,12 +102,12 @@ def _count_pattern(pattern: str) -> int:
 def _count_expression(expression: str) -> int:
     """The names one brace group makes: a range's length, the sum of a list's alternatives,
     or those of its inside (a group that is neither stays braces in the names)."""
-    match = braceexpand.int_range_re.match(expression)
+    match = _INT_RANGE.match(expression)
     if match:
         first, last, step = int(match[1]), int(match[2]), int(match[3] or 1) or 1
         return abs(last - first) // step + 1
-    if braceexpand.char_range_re.match(expression):  # at most 52 letters: made, not counted
-        return sum(1 for _ in braceexpand.parse_expression(expression, True))
+    if _LETTER_RANGE.match(expression):  # at most 52 letters: made, not counted
+        return len(list(braceexpand.braceexpand("{" + expression + "}")))
     alternatives, start, depth, position = [], 0, 0, 0
     while position < len(expression):
         character = expression[position]
