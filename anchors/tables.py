@@ -5,6 +5,7 @@ schemas, the row builders and docs/REFERENCE.md's table (checked by a test) foll
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -128,6 +129,25 @@ def arrow_schema(columns: tuple[Column, ...]) -> pa.Schema:
 
 SCORE_SCHEMA = arrow_schema(SCORE_COLUMNS)
 ERROR_SCHEMA = arrow_schema(ERROR_COLUMNS)
+# A carried column (a manifest's, a sidecar's) named like a score column is written under this prefix.
+CLASH_PREFIX = "manifest_"
+
+
+def clashing_columns(names) -> list[str]:
+    """The score columns among ``names`` whose prefixed name (CLASH_PREFIX) is among them too:
+    neither could be carried under its own name."""
+    present = set(names)
+    return sorted(name for name in present & set(SCORE_SCHEMA.names) if CLASH_PREFIX + name in present)
+
+
+def json_text(value):
+    """A nested value (an object, a list; a Parquet struct, list or map) as JSON text (values
+    JSON has no type for, a timestamp, bytes, as their text); any other value as it is."""
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, sort_keys=True, default=str)
+    return value
+
+
 REFUSED_SCHEMA = arrow_schema(REFUSED_COLUMNS)
 # Score columns that come straight from the anchor's (and head's) batch of scores.
 SCORED_FLOATS = tuple(column.name for column in SCORE_COLUMNS if column.type == pa.float64())

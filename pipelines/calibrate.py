@@ -24,7 +24,7 @@ from anchorscan.anchors.calibration import (
 from anchorscan.anchors.errors import NotEnoughImagesError, UserError
 from anchorscan.anchors.io.storage import read_checked_file
 from anchorscan.pipelines.common import anchor_and_extractor, chain_steps
-from anchorscan.pipelines.flags import command_parser, text
+from anchorscan.pipelines.flags import command_parser, input_pattern, text
 from anchorscan.pipelines.options import (
     INPUT_HELP,
     add_decoding_args,
@@ -61,7 +61,7 @@ def parser():
     parser = command_parser("calibrate")
     parser.add_argument("--anchor", type=text, required=True, help="the anchor to calibrate (local or gs://)")
     parser.add_argument(
-        "--input", type=text, action="append", required=True, help=f"your real images: {INPUT_HELP}"
+        "--input", type=input_pattern, action="append", required=True, help=f"your real images: {INPUT_HELP}"
     )
     parser.add_argument("--output", type=text, required=True, help="the calibrated anchor file to write")
     parser.add_argument(

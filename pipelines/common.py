@@ -35,7 +35,9 @@ def driver_extractor(config: BackboneConfig) -> FeatureExtractor:
 def chain_steps(args, options, config: BackboneConfig, extractor: FeatureExtractor) -> Steps:
     """How the chain's steps run, from a command's flags (see pipelines/options.py)."""
     preprocessing = extractor.backbone.preprocessing
-    limits = ReadLimits(args.max_bytes, args.read_timeout, http_config(args))
+    limits = ReadLimits(
+        args.max_bytes, args.read_timeout, http_config(args), args.max_shard_bytes, args.max_skip_bytes
+    )
     decoding = DecodeSettings(
         preprocessing["crop"],
         preprocessing["resize"],

@@ -12,7 +12,15 @@ from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.storage import check_writable, read_checked_file
 from anchorscan.anchors.softness import LEVEL_SETS, softened
 from anchorscan.pipelines.common import chain_steps, driver_extractor
-from anchorscan.pipelines.flags import choice_list, command_parser, float_in, open_fraction, regex, text
+from anchorscan.pipelines.flags import (
+    choice_list,
+    command_parser,
+    float_in,
+    input_pattern,
+    open_fraction,
+    regex,
+    text,
+)
 from anchorscan.pipelines.options import (
     INPUT_HELP,
     add_backbone_args,
@@ -33,7 +41,7 @@ from anchorscan.transforms.sinks import WriteErrors, cleaned_on_failure
 def parser():
     parser = command_parser("fit")
     parser.add_argument(
-        "--input", type=text, action="append", required=True, help=f"real images: {INPUT_HELP}"
+        "--input", type=input_pattern, action="append", required=True, help=f"real images: {INPUT_HELP}"
     )
     parser.add_argument(
         "--anchor", type=text, required=True, help="the anchor file to write (local or gs://)"

@@ -10,7 +10,7 @@ import apache_beam as beam
 from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.io.storage import read_checked_file
 from anchorscan.pipelines.common import anchor_and_extractor, chain_steps
-from anchorscan.pipelines.flags import command_parser, generator_name, text
+from anchorscan.pipelines.flags import command_parser, generator_name, input_pattern, text
 from anchorscan.pipelines.options import (
     INPUT_HELP,
     add_decoding_args,
@@ -36,7 +36,11 @@ def parser():
         "the same name again adds to its images",
     )
     parser.add_argument(
-        "--input", type=text, action="append", required=True, help=f"the generator's images: {INPUT_HELP}"
+        "--input",
+        type=input_pattern,
+        action="append",
+        required=True,
+        help=f"the generator's images: {INPUT_HELP}",
     )
     parser.add_argument("--output", type=text, required=True, help="the anchor file to write")
     parser.add_argument(

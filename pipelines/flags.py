@@ -9,6 +9,7 @@ import math
 import re
 import sys
 
+from anchorscan.anchors.io.uris import too_many_names
 from anchorscan.pipelines.cli import COMMANDS
 
 BEAM_EPILOG = "Other flags pass to Beam (--runner, --direct_num_workers, --project, ...)."
@@ -113,6 +114,15 @@ def pem_certificates(path: str) -> str:
             "-----BEGIN CERTIFICATE----- and -----END CERTIFICATE-----)"
         )
     return pem
+
+
+def input_pattern(value: str) -> str:
+    """An --input: not empty, and a brace pattern of at most MAX_BRACE_NAMES names (counted,
+    not made: a typo's {0..9999999} would build gigabytes of names)."""
+    too_many = too_many_names(text(value))
+    if too_many:
+        raise argparse.ArgumentTypeError(too_many)
+    return value
 
 
 def regex(value: str) -> str:

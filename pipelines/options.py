@@ -13,7 +13,12 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 from anchorscan.anchors.images.decode import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 from anchorscan.anchors.images.perturbations import PERTURBATION_HELP
 from anchorscan.anchors.io.fetch import HttpConfig
-from anchorscan.anchors.io.sources import DEFAULT_MAX_BYTES, DEFAULT_READ_TIMEOUT
+from anchorscan.anchors.io.sources import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_SHARD_BYTES,
+    DEFAULT_MAX_SKIP_BYTES,
+    DEFAULT_READ_TIMEOUT,
+)
 from anchorscan.anchors.models.backbones import (
     ATTENTION_MODES,
     BACKBONE_NAMES,
@@ -169,6 +174,19 @@ def add_decoding_args(parser: argparse.ArgumentParser, perturbation: bool = True
         type=positive_int,
         default=DEFAULT_MAX_BYTES,
         help="files larger than this become error rows",
+    )
+    group.add_argument(
+        "--max_shard_bytes",
+        type=positive_int,
+        default=DEFAULT_MAX_SHARD_BYTES,
+        help="bytes of a tar shard read, at most (decompressed, for .tar.gz); the rest is an error row",
+    )
+    group.add_argument(
+        "--max_skip_bytes",
+        type=positive_int,
+        default=DEFAULT_MAX_SKIP_BYTES,
+        help="bytes of a shard's member that is not read (over --max_bytes, a link) read past, at most; "
+        "past it the rest of the shard is an error row",
     )
     group.add_argument(
         "--min_side",

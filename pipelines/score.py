@@ -13,7 +13,7 @@ from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.storage import check_writable, read_checked_file
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.pipelines.common import chain_steps, driver_extractor
-from anchorscan.pipelines.flags import choice_list, command_parser, text
+from anchorscan.pipelines.flags import choice_list, command_parser, input_pattern, text
 from anchorscan.pipelines.options import (
     INPUT_HELP,
     add_decoding_args,
@@ -41,7 +41,9 @@ from anchorscan.transforms.sinks import (
 
 def parser():
     parser = command_parser("score")
-    parser.add_argument("--input", type=text, action="append", required=True, help=f"images: {INPUT_HELP}")
+    parser.add_argument(
+        "--input", type=input_pattern, action="append", required=True, help=f"images: {INPUT_HELP}"
+    )
     parser.add_argument("--anchor", type=text, required=True, help="the anchor file (local or gs://)")
     parser.add_argument(
         "--output",

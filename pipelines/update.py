@@ -15,7 +15,7 @@ from anchorscan.anchors.io.storage import read_checked_file
 from anchorscan.anchors.softness import softened
 from anchorscan.anchors.updating import DEFAULT_ADMIT, ROUND_SHARE, admission_threshold, round_test
 from anchorscan.pipelines.common import anchor_and_extractor, chain_steps
-from anchorscan.pipelines.flags import admit_value, command_parser, float_in, text
+from anchorscan.pipelines.flags import admit_value, command_parser, float_in, input_pattern, text
 from anchorscan.pipelines.options import (
     INPUT_HELP,
     add_decoding_args,
@@ -35,7 +35,7 @@ def parser():
     parser = command_parser("update")
     parser.add_argument("--anchor", type=text, required=True, help="the anchor to update (local or gs://)")
     parser.add_argument(
-        "--input", type=text, action="append", required=True, help=f"real images: {INPUT_HELP}"
+        "--input", type=input_pattern, action="append", required=True, help=f"real images: {INPUT_HELP}"
     )
     parser.add_argument("--output", type=text, required=True, help="the updated anchor file to write")
     parser.add_argument(

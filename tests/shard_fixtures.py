@@ -9,6 +9,7 @@ import io
 import json
 import pathlib
 import tarfile
+import zlib
 
 import numpy as np
 import pyarrow as pa
@@ -238,3 +239,62 @@ def write_flood(path: pathlib.Path, members: int = 100_000) -> None:
     with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as archive:
         for index in range(members):
             _add(archive, f"{index:06d}.txt")
+
+
+def write_gzip_bomb(path: pathlib.Path, declared: int, kind: bytes = tarfile.REGTYPE) -> None:
+    """A gzip'd tar whose one member declares ``declared`` bytes of zeros, streamed through gzip
+    so the file is about a thousandth of that: a member ``bomb.jpg``, or with ``kind`` a GNU
+    long-name (``tarfile.GNUTYPE_LONGNAME``) or PAX (``tarfile.XHDTYPE``) header."""
+    info = tarfile.TarInfo("bomb.jpg")
+    info.type, info.size = kind, declared
+    compressor = zlib.compressobj(6, zlib.DEFLATED, 31)  # 31: the gzip container
+    zeros = bytes(2**20)
+    with open(path, "wb") as out:
+        out.write(compressor.compress(info.tobuf(tarfile.GNU_FORMAT)))
+        left = -(-declared // 512) * 512 + 1024  # the padded data, then the end-of-archive marker
+        while left:
+            chunk = min(left, len(zeros))
+            out.write(compressor.compress(zeros[:chunk]))
+            left -= chunk
+        out.write(compressor.flush())
+
+
+def write_gzip_shard(path: pathlib.Path, images: list[bytes]) -> list[str]:
+    """A gzip'd tar of one JPEG sample per image (keys g0, g1, ...); returns the keys."""
+    keys = [f"g{index}" for index in range(len(images))]
+    with tarfile.open(path, "w:gz", format=tarfile.GNU_FORMAT) as archive:
+        for key, image in zip(keys, images):
+            _add(archive, f"{key}.jpg", image)
+    return keys
+
+
+# Keys no sample URI can carry, as (member name, the words of its error row).
+UNSAFE_KEYS = [
+    ("k#member=5.jpg", "holds '#'"),
+    ("line\nbreak.jpg", "a control character"),
+    ("L" * 5000 + ".jpg", "longer than 256 characters"),
+]
+
+
+def write_unsafe_keys(path: pathlib.Path) -> dict:
+    """A shard whose keys would make URIs collide or break lines: ``k``, then a literal
+    ``k#member=5`` (the URI a duplicate ``k`` at member 5 gets), ``x``, ``y``, the duplicate
+    ``k`` at member 5, a key with a newline and a 5,000-character key, then ``ok``. Returns
+    {"scored": URIs, "errors": {URI: words}}."""
+    jpg = photo_jpegs(8, seed=11)
+    names = [
+        "k.jpg",
+        UNSAFE_KEYS[0][0],
+        "x.jpg",
+        "y.jpg",
+        "k.jpg",
+        UNSAFE_KEYS[1][0],
+        UNSAFE_KEYS[2][0],
+        "ok.jpg",
+    ]
+    _tar(path, [(name, image) for name, image in zip(names, jpg)])
+    shard = str(path)
+    errors = {f"{shard}#k#member=5": "duplicate key"}
+    for position, (_, words) in zip((2, 6, 7), UNSAFE_KEYS):
+        errors[f"{shard}##member={position}"] = words
+    return {"scored": [f"{shard}#{key}" for key in ("k", "x", "y", "ok")], "errors": errors}

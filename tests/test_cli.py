@@ -71,6 +71,8 @@ RUNTIME = {
 DECODING = {
     "--max_pixels",
     "--max_bytes",
+    "--max_shard_bytes",
+    "--max_skip_bytes",
     "--min_side",
     "--decode_timeout",
     "--read_timeout",

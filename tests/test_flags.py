@@ -42,6 +42,8 @@ def bad_values(action: argparse.Action) -> list[str]:
         return ["", "  "]
     if check is flags.pem_certificates:
         return ["", "/nonexistent/ca.pem", "/dev/null"]
+    if check is flags.input_pattern:
+        return ["", "  ", "s/{0..1000000}.tar", "{a,b}{0..999999}"]
     if check is flags.regex:
         return ["(", "[a-"]
     if check is flags.generator_name:

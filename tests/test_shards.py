@@ -5,12 +5,15 @@ webdataset, tarfile and DuckDB, byte-identical on a rerun."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
+import json
 import os
 import pathlib
 import tarfile
+import threading
 import tracemalloc
 
 import numpy as np
@@ -19,12 +22,16 @@ import pyarrow.parquet as pq
 import pytest
 from test_gcs import ROOT, emulator, gcs_rows, upload  # noqa: F401 (emulator: a fixture)
 
+from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.io import curation, shards
+from anchorscan.anchors.io.manifests import ManifestError
 from anchorscan.anchors.io.shards import TarShardSource, split_sample_uri
 from anchorscan.anchors.io.sources import ReadError, ReadFailure, ReadLimits, Record, Unit, source_for
 from anchorscan.anchors.tables import ERROR_SCHEMA, SCORE_SCHEMA
 from anchorscan.pipelines import curate, report, score
 from anchorscan.pipelines.cli import main
+from anchorscan.transforms import carried
+from anchorscan.transforms import read as read_module
 from anchorscan.transforms.carried import carried_columns, carried_row
 from anchorscan.transforms.listing import expand_input, indexed_inputs
 from helpers import RUNNER
@@ -33,8 +40,11 @@ from shard_fixtures import (
     HOSTILE_MAX_BYTES,
     photo_jpegs,
     write_flood,
+    write_gzip_bomb,
+    write_gzip_shard,
     write_hostile_shards,
     write_img2dataset,
+    write_unsafe_keys,
 )
 
 
@@ -844,3 +854,257 @@ def test_a_shards_samples_are_redistributed_where_the_runner_spreads_them(datase
         uris = records | beam.Map(lambda record: record.uri)
         assert_that(uris, equal_to([*written["samples"][shard], alone]), label="AllRecords")
         assert_that(errors, equal_to([]), label="NoErrors")
+
+
+# --- reliability round 4: compressed shards, keys, sidecars (issue 24) ------------------------
+
+MIB = 2**20
+
+
+def test_gzip_bombs_stop_at_the_skip_and_shard_limits(tmp_path):
+    bomb = tmp_path / "bomb.tar.gz"
+    write_gzip_bomb(bomb, 64 * MIB)  # a 64 kB file; the issue's were 3 GiB, here the limits are lowered
+    assert bomb.stat().st_size < MIB
+    records, errors = read_unit(str(bomb), ReadLimits(max_bytes=HOSTILE_MAX_BYTES, max_skip_bytes=8 * MIB))
+    assert not records
+    assert "larger than --max_bytes" in errors.pop(f"{bomb}#bomb")
+    assert "more than --max_skip_bytes 8,388,608" in errors.pop(str(bomb))
+    assert errors == {}
+    limits = ReadLimits(max_bytes=HOSTILE_MAX_BYTES, max_shard_bytes=8 * MIB)
+    assert "past --max_shard_bytes 8,388,608" in read_unit(str(bomb), limits)[1][str(bomb)]
+
+    # A gzip'd shard of good samples is read whole; past a lowered shard limit, its first
+    # samples are scored, the one being read is refused and the shard gets a row.
+    images = photo_jpegs(6, seed=3)
+    good = tmp_path / "good.tar.gz"
+    keys = write_gzip_shard(good, images)
+    records, errors = read_unit(str(good))
+    assert errors == {} and [record.data for record in records.values()] == images
+    limit = sum(len(image) for image in images[:3]) + 3 * 1024  # three samples, headers and padding
+    records, errors = read_unit(str(good), ReadLimits(max_shard_bytes=limit))
+    assert list(records) == [f"{good}#{key}" for key in keys[: len(records)]] and 1 <= len(records) < 6
+    assert "past --max_shard_bytes" in errors.pop(str(good))
+    assert all(uri not in records for uri in errors)
+
+
+@pytest.mark.parametrize("kind", [tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE], ids=["gnu_long_name", "pax"])
+def test_a_tar_header_declaring_a_huge_size_is_refused_in_flat_memory(tmp_path, kind):
+    bomb = tmp_path / "header.tar.gz"
+    write_gzip_bomb(bomb, 256 * MIB, kind)
+    tracemalloc.start()
+    try:
+        records, errors = read_unit(str(bomb))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert not records and list(errors) == [str(bomb)]
+    assert "declares 268,435,456 bytes" in errors[str(bomb)]
+    # tarfile decompresses 10 kB of input at a time (some 10 MB of zeros) and holds a few such
+    # pieces at once; the 256 MiB "name", read whole, would be far past this.
+    assert peak < 64 * MIB, peak
+
+
+def test_the_driver_reads_a_bounded_part_of_shards_without_sidecars(tmp_path, monkeypatch):
+    folder = tmp_path / "corpus"
+    written = write_img2dataset(folder, shards=1, per_shard=2, sidecar=False)
+    bombs = [folder / f"0-bomb-{n}.tar.gz" for n in range(5)]  # listed before 00000.tar
+    for bomb in bombs:
+        write_gzip_bomb(bomb, 256 * MIB)
+    read_from: dict[str, int] = {}
+    real_open = carried.open_shard
+
+    class Counted:
+        def __init__(self, uri, stream):
+            self.uri, self.stream = uri, stream
+
+        def read(self, size=-1):
+            data = self.stream.read(size)
+            read_from[self.uri] = read_from.get(self.uri, 0) + len(data)
+            return data
+
+    @contextlib.contextmanager
+    def counted_open(uri, *args):
+        with real_open(uri, *args) as stream:
+            yield Counted(uri, stream)
+
+    monkeypatch.setattr(carried, "open_shard", counted_open)
+    columns = dict(carried_columns([str(folder)]))
+    assert columns["caption"].type == pa.string()  # the good shard's first JSON member
+    assert read_from[written["shards"][0]] > 0
+    for bomb in bombs:  # each gave up at once: the whole file decompresses to 256 MiB
+        assert read_from[str(bomb)] < bomb.stat().st_size / 4, (bomb, read_from)
+
+
+def test_a_read_past_its_timeout_is_stopped_not_left_running(monkeypatch):
+    """A shard that keeps delivering bytes (a decompressing bomb, a trickling server) past
+    --read_timeout: its read ends, the stream is closed, nothing is left reading."""
+    closed, reads = threading.Event(), []
+
+    class Endless:
+        def read(self, size=-1):
+            reads.append(size)
+            if len(reads) == 1:  # a member that declares 4 GiB, then zeros for ever
+                info = tarfile.TarInfo("endless.jpg")
+                info.size = 4 * 2**30
+                return info.tobuf(tarfile.GNU_FORMAT)
+            closed.wait(0.001)  # a trickle: the timeout, not the data's end, ends this read
+            return bytes(max(size, 0) or 512)
+
+    @contextlib.contextmanager
+    def endless_shard(uri, http):
+        try:
+            yield Endless()
+        finally:
+            closed.set()
+
+    monkeypatch.setattr(shards, "open_shard", endless_shard)
+    limits = ReadLimits(max_bytes=HOSTILE_MAX_BYTES, read_timeout=0.2, max_skip_bytes=2**40)
+    read = read_module.ReadFn(limits)
+    read.setup()
+    [row] = [output.value for output in read.process(Unit("/endless/shard.tar"))]
+    assert row["error_type"] == "TimeoutError" and "--read_timeout 0.2" in row["error"]
+    assert closed.wait(60), "the read went on after its timeout"
+    [stuck] = read._stuck
+    assert stuck.wait(60)  # the reader thread's call ended too: nothing reads on unseen
+
+
+def test_keys_that_would_break_uris_are_error_rows_each_uri_once(tmp_path):
+    shard = tmp_path / "keys.tar"
+    expected = write_unsafe_keys(shard)
+    records, errors = read_unit(str(shard))
+    assert sorted(records) == sorted(expected["scored"])
+    assert set(errors) == set(expected["errors"]), errors
+    for uri, words in expected["errors"].items():
+        assert words in errors[uri] and "\n" not in errors[uri], (uri, errors[uri])
+    assert set(records).isdisjoint(errors)
+    assert all(len(uri) < len(str(shard)) + 300 for uri in [*records, *errors])
+
+
+def test_a_sidecar_with_a_clashing_column_fails_its_shard_alone(dataset, tmp_path):
+    folder, written = dataset
+    clash = tmp_path / "clash" / "00000.tar"
+    write_img2dataset(clash.parent, shards=1, per_shard=2)
+    rows = pq.read_table(clash.with_suffix(".parquet")).to_pylist()
+    rows = [{**row, "score": 0.5, "manifest_score": 0.25} for row in rows]
+    pq.write_table(pa.Table.from_pylist(rows), clash.with_suffix(".parquet"))
+    columns = dict(carried_columns([str(clash), str(folder)]))  # no UsageError: the scan goes on
+    assert "score" not in columns and columns["manifest_score"].name == "manifest_score"
+    records, errors = read_unit(str(clash))
+    assert not records and list(errors) == [str(clash)]
+    assert "'score'" in errors[str(clash)] and "'manifest_score'" in errors[str(clash)]
+    assert read_unit(written["shards"][0])[1] == {}
+
+
+def test_nested_sidecar_values_are_carried_as_json_text(tmp_path):
+    folder = tmp_path / "nested"
+    written = write_img2dataset(folder, shards=1, per_shard=2)
+    sidecar = folder / "00000.parquet"
+    rows = pq.read_table(sidecar).to_pylist()
+    rows = [{**row, "exif": {"make": "Canon", "iso": 100}, "tags": ["a", "b"]} for row in rows]
+    pq.write_table(pa.Table.from_pylist(rows), sidecar)
+    carried_fields = carried_columns([str(folder)])
+    fields = dict(carried_fields)
+    assert fields["exif"].type == pa.string() and fields["tags"].type == pa.string()
+    records, _ = read_unit(written["shards"][0])
+    row = carried_row(next(iter(records.values())).carried, carried_fields)
+    assert json.loads(row["exif"]) == {"make": "Canon", "iso": 100}
+    assert json.loads(row["tags"]) == ["a", "b"]
+
+
+def test_a_csv_manifest_naming_a_column_twice_is_refused(tmp_path):
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("uri,label,uri\n/a/first.jpg,real,/b/second.jpg\n")
+    with pytest.raises(ManifestError, match=r"names the column\(s\) 'uri' more than once"):
+        indexed_inputs([str(manifest)])
+    [(kind, row)] = list(expand_input(str(manifest)))  # the listing's own read refuses it too
+    assert kind == "error" and "more than once" in row["error"]
+
+
+def test_a_brace_pattern_is_counted_not_expanded(tmp_path):
+    pattern = str(tmp_path / "s" / "{0..9999999}.tar")
+    tracemalloc.start()
+    try:
+        with pytest.raises(UsageError, match=r"names 10,000,000 files, more than 1,000,000"):
+            indexed_inputs([pattern])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < MIB, peak  # the list of names would take gigabytes
+    nested = str(tmp_path / "{a,b{1..3}}-{00..99}.tar")
+    assert len(indexed_inputs([nested])) == 400  # at the limit's side that expands: as braceexpand
+
+
+def test_a_brace_pattern_past_the_limit_is_refused_from_the_cli(tmp_path, capsys):
+    pattern = str(tmp_path / "s" / "{0..9999999}.tar")
+    code = main(["score", "--input", pattern, "--anchor", "a.safetensors", "--output", str(tmp_path / "o")])
+    assert code == 2
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1 and "names 10,000,000 files, more than 1,000,000" in message
+    assert pattern in message and os.listdir(tmp_path) == []
+
+
+def test_a_csv_naming_uri_twice_is_refused_from_the_cli(fitted_anchor, tmp_path, capsys):
+    anchor, _ = fitted_anchor
+    manifest = tmp_path / "crawl.csv"
+    manifest.write_text("uri,page_url,uri\n/a/first.jpg,http://p/1,/b/second.jpg\n")
+    prefix = tmp_path / "out" / "scan"
+    code = main(
+        ["score", "--input", str(manifest), "--anchor", str(anchor), "--output", str(prefix), *RUNNER]
+    )
+    assert code == 2
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1 and "Traceback" not in message
+    assert str(manifest) in message and "'uri' more than once" in message
+    assert not glob.glob(f"{prefix}*")
+
+
+def test_hostile_shards_of_round_4_each_give_their_row_from_the_cli(fitted_anchor, tmp_path):
+    """Five gzip bombs and two tar-header bombs beside good shards without sidecars (so the driver
+    looks into the shards for columns), a shard of keys that would break URIs, a sidecar with a
+    clashing column and one with nested values: the good samples scored, each bad shard a row,
+    each URI in one table once."""
+    anchor, _ = fitted_anchor
+    corpus = tmp_path / "corpus"
+    good = write_img2dataset(corpus / "1-good", shards=1, per_shard=2, sidecar=False)
+    bombs = [corpus / "0-bombs" / f"{n}.tar.gz" for n in range(5)]
+    (corpus / "0-bombs").mkdir(parents=True)
+    for bomb in bombs:
+        write_gzip_bomb(bomb, 256 * MIB)
+    headers = [corpus / "0-bombs" / name for name in ("long_name.tar.gz", "pax.tar.gz")]
+    for header, kind in zip(headers, (tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE)):
+        write_gzip_bomb(header, 16 * MIB, kind)
+    (corpus / "2-keys").mkdir()
+    keys = write_unsafe_keys(corpus / "2-keys" / "keys.tar")
+    nested = write_img2dataset(corpus / "3-nested", shards=1, per_shard=2)
+    sidecar = corpus / "3-nested" / "00000.parquet"
+    rows = [{**row, "exif": {"make": "Canon", "iso": 100}} for row in pq.read_table(sidecar).to_pylist()]
+    pq.write_table(pa.Table.from_pylist(rows), sidecar)
+    clash = write_img2dataset(corpus / "4-clash", shards=1, per_shard=2)["shards"][0]
+    clash_sidecar = corpus / "4-clash" / "00000.parquet"
+    rows = [{**row, "score": 0.5, "manifest_score": 0.25} for row in pq.read_table(clash_sidecar).to_pylist()]
+    pq.write_table(pa.Table.from_pylist(rows), clash_sidecar)
+
+    prefix = str(tmp_path / "scan" / "night")
+    limits = ["--max_bytes", str(HOSTILE_MAX_BYTES), "--max_skip_bytes", str(8 * MIB)]
+    code = main(
+        ["score", "--input", str(corpus), "--anchor", str(anchor), "--output", prefix, *limits, *RUNNER]
+    )
+    assert code == 0
+    scores, errors = table_rows(f"{prefix}-scores-*.parquet"), table_rows(f"{prefix}-errors-*.parquet")
+    scored, failed = [row["uri"] for row in scores], {row["uri"]: row["error"] for row in errors}
+    assert len(scored) == len(set(scored)) and len(failed) == len(errors) and not set(scored) & set(failed)
+    samples = [
+        uri for written in (good, nested) for shard in written["shards"] for uri in written["samples"][shard]
+    ]
+    assert set(scored) == set(samples) | set(keys["scored"])
+    for bomb in bombs:
+        assert "more than --max_skip_bytes" in failed.pop(str(bomb))
+        assert "larger than --max_bytes" in failed.pop(f"{bomb}#bomb")
+    for header in headers:
+        assert "declares 16,777,216 bytes" in failed.pop(str(header))
+    for uri, words in keys["errors"].items():
+        assert words in failed.pop(uri)
+    assert "'manifest_score'" in failed.pop(clash)
+    assert failed == {}
+    row = next(row for row in scores if row["uri"] == nested["samples"][nested["shards"][0]][0])
+    assert json.loads(row["exif"]) == {"iso": 100, "make": "Canon"}

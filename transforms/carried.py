@@ -11,10 +11,8 @@ null in any other."""
 
 from __future__ import annotations
 
-import csv
 import io
 import itertools
-import json
 import logging
 
 import pyarrow as pa
@@ -32,10 +30,10 @@ from anchorscan.anchors.io.shards import (
     sidecar_of,
     split_sample_uri,
 )
-from anchorscan.anchors.io.sources import DEFAULT_MAX_BYTES
+from anchorscan.anchors.io.sources import ReadLimits
 from anchorscan.anchors.io.storage import read_bytes
-from anchorscan.anchors.tables import CLASH_PREFIX, SCORE_SCHEMA
-from anchorscan.transforms.listing import expand_input, indexed_inputs
+from anchorscan.anchors.tables import CLASH_PREFIX, SCORE_SCHEMA, json_text
+from anchorscan.transforms.listing import csv_columns, expand_input, indexed_inputs
 
 
 def carries_columns(pattern: str) -> bool:
@@ -56,13 +54,7 @@ def _header(manifest: str) -> list[pa.Field]:
     allows."""
     if manifest.lower().endswith(".parquet"):
         return _parquet_schema(manifest)
-    if is_http(manifest):
-        first = read_bytes(manifest).split(b"\n", 1)[0]
-    else:
-        with FileSystems.open(manifest, compression_type="uncompressed") as handle:
-            first = handle.readline()
-    names = next(csv.reader([first.decode("utf-8-sig")]), [])
-    return [pa.field(name, pa.string()) for name in names]
+    return [pa.field(name, pa.string()) for name in csv_columns(manifest)]
 
 
 def _plain(field: pa.Field) -> pa.Field:
@@ -74,6 +66,12 @@ def _plain(field: pa.Field) -> pa.Field:
 LOOK_FOR_SHARDS = 1000
 # Shards without sidecars: how many of them the driver opens to find a first sample's JSON.
 LOOK_FOR_JSON = 10
+# What the driver reads of each such shard, at most (decompressed): a first sample larger, or a
+# gzip'd shard that decompresses to gigabytes, gives no columns (its read reports it).
+LOOK_FOR_JSON_BYTES = 64 * 2**20
+LOOK_FOR_JSON_LIMITS = ReadLimits(
+    max_bytes=LOOK_FOR_JSON_BYTES, max_shard_bytes=LOOK_FOR_JSON_BYTES, max_skip_bytes=LOOK_FOR_JSON_BYTES
+)
 JSON_TYPES = ((bool, pa.bool_()), (int, pa.int64()), (float, pa.float64()), (str, pa.string()))
 
 
@@ -112,7 +110,7 @@ def _sidecar_columns(shard: str) -> list[pa.Field] | None:
 def _json_columns(shard: str) -> list[pa.Field] | None:
     try:
         with open_shard(shard) as stream:
-            first = next(samples(stream, DEFAULT_MAX_BYTES), None)
+            first = next(samples(stream, LOOK_FOR_JSON_LIMITS), None)
     except Exception:  # the read of that shard reports it
         return None
     metadata = first.metadata() if first else None
@@ -139,8 +137,11 @@ def carried_columns(patterns: list[str]) -> list[tuple[str, pa.Field]]:
     """(column in the manifests or sidecars, field in the score table) for every column of the
     CSV and Parquet manifests among ``patterns`` but ``uri``, then the shards' columns
     (``shard_fields``), in order of first appearance. A name met with two types becomes a
-    string column; a name taken by a score column gets CLASH_PREFIX. A manifest that cannot be
-    read adds nothing (the listing reports it as an error row)."""
+    string column, and so does a nested one (a struct, a list: carried as JSON text); a name
+    taken by a score column gets CLASH_PREFIX. Where that name is taken too, a manifest is
+    refused (UsageError); a sidecar's score-named column is not carried (the read refuses a
+    shard whose sidecar has both). A manifest that cannot be read adds nothing (the listing
+    reports it as an error row)."""
     headers = []
     for pattern in patterns:
         if not carries_columns(pattern):
@@ -149,12 +150,15 @@ def carried_columns(patterns: list[str]) -> list[tuple[str, pa.Field]]:
             headers.append(_header(pattern))
         except Exception:  # reported by the listing, with the same cause
             continue
+    manifest_names = {field.name for header in headers for field in header}
     headers.append(shard_fields(patterns))
     fields: dict[str, pa.Field] = {}
     for header in headers:
         for field in map(_plain, header):
             if field.name == "uri" or not field.name:
                 continue
+            if pa.types.is_nested(field.type):
+                field = field.with_type(pa.string())
             known = fields.get(field.name)
             if known is not None and known.type != field.type:
                 field = field.with_type(pa.string())
@@ -163,11 +167,18 @@ def carried_columns(patterns: list[str]) -> list[tuple[str, pa.Field]]:
     for name, field in fields.items():
         if name in SCORE_SCHEMA.names:
             field = field.with_name(CLASH_PREFIX + name)
-            if field.name in fields:
+            if field.name in fields and name in manifest_names:
                 raise UsageError(
                     f"manifest columns {name!r} and {field.name!r}: {name!r} is a score "
                     f"column, and {field.name!r}, where it would go, is taken; rename one"
                 )
+            if field.name in fields:
+                logging.warning(
+                    "column %r of a shard's sidecar or JSON is a score column and %r is taken: not carried",
+                    name,
+                    field.name,
+                )
+                continue
             logging.warning(
                 "column %r of a manifest or sidecar is also a score column: carried as %r", name, field.name
             )
@@ -183,7 +194,8 @@ def _as_type(value, field: pa.Field):
     if pa.types.is_string(field.type):
         if isinstance(value, str):
             return value
-        return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
+        text = json_text(value)
+        return text if isinstance(text, str) else str(value)
     try:
         if isinstance(value, str):  # text that may spell the value: Arrow's cast parses it
             return pa.array([value], pa.string()).cast(field.type)[0].as_py()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 
@@ -10,14 +11,19 @@ import braceexpand
 from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
 
-from anchorscan.anchors.errors import exception_name
+from anchorscan.anchors.errors import UsageError, exception_name
 from anchorscan.anchors.io import gcs
 from anchorscan.anchors.io.fetch import is_http
 from anchorscan.anchors.io.gcs import describe, is_gcs
-from anchorscan.anchors.io.manifests import is_manifest, names_local_file, read_manifest
+from anchorscan.anchors.io.manifests import (
+    is_manifest,
+    names_local_file,
+    read_manifest,
+    refuse_repeated_columns,
+)
 from anchorscan.anchors.io.sources import Unit, listable
 from anchorscan.anchors.io.storage import read_bytes
-from anchorscan.anchors.io.uris import glob_prefix, has_glob, local_path, uri_text
+from anchorscan.anchors.io.uris import glob_prefix, has_glob, local_path, too_many_names, uri_text
 from anchorscan.anchors.tables import error_row
 from anchorscan.transforms.progress import ReportProgress
 
@@ -225,9 +231,14 @@ def _walk(root: str, depth: int | None, wanted):
 
 def braces(pattern: str) -> list[str]:
     """A brace pattern's names, as img2dataset and webdataset write shard sets
-    (``shards/{00000..01999}.tar``), in order; any other pattern as it is."""
+    (``shards/{00000..01999}.tar``), in order; any other pattern as it is. UsageError, before
+    any name is made, where the pattern names more than MAX_BRACE_NAMES (the --input flag
+    refuses it first; this guards the other ways in, a template's parameters)."""
     if "{" not in pattern:
         return [pattern]
+    too_many = too_many_names(pattern)
+    if too_many:
+        raise UsageError(f"--input {too_many}")
     try:
         return list(braceexpand.braceexpand(pattern))
     except ValueError:  # braceexpand's UnbalancedBracesError: a name with a brace in it
@@ -240,12 +251,36 @@ def distinct_patterns(patterns: list[str]) -> list[str]:
     return list(dict.fromkeys(uri_text(pattern.rstrip("/") or pattern) for pattern in patterns))
 
 
+def csv_columns(manifest: str) -> list[str]:
+    """A CSV manifest's column names: its first line's."""
+    if is_http(manifest):
+        first = read_bytes(manifest).split(b"\n", 1)[0]
+    else:
+        with FileSystems.open(manifest, compression_type="uncompressed") as handle:
+            first = handle.readline()
+    return next(csv.reader([first.decode("utf-8-sig")]), [])
+
+
+def _refuse_repeated_columns(pattern: str) -> None:
+    """A local or gs:// CSV manifest whose header names a column twice is refused before the
+    scan (ManifestError); one over http(s) is refused by its listing, as an error row."""
+    if not (is_manifest(pattern) and pattern.lower().endswith(".csv")) or is_http(pattern):
+        return
+    try:
+        names = csv_columns(pattern)
+    except Exception:  # a manifest that cannot be read: its listing reports it
+        return
+    refuse_repeated_columns(pattern, names)
+
+
 def indexed_inputs(patterns: list[str]) -> list[tuple[int, str]]:
     """(--input index, name) for each input, brace patterns expanded: each name is listed on
-    its own (so 2,000 shards spread over the workers) and a missing one is its own row."""
-    return [
-        (index, name) for index, pattern in enumerate(distinct_patterns(patterns)) for name in braces(pattern)
-    ]
+    its own (so 2,000 shards spread over the workers) and a missing one is its own row. A CSV
+    manifest that names a column twice is refused (ManifestError)."""
+    inputs = distinct_patterns(patterns)
+    for pattern in inputs:
+        _refuse_repeated_columns(pattern)
+    return [(index, name) for index, pattern in enumerate(inputs) for name in braces(pattern)]
 
 
 def _first_row(rows):

@@ -1,6 +1,8 @@
 """The read step: listed units -> records (URI, bytes, carried columns), each from the byte
 source that claims the unit (``anchors/io/sources.py``), and an error row for anything that
-cannot be read. Reads run on a daemon thread with a time limit, so no input can hold a worker."""
+cannot be read. Reads run on a daemon thread with a time limit, so no input can hold a worker;
+a read past it is told to stop, and one that is working (a shard decompressing) stops at its next
+chunk."""
 
 from __future__ import annotations
 
@@ -12,32 +14,43 @@ import apache_beam as beam
 from anchorscan.anchors.errors import exception_name
 from anchorscan.anchors.io.fetch import is_http
 from anchorscan.anchors.io.shards import split_sample_uri
-from anchorscan.anchors.io.sources import ReadError, ReadFailure, ReadLimits, Unit, source_for
+from anchorscan.anchors.io.sources import (
+    ReadError,
+    ReadFailure,
+    ReadLimits,
+    Unit,
+    source_for,
+    stopped_by,
+)
 from anchorscan.anchors.tables import error_row
 
 ERRORS = "errors"
-# A read that outlives its timeout is left to its daemon thread (a read stuck in the kernel
-# cannot be stopped); past this many at once, further reads fail at once instead of piling up.
+# A read that outlives its timeout is told to stop and left to its daemon thread (a read stuck in
+# the kernel cannot be stopped); past this many at once, further reads fail at once instead of
+# piling up.
 MAX_STUCK_READS = 4
 
 
 class _ReaderThread:
     """A daemon thread that runs one call at a time for the read step, so that a call can be
-    given up after a timeout; a thread left in a stuck call is replaced, never joined."""
+    given up after a timeout; a thread left in a stuck call is told to ``stop`` (its reads end at
+    their next chunk, and the thread with them) and replaced, never joined."""
 
     def __init__(self):
         self.calls: queue.SimpleQueue = queue.SimpleQueue()
+        self.stop = threading.Event()
         threading.Thread(target=self._serve, daemon=True, name="anchorscan-read").start()
 
     def _serve(self):
-        while True:
-            call, outcome, done = self.calls.get()
-            try:
-                outcome["value"] = call()
-            except BaseException as error:
-                outcome["error"] = error
-            finally:
-                done.set()
+        with stopped_by(self.stop):
+            while not self.stop.is_set():
+                call, outcome, done = self.calls.get()
+                try:
+                    outcome["value"] = call()
+                except BaseException as error:
+                    outcome["error"] = error
+                finally:
+                    done.set()
 
     def run(self, call, timeout: float) -> tuple[bool, dict, threading.Event]:
         outcome: dict = {}
@@ -71,6 +84,7 @@ class ReadFn(beam.DoFn):
         finished, outcome, done = self._thread.run(lambda: next(items), timeout)
         if not finished:
             self._stuck.append(done)
+            self._thread.stop.set()
             self._thread = _ReaderThread()
             raise ReadError(
                 f"reading took longer than --read_timeout {self.limits.read_timeout:g} s "

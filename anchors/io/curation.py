@@ -528,7 +528,7 @@ def _kept_samples(piece: Piece, kept: dict[str, dict], limits: ReadLimits):
                 f"{piece.shard}: the scan read this shard, which cannot be read now ({error}): put "
                 "it back where the scan found it, or score it where it is now, then curate"
             ) from None
-        for sample in samples(stream, limits.max_bytes):
+        for sample in samples(stream, limits):
             if sample.key not in kept or sample.problem:
                 continue
             ordinal += 1

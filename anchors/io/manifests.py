@@ -30,6 +30,17 @@ def names_local_file(manifest: str, uri: str) -> bool:
     return is_remote(manifest) and not is_remote(uri)
 
 
+def refuse_repeated_columns(manifest: str, names: list[str]) -> None:
+    """A CSV reader keeps the last of two columns with one name: the first's values (a second
+    ``uri`` column hides the first's URIs) would be lost without a word."""
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ManifestError(
+            f"manifest {manifest} names the column(s) {', '.join(map(repr, repeated))} more than once "
+            "in its header: rename or remove the repeated column(s)"
+        )
+
+
 def resolve(manifest: str, entry: str) -> str:
     """An entry's URI: as written when absolute or scheme-qualified, else beside the manifest."""
     if "://" in entry or entry.startswith("/"):
@@ -52,7 +63,8 @@ def read_manifest(manifest: str, data: bytes, columns: tuple[str, ...] = ("uri",
         names = list(rows[0]) if rows else pq.read_schema(io.BytesIO(data)).names
     elif manifest.lower().endswith(".csv"):
         reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig", "surrogateescape")))
-        rows, names = list(reader), reader.fieldnames or []
+        rows, names = list(reader), list(reader.fieldnames or [])
+        refuse_repeated_columns(manifest, names)
     else:
         lines = (line.strip() for line in data.decode("utf-8-sig", "surrogateescape").splitlines())
         rows, names = [{"uri": line} for line in lines if line and not line.startswith("#")], ["uri"]

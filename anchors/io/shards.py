@@ -20,6 +20,7 @@ import os
 import posixpath
 import tarfile
 from collections.abc import Iterator
+from typing import Literal
 
 from anchorscan.anchors.errors import exception_name
 from anchorscan.anchors.io import gcs
@@ -32,9 +33,11 @@ from anchorscan.anchors.io.sources import (
     Record,
     Unit,
     open_regular_file,
+    raise_if_stopped,
     read_limited,
 )
 from anchorscan.anchors.io.uris import IMAGE_EXTENSIONS, is_remote, local_path
+from anchorscan.anchors.tables import CLASH_PREFIX, clashing_columns, json_text
 
 SHARD_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 IMAGE_MEMBER_EXTENSIONS = frozenset(extension.lstrip(".") for extension in IMAGE_EXTENSIONS)
@@ -42,8 +45,21 @@ IMAGE_MEMBER_EXTENSIONS = frozenset(extension.lstrip(".") for extension in IMAGE
 SUCCESS = "success"
 # More members than this is not a shard but a flood (or an endless stream): it stops there.
 MAX_MEMBERS = 1_000_000
+# A key longer than this is refused (its sample an error row): keys are written into every
+# table and into curate's keys file, whose entries are all as wide as the longest.
+MAX_KEY_LENGTH = 256
 # A web server's answers that say a shard has no sidecar.
 GONE = (404, 410)
+# A GNU long-name or PAX header is read into memory whole: one declaring more is refused.
+MAX_HEADER_BYTES = 2**20
+_HEADER_TYPES = (
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+)
+GZIP_MAGIC = b"\x1f\x8b"
 # Cloud Storage reads: bytes fetched per request (what a shard's read holds at once).
 GCS_CHUNK_BYTES = 8 * 2**20
 
@@ -81,6 +97,20 @@ def key_and_extension(name: str) -> tuple[str, str] | None:
     if not stem or not dot or not extension:
         return None
     return (f"{folder}/{stem}" if folder else stem), extension.lower()
+
+
+def key_problem(key: str) -> str | None:
+    """Why a key cannot name a sample in ``SHARD#KEY``, or None: ``#`` would make its URI read
+    as another's (``k#member=5``), a control character (a newline) breaks the lines and files
+    it is written to, a long one widens every row."""
+    shown = repr(key if len(key) <= 60 else key[:60] + "...")
+    if len(key) > MAX_KEY_LENGTH:
+        return f"the key {shown} is longer than {MAX_KEY_LENGTH} characters ({len(key):,})"
+    if "#" in key:
+        return f"the key {shown} holds '#', which separates a shard from a key in sample URIs"
+    if any(ord(character) < 32 or 127 <= ord(character) < 160 for character in key):
+        return f"the key {shown} holds a control character"
+    return None
 
 
 def unsafe_name(name: str) -> str | None:
@@ -126,6 +156,8 @@ class Sample:
     by_position: bool = False
 
     def uri(self, shard: str) -> str:
+        if key_problem(self.key):  # no key holds '#': this names no other sample
+            return f"{shard}##member={self.position}"
         uri = sample_uri(shard, self.key)
         return f"{uri}#member={self.position}" if self.by_position else uri
 
@@ -160,6 +192,10 @@ class Sample:
         return fields if isinstance(fields, dict) else None
 
 
+class SidecarClashError(ReadError):
+    """A sidecar whose columns cannot all be carried to the score rows: its shard is not read."""
+
+
 class NoImageError(ReadError):
     """A sample without an image member."""
 
@@ -168,9 +204,22 @@ class DamagedShardError(ReadError):
     """The shard stopped being a tar before its end (truncated, or garbage after a member)."""
 
 
+class ShardLimitError(ReadError):
+    """The shard's read reached a limit on the bytes it goes through; the rest is not read."""
+
+
 class _Header(tarfile.TarInfo):
     """Remembers the header error that makes tarfile end an archive quietly: past the first
-    member it takes a cut or damaged header for the archive's end."""
+    member it takes a cut or damaged header for the archive's end. Refuses a long-name or PAX
+    header larger than MAX_HEADER_BYTES, which tarfile would read into memory whole."""
+
+    def _proc_member(self, tarfile_):
+        if self.type in _HEADER_TYPES and self.size > MAX_HEADER_BYTES:
+            raise ShardLimitError(
+                f"member {self.name!r} is a tar header that declares {self.size:,} bytes, more than "
+                f"{MAX_HEADER_BYTES:,} (a GNU long name or PAX header is a few hundred)"
+            )
+        return super()._proc_member(tarfile_)  # type: ignore[misc]  # tarfile's documented hook, untyped
 
     @classmethod
     def fromtarfile(cls, archive):
@@ -183,20 +232,63 @@ class _Header(tarfile.TarInfo):
             raise
 
 
-def samples(stream, max_bytes: int) -> Iterator[Sample]:
-    """The samples of a tar read from ``stream`` (read once, in order, never seeking back);
-    members larger than ``max_bytes`` (or a sample's members together) are not read into
-    memory. Raises DamagedShardError where the tar is cut short or damaged, ReadError where it
-    is not a tar at all; the samples before that point have been yielded."""
+class _ShardStream:
+    """A shard's bytes as tarfile reads them, in chunks of 10 KiB: each read first checks that
+    the read step has not stopped this read (``raise_if_stopped``); ``compressed``: whether they
+    start as gzip does."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.head = stream.read(len(GZIP_MAGIC))
+        self.compressed = self.head == GZIP_MAGIC
+
+    def read(self, size: int = -1) -> bytes:
+        raise_if_stopped()
+        if not self.head:
+            return self.stream.read(size)
+        cut = len(self.head) if size < 0 else min(size, len(self.head))
+        head, self.head = self.head[:cut], self.head[cut:]
+        if size < 0:
+            return head + self.stream.read()
+        return head + self.stream.read(size - cut) if size > cut else head
+
+
+def _check_ahead(archive: tarfile.TarFile, last: tarfile.TarInfo | None, limits: ReadLimits) -> None:
+    """Before tarfile reads past what is left of the last member to the next header: the bytes
+    that skips (a member not read), and where the next header starts, within the limits."""
+    skipped = archive.offset - archive.fileobj.tell()
+    if last is not None and skipped > limits.max_skip_bytes:
+        raise ShardLimitError(
+            f"member {last.name!r} ({last.size:,} bytes) is not read, and reading past it would go "
+            f"through more than --max_skip_bytes {limits.max_skip_bytes:,}"
+        )
+    if archive.offset > limits.max_shard_bytes:
+        raise ShardLimitError(f"the shard goes on past --max_shard_bytes {limits.max_shard_bytes:,}")
+
+
+def samples(stream, limits: ReadLimits) -> Iterator[Sample]:
+    """The samples of a tar (plain or gzip'd) read from ``stream`` (read once, in order, never
+    seeking back); members larger than ``limits.max_bytes`` (or a sample's members together)
+    are not read into memory; at most ``max_shard_bytes`` of the tar (decompressed) are gone
+    through, and at most ``max_skip_bytes`` to read past one member. Raises DamagedShardError
+    where the tar is cut short or damaged, ShardLimitError at a limit, ReadError where it is not
+    a tar at all; the samples before that point have been yielded."""
+    shard_stream = _ShardStream(stream)
+    # Only gzip is decompressed: its output is at most about 1,000 times its input, a chunk's
+    # some 10 MB, where a bzip2 or xz chunk could decompress to gigabytes at once.
+    mode: Literal["r|gz", "r|"] = "r|gz" if shard_stream.compressed else "r|"
     try:
-        archive = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_Header)  # noqa: SIM115 (closed by the caller's stream)
+        # Stream modes only read: typeshed's file protocol asks for more than _ShardStream has.
+        archive: tarfile.TarFile = tarfile.open(fileobj=shard_stream, mode=mode, tarinfo=_Header)  # type: ignore[call-overload]  # noqa: SIM115 (closed by the caller's stream)
     except tarfile.ReadError as error:
         raise ReadError(f"not a tar archive ({error})", "tarfile.ReadError") from None
     seen: set[str] = set()
     current: Sample | None = None
     count = 0
+    info: tarfile.TarInfo | None = None
     try:
         while True:
+            _check_ahead(archive, info, limits)
             info = archive.next()
             archive.members.clear()  # type: ignore[attr-defined]  # tarfile keeps every header it read; a shard may hold millions
             if info is None:
@@ -220,6 +312,9 @@ def samples(stream, max_bytes: int) -> Iterator[Sample]:
                 current = Sample(key, count, by_position=key in seen)
                 if key in seen:
                     current.refuse(f"a sample with this key came earlier in the shard (duplicate key {key})")
+                refusal = key_problem(key)
+                if refusal:
+                    current.refuse(f"{refusal}: the sample is not read")
                 seen.add(key)
             reason = unsafe_name(info.name) or (None if info.isreg() else f"it is {_kind(info)}")
             if reason:
@@ -231,10 +326,13 @@ def samples(stream, max_bytes: int) -> Iterator[Sample]:
                 current.refuse(f"the sample has two members named {posixpath.basename(info.name)}")
                 continue
             current.size += info.size
+            max_bytes = limits.max_bytes
             if info.size > max_bytes or current.size > max_bytes:
                 what = "member " + posixpath.basename(info.name) if info.size > max_bytes else "its members"
                 current.refuse(f"{what} larger than --max_bytes {max_bytes:,}")
                 continue
+            if info.offset_data + info.size > limits.max_shard_bytes:
+                raise ShardLimitError(f"the shard goes on past --max_shard_bytes {limits.max_shard_bytes:,}")
             handle = archive.extractfile(info)
             if handle is None:  # not a regular member: refused above
                 continue
@@ -249,7 +347,11 @@ def samples(stream, max_bytes: int) -> Iterator[Sample]:
     except (tarfile.ReadError, EOFError, OSError, ValueError) as error:
         # The sample being read may have lost members: it is refused, not scored incomplete.
         if current is not None:
-            current.refuse("the shard is cut short or damaged inside or right after this sample")
+            current.refuse(
+                "the shard's read stopped at a limit inside or right after this sample"
+                if isinstance(error, ShardLimitError)
+                else "the shard is cut short or damaged inside or right after this sample"
+            )
             yield current
             current = None
         if isinstance(error, ReadError):
@@ -323,9 +425,17 @@ def read_sidecar(shard: str, limits: ReadLimits) -> dict[str, dict] | None:
         raise ReadError(f"the sidecar is not a Parquet table ({error})", exception_name(error)) from None
     if "key" not in table.column_names:
         raise ReadError("the sidecar has no key column, so its rows cannot be matched to samples")
+    clashing = clashing_columns(table.column_names)
+    if clashing:
+        raise SidecarClashError(
+            f"the sidecar {sidecar} has the columns {', '.join(map(repr, clashing))} and "
+            f"{', '.join(repr(CLASH_PREFIX + name) for name in clashing)}: a score column is carried "
+            f"with the prefix {CLASH_PREFIX}, which is taken; rename one in the sidecar"
+        )
     rows: dict[str, dict] = {}
     for row in table.to_pylist():
-        if row["key"] is not None:
+        # A key no sample may have names none: the tar's sample under it is refused on its own.
+        if row["key"] is not None and not key_problem(str(row["key"])):
             rows.setdefault(str(row["key"]), row)
     return rows
 
@@ -340,16 +450,12 @@ def sidecar_exists(sidecar: str) -> bool:
     return path is not None and os.path.isfile(path)
 
 
-def _json_value(value):
-    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
-
-
 def carried_values(shard: str, sample: Sample, sidecar_row: dict | None) -> dict:
     """The columns a sample carries to its score row: its key and shard, then its sidecar row,
     or its JSON member's fields where the sidecar has no row for it."""
     fields = sidecar_row if sidecar_row is not None else (sample.metadata() or {})
     return {
-        **{name: _json_value(value) for name, value in fields.items() if name != "key"},
+        **{name: json_text(value) for name, value in fields.items() if name != "key"},
         "key": sample.key,
         "shard": shard,
     }
@@ -372,6 +478,8 @@ class TarShardSource(ByteSource):
         shard, wanted = split if split else (unit.uri, None)
         try:
             sidecar = read_sidecar(shard, limits)
+        except SidecarClashError:
+            raise
         except ReadError as error:
             sidecar = None
             if wanted is None:
@@ -387,7 +495,7 @@ class TarShardSource(ByteSource):
         found = False
         try:
             with open_shard(shard, limits.http) as stream:
-                for sample in samples(stream, limits.max_bytes):
+                for sample in samples(stream, limits):
                     if wanted is not None and sample.key != wanted:
                         continue
                     found = True

@@ -14,6 +14,7 @@ import errno
 import functools
 import os
 import stat
+import threading
 from collections.abc import Iterator
 
 from anchorscan.anchors.errors import MissingFileError, exception_name
@@ -23,6 +24,12 @@ from anchorscan.anchors.io.uris import is_image_path, is_remote, local_file, loc
 
 DEFAULT_MAX_BYTES = 256 * 2**20
 DEFAULT_READ_TIMEOUT = 60.0
+# A tar shard's read goes through at most this many bytes (decompressed, for a .tar.gz):
+# img2dataset writes shards of tens of MB to a few GB; a gzip'd bomb of zeros stops here.
+DEFAULT_MAX_SHARD_BYTES = 16 * 2**30
+# A member that is not read (over --max_bytes, a link, a refused sample's) is still read past in
+# the stream: past this many bytes the rest of its shard is not read.
+DEFAULT_MAX_SKIP_BYTES = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +66,8 @@ class ReadLimits:
     max_bytes: int = DEFAULT_MAX_BYTES
     read_timeout: float = DEFAULT_READ_TIMEOUT
     http: HttpConfig = HttpConfig()
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    max_skip_bytes: int = DEFAULT_MAX_SKIP_BYTES
 
 
 class ReadError(OSError):
@@ -68,6 +77,28 @@ class ReadError(OSError):
     def __init__(self, message: str, error_type: str = "ReadError"):
         super().__init__(message)
         self.error_type = error_type
+
+
+# The stop signal of the read running on this thread (see ``stopped_by``).
+_STOP = threading.local()
+
+
+@contextlib.contextmanager
+def stopped_by(stop: threading.Event):
+    """Reads on this thread that go through ``raise_if_stopped`` end once ``stop`` is set: the
+    read step sets it when a read outlives its timeout, so that a read that is working (a shard
+    decompressing) ends rather than running on unseen."""
+    _STOP.event = stop
+    try:
+        yield
+    finally:
+        _STOP.event = None
+
+
+def raise_if_stopped() -> None:
+    stop = getattr(_STOP, "event", None)
+    if stop is not None and stop.is_set():
+        raise ReadError("the read was stopped past --read_timeout", "TimeoutError")
 
 
 class ByteSource(abc.ABC):

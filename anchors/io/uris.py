@@ -8,7 +8,10 @@ becomes ``file:///data/caf%E9.png``), which ``local_path`` turns back into the s
 from __future__ import annotations
 
 import os
+import re
 import urllib.parse
+
+import braceexpand
 
 FILE_SCHEME = "file://"
 GLOB_CHARACTERS = "*?["
@@ -59,3 +62,83 @@ def local_file(uri: str) -> str:
     if path is None:
         raise ValueError(f"{uri} is not a local path")
     return path
+
+
+# A brace pattern naming more than this is refused before it is expanded: each name is one
+# element of the listing (about 100 bytes on the driver), and a typo of a few digits more
+# (``{0..9999999}``) would build gigabytes of names. LAION-5B's largest shard set is 231,350.
+MAX_BRACE_NAMES = 1_000_000
+
+
+# braceexpand's own ranges: {1..10}, {10..1..3}, {a..g..2}.
+_INT_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.-?(\d+))?$")
+_LETTER_RANGE = re.compile(r"^([A-Za-z])\.\.([A-Za-z])(?:\.\.-?(\d+))?$")
+
+
+def _count_pattern(pattern: str) -> int:
+    """How many names ``braceexpand`` makes of ``pattern``, counted along its grammar (a
+    product of literal parts and brace groups) without making them; ValueError where its
+    braces are unbalanced, as braceexpand's."""
+    count, start, depth, position = 1, 0, 0, 0
+    while position < len(pattern):
+        character = pattern[position]
+        if character == "\\":
+            position += 2
+            continue
+        if character == "{":
+            depth += 1
+            if depth == 1:
+                start = position
+        elif character == "}":
+            depth -= 1
+            if depth == 0:
+                count *= _count_expression(pattern[start + 1 : position])
+        position += 1
+    if depth != 0:
+        raise ValueError(f"unbalanced braces: {pattern!r}")
+    return count
+
+
+def _count_expression(expression: str) -> int:
+    """The names one brace group makes: a range's length, the sum of a list's alternatives,
+    or those of its inside (a group that is neither stays braces in the names)."""
+    match = _INT_RANGE.match(expression)
+    if match:
+        first, last, step = int(match[1]), int(match[2]), int(match[3] or 1) or 1
+        return abs(last - first) // step + 1
+    if _LETTER_RANGE.match(expression):  # at most 52 letters: made, not counted
+        return len(list(braceexpand.braceexpand("{" + expression + "}")))
+    alternatives, start, depth, position = [], 0, 0, 0
+    while position < len(expression):
+        character = expression[position]
+        if character == "\\":
+            position += 2
+            continue
+        if character == "{":
+            depth += 1
+        elif character == "}":
+            depth -= 1
+        elif character == "," and depth == 0:
+            alternatives.append(expression[start:position])
+            start = position + 1
+        position += 1
+    if depth != 0 or not alternatives:
+        return _count_pattern(expression)
+    return sum(_count_pattern(alternative) for alternative in [*alternatives, expression[start:]])
+
+
+def too_many_names(pattern: str) -> str | None:
+    """Why a brace pattern may not be expanded (it names more than MAX_BRACE_NAMES), counted
+    without making a name; None for any other pattern (unbalanced braces are a literal name)."""
+    if "{" not in pattern:
+        return None
+    try:
+        count = _count_pattern(pattern)
+    except ValueError:
+        return None
+    if count <= MAX_BRACE_NAMES:
+        return None
+    return (
+        f"{pattern!r} names {count:,} files, more than {MAX_BRACE_NAMES:,}: check the range, "
+        "or split the set over several runs"
+    )
