@@ -25,7 +25,7 @@ from anchorscan.anchors.errors import (
     UserError,
 )
 from anchorscan.anchors.io.uris import has_glob, is_remote
-from anchorscan.anchors.tables import ERROR_SCHEMA, SCORE_SCHEMA
+from anchorscan.anchors.tables import ERROR_SCHEMA, REUSED_COLUMNS, SCORE_SCHEMA
 
 
 class OutputExistsError(UserError):
@@ -88,7 +88,7 @@ def _is_score_table(path: str) -> bool:
             names = set(pq.read_schema(handle).names)
     except Exception:  # not Parquet at all (a lock, a report): not a score table either
         return False
-    return set(SCORE_SCHEMA.names) <= names
+    return set(REUSED_COLUMNS) <= names
 
 
 def score_tables(prefix_or_glob: str) -> list[str]:
@@ -125,7 +125,7 @@ class ReadPreviousScores(beam.PTransform):
         return (
             pipeline
             | "ScoreTables" >> beam.Create(self.files)
-            | "ReadPreviousScores" >> beam.io.ReadAllFromParquet(columns=SCORE_SCHEMA.names)
+            | "ReadPreviousScores" >> beam.io.ReadAllFromParquet(columns=list(REUSED_COLUMNS))
             | "SameDetector" >> beam.Filter(lambda row: row["anchor_id"] == anchor_id and row["head"] == head)
             | "BySha256" >> beam.Map(lambda row: (row["sha256"], row))
         )
