@@ -1,6 +1,7 @@
 """The forensic channel's one-class model (docs/METHOD.md §8.3): one Gaussian of the pixel
-features per softness level of real photos. The features themselves come from the pixels
-(``anchors/models/forensic.py``); this module is the maths on them."""
+features per softness level of real photos, and the tiles of a large image the features pool
+over (§8.1). The features themselves come from the pixels (``anchors/models/forensic.py``);
+this module is the maths on them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,34 @@ import numpy as np
 
 from anchorscan.anchors.errors import NotEnoughImagesError
 from anchorscan.anchors.stats import Moments
+
+# A large image is judged on up to this many native-resolution tiles besides the centre crop.
+EXTRA_TILES = 4
+# The tile rule below, as the feature spec names it: features pooled otherwise are other features.
+TILING = "centre+up_to_4:quarter_points,within_1_crop,mod4"
+# The spreads pool energies per pixel-position class mod 4: tiles keep the centre crop's class.
+_CLASS_PERIOD = 4
+
+
+def extra_tiles(width: int, height: int, size: int) -> list[tuple[int, int]]:
+    """(left, top) of the tiles the forensic channel reads besides the centre crop of ``size``:
+    along each side at least two crops long, the crops centred on its quarter and
+    three-quarter points, drawn in to at most one crop from the centre crop (else the centre
+    crop's span); every combination but the centre crop's own, each moved by up to 3 px to the
+    centre crop's offset class mod 4. At most EXTRA_TILES, none for an image under two crops
+    on both sides, and all within the 3 x 3 crops around the centre one, so that decoding them
+    costs the same on a 12 MP photo as on a 1 MP one."""
+
+    def starts(side: int) -> list[int]:
+        centre = (side - size) // 2
+        if side < 2 * size:
+            return [centre]
+        quarters = (max(side // 4 - size // 2, centre - size), min(3 * side // 4 - size // 2, centre + size))
+        aligned = [start + (centre - start) % _CLASS_PERIOD for start in quarters]
+        return [start if start <= side - size else start - _CLASS_PERIOD for start in aligned]
+
+    centre = ((width - size) // 2, (height - size) // 2)
+    return [(left, top) for top in starts(height) for left in starts(width) if (left, top) != centre]
 
 
 class ForensicModel:

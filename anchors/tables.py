@@ -70,6 +70,13 @@ SCORE_COLUMNS = (
         "what was done, e.g. `center_crop`, `upscale+center_crop`, `exif_rotate+cmyk_to_rgb+center_crop`",
     ),
     Column(
+        "pixels_resampled",
+        pa.bool_(),
+        "the input's metadata says the image was resized before it was stored (img2dataset's "
+        "`width`/`height` against `original_width`/`original_height`): the fine pixels the "
+        "forensic channel reads are gone, so fewer generated images are found among these",
+    ),
+    Column(
         "attention_positions",
         pa.float32(),
         "effective number of positions the spatial statistics weigh, `1 / sum a^2`",
@@ -151,10 +158,20 @@ def json_text(value):
 REFUSED_SCHEMA = arrow_schema(REFUSED_COLUMNS)
 # Score columns that come straight from the anchor's (and head's) batch of scores.
 SCORED_FLOATS = tuple(column.name for column in SCORE_COLUMNS if column.type == pa.float64())
+# Said by an input's metadata, not by its pixels: a reused row (--skip_scored) takes it from its
+# new record, so earlier score tables need not hold it.
+FROM_THE_RECORD = ("pixels_resampled",)
+REUSED_COLUMNS = tuple(name for name in SCORE_SCHEMA.names if name not in FROM_THE_RECORD)
 
 
 def score_row(
-    image, scores: dict[str, np.ndarray], index: int, attention_positions: float, head: str, anchor_id: str
+    image,
+    scores: dict[str, np.ndarray],
+    index: int,
+    attention_positions: float,
+    head: str,
+    anchor_id: str,
+    pixels_resampled: bool,
 ) -> dict:
     """Row ``index`` of a scored batch; ``image`` carries uri, sha256, width, height, preprocess."""
     return {
@@ -168,6 +185,7 @@ def score_row(
         "width": image.width,
         "height": image.height,
         "preprocess": image.preprocess,
+        "pixels_resampled": pixels_resampled,
         "attention_positions": float(attention_positions),
         "anchor_id": anchor_id,
     }

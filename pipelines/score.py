@@ -26,7 +26,7 @@ from anchorscan.pipelines.options import (
 )
 from anchorscan.transforms.carried import carried_columns, score_schema
 from anchorscan.transforms.chain import ImageFeatures
-from anchorscan.transforms.scoring import ScoreChoices, ScoreFeatures, load_head, reused_row
+from anchorscan.transforms.scoring import RESAMPLED, ScoreChoices, ScoreFeatures, load_head, reused_row
 from anchorscan.transforms.sinks import (
     TABLE_NAMES,
     Outputs,
@@ -138,6 +138,7 @@ def scan(args, options, test_pipeline=None, wait: bool = True) -> dict:
         "provenance": {
             k[len("provenance_") :]: v for k, v in counters.items() if k.startswith("provenance_")
         },
+        "resampled": counters.get(RESAMPLED, 0),
         "errors": {k[len("errors_") :]: v for k, v in counters.items() if k.startswith("errors_")},
         "seconds": time.time() - started,
         "fpr": config.fpr,
@@ -200,10 +201,19 @@ def print_score_summary(summary: dict) -> None:
     rows = scored + summary["reused"]  # the suspects counted are those of every row written
     rate = summary["suspect"] / rows if rows else 0.0
     reused = f" (+{summary['reused']} reused from earlier scans)" if summary["reused"] else ""
+    rows = scored + summary["reused"]
+    resampled = summary["resampled"]
+    recall = (
+        ": resized before storage, as their metadata says; the forensic channel reads fine "
+        "pixels that a downscale erases, so fewer generated images are found among these"
+        if resampled
+        else ""
+    )
     print(
         f"scored      {scored} images against anchor {summary['anchor_id']}{reused}\n"
         f"suspect     {summary['suspect']} ({rate:.1%}; expected on real images: "
         f"{summary['fpr']:.1%})\n"
+        f"resampled   {resampled} ({resampled / rows if rows else 0.0:.1%}){recall}\n"
         f"{declared_line(summary)}"
         f"errors      {errors}{f' ({by_stage})' if errors else ''}\n"
         f"time        {summary['seconds']:.1f} s "

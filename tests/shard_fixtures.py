@@ -19,17 +19,23 @@ from PIL import Image
 from helpers import sample_photos
 
 
-def photo_jpegs(count: int, seed: int = 0, size=(240, 256)) -> list[bytes]:
-    """Random crops of the sample photos, as JPEG bytes."""
+def photo_jpegs(count: int, seed: int = 0, size=(240, 256), downloaded=None) -> list[bytes]:
+    """Random crops of the sample photos, as JPEG bytes; with ``downloaded``, crops of that
+    (height, width) area-downscaled to ``size``, as img2dataset stores an image at its
+    --image_size (cv2's INTER_AREA, JPEG quality 95)."""
     rng = np.random.default_rng(seed)
     photos = list(sample_photos().values())
+    cut = downloaded or size
     images = []
     for i in range(count):
         photo = photos[i % len(photos)]
-        top = rng.integers(0, photo.shape[0] - size[0])
-        left = rng.integers(0, photo.shape[1] - size[1])
+        top = rng.integers(0, photo.shape[0] - cut[0])
+        left = rng.integers(0, photo.shape[1] - cut[1])
+        image = Image.fromarray(photo[top : top + cut[0], left : left + cut[1]])
+        if downloaded:
+            image = image.resize(size[::-1], Image.Resampling.BOX)  # PIL's area average
         buffer = io.BytesIO()
-        Image.fromarray(photo[top : top + size[0], left : left + size[1]]).save(buffer, "JPEG", quality=95)
+        image.save(buffer, "JPEG", quality=95)
         images.append(buffer.getvalue())
     return images
 
@@ -43,15 +49,18 @@ def write_img2dataset(
     sidecar: bool = True,
     failed_per_shard: int = 1,
     host: str = "images.example",
+    downloaded: tuple[int, int] | None = None,
 ) -> dict:
     """Shards ``folder/NNNNN.tar`` as img2dataset writes them, through ``webdataset.ShardWriter``;
     each shard's last ``failed_per_shard`` keys failed to download: in the sidecar (status
-    ``failed_to_download``), not in the tar; URLs on ``host``. Returns the shards, the sample
-    URIs by shard, each sample's image bytes by URI and its sidecar row by URI."""
+    ``failed_to_download``), not in the tar; URLs on ``host``. ``downloaded``: the (height,
+    width) each image was downloaded at before it was stored downscaled (see ``photo_jpegs``),
+    which its metadata records as ``original_height``, ``original_width``. Returns the shards,
+    the sample URIs by shard, each sample's image bytes by URI and its sidecar row by URI."""
     import webdataset as wds
 
     folder.mkdir(parents=True, exist_ok=True)
-    images = iter(photo_jpegs(shards * per_shard, seed))
+    images = iter(photo_jpegs(shards * per_shard, seed, downloaded=downloaded))
     written: dict = {"shards": [], "samples": {}, "images": {}, "rows": {}}
     pattern = str(folder / "%05d.tar")
     with wds.ShardWriter(pattern, maxcount=per_shard, start_shard=first_shard, verbose=0) as writer:
@@ -66,7 +75,7 @@ def write_img2dataset(
                     rows.append(_row(key, url, caption, "failed_to_download", None))
                     continue
                 image = next(images)
-                meta = _row(key, url, caption, "success", image)
+                meta = _row(key, url, caption, "success", image, downloaded)
                 writer.write({"__key__": key, "jpg": image, "json": meta, "txt": caption})
                 rows.append(meta)
                 uri = f"{shard}#{key}"
@@ -79,9 +88,13 @@ def write_img2dataset(
     return written
 
 
-def _row(key: str, url: str, caption: str, status: str, image: bytes | None) -> dict:
-    """A sample's metadata as img2dataset records it (json member and sidecar row alike)."""
+def _row(
+    key: str, url: str, caption: str, status: str, image: bytes | None, downloaded: tuple | None = None
+) -> dict:
+    """A sample's metadata as img2dataset records it (json member and sidecar row alike): the
+    stored image's size, and the downloaded one's (the same where it was not resized)."""
     size = Image.open(io.BytesIO(image)).size if image else (None, None)
+    original = downloaded[::-1] if downloaded and image else size
     return {
         "key": key,
         "url": url,
@@ -90,6 +103,8 @@ def _row(key: str, url: str, caption: str, status: str, image: bytes | None) -> 
         "error_message": None if image else "HTTP 404",
         "width": size[0],
         "height": size[1],
+        "original_width": original[0],
+        "original_height": original[1],
         "sha256": hashlib.sha256(image).hexdigest() if image else None,
     }
 

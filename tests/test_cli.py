@@ -50,6 +50,25 @@ def test_score_refuses_an_anchor_from_other_weights(fitted_anchor, real_photos, 
     assert not list(tmp_path.glob("out-*"))  # refused before any work
 
 
+def test_score_refuses_an_anchor_fitted_before_the_forensic_tiles(
+    fitted_anchor, real_photos, tmp_path, capsys
+):
+    anchor_path, _ = fitted_anchor
+    anchor, metadata = anchor_from_bytes(anchor_path.read_bytes())
+    layout = {name: value for name, value in anchor.spec.layout.items() if name != "forensic_tiles"}
+    anchor.spec = dataclasses.replace(anchor.spec, layout=layout)  # its features read the centre crop alone
+    old = tmp_path / "old.safetensors"
+    old.write_bytes(anchor_to_bytes(anchor, metadata["projection"]))
+    code = main(
+        ["score", "--input", str(real_photos), "--anchor", str(old), "--output", str(tmp_path / "out")]
+    )
+    assert code == 2
+    message = capsys.readouterr().err
+    assert "forensic_tiles" in message and "fitted on different features" in message
+    assert len(message.strip().splitlines()) == 1 and "Traceback" not in message
+    assert not list(tmp_path.glob("out-*"))  # refused before any work
+
+
 def test_missing_required_option_is_reported(tmp_path, capsys):
     assert main(["score", "--input", str(tmp_path), "--anchor", "a.safetensors"]) == 2
     error = capsys.readouterr().err.strip()

@@ -18,6 +18,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from PIL import Image
 
+from anchorscan.anchors.forensic import extra_tiles
 from anchorscan.anchors.images import decode as preprocess
 from anchorscan.anchors.images.decoder_pool import DecodeFailed, DecoderPool
 from anchorscan.anchors.io import sources
@@ -231,27 +232,67 @@ def test_jpeg_region_decode_gives_the_full_decodes_pixels(turbo_required, monkey
     smooth = np.kron(rng.integers(0, 256, (shape[0] // 8 + 1, shape[1] // 8 + 1, 3)), np.ones((8, 8, 1)))
     pixels = np.clip(smooth[: shape[0], : shape[1]] + rng.normal(0, 12, (*shape, 3)), 0, 255).astype(np.uint8)
     data = _jpeg(pixels, **JPEG_VARIANTS[variant])
-    region = preprocess._jpeg_center_crop(data, shape[1], shape[0], 224)
+    region = preprocess._jpeg_crops(data, shape[1], shape[0], 224, _corners(shape[1], shape[0]))
     assert region is not None  # the fast path is taken, so the comparison below means something
     fast = preprocess.decode_and_crop(data, 224)
-    monkeypatch.setattr(preprocess, "_jpeg_center_crop", lambda *args: None)
+    monkeypatch.setattr(preprocess, "_jpeg_crops", lambda *args: None)
     whole = preprocess.decode_and_crop(data, 224)
-    assert np.array_equal(fast.pixels, whole.pixels) and np.array_equal(region, whole.pixels)
+    # the forensic channel's tiles too (5 on 4000 x 3000, 3 on 225 x 1201)
+    assert np.array_equal(fast.stack(), whole.stack()) and np.array_equal(np.stack(region), whole.stack())
     assert (fast.width, fast.height, fast.preprocess) == (whole.width, whole.height, whole.preprocess)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "count"),
+    [(256, 256, 0), (447, 1000, 2), (448, 448, 4), (640, 427, 2), (768, 512, 4), (4000, 3000, 4)],
+)
+def test_the_forensic_tiles_are_bounded_aligned_and_near_the_centre(width, height, count):
+    left, top = (width - 224) // 2, (height - 224) // 2
+    tiles = extra_tiles(width, height, 224)
+    assert len(tiles) == count and len(set(tiles)) == count and (left, top) not in tiles
+    for x, y in tiles:
+        assert 0 <= x <= width - 224 and 0 <= y <= height - 224
+        assert (x - left) % 4 == 0 and (y - top) % 4 == 0  # the spreads' pixel classes line up
+        assert abs(x - left) <= 227 and abs(y - top) <= 227  # in the 3 x 3 crops around the centre
+    assert extra_tiles(width, height, 224) == tiles  # deterministic
+
+
+def test_a_large_image_decodes_to_its_centre_crop_and_tiles(tmp_path):
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (512, 768, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    crop = preprocess.decode_and_crop(buffer.getvalue(), 224)
+    corners = _corners(768, 512)
+    assert crop.stack().shape == (5, 224, 224, 3) and crop.preprocess == "center_crop"
+    for tile, (left, top) in zip(crop.stack(), corners):
+        np.testing.assert_array_equal(tile, pixels[top : top + 224, left : left + 224])
+    # resized images have one crop: no native pixels to tile
+    assert preprocess.decode_and_crop(buffer.getvalue(), 224, resize="shorter_side").stack().shape[0] == 1
+    small = io.BytesIO()
+    Image.fromarray(pixels[:200, :300]).save(small, "PNG")
+    assert preprocess.decode_and_crop(small.getvalue(), 224).stack().shape == (1, 224, 224, 3)
+    # perturbed (evaluate --perturbation): the perturbed image's tiles
+    blurred = preprocess.decode_and_crop(buffer.getvalue(), 224, perturbation="blur:1")
+    assert blurred.stack().shape == (5, 224, 224, 3)
+
+
+def _corners(width: int, height: int) -> list[tuple[int, int]]:
+    return [((width - 224) // 2, (height - 224) // 2), *extra_tiles(width, height, 224)]
 
 
 def test_jpegs_the_region_decode_leaves_to_pil(turbo_required):
     pixels = np.random.default_rng(0).integers(0, 256, (300, 320, 3), dtype=np.uint8)
     data = _jpeg(pixels)
-    assert preprocess._jpeg_center_crop(data[:-2000], 320, 300, 224) is None  # truncated
+    assert preprocess._jpeg_crops(data[:-2000], 320, 300, 224, _corners(320, 300)) is None  # truncated
     with pytest.raises(preprocess.DecodeError, match="truncated"):
         preprocess.decode_and_crop(data[:-2000], 224)
     gray = _jpeg(pixels[..., 0])
-    assert preprocess._jpeg_center_crop(gray, 320, 300, 224) is None
+    assert preprocess._jpeg_crops(gray, 320, 300, 224, _corners(320, 300)) is None
     assert preprocess.decode_and_crop(gray, 224).preprocess == "gray_to_rgb+center_crop"
     cmyk = io.BytesIO()
     Image.fromarray(pixels).convert("CMYK").save(cmyk, format="JPEG")
-    assert preprocess._jpeg_center_crop(cmyk.getvalue(), 320, 300, 224) is None
+    assert preprocess._jpeg_crops(cmyk.getvalue(), 320, 300, 224, _corners(320, 300)) is None
     assert preprocess.decode_and_crop(cmyk.getvalue(), 224).preprocess == "cmyk_to_rgb+center_crop"
 
 

@@ -124,9 +124,9 @@ def test_forensic_features_run_on_one_thread_and_leave_the_thread_count(extracto
     pixels = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (4, 224, 224, 3), dtype=np.uint8))
     module, threads_seen = extractor.forensic, []
 
-    def recording(batch):
+    def recording(batch, owners=None):
         threads_seen.append(torch.get_num_threads())
-        return module(batch)
+        return module(batch, owners)
 
     before = torch.get_num_threads()
     try:
@@ -148,13 +148,13 @@ def test_concurrent_forensic_passes_restore_the_callers_thread_count(extractor, 
     pixels = torch.zeros(1, 64, 64, 3, dtype=torch.uint8)
     module, inside, second_entered = extractor.forensic, [], threading.Event()
 
-    def slow_pass(batch):
+    def slow_pass(batch, owners=None):
         inside.append(1)
         if len(inside) == 1:  # give the other thread every chance to enter meanwhile
             second_entered.wait(0.5)
         else:
             second_entered.set()
-        result = module(batch)
+        result = module(batch, owners)
         overlapped = len(inside) > 1
         inside.pop()
         assert not overlapped
@@ -201,3 +201,27 @@ def test_unsampled_rows_get_nan_levels_and_sampled_rows_the_full_computation():
     assert np.isnan(part[1, width:]).all() and not np.isnan(part[[0, 2]]).any()
     # The same crops, batched otherwise: equal up to float32 summation order.
     np.testing.assert_allclose(part[[0, 2]], full[[0, 2]], rtol=1e-5, atol=1e-5)
+
+
+def test_the_model_handler_pools_each_images_tiles_and_embeds_its_centre_crop():
+    from anchorscan.anchors.models.features import BackboneConfig
+    from anchorscan.anchors.softness import softened
+    from anchorscan.transforms.inference import FeatureModelHandler
+
+    config = BackboneConfig("efficientnet-lite0", runtime="torch")
+    extractor = config.build()
+    rng = np.random.default_rng(5)
+    large, small = (rng.integers(0, 256, (count, 224, 224, 3), dtype=np.uint8) for count in (5, 1))
+    levels = softened("softness_path")[:2]
+    handler = FeatureModelHandler(config, softened=levels)
+    (large_row, _), (small_row, _) = handler.run_inference([(large, True), (small, False)], extractor)
+    d, width = extractor.spec.d_backbone, extractor.spec.d_forensic
+    centres = torch.from_numpy(np.stack([large[0], small[0]]))
+    np.testing.assert_allclose(
+        large_row[:d], extractor.backbone_features(centres)[0][0], rtol=1e-5, atol=1e-5
+    )
+    alone = extractor.forensic_features(torch.from_numpy(large), levels, owners=np.zeros(5, np.int64))[0]
+    np.testing.assert_array_equal(large_row[d:], alone)  # the softened levels pooled over the tiles too
+    assert not np.allclose(large_row[d : d + width], extractor.forensic_features(centres[:1])[0])
+    np.testing.assert_array_equal(small_row[d : d + width], extractor.forensic_features(centres[1:])[0])
+    assert np.isnan(small_row[d + width :]).all()  # not chosen for softening

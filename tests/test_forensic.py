@@ -60,6 +60,27 @@ def test_profile_energies_equal_direct_convolutions():
             assert row[index] == pytest.approx(expected, abs=2e-4), name
 
 
+def test_tiles_pool_their_residual_energies_then_take_the_logs():
+    tiles = photo_crops(size=96, count=5)
+    features = ResidualFeatures()
+    alone = features(torch.from_numpy(tiles)).numpy().astype(np.float64)
+    owners = torch.tensor([0, 0, 0, 1, 1])
+    pooled = features(torch.from_numpy(tiles), owners).numpy()
+    profile = len(forensic.PREDICTORS)
+    for image, members in ((0, [0, 1, 2]), (1, [3, 4])):
+        energies = np.exp(alone[members, :profile]) - EPS
+        expected = np.log(energies.mean(0) + EPS)
+        # float32 features: the energies come back from their logs to about 1e-6 relative
+        np.testing.assert_allclose(pooled[image, :profile], expected, atol=1e-5)
+        assert not np.allclose(pooled[image, :profile], alone[members, :profile].mean(0), atol=1e-3)
+    # one crop per image is the crop's own features, bit for bit; a crop pooled with itself too
+    assert np.array_equal(
+        features(torch.from_numpy(tiles), torch.arange(5)).numpy(), alone.astype(np.float32)
+    )
+    twice = features(torch.from_numpy(tiles[[2, 2]]), torch.tensor([0, 0])).numpy()
+    np.testing.assert_allclose(twice[0], alone[2], rtol=1e-6)  # a mean of two equal float32 sums
+
+
 def _design(x: np.ndarray, neighbours: np.ndarray, targets: np.ndarray):
     """The explicit least-squares problem over every pixel of the zero-padded windowed luma."""
     columns = [convolve2d(x, kernel[::-1, ::-1], mode="full").ravel() for kernel in neighbours]

@@ -32,7 +32,7 @@ from anchorscan.pipelines import curate, report, score
 from anchorscan.pipelines.cli import main
 from anchorscan.transforms import carried
 from anchorscan.transforms import read as read_module
-from anchorscan.transforms.carried import carried_columns, carried_row
+from anchorscan.transforms.carried import carried_columns, carried_row, pixels_resampled
 from anchorscan.transforms.listing import expand_input, indexed_inputs
 from helpers import RUNNER
 from servers import CrawlSite
@@ -120,6 +120,19 @@ def test_the_first_sidecar_fixes_the_carried_columns(dataset):
     fields = [(name, field) for name, field in columns.items() if name in ("width", "caption")]
     assert carried_row({"width": "256", "caption": 7}, fields) == {"manifest_width": 256, "caption": "7"}
     assert carried_row({"width": "wide"}, fields) == {"manifest_width": None, "caption": None}
+
+
+def test_only_a_stored_size_unlike_the_downloaded_one_says_resampled():
+    assert pixels_resampled({"width": 224, "height": 224, "original_width": 256, "original_height": 341})
+    assert pixels_resampled({"width": "224", "original_width": "256"})  # a CSV manifest's text
+    assert pixels_resampled({"height": 224.0, "original_height": 300})
+    assert not pixels_resampled({"width": 256, "height": 240, "original_width": 256, "original_height": 240})
+    assert not pixels_resampled({"width": "256", "original_width": 256.0})
+    # Metadata that says nothing: no original size, nulls, text that is not a size, booleans.
+    assert not pixels_resampled({"width": 224, "height": 224})
+    assert not pixels_resampled({"width": 224, "original_width": None, "original_height": float("nan")})
+    assert not pixels_resampled({"width": "wide", "original_width": "256"})
+    assert not pixels_resampled({"height": True, "original_height": 2})
 
 
 def test_folders_list_shards_and_brace_patterns_name_each(dataset):
@@ -685,6 +698,42 @@ def test_score_and_curate_a_folder_of_shards_every_sample_in_one_table(fitted_an
     resharded = list(wds.WebDataset(sorted(glob.glob(str(tmp_path / "cur-*.tar"))), shardshuffle=False))
     assert len(resharded) == outcome["kept"] == outcome["resharded"]
     assert "kept" in capsys.readouterr().out
+
+
+def test_rows_and_the_summary_say_which_samples_were_resized_before_storage(fitted_anchor, tmp_path, capsys):
+    anchor, _ = fitted_anchor
+    crawl = tmp_path / "crawl"
+    # img2dataset at --image_size: downloaded at 274 x 293, stored area-downscaled to 240 x 256.
+    native = write_img2dataset(crawl, shards=1, per_shard=2)
+    resized = write_img2dataset(crawl, shards=1, per_shard=3, first_shard=1, seed=3, downloaded=(274, 293))
+    json_only = write_img2dataset(
+        crawl, shards=1, per_shard=1, first_shard=2, seed=4, downloaded=(274, 293), sidecar=False
+    )
+    prefix = str(tmp_path / "scan")
+    assert main(["score", "--input", str(crawl), "--anchor", str(anchor), "--output", prefix, *RUNNER]) == 0
+    rows = {row["uri"]: row for row in table_rows(f"{prefix}-scores-*.parquet")}
+    assert {uri: row["pixels_resampled"] for uri, row in rows.items()} == {
+        **dict.fromkeys(native["images"], False),
+        **dict.fromkeys([*resized["images"], *json_only["images"]], True),  # sidecar, JSON member
+    }
+    assert "resampled   4 (66.7%): resized before storage" in capsys.readouterr().out
+
+    # The same bytes stored again by a crawl that resized them: a reused row says what the new
+    # record says, not what the earlier one did.
+    recrawl = tmp_path / "recrawl"
+    recrawl.mkdir()
+    shard = pathlib.Path(native["shards"][0])
+    (recrawl / shard.name).write_bytes(shard.read_bytes())
+    sidecar = pq.read_table(shard.with_suffix(".parquet")).to_pylist()
+    for row in sidecar:
+        row["original_width"] = row["original_width"] and 2 * row["original_width"]
+    pq.write_table(pa.Table.from_pylist(sidecar), recrawl / shard.with_suffix(".parquet").name)
+    again = str(tmp_path / "again")
+    args = ["--input", str(recrawl), "--anchor", str(anchor), "--output", again, "--skip_scored", prefix]
+    assert main(["score", *args, *RUNNER]) == 0
+    reused = table_rows(f"{again}-scores-*.parquet")
+    assert len(reused) == 2 and all(row["pixels_resampled"] for row in reused)
+    assert "resampled   2 (100.0%)" in capsys.readouterr().out
 
 
 def test_nightly_scans_of_shards_score_only_what_is_new(fitted_anchor, tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import itertools
 import logging
+import math
 
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
@@ -212,3 +213,31 @@ def carried_row(values: dict, carried: list[tuple[str, pa.Field]]) -> dict:
 
 def score_schema(carried: list[tuple[str, pa.Field]]) -> pa.Schema:
     return pa.schema([*SCORE_SCHEMA, *(field for _, field in carried)])
+
+
+# img2dataset's record of a resize before storage: the stored image's size beside the
+# downloaded one's (sidecar row, JSON member, or a manifest's columns of the same names).
+STORED_SIZE = ("width", "height")
+ORIGINAL_SIZE = ("original_width", "original_height")
+
+
+def _side(value) -> float | None:
+    """A side length as the metadata spells it (3, 3.0, "3"), or None where it says none."""
+    if isinstance(value, bool):
+        return None
+    try:
+        side = float(value)
+    except (TypeError, ValueError):
+        return None
+    return side if math.isfinite(side) and side > 0 else None
+
+
+def pixels_resampled(values: dict) -> bool:
+    """Whether the values an image carried say it was resized before it was stored: a stored
+    side that differs from the downloaded one; False where they do not say (no such columns,
+    nulls, text that is not a number)."""
+    for stored, original in zip(STORED_SIZE, ORIGINAL_SIZE):
+        sides = _side(values.get(stored)), _side(values.get(original))
+        if None not in sides and sides[0] != sides[1]:
+            return True
+    return False

@@ -97,7 +97,8 @@ class _Decoding:
 
 
 class DecodeImageFn(beam.DoFn):
-    """Record -> (ImageMeta, crop); error rows tagged ERRORS; with previously scored content
+    """Record -> (ImageMeta, crops: the centre crop and the forensic channel's other tiles,
+    ``Crop.stack``); error rows tagged ERRORS; with previously scored content
     (``previous``: sha256 -> score row), (record, the old row), tagged REUSED.
 
     Up to ``ahead`` images decode on ``processes`` worker processes while the bundle goes on,
@@ -137,7 +138,7 @@ class DecodeImageFn(beam.DoFn):
             crop.phash,
             crop.provenance,
         )
-        yield decoding.output((meta, crop.pixels))
+        yield decoding.output((meta, crop.stack()))
 
     def process(
         self, record: Record, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam, previous=None
@@ -160,8 +161,9 @@ class DecodeImageFn(beam.DoFn):
 
 
 class DecodeImages(beam.PTransform):
-    """Records -> (ImageMeta, uint8 crop) pairs, error rows, and (record, earlier score row)
-    pairs of content scored before (``previous``: a PCollection of (sha256, row))."""
+    """Records -> (ImageMeta, uint8 crops (1 + k, size, size, 3), the centre crop first)
+    pairs, error rows, and (record, earlier score row) pairs of content scored before
+    (``previous``: a PCollection of (sha256, row))."""
 
     def __init__(self, settings: DecodeSettings, previous=None):
         super().__init__()

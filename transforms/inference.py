@@ -23,8 +23,9 @@ DEFAULT_BATCH_SIZE = 16  # suits CPUs; GPUs want 64 or more
 
 
 class FeatureModelHandler(ModelHandler[np.ndarray, tuple, FeatureExtractor]):
-    """uint8 crops in, (feature vector, effective attention positions) out. ``softened``: the
-    softness levels whose forensic features follow (fitting; see ``FeatureExtractor``)."""
+    """uint8 crops of an image in (its centre crop and the forensic channel's other tiles,
+    (1 + k, size, size, 3)), (feature vector, effective attention positions) out. ``softened``:
+    the softness levels whose forensic features follow (fitting; see ``FeatureExtractor``)."""
 
     def __init__(
         self,
@@ -83,11 +84,12 @@ class FeatureModelHandler(ModelHandler[np.ndarray, tuple, FeatureExtractor]):
         model: FeatureExtractor,
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[tuple]:
-        if self.softened:  # (crop, whether to simulate its softness levels), see EmbedImages
-            crops, soften_rows = np.stack([crop for crop, _ in batch]), np.array([flag for _, flag in batch])
+        if self.softened:  # (crops, whether to simulate its softness levels), see EmbedImages
+            stacks, soften_rows = [crops for crops, _ in batch], np.array([flag for _, flag in batch])
         else:
-            crops, soften_rows = np.stack(batch), None
-        features = model(torch.from_numpy(crops), self.softened, soften_rows)
+            stacks, soften_rows = list(batch), None
+        owners = np.repeat(np.arange(len(stacks)), [len(crops) for crops in stacks])
+        features = model(torch.from_numpy(np.concatenate(stacks)), self.softened, soften_rows, owners)
         return list(zip(features.vectors, features.attention_positions.tolist()))
 
     def get_num_bytes(self, batch: Sequence) -> int:

@@ -18,9 +18,11 @@ from anchorscan.anchors.images.provenance import combined, sidecar_provenance
 from anchorscan.anchors.io.storage import read_checked_file
 from anchorscan.anchors.tables import error_row, score_row
 from anchorscan.anchors.threads import limit_blas_threads
-from anchorscan.transforms.carried import carried_row
+from anchorscan.transforms.carried import carried_row, pixels_resampled
 
 ERRORS = "errors"
+# The counter of score rows whose input says it was resized before storage.
+RESAMPLED = "images_resampled"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,7 @@ class ScoreBatchFn(beam.DoFn):
         self.choices, self.carried, self.provenance = choices, list(carried), provenance
         self.scored = Metrics.counter("anchorscan", "images_scored")
         self.suspects = Metrics.counter("anchorscan", "images_suspect")
+        self.resampled = Metrics.counter("anchorscan", RESAMPLED)
 
     def process(self, batch, anchor: Anchor, anchor_id: str, head=None, head_id: str = ""):
         finite = []
@@ -80,7 +83,9 @@ class ScoreBatchFn(beam.DoFn):
                     ),
                 )
                 continue
-            row = score_row(meta, scores, i, positions, head_id, anchor_id)
+            resampled = pixels_resampled(meta.carried)
+            self.resampled.inc(int(resampled))
+            row = score_row(meta, scores, i, positions, head_id, anchor_id, resampled)
             yield {**row, **self._declared(meta, row), **carried_row(meta.carried, self.carried)}
 
     def _declared(self, meta, row: dict) -> dict:
@@ -171,9 +176,17 @@ class ScoreFeatures(beam.PTransform):
 
 
 def reused_row(record_and_row, carried: Sequence = ()) -> dict:
-    """The earlier score row of content scanned before, under this record's URI and with the
-    columns this record carries (``--skip_scored``)."""
+    """The earlier score row of content scanned before, under this record's URI and with what
+    this record's metadata says (the columns it carries, whether it was resized before storage:
+    the same bytes may be stored as another crawl's resize) (``--skip_scored``)."""
     record, row = record_and_row
     if row["is_suspect"]:  # the summary's suspects are the table's, reused rows included
         Metrics.counter("anchorscan", "images_suspect").inc()
-    return {**row, "uri": record.uri, **carried_row(record.carried, list(carried))}
+    resampled = pixels_resampled(record.carried)
+    Metrics.counter("anchorscan", RESAMPLED).inc(int(resampled))
+    return {
+        **row,
+        "uri": record.uri,
+        "pixels_resampled": resampled,
+        **carried_row(record.carried, list(carried)),
+    }

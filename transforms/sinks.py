@@ -31,7 +31,7 @@ from anchorscan.anchors.errors import (
 from anchorscan.anchors.io.sources import listable
 from anchorscan.anchors.io.storage import files_named, resolved
 from anchorscan.anchors.io.uris import has_glob, is_remote, local_file
-from anchorscan.anchors.tables import ERROR_SCHEMA, SCORE_SCHEMA
+from anchorscan.anchors.tables import ERROR_SCHEMA, REUSED_COLUMNS, SCORE_SCHEMA
 from anchorscan.transforms.listing import braces, matching_files
 
 
@@ -95,7 +95,7 @@ def _is_score_table(path: str) -> bool:
             names = set(pq.read_schema(handle).names)
     except Exception:  # not Parquet at all (a lock, a report): not a score table either
         return False
-    return set(SCORE_SCHEMA.names) <= names
+    return set(REUSED_COLUMNS) <= names
 
 
 def score_tables(prefix_or_glob: str) -> list[str]:
@@ -132,7 +132,7 @@ class ReadPreviousScores(beam.PTransform):
         return (
             pipeline
             | "ScoreTables" >> beam.Create(self.files)
-            | "ReadPreviousScores" >> beam.io.ReadAllFromParquet(columns=SCORE_SCHEMA.names)
+            | "ReadPreviousScores" >> beam.io.ReadAllFromParquet(columns=list(REUSED_COLUMNS))
             | "SameDetector" >> beam.Filter(lambda row: row["anchor_id"] == anchor_id and row["head"] == head)
             | "BySha256" >> beam.Map(lambda row: (row["sha256"], row))
         )

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from anchorscan.anchors.errors import exception_name
+from anchorscan.anchors.forensic import extra_tiles
 from anchorscan.anchors.images.perturbations import parse_perturbation
 from anchorscan.anchors.images.provenance import DEFAULT_TIMEOUT, Provenance, declared_provenance
 
@@ -34,12 +35,20 @@ class DecodeError(ValueError):
 
 @dataclasses.dataclass
 class Crop:
+    """The centre crop, then the forensic channel's other tiles of a large image at native
+    resolution (``anchors/forensic.extra_tiles``; none for a resized image)."""
+
     pixels: np.ndarray  # (size, size, 3) uint8
     width: int  # of the decoded image, after EXIF orientation
     height: int
     preprocess: str  # what was done, e.g. "exif_rotate+cmyk_to_rgb+center_crop"
     phash: str = ""  # perceptual hash of the whole picture, where asked for (hold-out groups)
     provenance: Provenance = Provenance()  # what the file declares of its origin, where asked for
+    tiles: np.ndarray | None = None  # (k, size, size, 3) uint8, k <= EXTRA_TILES
+
+    def stack(self) -> np.ndarray:
+        """(1 + k, size, size, 3): the centre crop first, then the tiles."""
+        return self.pixels[None] if self.tiles is None else np.concatenate([self.pixels[None], self.tiles])
 
 
 def _describe_unknown(data: bytes) -> str:
@@ -102,32 +111,35 @@ def _turbojpeg():
     return codec, turbojpeg
 
 
-def _jpeg_center_crop(data: bytes, width: int, height: int, size: int) -> np.ndarray | None:
-    """The centre crop of a JPEG without decoding the rest: a lossless crop of the DCT blocks
-    around it (one MCU, 8-16 px, of margin on each side, so that chroma upsampling at the crop's
-    edges sees the same neighbours), then a decode of that small JPEG. The pixels equal a full decode's.
-    None where this does not apply and the caller must decode whole."""
+def _jpeg_crops(data: bytes, width: int, height: int, size: int, corners: list) -> list[np.ndarray] | None:
+    """The crops of a JPEG at ``corners`` (left, top) without decoding the rest: a lossless crop
+    of the DCT blocks around them (one MCU, 8-16 px, of margin on each side, so that chroma
+    upsampling at the crops' edges sees the same neighbours), then a decode of that small JPEG.
+    The pixels equal a full decode's. None where this does not apply and the caller must decode
+    whole."""
     turbo = _turbojpeg()
     # A truncated file decodes with a grey tail here but is an error for PIL: leave it to PIL.
     if turbo is None or not data[-1024:].rstrip(b"\0").endswith(b"\xff\xd9"):
         return None
     codec, tj = turbo
+    lefts, tops = [left for left, _ in corners], [top for _, top in corners]
     try:
         _, _, subsampling, colorspace = codec.decode_header(data)
         if colorspace not in (tj.TJCS_RGB, tj.TJCS_YCbCr):  # grey and CMYK take PIL's conversions
             return None
         mcu_width, mcu_height = tj.tjMCUWidth[subsampling], tj.tjMCUHeight[subsampling]
-        left, top = (width - size) // 2, (height - size) // 2
-        x0 = max(left - mcu_width, 0) // mcu_width * mcu_width
-        y0 = max(top - mcu_height, 0) // mcu_height * mcu_height
-        x1, y1 = min(left + size + mcu_width, width), min(top + size + mcu_height, height)
+        x0 = max(min(lefts) - mcu_width, 0) // mcu_width * mcu_width
+        y0 = max(min(tops) - mcu_height, 0) // mcu_height * mcu_height
+        x1, y1 = min(max(lefts) + size + mcu_width, width), min(max(tops) + size + mcu_height, height)
         # preserve=True: with the origin on the block grid, keeps a partial block at the edge.
         small = codec.crop(data, x0, y0, x1 - x0, y1 - y0, preserve=True)
         region = codec.decode(small, pixel_format=tj.TJPF_RGB)
     except Exception:  # whatever libjpeg-turbo makes of a damaged file, PIL decides
         return None
-    pixels = region[top - y0 : top - y0 + size, left - x0 : left - x0 + size]
-    return np.ascontiguousarray(pixels) if pixels.shape == (size, size, 3) else None
+    crops = [region[top - y0 : top - y0 + size, left - x0 : left - x0 + size] for left, top in corners]
+    if any(crop.shape != (size, size, 3) for crop in crops):
+        return None
+    return [np.ascontiguousarray(crop) for crop in crops]
 
 
 # EXIF orientation -> the transpose that shows the picture upright. ImageOps.exif_transpose does
@@ -213,7 +225,8 @@ def decode_and_crop(
     """``resize="none"``: centre crop at native resolution, upscaling only images smaller than
     the crop; ``"shorter_side"``: scale the shorter side to the crop size first (CLIP's own
     transform), which loses high-frequency artifacts. ``perturbation``: see
-    ``anchors/images/perturbations.py``, applied before cropping."""
+    ``anchors/images/perturbations.py``, applied before cropping. An image not resized also gives
+    the forensic channel's other tiles where it is large enough (``Crop.tiles``)."""
     perturb = parse_perturbation(perturbation)
     if not data:
         raise DecodeError("file is empty (0 bytes)")
@@ -241,17 +254,15 @@ def decode_and_crop(
             width, height = image.size
             _check_side(width, height, min_side)
             if not perturb and resize == "none" and min(width, height) >= size:
-                # The common case. JPEGs decode only around the crop; other images are cropped
-                # before conversion, so only the crop is copied.
+                # The common case. JPEGs decode only around the crops; other images are cropped
+                # before conversion, so only the crops are copied.
+                corners = _corners(width, height, size)
                 if image.format == "JPEG" and not notes:
-                    pixels = _jpeg_center_crop(data, width, height, size)
-                    if pixels is not None:
-                        return Crop(pixels, width, height, "center_crop")
-                left, top = (width - size) // 2, (height - size) // 2
-                crop = _to_rgb(image.crop((left, top, left + size, top + size)), notes)
-                return Crop(
-                    np.asarray(crop, dtype=np.uint8), width, height, "+".join([*notes, "center_crop"])
-                )
+                    crops = _jpeg_crops(data, width, height, size, corners)
+                    if crops is not None:
+                        return _tiled(crops, width, height, "center_crop")
+                crops = _cut(image, corners, size, notes)
+                return _tiled(crops, width, height, "+".join([*notes, "center_crop"]))
             image = _to_rgb(image, notes)
     except DecodeError:
         raise
@@ -278,9 +289,30 @@ def decode_and_crop(
         square = image.crop((left, top, left + shorter, top + shorter))
         image = square.resize((size, size), Image.Resampling.BICUBIC)
         notes.append("upscale" if shorter < size else "downscale")
-    left, top = (image.width - size) // 2, (image.height - size) // 2
-    pixels = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
-    return Crop(pixels, width, height, "+".join([*notes, "center_crop"]))
+    crops = _cut(image, _corners(image.width, image.height, size), size)
+    return _tiled(crops, width, height, "+".join([*notes, "center_crop"]))
+
+
+def _corners(width: int, height: int, size: int) -> list[tuple[int, int]]:
+    """(left, top) of the centre crop, then of the forensic channel's other tiles."""
+    return [((width - size) // 2, (height - size) // 2), *extra_tiles(width, height, size)]
+
+
+def _cut(image: Image.Image, corners: list, size: int, notes: list[str] | None = None) -> list[np.ndarray]:
+    """The crops of ``image`` at ``corners``; with ``notes``, each converted to RGB, the
+    conversion noted once (it is the same for every crop)."""
+    crops = []
+    for index, (left, top) in enumerate(corners):
+        crop = image.crop((left, top, left + size, top + size))
+        if notes is not None:
+            crop = _to_rgb(crop, [] if index else notes)
+        crops.append(np.asarray(crop, dtype=np.uint8))
+    return crops
+
+
+def _tiled(crops: list[np.ndarray], width: int, height: int, preprocess: str) -> Crop:
+    """The centre crop (first) and the other tiles."""
+    return Crop(crops[0], width, height, preprocess, tiles=np.stack(crops[1:]) if len(crops) > 1 else None)
 
 
 def perceptual_hash(data: bytes) -> str:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anchorscan.anchors.forensic import TILING
 from anchorscan.anchors.models.forensic import FEATURE_NAMES as FORENSIC_FEATURES
 from anchorscan.anchors.models.forensic import ResidualFeatures, soften
 from anchorscan.anchors.spec import FeatureSpec
@@ -193,6 +194,7 @@ class FeatureExtractor:
             d_forensic=len(FORENSIC_FEATURES),
             forensic_features=list(FORENSIC_FEATURES),
             forensic_predictor_sha256=self.forensic.digest,
+            forensic_tiles=TILING,
         )
         self.spec = FeatureSpec(backbone.name, backbone.weights_sha256, backbone.preprocessing, layout)
         # On CPUs autocast was measured slower than float32: it is used on GPUs only.
@@ -215,13 +217,20 @@ class FeatureExtractor:
         return vectors.cpu().numpy(), positions.cpu().numpy()
 
     def forensic_features(
-        self, pixels: torch.Tensor, softened: tuple = (), soften_rows: np.ndarray | None = None
+        self,
+        pixels: torch.Tensor,
+        softened: tuple = (),
+        soften_rows: np.ndarray | None = None,
+        owners: np.ndarray | None = None,
     ) -> np.ndarray:
-        """The forensic features of the crops, then, for each of ``softened`` (fit time: the
-        softness levels after "sharp", see ``forensic.SOFTNESS_PATH``), of the crops softened
-        so, side by side; only for the crops ``soften_rows`` marks (all without it), NaN for
-        the others. In torch beside the backbone: ONNX export has no FFT here."""
-        rows = np.ones(len(pixels), dtype=bool) if soften_rows is None else np.asarray(soften_rows, bool)
+        """The forensic features of the images, then, for each of ``softened`` (fit time: the
+        softness levels after "sharp", see ``forensic.SOFTNESS_PATH``), of their crops softened
+        so, side by side; only for the images ``soften_rows`` marks (all without it), NaN for
+        the others. ``owners``: the image of each crop of ``pixels`` (its tiles, pooled), where
+        an image has more than one; else one crop per image. In torch beside the backbone: ONNX
+        export has no FFT here."""
+        images = len(pixels) if owners is None else int(owners[-1]) + 1 if len(owners) else 0
+        rows = np.ones(images, dtype=bool) if soften_rows is None else np.asarray(soften_rows, bool)
         # One thread: its small FFTs gain little from more, and beside decoder processes the
         # other threads' barrier waits cost more cores than they save (docs/BENCHMARKS.md).
         # The count is process-wide: the lock keeps two threads' save and restore from interleaving.
@@ -230,22 +239,40 @@ class FeatureExtractor:
             torch.set_num_threads(1)
             try:
                 with torch.inference_mode():
-                    sharp = self.forensic(pixels).numpy()
+                    owner = None if owners is None else torch.from_numpy(np.asarray(owners, np.int64))
+                    sharp = self.forensic(pixels, owner).numpy()
                     if not softened:
                         return sharp
-                    levels = np.full((len(pixels), len(softened) * sharp.shape[1]), np.nan, np.float32)
+                    levels = np.full((images, len(softened) * sharp.shape[1]), np.nan, np.float32)
                     if rows.any():
-                        chosen = pixels[torch.from_numpy(rows)]
-                        levels[rows] = torch.cat([self.forensic(soften(chosen, how)) for how in softened], 1)
+                        crops = rows if owners is None else rows[owners]
+                        chosen = pixels[torch.from_numpy(crops)]
+                        # the chosen images' crops, numbered 0 ... among the chosen
+                        renumbered = (
+                            None if owners is None else torch.from_numpy(np.cumsum(rows)[owners[crops]] - 1)
+                        )
+                        levels[rows] = torch.cat(
+                            [self.forensic(soften(chosen, how), renumbered) for how in softened], 1
+                        )
                     return np.concatenate([sharp, levels], axis=1)
             finally:
                 torch.set_num_threads(threads)
 
     def __call__(
-        self, pixels: torch.Tensor, softened: tuple = (), soften_rows: np.ndarray | None = None
+        self,
+        pixels: torch.Tensor,
+        softened: tuple = (),
+        soften_rows: np.ndarray | None = None,
+        owners: np.ndarray | None = None,
     ) -> Features:
-        """``pixels``: (B, H, W, 3) uint8 crops. Rows are [semantic ; statistical ; forensic]
-        (and the softened copies' forensic features, see ``forensic_features``)."""
-        vectors, positions = self.backbone_features(pixels)
-        forensic = self.forensic_features(pixels, softened, soften_rows)
+        """``pixels``: (B, H, W, 3) uint8 crops; with ``owners`` (the image of each crop,
+        non-decreasing), each image's crops in a row, its centre crop first and its other tiles
+        after. Rows are [semantic ; statistical ; forensic] per image (and the softened copies'
+        forensic features, see ``forensic_features``); the backbone sees the centre crops."""
+        centres = pixels
+        if owners is not None:
+            first = np.r_[True, owners[1:] != owners[:-1]] if len(owners) else np.zeros(0, bool)
+            centres = pixels[torch.from_numpy(first)]
+        vectors, positions = self.backbone_features(centres)
+        forensic = self.forensic_features(pixels, softened, soften_rows, owners)
         return Features(np.concatenate([vectors, forensic], axis=1), positions)

@@ -49,6 +49,9 @@ FEATURE_NAMES = tuple(f"log_{name}" for name in PREDICTORS) + (
     "spread_e2_mod4",
 )
 EPS = 1e-6
+# Crops whose FFTs run at once: a large image's tiles multiply a batch, and the residual maps of
+# more crops than this leave the caches (measured: 2.5 times the time per crop at 60 crops).
+CHUNK = 8
 PREDICTOR_FILE = Path(__file__).with_name("forensic_predictor.safetensors")
 _FRAME = MAX_LAG + 1  # every element kernel lives in a frame of this many pixels
 
@@ -242,7 +245,20 @@ class ResidualFeatures(nn.Module):
             )
         return self._spectral[size]
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, owners: torch.Tensor | None = None) -> torch.Tensor:
+        """The features of each crop; with ``owners`` (the image of each crop, 0 ... n - 1), of
+        each image, pooled over its crops (its tiles, docs/METHOD.md §8.1): the residual energies
+        are means over each crop's pixels, and the crops are the same size, so their mean is the
+        energy over all of them, exactly; the logs are taken after."""
+        parts = [self._energies(pixels[start : start + CHUNK]) for start in range(0, len(pixels), CHUNK)]
+        profile, classes = torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
+        if owners is not None:
+            profile, classes = _mean_by_owner(profile, owners), _mean_by_owner(classes, owners)
+        return torch.cat([torch.log(profile + EPS).float(), self._spreads(classes)], 1)
+
+    def _energies(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the profile's mean residual energies (B, 6) float64, the energy of e0, e1, e2 per
+        pixel-position class mod 4 (B, 3, 16))."""
         y = luma(pixels)
         window = taper_window(*y.shape[-2:])
         size = _fft_size(*y.shape[-2:])
@@ -252,17 +268,18 @@ class ResidualFeatures(nn.Module):
         # Summed in float64: a float32 sum of ~10^5 terms depends on how BLAS blocks the batch
         # (2.6e-5 apart between batches of 1 and 7); in float64 an image's features do not.
         energy = (power.double() @ power_weights) / float((window * window).sum())
-        profile = torch.log(energy + EPS).float()
-        return torch.cat([profile, self._spreads(spectrum, intra, size)], 1)
-
-    @staticmethod
-    def _spreads(spectrum: torch.Tensor, intra: torch.Tensor, size: int) -> torch.Tensor:
         residuals = torch.fft.irfft2(spectrum[:, None] * intra, s=(size, size)) ** 2  # (B, 3, n, n)
         batch = residuals.shape[0]
-        # energy per offset class mod 4 in both directions, then mod 2 from those
+        # energy per offset class mod 4 in both directions
         mod4 = residuals.view(batch, 3, size // 4, 4, size).sum(2).view(batch, 3, 4, size // 4, 4).sum(3)
+        return energy, mod4.flatten(2)
+
+    @staticmethod
+    def _spreads(mod4: torch.Tensor) -> torch.Tensor:
+        """max - min of the log class energies (B, 3, 16 classes (i mod 4, j mod 4)): e0's mod 2
+        and mod 4, e1's mod 2, e2's mod 4."""
+        batch = mod4.shape[0]
         mod2 = mod4.view(batch, 3, 2, 2, 2, 2).sum((2, 4)).flatten(2)
-        mod4 = mod4.flatten(2)
 
         def spread(classes: torch.Tensor) -> torch.Tensor:
             logs = torch.log(classes + EPS)
@@ -271,6 +288,14 @@ class ResidualFeatures(nn.Module):
         return torch.stack(
             [spread(mod2[:, 0]), spread(mod4[:, 0]), spread(mod2[:, 1]), spread(mod4[:, 2])], 1
         )
+
+
+def _mean_by_owner(values: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
+    """The mean of the rows of ``values`` that each owner 0 ... n - 1 has."""
+    count = int(owners.max()) + 1 if len(owners) else 0
+    sums = torch.zeros(count, *values.shape[1:], dtype=values.dtype).index_add_(0, owners, values)
+    rows = torch.bincount(owners, minlength=count).to(values.dtype)
+    return sums / rows.view(-1, *[1] * (values.dim() - 1))
 
 
 # --- softened copies of real photos (fit time) -------------------------------------------------
