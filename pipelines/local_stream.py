@@ -21,7 +21,8 @@ from apache_beam.transforms.window import IntervalWindow
 
 from anchorscan.anchors import anchor_file
 from anchorscan.anchors.anchor import AnchorConfig
-from anchorscan.anchors.io.sources import Unit, listable
+from anchorscan.anchors.io.registry import listable
+from anchorscan.anchors.io.sources import Unit
 from anchorscan.anchors.io.storage import read_checked_file, write_atomically
 from anchorscan.anchors.io.uris import uri_text
 from anchorscan.anchors.softness import softened
@@ -36,7 +37,9 @@ from anchorscan.transforms.streaming import (
     UNLOADABLE,
     LearnReal,
     Sighting,
+    reloads_text,
     settled,
+    watch_pattern,
     window_file_name,
     write_table,
 )
@@ -121,8 +124,6 @@ def window_of(when: float, seconds: float) -> IntervalWindow:
 def run_local(args, options) -> dict:
     """Watches until --stop_after_seconds (or until interrupted), one bounded pipeline per
     window that has files; returns the run's summary."""
-    from anchorscan.pipelines.stream import reloads_text, watch_pattern
-
     started = time.time()
     stop = started + args.stop_after_seconds if args.stop_after_seconds else math.inf
     with tempfile.TemporaryDirectory(prefix="anchorscan-stream-") as folder:

@@ -22,7 +22,8 @@ from anchorscan.anchors.anchor_file import verified_contents
 from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.io.datasets import manifest
 from anchorscan.anchors.io.gcs import check_paths
-from anchorscan.anchors.io.sources import ReadError, ReadLimits, Record, Unit, source_for
+from anchorscan.anchors.io.registry import source_for
+from anchorscan.anchors.io.sources import ReadError, ReadLimits, Record, Unit
 from anchorscan.anchors.io.storage import check_writable, read_bytes, read_checked_file, write_atomically
 from anchorscan.pipelines.flags import command_parser, int_in, text
 from anchorscan.transforms.listing import read_parquet_rows

@@ -30,6 +30,7 @@ from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.tables import ERROR_SCHEMA, SCORE_SCHEMA
 from anchorscan.pipelines.common import chain_steps, driver_extractor
 from anchorscan.pipelines.flags import command_parser, non_negative_float, positive_float, text
+from anchorscan.pipelines.local_stream import run_local
 from anchorscan.pipelines.options import (
     LOCAL_RUNNERS,
     add_decoding_args,
@@ -49,6 +50,8 @@ from anchorscan.transforms.streaming import (
     ScoreWindows,
     WriteWindowedParquet,
     gcs_notification_uri,
+    reloads_text,
+    watch_pattern,
 )
 
 
@@ -120,13 +123,6 @@ def check_watched(watch: str, learn_real: str | None) -> None:
             raise UsageError(f"{flag} {location}: no such folder (create it first, or watch another)")
 
 
-def watch_pattern(location: str) -> str:
-    """A folder or prefix stands for every file below it; a glob for what it matches."""
-    if has_glob(location):
-        return location
-    return location.rstrip("/") + "/**"
-
-
 def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
     """Watches until --stop_after_seconds (or for ever); ``wait=False`` (a Flex template's
     launcher) returns once the streaming job is submitted."""
@@ -138,8 +134,6 @@ def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
         check_writable(args.anchor, "--anchor (--learn_real writes it)")
     runner = str(options.view_as(StandardOptions).runner)
     if test_pipeline is None and runner in LOCAL_RUNNERS and not args.pubsub_subscription:
-        from anchorscan.pipelines.local_stream import run_local
-
         return run_local(args, options)
     pipeline = test_pipeline or beam.Pipeline(options=options)
     start = Timestamp.now()
@@ -195,15 +189,6 @@ def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
         f"anchor      {reloads_text(summary['anchor_reloads_failed'])}"
     )
     return summary
-
-
-def reloads_text(failed: int) -> str:
-    if not failed:
-        return "every reload of --anchor read a good file"
-    return (
-        f"{failed} reloads failed (the file at --anchor could not be read or verified): those "
-        "windows kept the last good anchor (the rows' anchor_id names it; the log says why)"
-    )
 
 
 def _notified(uri: str):

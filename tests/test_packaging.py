@@ -4,6 +4,7 @@ of ours can be shadowed by, or shadow, a user's `pipelines/` or another distribu
 from __future__ import annotations
 
 import ast
+import graphlib
 import os
 import subprocess
 import sys
@@ -34,6 +35,28 @@ def test_no_module_imports_a_bare_top_level_name_of_ours(path):
         )
         bare += [name for name in names if name.split(".")[0] in OUR_FOLDERS]
     assert not bare, f"{path.name} imports {bare}: write anchorscan.{bare[0]}"
+
+
+def test_no_module_imports_one_that_imports_it():
+    """The package's import graph, imports inside functions included, has no cycle."""
+    modules = {}
+    for folder in (*OUR_FOLDERS, "templates"):
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            modules[".".join(("anchorscan", *parts)).removesuffix(".__init__")] = path
+    graph = {}
+    for name, path in modules.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+        graph[name] = (imported & modules.keys()) - {name}
+    try:
+        tuple(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as cycle:
+        pytest.fail(f"modules import each other: {' -> '.join(cycle.args[1])}")
 
 
 def test_the_wheel_holds_no_top_level_package_but_anchorscan(tmp_path):

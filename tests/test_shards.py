@@ -25,8 +25,9 @@ from test_gcs import ROOT, emulator, gcs_rows, upload  # noqa: F401 (emulator: a
 from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.io import curation, shards
 from anchorscan.anchors.io.manifests import ManifestError
+from anchorscan.anchors.io.registry import source_for
 from anchorscan.anchors.io.shards import TarShardSource, split_sample_uri
-from anchorscan.anchors.io.sources import ReadError, ReadFailure, ReadLimits, Record, Unit, source_for
+from anchorscan.anchors.io.sources import ReadError, ReadFailure, ReadLimits, Record, Unit
 from anchorscan.anchors.tables import ERROR_SCHEMA, SCORE_SCHEMA
 from anchorscan.pipelines import curate, report, score
 from anchorscan.pipelines.cli import main

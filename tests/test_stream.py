@@ -244,10 +244,10 @@ def test_cloud_storage_notifications_name_finalised_objects():
 def test_watch_pattern_and_window_file_names():
     from apache_beam.transforms.window import IntervalWindow
 
-    from anchorscan.transforms.streaming import window_file_name
+    from anchorscan.transforms.streaming import watch_pattern, window_file_name
 
-    assert stream.watch_pattern("gs://bucket/incoming/") == "gs://bucket/incoming/**"
-    assert stream.watch_pattern("/data/*.jpg") == "/data/*.jpg"
+    assert watch_pattern("gs://bucket/incoming/") == "gs://bucket/incoming/**"
+    assert watch_pattern("/data/*.jpg") == "/data/*.jpg"
     assert (
         window_file_name("out/scan", "scores", IntervalWindow(60, 120), 0)
         == "out/scan-scores-19700101T000100-19700101T000200-00000.parquet"

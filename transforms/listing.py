@@ -21,7 +21,8 @@ from anchorscan.anchors.io.manifests import (
     read_manifest,
     refuse_repeated_columns,
 )
-from anchorscan.anchors.io.sources import Unit, listable
+from anchorscan.anchors.io.registry import listable
+from anchorscan.anchors.io.sources import Unit
 from anchorscan.anchors.io.storage import read_bytes
 from anchorscan.anchors.io.uris import glob_prefix, has_glob, local_path, too_many_names, uri_text
 from anchorscan.anchors.tables import error_row

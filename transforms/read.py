@@ -13,13 +13,13 @@ import apache_beam as beam
 
 from anchorscan.anchors.errors import exception_name
 from anchorscan.anchors.io.fetch import is_http
+from anchorscan.anchors.io.registry import source_for
 from anchorscan.anchors.io.shards import split_sample_uri
 from anchorscan.anchors.io.sources import (
     ReadError,
     ReadFailure,
     ReadLimits,
     Unit,
-    source_for,
     stopped_by,
 )
 from anchorscan.anchors.tables import error_row

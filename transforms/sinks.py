@@ -28,7 +28,7 @@ from anchorscan.anchors.errors import (
     UsageError,
     UserError,
 )
-from anchorscan.anchors.io.sources import listable
+from anchorscan.anchors.io.registry import listable
 from anchorscan.anchors.io.storage import files_named, resolved
 from anchorscan.anchors.io.uris import has_glob, is_remote, local_file
 from anchorscan.anchors.tables import ERROR_SCHEMA, REUSED_COLUMNS, SCORE_SCHEMA

@@ -30,8 +30,10 @@ from apache_beam.transforms.window import FixedWindows
 from anchorscan.anchors import anchor_file, updating
 from anchorscan.anchors.anchor import Anchor
 from anchorscan.anchors.errors import EnvironmentFailure, UserError
-from anchorscan.anchors.io.sources import Unit, listable
+from anchorscan.anchors.io.registry import listable
+from anchorscan.anchors.io.sources import Unit
 from anchorscan.anchors.io.storage import read_checked_file, write_atomically
+from anchorscan.anchors.io.uris import has_glob
 from anchorscan.anchors.statistics import Statistics, StatisticsLayout
 from anchorscan.anchors.tables import error_row
 from anchorscan.anchors.threads import limit_blas_threads
@@ -354,3 +356,19 @@ class LearnReal(beam.PTransform):
             | "Statistics" >> AccumulateStatistics(self.layout, without_defaults=True)
             | "Learn" >> beam.Map(_learn, self.output_uri, self.projection)
         )
+
+
+def watch_pattern(location: str) -> str:
+    """A folder or prefix stands for every file below it; a glob for what it matches."""
+    if has_glob(location):
+        return location
+    return location.rstrip("/") + "/**"
+
+
+def reloads_text(failed: int) -> str:
+    if not failed:
+        return "every reload of --anchor read a good file"
+    return (
+        f"{failed} reloads failed (the file at --anchor could not be read or verified): those "
+        "windows kept the last good anchor (the rows' anchor_id names it; the log says why)"
+    )

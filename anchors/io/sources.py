@@ -11,7 +11,6 @@ import abc
 import contextlib
 import dataclasses
 import errno
-import functools
 import os
 import stat
 import threading
@@ -131,24 +130,6 @@ class FileSource(ByteSource):
 
     def read(self, unit: Unit, limits: ReadLimits) -> Iterator[Record | ReadFailure]:
         yield Record(unit.uri, read_limited(unit.uri, limits.max_bytes, limits.http), unit.carried)
-
-
-@functools.cache
-def registered_sources() -> tuple[ByteSource, ...]:
-    """The first source that claims a URI reads it; FileSource claims everything and comes
-    last. Sources in their own modules build on the classes above, so they are imported here."""
-    from anchorscan.anchors.io.shards import TarShardSource
-
-    return (TarShardSource(), FileSource())
-
-
-def source_for(uri: str) -> ByteSource:
-    return next(source for source in registered_sources() if source.claims(uri))
-
-
-def listable(path: str) -> bool:
-    """Whether a folder's walk lists this file (an image, or a container a source reads)."""
-    return any(source.lists(path) for source in registered_sources())
 
 
 # --- reading one file, whatever it turns out to be --------------------------------------------
