@@ -36,7 +36,8 @@ from anchorscan.anchors.validation import (
     field,
 )
 
-FORMAT_VERSION = 3  # 2: the forensic channel; 3: named statistics, flagged generators, calibration rows
+FORMAT_VERSION = 4  # 2: the forensic channel; 3: named statistics, flagged generators, calibration rows;
+# 4: the semantic distance is the largest standardised deviation (its sketches mean another thing)
 METADATA_KEY = "anchorscan"
 
 

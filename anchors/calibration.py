@@ -159,6 +159,39 @@ MIN_CALIBRATION = 5  # fewer held-out images cannot calibrate a p-value
 CALIBRATION_PREFIX = "calibration:"
 
 
+def smallest_hold_out(rate: float) -> int:
+    """The fewest held-out images whose own ranks reach a p-value of ``rate``: the smallest
+    empirical p-value of ``n`` of them is ``1 / (n + 1)``. Below, a p-value that small comes
+    from the exponential tail model alone (docs/METHOD.md §5.3, §5.4)."""
+    return math.ceil(1.0 / rate - 1.0 - 1e-9)
+
+
+def decision_rates(channels: tuple[str, ...], rule: str, fpr: float, share: float) -> dict[str, float]:
+    """The p-value at which each channel alone raises the decision (the combined p below
+    ``fpr``): the alarms rule's weighted Bonferroni shares, Tippett's ``1 - (1 - fpr)^(1/k)``;
+    Fisher pools, so no channel decides alone (absent)."""
+    if rule == "alarms":
+        return {c: fpr * (share if i else 1.0 - (len(channels) - 1) * share) for i, c in enumerate(channels)}
+    if rule == "tippett":
+        return dict.fromkeys(channels, -math.expm1(math.log1p(-fpr) / len(channels)))
+    return {}
+
+
+def hold_out_note(n_calibration: int, channels: tuple[str, ...], rule: str, fpr: float, share: float) -> str:
+    """What a hold-out too small for the anchor's rate means, for fit's summary; empty where
+    its ranks reach every rate at which a channel decides."""
+    rates = decision_rates(channels, rule, fpr, share) or {"combined": fpr}
+    short = {c: r for c, r in rates.items() if n_calibration < smallest_hold_out(r)}
+    if not short and n_calibration >= smallest_hold_out(fpr):
+        return ""
+    needs = "; ".join(f"{c} at p < {r:.2g} needs {smallest_hold_out(r)}" for c, r in short.items())
+    return (
+        f"{n_calibration} held-out images rank p-values down to 1/{n_calibration + 1} only: "
+        f"the decision at --fpr {fpr:g} rests on the tail model, not on measured images "
+        f"({needs}); hold out more real images (more images, or --calibration_fraction)"
+    )
+
+
 def uri_key(uri: str) -> int:
     """The first 8 bytes of sha256(uri), big-endian: a held-out image's place in the sample."""
     return int.from_bytes(hashlib.sha256(uri.encode()).digest()[:8], "big")

@@ -44,7 +44,11 @@ SCORE_COLUMNS = (
         pa.string(),
         "what fired: the combined channel or `flag:GENERATOR` with the smallest p-value",
     ),
-    Column("semantic", pa.float64(), "semantic Mahalanobis distance"),
+    Column(
+        "semantic",
+        pa.float64(),
+        "semantic distance: the largest standardised deviation of a semantic feature from real photos",
+    ),
     Column("statistical", pa.float64(), "decoupled statistical distance, `t2 + spe`"),
     Column("t2", pa.float64(), "its part in the kept eigenspace"),
     Column("spe", pa.float64(), "its part outside the kept eigenspace"),

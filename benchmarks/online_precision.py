@@ -19,7 +19,7 @@ import numpy as np
 from scipy.linalg import solve_triangular
 from scipy.linalg.blas import dsymm, dsymv, dsyr, dsyrk
 
-from anchorscan.anchors.anchor import AnchorModel, shrunk_covariance
+from anchorscan.anchors.anchor import AnchorModel, feature_scale, shrunk_covariance
 from anchorscan.anchors.forensic import ForensicModel
 from anchorscan.anchors.stats import BufferedMoments, Moments
 
@@ -246,6 +246,7 @@ class OnlineAnchorModel:
         centred = features[:, :d] - self.moments.mean
         scale = (1.0 - self.rho) / (self.moments.n - 1)
         full = self._full.quadratic(centred) / scale
+        # the semantic block's quadratic form, to split the decoupled statistical part off the full one
         semantic = self._semantic.quadratic(centred[:, : self.d_semantic]) / scale
         raw = self._raw.quadratic(centred[:, self.d_semantic :]) / scale
         forensic = np.stack(
@@ -256,7 +257,10 @@ class OnlineAnchorModel:
             axis=1,
         )
         return {
-            "semantic": semantic,
+            # the semantic distance needs each feature's spread only: exact at every update
+            "semantic": np.abs(
+                centred[:, : self.d_semantic] / feature_scale(self.moments)[: self.d_semantic]
+            ).max(axis=1),
             "statistical": full - semantic,
             "statistical_raw": raw,
             "forensic": forensic.min(axis=1),

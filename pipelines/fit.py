@@ -8,6 +8,7 @@ import apache_beam as beam
 
 from anchorscan.anchors.anchor import CALIBRATION_KEYS, CHANNELS, COMBINERS, STATISTICAL_MODES, AnchorConfig
 from anchorscan.anchors.anchor_file import read_metadata
+from anchorscan.anchors.calibration import hold_out_note
 from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.storage import check_writable, read_checked_file
 from anchorscan.anchors.softness import LEVEL_SETS, softened
@@ -168,6 +169,13 @@ def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
         "d": metadata["d"],
         "k": metadata["k"],
         "shrinkage": metadata["shrinkage"],
+        "calibration_note": hold_out_note(
+            metadata["n_calibration"],
+            tuple(config.channels),
+            config.combine,
+            config.fpr,
+            config.alarm_share,
+        ),
         "errors": error_total(counter_totals(result)),
         "seconds": time.time() - started,
     }
@@ -184,3 +192,5 @@ def print_fit_summary(summary: dict) -> None:
         f"features    d={summary['d']}, k={summary['k']}, shrinkage={summary['shrinkage']:.3f}\n"
         f"time        {summary['seconds']:.1f} s ({images / max(summary['seconds'], 1e-9):.1f} images/s)"
     )
+    if summary["calibration_note"]:
+        print(f"calibration {summary['calibration_note']}")

@@ -119,7 +119,9 @@ def test_semantic_and_statistical_distances_equal_exact_inverse_oracle():
     centred = features - moments.mean
     s, m = centred[:, :ds], centred[:, ds:]
     distances = model.distances(features)
-    np.testing.assert_allclose(distances["semantic"], np.einsum("bi,ij,bj->b", s, precision_ss, s), rtol=1e-9)
+    # the semantic distance is the largest standardised deviation (§4.2), from the rows themselves
+    scale = data[:, :ds].std(axis=0, ddof=1)
+    np.testing.assert_allclose(distances["semantic"], np.abs(s / scale).max(axis=1), rtol=1e-9)
     regression = precision_ss @ sigma[:ds, ds:]
     schur = sigma[ds:, ds:] - sigma[ds:, :ds] @ regression
     oracle = Spectrum.fit(schur, 0.9, max_rank=299).distances(m - s @ regression)
@@ -138,6 +140,39 @@ def test_fit_with_fewer_rows_than_dimensions():
     scores = anchor.assess(with_forensic(sample(ds, dm, n=10, seed=9)))
     for name in ("semantic", "statistical", "statistical_raw", "forensic", "score"):
         assert np.all(np.isfinite(scores[name])) and np.all(scores[name] >= 0)
+
+
+def test_semantic_distance_at_a_quarter_as_many_images_as_features_equals_the_rows_oracle():
+    # n = d_s / 4, the moments merged from two parts as update and federation merge them; the
+    # oracle reads the rows with numpy, no moments. 1e-9: Chan's merge against a two-pass
+    # variance, both in float64.
+    ds, dm, n = 160, 12, 40
+    rows = sample(ds, dm, n=n + 25, seed=30)
+    moments = Moments.of(rows[:15]).merge(Moments.of(rows[15:n]))
+    model = AnchorModel.fit(moments, ds)
+    unseen = rows[n:, :ds]
+    oracle = np.abs((unseen - rows[:n, :ds].mean(axis=0)) / rows[:n, :ds].std(axis=0, ddof=1)).max(axis=1)
+    np.testing.assert_allclose(model.distances(rows[n:])["semantic"], oracle, rtol=1e-9)
+
+
+def test_semantic_channel_finds_content_off_in_a_few_features_with_fewer_images_than_features():
+    # The content-level fake of issue 26 at n = d_s / 4: real-like everywhere but in 3 of 160
+    # semantic features, 8 standard deviations off: nearly all flagged on the semantic channel
+    # alone, unseen real images near the rate.
+    ds, dm, n, n_cal, n_test = 160, 12, 40, 200, 400
+    rng = np.random.default_rng(31)
+    rows = with_forensic(sample(ds, dm, n=n + n_cal + 2 * n_test, seed=31))
+    anchor = fit_synthetic_anchor(spec(ds, dm), rows[: n + n_cal], n)
+    real, fake = rows[n + n_cal : n + n_cal + n_test], rows[n + n_cal + n_test :].copy()
+    scale = np.sqrt(np.diag(anchor.moments.covariance()))[:ds]
+    for row in fake:
+        off = rng.choice(ds, size=3, replace=False)
+        row[off] += 8 * scale[off] * rng.choice([-1, 1], size=3)
+    flagged = lambda rows: anchor.assess(rows)["p_semantic"] < 0.01  # noqa: E731
+    assert flagged(fake).mean() >= 0.9
+    # 0.01 nominal; 4 binomial standard errors of 400 unseen images, plus the calibration's own
+    # sampling error at 200 held-out images (one standard error of a 1 % quantile: 0.7 %)
+    assert flagged(real).mean() <= 0.01 + 4 * np.sqrt(0.01 * 0.99 / n_test) + 0.007
 
 
 @pytest.fixture(scope="module")
@@ -377,3 +412,22 @@ def test_alarms_stay_silent_at_softness_levels_the_held_out_images_do_not_hold()
     assert result["component"][0] in ("semantic", "statistical")
     # Fisher's and Tippett's rules are not gated
     assert anchor.assess(far_content, combine="tippett")["is_suspect"].all()
+
+
+def test_the_hold_out_each_channel_needs_to_decide_on_measured_ranks():
+    from anchorscan.anchors.calibration import decision_rates, hold_out_note, smallest_hold_out
+
+    # the smallest empirical p-value of n held-out images is 1 / (n + 1)
+    assert [smallest_hold_out(rate) for rate in (0.01, 0.0005, 0.5)] == [99, 1999, 1]
+    channels = ("forensic", "semantic", "statistical")
+    rates = decision_rates(channels, "alarms", 0.01, 0.25)
+    assert rates == pytest.approx({"forensic": 0.005, "semantic": 0.0025, "statistical": 0.0025})
+    assert sum(rates.values()) == pytest.approx(0.01)  # Bonferroni: the budget, split
+    tippett = decision_rates(channels, "tippett", 0.01, 0.25)["semantic"]
+    assert 1 - (1 - tippett) ** 3 == pytest.approx(0.01)
+    assert decision_rates(channels, "fisher", 0.01, 0.25) == {}  # Fisher pools: none alone
+    assert hold_out_note(399, channels, "alarms", 0.01, 0.25) == ""
+    note = hold_out_note(398, channels, "alarms", 0.01, 0.25)
+    assert "semantic at p < 0.0025 needs 399" in note and "forensic" not in note
+    assert hold_out_note(99, ("forensic",), "fisher", 0.01, 0.25) == ""
+    assert "combined at p < 0.01 needs 99" in hold_out_note(98, ("forensic",), "fisher", 0.01, 0.25)

@@ -357,3 +357,20 @@ def test_info_names_the_forensic_channel(fitted_anchor, capsys):
     # the default score reads every channel, forensic first (the primary), the others as alarms
     assert lines["channels"] == "['forensic', 'semantic', 'statistical']"
     assert lines["combine"] == "alarms" and lines["forensic_levels"] == "softness_path"
+
+
+def test_fit_says_when_its_hold_out_is_too_small_for_the_rate(real_photos, tmp_path, capsys):
+    # Issue 26: a small fit holds out a handful of images, whose ranks cannot reach the 1 % rate
+    # nor the alarms' 0.1 % on their own; the summary says so and how many it would take.
+    from helpers import HOLD_OUT_BY_NAME, RUNNER
+
+    anchor = tmp_path / "a.safetensors"
+    argv = ["fit", "--input", str(real_photos), "--anchor", str(anchor), "--calibration_fraction", "0.3"]
+    assert main([*argv, *HOLD_OUT_BY_NAME, *RUNNER]) == 0
+    out = capsys.readouterr().out
+    held_out = int(re.search(r"(\d+) held out for calibration", out).group(1))
+    line = next(line for line in out.splitlines() if line.startswith("calibration "))
+    assert f"{held_out} held-out images rank p-values down to 1/{held_out + 1} only" in line
+    assert "--fpr 0.01 rests on the tail model" in line
+    # forensic decides alone at p < 0.008 (80 % of the budget), each alarm at 0.001 (10 %)
+    assert "forensic at p < 0.008 needs 124" in line and "semantic at p < 0.001 needs 999" in line
