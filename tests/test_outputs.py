@@ -9,8 +9,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 
+import pyarrow.parquet as pq
 import pytest
 from test_shards import error_rows, read_unit, score_rows, write_scan
 
@@ -239,8 +239,8 @@ def test_a_refused_calibrate_prints_one_line_and_leaves_nothing(fitted_anchor, t
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [
-        "anchorscan calibrate: error: only 0 of your real images could be embedded (need at least "
-        f"{MIN_CALIBRATION}) [while running 'Calibrate']"
+        "anchorscan calibrate: error: only 0 distinct images of yours could be embedded (need at "
+        f"least {MIN_CALIBRATION}) [while running 'Calibrate']"
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["yours"]  # no cal-errors-*.parquet
 
@@ -300,6 +300,6 @@ def test_shards_scored_by_a_relative_path_are_curated_from_another_folder(
     assert sorted(p.name for p in (tmp_path / "work").glob("s1-*")) == tables
     monkeypatch.chdir(tmp_path / "other")
     assert curate_cli(tmp_path / "work" / "s1", "cur", "--reshard", "--drop_top", "0") == 0
-    with tarfile.open(tmp_path / "other" / "cur-00000.tar") as archive:
-        keys = {name.split(".")[0] for name in archive.getnames()}
-    assert keys == {uri.split("#")[1] for uri in written["images"]}  # read again from i2d
+    # read again from i2d: the output's sidecar names each sample's source, the scan's URI
+    sources = pq.read_table(tmp_path / "other" / "cur-00000.parquet")["source"].to_pylist()
+    assert sorted(sources) == sorted(written["images"])

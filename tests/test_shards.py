@@ -614,7 +614,9 @@ def test_tables_that_lie_are_refused_or_their_rows_dropped(tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1
 
 
-def test_a_key_with_a_newline_is_resharded_under_its_own_shard_and_key(tmp_path):
+def test_a_key_with_a_newline_is_an_error_row_and_curate_reports_it(tmp_path):
+    """kept = written + reported: the scan refuses the key (an error row naming it), curate
+    lists that sample as unreadable and re-shards the other."""
     import webdataset as wds
 
     jpg = photo_jpegs(2, seed=3)
@@ -625,22 +627,22 @@ def test_a_key_with_a_newline_is_resharded_under_its_own_shard_and_key(tmp_path)
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
     records, errors = read_unit(str(shard))
-    assert not errors and len(records) == 2
+    assert list(records) == [f"{shard}#plain"]
+    [(error_uri, message)] = errors.items()
+    assert "line\\nbreak" in message and "control character" in message
     uris = sorted(records)
     carried = {name: [records[uri].carried[name] for uri in uris] for name in ("key", "shard")}
     images = {uri: records[uri].data for uri in uris}
-    write_scan(tmp_path / "scan", score_rows(uris, images, [0.0] * 2, [False] * 2, **carried), error_rows([]))
+    scores = score_rows(uris, images, [0.0], [False], **carried)
+    write_scan(tmp_path / "scan", scores, error_rows([error_uri]))
     out = str(tmp_path / "cur")
     outcome = curate.run(["--scores", str(tmp_path / "scan"), "--output", out, "--reshard", *RUNNER])
-    # kept = written + reported: both in the output shard, each listed under its shard and key
-    assert outcome["kept"] == outcome["kept_in_shards"] == outcome["resharded"] == 2
+    assert outcome["kept"] == outcome["kept_in_shards"] == outcome["resharded"] == 1
+    assert outcome["dropped"] == {"unreadable": 1}
     decided = pq.read_table(f"{out}-kept.parquet")
-    assert sorted(zip(decided["shard"].to_pylist(), decided["key"].to_pylist())) == [
-        (str(shard), "line\nbreak"),
-        (str(shard), "plain"),
-    ]
+    assert sorted(decided["uri"].to_pylist()) == sorted([error_uri, f"{shard}#plain"])
     written = list(wds.WebDataset(f"{out}-00000.tar", shardshuffle=False))
-    assert sorted(sample["jpg"] for sample in written) == sorted(jpg)
+    assert [sample["jpg"] for sample in written] == [jpg[1]]
 
 
 def test_curate_is_a_command_with_its_own_flags(capsys):
