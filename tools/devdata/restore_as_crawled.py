@@ -60,7 +60,7 @@ def main() -> None:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(out_rows)
-        print(f"--image_size {size}: {len(out_rows)} images, {resized} area-downscaled, the rest JPEG q95 only")
+        print(f"--image_size {size}: {len(out_rows)} images, {resized} area-downscaled, the rest JPEG only")
 
 
 if __name__ == "__main__":
