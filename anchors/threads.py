@@ -13,8 +13,11 @@ _limits = None
 
 
 def limit_blas_threads() -> None:
+    """BLAS on one thread: those loaded now by threadpoolctl, those loaded later (scipy brings
+    its own OpenBLAS) by the variable OpenBLAS reads when it loads."""
     global _limits
     if _limits is None:
+        os.environ["OPENBLAS_NUM_THREADS"] = "1"
         _limits = threadpoolctl.threadpool_limits(limits=1, user_api="blas")
 
 

@@ -9,6 +9,7 @@ import sys
 import traceback
 
 from anchorscan.anchors.errors import UserError, environment_failure
+from anchorscan.anchors.threads import limit_blas_threads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         BEAM_STEP_ERRORS.removeFilter(QUIET_USER_ERRORS)
     else:
         BEAM_STEP_ERRORS.addFilter(QUIET_USER_ERRORS)
+    limit_blas_threads()  # the driver's eigendecompositions and the in-process runners' workers
     try:
         importlib.import_module(f"anchorscan.pipelines.{COMMANDS[command].module}").run(rest)
     except SystemExit as exit_:  # argparse: --help, or a usage error already printed

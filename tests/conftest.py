@@ -10,8 +10,11 @@ os.environ["NO_GCE_CHECK"] = "true"
 
 import pytest
 
+from anchorscan.anchors.threads import limit_blas_threads
 from helpers import HOLD_OUT_BY_NAME, RUNNER, write_crops
 from servers import LoopbackGuard
+
+limit_blas_threads()  # as every command does (anchors/threads.py), also for the tests' own fits
 
 _guard = LoopbackGuard()
 

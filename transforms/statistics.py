@@ -12,6 +12,7 @@ import safetensors.numpy
 from anchorscan.anchors.calibration import CalibrationRows
 from anchorscan.anchors.statistics import Statistics, StatisticsAccumulator, StatisticsLayout
 from anchorscan.anchors.stats import Moments
+from anchorscan.anchors.threads import limit_blas_threads
 
 
 class StatisticsCoder(beam.coders.Coder):
@@ -49,6 +50,9 @@ class StatisticsCombineFn(beam.CombineFn):
 
     def __init__(self, layout: StatisticsLayout, batch_size: int = 256):
         self.layout, self.batch_size = layout, batch_size
+
+    def setup(self) -> None:
+        limit_blas_threads()  # the merges' outer products run beside the backbone's threads
 
     def create_accumulator(self) -> StatisticsAccumulator:
         return StatisticsAccumulator(self.layout, self.batch_size)
