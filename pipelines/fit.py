@@ -215,6 +215,7 @@ def print_fit_summary(summary: dict) -> None:
     if summary.get("level_calibration"):
         counts = ", ".join(f"{level} {n}" for level, n in summary["level_calibration"].items())
         print(
-            f"levels      the alarms are calibrated per softness level on held-out images and their "
-            f"softened copies: {counts} (a level missing here leaves them silent)"
+            f"levels      the alarms are calibrated per softness level, each on its held-out images and "
+            f"softened copies (ranks reach 1/(n + 1), the tail model below): {counts}; a level "
+            "missing here leaves them silent"
         )

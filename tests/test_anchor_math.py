@@ -448,7 +448,7 @@ def test_content_alarms_are_calibrated_per_softness_level_on_softened_held_out_c
     probe = np.vstack([rows[:1]] * 3)  # a fitted photo: near the mean in content and pixels
     probe[:, spec.d_backbone :] += 50.0  # all three at the soft level
     probe[0, :6] += 30.0 * scale  # as far as the softened real copies
-    probe[1, :6] += 300.0 * scale  # ten times farther
+    probe[1, :6] += 300.0 * scale  # ten times farther: p from the level's tail model (ranks stop at 1/101)
     sharp = rows[:1].copy()
     sharp[0, :6] += 30.0 * scale  # the first one's content at the sharp level
     result = anchor.assess(np.vstack([probe[:2], sharp]))

@@ -97,7 +97,7 @@ class FeatureModelHandler(ModelHandler[np.ndarray, tuple, FeatureExtractor]):
             torch.from_numpy(np.concatenate(stacks)), self.softened, soften_rows, owners, embed_rows
         )
         vectors = list(features.vectors)
-        if features.softened_backbone is not None:  # held-out images: their copies' features last
+        if features.softened_backbone is not None and embed_rows is not None:  # their copies' last
             for index, copies in zip(np.flatnonzero(embed_rows), features.softened_backbone):
                 vectors[index] = np.concatenate([vectors[index], copies])
         return list(zip(vectors, features.attention_positions.tolist()))
