@@ -39,8 +39,15 @@ from anchorscan.anchors.stats import Moments
 # Distances with a calibration; "statistical" is the decoupled one.
 COMPONENTS = ("semantic", "statistical", "statistical_raw", "forensic")
 CHANNELS = ("semantic", "statistical", "forensic")  # what the score can combine
+# The content channels' distances, calibrated per softness level where the anchor keeps held-out
+# images' softened copies (docs/METHOD.md §5.4): a blurred photo's embedding moves too.
+LEVEL_CALIBRATED = ("semantic", "statistical", "statistical_raw")
 STATISTICAL_MODES = {"decoupled": "statistical", "raw": "statistical_raw"}
 CALIBRATION_KEYS = ("phash", "uri")
+# How the content alarms are calibrated (docs/METHOD.md §5.4): on all held-out real images, silent
+# at softness levels too few of them hold (round 4, the default: the rule of docs/QUALITY.md
+# round 5 kept it), or per softness level on the held-out images and their softened copies.
+ALARM_CALIBRATIONS = ("held_out", "per_level")
 FLAG_PREFIX = "flag:"  # a flagged generator's component: "flag:NAME"
 GENERATOR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -64,6 +71,7 @@ class AnchorConfig:
     # near-duplicates are held out together), or the URI alone (anchors fitted before phash)
     calibration_key: str = "phash"
     alarm_share: float = 0.1
+    alarm_calibration: str = "held_out"
 
     def __post_init__(self):
         if not 0.0 < self.explained_variance <= 1.0:
@@ -97,6 +105,11 @@ class AnchorConfig:
             raise UsageError(
                 f"--calibration_key must be one of {', '.join(CALIBRATION_KEYS)}, "
                 f"got {self.calibration_key!r}"
+            )
+        if self.alarm_calibration not in ALARM_CALIBRATIONS:
+            raise UsageError(
+                f"--alarm_calibration must be one of {', '.join(ALARM_CALIBRATIONS)}, "
+                f"got {self.alarm_calibration!r}"
             )
         if self.forensic_levels not in LEVEL_SETS:
             raise UsageError(
@@ -430,17 +443,61 @@ class Anchor:
         return result
 
     @functools.cached_property
+    def level_calibration(self) -> dict[int, tuple[dict[str, np.ndarray], int]] | None:
+        """The content channels' calibration per softness level (docs/METHOD.md §5.4): for each
+        level the forensic channel gives at least MIN_CALIBRATION held-out real images or their
+        softened copies, the quantile sketches of ``LEVEL_CALIBRATED`` distances on them and
+        their count (each photo once per level: its first row there). None unless the anchor
+        is configured so (``alarm_calibration``) and keeps softened copies (`calibrate` without
+        --keep_held_out replaces them)."""
+        rows = self.calibration_rows
+        if self.config.alarm_calibration != "per_level" or rows is None or rows.softened is None:
+            return None
+        copies = rows.softened.features.reshape(-1, self.spec.dim)
+        features = np.vstack([rows.features, copies])
+        photos = np.concatenate([rows.keys, np.repeat(rows.softened.keys, len(copies) // len(rows.softened))])
+        distances = self.distances(features)
+        levels = distances["softness_level"]
+        _, first = np.unique(np.stack([photos, levels.astype(np.uint64)], 1), axis=0, return_index=True)
+        once = np.zeros(len(photos), bool)
+        once[first] = True
+        num_quantiles = len(self.calibration["semantic"])
+        calibration = {}
+        for level in range(len(self.forensic.level_names)):
+            chosen = once & (levels == level)
+            if chosen.sum() >= MIN_CALIBRATION:
+                sketches = {name: sketch(distances[name][chosen], num_quantiles) for name in LEVEL_CALIBRATED}
+                calibration[level] = (sketches, int(chosen.sum()))
+        return calibration
+
+    @functools.cached_property
     def alarm_levels(self) -> np.ndarray:
-        """Which softness levels the alarms speak for (docs/METHOD.md §5.4): those the forensic
-        channel gives at least MIN_CALIBRATION of the held-out real images. An alarm's p-value is
-        calibrated on those images; a soft photo at a level they barely hold (a blurred or
-        upscaled thumbnail) shifts the backbone's embedding in a way the calibration never saw,
-        so there the alarms stay silent. Every level where the held-out rows are not kept."""
+        """Which softness levels the alarms speak for (docs/METHOD.md §5.4): those with a
+        calibration of their own (``level_calibration``); without softened copies, those the
+        forensic channel gives at least MIN_CALIBRATION of the held-out real images. An alarm's
+        p-value is calibrated on those images; a soft photo at a level they barely hold (a
+        blurred or upscaled thumbnail) shifts the backbone's embedding in a way the calibration
+        never saw, so there the alarms stay silent. Every level where the held-out rows are not
+        kept."""
         count = len(self.forensic.level_names)
         if self.calibration_rows is None:
             return np.ones(count, dtype=bool)
+        if self.level_calibration is not None:
+            return np.isin(np.arange(count), list(self.level_calibration))
         _, levels = self.forensic.distances(self.calibration_rows.features[:, self.spec.d_backbone :])
         return np.bincount(levels, minlength=count) >= MIN_CALIBRATION
+
+    def channel_log_pvalues(self, result: dict[str, np.ndarray], component: str) -> np.ndarray:
+        """log p of one component's distances in ``result``: against the held-out real images at
+        the image's softness level where the anchor has that level's calibration, else against
+        all of them."""
+        log_p = upper_tail_log_pvalues(result[component], self.calibration[component], self.n_calibration)
+        if component in LEVEL_CALIBRATED and self.level_calibration:
+            for level, (sketches, n) in self.level_calibration.items():
+                at = result["softness_level"] == level
+                if at.any():
+                    log_p[at] = upper_tail_log_pvalues(result[component][at], sketches[component], n)
+        return log_p
 
     def assess(
         self,
@@ -465,12 +522,7 @@ class Anchor:
             "statistical": STATISTICAL_MODES[config.statistical],
             "forensic": "forensic",
         }
-        log_p = {
-            channel: upper_tail_log_pvalues(
-                result[component[channel]], self.calibration[component[channel]], self.n_calibration
-            )
-            for channel in CHANNELS
-        }
+        log_p = {channel: self.channel_log_pvalues(result, component[channel]) for channel in CHANNELS}
         channel_log_p = np.stack([log_p[c] for c in config.channels], axis=1)
         if config.combine == "alarms":  # silent alarms: p = 1 where they do not speak
             outside = ~self.alarm_levels[result["softness_level"]]
@@ -536,4 +588,9 @@ class Anchor:
             "forensic_level_names": list(self.forensic.level_names),
             "flagged": {name: moments.n for name, moments in sorted(self.flagged.items())},
             "num_quantiles": len(self.calibration["semantic"]),
+            # the images each softness level's alarm calibration rests on (per_level only)
+            "level_calibration": {
+                self.forensic.level_names[level]: n
+                for level, (_, n) in (self.level_calibration or {}).items()
+            },
         }

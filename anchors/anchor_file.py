@@ -6,7 +6,9 @@ way, ``moments.<name>.mean`` and ``moments.<name>.m2`` in float64 with its count
 metadata's ``moments``, so anchors can be merged and updated channel by channel without code per
 channel. Beside them: ``projection`` (the seeded statistical projection, when used),
 ``calibration.<component>`` quantile sketches, and ``calibration.keys`` / ``calibration.features``,
-the held-out real images' URI keys and feature rows the sketches were taken on. Metadata key
+the held-out real images' URI keys and feature rows the sketches were taken on, and
+``calibration.softened_keys`` / ``calibration.softened_features``, some of those images'
+softened copies (each row every softness level's feature row after "sharp"). Metadata key
 ``anchorscan`` holds a JSON object: format_version, the feature spec, the fit configuration,
 derived facts (shrinkage, k, ...), ``lineage`` and ``checksum``, the sha256 of the metadata
 without it and of every tensor's name, dtype, shape and bytes. The whitening matrices are
@@ -21,7 +23,12 @@ import numpy as np
 
 from anchorscan.anchors import checked_file
 from anchorscan.anchors.anchor import COMPONENTS, FLAG_PREFIX, GENERATOR_NAME, Anchor, AnchorConfig
-from anchorscan.anchors.calibration import MAX_CALIBRATION_ROWS, MIN_CALIBRATION, CalibrationRows
+from anchorscan.anchors.calibration import (
+    MAX_CALIBRATION_ROWS,
+    MAX_SOFTENED_ROWS,
+    MIN_CALIBRATION,
+    CalibrationRows,
+)
 from anchorscan.anchors.errors import UserError
 from anchorscan.anchors.forensic import ForensicModel
 from anchorscan.anchors.spec import FeatureSpec
@@ -36,9 +43,16 @@ from anchorscan.anchors.validation import (
     field,
 )
 
-FORMAT_VERSION = 4  # 2: the forensic channel; 3: named statistics, flagged generators, calibration rows;
-# 4: the semantic distance is the largest standardised deviation (its sketches mean another thing)
+FORMAT_VERSION = 5  # 2: the forensic channel; 3: named statistics, flagged generators, calibration rows;
+# 4: the semantic distance is the largest standardised deviation (its sketches mean another thing);
+# 5: held-out images' softened copies, the content channels' calibration per softness level
 METADATA_KEY = "anchorscan"
+ROW_TENSORS = (
+    "calibration.keys",
+    "calibration.features",
+    "calibration.softened_keys",
+    "calibration.softened_features",
+)
 
 
 class AnchorFileError(UserError, ValueError):
@@ -82,6 +96,10 @@ def anchor_to_bytes(anchor: Anchor, projection: np.ndarray | None = None) -> byt
     if anchor.calibration_rows is not None:
         tensors["calibration.keys"] = anchor.calibration_rows.keys
         tensors["calibration.features"] = anchor.calibration_rows.features
+        softened = anchor.calibration_rows.softened
+        if softened is not None:
+            tensors["calibration.softened_keys"] = softened.keys
+            tensors["calibration.softened_features"] = softened.features
     metadata = {
         "config": dataclasses.asdict(anchor.config),
         **anchor.summary,
@@ -159,7 +177,7 @@ def check_contents(tensors: dict[str, np.ndarray], metadata: dict, what: str) ->
     if "projection" in tensors:
         check_array(f"{what}: projection", tensors["projection"], (None, None), error)
     known = {f"moments.{name}.{part}" for name in widths for part in ("mean", "m2")}
-    known |= {"projection", "calibration.keys", "calibration.features"}
+    known |= {"projection", *ROW_TENSORS}
     known |= {f"calibration.{component}" for component in _components(flagged)}
     check(not set(tensors) - known, error, f"{what}: unexpected tensors {sorted(set(tensors) - known)}")
 
@@ -206,6 +224,30 @@ def check_calibration(tensors, metadata, spec: FeatureSpec, flagged, error, what
             error,
             f"{what}: {len(keys)} calibration rows for n_calibration {n_calibration}",
         )
+    if "calibration.softened_keys" in tensors or "calibration.softened_features" in tensors:
+        check(
+            "calibration.softened_keys" in tensors
+            and "calibration.softened_features" in tensors
+            and "calibration.keys" in tensors,
+            error,
+            f"{what}: softened calibration keys and features must come together, with the calibration rows",
+        )
+        keys = check_array(
+            f"{what}: calibration.softened_keys", tensors["calibration.softened_keys"], (None,), error
+        )
+        check(
+            keys.dtype == np.uint64 and len(np.unique(keys)) == len(keys) and len(keys) <= MAX_SOFTENED_ROWS,
+            error,
+            f"{what}: softened calibration keys repeat or exceed {MAX_SOFTENED_ROWS}",
+        )
+        levels = len(metadata["forensic_level_names"]) - 1
+        check(levels > 0, error, f"{what}: softened calibration rows without softness levels")
+        check_array(
+            f"{what}: calibration.softened_features",
+            tensors["calibration.softened_features"],
+            (len(keys), levels * spec.dim),
+            error,
+        )
 
 
 def check_scores_finite(anchor: Anchor) -> None:
@@ -217,6 +259,9 @@ def check_scores_finite(anchor: Anchor) -> None:
         probe = np.vstack([probe, anchor.calibration_rows.features[:16]])
     with np.errstate(all="ignore"):  # the overflow is what this finds out, not a warning to print
         scores = anchor.assess(probe)
+        levels = anchor.level_calibration or {}
+    if not all(np.isfinite(s).all() for sketches, _ in levels.values() for s in sketches.values()):
+        raise ValueError("its softened calibration rows do not score finitely (NaN or infinity)")
     if not all(np.isfinite(scores[name]).all() for name in ("score", "semantic", "statistical", "forensic")):
         raise ValueError("its models do not score finitely (NaN or infinity)")
 
@@ -226,8 +271,13 @@ def anchor_from_bytes(data: bytes, source: str | None = None) -> tuple[Anchor, d
     tensors, metadata = verified_contents(data, source)
     spec = FeatureSpec.from_dict(metadata)
     statistics = statistics_from_tensors(tensors, metadata["moments"])
+    softened = (
+        CalibrationRows(tensors["calibration.softened_keys"], tensors["calibration.softened_features"])
+        if "calibration.softened_keys" in tensors
+        else None
+    )
     rows = (
-        CalibrationRows(tensors["calibration.keys"], tensors["calibration.features"])
+        CalibrationRows(tensors["calibration.keys"], tensors["calibration.features"], softened)
         if "calibration.keys" in tensors
         else None
     )
@@ -245,8 +295,7 @@ def anchor_from_bytes(data: bytes, source: str | None = None) -> tuple[Anchor, d
             {
                 name[len("calibration.") :]: tensor
                 for name, tensor in tensors.items()
-                if name.startswith("calibration.")
-                and name not in ("calibration.keys", "calibration.features")
+                if name.startswith("calibration.") and name not in ROW_TENSORS
             },
             metadata["n_calibration"],
             flagged,

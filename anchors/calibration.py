@@ -153,6 +153,9 @@ def holds_out(uri: str, fraction: float, group: str | None = None, phash: str = 
 # a uniform sample of the held-out slice that merges exactly (the smallest keys of a union are
 # the smallest of the parts' smallest).
 MAX_CALIBRATION_ROWS = 4096
+# Held-out images whose softened copies an anchor keeps (docs/METHOD.md §5.4): each is nine
+# rows, and the alarms' calibration per softness level needs a few hundred, not thousands.
+MAX_SOFTENED_ROWS = 256
 MIN_CALIBRATION = 5  # fewer held-out images cannot calibrate a p-value
 # A lineage entry recording an `anchorscan calibrate` run (when, on how many images, how many
 # distinct, forced or not), apart from the statistics ids the rest of a lineage holds.
@@ -199,15 +202,19 @@ def uri_key(uri: str) -> int:
 
 class CalibrationRows:
     """Feature rows of held-out real images with their URI keys, at most ``MAX_CALIBRATION_ROWS``
-    (the smallest keys); a key seen twice is one image and is kept once."""
+    (the smallest keys); a key seen twice is one image and is kept once. ``softened``: rows of
+    held-out images' softened copies (each row every softness level's full feature row after
+    "sharp", side by side), at most ``MAX_SOFTENED_ROWS``, the smallest keys of those that have
+    them; None where fitting made none."""
 
-    __slots__ = ("features", "keys")
+    __slots__ = ("features", "keys", "softened")
 
-    def __init__(self, keys, features):
+    def __init__(self, keys, features, softened: CalibrationRows | None = None):
         self.keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
         self.features = np.atleast_2d(np.asarray(features))
         if len(self.keys) != len(self.features):
             raise ValueError(f"{len(self.keys)} keys for {len(self.features)} calibration rows")
+        self.softened = softened if softened is not None and len(softened) else None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -220,4 +227,9 @@ class CalibrationRows:
         keys = np.concatenate([part.keys for part in parts])
         features = np.concatenate([part.features for part in parts])
         keys, first = np.unique(keys, return_index=True)  # sorted, one row per key
-        return cls(keys[:limit], features[first[:limit]])
+        softened = [part.softened for part in parts if part.softened is not None]
+        return cls(
+            keys[:limit],
+            features[first[:limit]],
+            cls.merged(softened, MAX_SOFTENED_ROWS) if softened else None,
+        )

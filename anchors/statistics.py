@@ -11,7 +11,13 @@ import dataclasses
 
 import numpy as np
 
-from anchorscan.anchors.calibration import MAX_CALIBRATION_ROWS, CalibrationRows, holds_out, uri_key
+from anchorscan.anchors.calibration import (
+    MAX_CALIBRATION_ROWS,
+    MAX_SOFTENED_ROWS,
+    CalibrationRows,
+    holds_out,
+    uri_key,
+)
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.stats import BufferedMoments, Moments
 
@@ -35,12 +41,16 @@ class StatisticsLayout:
     """Which columns of an embedded row feed which named statistic (``slices``: name, start,
     stop), and the rule that sends a row to calibration instead (its first
     ``calibration_width`` columns kept). A statistic named in ``optional`` takes only the rows
-    that have its columns (NaN where fitting did not simulate a softness level)."""
+    that have its columns (NaN where fitting did not simulate a softness level).
+    ``softened_copies``: (backbone width, forensic width, levels) of fit's rows, whose
+    held-out images may carry their softened copies' backbone features after the forensic
+    levels (docs/METHOD.md §5.4); None where no rows do."""
 
     slices: tuple[tuple[str, int, int], ...]
     hold_out: HoldOut | None = None
     calibration_width: int = 0
     optional: tuple[str, ...] = ()
+    softened_copies: tuple[int, int, int] | None = None
 
     @classmethod
     def for_anchor(
@@ -54,7 +64,29 @@ class StatisticsLayout:
             for j, name in enumerate(level_names)
         )
         softened = tuple(name for name, _, _ in levels[1:])
-        return cls((("backbone", 0, split), *levels), hold_out, spec.dim, softened)
+        copies = (split, width, len(level_names))
+        return cls((("backbone", 0, split), *levels), hold_out, spec.dim, softened, copies)
+
+    def softened_row(self, row: np.ndarray) -> np.ndarray | None:
+        """A held-out row's softened copies as full feature rows ([backbone ; forensic] per
+        level after "sharp", side by side), or None where the row carries none."""
+        if self.softened_copies is None:
+            return None
+        split, width, levels = self.softened_copies
+        start = split + levels * width
+        if len(row) < start + (levels - 1) * split:
+            return None
+        copies = [
+            np.concatenate(
+                [
+                    row[start + (j - 1) * split : start + j * split],
+                    row[split + j * width : split + (j + 1) * width],
+                ]
+            )
+            for j in range(1, levels)
+        ]
+        joined = np.concatenate(copies)
+        return joined if np.isfinite(joined).all() else None
 
     @classmethod
     def whole(cls, name: str, width: int) -> StatisticsLayout:
@@ -76,7 +108,7 @@ class StatisticsAccumulator:
     batches (``BufferedMoments``); held-out rows are kept while they may be among the smallest
     keys. Merging never mutates the other accumulator."""
 
-    __slots__ = ("_keys", "_rows", "layout", "moments")
+    __slots__ = ("_keys", "_rows", "_softened", "layout", "moments")
 
     def __init__(self, layout: StatisticsLayout, batch_size: int = 256):
         self.layout = layout
@@ -85,6 +117,7 @@ class StatisticsAccumulator:
         }
         self._keys: list[np.ndarray] = []
         self._rows: list[np.ndarray] = []
+        self._softened: list[CalibrationRows] = []
 
     def add(self, uri: str, row: np.ndarray, phash: str = "") -> StatisticsAccumulator:
         row = np.asarray(row)
@@ -92,7 +125,10 @@ class StatisticsAccumulator:
         if hold_out is not None and hold_out.holds(uri, phash):
             self._keys.append(np.array([uri_key(uri)], dtype=np.uint64))
             self._rows.append(row[None, : self.layout.calibration_width])
-            if len(self._keys) >= 2 * MAX_CALIBRATION_ROWS:
+            copies = self.layout.softened_row(row)
+            if copies is not None:
+                self._softened.append(CalibrationRows(self._keys[-1], copies[None, :]))
+            if len(self._keys) >= 2 * MAX_CALIBRATION_ROWS or len(self._softened) >= 2 * MAX_SOFTENED_ROWS:
                 self._trim()
             return self
         optional = self.layout.optional
@@ -108,6 +144,7 @@ class StatisticsAccumulator:
             moments.moments.merge(other.moments[name].value())
         self._keys += other._keys
         self._rows += other._rows
+        self._softened += other._softened
         self._trim()
         return self
 
@@ -123,12 +160,14 @@ class StatisticsAccumulator:
             return
         rows = self.held_out()
         self._keys, self._rows = [rows.keys], [rows.features]
+        self._softened = [rows.softened] if rows.softened is not None else []
 
     def held_out(self) -> CalibrationRows:
         if not self._keys:
             return CalibrationRows([], np.zeros((0, self.layout.calibration_width)))
+        softened = CalibrationRows.merged(self._softened, MAX_SOFTENED_ROWS) if self._softened else None
         return CalibrationRows.merged(
-            [CalibrationRows(np.concatenate(self._keys), np.concatenate(self._rows))]
+            [CalibrationRows(np.concatenate(self._keys), np.concatenate(self._rows), softened)]
         )
 
     def result(self) -> Statistics:
@@ -153,4 +192,5 @@ class StatisticsAccumulator:
             accumulator.moments[name].moments = value
         if len(held):
             accumulator._keys, accumulator._rows = [held.keys], [held.features]
+            accumulator._softened = [held.softened] if held.softened is not None else []
         return accumulator

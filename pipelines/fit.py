@@ -6,7 +6,14 @@ import time
 
 import apache_beam as beam
 
-from anchorscan.anchors.anchor import CALIBRATION_KEYS, CHANNELS, COMBINERS, STATISTICAL_MODES, AnchorConfig
+from anchorscan.anchors.anchor import (
+    ALARM_CALIBRATIONS,
+    CALIBRATION_KEYS,
+    CHANNELS,
+    COMBINERS,
+    STATISTICAL_MODES,
+    AnchorConfig,
+)
 from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.calibration import hold_out_note
 from anchorscan.anchors.io.gcs import check_paths
@@ -35,7 +42,7 @@ from anchorscan.pipelines.options import (
     parse,
 )
 from anchorscan.transforms.chain import ImageFeatures
-from anchorscan.transforms.fitting import FitAnchor
+from anchorscan.transforms.fitting import FitAnchor, copies_hold_out
 from anchorscan.transforms.sinks import WriteErrors, cleaned_on_failure
 
 
@@ -110,6 +117,14 @@ def parser():
         "spends; it joins the score only where it fires on its own at that share",
     )
     group.add_argument(
+        "--alarm_calibration",
+        default=AnchorConfig.alarm_calibration,
+        choices=ALARM_CALIBRATIONS,
+        help="held_out: the content alarms against all held-out real images, silent at softness "
+        "levels too few of them have; per_level: against the held-out images and their softened "
+        "copies at the image's softness level (nine more forward passes per held-out image)",
+    )
+    group.add_argument(
         "--forensic_levels",
         default=AnchorConfig.forensic_levels,
         choices=sorted(LEVEL_SETS),
@@ -142,15 +157,17 @@ def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
         calibration_group=args.calibration_group,
         calibration_key=args.calibration_key,
         alarm_share=args.alarm_share,
+        alarm_calibration=args.alarm_calibration,
     )
     backbone = backbone_config(args)
     extractor = driver_extractor(backbone)  # the spec and projection the anchor records
 
     started = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=options)
-    # The forensic channel's softness levels are simulated on each real crop as it is embedded.
+    # The forensic channel's softness levels are simulated on each real crop as it is embedded
+    # (and the backbone sees the held-out ones' softened copies where the alarms need them).
     steps = chain_steps(args, options, backbone, extractor).for_fitting(
-        softened(config.forensic_levels), args.softened_images
+        softened(config.forensic_levels), args.softened_images, copies_hold_out(config)
     )
     real = pipeline | "Real" >> ImageFeatures(args.input, steps)
     _ = real.embedded | "Fit" >> FitAnchor(args.anchor, extractor.spec, config, extractor.projection)
@@ -176,6 +193,7 @@ def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
             config.fpr,
             config.alarm_share,
         ),
+        "level_calibration": metadata.get("level_calibration", {}),
         "errors": error_total(counter_totals(result)),
         "seconds": time.time() - started,
     }
@@ -194,3 +212,10 @@ def print_fit_summary(summary: dict) -> None:
     )
     if summary["calibration_note"]:
         print(f"calibration {summary['calibration_note']}")
+    if summary.get("level_calibration"):
+        counts = ", ".join(f"{level} {n}" for level, n in summary["level_calibration"].items())
+        print(
+            f"levels      the alarms are calibrated per softness level, each on its held-out images and "
+            f"softened copies (ranks reach 1/(n + 1), the tail model below): {counts}; a level "
+            "missing here leaves them silent"
+        )

@@ -27,7 +27,7 @@ from anchorscan.pipelines.options import (
     parse,
 )
 from anchorscan.transforms.chain import ImageFeatures
-from anchorscan.transforms.fitting import LoadAnchor, UpdateAnchor, WriteRefused
+from anchorscan.transforms.fitting import LoadAnchor, UpdateAnchor, WriteRefused, copies_hold_out
 from anchorscan.transforms.sinks import WriteErrors, cleaned_on_failure
 
 
@@ -86,7 +86,9 @@ def run(argv=None, test_pipeline=None) -> dict:
     pipeline = test_pipeline or beam.Pipeline(options=options)
     anchor = pipeline | "Anchor" >> LoadAnchor(args.anchor)
     steps = chain_steps(args, options, backbone, extractor).for_fitting(
-        softened(config.forensic_levels), args.softened_images
+        softened(config.forensic_levels),
+        args.softened_images,
+        copies_hold_out(config) if args.trusted else None,
     )
     real = pipeline | "Real" >> ImageFeatures(args.input, steps)
     _, refused = real.embedded | "Update" >> UpdateAnchor(

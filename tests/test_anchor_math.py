@@ -414,6 +414,53 @@ def test_alarms_stay_silent_at_softness_levels_the_held_out_images_do_not_hold()
     assert anchor.assess(far_content, combine="tippett")["is_suspect"].all()
 
 
+def test_content_alarms_are_calibrated_per_softness_level_on_softened_held_out_copies():
+    """Where the anchor keeps the held-out images' softened copies, an alarm at a soft level is
+    calibrated on the real copies at that level (docs/METHOD.md §5.4): if softening moves real
+    photos far in semantic space, an image at that level just as far is not flagged, and one
+    farther is (by the semantic alarm); at the sharp level the same shift is flagged."""
+    from anchorscan.anchors.calibration import CalibrationRows
+    from anchorscan.anchors.forensic import ForensicModel
+
+    spec = synthetic_spec(6, 4)
+    rows = with_forensic(sample(6, 4, n=400, seed=21))
+    fitted, held = rows[:300], rows[300:]
+    scale = fitted[:, :6].std(axis=0)
+    soft_pixels = fitted[:, spec.d_backbone :] + 50.0
+    forensic = ForensicModel(
+        ("sharp", "blur1.0"), [Moments.of(fitted[:, spec.d_backbone :]), Moments.of(soft_pixels)]
+    )
+    copies = held.copy()
+    copies[:, :6] += 30.0 * scale  # softening moves every real photo 30 sd in content
+    copies[:, spec.d_backbone :] += 50.0
+    keys = np.arange(len(held))
+    calibration = CalibrationRows(keys, held, CalibrationRows(keys, copies))
+    moments = Moments.of(fitted[:, : spec.d_backbone])
+    per_level = AnchorConfig(alarm_calibration="per_level")
+    anchor = Anchor.uncalibrated(spec, moments, forensic, per_level).calibrated_on(calibration)
+    assert sorted(anchor.level_calibration) == [0, 1] and anchor.alarm_levels.all()
+    assert anchor.level_calibration[1][1] == len(held)  # each photo once at its level
+    assert anchor.summary["level_calibration"] == {"sharp": len(held), "blur1.0": len(held)}
+    # the default keeps round 4's rule whatever the anchor keeps: silent where no held-out photo is
+    default = Anchor.uncalibrated(spec, moments, forensic, AnchorConfig()).calibrated_on(calibration)
+    assert default.level_calibration is None and default.alarm_levels.tolist() == [True, False]
+
+    probe = np.vstack([rows[:1]] * 3)  # a fitted photo: near the mean in content and pixels
+    probe[:, spec.d_backbone :] += 50.0  # all three at the soft level
+    probe[0, :6] += 30.0 * scale  # as far as the softened real copies
+    probe[1, :6] += 300.0 * scale  # ten times farther: p from the level's tail model (ranks stop at 1/101)
+    sharp = rows[:1].copy()
+    sharp[0, :6] += 30.0 * scale  # the first one's content at the sharp level
+    result = anchor.assess(np.vstack([probe[:2], sharp]))
+    assert result["softness"].tolist() == ["blur1.0", "blur1.0", "sharp"]
+    assert (
+        result["p_semantic"][0] > 0.01 and result["p_semantic"][1] < 1e-6 and result["p_semantic"][2] < 1e-6
+    )
+    assert result["is_suspect"].tolist() == [False, True, True]
+    assert result["component"][1] in ("semantic", "statistical")
+    assert not default.assess(probe[1:2])["is_suspect"][0]  # silent there: the forensic channel decides
+
+
 def test_the_hold_out_each_channel_needs_to_decide_on_measured_ranks():
     from anchorscan.anchors.calibration import decision_rates, hold_out_note, smallest_hold_out
 

@@ -116,6 +116,7 @@ FLAGS = {
         "--forensic_levels",
         "--calibration_key",
         "--alarm_share",
+        "--alarm_calibration",
         "--softened_images",
     }
     | FEATURES

@@ -205,8 +205,9 @@ def test_unsampled_rows_get_nan_levels_and_sampled_rows_the_full_computation():
 
 def test_the_model_handler_pools_each_images_tiles_and_embeds_its_centre_crop():
     from anchorscan.anchors.models.features import BackboneConfig
+    from anchorscan.anchors.models.forensic import soften
     from anchorscan.anchors.softness import softened
-    from anchorscan.transforms.inference import FeatureModelHandler
+    from anchorscan.transforms.inference import SOFTEN, SOFTEN_AND_EMBED, FeatureModelHandler
 
     config = BackboneConfig("efficientnet-lite0", runtime="torch")
     extractor = config.build()
@@ -214,7 +215,8 @@ def test_the_model_handler_pools_each_images_tiles_and_embeds_its_centre_crop():
     large, small = (rng.integers(0, 256, (count, 224, 224, 3), dtype=np.uint8) for count in (5, 1))
     levels = softened("softness_path")[:2]
     handler = FeatureModelHandler(config, softened=levels)
-    (large_row, _), (small_row, _) = handler.run_inference([(large, True), (small, False)], extractor)
+    batch = [(large, SOFTEN), (small, 0), (small, SOFTEN_AND_EMBED)]
+    (large_row, _), (small_row, _), (held_row, _) = handler.run_inference(batch, extractor)
     d, width = extractor.spec.d_backbone, extractor.spec.d_forensic
     centres = torch.from_numpy(np.stack([large[0], small[0]]))
     np.testing.assert_allclose(
@@ -225,3 +227,10 @@ def test_the_model_handler_pools_each_images_tiles_and_embeds_its_centre_crop():
     assert not np.allclose(large_row[d : d + width], extractor.forensic_features(centres[:1])[0])
     np.testing.assert_array_equal(small_row[d : d + width], extractor.forensic_features(centres[1:])[0])
     assert np.isnan(small_row[d + width :]).all()  # not chosen for softening
+    # a held-out image: its softened copies' backbone features after the rest, one per level
+    assert len(large_row) == len(small_row) == d + (1 + len(levels)) * width
+    np.testing.assert_array_equal(held_row[: len(small_row)][: d + width], small_row[: d + width])
+    copies = held_row[d + (1 + len(levels)) * width :].reshape(len(levels), d)
+    for copy, how in zip(copies, levels):
+        expected = extractor.backbone_features(soften(centres[1:], how))[0][0]
+        np.testing.assert_allclose(copy, expected, rtol=1e-5, atol=1e-5)  # batched alike but for float sums

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from anchorscan.anchors.anchor_file import read_metadata
-from anchorscan.anchors.calibration import holds_out
+from anchorscan.anchors.anchor_file import read_metadata, verified_contents
+from anchorscan.anchors.calibration import holds_out, uri_key
 from anchorscan.pipelines import fit, score, stream, update
 from anchorscan.pipelines.cli import main
 from anchorscan.transforms.inference import softening_chosen
@@ -34,6 +34,22 @@ def moments_counts(path) -> dict:
     return read_metadata(path.read_bytes())["moments"]
 
 
+def expected_softened_keys(paths: list[str], sample: int) -> set[int]:
+    """The held-out images whose softness levels are simulated: fit embeds their softened
+    copies with the backbone too (docs/METHOD.md §5.4)."""
+    held = [path for path in paths if holds_out(path, FRACTION, HOLD_OUT_BY_NAME[1])]
+    return {uri_key(path) for path in held if softening_chosen(Listed(path), len(paths), sample)}
+
+
+def softened_keys(path) -> set[int]:
+    tensors, metadata = verified_contents(path.read_bytes())
+    assert metadata["format_version"] == 5
+    keys = tensors["calibration.softened_keys"]
+    levels = len(metadata["forensic_level_names"]) - 1
+    assert tensors["calibration.softened_features"].shape == (len(keys), levels * metadata["d"])
+    return set(keys.tolist())
+
+
 def assert_levels_sampled(counts: dict, backbone: int, softened: int) -> None:
     assert counts["backbone"] == counts["forensic.sharp"] == backbone
     levels = [name for name in counts if name.startswith("forensic.") and name != "forensic.sharp"]
@@ -44,7 +60,8 @@ def assert_levels_sampled(counts: dict, backbone: int, softened: int) -> None:
 def sampled_anchor(real_photos, tmp_path_factory):
     anchor = tmp_path_factory.mktemp("sampled") / "anchor.safetensors"
     argv = ["--input", str(real_photos), "--anchor", str(anchor), "--calibration_fraction", str(FRACTION)]
-    fit.run([*argv, *HOLD_OUT_BY_NAME, "--softened_images", str(SAMPLE), *RUNNER])
+    per_level = ["--alarm_calibration", "per_level"]  # the held-out images' copies are embedded
+    fit.run([*argv, *HOLD_OUT_BY_NAME, "--softened_images", str(SAMPLE), *per_level, *RUNNER])
     return anchor
 
 
@@ -53,12 +70,18 @@ def test_fit_samples_the_softened_levels_as_its_rule_says(sampled_anchor, real_p
     fitted, chosen = expected_counts(paths, SAMPLE)
     assert 0 < chosen < fitted  # the sample is crossed: the case this module is about
     assert_levels_sampled(moments_counts(sampled_anchor), fitted, chosen)
+    # the held-out images in the sample, and only they, keep their softened copies
+    kept = softened_keys(sampled_anchor)
+    assert kept == expected_softened_keys(paths, SAMPLE) and kept
 
 
 def test_info_and_score_read_a_sampled_anchor_and_its_backbone_channels_are_unchanged(
     sampled_anchor, fitted_anchor, real_photos, tmp_path
 ):
     assert main(["info", str(sampled_anchor)]) == 0
+    # by default no copy is embedded: the alarms keep round 4's rule (docs/QUALITY.md, round 5)
+    assert "calibration.softened_keys" not in verified_contents(fitted_anchor[0].read_bytes())[0]
+    assert read_metadata(sampled_anchor.read_bytes())["level_calibration"]
     rows = {}
     for name, anchor in (("sampled", sampled_anchor), ("full", fitted_anchor[0])):
         prefix = tmp_path / name
@@ -99,12 +122,16 @@ def test_update_export_delta_merge_and_calibrate_on_a_sampled_anchor(sampled_anc
         moments_counts(updated), before["backbone"] + fitted, before["forensic.blur0.4"] + chosen
     )
     assert main(["info", str(updated)]) == 0
+    # trusted images are held out as fit holds out: their sampled copies join the kept ones
+    grown = softened_keys(updated)
+    assert grown == softened_keys(sampled_anchor) | expected_softened_keys(paths, SAMPLE)
 
     delta, merged = tmp_path / "site.delta", tmp_path / "merged.safetensors"
     export = ["export-delta", "--anchor", str(updated), "--since", str(sampled_anchor)]
     assert main([*export, "--output", str(delta), "--min_count", "3"]) == 0
     assert main(["merge", str(sampled_anchor), str(delta), "--output", str(merged)]) == 0
     assert moments_counts(merged) == moments_counts(updated)  # a delta merges exactly
+    assert softened_keys(merged) == softened_keys(sampled_anchor)  # a delta holds no calibration
 
     calibrated = tmp_path / "calibrated.safetensors"
     argv = ["calibrate", "--anchor", str(merged), "--input", str(more), "--output", str(calibrated)]

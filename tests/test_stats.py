@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anchorscan.anchors.calibration import MAX_CALIBRATION_ROWS, uri_key
+from anchorscan.anchors.calibration import MAX_CALIBRATION_ROWS, MAX_SOFTENED_ROWS, uri_key
 from anchorscan.anchors.statistics import HoldOut, StatisticsLayout
 from anchorscan.anchors.stats import BufferedMoments, Moments
 from anchorscan.transforms.statistics import StatisticsCombineFn
@@ -241,3 +241,55 @@ def test_an_optional_statistic_takes_only_the_rows_that_have_its_columns():
     result = fn.extract_output(fn_with_rows(fn, [(Meta(f"{i}"), (row, 1.0)) for i, row in enumerate(data)]))
     assert_same_moments(result.moments["backbone"], Moments.of(data[:, :2]))
     assert_same_moments(result.moments["forensic.soft"], Moments.of(data[sampled, 2:]))
+
+
+# Fit's rows: a backbone of 4, two forensic levels of 2, then (held-out images in the softening
+# sample only) the soft level's backbone copy of 4.
+SOFTENED_LAYOUT = StatisticsLayout(
+    (("backbone", 0, 4), ("forensic.sharp", 4, 6), ("forensic.soft", 6, 8)),
+    HoldOut(0.6),
+    6,
+    ("forensic.soft",),
+    (4, 2, 2),
+)
+
+
+def with_copies(n: int, seed: int):
+    """Rows of which every other one carries its softened copy's backbone columns."""
+    data = rows(n, 12, seed)
+    return [
+        (Meta(f"img/{seed}-{i}.png"), (row if i % 2 == 0 else row[:8], 20.0)) for i, row in enumerate(data)
+    ]
+
+
+def softened_oracle(data):
+    """The held-out rows that carry copies, smallest keys first (at most MAX_SOFTENED_ROWS), as
+    full rows of the soft level: [its backbone copy ; its forensic level]."""
+    chosen = [
+        (uri_key(meta.uri), np.r_[vector[8:12], vector[6:8]])
+        for meta, (vector, _) in data
+        if len(vector) == 12 and SOFTENED_LAYOUT.hold_out.holds(meta.uri)
+    ]
+    chosen.sort(key=lambda pair: pair[0])
+    chosen = chosen[:MAX_SOFTENED_ROWS]
+    return np.array([key for key, _ in chosen], dtype=np.uint64), np.stack([row for _, row in chosen])
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2, 3), (3, 2, 1, 0), (2, 0, 3, 1)])
+@pytest.mark.parametrize("coded", [False, True])
+@pytest.mark.parametrize("n", [120, 1400])  # 1,400: more held-out copies than an anchor keeps
+def test_softened_copies_of_held_out_rows_are_the_smallest_keys_in_any_merge_order(order, coded, n):
+    data = with_copies(n, seed=9)
+    fn = StatisticsCombineFn(SOFTENED_LAYOUT, batch_size=16)
+    coder = fn.get_accumulator_coder()
+    parts = []
+    for part in np.array_split(np.arange(n), [n // 7, n // 3, n // 2]):
+        accumulator = fn_with_rows(fn, [data[i] for i in part])
+        parts.append(coder.decode(coder.encode(accumulator)) if coded else accumulator)
+    result = fn.extract_output(fn.merge_accumulators(parts[i] for i in order))
+    keys, features = softened_oracle(data)
+    assert np.array_equal(result.held_out.softened.keys, keys)
+    np.testing.assert_array_equal(result.held_out.softened.features, features)
+    assert (len(keys) == MAX_SOFTENED_ROWS) == (n > 1000)
+    # the calibration rows and the moments are as without copies
+    assert_same_statistics(result, [(meta, (vector[:8], p)) for meta, (vector, p) in data], SOFTENED_LAYOUT)

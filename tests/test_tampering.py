@@ -7,6 +7,7 @@ scores every image with finite numbers. Signatures are what tell a forger from a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -24,6 +25,7 @@ from test_updating import CONFIG, SPEC, D, fake, real, unit
 from anchorscan.anchors import checked_file
 from anchorscan.anchors.anchor_file import METADATA_KEY as ANCHOR_KEY
 from anchorscan.anchors.anchor_file import anchor_from_bytes, anchor_to_bytes
+from anchorscan.anchors.calibration import CalibrationRows
 from anchorscan.anchors.federation import METADATA_KEY as DELTA_KEY
 from anchorscan.anchors.federation import delta_from_bytes, delta_to_bytes, export_delta, merge
 from anchorscan.pipelines.cli import main
@@ -38,12 +40,23 @@ EXAMPLES = settings(
 def files(tmp_path_factory):
     """A base anchor and one site's delta against it, as files."""
     folder = tmp_path_factory.mktemp("federation")
-    base = fit_by_hash(SPEC, *real(500, 1, "coordinator"), CONFIG)
+    base = with_softened_copies(fit_by_hash(SPEC, *real(500, 1, "coordinator"), CONFIG))
     site = update_by_hash(base, *real(300, 10, "site"))
     (folder / "base.safetensors").write_bytes(anchor_to_bytes(base))
     (folder / "site.delta").write_bytes(delta_to_bytes(export_delta(site, base)))
     probe = np.vstack([real(30, 99, "probe")[1], fake(30, 98, unit(2), 3.0)])[:, :D]
     return folder, probe
+
+
+def with_softened_copies(anchor):
+    """The anchor as `fit --alarm_calibration per_level` makes it: its held-out rows' softened
+    copies kept (here each level's copy is the photo's own row), so a forger can change them too."""
+    rows = anchor.calibration_rows
+    levels = len(anchor.forensic.level_names) - 1
+    copies = CalibrationRows(rows.keys, np.tile(rows.features, levels))
+    config = dataclasses.replace(anchor.config, alarm_calibration="per_level")
+    per_level = dataclasses.replace(anchor, config=config, calibration_rows=None)
+    return per_level.calibrated_on(CalibrationRows(rows.keys, rows.features, copies))
 
 
 def unpacked(data: bytes, key: str) -> tuple[dict, dict]:

@@ -10,6 +10,7 @@ from typing import NamedTuple
 import apache_beam as beam
 
 from anchorscan.anchors.io.sources import ReadLimits
+from anchorscan.anchors.statistics import HoldOut
 from anchorscan.transforms.decode import DecodeImages, DecodeSettings
 from anchorscan.transforms.inference import SOFTENED_IMAGES, EmbedImages, FeatureModelHandler
 from anchorscan.transforms.listing import ListInputs
@@ -27,16 +28,21 @@ class Steps:
     handler: FeatureModelHandler
     spread_samples: bool = False
     softened_images: int = SOFTENED_IMAGES
+    hold_out: HoldOut | None = None
 
-    def for_fitting(self, softened: tuple, softened_images: int = SOFTENED_IMAGES) -> Steps:
+    def for_fitting(
+        self, softened: tuple, softened_images: int = SOFTENED_IMAGES, hold_out: HoldOut | None = None
+    ) -> Steps:
         """The same steps as fitting needs them: the forensic features of these softness levels
-        too (on a sample of about ``softened_images``), and each picture's perceptual hash (the
-        hold-out groups near-duplicates)."""
+        too (on a sample of about ``softened_images``; the backbone's of those that ``hold_out``
+        sends to calibration), and each picture's perceptual hash (the hold-out groups
+        near-duplicates)."""
         return dataclasses.replace(
             self,
             decoding=dataclasses.replace(self.decoding, perceptual_hash=True),
             handler=self.handler.with_softened(softened),
             softened_images=softened_images,
+            hold_out=hold_out,
         )
 
 
@@ -61,7 +67,7 @@ class EmbedUnits(beam.PTransform):
         records, read_errors = units | "Read" >> ReadInputs(self.steps.limits, self.steps.spread_samples)
         images, decode_errors, reused = records | "Decode" >> DecodeImages(self.steps.decoding, self.previous)
         embedded, embed_errors = images | "Embed" >> EmbedImages(
-            self.steps.handler, self.count, self.steps.softened_images
+            self.steps.handler, self.count, self.steps.softened_images, self.steps.hold_out
         )
         return Features(embedded, (read_errors, decode_errors, embed_errors), reused)
 

@@ -27,13 +27,21 @@ from anchorscan.transforms.statistics import AccumulateStatistics
 REFUSED = "refused"
 
 
+def hold_out_rule(config: AnchorConfig) -> HoldOut:
+    """The configuration's hold-out rule (docs/METHOD.md §5.1)."""
+    return HoldOut(config.calibration_fraction, config.calibration_group, config.calibration_key == "phash")
+
+
+def copies_hold_out(config: AnchorConfig) -> HoldOut | None:
+    """The images whose softened copies the backbone embeds at fit time: the held-out ones,
+    where the alarms are calibrated per softness level (docs/METHOD.md §5.4); else none."""
+    return hold_out_rule(config) if config.alarm_calibration == "per_level" else None
+
+
 def anchor_layout(spec: FeatureSpec, config: AnchorConfig) -> StatisticsLayout:
     """The statistics an anchor is made of, for rows with every softness level (fit's rows),
     held out by the configuration's rule."""
-    hold_out = HoldOut(
-        config.calibration_fraction, config.calibration_group, config.calibration_key == "phash"
-    )
-    return StatisticsLayout.for_anchor(spec, level_names(config.forensic_levels), hold_out)
+    return StatisticsLayout.for_anchor(spec, level_names(config.forensic_levels), hold_out_rule(config))
 
 
 def fitted(

@@ -44,7 +44,9 @@ class FeatureModelHandler(ModelHandler[np.ndarray, tuple, FeatureExtractor]):
         self.softened = tuple(softened)
 
     def with_softened(self, softened: tuple) -> FeatureModelHandler:
-        """This handler with the forensic features of ``softened`` levels after the crop's own."""
+        """This handler with the forensic features of ``softened`` levels after the crop's own
+        (and, for the images marked SOFTEN_AND_EMBED, the softened copies' backbone features
+        after them)."""
         return FeatureModelHandler(
             self.config,
             self.expected_spec_digest,
@@ -84,13 +86,21 @@ class FeatureModelHandler(ModelHandler[np.ndarray, tuple, FeatureExtractor]):
         model: FeatureExtractor,
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[tuple]:
-        if self.softened:  # (crops, whether to simulate its softness levels), see EmbedImages
-            stacks, soften_rows = [crops for crops, _ in batch], np.array([flag for _, flag in batch])
+        embed_rows = None
+        if self.softened:  # (crops, how far to simulate its softness levels), see EmbedImages
+            stacks, marks = [crops for crops, _ in batch], np.array([mark for _, mark in batch], int)
+            soften_rows, embed_rows = marks >= SOFTEN, marks == SOFTEN_AND_EMBED
         else:
             stacks, soften_rows = list(batch), None
         owners = np.repeat(np.arange(len(stacks)), [len(crops) for crops in stacks])
-        features = model(torch.from_numpy(np.concatenate(stacks)), self.softened, soften_rows, owners)
-        return list(zip(features.vectors, features.attention_positions.tolist()))
+        features = model(
+            torch.from_numpy(np.concatenate(stacks)), self.softened, soften_rows, owners, embed_rows
+        )
+        vectors = list(features.vectors)
+        if features.softened_backbone is not None and embed_rows is not None:  # their copies' last
+            for index, copies in zip(np.flatnonzero(embed_rows), features.softened_backbone):
+                vectors[index] = np.concatenate([vectors[index], copies])
+        return list(zip(vectors, features.attention_positions.tolist()))
 
     def get_num_bytes(self, batch: Sequence) -> int:
         return sum((example[0] if self.softened else example).nbytes for example in batch)
@@ -115,6 +125,11 @@ def _failed_batch_rows(failure):
 SOFTENED_IMAGES = 1000
 
 
+# How far fitting simulates an image's softness levels: not at all, the forensic features of
+# its softened copies, or (a held-out image: docs/METHOD.md §5.4) their backbone features too.
+SOFTEN, SOFTEN_AND_EMBED = 1, 2
+
+
 def softening_chosen(meta, total: int | None, sample: int = SOFTENED_IMAGES) -> bool:
     """A deterministic sample of about ``sample`` of ``total`` images (all of them when there
     are fewer, or when the total is not known: a stream's window)."""
@@ -123,25 +138,38 @@ def softening_chosen(meta, total: int | None, sample: int = SOFTENED_IMAGES) -> 
     return uri_key(meta.uri) < sample / total * 2**64
 
 
-def _with_softening(row, total, sample):
+def _with_softening(row, total, sample, hold_out):
     meta, crop = row
-    return meta, (crop, softening_chosen(meta, total, sample))
+    if not softening_chosen(meta, total, sample):
+        return meta, (crop, 0)
+    held = hold_out is not None and hold_out.holds(meta.uri, meta.phash)
+    return meta, (crop, SOFTEN_AND_EMBED if held else SOFTEN)
 
 
 class EmbedImages(beam.PTransform):
     """(ImageMeta, crop) -> (ImageMeta, (vector, attention_positions)), and error rows for
     batches whose forward pass failed. Fitting (a handler with softened levels) simulates them
     on a sample of about ``softened_images`` of the ``count`` images listed (NaN in their
-    columns elsewhere)."""
+    columns elsewhere); those of them that ``hold_out`` sends to calibration also get their
+    softened copies' backbone features, after the rest of the row."""
 
-    def __init__(self, handler: FeatureModelHandler, count=None, softened_images: int = SOFTENED_IMAGES):
+    def __init__(
+        self,
+        handler: FeatureModelHandler,
+        count=None,
+        softened_images: int = SOFTENED_IMAGES,
+        hold_out=None,
+    ):
         super().__init__()
         self.handler, self.count, self.softened_images = handler, count, softened_images
+        self.hold_out = hold_out
 
     def expand(self, images):
         if self.handler.softened:
             total = beam.pvalue.AsSingleton(self.count) if self.count is not None else None
-            images = images | "ChooseSoftened" >> beam.Map(_with_softening, total, self.softened_images)
+            images = images | "ChooseSoftened" >> beam.Map(
+                _with_softening, total, self.softened_images, self.hold_out
+            )
         embedded, failed = images | RunInference(KeyedModelHandler(self.handler)).with_exception_handling()
         errors = failed.failed_inferences | "FailedBatchRows" >> beam.FlatMap(_failed_batch_rows)
         return embedded, errors

@@ -17,7 +17,7 @@ from anchorscan.anchors.threads import limit_blas_threads
 
 class StatisticsCoder(beam.coders.Coder):
     """Accumulator bytes as safetensors: per statistic its mean and M2, the held-out keys and
-    rows, the counts in the metadata (no pickle)."""
+    rows (and their softened copies' where kept), the counts in the metadata (no pickle)."""
 
     def __init__(self, layout: StatisticsLayout, batch_size: int):
         self.layout, self.batch_size = layout, batch_size
@@ -25,6 +25,9 @@ class StatisticsCoder(beam.coders.Coder):
     def encode(self, accumulator: StatisticsAccumulator) -> bytes:
         moments, held = accumulator.state()
         tensors = {"held.keys": held.keys, "held.rows": np.ascontiguousarray(held.features)}
+        if held.softened is not None:
+            tensors["held.softened_keys"] = held.softened.keys
+            tensors["held.softened_rows"] = np.ascontiguousarray(held.softened.features)
         for name, value in moments.items():
             tensors[f"{name}.n"] = np.array([value.n], dtype=np.int64)
             tensors[f"{name}.mean"], tensors[f"{name}.m2"] = value.mean, value.m2
@@ -38,7 +41,12 @@ class StatisticsCoder(beam.coders.Coder):
             )
             for name, _, _ in self.layout.slices
         }
-        held = CalibrationRows(tensors["held.keys"], tensors["held.rows"])
+        softened = (
+            CalibrationRows(tensors["held.softened_keys"], tensors["held.softened_rows"])
+            if "held.softened_keys" in tensors
+            else None
+        )
+        held = CalibrationRows(tensors["held.keys"], tensors["held.rows"], softened)
         return StatisticsAccumulator.from_state(self.layout, moments, held, self.batch_size)
 
     def is_deterministic(self) -> bool:

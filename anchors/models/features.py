@@ -96,6 +96,9 @@ class BackboneConfig:
 class Features:
     vectors: np.ndarray  # (B, d) float32
     attention_positions: np.ndarray  # (B,) effective number of positions, 1 / sum a_i^2
+    # the backbone features of the softened copies of the images ``embed_rows`` marked, each
+    # (levels * d_backbone,), in their order (fit time, held-out images: docs/METHOD.md §5.4)
+    softened_backbone: np.ndarray | None = None
 
 
 class FeatureModule(nn.Module):
@@ -264,15 +267,22 @@ class FeatureExtractor:
         softened: tuple = (),
         soften_rows: np.ndarray | None = None,
         owners: np.ndarray | None = None,
+        embed_rows: np.ndarray | None = None,
     ) -> Features:
         """``pixels``: (B, H, W, 3) uint8 crops; with ``owners`` (the image of each crop,
         non-decreasing), each image's crops in a row, its centre crop first and its other tiles
         after. Rows are [semantic ; statistical ; forensic] per image (and the softened copies'
-        forensic features, see ``forensic_features``); the backbone sees the centre crops."""
+        forensic features, see ``forensic_features``); the backbone sees the centre crops, and
+        for the images ``embed_rows`` marks, their centre crops softened to each of ``softened``
+        (one forward pass per level: held-out images only, so the cost is bounded)."""
         centres = pixels
         if owners is not None:
             first = np.r_[True, owners[1:] != owners[:-1]] if len(owners) else np.zeros(0, bool)
             centres = pixels[torch.from_numpy(first)]
         vectors, positions = self.backbone_features(centres)
         forensic = self.forensic_features(pixels, softened, soften_rows, owners)
-        return Features(np.concatenate([vectors, forensic], axis=1), positions)
+        copies = None
+        if softened and embed_rows is not None and np.any(embed_rows):
+            chosen = centres[torch.from_numpy(np.asarray(embed_rows, bool))]
+            copies = np.concatenate([self.backbone_features(soften(chosen, how))[0] for how in softened], 1)
+        return Features(np.concatenate([vectors, forensic], axis=1), positions, copies)
