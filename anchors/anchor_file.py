@@ -46,6 +46,7 @@ from anchorscan.anchors.validation import (
 FORMAT_VERSION = 5  # 2: the forensic channel; 3: named statistics, flagged generators, calibration rows;
 # 4: the semantic distance is the largest standardised deviation (its sketches mean another thing);
 # 5: held-out images' softened copies, the content channels' calibration per softness level
+READ_VERSIONS = (4, 5)  # a version-4 anchor is a version-5 anchor without softened copies
 METADATA_KEY = "anchorscan"
 ROW_TENSORS = (
     "calibration.keys",
@@ -113,7 +114,7 @@ def anchor_to_bytes(anchor: Anchor, projection: np.ndarray | None = None) -> byt
 def read_metadata(data: bytes, source: str | None = None) -> dict:
     """The JSON metadata alone, without reading the tensors or checking them (a run's summary of
     the file it has just written)."""
-    return checked_file.read_metadata(data, METADATA_KEY, FORMAT_VERSION, "anchor", AnchorFileError, source)
+    return checked_file.read_metadata(data, METADATA_KEY, READ_VERSIONS, "anchor", AnchorFileError, source)
 
 
 def verified_contents(data: bytes, source: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
@@ -121,7 +122,7 @@ def verified_contents(data: bytes, source: str | None = None) -> tuple[dict[str,
     an anchor's (``check_contents``); refuses truncated, tampered, forged or foreign files.
     ``source`` names the file in messages."""
     tensors, metadata = checked_file.unpack(
-        data, METADATA_KEY, FORMAT_VERSION, "anchor", AnchorFileError, source
+        data, METADATA_KEY, READ_VERSIONS, "anchor", AnchorFileError, source
     )
     check_contents(tensors, metadata, checked_file.named("anchor", source))
     return tensors, metadata

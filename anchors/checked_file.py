@@ -64,9 +64,15 @@ def named(what: str, source: str | None) -> str:
 
 
 def read_metadata(
-    data: bytes, key: str, version: int, what: str, error: type[Exception], source: str | None = None
+    data: bytes,
+    key: str,
+    version: int | tuple[int, ...],
+    what: str,
+    error: type[Exception],
+    source: str | None = None,
 ) -> dict:
-    """The JSON metadata alone, read from the header without touching the tensors."""
+    """The JSON metadata alone, read from the header without touching the tensors; ``version``
+    is the format version, or the versions, this reader takes."""
     try:
         (header_size,) = struct.unpack("<Q", data[:8])
         header = json.loads(data[8 : 8 + header_size])
@@ -77,16 +83,23 @@ def read_metadata(
         raise error(
             f"{named(what, source)}: not an anchorscan {what} file (unreadable header: {problem})"
         ) from None
-    if metadata.get("format_version") != version:
+    versions = version if isinstance(version, tuple) else (version,)
+    if metadata.get("format_version") not in versions:
         raise error(
             f"{named(what, source)}: format version {metadata.get('format_version')!r} is not supported "
-            f"(this anchorscan reads version {version}): make it again with this anchorscan"
+            f"(this anchorscan reads version {' or '.join(map(str, versions))}): make it again with this "
+            "anchorscan"
         )
     return metadata
 
 
 def unpack(
-    data: bytes, key: str, version: int, what: str, error: type[Exception], source: str | None = None
+    data: bytes,
+    key: str,
+    version: int | tuple[int, ...],
+    what: str,
+    error: type[Exception],
+    source: str | None = None,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """Tensors and metadata of a file whose checksum holds; refuses truncated, tampered or
     foreign files with ``error``."""

@@ -104,3 +104,23 @@ def test_every_file_starts_with_the_same_header(kind):
     )
     assert metadata["format_version"] == file_kind.module.FORMAT_VERSION
     assert {"anchorscan_version", "created", "checksum"} <= set(metadata)
+
+
+def test_an_anchor_of_the_previous_format_is_read_and_scores_the_same():
+    """Format 5 only added optional tensors (softened calibration copies): a version-4 anchor,
+    which has none, is read as it was written and scores exactly as the same numbers in 5."""
+    data = _anchor_bytes()
+    tensors, metadata = checked_file.unpack(
+        data, anchor_file.METADATA_KEY, anchor_file.FORMAT_VERSION, "anchor", anchor_file.AnchorFileError
+    )
+    assert not any("softened" in name for name in tensors)
+    config = {key: value for key, value in metadata["config"].items() if key != "alarm_calibration"}
+    written = ("format_version", "anchorscan_version", "created", "checksum")  # pack writes these
+    old = {key: value for key, value in metadata.items() if key not in written}
+    old = {**old, "config": config}
+    old_data = checked_file.pack(tensors, old, anchor_file.METADATA_KEY, 4)
+    assert anchor_file.read_metadata(old_data)["format_version"] == 4
+    features = _features(50, seed=3)
+    now, _ = anchor_file.anchor_from_bytes(data)
+    before, _ = anchor_file.anchor_from_bytes(old_data)
+    assert np.array_equal(now.assess(features)["score"], before.assess(features)["score"])
