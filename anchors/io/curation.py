@@ -16,7 +16,6 @@ import json
 import math
 import os
 import posixpath
-import re
 import tarfile
 import tempfile
 from collections import Counter
@@ -393,24 +392,34 @@ def sample_uids(rows: pa.Table) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
     uids, sources = [], []
     # In batches: a table's worth of Python strings at once would be most of curate's memory.
     for batch in rows.select(["uid", "url", "sha256", "uri"]).to_batches(max_chunksize=ROW_GROUP_ROWS):
-        batch_uids: list[str | None] = []
-        batch_sources: list[str | None] = []
-        for given, url, sha256, uri in zip(*(column.to_pylist() for column in batch.columns)):
-            uid: str | None
-            source: str | None
-            if given is not None and re.fullmatch(UID_PATTERN, given):
-                uid, source = given.lower(), "uid"
-            elif url:
-                uid, source = _derived_uid(url), "url"
-            elif sha256 is not None and re.fullmatch(SHA256_PATTERN, sha256):
-                uid, source = sha256[:32].lower(), "sha256"
-            else:
-                uid, source = (None, None) if uri is None else (_derived_uid(uri), "uri")
-            batch_uids.append(uid)
-            batch_sources.append(source)
+        given, url, sha256, uri = batch.columns
+        # Which rule gives each row its uid, the first that can: as masks, one per source.
+        left = np.ones(len(batch), dtype=bool)
+        rules = (
+            ("uid", pc.match_substring_regex(given, UID_PATTERN), given, pc.utf8_lower),
+            ("url", pc.greater(pc.binary_length(url), 0), url, _derived_uids),
+            (
+                "sha256",
+                pc.match_substring_regex(sha256, SHA256_PATTERN),
+                sha256,
+                lambda kept: pc.utf8_lower(pc.utf8_slice_codeunits(kept, 0, 32)),
+            ),
+            ("uri", pc.is_valid(uri), uri, _derived_uids),
+        )
+        batch_uids = np.full(len(batch), None, dtype=object)
+        batch_sources = np.full(len(batch), None, dtype=object)
+        for source, usable, values, derive in rules:
+            taken = left & pc.fill_null(usable, False).to_numpy(zero_copy_only=False)
+            batch_uids[taken] = derive(values.filter(pa.array(taken))).to_pylist()
+            batch_sources[taken] = source
+            left &= ~taken
         uids.append(pa.array(batch_uids, pa.string()))
         sources.append(pa.array(batch_sources, pa.string()))
     return pa.chunked_array(uids, pa.string()), pa.chunked_array(sources, pa.string())
+
+
+def _derived_uids(texts: pa.Array) -> pa.Array:
+    return pa.array([_derived_uid(text) for text in texts.to_pylist()], pa.string())
 
 
 def decide(
