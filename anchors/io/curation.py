@@ -295,8 +295,10 @@ class ScanRows:
 
     def buckets(self) -> Iterator[pa.Table]:
         with tempfile.TemporaryDirectory(prefix="anchorscan-curate-") as folder:
-            paths = [os.path.join(folder, f"{number}.parquet") for number in range(len(self.bucket_of))]
-            writers: dict[int, pq.ParquetWriter] = {}
+            paths = [os.path.join(folder, f"{number}.arrow") for number in range(len(self.bucket_of))]
+            # Arrow's own file format, LZ4-compressed: written and read back at memory speed.
+            options = pa.ipc.IpcWriteOptions(compression="lz4")
+            writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
             shards = pa.array(self.shards, pa.string())
             for table in self.tables:
                 for batch in _batches(table):
@@ -309,12 +311,13 @@ class ScanRows:
                     for start, end in zip(starts, [*starts[1:], len(numbers)]):
                         number = int(numbers[start])
                         if number not in writers:
-                            writers[number] = pq.ParquetWriter(paths[number], part.schema)
+                            writers[number] = pa.ipc.new_file(paths[number], part.schema, options=options)
                         writers[number].write_table(part.slice(start, end - start))
             for writer in writers.values():
                 writer.close()
             for number in sorted(writers):
-                yield pq.read_table(paths[number])
+                with pa.OSFile(paths[number]) as spilled:
+                    yield pa.ipc.open_file(spilled).read_all()
             if not writers:  # no rows: one empty bucket, for the table's schema
                 yield _part(pa.table({"uri": pa.array([], pa.string())}), False, None, self.carried)
 
@@ -343,28 +346,26 @@ class Seen:
     def first(self, high: np.ndarray, low: np.ndarray, null: np.ndarray) -> np.ndarray:
         """Whether each of these values (``high``, ``low`` halves; ``null``: which are null) is
         the first of its kind, here or before."""
-        order = np.lexsort((low, high))  # stable: equal values stay in their order
-        sorted_high, sorted_low = high[order], low[order]
-        new = np.r_[True, (sorted_high[1:] != sorted_high[:-1]) | (sorted_low[1:] != sorted_low[:-1])]
-        first = np.zeros(len(high), dtype=bool)
-        first[order[new[: len(order)]]] = True
-        # Nulls: one value, not a number.
-        nulls = np.flatnonzero(null)
-        first[nulls] = False
-        if len(nulls) and not self.null:
-            first[nulls[0]] = self.null = True
+        # In sorted order (stable: equal values stay in their order), where a search is fast.
+        order = np.lexsort((low, high))
+        high, low, null = high[order], low[order], null[order]
+        first = np.r_[True, (high[1:] != high[:-1]) | (low[1:] != low[:-1])][: len(order)] & ~null
         # Met before: the same high half (searched), then the same low half (compared).
-        left = np.searchsorted(self.high, high, "left")
-        right = np.searchsorted(self.high, high, "right")
+        left, right = np.searchsorted(self.high, high, "left"), np.searchsorted(self.high, high, "right")
         for index in np.flatnonzero((right > left) & first):
             if (self.low[left[index] : right[index]] == low[index]).any():
                 first[index] = False
-        added = first & ~null
-        merged = np.concatenate([self.high, high[added]])
-        # An already sorted run and a new one: a stable sort (timsort) merges them in linear time.
-        order = np.argsort(merged, kind="stable")
-        self.high, self.low = merged[order], np.concatenate([self.low, low[added]])[order]
-        return first
+        # A sorted run after a sorted run: a stable sort (timsort) merges them in linear time.
+        merged = np.argsort(np.concatenate([self.high, high[first]]), kind="stable")
+        self.high = np.concatenate([self.high, high[first]])[merged]
+        self.low = np.concatenate([self.low, low[first]])[merged]
+        # Nulls: one value, not a number; the first of them the first null ever met, if it is.
+        nulls = np.flatnonzero(null)
+        if len(nulls) and not self.null:
+            first[nulls[0]] = self.null = True
+        in_order = np.empty(len(order), dtype=bool)
+        in_order[order] = first
+        return in_order
 
 
 def _first_of_each_sample(rows: pa.Table) -> np.ndarray:
