@@ -307,7 +307,7 @@ class ScanRows:
                     numbers = self.bucket_of[position.to_numpy()]
                     order = np.argsort(numbers, kind="stable")
                     part, numbers = part.take(order), numbers[order]
-                    starts = np.flatnonzero(np.r_[True, numbers[1:] != numbers[:-1]]) if len(numbers) else []
+                    starts = np.flatnonzero(np.diff(numbers, prepend=-1))  # where each bucket's rows begin
                     for start, end in zip(starts, [*starts[1:], len(numbers)]):
                         number = int(numbers[start])
                         if number not in writers:
