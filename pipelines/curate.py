@@ -3,14 +3,17 @@ decision (``PREFIX-kept.parquet``), DataComp's keep-list of the kept uids (``PRE
 counts per value of --by columns (``PREFIX-by.parquet``) and, with --reshard, tar shards of the
 kept samples in img2dataset's layout (``PREFIX-00000.tar`` with ``PREFIX-00000.parquet`` and
 ``PREFIX-00000_stats.json`` ...) and their wids index (``PREFIX-shardindex.json``). The
-decisions run on the driver over Arrow tables; re-sharding is a pipeline, one task per output
-shard."""
+decisions run on the launcher a bucket of whole shards at a time, the tables streamed from their
+files (``ScanRows``): its memory is one bucket and some 50 bytes a sample, not the tables (Beam's
+local runners would hold every row between two steps); re-sharding is a pipeline, one task per
+output shard."""
 
 from __future__ import annotations
 
+import functools
+import tempfile
+
 import apache_beam as beam
-import pyarrow as pa
-import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from anchorscan.anchors.errors import UsageError
@@ -18,15 +21,15 @@ from anchorscan.anchors.io.curation import (
     REASONS,
     KeepRule,
     ReshardError,
-    breakdown,
-    check_score_table,
-    decide,
+    RowGroupWriter,
+    ScanRows,
+    TableFile,
+    Tally,
+    decide_buckets,
     indexed_samples,
-    key_array,
     npy_bytes,
     parquet_bytes,
     reshard_plan,
-    summary,
     wids_index_name,
 )
 from anchorscan.anchors.io.gcs import check_paths
@@ -119,25 +122,23 @@ def parser():
     return parser
 
 
-def read_tables(prefixes: list[str]) -> tuple[list, list, int]:
-    """(score tables, errors tables, files read) under the scan prefixes."""
-    scores: list[pa.Table] = []
-    errors: list[pa.Table] = []
-    files = 0
-    for prefix in prefixes:
-        for kind, tables in (("scores", scores), ("errors", errors)):
-            for path in matching_files(f"{prefix}-{kind}-*.parquet"):
-                with FileSystems.open(path, compression_type="uncompressed") as handle:
-                    tables.append(pq.read_table(handle))
-                if kind == "scores":
-                    check_score_table(tables[-1], path)
-                files += 1
-    if not files:
+def table_files(prefixes: list[str]) -> list[TableFile]:
+    """The score tables under the scan prefixes, then their errors tables (read later, a batch
+    at a time)."""
+    tables = [
+        TableFile(
+            path, kind == "scores", functools.partial(FileSystems.open, path, compression_type="uncompressed")
+        )
+        for kind in ("scores", "errors")
+        for prefix in prefixes
+        for path in matching_files(f"{prefix}-{kind}-*.parquet")
+    ]
+    if not tables:
         raise UsageError(
             f"--scores {prefixes[0]}: no PREFIX-scores-*.parquet or PREFIX-errors-*.parquet "
             "tables there; give the --output prefix of `anchorscan score`"
         )
-    return scores, errors, files
+    return tables
 
 
 # The exact names curate writes after its --output prefix.
@@ -159,24 +160,31 @@ def run(argv=None, test_pipeline=None) -> dict:
     outputs = Outputs(args.output, CURATION_NAMES)
     check_writable(f"{args.output}-kept.parquet", "--output")
     rule = KeepRule(args.max_score, args.drop_top, declared_ai=args.provenance == "use")
-    scores, errors, files = read_tables(args.scores)
-    decided = decide(scores, errors, rule, args.follow_anchor)
-    check_columns(args.by, decided)
-    counts = summary(decided)
+    tables = table_files(args.scores)
+    scan = ScanRows(tables, args.follow_anchor)
+    check_columns(args.by, scan.schema.names)
     table_uri, keys_uri = f"{args.output}-kept.parquet", f"{args.output}-keys.npy"
     by_uri = f"{args.output}-by.parquet" if args.by else None
-    by_table = breakdown(decided, args.by)
-    keys = key_array(decided.filter(decided["keep"]))
     # What the run reads: the tables, and the shards that re-sharding reads again.
     inputs = [f"{prefix}-{kind}-*.parquet" for prefix in args.scores for kind in ("scores", "errors")]
-    inputs += decided["shard"].drop_null().unique().to_pylist()
+    inputs += scan.shards
     with PrefixLock(args.output), outputs.writing(args.overwrite, inputs, "curation files"):
-        # The table first: re-sharding tasks read their kept keys from it.
-        write_atomically(table_uri, parquet_bytes(decided))
-        write_atomically(keys_uri, npy_bytes(keys))
+        # Decided a bucket of shards at a time, each written (to local disk) and counted as it
+        # comes; the table first: re-sharding tasks read their kept keys from it.
+        tally = Tally(args.by)
+        with tempfile.TemporaryFile(prefix="anchorscan-curate-") as spool:
+            kept_table = RowGroupWriter(spool, scan.schema)
+            for decided in decide_buckets(scan.buckets(), rule):
+                kept_table.write(decided)
+                tally.add(decided)
+            kept_table.close()
+            spool.seek(0)
+            write_atomically(table_uri, spool)
+        counts, by_table = tally.summary(), tally.breakdown()
+        write_atomically(keys_uri, npy_bytes(tally.keys()))
         if by_uri:
             write_atomically(by_uri, parquet_bytes(by_table))
-        plan = reshard_plan(decided, args.output, args.samples_per_shard) if args.reshard else []
+        plan = reshard_plan(tally.kept_per_shard, args.output, args.samples_per_shard) if args.reshard else []
         resharded = 0
         if plan:
             limits = ReadLimits(args.max_bytes, DEFAULT_READ_TIMEOUT, http_config(args))
@@ -204,7 +212,7 @@ def run(argv=None, test_pipeline=None) -> dict:
                 )
     outcome = {
         **counts,
-        "tables": files,
+        "tables": len(tables),
         "rule": rule.describe(),
         "kept_table": table_uri,
         "keys": keys_uri,
@@ -219,12 +227,11 @@ def run(argv=None, test_pipeline=None) -> dict:
     return outcome
 
 
-def check_columns(columns: list[str], decided) -> None:
+def check_columns(columns: list[str], names: list[str]) -> None:
     for column in columns:
-        if column not in decided.column_names:
+        if column not in names:
             raise UsageError(
-                f"--by {column}: the scans have no such column; their columns: "
-                f"{', '.join(decided.column_names)}"
+                f"--by {column}: the scans have no such column; their columns: {', '.join(names)}"
             )
 
 

@@ -5,6 +5,7 @@ folder, ROC curves when labels are known, and the most and least suspicious imag
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import math
@@ -23,6 +24,7 @@ from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.io.datasets import manifest
 from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.registry import source_for
+from anchorscan.anchors.io.shards import open_shard, samples, split_sample_uri
 from anchorscan.anchors.io.sources import ReadError, ReadLimits, Record, Unit
 from anchorscan.anchors.io.storage import check_writable, read_bytes, read_checked_file, write_atomically
 from anchorscan.pipelines.flags import command_parser, int_in, text
@@ -115,14 +117,55 @@ def image_bytes(uri: str) -> bytes:
     raise ReadError(f"{uri}: no image")
 
 
-def thumbnail(uri: str, size: int = 160) -> str:
+def shard_images(shard: str, uris: set[str]) -> dict[str, bytes]:
+    """The images of the samples ``uris`` of one tar shard, read in one pass over it (stopping
+    once all are met); those it does not hold, or cannot give, left out."""
+    images: dict[str, bytes] = {}
+    wanted = set(uris)
+    limits = ReadLimits()
+    with contextlib.suppress(ReadError), open_shard(shard, limits.http) as stream:
+        for sample in samples(stream, limits):
+            uri = sample.uri(shard)
+            if uri not in wanted:
+                continue
+            wanted.discard(uri)
+            with contextlib.suppress(ReadError):
+                images[uri] = sample.image().data
+            if not wanted:
+                break
+    return images
+
+
+def gallery_images(uris: list[str]) -> dict[str, bytes]:
+    """The images of ``uris`` that can still be read: the samples of a tar shard in one pass
+    over it however many of them are wanted, other images one read each."""
+    images: dict[str, bytes] = {}
+    by_shard: dict[str, set[str]] = {}
+    for uri in dict.fromkeys(uris):
+        split = split_sample_uri(uri)
+        if split is not None:
+            by_shard.setdefault(split[0], set()).add(uri)
+            continue
+        with contextlib.suppress(Exception):  # the gallery must not fail on a file that changed
+            images[uri] = image_bytes(uri)
+    for shard, wanted in by_shard.items():
+        images.update(shard_images(shard, wanted))
+    return images
+
+
+MISSING = '<div class="missing">unreadable</div>'
+
+
+def thumbnail(data: bytes | None, size: int = 160) -> str:
+    if data is None:
+        return MISSING
     try:
-        image: Image.Image = Image.open(io.BytesIO(image_bytes(uri)))
+        image: Image.Image = Image.open(io.BytesIO(data))
         image.seek(0)
         image = image.convert("RGB")
         image.thumbnail((size, size))
     except Exception:  # the gallery must not fail on a file that changed since the scan
-        return '<div class="missing">unreadable</div>'
+        return MISSING
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=85)
     return (
@@ -130,9 +173,9 @@ def thumbnail(uri: str, size: int = 160) -> str:
     )
 
 
-def gallery(rows: list[dict], title: str) -> str:
+def gallery(rows: list[dict], title: str, images: dict[str, bytes]) -> str:
     cells = "".join(
-        f'<div class="cell">{thumbnail(row["uri"])}<div>{row["score"]:.3g}'
+        f'<div class="cell">{thumbnail(images.get(row["uri"]))}<div>{row["score"]:.3g}'
         f"{' suspect' if row['is_suspect'] else ''}</div>"
         f'<div class="uri">{html.escape("/".join(row["uri"].rsplit("/", 2)[-2:]))}</div></div>'
         for row in rows
@@ -181,10 +224,9 @@ def render(
     if labels:
         parts += ["<h2>Flagged per label</h2>", flagged_table(rows, labels)]
         parts += ["<h2>ROC curves</h2>", roc_figure(rows, labels)]
-    parts += [
-        gallery(ranked[:gallery_size], "Most suspicious"),
-        gallery(ranked[::-1][:gallery_size], "Least suspicious"),
-    ]
+    most, least = ranked[:gallery_size], ranked[::-1][:gallery_size]
+    images = gallery_images([row["uri"] for row in most + least])
+    parts += [gallery(most, "Most suspicious", images), gallery(least, "Least suspicious", images)]
     return (
         f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>"

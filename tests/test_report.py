@@ -150,3 +150,45 @@ def test_every_value_a_hand_made_table_holds_is_escaped(tmp_path, capsys):
     assert "<script" not in text and "<img src=x" not in text
     for column in ("anchor_id", "head", "stage", "uri"):
         assert f"&lt;script&gt;alert(&quot;{column} 0&quot;)&lt;/script&gt;" in text, column
+
+
+def test_the_gallery_reads_each_sample_of_a_shard_once(tmp_path, monkeypatch):
+    """Thumbnails of several samples of the same shards: each shard is gone through once for all
+    of its thumbnails (each sample read once, not the shard from its start per thumbnail), and
+    every thumbnail is drawn."""
+    import collections
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from anchorscan.anchors.tables import ERROR_SCHEMA, SCORE_SCHEMA
+    from anchorscan.pipelines.cli import main
+    from shard_fixtures import write_img2dataset
+
+    written = write_img2dataset(tmp_path / "crawl", shards=2, per_shard=5)
+    uris = [uri for shard in written["shards"] for uri in written["samples"][shard]]
+    defaults = {pa.types.is_string: "", pa.types.is_boolean: False, pa.types.is_floating: 0.0}
+    defaults[pa.types.is_integer] = 0
+    columns = {
+        field.name: [next(v for kind, v in defaults.items() if kind(field.type))] * len(uris)
+        for field in SCORE_SCHEMA
+    }
+    columns.update(uri=uris, score=[float(i) for i in range(len(uris))], anchor_id=["a" * 16] * len(uris))
+    pq.write_table(pa.table(columns).cast(SCORE_SCHEMA), tmp_path / "scan-scores-00000-of-00001.parquet")
+    pq.write_table(ERROR_SCHEMA.empty_table(), tmp_path / "scan-errors-00000-of-00001.parquet")
+    reads: collections.Counter = collections.Counter()
+    streamed = report.samples
+
+    def counted(stream, limits):
+        for sample in streamed(stream, limits):
+            reads[sample.key] += 1
+            yield sample
+
+    monkeypatch.setattr(report, "samples", counted)
+    page = tmp_path / "report.html"
+    # The 4 highest and the 4 lowest scores: 8 of the 10 samples, 4 in each shard.
+    assert main(["report", "--scores", str(tmp_path / "scan"), "--output", str(page), "--gallery", "4"]) == 0
+    text = page.read_text()
+    assert text.count('alt="thumbnail"') == 8 and 'class="missing"' not in text
+    wanted = {uri.rsplit("#", 1)[1] for uri in uris[:4] + uris[-4:]}
+    assert wanted <= set(reads) and set(reads.values()) == {1}, reads

@@ -551,6 +551,84 @@ def test_a_true_duplicate_is_still_dropped_and_the_by_table_says_why(tmp_path, c
     assert not glob.glob(f"{out}2-*")
 
 
+def test_curating_a_bucket_of_shards_at_a_time_decides_as_the_whole_corpus_at_once(tmp_path, monkeypatch):
+    """curate decides a bucket of whole shards at a time (the launcher never holds the corpus):
+    the same bytes out as one bucket of everything, whatever spans buckets (a sample scored in
+    two scans, the same image or URL in shards far apart, --drop_top's highest scores)."""
+    shard = "crawl/{:05d}.tar".format
+    uris = [f"{shard(number)}#{number:05d}{index:04d}" for number in range(8) for index in range(4)]
+    images = {uri: f"image {uri}".encode() for uri in uris}
+    images[uris[29]] = images[uris[1]]  # the same bytes in shards 0 and 7
+    images[uris[30]] = images[uris[2]]  # the same bytes as a sample of shard 0 that was not read
+    scores = [float((7 * i) % 32) for i in range(len(uris))]
+    urls = [f"http://images.example/{i}.jpg" for i in range(len(uris))]
+    urls[26] = urls[5]  # the same URL (the same derived uid) in shards 1 and 6
+    # the scan's rows in no shard order; the third sample not read (an error row)
+    order = [i for i in np.random.default_rng(0).permutation(len(uris)) if i != 2]
+    table = score_rows(
+        [uris[i] for i in order],
+        images,
+        [scores[i] for i in order],
+        [False] * len(order),
+        url=[urls[i] for i in order],
+        status=["success"] * len(order),
+    )
+    write_scan(tmp_path / "a", table, error_rows([uris[2], "photos/gone.jpg"]))
+    # a second scan: shard 3 again (each sample scored twice: the first scan's rows decide) and
+    # images outside shards, the last bucket
+    again = [uri for uri in uris if uri.startswith(shard(3))] + ["photos/a.jpg", "photos/b.jpg"]
+    images.update({"photos/a.jpg": b"a", "photos/b.jpg": b"b"})
+    write_scan(tmp_path / "b", score_rows(again, images, [50.0] * 6, [True] * 6), error_rows([]))
+    sizes: list[int] = []
+    buckets = curation.ScanRows.buckets
+
+    def counted(scan):
+        for rows in buckets(scan):
+            sizes.append(len(rows))
+            yield rows
+
+    monkeypatch.setattr(curation.ScanRows, "buckets", counted)
+    outputs = {}
+    for bucket_rows in (10**9, 5):
+        monkeypatch.setattr(curation, "BUCKET_ROWS", bucket_rows)
+        out = str(tmp_path / f"cur{bucket_rows}")
+        args = ["--scores", str(tmp_path / "a"), "--scores", str(tmp_path / "b"), "--output", out]
+        outcome = curate.run([*args, "--drop_top", "0.25", "--by", "status"])
+        outputs[bucket_rows] = {
+            name: pathlib.Path(f"{out}-{name}").read_bytes()
+            for name in ("kept.parquet", "keys.npy", "by.parquet")
+        }
+        # the outcome as printed, less the output paths (the two runs write to two prefixes)
+        outputs[bucket_rows]["outcome"] = {
+            name: value for name, value in outcome.items() if name not in ("kept_table", "keys", "by_table")
+        }
+    # the shards in one bucket, the images outside shards in the last; then a shard a bucket (two
+    # would be more than 5 rows: shard 0 has an error row, shard 3 was scanned twice)
+    assert sizes == [36, 3] + [4, 4, 4, 8, 4, 4, 4, 4, 3]
+    assert outputs[5] == outputs[10**9]
+    kept = pq.read_table(str(tmp_path / "cur5-kept.parquet"))
+    dropped = dict(zip(kept["uri"].to_pylist(), kept["dropped"].to_pylist()))
+    assert (dropped[uris[2]], dropped[uris[29]], dropped[uris[30]], dropped[uris[26]]) == (
+        "unreadable",
+        "duplicate",
+        "",  # its twin was not read: no kept image to duplicate
+        "duplicate_uid",
+    )
+    assert dropped["photos/gone.jpg"] == "unreadable" and kept["uri"].to_pylist()[-3:] == [
+        "photos/a.jpg",
+        "photos/b.jpg",
+        "photos/gone.jpg",
+    ]
+    # a quarter of the 31 samples kept after the other rules (ceil 7.75), those scoring highest
+    assert outcome["dropped"]["top_fraction"] == 8
+    top = sorted(
+        (-score, uri)
+        for uri, score in zip(kept["uri"].to_pylist(), kept["score"].to_pylist())
+        if dropped[uri] in ("", "top_fraction")
+    )
+    assert {uri for _, uri in top[:8]} == {uri for uri, reason in dropped.items() if reason == "top_fraction"}
+
+
 def test_scans_made_with_different_anchors_are_refused_unless_one_is_followed(tmp_path, capsys):
     written = write_img2dataset(tmp_path / "s", shards=2, per_shard=2)
     first, second = (written["samples"][shard] for shard in written["shards"])

@@ -11,8 +11,10 @@ import hashlib
 import os
 import posixpath
 import re
+import shutil
 import tempfile
 import uuid
+from typing import BinaryIO
 
 from anchorscan.anchors.errors import (
     ENVIRONMENT_ERRNOS,
@@ -96,14 +98,18 @@ def local_copy(uri: str) -> str:
     return target
 
 
-def write_atomically(uri: str, data: bytes, mode: int = 0o666) -> None:
+def write_atomically(uri: str, data: bytes | BinaryIO, mode: int = 0o666) -> None:
     """Readers never see half a file: locally a temporary file beside ``uri`` (created with
     ``mode``, less the umask) renamed over it, removed again if anything fails; on Cloud Storage
-    one upload (objects appear whole). A full disk, a read-only file system or a permission
-    denied is an EnvironmentFailure that names ``uri``."""
+    one upload (objects appear whole). ``data``: bytes, or a binary file copied from where it
+    stands (an output too large to hold, spooled on local disk). A full disk, a read-only file
+    system or a permission denied is an EnvironmentFailure that names ``uri``."""
     if gcs.is_gcs(uri):
         with gcs.storage_errors(uri):
-            gcs.blob(uri).upload_from_string(data, timeout=gcs.TRANSFER_TIMEOUT)
+            if isinstance(data, bytes):
+                gcs.blob(uri).upload_from_string(data, timeout=gcs.TRANSFER_TIMEOUT)
+            else:
+                gcs.blob(uri).upload_from_file(data, timeout=gcs.TRANSFER_TIMEOUT)
         return
     if is_remote(uri):
         raise UnwritableOutputError(f"{uri}: outputs are local paths or gs:// URIs")
@@ -112,7 +118,10 @@ def write_atomically(uri: str, data: bytes, mode: int = 0o666) -> None:
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as handle:
-            handle.write(data)
+            if isinstance(data, bytes):
+                handle.write(data)
+            else:
+                shutil.copyfileobj(data, handle)
         os.replace(temporary, path)
     except OSError as error:
         failure = environment_failure(error, uri)
