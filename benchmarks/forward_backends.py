@@ -47,7 +47,7 @@ def main(argv=None) -> None:
         compile_seconds = time.perf_counter() - started
         compiled_rate = rate(compiled, pixels, args.seconds)
 
-    session = onnx_session(module, extractor.backbone.crop_size)
+    session = onnx_session(module, extractor.backbone.crop_size, extractor.spec.digest())
     onnx_features = session.run(None, {"pixels": pixels.numpy()})[0]
     onnx_rate = rate(lambda x: session.run(None, {"pixels": x.numpy()}), pixels, args.seconds)
 

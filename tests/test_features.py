@@ -120,6 +120,26 @@ def test_onnxruntime_gives_the_features_of_torch():
         np.testing.assert_allclose(a.attention_positions, b.attention_positions, rtol=1e-4)
 
 
+def test_an_extractor_built_again_reuses_the_export_of_the_same_features_only(monkeypatch):
+    exports, export = [], torch.onnx.export
+
+    def counted(*args, **kwargs):
+        exports.append(1)
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", counted)
+    pixels = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8))
+    first = FeatureExtractor(load_backbone(), runtime="onnxruntime", projection_seed=11)
+    again = FeatureExtractor(load_backbone(), runtime="onnxruntime", projection_seed=11)
+    assert len(exports) == 1
+    np.testing.assert_array_equal(first(pixels).vectors, again(pixels).vectors)
+    # another projection is another graph: exported again, never the last one's bytes
+    other = FeatureExtractor(load_backbone(), runtime="onnxruntime", projection_seed=12)
+    eager = FeatureExtractor(load_backbone(), runtime="torch", projection_seed=12)
+    assert len(exports) == 2
+    np.testing.assert_allclose(other(pixels).vectors, eager(pixels).vectors, rtol=1e-4, atol=1e-4)
+
+
 def test_forensic_features_run_on_one_thread_and_leave_the_thread_count(extractor, monkeypatch):
     pixels = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (4, 224, 224, 3), dtype=np.uint8))
     module, threads_seen = extractor.forensic, []

@@ -130,26 +130,38 @@ class FeatureModule(nn.Module):
         return vectors, 1.0 / (output.attention.flatten(1) ** 2).sum(dim=1)
 
 
-def onnx_session(module: FeatureModule, crop_size: int):
+# The last export's bytes, by what determines them (the features' spec digest and the crop): a
+# process that builds the same extractor again (a pipeline run after another, the local runner's
+# worker after its driver) skips the second of export's one to two core-seconds.
+_LAST_EXPORT: dict[tuple[str, int], bytes] = {}
+
+
+def onnx_session(module: FeatureModule, crop_size: int, spec_digest: str):
     """The module exported to ONNX and loaded in ONNX Runtime with torch's thread count."""
     import onnxruntime
 
-    buffer = io.BytesIO()
-    example = torch.zeros(1, crop_size, crop_size, 3, dtype=torch.uint8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes
-        torch.onnx.export(
-            module,
-            (example,),
-            buffer,  # type: ignore[arg-type]  # the exporter writes to any binary file object
-            input_names=["pixels"],
-            output_names=["vectors", "positions"],
-            dynamic_axes={"pixels": {0: "batch"}},
-            dynamo=False,
-        )
+    key = (spec_digest, crop_size)
+    model = _LAST_EXPORT.get(key)
+    if model is None:
+        buffer = io.BytesIO()
+        example = torch.zeros(1, crop_size, crop_size, 3, dtype=torch.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes
+            torch.onnx.export(
+                module,
+                (example,),
+                buffer,  # type: ignore[arg-type]  # the exporter writes to any binary file object
+                input_names=["pixels"],
+                output_names=["vectors", "positions"],
+                dynamic_axes={"pixels": {0: "batch"}},
+                dynamo=False,
+            )
+        model = buffer.getvalue()
+        _LAST_EXPORT.clear()  # one model's bytes at most (tens of MB)
+        _LAST_EXPORT[key] = model
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
-    return onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 _ONE_TORCH_THREAD = threading.Lock()
@@ -208,7 +220,11 @@ class FeatureExtractor:
                 "onnxruntime" if self.device.type == "cpu" and backbone.faster_in_onnxruntime else "torch"
             )
         self.runtime = runtime
-        self._session = onnx_session(self.module, backbone.crop_size) if runtime == "onnxruntime" else None
+        self._session = (
+            onnx_session(self.module, backbone.crop_size, self.spec.digest())
+            if runtime == "onnxruntime"
+            else None
+        )
 
     def backbone_features(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(rows of [semantic ; statistical], effective attention positions) of (B, H, W, 3)
