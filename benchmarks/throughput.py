@@ -34,6 +34,7 @@ from PIL import Image
 from anchorscan.anchors.calibration import holds_out
 from anchorscan.anchors.images import decode as preprocess
 from anchorscan.anchors.images.decode import decode_and_crop
+from anchorscan.anchors.images.provenance import declared_provenance
 from anchorscan.anchors.models.backbones import DEFAULT_BACKBONE
 from anchorscan.anchors.models.features import BackboneConfig
 from anchorscan.anchors.stats import BufferedMoments, Moments
@@ -193,6 +194,17 @@ def crop_batch(crops: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, np.
     return torch.from_numpy(centres), torch.from_numpy(np.concatenate(stacks)), owners
 
 
+def measure_provenance(paths: list[Path]) -> float:
+    """Core-seconds per image of reading what each file declares about its origin (C2PA, XMP,
+    generators' text chunks, EXIF: score's --provenance read, in the decoder processes)."""
+    contents = [path.read_bytes() for path in paths]
+    declared_provenance(contents[0])  # warm-up: the parsers' imports
+    started = time.process_time()
+    for data in contents:
+        declared_provenance(data)
+    return (time.process_time() - started) / len(contents)
+
+
 def measure_batches(step, batch: torch.Tensor, batches: int) -> tuple[float, float]:
     """(images/s, core-seconds per image: CPU time of every thread of this process) of
     ``step(batch)``, e.g. the backbone's forward pass or the forensic features."""
@@ -306,6 +318,7 @@ def measure_in_process(config: BackboneConfig, sets: dict[str, list[Path]], quic
     return {
         "forward": forward,
         "forward_cpu": forward_cpu,
+        "provenance_cpu": measure_provenance(sets["mix"]),
         "forensic": forensic,
         "forensic_cpu": forensic_cpu,
         "forensic_crops_per_image": len(tiles) / len(batch),
@@ -553,11 +566,12 @@ def report(local: dict, runs: dict, counts: dict, seconds: float) -> None:
 
     # The bound: every core busy with the per-image work and nothing else. Core-seconds per
     # image: decoding runs on one thread (its wall time), the forward pass and the forensic
-    # features on all of torch's threads (their CPU time).
+    # features on all of torch's threads (their CPU time); the provenance read (CPU time) in the decoders.
     core_seconds = {
         "decode": 1 / local["decode"],
         "forward": local["forward_cpu"],
         "forensic": local["forensic_cpu"],
+        "provenance": local["provenance_cpu"],
     }
     bound = local["cores"] / sum(core_seconds.values())
     # Core time, the cost the bound counts: the forensic pass runs on one thread by design
@@ -623,6 +637,7 @@ def report(local: dict, runs: dict, counts: dict, seconds: float) -> None:
         "forensic_crop_share_of_forward": forensic_crop_share,
         "forensic_crops_per_image": crops_per_image,
         "forensic_wall_share_of_forward": forensic_wall_share,
+        "provenance_share_of_forward": local["provenance_cpu"] / local["forward_cpu"],
         "bound_images_per_s": bound,
         "score_over_bound": runs["score"]["images_per_s"] / bound,
         "score_steady_state_over_bound": mix_marginal / bound,

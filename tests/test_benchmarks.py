@@ -24,6 +24,7 @@ REQUIRED = (
     "region_decode_max_pixel_difference",
     "forensic_share_of_forward",
     "forensic_wall_share_of_forward",
+    "provenance_share_of_forward",
     "score_over_bound",
     "score_steady_state_over_bound",
 )
