@@ -13,7 +13,9 @@ from anchorscan.anchors.io.storage import check_writable, local_copy, read_check
 from anchorscan.anchors.models.features import BackboneConfig, FeatureExtractor
 from anchorscan.anchors.softness import softened
 from anchorscan.anchors.spec import FeatureSpec
+from anchorscan.pipelines.flags import checked_flags
 from anchorscan.pipelines.options import (
+    CHAIN_BOUNDS,
     backbone_config,
     decode_processes,
     http_config,
@@ -39,6 +41,7 @@ def chain_steps(
 ) -> Steps:
     """How the chain's steps run, from a command's flags (see pipelines/options.py); the trust
     anchors of C2PA signers from a command with the provenance flags."""
+    checked_flags(CHAIN_BOUNDS, args)
     preprocessing = extractor.backbone.preprocessing
     limits = ReadLimits(
         args.max_bytes, args.read_timeout, http_config(args), args.max_shard_bytes, args.max_skip_bytes

@@ -13,7 +13,7 @@ from anchorscan.anchors.io.storage import check_writable, read_checked_file
 from anchorscan.anchors.models.features import BackboneConfig, FeatureExtractor
 from anchorscan.anchors.softness import LEVEL_SETS, softened
 from anchorscan.pipelines.common import chain_steps, driver_extractor
-from anchorscan.pipelines.flags import bounded, checked, choice_list, input_pattern, regex, text
+from anchorscan.pipelines.flags import bounded, checked_flags, choice_list, input_pattern, regex, text
 from anchorscan.pipelines.options import (
     INPUT_HELP,
     add_backbone_args,
@@ -120,22 +120,19 @@ def anchor_flags(parser) -> None:
 
 
 def anchor_config(args) -> AnchorConfig:
-    """The anchor group's settings, each bound checked as its flag's type checks it (a value
-    set without the parser, by a caller or a template, is refused in the same words)."""
+    """The anchor group's settings, each bound checked as its flag's type checks it."""
+    checked_flags(ANCHOR_BOUNDS, args)
     return AnchorConfig(
-        **checked(
-            ANCHOR_BOUNDS,
-            explained_variance=args.explained_variance,
-            fpr=args.fpr,
-            combine=args.combine,
-            statistical=args.statistical,
-            channels=args.channels,
-            forensic_levels=args.forensic_levels,
-            calibration_fraction=args.calibration_fraction,
-            calibration_group=args.calibration_group,
-            calibration_key=args.calibration_key,
-            alarm_share=args.alarm_share,
-        )
+        explained_variance=args.explained_variance,
+        fpr=args.fpr,
+        combine=args.combine,
+        statistical=args.statistical,
+        channels=args.channels,
+        forensic_levels=args.forensic_levels,
+        calibration_fraction=args.calibration_fraction,
+        calibration_group=args.calibration_group,
+        calibration_key=args.calibration_key,
+        alarm_share=args.alarm_share,
     )
 
 

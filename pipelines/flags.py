@@ -53,13 +53,18 @@ def bounded(interval: Interval):
     return parse
 
 
-def checked(bounds: dict[str, Interval], **values) -> dict:
-    """``values`` (named as their flags), each that ``bounds`` names checked by its bound: a
-    settings object built without the parser refuses a value in the words its flag's type uses
-    (a UsageError naming --NAME)."""
+def add_bounded(group, bounds: dict[str, Interval], flags: tuple[tuple[str, object, str], ...]) -> None:
+    """Flags (name, default, help) whose values ``bounds`` bound, each bound its flag's type."""
+    for name, default, help_text in flags:
+        group.add_argument(f"--{name}", type=bounded(bounds[name]), default=default, help=help_text)
+
+
+def checked_flags(bounds: dict[str, Interval], args) -> None:
+    """Each flag that ``bounds`` names, as ``args`` holds it, checked by its bound: a settings
+    object built from flags set past the parser (a caller, a template) refuses a value in the
+    words its flag's type uses (a UsageError naming --NAME)."""
     for name, interval in bounds.items():
-        interval.check(values[name], f"--{name}")
-    return values
+        interval.check(getattr(args, name), f"--{name}")
 
 
 def int_in(low: int, high: int | None = None, unit: str = ""):
@@ -77,7 +82,6 @@ positive_float = float_in(0.0)
 non_negative_float = float_in(0.0, low_open=False)
 positive_int = int_in(1)
 non_negative_int = int_in(0)
-open_fraction = float_in(0.0, 1.0, high_open=True)  # (0, 1)
 
 
 def text(value: str) -> str:

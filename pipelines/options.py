@@ -33,15 +33,15 @@ from anchorscan.anchors.models.features import PRECISIONS, RUNTIMES, BackboneCon
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.threads import CORES_MULTIPLE
 from anchorscan.pipelines.flags import (
+    add_bounded,
     bounded,
-    checked,
+    checked_flags,
     choice_list,
     input_pattern,
     int_in,
     non_negative_int,
     pem_certificates,
     perturbation_value,
-    positive_float,
     positive_int,
     text,
 )
@@ -55,6 +55,23 @@ DEFAULT_LOCAL_RUNNER = "FnApiRunner"
 # times its own cores (anchors/threads.py), with a warning.
 MAX_RESOURCE = 1024
 MAX_BATCH_SIZE = 4096
+POSITIVE_INT = Interval(int, 1, None)
+POSITIVE_SECONDS = Interval(float, 0.0, None, closed="neither")
+# The chain's bounds (the runtime and decoding groups), each stated once: their flags' types and
+# chain_steps' checks (pipelines/common.py).
+CHAIN_BOUNDS = {
+    "batch_size": Interval(int, 1, MAX_BATCH_SIZE),
+    "torch_threads": Interval(int, 0, MAX_RESOURCE),
+    "max_pixels": POSITIVE_INT,
+    "max_bytes": POSITIVE_INT,
+    "max_shard_bytes": POSITIVE_INT,
+    "max_skip_bytes": POSITIVE_INT,
+    "min_side": POSITIVE_INT,
+    "decode_timeout": POSITIVE_SECONDS,
+    "read_timeout": POSITIVE_SECONDS,
+    "decode_processes": Interval(int, 0, MAX_RESOURCE),
+    "decode_ahead": Interval(int, 0, MAX_BATCH_SIZE),
+}
 INPUT_HELP = (
     "a glob, a folder (its image files and tar shards, recursively), a tar shard or a brace "
     "pattern of shards ('shards/{00000..00099}.tar'), or a manifest (.txt one URI per "
@@ -196,13 +213,13 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--batch_size",
-        type=int_in(1, MAX_BATCH_SIZE),
+        type=bounded(CHAIN_BOUNDS["batch_size"]),
         default=DEFAULT_BATCH_SIZE,
         help="inference batch size (try 64 or more on a GPU)",
     )
     group.add_argument(
         "--torch_threads",
-        type=int_in(0, MAX_RESOURCE),
+        type=bounded(CHAIN_BOUNDS["torch_threads"]),
         default=0,
         help=f"torch threads per worker (0: the cores shared among local workers; at most "
         f"{CORES_MULTIPLE} x a worker's cores)",
@@ -214,62 +231,36 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
 
 def add_decoding_args(parser: argparse.ArgumentParser, perturbation: bool = True) -> None:
     group = parser.add_argument_group("decoding")
-    group.add_argument(
-        "--max_pixels",
-        type=positive_int,
-        default=DEFAULT_MAX_PIXELS,
-        help="images with more pixels become error rows",
+    decoding = (
+        ("max_pixels", DEFAULT_MAX_PIXELS, "images with more pixels become error rows"),
+        ("max_bytes", DEFAULT_MAX_BYTES, "files larger than this become error rows"),
+        (
+            "max_shard_bytes",
+            DEFAULT_MAX_SHARD_BYTES,
+            "bytes of a tar shard read, at most (decompressed, for .tar.gz); the rest is an error row",
+        ),
+        (
+            "max_skip_bytes",
+            DEFAULT_MAX_SKIP_BYTES,
+            "bytes of a shard's member that is not read (over --max_bytes, a link) read past, at most; "
+            "past it the rest of the shard is an error row",
+        ),
+        ("min_side", DEFAULT_MIN_SIDE, "images with a shorter side become error rows"),
+        (
+            "decode_timeout",
+            DEFAULT_DECODE_TIMEOUT,
+            "seconds one image may take to decode (its decoder is then stopped)",
+        ),
+        ("read_timeout", DEFAULT_READ_TIMEOUT, "seconds one file may take to read"),
+        (
+            "decode_processes",
+            0,
+            f"decoding processes per worker (0: one per core of a local worker; at most "
+            f"{CORES_MULTIPLE} x a worker's cores)",
+        ),
+        ("decode_ahead", 0, "images decoding ahead of the forward pass (0: one batch)"),
     )
-    group.add_argument(
-        "--max_bytes",
-        type=positive_int,
-        default=DEFAULT_MAX_BYTES,
-        help="files larger than this become error rows",
-    )
-    group.add_argument(
-        "--max_shard_bytes",
-        type=positive_int,
-        default=DEFAULT_MAX_SHARD_BYTES,
-        help="bytes of a tar shard read, at most (decompressed, for .tar.gz); the rest is an error row",
-    )
-    group.add_argument(
-        "--max_skip_bytes",
-        type=positive_int,
-        default=DEFAULT_MAX_SKIP_BYTES,
-        help="bytes of a shard's member that is not read (over --max_bytes, a link) read past, at most; "
-        "past it the rest of the shard is an error row",
-    )
-    group.add_argument(
-        "--min_side",
-        type=positive_int,
-        default=DEFAULT_MIN_SIDE,
-        help="images with a shorter side become error rows",
-    )
-    group.add_argument(
-        "--decode_timeout",
-        type=positive_float,
-        default=DEFAULT_DECODE_TIMEOUT,
-        help="seconds one image may take to decode (its decoder is then stopped)",
-    )
-    group.add_argument(
-        "--read_timeout",
-        type=positive_float,
-        default=DEFAULT_READ_TIMEOUT,
-        help="seconds one file may take to read",
-    )
-    group.add_argument(
-        "--decode_processes",
-        type=int_in(0, MAX_RESOURCE),
-        default=0,
-        help=f"decoding processes per worker (0: one per core of a local worker; at most "
-        f"{CORES_MULTIPLE} x a worker's cores)",
-    )
-    group.add_argument(
-        "--decode_ahead",
-        type=int_in(0, MAX_BATCH_SIZE),
-        default=0,
-        help="images decoding ahead of the forward pass (0: one batch)",
-    )
+    add_bounded(group, CHAIN_BOUNDS, decoding)
     if not perturbation:  # the decoding settings of a command that offers none: no perturbation
         parser.set_defaults(perturbation=None)
     else:
@@ -293,30 +284,29 @@ HTTP_BOUNDS = {
 def add_http_args(parser: argparse.ArgumentParser) -> None:
     """How http(s):// inputs (crawled manifests) are fetched; --max_bytes caps them too."""
     group = parser.add_argument_group("http(s) inputs")
-    group.add_argument(
-        "--http_timeout",
-        type=bounded(HTTP_BOUNDS["http_timeout"]),
-        default=HttpConfig.timeout,
-        help="seconds to connect, and to wait for the next bytes of a response",
+    http = (
+        (
+            "http_timeout",
+            HttpConfig.timeout,
+            "seconds to connect, and to wait for the next bytes of a response",
+        ),
+        (
+            "http_retries",
+            HttpConfig.retries,
+            "retries on 5xx, timeouts and broken connections (never on 4xx)",
+        ),
+        (
+            "http_max_per_host",
+            HttpConfig.max_per_host,
+            "requests in flight to one host from one worker process",
+        ),
+        (
+            "http_max_time",
+            HttpConfig.max_time,
+            "seconds one URI may take, all attempts and redirects together",
+        ),
     )
-    group.add_argument(
-        "--http_retries",
-        type=bounded(HTTP_BOUNDS["http_retries"]),
-        default=HttpConfig.retries,
-        help="retries on 5xx, timeouts and broken connections (never on 4xx)",
-    )
-    group.add_argument(
-        "--http_max_per_host",
-        type=bounded(HTTP_BOUNDS["http_max_per_host"]),
-        default=HttpConfig.max_per_host,
-        help="requests in flight to one host from one worker process",
-    )
-    group.add_argument(
-        "--http_max_time",
-        type=bounded(HTTP_BOUNDS["http_max_time"]),
-        default=HttpConfig.max_time,
-        help="seconds one URI may take, all attempts and redirects together",
-    )
+    add_bounded(group, HTTP_BOUNDS, http)
 
 
 def image_flag_groups(perturbation: bool = True) -> tuple:
@@ -327,7 +317,7 @@ def image_flag_groups(perturbation: bool = True) -> tuple:
 
 def http_config(args) -> HttpConfig:
     """The http group's settings, each bound checked as its flag's type checks it."""
-    checked(HTTP_BOUNDS, **{name: getattr(args, name) for name in HTTP_BOUNDS})
+    checked_flags(HTTP_BOUNDS, args)
     return HttpConfig(args.http_timeout, args.http_retries, args.http_max_per_host, args.http_max_time)
 
 

@@ -64,7 +64,7 @@ class Prepared:
     anchor: StartingAnchor
     config: AnchorConfig
     admit: str
-    threshold: float
+    threshold: float | None  # None: every image admitted
 
 
 def prepare(args, options) -> Prepared:

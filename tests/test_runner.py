@@ -9,7 +9,6 @@ import os
 import apache_beam as beam
 import pyarrow as pa
 import pytest
-from helpers import RUNNER
 
 from anchorscan.anchors.errors import UsageError
 from anchorscan.pipelines import fit
@@ -18,6 +17,7 @@ from anchorscan.pipelines.flags import text
 from anchorscan.pipelines.options import parse
 from anchorscan.pipelines.runner import BeamCommand, Guarded
 from anchorscan.transforms.sinks import OutputExistsError, Outputs
+from helpers import RUNNER
 
 # A value outside each bound of fit's anchor group, and what both sides must say of it.
 OUTSIDE = {
@@ -55,17 +55,13 @@ def test_the_fpr_bound_is_one_for_the_flag_and_the_anchor_configuration(tmp_path
         fit.anchor_config(args)
 
 
-class ToyFailure(RuntimeError):
-    pass
-
-
 WRITTEN: list[str] = []  # what the toy's failing step saw written (the in-process runner)
 
 
 def _fail_after_writing(path: str) -> None:
     WRITTEN.append(path)
     assert os.path.exists(path)
-    raise ToyFailure(f"the toy fails after writing {path}")
+    raise RuntimeError(f"the toy fails after writing {path}")
 
 
 def toy_command() -> BeamCommand:
@@ -144,3 +140,17 @@ def test_the_http_group_refuses_a_value_past_its_parser_in_its_flags_words(tmp_p
     args.http_retries = 30
     with pytest.raises(UsageError, match=r"^--http_retries must be from 0 to 20, got 30$"):
         http_config(args)
+
+
+def test_the_chain_refuses_a_value_past_its_parser_in_its_flags_words(tmp_path, capsys):
+    from anchorscan.pipelines import score
+    from anchorscan.pipelines.common import chain_steps
+
+    required = ["--input", str(tmp_path), "--anchor", "a", "--output", str(tmp_path / "scan")]
+    assert main(["score", *required, "--decode_timeout", "0"]) == 2
+    assert "argument --decode_timeout: must be above 0, got 0 (see" in capsys.readouterr().err
+
+    args, options = parse(score.parser(), required)
+    args.decode_timeout = 0
+    with pytest.raises(UsageError, match=r"^--decode_timeout must be above 0, got 0$"):
+        chain_steps(args, options, None, None)  # refused before the backbone is looked at
