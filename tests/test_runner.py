@@ -44,9 +44,9 @@ def test_a_declared_bound_says_the_same_from_the_parser_and_the_settings(name, t
     assert str(refused.value) == f"--{name} {problem}"
 
 
-def test_the_fpr_bound_is_one_for_the_flag_and_the_anchor_configuration(tmp_path):
-    """--fpr 0.5 is the largest either side takes; 0.6, refused by the flag, is refused by the
-    settings object too (the anchor configuration alone took anything below 1)."""
+def test_fits_settings_hold_the_fpr_bound_of_its_flag(tmp_path):
+    """--fpr 0.5 is the largest either side takes; 0.6, refused by the flag, is refused by fit's
+    settings too (AnchorConfig, built alone, takes anything below 1)."""
     required = ["--input", str(tmp_path), "--anchor", str(tmp_path / "a.safetensors")]
     args, _ = parse(fit.parser(), [*required, "--fpr", "0.5"])
     assert fit.anchor_config(args).fpr == 0.5
