@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import time
 
 import apache_beam as beam
 import numpy as np
@@ -23,20 +22,17 @@ from anchorscan.anchors.calibration import (
 )
 from anchorscan.anchors.errors import NotEnoughImagesError, UserError
 from anchorscan.anchors.io.storage import read_checked_file
-from anchorscan.pipelines.common import anchor_and_extractor, chain_steps
-from anchorscan.pipelines.flags import command_parser, input_pattern, text
+from anchorscan.pipelines.common import StartingAnchor, anchor_and_extractor, chain_steps
 from anchorscan.pipelines.options import (
-    INPUT_HELP,
-    add_decoding_args,
-    add_http_args,
-    add_runtime_args,
-    counter_totals,
+    add_anchor_output_args,
     error_total,
-    parse,
+    errors_table,
+    image_flag_groups,
 )
+from anchorscan.pipelines.runner import BeamCommand
 from anchorscan.transforms.chain import ImageFeatures
 from anchorscan.transforms.fitting import LoadAnchor, WriteAnchor
-from anchorscan.transforms.sinks import WriteErrors, cleaned_on_failure
+from anchorscan.transforms.sinks import WriteErrors
 
 # Fewer of your images than this leave p-values below 1 / n to the calibration's tail model.
 FEW_IMAGES = 200
@@ -57,20 +53,17 @@ class CalibrationRefused(UserError, ValueError):
     """Your images would switch detection off; the message says why and that --force overrides."""
 
 
-def parser():
-    parser = command_parser("calibrate")
-    parser.add_argument("--anchor", type=text, required=True, help="the anchor to calibrate (local or gs://)")
-    parser.add_argument(
-        "--input", type=input_pattern, action="append", required=True, help=f"your real images: {INPUT_HELP}"
+def command_flags(parser) -> None:
+    add_anchor_output_args(
+        parser,
+        "the anchor to calibrate (local or gs://)",
+        "your real images",
+        "the calibrated anchor file to write",
     )
-    parser.add_argument("--output", type=text, required=True, help="the calibrated anchor file to write")
     parser.add_argument(
         "--keep_held_out",
         action="store_true",
         help="calibrate on the anchor's own held-out images and yours together (default: yours alone)",
-    )
-    parser.add_argument(
-        "--errors", type=text, default=None, help="prefix of the errors table (default: the output's path)"
     )
     parser.add_argument(
         "--force",
@@ -78,10 +71,6 @@ def parser():
         help="calibrate even when the anchor flags most of your images or most are copies (for images "
         "you know are real; recorded in the anchor's lineage)",
     )
-    add_runtime_args(parser)
-    add_decoding_args(parser, perturbation=False)
-    add_http_args(parser)
-    return parser
 
 
 def content_row(embedded) -> tuple[int, np.ndarray]:
@@ -143,13 +132,9 @@ def cross_calibrated_share(anchor: Anchor, rows: CalibrationRows) -> float:
     return float(np.mean(shares)) if shares else float("nan")
 
 
-def run(argv=None, test_pipeline=None) -> dict:
-    args, options = parse(parser(), argv)
-    tensors, _, _, backbone, extractor = anchor_and_extractor(args)
-    started = time.time()
-    pipeline = test_pipeline or beam.Pipeline(options=options)
+def graph(pipeline, args, options, prepared: StartingAnchor) -> None:
     anchor = pipeline | "Anchor" >> LoadAnchor(args.anchor)
-    steps = chain_steps(args, options, backbone, extractor)
+    steps = chain_steps(args, options, prepared.backbone, prepared.extractor)
     steps = dataclasses.replace(steps, decoding=dataclasses.replace(steps.decoding, perceptual_hash=True))
     yours = pipeline | "Real" >> ImageFeatures(args.input, steps)
     # Every image of yours is a calibration image, each content once: none feeds a statistic.
@@ -169,29 +154,25 @@ def run(argv=None, test_pipeline=None) -> dict:
             args.keep_held_out,
             args.force,
         )
-        | "WriteAnchor" >> WriteAnchor(args.output, tensors.get("projection"))
+        | "WriteAnchor" >> WriteAnchor(args.output, prepared.tensors.get("projection"))
     )
     _ = yours.errors | WriteErrors(args.errors or args.output)
-    with cleaned_on_failure([f"{args.errors or args.output}-errors"]):
-        result = pipeline.run()
-        result.wait_until_finish()
 
+
+def summary(args, prepared: StartingAnchor, counters: dict[str, int]) -> dict:
     before, _ = anchor_from_bytes(read_checked_file(args.anchor), args.anchor)
     after, _ = anchor_from_bytes(read_checked_file(args.output), args.output)
     rows = after.calibration_rows
     assert rows is not None  # calibrated_on keeps them
-    summary = {
+    return {
         "anchor": args.output,
         "images": after.n_calibration,
         "record": after.lineage[-1],
         "fpr": after.config.fpr,
         "flagged_before": flagged_share(before, rows.features),
         "flagged_after": cross_calibrated_share(before, rows),
-        "errors": error_total(counter_totals(result)),
-        "seconds": time.time() - started,
+        "errors": error_total(counters),
     }
-    print_summary(summary)
-    return summary
 
 
 def print_summary(summary: dict) -> None:
@@ -209,3 +190,15 @@ def print_summary(summary: dict) -> None:
         f"{summary['flagged_after']:.1%} after, each half scored by the other half's calibration\n"
         f"time        {summary['seconds']:.1f} s{few}"
     )
+
+
+COMMAND = BeamCommand(
+    "calibrate",
+    (command_flags, *image_flag_groups(perturbation=False)),
+    anchor_and_extractor,
+    tables=errors_table,
+    graph=graph,
+    summary=summary,
+    printed=print_summary,
+)
+parser, run = COMMAND.parser, COMMAND.run

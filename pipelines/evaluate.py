@@ -12,7 +12,7 @@ import os
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from anchorscan.anchors.anchor import CHANNELS, COMBINERS, AnchorConfig
+from anchorscan.anchors.anchor import AnchorConfig
 from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.io.datasets import DATASETS, GENIMAGE_SPLITS, read_dataset
 from anchorscan.anchors.io.gcs import check_paths
@@ -21,11 +21,10 @@ from anchorscan.anchors.io.storage import check_writable, read_bytes, read_check
 from anchorscan.anchors.io.uris import is_remote
 from anchorscan.anchors.metrics import detection_metrics
 from anchorscan.pipelines import score
-from anchorscan.pipelines.flags import choice_list, command_parser, perturbation_list, text
+from anchorscan.pipelines.flags import command_parser, perturbation_list, text
 from anchorscan.pipelines.options import (
-    add_decoding_args,
-    add_http_args,
-    add_runtime_args,
+    add_score_choice_args,
+    image_flag_groups,
     parse,
 )
 from anchorscan.transforms.listing import files_below, read_parquet_rows
@@ -69,18 +68,7 @@ def parser():
         help="folder for metrics.csv, metrics.md, metrics.json (local or gs://)",
     )
     parser.add_argument("--split", default="val", choices=GENIMAGE_SPLITS, help="genimage: which split")
-    parser.add_argument(
-        "--channels",
-        type=choice_list(CHANNELS),
-        default=None,
-        help="comma-separated channels the anchor's score combines (default: the anchor's)",
-    )
-    parser.add_argument(
-        "--combine",
-        default=None,
-        choices=sorted(COMBINERS),
-        help="how the anchor's p-values combine (default: the anchor's)",
-    )
+    add_score_choice_args(parser, "the anchor's ", statistical=False)
     parser.add_argument(
         "--sweep",
         type=perturbation_list,
@@ -88,9 +76,8 @@ def parser():
         help="comma-separated perturbations evaluated one after another "
         "(e.g. jpeg:95,jpeg:75,blur:1); writes sweep.csv",
     )
-    add_runtime_args(parser)
-    add_decoding_args(parser)
-    add_http_args(parser)
+    for add in image_flag_groups():
+        add(parser)
     return parser
 
 
@@ -187,12 +174,11 @@ def _fmt(value) -> str:
 
 
 def score_args(args, inputs: str, prefix: str, perturbation: str | None):
-    """`score`'s flags for one pass over the dataset: evaluate's runtime and decoding flags,
-    the detector that --head names."""
+    """`score`'s flags for one pass over the dataset: those evaluate shares with score (the
+    runtime, decoding and http groups, --channels, --combine), the detector that --head names."""
     scan = score.parser().parse_args(["--input", inputs, "--anchor", args.anchor, "--output", prefix])
-    for name, value in vars(args).items():
-        if hasattr(scan, name) and name not in ("input", "output", "head"):
-            setattr(scan, name, value)
+    for name in (vars(args).keys() & vars(scan).keys()) - {"input", "output", "head"}:
+        setattr(scan, name, getattr(args, name))
     scan.perturbation = perturbation
     scan.overwrite = True  # the scores under evaluate's --output are its own, remade each run
     if args.head.startswith("anchor+"):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import time
-
-import apache_beam as beam
+import dataclasses
 
 from anchorscan.anchors.anchor import (
     ALARM_CALIBRATIONS,
@@ -16,38 +14,28 @@ from anchorscan.anchors.anchor import (
 )
 from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.calibration import hold_out_note
+from anchorscan.anchors.constraints import ALARM_SHARE, CALIBRATION_FRACTION, EXPLAINED_VARIANCE, FPR
 from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.storage import check_writable, read_checked_file
+from anchorscan.anchors.models.features import BackboneConfig, FeatureExtractor
 from anchorscan.anchors.softness import LEVEL_SETS, softened
 from anchorscan.pipelines.common import chain_steps, driver_extractor
-from anchorscan.pipelines.flags import (
-    choice_list,
-    command_parser,
-    float_in,
-    input_pattern,
-    open_fraction,
-    regex,
-    text,
-)
+from anchorscan.pipelines.flags import bounded, checked_flags, choice_list, input_pattern, regex, text
 from anchorscan.pipelines.options import (
     INPUT_HELP,
     add_backbone_args,
-    add_decoding_args,
-    add_http_args,
-    add_runtime_args,
     add_softening_arg,
     backbone_config,
-    counter_totals,
     error_total,
-    parse,
+    image_flag_groups,
 )
+from anchorscan.pipelines.runner import BeamCommand
 from anchorscan.transforms.chain import ImageFeatures
 from anchorscan.transforms.fitting import FitAnchor, copies_hold_out
-from anchorscan.transforms.sinks import WriteErrors, cleaned_on_failure
+from anchorscan.transforms.sinks import WriteErrors
 
 
-def parser():
-    parser = command_parser("fit")
+def command_flags(parser) -> None:
     parser.add_argument(
         "--input", type=input_pattern, action="append", required=True, help=f"real images: {INPUT_HELP}"
     )
@@ -57,11 +45,23 @@ def parser():
     parser.add_argument(
         "--errors", type=text, default=None, help="prefix of the errors table (default: the anchor's path)"
     )
+
+
+# The anchor group's bounds, each stated once: its flags' types and anchor_config's checks.
+ANCHOR_BOUNDS = {
+    "fpr": FPR,
+    "explained_variance": EXPLAINED_VARIANCE,
+    "calibration_fraction": CALIBRATION_FRACTION,
+    "alarm_share": ALARM_SHARE,
+}
+
+
+def anchor_flags(parser) -> None:
     group = parser.add_argument_group("anchor")
     group.add_argument(
         "--calibration_fraction",
-        type=open_fraction,
-        default=0.1,
+        type=bounded(CALIBRATION_FRACTION),
+        default=AnchorConfig.calibration_fraction,
         help="share of real images held out (by URI hash) to calibrate p-values",
     )
     group.add_argument(
@@ -72,13 +72,13 @@ def parser():
     )
     group.add_argument(
         "--fpr",
-        type=float_in(0.0, 0.5),
+        type=bounded(FPR),
         default=AnchorConfig.fpr,
         help="false-positive rate on real images at which is_suspect is set",
     )
     group.add_argument(
         "--explained_variance",
-        type=float_in(0.0, 1.0),
+        type=bounded(EXPLAINED_VARIANCE),
         default=AnchorConfig.explained_variance,
         help="variance kept by the statistical part's leading eigenpairs",
     )
@@ -111,7 +111,7 @@ def parser():
     )
     group.add_argument(
         "--alarm_share",
-        type=float_in(0.0, 0.25),
+        type=bounded(ALARM_SHARE),
         default=AnchorConfig.alarm_share,
         help="with --combine alarms: the share of the --fpr budget each channel after the first "
         "spends; it joins the score only where it fires on its own at that share",
@@ -132,21 +132,12 @@ def parser():
         "only for corpora known to be sharp (more recall, soft photos flagged)",
     )
     add_softening_arg(group)
-    add_backbone_args(parser)
-    add_runtime_args(parser)
-    add_decoding_args(parser)
-    add_http_args(parser)
-    return parser
 
 
-def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
-    """Fits and writes the anchor; ``wait=False`` (a Flex template's launcher) returns once the
-    job is submitted."""
-    args, options = parse(parser(), argv)
-    check_paths([*args.input, args.anchor, args.errors, args.weights])
-    check_writable(args.anchor, "--anchor")
-    check_writable(args.errors or args.anchor, "--errors")
-    config = AnchorConfig(
+def anchor_config(args) -> AnchorConfig:
+    """The anchor group's settings, each bound checked as its flag's type checks it."""
+    checked_flags(ANCHOR_BOUNDS, args)
+    return AnchorConfig(
         explained_variance=args.explained_variance,
         fpr=args.fpr,
         combine=args.combine,
@@ -159,27 +150,41 @@ def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
         alarm_share=args.alarm_share,
         alarm_calibration=args.alarm_calibration,
     )
-    backbone = backbone_config(args)
-    extractor = driver_extractor(backbone)  # the spec and projection the anchor records
 
-    started = time.time()
-    pipeline = test_pipeline or beam.Pipeline(options=options)
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    config: AnchorConfig
+    backbone: BackboneConfig
+    extractor: FeatureExtractor
+
+
+def prepare(args, options) -> Prepared:
+    check_paths([*args.input, args.anchor, args.errors, args.weights])
+    check_writable(args.anchor, "--anchor")
+    check_writable(args.errors or args.anchor, "--errors")
+    config = anchor_config(args)
+    backbone = backbone_config(args)
+    # the spec and projection the anchor records
+    return Prepared(config, backbone, driver_extractor(backbone))
+
+
+def graph(pipeline, args, options, prepared: Prepared) -> None:
+    config, extractor = prepared.config, prepared.extractor
     # The forensic channel's softness levels are simulated on each real crop as it is embedded
     # (and the backbone sees the held-out ones' softened copies where the alarms need them).
-    steps = chain_steps(args, options, backbone, extractor).for_fitting(
+    steps = chain_steps(args, options, prepared.backbone, extractor).for_fitting(
         softened(config.forensic_levels), args.softened_images, copies_hold_out(config)
     )
     real = pipeline | "Real" >> ImageFeatures(args.input, steps)
     _ = real.embedded | "Fit" >> FitAnchor(args.anchor, extractor.spec, config, extractor.projection)
     _ = real.errors | WriteErrors(args.errors or args.anchor)
-    with cleaned_on_failure([f"{args.errors or args.anchor}-errors"]):
-        result = pipeline.run()
-        if not wait:
-            return {"anchor": args.anchor}
-        result.wait_until_finish()
 
+
+def summary(args, prepared: Prepared, counters: dict[str, int]) -> dict:
+    config = prepared.config
     metadata = read_metadata(read_checked_file(args.anchor), args.anchor)
-    summary = {
+    return {
         "anchor": args.anchor,
         "n": metadata["n"],
         "n_calibration": metadata["n_calibration"],
@@ -194,11 +199,8 @@ def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
             config.alarm_share,
         ),
         "level_calibration": metadata.get("level_calibration", {}),
-        "errors": error_total(counter_totals(result)),
-        "seconds": time.time() - started,
+        "errors": error_total(counters),
     }
-    print_fit_summary(summary)
-    return summary
 
 
 def print_fit_summary(summary: dict) -> None:
@@ -219,3 +221,16 @@ def print_fit_summary(summary: dict) -> None:
             f"softened copies (ranks reach 1/(n + 1), the tail model below): {counts}; a level "
             "missing here leaves them silent"
         )
+
+
+COMMAND = BeamCommand(
+    "fit",
+    (command_flags, anchor_flags, add_backbone_args, *image_flag_groups()),
+    prepare,
+    tables=lambda args, _: [f"{args.errors or args.anchor}-errors"],
+    graph=graph,
+    summary=summary,
+    printed=print_fit_summary,
+    submitted=lambda args, _: {"anchor": args.anchor},
+)
+parser, run = COMMAND.parser, COMMAND.run

@@ -3,7 +3,7 @@ decode and embed each class, then per-class statistics or banks, then the head's
 
 from __future__ import annotations
 
-import time
+import dataclasses
 
 import apache_beam as beam
 import numpy as np
@@ -21,27 +21,25 @@ from anchorscan.anchors.heads import (
 )
 from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.storage import check_writable, read_checked_file, write_atomically
+from anchorscan.anchors.models.features import BackboneConfig, FeatureExtractor
 from anchorscan.anchors.statistics import StatisticsLayout
 from anchorscan.pipelines.common import chain_steps, driver_extractor
-from anchorscan.pipelines.flags import command_parser, int_in, positive_int, text
+from anchorscan.pipelines.flags import int_in, positive_int, text
 from anchorscan.pipelines.options import (
     INPUT_HELP,
     add_backbone_args,
-    add_decoding_args,
-    add_http_args,
-    add_runtime_args,
     backbone_config,
-    counter_totals,
     error_total,
-    parse,
+    errors_table,
+    image_flag_groups,
 )
+from anchorscan.pipelines.runner import BeamCommand
 from anchorscan.transforms.chain import ImageFeatures
-from anchorscan.transforms.sinks import WriteErrors, cleaned_on_failure
+from anchorscan.transforms.sinks import WriteErrors
 from anchorscan.transforms.statistics import AccumulateStatisticsPerKey
 
 
-def parser():
-    parser = command_parser("fit-head")
+def command_flags(parser) -> None:
     parser.add_argument(
         "--kind",
         required=True,
@@ -72,11 +70,6 @@ def parser():
         default=10000,
         help="nn and logistic: bank size per class (a uniform sample)",
     )
-    add_backbone_args(parser)
-    add_runtime_args(parser)
-    add_decoding_args(parser)
-    add_http_args(parser)
-    return parser
 
 
 def _fit_from_banks(_, banks: dict, kind: str, spec, k: int):
@@ -97,12 +90,18 @@ def _fit_lda(_, statistics: dict, spec, parts: str):
     return LinearProbeHead.fit(spec, real, fake, parts)
 
 
-def run(argv=None, test_pipeline=None):
-    args, options = parse(parser(), argv)
-    args.features = args.features or ("all" if args.kind == "lda" else "semantic")
-    if args.features != "semantic" and args.kind != "lda":
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    features: str
+    backbone: BackboneConfig
+    extractor: FeatureExtractor
+
+
+def prepare(args, options) -> Prepared:
+    features = args.features or ("all" if args.kind == "lda" else "semantic")
+    if features != "semantic" and args.kind != "lda":
         raise UsageError(
-            f"--features {args.features} is for the lda head; {args.kind} heads read "
+            f"--features {features} is for the lda head; {args.kind} heads read "
             "the semantic embedding, as in UnivFD"
         )
     check_paths([*args.real, *args.fake, args.output, args.errors, args.weights])
@@ -110,12 +109,12 @@ def run(argv=None, test_pipeline=None):
     if args.errors:
         check_writable(f"{args.errors}-errors", "--errors")
     backbone = backbone_config(args)
-    extractor = driver_extractor(backbone)
-    spec = extractor.spec
+    return Prepared(features, backbone, driver_extractor(backbone))
 
-    started = time.time()
-    pipeline = test_pipeline or beam.Pipeline(options=options)
-    steps = chain_steps(args, options, backbone, extractor)
+
+def graph(pipeline, args, options, prepared: Prepared) -> None:
+    spec = prepared.extractor.spec
+    steps = chain_steps(args, options, prepared.backbone, prepared.extractor)
     classes, errors = [], []
     for label, name, patterns in ((REAL, "Real", args.real), (FAKE, "Fake", args.fake)):
         images = pipeline | name >> ImageFeatures(patterns, steps, progress_label=f"{name.lower()} images")
@@ -130,7 +129,7 @@ def run(argv=None, test_pipeline=None):
             | "ByClass" >> beam.combiners.ToDict()
         )
         head = once | "FitHead" >> beam.Map(
-            _fit_lda, beam.pvalue.AsSingleton(statistics), spec, args.features
+            _fit_lda, beam.pvalue.AsSingleton(statistics), spec, prepared.features
         )
     else:
         banks = (
@@ -142,17 +141,41 @@ def run(argv=None, test_pipeline=None):
         head = once | "FitHead" >> beam.Map(
             _fit_from_banks, beam.pvalue.AsSingleton(banks), args.kind, spec, args.k
         )
-    _ = head | "WriteHead" >> beam.Map(lambda fitted: write_atomically(args.output, fitted.to_bytes()))
+    output = args.output
+    _ = head | "WriteHead" >> beam.Map(lambda fitted: write_atomically(output, fitted.to_bytes()))
     _ = tuple(errors) | WriteErrors(args.errors or args.output)
-    with cleaned_on_failure([f"{args.errors or args.output}-errors"]):
-        result = pipeline.run()
-        result.wait_until_finish()
 
-    fitted = head_from_bytes(read_checked_file(args.output), args.output)
+
+def summary(args, prepared: Prepared, counters: dict[str, int]) -> dict:
+    return {
+        "output": args.output,
+        "kind": args.kind,
+        "head": head_from_bytes(read_checked_file(args.output), args.output),
+        "errors": error_total(counters),
+    }
+
+
+def print_summary(summary: dict) -> None:
+    counts = summary["head"].counts
     print(
-        f"head        {args.output} ({args.kind})\n"
-        f"images      {fitted.counts['real']} real, {fitted.counts['fake']} fake, "
-        f"{error_total(counter_totals(result))} errors\n"
-        f"time        {time.time() - started:.1f} s"
+        f"head        {summary['output']} ({summary['kind']})\n"
+        f"images      {counts['real']} real, {counts['fake']} fake, {summary['errors']} errors\n"
+        f"time        {summary['seconds']:.1f} s"
     )
-    return fitted
+
+
+COMMAND = BeamCommand(
+    "fit-head",
+    (command_flags, add_backbone_args, *image_flag_groups()),
+    prepare,
+    tables=errors_table,
+    graph=graph,
+    summary=summary,
+    printed=print_summary,
+)
+parser = COMMAND.parser
+
+
+def run(argv=None, test_pipeline=None):
+    """The fitted head."""
+    return COMMAND.run(argv, test_pipeline)["head"]

@@ -3,31 +3,26 @@ Fisher direction joins the score at once (docs/METHOD.md §9.3)."""
 
 from __future__ import annotations
 
-import time
-
-import apache_beam as beam
-
 from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.io.storage import read_checked_file
-from anchorscan.pipelines.common import anchor_and_extractor, chain_steps
-from anchorscan.pipelines.flags import command_parser, generator_name, input_pattern, text
+from anchorscan.pipelines.common import StartingAnchor, anchor_and_extractor, chain_steps
+from anchorscan.pipelines.flags import generator_name
 from anchorscan.pipelines.options import (
-    INPUT_HELP,
-    add_decoding_args,
-    add_http_args,
-    add_runtime_args,
-    counter_totals,
+    add_anchor_output_args,
     error_total,
-    parse,
+    errors_table,
+    image_flag_groups,
 )
+from anchorscan.pipelines.runner import BeamCommand
 from anchorscan.transforms.chain import ImageFeatures
 from anchorscan.transforms.fitting import FlagGenerator, LoadAnchor
-from anchorscan.transforms.sinks import WriteErrors, cleaned_on_failure
+from anchorscan.transforms.sinks import WriteErrors
 
 
-def parser():
-    parser = command_parser("flag")
-    parser.add_argument("--anchor", type=text, required=True, help="the anchor (local or gs://)")
+def command_flags(parser) -> None:
+    add_anchor_output_args(
+        parser, "the anchor (local or gs://)", "the generator's images", "the anchor file to write"
+    )
     parser.add_argument(
         "--generator",
         type=generator_name,
@@ -35,53 +30,48 @@ def parser():
         help="the generator's name (letters, digits, '_', '.', '-'); flagging "
         "the same name again adds to its images",
     )
-    parser.add_argument(
-        "--input",
-        type=input_pattern,
-        action="append",
-        required=True,
-        help=f"the generator's images: {INPUT_HELP}",
-    )
-    parser.add_argument("--output", type=text, required=True, help="the anchor file to write")
-    parser.add_argument(
-        "--errors", type=text, default=None, help="prefix of the errors table (default: the output's path)"
-    )
-    add_runtime_args(parser)
-    add_decoding_args(parser)
-    add_http_args(parser)
-    return parser
 
 
-def run(argv=None, test_pipeline=None) -> dict:
-    args, options = parse(parser(), argv)
-    tensors, metadata, spec, backbone, extractor = anchor_and_extractor(args)
-
-    started = time.time()
-    pipeline = test_pipeline or beam.Pipeline(options=options)
+def graph(pipeline, args, options, prepared: StartingAnchor) -> None:
     anchor = pipeline | "Anchor" >> LoadAnchor(args.anchor)
-    images = pipeline | "Images" >> ImageFeatures(args.input, chain_steps(args, options, backbone, extractor))
+    steps = chain_steps(args, options, prepared.backbone, prepared.extractor)
+    images = pipeline | "Images" >> ImageFeatures(args.input, steps)
     _ = images.embedded | "Flag" >> FlagGenerator(
-        anchor, args.output, spec, tensors.get("projection"), args.generator
+        anchor, args.output, prepared.spec, prepared.tensors.get("projection"), args.generator
     )
     _ = images.errors | WriteErrors(args.errors or args.output)
-    with cleaned_on_failure([f"{args.errors or args.output}-errors"]):
-        result = pipeline.run()
-        result.wait_until_finish()
 
+
+def summary(args, prepared: StartingAnchor, counters: dict[str, int]) -> dict:
     after = read_metadata(read_checked_file(args.output), args.output)
-    summary = {
+    before = prepared.metadata.get("flagged", {}).get(args.generator, 0)
+    return {
         "anchor": args.output,
         "generator": args.generator,
-        "images": after["flagged"][args.generator] - metadata.get("flagged", {}).get(args.generator, 0),
+        "images": after["flagged"][args.generator] - before,
         "flagged": after["flagged"],
-        "errors": error_total(counter_totals(result)),
-        "seconds": time.time() - started,
+        "errors": error_total(counters),
     }
+
+
+def print_summary(summary: dict) -> None:
+    generator, flagged = summary["generator"], summary["flagged"]
     print(
         f"anchor      {summary['anchor']}\n"
-        f"flagged     {summary['images']} images of {args.generator} "
-        f"(now {after['flagged'][args.generator]}; all flagged: {after['flagged']})\n"
+        f"flagged     {summary['images']} images of {generator} "
+        f"(now {flagged[generator]}; all flagged: {flagged})\n"
         f"errors      {summary['errors']}\n"
         f"time        {summary['seconds']:.1f} s"
     )
-    return summary
+
+
+COMMAND = BeamCommand(
+    "flag",
+    (command_flags, *image_flag_groups()),
+    anchor_and_extractor,
+    tables=errors_table,
+    graph=graph,
+    summary=summary,
+    printed=print_summary,
+)
+parser, run = COMMAND.parser, COMMAND.run

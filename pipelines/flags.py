@@ -9,6 +9,7 @@ import math
 import re
 import sys
 
+from anchorscan.anchors.constraints import Interval
 from anchorscan.anchors.io.uris import too_many_names
 from anchorscan.pipelines.cli import COMMANDS
 
@@ -38,57 +39,49 @@ def command_parser(command: str, beam: bool = True) -> CommandParser:
 # --- values: each function parses one flag's text or says what it must be ---------------------
 
 
-def _number(text: str, kind):
-    try:
-        value = kind(text)
-    except ValueError:
-        what = "an integer" if kind is int else "a number"
-        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-    if kind is float and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
+def bounded(interval: Interval):
+    """The argparse type of a flag whose values ``interval`` bounds: its errors are the
+    interval's, which a settings object built without argparse raises in the same words."""
+
+    def parse(text: str):
+        try:
+            return interval.parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = "integer" if interval.kind is int else "number"
+    return parse
+
+
+def add_bounded(group, bounds: dict[str, Interval], flags: tuple[tuple[str, object, str], ...]) -> None:
+    """Flags (name, default, help) whose values ``bounds`` bound, each bound its flag's type."""
+    for name, default, help_text in flags:
+        group.add_argument(f"--{name}", type=bounded(bounds[name]), default=default, help=help_text)
+
+
+def checked_flags(bounds: dict[str, Interval], args) -> None:
+    """Each flag that ``bounds`` names, as ``args`` holds it, checked by its bound: a settings
+    object built from flags set past the parser (a caller, a template) refuses a value in the
+    words its flag's type uses (a UsageError naming --NAME)."""
+    for name, interval in bounds.items():
+        interval.check(getattr(args, name), f"--{name}")
 
 
 def int_in(low: int, high: int | None = None, unit: str = ""):
     """Integers from ``low`` to ``high`` (inclusive; no upper bound without one)."""
-
-    def parse(text: str) -> int:
-        value = _number(text, int)
-        if value < low or (high is not None and value > high):
-            bound = f"from {low:,} to {high:,}" if high is not None else f"at least {low:,}"
-            raise argparse.ArgumentTypeError(f"must be {bound}{unit}, got {text}")
-        return value
-
-    parse.__name__ = "integer"
-    return parse
+    return bounded(Interval(int, low, high, unit=unit))
 
 
 def float_in(low: float, high: float | None = None, low_open: bool = True, high_open: bool = False):
     """Finite numbers in the interval from ``low`` to ``high``, open or closed at each end."""
-
-    def parse(text: str) -> float:
-        value = _number(text, float)
-        too_low = value <= low if low_open else value < low
-        too_high = high is not None and (value >= high if high_open else value > high)
-        if too_low or too_high:
-            left, right = "(" if low_open else "[", ")" if high_open else "]"
-            interval = (
-                f"in {left}{low:g}, {high:g}{right}"
-                if high is not None
-                else (f"above {low:g}" if low_open else f"at least {low:g}")
-            )
-            raise argparse.ArgumentTypeError(f"must be {interval}, got {text}")
-        return value
-
-    parse.__name__ = "number"
-    return parse
+    closed = {(False, False): "both", (False, True): "left", (True, False): "right", (True, True): "neither"}
+    return bounded(Interval(float, low, high, closed[low_open, high_open]))
 
 
 positive_float = float_in(0.0)
 non_negative_float = float_in(0.0, low_open=False)
 positive_int = int_in(1)
 non_negative_int = int_in(0)
-open_fraction = float_in(0.0, 1.0, high_open=True)  # (0, 1)
 
 
 def text(value: str) -> str:

@@ -20,24 +20,18 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import IntervalWindow
 
 from anchorscan.anchors import anchor_file
-from anchorscan.anchors.anchor import AnchorConfig
 from anchorscan.anchors.io.registry import listable
 from anchorscan.anchors.io.sources import Unit
 from anchorscan.anchors.io.storage import read_checked_file, write_atomically
 from anchorscan.anchors.io.uris import uri_text
-from anchorscan.anchors.softness import softened
-from anchorscan.anchors.spec import FeatureSpec
-from anchorscan.anchors.tables import ERROR_SCHEMA, SCORE_SCHEMA
-from anchorscan.pipelines.common import chain_steps, driver_extractor
-from anchorscan.pipelines.options import backbone_config, counter_totals
-from anchorscan.transforms.chain import EmbedUnits
-from anchorscan.transforms.fitting import anchor_layout
+from anchorscan.pipelines.common import StreamStart, stream_start
+from anchorscan.pipelines.options import counter_totals
 from anchorscan.transforms.scoring import ScoreFeatures
 from anchorscan.transforms.streaming import (
     UNLOADABLE,
-    LearnReal,
     Sighting,
     reloads_text,
+    scan_stream,
     settled,
     watch_pattern,
     window_file_name,
@@ -128,21 +122,7 @@ def run_local(args, options) -> dict:
     stop = started + args.stop_after_seconds if args.stop_after_seconds else math.inf
     with tempfile.TemporaryDirectory(prefix="anchorscan-stream-") as folder:
         keeper = AnchorKeeper(args.anchor, folder)
-        tensors, metadata = anchor_file.verified_contents(read_checked_file(keeper.path), args.anchor)
-        spec, config = FeatureSpec.from_dict(metadata), AnchorConfig.from_dict(metadata["config"])
-        backbone = backbone_config(args, spec)
-        extractor = driver_extractor(backbone)
-        spec.require_same(extractor.spec, f"anchor {args.anchor}")
-        steps = chain_steps(args, options, backbone, extractor)
-        learning = (
-            (
-                steps.for_fitting(softened(config.forensic_levels)),
-                anchor_layout(spec, config),
-                tensors.get("projection"),
-            )
-            if args.learn_real
-            else None
-        )
+        start = stream_start(args, options, keeper.path)
         watchers = [Watcher(watch_pattern(args.watch), args.settle_seconds)]
         if args.learn_real:
             watchers.append(Watcher(watch_pattern(args.learn_real), args.settle_seconds))
@@ -158,7 +138,7 @@ def run_local(args, options) -> dict:
             if now >= float(window.end) or now >= stop:
                 if any(pending):
                     files = [list(found) for found in pending]
-                    counters = run_window(args, options, window, keeper.path, steps, learning, *files)
+                    counters = run_window(args, options, window, keeper.path, start, *files)
                     totals["windows"] += 1
                     totals["images_scored"] += counters.get("images_scored", 0)
                     totals["errors"] += sum(v for k, v in counters.items() if k.startswith("errors_"))
@@ -194,31 +174,24 @@ def run_local(args, options) -> dict:
     return summary
 
 
-def run_window(args, options, window, anchor_path: str, steps, learning, files: list[str], real=()) -> dict:
-    """One window's bounded pipeline: its files scored against the anchor at ``anchor_path``,
-    its two tables written under the window's names, its trusted real images (``real``) learned
-    into --anchor. Returns the run's counters."""
+def run_window(
+    args, options, window, anchor_path: str, start: StreamStart, files: list[str], real=()
+) -> dict:
+    """One window's bounded pipeline, the stream's graph over the window's files: scored
+    against the anchor at ``anchor_path``, its two tables written under the window's names, its
+    trusted real images (``real``) learned into --anchor. Returns the run's counters."""
     pipeline = beam.Pipeline(options=options)
     units = pipeline | "Units" >> beam.Create([Unit(uri_text(path)) for path in files])
-    scanned = units | "Features" >> EmbedUnits(steps)
-    rows, score_errors = scanned.embedded | "Score" >> ScoreFeatures(anchor_path)
-    _ = rows | "WriteScores" >> WriteWindowTable(
-        window_file_name(args.output, "scores", window, 0), SCORE_SCHEMA
-    )
-    errors = [*scanned.errors, score_errors]
+    real_units = None
     if real:
-        steps_real, layout, projection = learning
-        learned = (
-            pipeline
-            | "RealUnits" >> beam.Create([Unit(uri_text(path)) for path in real])
-            | "RealFeatures" >> EmbedUnits(steps_real)
-        )
-        _ = learned.embedded | "LearnReal" >> LearnReal(args.anchor, layout, projection)
-        errors += learned.errors
-    _ = (
-        tuple(errors)
-        | "Errors" >> beam.Flatten()
-        | "WriteErrors" >> WriteWindowTable(window_file_name(args.output, "errors", window, 0), ERROR_SCHEMA)
+        real_units = pipeline | "RealUnits" >> beam.Create([Unit(uri_text(path)) for path in real])
+    scan_stream(
+        units,
+        start.steps,
+        ScoreFeatures(anchor_path),
+        lambda table, schema: WriteWindowTable(window_file_name(args.output, table, window, 0), schema),
+        real_units,
+        start.learning,
     )
     result = pipeline.run()
     result.wait_until_finish()

@@ -5,11 +5,14 @@ Beam's own examples, and a flag that Beam does not know either is an error."""
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
+from anchorscan.anchors.anchor import CHANNELS, COMBINERS, STATISTICAL_MODES
+from anchorscan.anchors.constraints import Interval
 from anchorscan.anchors.images.decode import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 from anchorscan.anchors.images.perturbations import PERTURBATION_HELP
 from anchorscan.anchors.io.fetch import HttpConfig
@@ -30,11 +33,15 @@ from anchorscan.anchors.models.features import PRECISIONS, RUNTIMES, BackboneCon
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.threads import CORES_MULTIPLE
 from anchorscan.pipelines.flags import (
+    add_bounded,
+    bounded,
+    checked_flags,
+    choice_list,
+    input_pattern,
     int_in,
     non_negative_int,
     pem_certificates,
     perturbation_value,
-    positive_float,
     positive_int,
     text,
 )
@@ -48,11 +55,72 @@ DEFAULT_LOCAL_RUNNER = "FnApiRunner"
 # times its own cores (anchors/threads.py), with a warning.
 MAX_RESOURCE = 1024
 MAX_BATCH_SIZE = 4096
+POSITIVE_INT = Interval(int, 1, None)
+POSITIVE_SECONDS = Interval(float, 0.0, None, closed="neither")
+# The chain's bounds (the runtime and decoding groups), each stated once: their flags' types and
+# chain_steps' checks (pipelines/common.py).
+CHAIN_BOUNDS = {
+    "batch_size": Interval(int, 1, MAX_BATCH_SIZE),
+    "torch_threads": Interval(int, 0, MAX_RESOURCE),
+    "max_pixels": POSITIVE_INT,
+    "max_bytes": POSITIVE_INT,
+    "max_shard_bytes": POSITIVE_INT,
+    "max_skip_bytes": POSITIVE_INT,
+    "min_side": POSITIVE_INT,
+    "decode_timeout": POSITIVE_SECONDS,
+    "read_timeout": POSITIVE_SECONDS,
+    "decode_processes": Interval(int, 0, MAX_RESOURCE),
+    "decode_ahead": Interval(int, 0, MAX_BATCH_SIZE),
+}
 INPUT_HELP = (
     "a glob, a folder (its image files and tar shards, recursively), a tar shard or a brace "
     "pattern of shards ('shards/{00000..00099}.tar'), or a manifest (.txt one URI per "
     "line, .csv or .parquet with a 'uri' column), local or gs://; repeat for several"
 )
+
+
+def add_anchor_output_args(
+    parser: argparse.ArgumentParser, anchor: str, images: str, output: str, tables: str = "the errors table"
+) -> None:
+    """--anchor, --input, --output and --errors of a command that makes an anchor from another
+    and images (update, flag, calibrate); the arguments are their helps."""
+    parser.add_argument("--anchor", type=text, required=True, help=anchor)
+    parser.add_argument(
+        "--input", type=input_pattern, action="append", required=True, help=f"{images}: {INPUT_HELP}"
+    )
+    parser.add_argument("--output", type=text, required=True, help=output)
+    parser.add_argument(
+        "--errors", type=text, default=None, help=f"prefix of {tables} (default: the output's path)"
+    )
+
+
+def add_score_choice_args(parser: argparse.ArgumentParser, whose: str = "", statistical: bool = True) -> None:
+    """What a run changes of how the anchor scores (each by default as the anchor says); ``whose``:
+    "the anchor's " where a head may score instead (evaluate)."""
+    parser.add_argument(
+        "--combine",
+        default=None,
+        choices=sorted(COMBINERS),
+        help=f"how {whose or 'the '}p-values combine (default: the anchor's)",
+    )
+    if statistical:
+        parser.add_argument(
+            "--statistical",
+            default=None,
+            choices=sorted(STATISTICAL_MODES),
+            help="statistical distance decoupled or raw (default: the anchor's)",
+        )
+    parser.add_argument(
+        "--channels",
+        type=choice_list(CHANNELS),
+        default=None,
+        help=f"comma-separated channels {whose or 'the '}score combines (default: the anchor's)",
+    )
+
+
+def errors_table(args, _=None) -> list[str]:
+    """The errors table of a command whose --errors defaults to its --output."""
+    return [f"{args.errors or args.output}-errors"]
 
 
 PROVENANCE_CHOICES = ("use", "ignore")
@@ -145,13 +213,13 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--batch_size",
-        type=int_in(1, MAX_BATCH_SIZE),
+        type=bounded(CHAIN_BOUNDS["batch_size"]),
         default=DEFAULT_BATCH_SIZE,
         help="inference batch size (try 64 or more on a GPU)",
     )
     group.add_argument(
         "--torch_threads",
-        type=int_in(0, MAX_RESOURCE),
+        type=bounded(CHAIN_BOUNDS["torch_threads"]),
         default=0,
         help=f"torch threads per worker (0: the cores shared among local workers; at most "
         f"{CORES_MULTIPLE} x a worker's cores)",
@@ -163,63 +231,39 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
 
 def add_decoding_args(parser: argparse.ArgumentParser, perturbation: bool = True) -> None:
     group = parser.add_argument_group("decoding")
-    group.add_argument(
-        "--max_pixels",
-        type=positive_int,
-        default=DEFAULT_MAX_PIXELS,
-        help="images with more pixels become error rows",
+    decoding = (
+        ("max_pixels", DEFAULT_MAX_PIXELS, "images with more pixels become error rows"),
+        ("max_bytes", DEFAULT_MAX_BYTES, "files larger than this become error rows"),
+        (
+            "max_shard_bytes",
+            DEFAULT_MAX_SHARD_BYTES,
+            "bytes of a tar shard read, at most (decompressed, for .tar.gz); the rest is an error row",
+        ),
+        (
+            "max_skip_bytes",
+            DEFAULT_MAX_SKIP_BYTES,
+            "bytes of a shard's member that is not read (over --max_bytes, a link) read past, at most; "
+            "past it the rest of the shard is an error row",
+        ),
+        ("min_side", DEFAULT_MIN_SIDE, "images with a shorter side become error rows"),
+        (
+            "decode_timeout",
+            DEFAULT_DECODE_TIMEOUT,
+            "seconds one image may take to decode (its decoder is then stopped)",
+        ),
+        ("read_timeout", DEFAULT_READ_TIMEOUT, "seconds one file may take to read"),
+        (
+            "decode_processes",
+            0,
+            f"decoding processes per worker (0: one per core of a local worker; at most "
+            f"{CORES_MULTIPLE} x a worker's cores)",
+        ),
+        ("decode_ahead", 0, "images decoding ahead of the forward pass (0: one batch)"),
     )
-    group.add_argument(
-        "--max_bytes",
-        type=positive_int,
-        default=DEFAULT_MAX_BYTES,
-        help="files larger than this become error rows",
-    )
-    group.add_argument(
-        "--max_shard_bytes",
-        type=positive_int,
-        default=DEFAULT_MAX_SHARD_BYTES,
-        help="bytes of a tar shard read, at most (decompressed, for .tar.gz); the rest is an error row",
-    )
-    group.add_argument(
-        "--max_skip_bytes",
-        type=positive_int,
-        default=DEFAULT_MAX_SKIP_BYTES,
-        help="bytes of a shard's member that is not read (over --max_bytes, a link) read past, at most; "
-        "past it the rest of the shard is an error row",
-    )
-    group.add_argument(
-        "--min_side",
-        type=positive_int,
-        default=DEFAULT_MIN_SIDE,
-        help="images with a shorter side become error rows",
-    )
-    group.add_argument(
-        "--decode_timeout",
-        type=positive_float,
-        default=DEFAULT_DECODE_TIMEOUT,
-        help="seconds one image may take to decode (its decoder is then stopped)",
-    )
-    group.add_argument(
-        "--read_timeout",
-        type=positive_float,
-        default=DEFAULT_READ_TIMEOUT,
-        help="seconds one file may take to read",
-    )
-    group.add_argument(
-        "--decode_processes",
-        type=int_in(0, MAX_RESOURCE),
-        default=0,
-        help=f"decoding processes per worker (0: one per core of a local worker; at most "
-        f"{CORES_MULTIPLE} x a worker's cores)",
-    )
-    group.add_argument(
-        "--decode_ahead",
-        type=int_in(0, MAX_BATCH_SIZE),
-        default=0,
-        help="images decoding ahead of the forward pass (0: one batch)",
-    )
-    if perturbation:
+    add_bounded(group, CHAIN_BOUNDS, decoding)
+    if not perturbation:  # the decoding settings of a command that offers none: no perturbation
+        parser.set_defaults(perturbation=None)
+    else:
         group.add_argument(
             "--perturbation",
             default=None,
@@ -228,36 +272,52 @@ def add_decoding_args(parser: argparse.ArgumentParser, perturbation: bool = True
         )
 
 
+# The http group's bounds, each stated once: its flags' types and http_config's checks.
+HTTP_BOUNDS = {
+    "http_timeout": Interval(float, 0.0, None, closed="neither"),
+    "http_retries": Interval(int, 0, 20),
+    "http_max_per_host": Interval(int, 1, 64),
+    "http_max_time": Interval(float, 0.0, None, closed="neither"),
+}
+
+
 def add_http_args(parser: argparse.ArgumentParser) -> None:
     """How http(s):// inputs (crawled manifests) are fetched; --max_bytes caps them too."""
     group = parser.add_argument_group("http(s) inputs")
-    group.add_argument(
-        "--http_timeout",
-        type=positive_float,
-        default=HttpConfig.timeout,
-        help="seconds to connect, and to wait for the next bytes of a response",
+    http = (
+        (
+            "http_timeout",
+            HttpConfig.timeout,
+            "seconds to connect, and to wait for the next bytes of a response",
+        ),
+        (
+            "http_retries",
+            HttpConfig.retries,
+            "retries on 5xx, timeouts and broken connections (never on 4xx)",
+        ),
+        (
+            "http_max_per_host",
+            HttpConfig.max_per_host,
+            "requests in flight to one host from one worker process",
+        ),
+        (
+            "http_max_time",
+            HttpConfig.max_time,
+            "seconds one URI may take, all attempts and redirects together",
+        ),
     )
-    group.add_argument(
-        "--http_retries",
-        type=int_in(0, 20),
-        default=HttpConfig.retries,
-        help="retries on 5xx, timeouts and broken connections (never on 4xx)",
-    )
-    group.add_argument(
-        "--http_max_per_host",
-        type=int_in(1, 64),
-        default=HttpConfig.max_per_host,
-        help="requests in flight to one host from one worker process",
-    )
-    group.add_argument(
-        "--http_max_time",
-        type=positive_float,
-        default=HttpConfig.max_time,
-        help="seconds one URI may take, all attempts and redirects together",
-    )
+    add_bounded(group, HTTP_BOUNDS, http)
+
+
+def image_flag_groups(perturbation: bool = True) -> tuple:
+    """The flag groups of a command that reads images: how the backbone runs, how images are
+    decoded (with --perturbation or without), how http(s) inputs are fetched."""
+    return (add_runtime_args, functools.partial(add_decoding_args, perturbation=perturbation), add_http_args)
 
 
 def http_config(args) -> HttpConfig:
+    """The http group's settings, each bound checked as its flag's type checks it."""
+    checked_flags(HTTP_BOUNDS, args)
     return HttpConfig(args.http_timeout, args.http_retries, args.http_max_per_host, args.http_max_time)
 
 
@@ -313,12 +373,16 @@ def torch_threads(args, options: PipelineOptions) -> int:
 LOCAL_RUNNERS = {DEFAULT_LOCAL_RUNNER, "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner"}
 
 
+def runs_locally(options: PipelineOptions) -> bool:
+    return str(options.view_as(StandardOptions).runner) in LOCAL_RUNNERS
+
+
 def decode_processes(args, options: PipelineOptions) -> int:
     """--decode_processes, or the cores of one local worker process; 1 on other runners, whose
     machines run an SDK process per core (Dataflow's default for Python), each with its own."""
     if args.decode_processes:
         return args.decode_processes
-    if str(options.view_as(StandardOptions).runner) not in LOCAL_RUNNERS:
+    if not runs_locally(options):
         return 1
     return max(1, (os.cpu_count() or 1) // _local_workers(options))
 

@@ -2,45 +2,41 @@
 
 from __future__ import annotations
 
-import time
+import dataclasses
 
 import apache_beam as beam
 
-from anchorscan.anchors.anchor import CHANNELS, COMBINERS, STATISTICAL_MODES, AnchorConfig
+from anchorscan.anchors.anchor import AnchorConfig
 from anchorscan.anchors.anchor_file import anchor_id, verified_contents
 from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.storage import check_writable, read_checked_file
+from anchorscan.anchors.models.features import BackboneConfig, FeatureExtractor
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.pipelines.common import chain_steps, driver_extractor
-from anchorscan.pipelines.flags import choice_list, command_parser, input_pattern, text
+from anchorscan.pipelines.flags import input_pattern, text
 from anchorscan.pipelines.options import (
     INPUT_HELP,
-    add_decoding_args,
-    add_http_args,
     add_provenance_args,
-    add_runtime_args,
+    add_score_choice_args,
     backbone_config,
-    counter_totals,
-    parse,
+    image_flag_groups,
 )
+from anchorscan.pipelines.runner import BeamCommand, Guarded
 from anchorscan.transforms.carried import carried_columns, score_schema
 from anchorscan.transforms.chain import ImageFeatures
 from anchorscan.transforms.scoring import RESAMPLED, ScoreChoices, ScoreFeatures, load_head, reused_row
 from anchorscan.transforms.sinks import (
     TABLE_NAMES,
     Outputs,
-    PrefixLock,
     ReadPreviousScores,
     WriteErrors,
     WriteScores,
-    cleaned_on_failure,
     score_tables,
 )
 
 
-def parser():
-    parser = command_parser("score")
+def command_flags(parser) -> None:
     parser.add_argument(
         "--input", type=input_pattern, action="append", required=True, help=f"images: {INPUT_HELP}"
     )
@@ -59,24 +55,7 @@ def parser():
         action="store_true",
         help="with an lda or logistic --head: add the anchor's evidence to its log-odds",
     )
-    parser.add_argument(
-        "--combine",
-        default=None,
-        choices=sorted(COMBINERS),
-        help="how the p-values combine (default: the anchor's)",
-    )
-    parser.add_argument(
-        "--statistical",
-        default=None,
-        choices=sorted(STATISTICAL_MODES),
-        help="statistical distance decoupled or raw (default: the anchor's)",
-    )
-    parser.add_argument(
-        "--channels",
-        type=choice_list(CHANNELS),
-        default=None,
-        help="comma-separated channels the score combines (default: the anchor's)",
-    )
+    add_score_choice_args(parser)
     parser.add_argument(
         "--skip_scored",
         type=text,
@@ -88,21 +67,21 @@ def parser():
         action="store_true",
         help="replace the tables that --output already holds (deleted before the scan writes)",
     )
-    add_runtime_args(parser)
-    add_decoding_args(parser)
-    add_http_args(parser)
-    add_provenance_args(parser)
-    return parser
 
 
-def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
-    args, options = parse(parser(), argv)
-    return scan(args, options, test_pipeline, wait)
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    outputs: Outputs
+    backbone: BackboneConfig
+    extractor: FeatureExtractor
+    config: AnchorConfig
+    detector: str
+    head: str
+    carried: list
+    previous_tables: list[str]
 
 
-def scan(args, options, test_pipeline=None, wait: bool = True) -> dict:
-    """The scan that ``args`` (this command's flags) describe; ``wait=False`` (a Flex template's
-    launcher) returns once the job is submitted."""
+def prepare(args, options) -> Prepared:
     check_paths([*args.input, args.anchor, args.output, args.head, args.skip_scored, args.weights])
     outputs = Outputs(args.output, TABLE_NAMES)
     check_writable(f"{args.output}-scores", "--output")
@@ -113,60 +92,28 @@ def scan(args, options, test_pipeline=None, wait: bool = True) -> dict:
     extractor = driver_extractor(backbone)
     spec.require_same(extractor.spec, f"anchor {args.anchor}")  # refuse before any work
     head = check_head(args, extractor.spec)
-    detector = anchor_id(metadata)
-    carried = carried_columns(args.input)  # the manifests' other columns, for the score table
-
-    previous_tables = score_tables(args.skip_scored) if args.skip_scored else []
-    with PrefixLock(args.output):
-        outputs.make_room(args.overwrite, [*args.input, *previous_tables], "table files")
-        started = time.time()
-        with cleaned_on_failure([f"{args.output}-scores", f"{args.output}-errors"]):
-            result = run_scan(
-                args, options, extractor, backbone, detector, head, previous_tables, carried, test_pipeline
-            )
-            if not wait:
-                return {"output": args.output, "anchor_id": detector}
-            result.wait_until_finish()
-    counters = counter_totals(result)
-    summary = {
-        "output": args.output,
-        "anchor_id": detector,
-        "scored": counters.get("images_scored", 0),
-        "reused": counters.get("images_reused", 0),
-        "suspect": counters.get("images_suspect", 0),
-        "declared_ai": counters.get("images_declared_ai", 0),
-        "provenance": {
-            k[len("provenance_") :]: v for k, v in counters.items() if k.startswith("provenance_")
-        },
-        "resampled": counters.get(RESAMPLED, 0),
-        "errors": {k[len("errors_") :]: v for k, v in counters.items() if k.startswith("errors_")},
-        "seconds": time.time() - started,
-        "fpr": config.fpr,
-    }
-    print_score_summary(summary)
-    return summary
+    return Prepared(
+        outputs,
+        backbone,
+        extractor,
+        config,
+        anchor_id(metadata),
+        head,
+        carried_columns(args.input),  # the manifests' other columns, for the score table
+        score_tables(args.skip_scored) if args.skip_scored else [],
+    )
 
 
-def run_scan(
-    args,
-    options,
-    extractor,
-    backbone,
-    detector: str,
-    head: str,
-    previous_tables: list[str],
-    carried: list,
-    test_pipeline=None,
-):
-    """Read, decode, embed, score, write: the pipeline, started. Each row carries the columns
-    its manifest lists for it (``carried``)."""
-    pipeline = test_pipeline or beam.Pipeline(options=options)
+def graph(pipeline, args, options, prepared: Prepared) -> None:
+    """Read, decode, embed, score, write. Each row carries the columns its manifest lists for it."""
+    carried = prepared.carried
     previous = (
-        pipeline | "Previous" >> ReadPreviousScores(previous_tables, detector, head)
+        pipeline
+        | "Previous" >> ReadPreviousScores(prepared.previous_tables, prepared.detector, prepared.head)
         if args.skip_scored
         else None
     )
-    steps = chain_steps(args, options, backbone, extractor)
+    steps = chain_steps(args, options, prepared.backbone, prepared.extractor, args.c2pa_trust_anchors)
     names = tuple(name for name, _ in carried)
     scanned = pipeline | "Images" >> ImageFeatures(args.input, steps, names, previous)
     choices = ScoreChoices(args.combine, args.statistical, args.channels, args.with_anchor)
@@ -176,7 +123,23 @@ def run_scan(
     reused = scanned.reused | "Reused" >> beam.Map(reused_row, carried)
     _ = (rows, reused) | "AllScores" >> beam.Flatten() | WriteScores(args.output, score_schema(carried))
     _ = (*scanned.errors, score_errors) | WriteErrors(args.output)
-    return pipeline.run()
+
+
+def summary(args, prepared: Prepared, counters: dict[str, int]) -> dict:
+    return {
+        "output": args.output,
+        "anchor_id": prepared.detector,
+        "scored": counters.get("images_scored", 0),
+        "reused": counters.get("images_reused", 0),
+        "suspect": counters.get("images_suspect", 0),
+        "declared_ai": counters.get("images_declared_ai", 0),
+        "provenance": {
+            k[len("provenance_") :]: v for k, v in counters.items() if k.startswith("provenance_")
+        },
+        "resampled": counters.get(RESAMPLED, 0),
+        "errors": {k[len("errors_") :]: v for k, v in counters.items() if k.startswith("errors_")},
+        "fpr": prepared.config.fpr,
+    }
 
 
 def check_head(args, spec: FeatureSpec) -> str:
@@ -237,3 +200,19 @@ def declared_line(summary: dict) -> str:
         else ""
     )
     return f"declared    {kinds} ({share:.1%} of scored{acted})\n"
+
+
+COMMAND = BeamCommand(
+    "score",
+    (command_flags, *image_flag_groups(), add_provenance_args),
+    prepare,
+    tables=lambda args, _: [f"{args.output}-scores", f"{args.output}-errors"],
+    graph=graph,
+    summary=summary,
+    printed=print_score_summary,
+    guarded=lambda args, prepared: Guarded(
+        prepared.outputs, args.overwrite, [*args.input, *prepared.previous_tables], "table files"
+    ),
+    submitted=lambda args, prepared: {"output": args.output, "anchor_id": prepared.detector},
+)
+parser, run, scan = COMMAND.parser, COMMAND.run, COMMAND.execute

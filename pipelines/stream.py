@@ -10,53 +10,36 @@ from __future__ import annotations
 
 import math
 import os
-import time
 
 import apache_beam as beam
 from apache_beam.io.fileio import MatchContinuously
-from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.transforms.periodicsequence import PeriodicImpulse
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
 
-from anchorscan.anchors.anchor import AnchorConfig
-from anchorscan.anchors.anchor_file import anchor_id, verified_contents
 from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.io.gcs import check_paths
-from anchorscan.anchors.io.storage import check_writable, read_checked_file
+from anchorscan.anchors.io.storage import check_writable
 from anchorscan.anchors.io.uris import glob_prefix, has_glob, local_path
-from anchorscan.anchors.softness import softened
-from anchorscan.anchors.spec import FeatureSpec
-from anchorscan.anchors.tables import ERROR_SCHEMA, SCORE_SCHEMA
-from anchorscan.pipelines.common import chain_steps, driver_extractor
-from anchorscan.pipelines.flags import command_parser, non_negative_float, positive_float, text
+from anchorscan.pipelines.common import stream_start
+from anchorscan.pipelines.flags import non_negative_float, positive_float, text
 from anchorscan.pipelines.local_stream import run_local
-from anchorscan.pipelines.options import (
-    LOCAL_RUNNERS,
-    add_decoding_args,
-    add_http_args,
-    add_runtime_args,
-    backbone_config,
-    counter_totals,
-    parse,
-)
-from anchorscan.transforms.chain import EmbedUnits
-from anchorscan.transforms.fitting import anchor_layout
+from anchorscan.pipelines.options import image_flag_groups
+from anchorscan.pipelines.runner import BeamCommand
 from anchorscan.transforms.streaming import (
     SETTLE_SECONDS,
     AnchorReferences,
-    LearnReal,
     NewImages,
     ScoreWindows,
     WriteWindowedParquet,
     gcs_notification_uri,
     reloads_text,
+    scan_stream,
     watch_pattern,
 )
 
 
-def parser():
-    parser = command_parser("stream")
+def command_flags(parser) -> None:
     parser.add_argument(
         "--watch",
         type=text,
@@ -106,10 +89,6 @@ def parser():
         help="read Cloud Storage notifications (OBJECT_FINALIZE) from this Pub/Sub "
         "subscription instead of listing --watch (streaming runners, e.g. Dataflow)",
     )
-    add_runtime_args(parser)
-    add_decoding_args(parser, perturbation=False)
-    add_http_args(parser)
-    return parser
 
 
 def check_watched(watch: str, learn_real: str | None) -> None:
@@ -123,19 +102,23 @@ def check_watched(watch: str, learn_real: str | None) -> None:
             raise UsageError(f"{flag} {location}: no such folder (create it first, or watch another)")
 
 
-def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
-    """Watches until --stop_after_seconds (or for ever); ``wait=False`` (a Flex template's
-    launcher) returns once the streaming job is submitted."""
-    args, options = parse(parser(), argv)
+def prepare(args, options) -> None:
     check_paths([args.watch, args.learn_real, args.anchor, args.output, args.weights])
     check_watched(args.watch, args.learn_real)
     check_writable(f"{args.output}-scores", "--output")
     if args.learn_real:
         check_writable(args.anchor, "--anchor (--learn_real writes it)")
-    runner = str(options.view_as(StandardOptions).runner)
-    if test_pipeline is None and runner in LOCAL_RUNNERS and not args.pubsub_subscription:
-        return run_local(args, options)
-    pipeline = test_pipeline or beam.Pipeline(options=options)
+
+
+def windows_locally(args, options, _) -> dict | None:
+    """On a local runner, whose stages run one after the other, the driver watches and runs one
+    bounded pipeline per window (pipelines/local_stream.py); a Pub/Sub subscription is read by
+    the one streaming pipeline on any runner (None)."""
+    return None if args.pubsub_subscription else run_local(args, options)
+
+
+def graph(pipeline, args, options, _) -> None:
+    """Watches until --stop_after_seconds (or for ever)."""
     start = Timestamp.now()
     stop = start + args.stop_after_seconds if args.stop_after_seconds else MAX_TIMESTAMP
 
@@ -172,23 +155,14 @@ def run(argv=None, test_pipeline=None, wait: bool = True) -> dict:
     ) | "Ticks" >> beam.Flatten()
     learn = watched("Learn", args.learn_real) if args.learn_real else None
     stream_graph(args, options, files, ticks, learn)
-    started = time.time()
-    result = pipeline.run()
-    if not wait:
-        return {"output": args.output}
-    result.wait_until_finish()
-    counters = counter_totals(result)
-    summary = {
-        "output": args.output,
-        "seconds": time.time() - started,
-        "anchor_reloads_failed": counters.get("anchor_reloads_failed", 0),
-    }
+
+
+def print_summary(summary: dict) -> None:
     print(
         f"stream      stopped after {summary['seconds']:.1f} s; windows written to "
-        f"{args.output}-scores-*.parquet and {args.output}-errors-*.parquet\n"
+        f"{summary['output']}-scores-*.parquet and {summary['output']}-errors-*.parquet\n"
         f"anchor      {reloads_text(summary['anchor_reloads_failed'])}"
     )
-    return summary
 
 
 def _notified(uri: str):
@@ -201,32 +175,40 @@ def stream_graph(args, options, files, ticks, learn=None) -> None:
     """The stream from its inputs: FileMetadata of polls (``files``), ticks carrying the anchor
     URI (``ticks``) and, optionally, FileMetadata of trusted real images (``learn``); tests
     feed these from a TestStream."""
-    tensors, metadata = verified_contents(read_checked_file(args.anchor), args.anchor)
-    spec, config = FeatureSpec.from_dict(metadata), AnchorConfig.from_dict(metadata["config"])
-    backbone = backbone_config(args, spec)
-    extractor = driver_extractor(backbone)
-    spec.require_same(extractor.spec, f"anchor {args.anchor}")
-    steps = chain_steps(args, options, backbone, extractor)
-    initial = (args.anchor, anchor_id(metadata))
-    references = ticks | "AnchorReferences" >> AnchorReferences(args.window_seconds, initial)
+    start = stream_start(args, options, args.anchor)
+    references = ticks | "AnchorReferences" >> AnchorReferences(
+        args.window_seconds, (args.anchor, start.anchor_id)
+    )
     # Notifications come for finalised objects, which are whole: nothing to wait for.
     settle = 0.0 if args.pubsub_subscription else args.settle_seconds
-    scanned = files | "NewImages" >> NewImages(args.window_seconds, settle) | "Features" >> EmbedUnits(steps)
-    rows, score_errors = scanned.embedded | "Score" >> ScoreWindows(references)
-    _ = rows | "WriteScores" >> WriteWindowedParquet(args.output, "scores", SCORE_SCHEMA)
-    errors = [*scanned.errors, score_errors]
-    if learn is not None:
-        real = (
-            learn
-            | "NewReal" >> NewImages(args.window_seconds, args.settle_seconds)
-            | "RealFeatures" >> EmbedUnits(steps.for_fitting(softened(config.forensic_levels)))
-        )
-        _ = real.embedded | "LearnReal" >> LearnReal(
-            args.anchor, anchor_layout(spec, config), tensors.get("projection")
-        )
-        errors += real.errors
-    _ = (
-        tuple(errors)
-        | "Errors" >> beam.Flatten()
-        | "WriteErrors" >> WriteWindowedParquet(args.output, "errors", ERROR_SCHEMA)
+    units = files | "NewImages" >> NewImages(args.window_seconds, settle)
+    real = (
+        learn | "NewReal" >> NewImages(args.window_seconds, args.settle_seconds)
+        if learn is not None
+        else None
     )
+    scan_stream(
+        units,
+        start.steps,
+        ScoreWindows(references),
+        lambda table, schema: WriteWindowedParquet(args.output, table, schema),
+        real,
+        start.learning,
+    )
+
+
+COMMAND = BeamCommand(
+    "stream",
+    (command_flags, *image_flag_groups(perturbation=False)),
+    prepare,
+    tables=lambda args, _: [],  # each window's files are written whole, under names of their own
+    graph=graph,
+    summary=lambda args, _, counters: {
+        "output": args.output,
+        "anchor_reloads_failed": counters.get("anchor_reloads_failed", 0),
+    },
+    printed=print_summary,
+    submitted=lambda args, _: {"output": args.output},
+    local=windows_locally,
+)
+parser, run = COMMAND.parser, COMMAND.run

@@ -4,9 +4,7 @@ guard refuses as a whole writes its refused table and no anchor, and exits 2 say
 
 from __future__ import annotations
 
-import time
-
-import apache_beam as beam
+import dataclasses
 
 from anchorscan.anchors.anchor import AnchorConfig
 from anchorscan.anchors.anchor_file import anchor_from_bytes, read_metadata
@@ -14,30 +12,28 @@ from anchorscan.anchors.errors import UsageError, UserError
 from anchorscan.anchors.io.storage import read_checked_file
 from anchorscan.anchors.softness import softened
 from anchorscan.anchors.updating import DEFAULT_ADMIT, ROUND_SHARE, admission_threshold, round_test
-from anchorscan.pipelines.common import anchor_and_extractor, chain_steps
-from anchorscan.pipelines.flags import admit_value, command_parser, float_in, input_pattern, text
+from anchorscan.pipelines.common import StartingAnchor, anchor_and_extractor, chain_steps
+from anchorscan.pipelines.flags import admit_value, float_in
 from anchorscan.pipelines.options import (
-    INPUT_HELP,
-    add_decoding_args,
-    add_http_args,
-    add_runtime_args,
+    add_anchor_output_args,
     add_softening_arg,
-    counter_totals,
     error_total,
-    parse,
+    image_flag_groups,
 )
+from anchorscan.pipelines.runner import BeamCommand
 from anchorscan.transforms.chain import ImageFeatures
 from anchorscan.transforms.fitting import LoadAnchor, UpdateAnchor, WriteRefused, copies_hold_out
-from anchorscan.transforms.sinks import WriteErrors, cleaned_on_failure
+from anchorscan.transforms.sinks import WriteErrors
 
 
-def parser():
-    parser = command_parser("update")
-    parser.add_argument("--anchor", type=text, required=True, help="the anchor to update (local or gs://)")
-    parser.add_argument(
-        "--input", type=input_pattern, action="append", required=True, help=f"real images: {INPUT_HELP}"
+def command_flags(parser) -> None:
+    add_anchor_output_args(
+        parser,
+        "the anchor to update (local or gs://)",
+        "real images",
+        "the updated anchor file to write",
+        "the errors and refused tables",
     )
-    parser.add_argument("--output", type=text, required=True, help="the updated anchor file to write")
     parser.add_argument(
         "--admit",
         type=admit_value,
@@ -60,73 +56,83 @@ def parser():
         help="weight of the anchor's old statistics, in (0, 1] (1: no forgetting; "
         "below 1 the anchor can no longer export deltas against its base)",
     )
-    parser.add_argument(
-        "--errors",
-        type=text,
-        default=None,
-        help="prefix of the errors and refused tables (default: the output's path)",
-    )
     add_softening_arg(parser)
-    add_runtime_args(parser)
-    add_decoding_args(parser)
-    add_http_args(parser)
-    return parser
 
 
-def run(argv=None, test_pipeline=None) -> dict:
-    args, options = parse(parser(), argv)
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    anchor: StartingAnchor
+    config: AnchorConfig
+    admit: str
+    threshold: float | None  # None: every image admitted
+
+
+def prepare(args, options) -> Prepared:
     if args.trusted and args.admit is not None:
         raise UsageError("--trusted admits every image; --admit is the guard of untrusted updates")
-    tensors, metadata, spec, backbone, extractor = anchor_and_extractor(args)
-    config = AnchorConfig.from_dict(metadata["config"])
+    anchor = anchor_and_extractor(args)
+    config = AnchorConfig.from_dict(anchor.metadata["config"])
     admit = "none" if args.trusted else args.admit or DEFAULT_ADMIT
-    threshold = admission_threshold(config, admit)
+    return Prepared(anchor, config, admit, admission_threshold(config, admit))
 
-    started = time.time()
-    pipeline = test_pipeline or beam.Pipeline(options=options)
+
+def tables(args, _) -> list[str]:
+    prefix = args.errors or args.output
+    return [f"{prefix}-refused", f"{prefix}-errors"]
+
+
+def graph(pipeline, args, options, prepared: Prepared) -> None:
+    start = prepared.anchor
     anchor = pipeline | "Anchor" >> LoadAnchor(args.anchor)
-    steps = chain_steps(args, options, backbone, extractor).for_fitting(
-        softened(config.forensic_levels),
+    steps = chain_steps(args, options, start.backbone, start.extractor).for_fitting(
+        softened(prepared.config.forensic_levels),
         args.softened_images,
-        copies_hold_out(config) if args.trusted else None,
+        copies_hold_out(prepared.config) if args.trusted else None,
     )
     real = pipeline | "Real" >> ImageFeatures(args.input, steps)
     _, refused = real.embedded | "Update" >> UpdateAnchor(
-        anchor, args.output, spec, config, tensors.get("projection"), threshold, args.forgetting, args.trusted
+        anchor,
+        args.output,
+        start.spec,
+        prepared.config,
+        start.tensors.get("projection"),
+        prepared.threshold,
+        args.forgetting,
+        args.trusted,
     )
     prefix = args.errors or args.output
     _ = refused | WriteRefused(prefix)
     _ = real.errors | WriteErrors(prefix)
-    with cleaned_on_failure([f"{prefix}-refused", f"{prefix}-errors"]):
-        result = pipeline.run()
-        result.wait_until_finish()
 
-    counters = counter_totals(result)
+
+def summary(args, prepared: Prepared, counters: dict[str, int]) -> dict:
     summary = {
         "anchor": args.output,
-        "n_before": metadata["n"],
+        "n_before": prepared.anchor.metadata["n"],
         "admitted": counters.get("images_admitted", 0),
         "near_threshold": counters.get("images_near_threshold", 0),
         "refused": counters.get("images_refused", 0),
         "round_refused": bool(counters.get("rounds_refused", 0)),
-        "admit": admit,
+        "admit": prepared.admit,
         "trusted": args.trusted,
         "errors": error_total(counters),
-        "seconds": time.time() - started,
-        "refused_table": f"{prefix}-refused-*.parquet",
+        "refused_table": f"{args.errors or args.output}-refused-*.parquet",
     }
-    if summary["round_refused"]:
-        # The same test the pipeline ran, from the same counts: its reason in words.
-        anchor_now, _ = anchor_from_bytes(read_checked_file(args.anchor), args.anchor)
-        test = round_test(summary["admitted"], summary["near_threshold"], anchor_now, threshold)
-        print_update_summary(summary)
-        raise RoundRefused(
-            f"{args.output} was not written: {test.reason()} (the round's images: {prefix}-refused-*.parquet)"
-        )
-    after = read_metadata(read_checked_file(args.output), args.output)
-    summary.update(n=after["n"], n_calibration=after["n_calibration"])
-    print_update_summary(summary)
+    if not summary["round_refused"]:
+        after = read_metadata(read_checked_file(args.output), args.output)
+        summary.update(n=after["n"], n_calibration=after["n_calibration"])
     return summary
+
+
+def verdict(args, prepared: Prepared, summary: dict) -> None:
+    """A round the guard refused as a whole: the same test the pipeline ran, from the same
+    counts, says why in words."""
+    if summary["round_refused"]:
+        anchor_now, _ = anchor_from_bytes(read_checked_file(args.anchor), args.anchor)
+        test = round_test(summary["admitted"], summary["near_threshold"], anchor_now, prepared.threshold)
+        raise RoundRefused(
+            f"{args.output} was not written: {test.reason()} (the round's images: {summary['refused_table']})"
+        )
 
 
 class RoundRefused(UserError):
@@ -159,3 +165,16 @@ def print_update_summary(summary: dict) -> None:
         f"errors      {summary['errors']}\n"
         f"time        {summary['seconds']:.1f} s"
     )
+
+
+COMMAND = BeamCommand(
+    "update",
+    (command_flags, *image_flag_groups()),
+    prepare,
+    tables=tables,
+    graph=graph,
+    summary=summary,
+    printed=print_update_summary,
+    verdict=verdict,
+)
+parser, run = COMMAND.parser, COMMAND.run

@@ -35,8 +35,9 @@ from anchorscan.anchors.io.sources import Unit
 from anchorscan.anchors.io.storage import read_checked_file, write_atomically
 from anchorscan.anchors.io.uris import has_glob
 from anchorscan.anchors.statistics import Statistics, StatisticsLayout
-from anchorscan.anchors.tables import error_row
+from anchorscan.anchors.tables import ERROR_SCHEMA, SCORE_SCHEMA, error_row
 from anchorscan.anchors.threads import limit_blas_threads
+from anchorscan.transforms.chain import EmbedUnits, Steps
 from anchorscan.transforms.scoring import ScoreBatchFn
 from anchorscan.transforms.statistics import AccumulateStatistics
 
@@ -356,6 +357,35 @@ class LearnReal(beam.PTransform):
             | "Statistics" >> AccumulateStatistics(self.layout, without_defaults=True)
             | "Learn" >> beam.Map(_learn, self.output_uri, self.projection)
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class Learning:
+    """How a stream learns from trusted real images: their steps (every forensic level), the
+    anchor file they are learned into, its statistics layout and its projection."""
+
+    steps: Steps
+    anchor_uri: str
+    layout: StatisticsLayout
+    projection: Any
+
+
+def scan_stream(units, steps: Steps, score, write, real=None, learning: Learning | None = None) -> None:
+    """The stream's graph on any runner: image units -> features -> ``score`` (a transform to
+    score rows and error rows) -> the scores table; trusted real units (``real``) learned into
+    the anchor; every error -> the errors table. ``write(table, schema)`` is the transform that
+    writes a table: per window on a streaming runner, one window's file in the local stream."""
+    scanned = units | "Features" >> EmbedUnits(steps)
+    rows, score_errors = scanned.embedded | "Score" >> score
+    _ = rows | "WriteScores" >> write("scores", SCORE_SCHEMA)
+    errors = [*scanned.errors, score_errors]
+    if real is not None and learning is not None:
+        learned = real | "RealFeatures" >> EmbedUnits(learning.steps)
+        _ = learned.embedded | "LearnReal" >> LearnReal(
+            learning.anchor_uri, learning.layout, learning.projection
+        )
+        errors += learned.errors
+    _ = tuple(errors) | "Errors" >> beam.Flatten() | "WriteErrors" >> write("errors", ERROR_SCHEMA)
 
 
 def watch_pattern(location: str) -> str:
