@@ -17,7 +17,7 @@ import logging
 import os
 
 from anchorscan.anchors.errors import EnvironmentFailure, MissingFileError
-from anchorscan.anchors.io.uris import glob_prefix
+from anchorscan.anchors.io.uris import Location, glob_prefix
 
 EMULATOR_VARIABLE = "STORAGE_EMULATOR_HOST"
 CHECK_SECONDS = 10.0  # all attempts of one check together
@@ -35,7 +35,7 @@ class GcsSetupError(EnvironmentFailure):
 
 
 def is_gcs(uri: str) -> bool:
-    return uri.startswith("gs://")
+    return Location.parse(uri).is_gcs
 
 
 def bucket_and_prefix(uri: str) -> tuple[str, str]:

@@ -36,10 +36,9 @@ from anchorscan.anchors.io.sources import (
     raise_if_stopped,
     read_limited,
 )
-from anchorscan.anchors.io.uris import IMAGE_EXTENSIONS, is_remote, local_path
+from anchorscan.anchors.io.uris import IMAGE_EXTENSIONS, SHARD_EXTENSIONS, Location, is_remote, local_path
 from anchorscan.anchors.tables import CLASH_PREFIX, clashing_columns, json_text
 
-SHARD_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 IMAGE_MEMBER_EXTENSIONS = frozenset(extension.lstrip(".") for extension in IMAGE_EXTENSIONS)
 # img2dataset's status of a sample whose image was downloaded; other rows have no image.
 SUCCESS = "success"
@@ -65,22 +64,16 @@ GCS_CHUNK_BYTES = 8 * 2**20
 
 
 def is_shard_path(path: str) -> bool:
-    return path.lower().endswith(SHARD_EXTENSIONS)
+    return Location.parse(path).is_shard
 
 
 def split_sample_uri(uri: str) -> tuple[str, str] | None:
     """(shard, key) of a sample URI ``SHARD#KEY``; None for any other URI."""
-    lowered = uri.lower()
-    cuts = [lowered.find(extension + "#") for extension in SHARD_EXTENSIONS]
-    cuts = [cut + len(extension) for cut, extension in zip(cuts, SHARD_EXTENSIONS) if cut > 0]
-    if not cuts:
-        return None
-    cut = min(cuts)
-    return uri[:cut], uri[cut + 1 :]
+    return Location.parse(uri).shard_and_key
 
 
 def sample_uri(shard: str, key: str) -> str:
-    return f"{shard}#{key}"
+    return str(Location.sample(shard, key))
 
 
 def sidecar_of(shard: str) -> str:
