@@ -71,6 +71,7 @@ def _answers_as_before(uri: str) -> None:
     assert location == Location.parse(uri) and hash(location) == hash(Location.parse(uri))
     assert location.is_remote == _old_is_remote(uri)
     assert location.is_gcs == uri.startswith("gs://")
+    assert location.is_absolute == ("://" in uri or uri.startswith("/"))
     assert location.local_path == _old_local_path(uri)
     assert location.is_shard == uri.lower().endswith(SHARD_EXTENSIONS)
     assert location.shard_and_key == _old_split_sample_uri(uri)

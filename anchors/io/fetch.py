@@ -44,10 +44,6 @@ class _Transient(Exception):
     """A failure worth another attempt."""
 
 
-def is_http(uri: str) -> bool:
-    return Location.parse(uri).is_http
-
-
 def host_addresses(host: str) -> set[str]:
     """The IP addresses ``host`` resolves to (none where it does not resolve: the request
     itself then says so). Tests replace it to give a loopback server a public address."""

@@ -34,10 +34,6 @@ class GcsSetupError(EnvironmentFailure):
     storage unreachable): the environment's, exit status 3; the message says what to set."""
 
 
-def is_gcs(uri: str) -> bool:
-    return Location.parse(uri).is_gcs
-
-
 def bucket_and_prefix(uri: str) -> tuple[str, str]:
     """The bucket of a gs:// path or pattern, and the object prefix before any glob character."""
     bucket, _, name = uri[len("gs://") :].partition("/")
@@ -193,7 +189,7 @@ def storage_errors(uri: str):
     try:
         yield
     except Exception as error:
-        if not is_gcs(uri):
+        if not Location.parse(uri).is_gcs:
             raise
         raise describe(uri, error) from None
 
@@ -204,7 +200,7 @@ def check_paths(uris) -> None:
     not readable; one request per bucket."""
     buckets: dict[str, str] = {}
     for uri in uris:
-        if uri and is_gcs(uri):
+        if uri and Location.parse(uri).is_gcs:
             buckets.setdefault(bucket_and_prefix(uri)[0], uri)
     for bucket, uri in sorted(buckets.items()):
         try:

@@ -60,6 +60,11 @@ class Location:
         """Named by a scheme other than ``file://`` (gs://, http(s)://, or one nothing reads)."""
         return "://" in self.uri and not self.uri.startswith(FILE_SCHEME)
 
+    @property
+    def is_absolute(self) -> bool:
+        """Scheme-qualified, or an absolute local path: not to be resolved beside anything."""
+        return "://" in self.uri or self.uri.startswith("/")
+
     @functools.cached_property
     def is_gcs(self) -> bool:
         return self.uri.startswith(GCS_SCHEME)
@@ -123,7 +128,7 @@ def uri_text(path: str) -> str:
         path.encode("utf-8")
         return path
     except UnicodeEncodeError:
-        if is_remote(path):  # object names are UTF-8 already; keep what can be kept
+        if Location.parse(path).is_remote:  # object names are UTF-8 already; keep what can be kept
             return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         return FILE_SCHEME + urllib.parse.quote_from_bytes(os.fsencode(os.path.abspath(path)))
 
@@ -131,11 +136,6 @@ def uri_text(path: str) -> str:
 def local_path(uri: str) -> str | None:
     """The local path that ``uri`` names, or None for a remote URI (``Location.local_path``)."""
     return Location.parse(uri).local_path
-
-
-def local_file(uri: str) -> str:
-    """The local path of a URI known not to be remote."""
-    return Location.parse(uri).local_file()
 
 
 # A brace pattern naming more than this is refused before it is expanded: each name is one
