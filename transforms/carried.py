@@ -20,19 +20,18 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 from anchorscan.anchors.errors import UsageError
-from anchorscan.anchors.io.fetch import FetchError, is_http
+from anchorscan.anchors.io.fetch import FetchError
 from anchorscan.anchors.io.manifests import is_manifest
 from anchorscan.anchors.io.shards import (
     GONE,
-    is_shard_path,
     open_shard,
     samples,
     sidecar_exists,
     sidecar_of,
-    split_sample_uri,
 )
 from anchorscan.anchors.io.sources import ReadLimits
 from anchorscan.anchors.io.storage import read_bytes
+from anchorscan.anchors.io.uris import Location
 from anchorscan.anchors.tables import CLASH_PREFIX, SCORE_SCHEMA, json_text
 from anchorscan.transforms.listing import csv_columns, expand_input, indexed_inputs
 
@@ -44,7 +43,7 @@ def carries_columns(pattern: str) -> bool:
 def _parquet_schema(path: str) -> list[pa.Field]:
     import pyarrow.parquet as pq
 
-    if is_http(path):
+    if Location.parse(path).is_http:
         return list(pq.read_schema(io.BytesIO(read_bytes(path))))
     with FileSystems.open(path, compression_type="uncompressed") as handle:
         return list(pq.read_schema(handle))
@@ -82,8 +81,10 @@ def listed_shards(patterns: list[str]):
     seen = set()
     for index, name in indexed_inputs(patterns):
         for kind, value in itertools.islice(expand_input(name, index), LOOK_FOR_SHARDS):
-            split = split_sample_uri(value.uri) if kind == "unit" else None
-            shard = split[0] if split else value.uri if kind == "unit" and is_shard_path(value.uri) else None
+            if kind != "unit":
+                continue
+            location = Location.parse(value.uri)
+            shard = location.shard or (value.uri if location.is_shard else None)
             if shard is not None and shard not in seen:
                 seen.add(shard)
                 yield shard

@@ -13,8 +13,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from anchorscan.anchors.errors import UsageError, exception_name
 from anchorscan.anchors.io import gcs
-from anchorscan.anchors.io.fetch import is_http
-from anchorscan.anchors.io.gcs import describe, is_gcs
+from anchorscan.anchors.io.gcs import describe
 from anchorscan.anchors.io.manifests import (
     is_manifest,
     names_local_file,
@@ -24,7 +23,7 @@ from anchorscan.anchors.io.manifests import (
 from anchorscan.anchors.io.registry import listable
 from anchorscan.anchors.io.sources import Unit
 from anchorscan.anchors.io.storage import read_bytes
-from anchorscan.anchors.io.uris import glob_prefix, has_glob, local_path, too_many_names, uri_text
+from anchorscan.anchors.io.uris import Location, glob_prefix, has_glob, too_many_names, uri_text
 from anchorscan.anchors.tables import error_row
 from anchorscan.transforms.progress import ReportProgress
 
@@ -46,7 +45,7 @@ def matching_files(pattern: str) -> list[str]:
     """Sorted paths that ``pattern`` matches, local or gs:// (none when nothing matches). Beam
     lists the folder of a glob's fixed part, which for a bare relative glob (``s1-scores-*``)
     is '' and lists nothing: such a glob is matched in ``.``, its paths given back bare."""
-    path = local_path(pattern)
+    path = Location.parse(pattern).local_path
     bare = path is not None and has_glob(path) and not os.path.dirname(glob_prefix(path))
     found = FileSystems.match([f"./{pattern}" if bare else pattern])[0].metadata_list
     return sorted(metadata.path[2:] if bare else metadata.path for metadata in found)
@@ -118,7 +117,8 @@ def expand_input(pattern: str, index: int = 0, carried_names: tuple[str, ...] = 
     else is a glob and matches exactly what it says. Local folders linked from inside are
     followed, as a shell's glob follows them.
     """
-    if is_http(pattern) and not is_manifest(pattern):  # a web server lists nothing: one input
+    location = Location.parse(pattern)
+    if location.is_http and not is_manifest(pattern):  # a web server lists nothing: one input
         yield "unit", Unit(pattern, (index, 0))
         return
     reported = False  # a unit, or a row about this input
@@ -128,7 +128,7 @@ def expand_input(pattern: str, index: int = 0, carried_names: tuple[str, ...] = 
                 reported = True
                 yield kind, value
             return
-        path = local_path(pattern)
+        path = location.local_path
         if path is None:
             listing = _list_remote(pattern)
         else:  # relative paths listed absolute: the tables name files found from any folder later
@@ -138,7 +138,7 @@ def expand_input(pattern: str, index: int = 0, carried_names: tuple[str, ...] = 
             yield (kind, value) if kind == "error" else ("unit", Unit(value, (index, 0)))
     except Exception as error:  # a bad pattern or manifest must not stop the other inputs
         reported = True
-        if is_gcs(pattern):
+        if location.is_gcs:
             error = describe(pattern, error, is_listing=not is_manifest(pattern))
         yield (
             "error",
@@ -254,7 +254,7 @@ def distinct_patterns(patterns: list[str]) -> list[str]:
 
 def csv_columns(manifest: str) -> list[str]:
     """A CSV manifest's column names: its first line's."""
-    if is_http(manifest):
+    if Location.parse(manifest).is_http:
         first = read_bytes(manifest).split(b"\n", 1)[0]
     else:
         with FileSystems.open(manifest, compression_type="uncompressed") as handle:
@@ -265,7 +265,7 @@ def csv_columns(manifest: str) -> list[str]:
 def _refuse_repeated_columns(pattern: str) -> None:
     """A local or gs:// CSV manifest whose header names a column twice is refused before the
     scan (ManifestError); one over http(s) is refused by its listing, as an error row."""
-    if not (is_manifest(pattern) and pattern.lower().endswith(".csv")) or is_http(pattern):
+    if not (is_manifest(pattern) and pattern.lower().endswith(".csv")) or Location.parse(pattern).is_http:
         return
     try:
         names = csv_columns(pattern)

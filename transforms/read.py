@@ -12,9 +12,7 @@ import threading
 import apache_beam as beam
 
 from anchorscan.anchors.errors import exception_name
-from anchorscan.anchors.io.fetch import is_http
 from anchorscan.anchors.io.registry import source_for
-from anchorscan.anchors.io.shards import split_sample_uri
 from anchorscan.anchors.io.sources import (
     ReadError,
     ReadFailure,
@@ -22,6 +20,7 @@ from anchorscan.anchors.io.sources import (
     Unit,
     stopped_by,
 )
+from anchorscan.anchors.io.uris import Location
 from anchorscan.anchors.tables import error_row
 
 ERRORS = "errors"
@@ -80,7 +79,7 @@ class ReadFn(beam.DoFn):
                 "TimeoutError",
             )
         # A web server gets its own overall limit (--http_max_time), retries included.
-        timeout = self.limits.http.max_time if is_http(uri) else self.limits.read_timeout
+        timeout = self.limits.http.max_time if Location.parse(uri).is_http else self.limits.read_timeout
         finished, outcome, done = self._thread.run(lambda: next(items), timeout)
         if not finished:
             self._stuck.append(done)
@@ -121,7 +120,7 @@ class _SamplesApart(beam.PartitionFn):
     """Records of tar shards' samples to partition 1, others to 0."""
 
     def partition_for(self, element, num_partitions, *args, **kwargs) -> int:
-        return int(split_sample_uri(element.uri) is not None)
+        return int(Location.parse(element.uri).shard_and_key is not None)
 
 
 class SpreadSamples(beam.PTransform):

@@ -30,7 +30,7 @@ from anchorscan.anchors.errors import (
 )
 from anchorscan.anchors.io.registry import listable
 from anchorscan.anchors.io.storage import files_named, resolved
-from anchorscan.anchors.io.uris import has_glob, is_remote, local_file
+from anchorscan.anchors.io.uris import Location, has_glob
 from anchorscan.anchors.tables import ERROR_SCHEMA, REUSED_COLUMNS, SCORE_SCHEMA
 from anchorscan.transforms.listing import braces, matching_files
 
@@ -153,7 +153,8 @@ def _read_among(paths: list[str], inputs: list[str]) -> tuple[str, str] | None:
             if not has_glob(name):
                 named.setdefault(resolved(name), given)
             else:  # matched as the listing matches it: links not resolved
-                pattern = name if is_remote(name) else os.path.abspath(local_file(name))
+                location = Location.parse(name)
+                pattern = name if location.is_remote else os.path.abspath(location.local_file())
                 globs.append((re.compile(FileSystem.translate_pattern(pattern)), given))
     for path in paths:
         found = resolved(path)
@@ -161,7 +162,8 @@ def _read_among(paths: list[str], inputs: list[str]) -> tuple[str, str] | None:
         if listable(found):
             while (parent := posixpath.dirname(folders[-1])) not in (folders[-1], "gs:"):
                 folders.append(parent)
-        typed = path if is_remote(path) else os.path.abspath(local_file(path))
+        location = Location.parse(path)
+        typed = path if location.is_remote else os.path.abspath(location.local_file())
         source = next((named[folder] for folder in folders if folder in named), None) or next(
             (given for pattern, given in globs if pattern.fullmatch(typed)), None
         )
@@ -240,7 +242,7 @@ def _temporary_folders(prefixes: list[str]) -> set[str]:
     """The local ``beam-temp-*`` folders of tables ``PREFIX-TABLE``."""
     folders = set()
     for prefix in prefixes:
-        if not is_remote(prefix):
+        if not Location.parse(prefix).is_remote:
             folder, name = os.path.split(os.path.abspath(prefix))
             folders |= {
                 path
@@ -283,7 +285,7 @@ class PrefixLock:
 
     def __init__(self, prefix: str):
         self.path = f"{prefix}.lock"
-        self.local = not is_remote(prefix)
+        self.local = not Location.parse(prefix).is_remote
         self._fd: int | None = None
 
     def __enter__(self):

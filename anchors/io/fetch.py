@@ -16,7 +16,8 @@ import urllib.parse
 import requests
 import urllib3
 
-HTTP_SCHEMES = ("http", "https")
+from anchorscan.anchors.io.uris import Location
+
 MAX_REDIRECTS = 5
 BACKOFF_SECONDS = 0.5  # before the first retry; doubles with each further one
 CHUNK_BYTES = 1 << 16
@@ -41,10 +42,6 @@ class FetchError(OSError):
 
 class _Transient(Exception):
     """A failure worth another attempt."""
-
-
-def is_http(uri: str) -> bool:
-    return urllib.parse.urlsplit(uri).scheme.lower() in HTTP_SCHEMES
 
 
 def host_addresses(host: str) -> set[str]:
@@ -185,7 +182,7 @@ def _ok_response(uri: str, deadline: float, config: HttpConfig):
             with response:
                 if response.is_redirect:
                     target = urllib.parse.urljoin(url, response.headers["Location"])
-                    if urllib.parse.urlsplit(target).scheme.lower() not in HTTP_SCHEMES:
+                    if not Location.parse(target).is_http:
                         raise FetchError(
                             f"HTTP {response.status_code} redirect to {target}: only "
                             f"http(s) redirects are followed"

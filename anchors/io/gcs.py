@@ -17,7 +17,7 @@ import logging
 import os
 
 from anchorscan.anchors.errors import EnvironmentFailure, MissingFileError
-from anchorscan.anchors.io.uris import glob_prefix
+from anchorscan.anchors.io.uris import Location, glob_prefix
 
 EMULATOR_VARIABLE = "STORAGE_EMULATOR_HOST"
 CHECK_SECONDS = 10.0  # all attempts of one check together
@@ -32,10 +32,6 @@ CREDENTIALS_HINT = (
 class GcsSetupError(EnvironmentFailure):
     """gs:// paths cannot be used as this machine is set up (no credentials, access denied,
     storage unreachable): the environment's, exit status 3; the message says what to set."""
-
-
-def is_gcs(uri: str) -> bool:
-    return uri.startswith("gs://")
 
 
 def bucket_and_prefix(uri: str) -> tuple[str, str]:
@@ -193,7 +189,7 @@ def storage_errors(uri: str):
     try:
         yield
     except Exception as error:
-        if not is_gcs(uri):
+        if not Location.parse(uri).is_gcs:
             raise
         raise describe(uri, error) from None
 
@@ -204,7 +200,7 @@ def check_paths(uris) -> None:
     not readable; one request per bucket."""
     buckets: dict[str, str] = {}
     for uri in uris:
-        if uri and is_gcs(uri):
+        if uri and Location.parse(uri).is_gcs:
             buckets.setdefault(bucket_and_prefix(uri)[0], uri)
     for bucket, uri in sorted(buckets.items()):
         try:

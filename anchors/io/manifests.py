@@ -10,7 +10,7 @@ import os
 import posixpath
 
 from anchorscan.anchors.errors import UserError
-from anchorscan.anchors.io.uris import has_glob, is_remote
+from anchorscan.anchors.io.uris import Location, has_glob
 
 MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
 
@@ -27,7 +27,7 @@ def names_local_file(manifest: str, uri: str) -> bool:
     """Whether a manifest fetched from a web server or Cloud Storage names a local file: such a
     manifest may name only remote URIs (whoever wrote it must not make the scan read this
     machine's files)."""
-    return is_remote(manifest) and not is_remote(uri)
+    return Location.parse(manifest).is_remote and not Location.parse(uri).is_remote
 
 
 def refuse_repeated_columns(manifest: str, names: list[str]) -> None:
@@ -43,9 +43,9 @@ def refuse_repeated_columns(manifest: str, names: list[str]) -> None:
 
 def resolve(manifest: str, entry: str) -> str:
     """An entry's URI: as written when absolute or scheme-qualified, else beside the manifest."""
-    if "://" in entry or entry.startswith("/"):
+    if Location.parse(entry).is_absolute:
         return entry
-    if is_remote(manifest):
+    if Location.parse(manifest).is_remote:
         return posixpath.join(posixpath.dirname(manifest), entry)
     return os.path.join(os.path.dirname(os.path.abspath(manifest)), entry)
 

@@ -24,7 +24,7 @@ from typing import Literal
 
 from anchorscan.anchors.errors import exception_name
 from anchorscan.anchors.io import gcs
-from anchorscan.anchors.io.fetch import FetchError, HttpConfig, fetch, is_http, open_stream
+from anchorscan.anchors.io.fetch import FetchError, HttpConfig, fetch, open_stream
 from anchorscan.anchors.io.sources import (
     ByteSource,
     ReadError,
@@ -36,10 +36,9 @@ from anchorscan.anchors.io.sources import (
     raise_if_stopped,
     read_limited,
 )
-from anchorscan.anchors.io.uris import IMAGE_EXTENSIONS, is_remote, local_path
+from anchorscan.anchors.io.uris import IMAGE_EXTENSIONS, SHARD_EXTENSIONS, Location
 from anchorscan.anchors.tables import CLASH_PREFIX, clashing_columns, json_text
 
-SHARD_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 IMAGE_MEMBER_EXTENSIONS = frozenset(extension.lstrip(".") for extension in IMAGE_EXTENSIONS)
 # img2dataset's status of a sample whose image was downloaded; other rows have no image.
 SUCCESS = "success"
@@ -64,23 +63,9 @@ GZIP_MAGIC = b"\x1f\x8b"
 GCS_CHUNK_BYTES = 8 * 2**20
 
 
-def is_shard_path(path: str) -> bool:
-    return path.lower().endswith(SHARD_EXTENSIONS)
-
-
 def split_sample_uri(uri: str) -> tuple[str, str] | None:
     """(shard, key) of a sample URI ``SHARD#KEY``; None for any other URI."""
-    lowered = uri.lower()
-    cuts = [lowered.find(extension + "#") for extension in SHARD_EXTENSIONS]
-    cuts = [cut + len(extension) for cut, extension in zip(cuts, SHARD_EXTENSIONS) if cut > 0]
-    if not cuts:
-        return None
-    cut = min(cuts)
-    return uri[:cut], uri[cut + 1 :]
-
-
-def sample_uri(shard: str, key: str) -> str:
-    return f"{shard}#{key}"
+    return Location.parse(uri).shard_and_key
 
 
 def sidecar_of(shard: str) -> str:
@@ -158,7 +143,7 @@ class Sample:
     def uri(self, shard: str) -> str:
         if key_problem(self.key):  # no key holds '#': this names no other sample
             return f"{shard}##member={self.position}"
-        uri = sample_uri(shard, self.key)
+        uri = str(Location.sample(shard, self.key))
         return f"{uri}#member={self.position}" if self.by_position else uri
 
     def refuse(self, problem: str) -> None:
@@ -372,20 +357,21 @@ def samples(stream, limits: ReadLimits) -> Iterator[Sample]:
 def open_shard(uri: str, http: HttpConfig = HttpConfig()):
     """A shard as a readable stream: a local regular file, a Cloud Storage object read in chunks,
     or a web server's response read as it arrives."""
-    if is_http(uri):
+    location = Location.parse(uri)
+    if location.is_http:
         try:
             with open_stream(uri, http) as body:
                 yield body
         except FetchError as error:
             raise ReadError(str(error), exception_name(error)) from None
         return
-    if gcs.is_gcs(uri):
+    if location.is_gcs:
         with gcs.storage_errors(uri):
             reader = gcs.blob(uri).open("rb", chunk_size=GCS_CHUNK_BYTES, timeout=gcs.TRANSFER_TIMEOUT)
         with reader:
             yield _StorageStream(uri, reader)
         return
-    if is_remote(uri):
+    if location.is_remote:
         raise ReadError("only local files, gs:// and http(s):// URIs can be read")
     with open_regular_file(uri) as handle:
         yield handle
@@ -408,7 +394,7 @@ def read_sidecar(shard: str, limits: ReadLimits) -> dict[str, dict] | None:
     import pyarrow.parquet as pq
 
     sidecar = sidecar_of(shard)
-    if is_http(sidecar):
+    if Location.parse(sidecar).is_http:
         try:
             data = fetch(sidecar, limits.max_bytes, limits.http)
         except FetchError as error:
@@ -441,12 +427,13 @@ def read_sidecar(shard: str, limits: ReadLimits) -> dict[str, dict] | None:
 
 
 def sidecar_exists(sidecar: str) -> bool:
-    if is_http(sidecar):
+    location = Location.parse(sidecar)
+    if location.is_http:
         return True  # a web server answers 404 for a missing one, which the read tells apart
-    if gcs.is_gcs(sidecar):
+    if location.is_gcs:
         with gcs.storage_errors(sidecar):
             return gcs.existing_blob(sidecar) is not None
-    path = local_path(sidecar)
+    path = location.local_path
     return path is not None and os.path.isfile(path)
 
 
@@ -468,13 +455,14 @@ class TarShardSource(ByteSource):
     name = "shard"
 
     def lists(self, path: str) -> bool:
-        return is_shard_path(path)
+        return Location.parse(path).is_shard
 
     def claims(self, uri: str) -> bool:
-        return is_shard_path(uri) or split_sample_uri(uri) is not None
+        location = Location.parse(uri)
+        return location.is_shard or location.shard_and_key is not None
 
     def read(self, unit: Unit, limits: ReadLimits) -> Iterator[Record | ReadFailure]:
-        split = split_sample_uri(unit.uri)
+        split = Location.parse(unit.uri).shard_and_key
         shard, wanted = split if split else (unit.uri, None)
         try:
             sidecar = read_sidecar(shard, limits)
@@ -543,4 +531,4 @@ def _never_reached(shard: str, unmatched: dict[str, dict], why: str):
     """Error rows for the samples the sidecar lists as downloaded that the read never met."""
     for key, row in sorted(unmatched.items()):
         if row.get("status", SUCCESS) == SUCCESS:
-            yield ReadFailure(sample_uri(shard, key), why)
+            yield ReadFailure(str(Location.sample(shard, key)), why)

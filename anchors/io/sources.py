@@ -18,8 +18,8 @@ from collections.abc import Iterator
 
 from anchorscan.anchors.errors import MissingFileError, exception_name
 from anchorscan.anchors.io import gcs
-from anchorscan.anchors.io.fetch import FetchError, HttpConfig, fetch, is_http
-from anchorscan.anchors.io.uris import is_image_path, is_remote, local_file, local_path
+from anchorscan.anchors.io.fetch import FetchError, HttpConfig, fetch
+from anchorscan.anchors.io.uris import Location, is_image_path
 
 DEFAULT_MAX_BYTES = 256 * 2**20
 DEFAULT_READ_TIMEOUT = 60.0
@@ -205,7 +205,7 @@ def _read_errors(path: str | None):
 def open_regular_file(uri: str):
     """A local file opened for reading as it is streamed (a tar shard): regular files only, as
     ``_read_local`` checks them; problems opening it as ReadError."""
-    path = local_file(uri)
+    path = Location.parse(uri).local_file()
     with _read_errors(path):
         _require_regular_file(os.stat(path))
         handle = open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY), "rb")  # noqa: SIM115
@@ -216,14 +216,15 @@ def open_regular_file(uri: str):
 
 def read_limited(uri: str, max_bytes: int, http: HttpConfig = HttpConfig()) -> bytes:
     """The bytes of one file, at most ``max_bytes``; ReadError with a sentence otherwise."""
-    if is_http(uri):
+    location = Location.parse(uri)
+    if location.is_http:
         try:
             return fetch(uri, max_bytes, http)
         except FetchError as error:
             raise ReadError(str(error), exception_name(error)) from None
-    if is_remote(uri) and not gcs.is_gcs(uri):
+    if location.is_remote and not location.is_gcs:
         raise ReadError("only local files, gs:// and http(s):// URIs can be read")
-    path = local_path(uri)
+    path = location.local_path
     with _read_errors(path):
         data = _read_local(path, max_bytes) if path is not None else _read_gcs(uri, max_bytes)
     if len(data) > max_bytes:

@@ -25,8 +25,8 @@ from anchorscan.anchors.errors import (
     environment_failure,
 )
 from anchorscan.anchors.io import gcs
-from anchorscan.anchors.io.fetch import fetch, is_http
-from anchorscan.anchors.io.uris import is_remote, local_file
+from anchorscan.anchors.io.fetch import fetch
+from anchorscan.anchors.io.uris import Location
 
 # Files read whole from web servers (manifests, thumbnails): a cap against endless responses.
 MAX_HTTP_FILE_BYTES = 2**30
@@ -40,18 +40,19 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
     """The whole file, refused over ``max_bytes`` before it is read. A file that cannot be read
     is the user's to fix (a wrong path, a missing permission), so the error says which file and
     why."""
-    if is_http(uri):  # a manifest or a report's thumbnail on a web server
+    location = Location.parse(uri)
+    if location.is_http:  # a manifest or a report's thumbnail on a web server
         return fetch(uri, max_bytes or MAX_HTTP_FILE_BYTES)
-    if gcs.is_gcs(uri):
+    if location.is_gcs:
         with gcs.storage_errors(uri):
             if max_bytes is not None:
                 found = gcs.existing_blob(uri)
                 if found is not None:
                     _within(uri, found.size or 0, max_bytes)
             return gcs.blob(uri).download_as_bytes(timeout=gcs.TRANSFER_TIMEOUT)
-    if is_remote(uri):
+    if location.is_remote:
         raise UnreadableFileError(f"{uri}: only local paths, gs:// and http(s):// URIs can be read")
-    path = local_file(uri)
+    path = location.local_file()
     try:
         with open(path, "rb") as handle:
             if max_bytes is not None:
@@ -80,9 +81,10 @@ def read_checked_file(uri: str) -> bytes:
 
 def local_copy(uri: str) -> str:
     """A local path with the contents of ``uri`` (copied once per process for remote files)."""
-    if not is_remote(uri):
-        return local_file(uri)
-    if not gcs.is_gcs(uri):
+    location = Location.parse(uri)
+    if not location.is_remote:
+        return location.local_file()
+    if not location.is_gcs:
         raise UnreadableFileError(f"{uri}: copy it to a local path or gs:// first")
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
     target = os.path.join(tempfile.gettempdir(), f"anchorscan-{digest}-{posixpath.basename(uri)}")
@@ -104,16 +106,17 @@ def write_atomically(uri: str, data: bytes | BinaryIO, mode: int = 0o666) -> Non
     one upload (objects appear whole). ``data``: bytes, or a binary file copied from where it
     stands (an output too large to hold, spooled on local disk). A full disk, a read-only file
     system or a permission denied is an EnvironmentFailure that names ``uri``."""
-    if gcs.is_gcs(uri):
+    location = Location.parse(uri)
+    if location.is_gcs:
         with gcs.storage_errors(uri):
             if isinstance(data, bytes):
                 gcs.blob(uri).upload_from_string(data, timeout=gcs.TRANSFER_TIMEOUT)
             else:
                 gcs.blob(uri).upload_from_file(data, timeout=gcs.TRANSFER_TIMEOUT)
         return
-    if is_remote(uri):
+    if location.is_remote:
         raise UnwritableOutputError(f"{uri}: outputs are local paths or gs:// URIs")
-    path = local_file(uri)
+    path = location.local_file()
     temporary = f"{path}.tmp-{uuid.uuid4().hex}"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -144,16 +147,17 @@ def check_writable(uri: str, flag: str, size: int = 0) -> None:
     output's expected bytes, refused where the local file system has less free space. A file
     where a folder should be is the user's (UnwritableOutputError, exit 2); a full disk, a
     read-only file system, no permission, storage out of reach are the environment's (exit 3)."""
-    if gcs.is_gcs(uri):
+    location = Location.parse(uri)
+    if location.is_gcs:
         bucket_and_folder = uri.rsplit("/", 1)[0]
         probe = f"{bucket_and_folder}/.anchorscan-probe-{uuid.uuid4().hex}"
         with gcs.storage_errors(probe):
             gcs.blob(probe).upload_from_string(b"probe", timeout=gcs.TRANSFER_TIMEOUT)
             gcs.blob(probe).delete(timeout=gcs.TRANSFER_TIMEOUT)
         return
-    if is_remote(uri):
+    if location.is_remote:
         raise UnwritableOutputError(f"{flag} {uri}: outputs are local paths or gs:// URIs")
-    path = local_file(uri)
+    path = location.local_file()
     folder = os.path.dirname(os.path.abspath(path))
     probe = os.path.join(folder, f".anchorscan-probe-{uuid.uuid4().hex}")
     try:
@@ -196,15 +200,16 @@ def _file_in_the_way(folder: str) -> str:
 def files_in(folder: str, suffix: str) -> list[str]:
     """The files directly in a local folder or gs:// prefix whose names end with ``suffix``
     (a coordinator's key folder; a few files, listed without Beam)."""
-    if gcs.is_gcs(folder):
+    location = Location.parse(folder)
+    if location.is_gcs:
         bucket, _ = gcs.bucket_and_prefix(folder)
         prefix = folder[len(f"gs://{bucket}/") :].rstrip("/") + "/" if "/" in folder[5:] else ""
         with gcs.storage_errors(folder):
             names = [blob.name for blob in gcs.client().list_blobs(bucket, prefix=prefix, delimiter="/")]
         return sorted(f"gs://{bucket}/{name}" for name in names if name.endswith(suffix))
-    if is_remote(folder):
+    if location.is_remote:
         raise UnreadableFileError(f"{folder}: only local folders and gs:// prefixes can be listed")
-    path = local_file(folder)
+    path = location.local_file()
     if not os.path.isdir(path):
         raise MissingFileError(f"{folder}: no such folder")
     return sorted(
@@ -219,13 +224,14 @@ def files_named(prefix: str, suffixes: tuple[str, ...]) -> list[str]:
     one of ``suffixes`` (regular expressions, matched whole): the exact names a command writes
     under an output prefix, never another file that merely begins the same way. A bare local
     prefix (``cur``) names files in the working folder, given back bare as well."""
-    if gcs.is_gcs(prefix):
+    location = Location.parse(prefix)
+    if location.is_gcs:
         folder, name = prefix.rsplit("/", 1)
         wanted = re.compile(re.escape(name) + f"(?:{'|'.join(suffixes)})")
         return [uri for uri in files_in(folder, "") if wanted.fullmatch(uri.rsplit("/", 1)[1])]
-    if is_remote(prefix):
+    if location.is_remote:
         raise UnreadableFileError(f"{prefix}: outputs are local paths or gs:// URIs")
-    folder, name = os.path.split(local_file(prefix))
+    folder, name = os.path.split(location.local_file())
     wanted = re.compile(re.escape(name) + f"(?:{'|'.join(suffixes)})")
     try:
         names = os.listdir(folder or ".")
@@ -240,4 +246,5 @@ def files_named(prefix: str, suffixes: tuple[str, ...]) -> list[str]:
 def resolved(uri: str) -> str:
     """Where ``uri`` leads: a local path made absolute with its links and ``..`` resolved,
     another URI without a trailing '/'."""
-    return uri.rstrip("/") if is_remote(uri) else os.path.realpath(local_file(uri))
+    location = Location.parse(uri)
+    return uri.rstrip("/") if location.is_remote else os.path.realpath(location.local_file())

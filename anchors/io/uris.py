@@ -3,10 +3,16 @@ name may hold any bytes but NUL and '/', and Python carries bytes that are not U
 surrogate escapes (PEP 383), which no UTF-8 coder or Parquet column accepts; such a path is
 written as an RFC 8089 ``file://`` URI, percent-encoded byte by byte (``/data/caf\\xe9.png``
 becomes ``file:///data/caf%E9.png``), which ``local_path`` turns back into the same bytes. Any
-``file://`` input is read that way."""
+``file://`` input is read that way.
+
+``Location`` is a URI classified once: where it lies (a local path, a ``file://`` URI, gs://,
+http(s)://, another scheme), the local path it names, and for a sample of a shard
+(``SHARD#KEY``) the shard and the key; ``str()`` gives back the URI exactly as written."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import re
 import urllib.parse
@@ -17,6 +23,9 @@ FILE_SCHEME = "file://"
 GLOB_CHARACTERS = "*?["
 # The files a folder input scans and a dataset reader lists.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif")
+SHARD_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
+HTTP_SCHEMES = ("http", "https")
+GCS_SCHEME = "gs://"
 
 
 def has_glob(pattern: str) -> bool:
@@ -33,8 +42,84 @@ def is_image_path(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
+@dataclasses.dataclass(frozen=True)
+class Location:
+    """One URI, parsed once; the properties are what the call sites ask of it."""
+
+    uri: str
+
+    @classmethod
+    def parse(cls, uri: str | Location) -> Location:
+        return uri if isinstance(uri, Location) else cls(uri)
+
+    def __str__(self) -> str:
+        return self.uri
+
+    @functools.cached_property
+    def is_remote(self) -> bool:
+        """Named by a scheme other than ``file://`` (gs://, http(s)://, or one nothing reads)."""
+        return "://" in self.uri and not self.uri.startswith(FILE_SCHEME)
+
+    @property
+    def is_absolute(self) -> bool:
+        """Scheme-qualified, or an absolute local path: not to be resolved beside anything."""
+        return "://" in self.uri or self.uri.startswith("/")
+
+    @functools.cached_property
+    def is_gcs(self) -> bool:
+        return self.uri.startswith(GCS_SCHEME)
+
+    @functools.cached_property
+    def is_http(self) -> bool:
+        # urlsplit as a web client reads the scheme (any case; ValueError on a broken host).
+        return urllib.parse.urlsplit(self.uri).scheme.lower() in HTTP_SCHEMES
+
+    @functools.cached_property
+    def local_path(self) -> str | None:
+        """The local path it names (bytes that are not UTF-8 as surrogate escapes), or None
+        for a remote URI."""
+        if self.uri.startswith(FILE_SCHEME):
+            return os.fsdecode(urllib.parse.unquote_to_bytes(self.uri[len(FILE_SCHEME) :]))
+        return None if self.is_remote else self.uri
+
+    def local_file(self) -> str:
+        """The local path of a URI known not to be remote."""
+        path = self.local_path
+        if path is None:
+            raise ValueError(f"{self.uri} is not a local path")
+        return path
+
+    @functools.cached_property
+    def is_shard(self) -> bool:
+        return self.uri.lower().endswith(SHARD_EXTENSIONS)
+
+    @functools.cached_property
+    def shard_and_key(self) -> tuple[str, str] | None:
+        """(shard, key) of a sample of a shard, ``SHARD#KEY`` (cut at the first '#' after a
+        shard's extension); None for any other URI."""
+        lowered = self.uri.lower()
+        cuts = [lowered.find(extension + "#") for extension in SHARD_EXTENSIONS]
+        cuts = [cut + len(extension) for cut, extension in zip(cuts, SHARD_EXTENSIONS) if cut > 0]
+        if not cuts:
+            return None
+        cut = min(cuts)
+        return self.uri[:cut], self.uri[cut + 1 :]
+
+    @property
+    def shard(self) -> str | None:
+        return self.shard_and_key[0] if self.shard_and_key else None
+
+    @property
+    def key(self) -> str | None:
+        return self.shard_and_key[1] if self.shard_and_key else None
+
+    @classmethod
+    def sample(cls, shard: str, key: str) -> Location:
+        return cls(f"{shard}#{key}")
+
+
 def is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith(FILE_SCHEME)
+    return Location.parse(uri).is_remote
 
 
 def uri_text(path: str) -> str:
@@ -43,25 +128,14 @@ def uri_text(path: str) -> str:
         path.encode("utf-8")
         return path
     except UnicodeEncodeError:
-        if is_remote(path):  # object names are UTF-8 already; keep what can be kept
+        if Location.parse(path).is_remote:  # object names are UTF-8 already; keep what can be kept
             return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         return FILE_SCHEME + urllib.parse.quote_from_bytes(os.fsencode(os.path.abspath(path)))
 
 
 def local_path(uri: str) -> str | None:
-    """The local path that ``uri`` names (bytes that are not UTF-8 as surrogate escapes), or
-    None for a remote URI."""
-    if uri.startswith(FILE_SCHEME):
-        return os.fsdecode(urllib.parse.unquote_to_bytes(uri[len(FILE_SCHEME) :]))
-    return None if is_remote(uri) else uri
-
-
-def local_file(uri: str) -> str:
-    """The local path of a URI known not to be remote."""
-    path = local_path(uri)
-    if path is None:
-        raise ValueError(f"{uri} is not a local path")
-    return path
+    """The local path that ``uri`` names, or None for a remote URI (``Location.local_path``)."""
+    return Location.parse(uri).local_path
 
 
 # A brace pattern naming more than this is refused before it is expanded: each name is one
