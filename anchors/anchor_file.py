@@ -21,8 +21,8 @@ import dataclasses
 
 import numpy as np
 
-from anchorscan.anchors import checked_file
-from anchorscan.anchors.anchor import COMPONENTS, FLAG_PREFIX, GENERATOR_NAME, Anchor, AnchorConfig
+from anchorscan.anchors import channels, checked_file
+from anchorscan.anchors.anchor import FLAG_PREFIX, GENERATOR_NAME, Anchor, AnchorConfig
 from anchorscan.anchors.calibration import (
     MAX_CALIBRATION_ROWS,
     MAX_SOFTENED_ROWS,
@@ -137,7 +137,7 @@ def check_contents(tensors: dict[str, np.ndarray], metadata: dict, what: str) ->
     spec = FeatureSpec.checked(metadata, error, what)
     levels = distinct_names(metadata, "forensic_level_names", error, what)
     counts = field(metadata, "moments", dict, error, what)
-    widths = {"backbone": spec.d_backbone, **{f"forensic.{level}": spec.d_forensic for level in levels}}
+    widths = channels.statistic_widths(spec, levels)
     flagged = [name for name in counts if name.startswith("flag.")]
     for name in flagged:
         check(bool(GENERATOR_NAME.match(name[len("flag.") :])), error, f"{what}: bad generator name {name!r}")
@@ -184,7 +184,7 @@ def check_contents(tensors: dict[str, np.ndarray], metadata: dict, what: str) ->
 
 
 def _components(flagged: list[str]) -> tuple[str, ...]:
-    return COMPONENTS + tuple(FLAG_PREFIX + name[len("flag.") :] for name in sorted(flagged))
+    return channels.components() + tuple(FLAG_PREFIX + name[len("flag.") :] for name in sorted(flagged))
 
 
 def check_calibration(tensors, metadata, spec: FeatureSpec, flagged, error, what: str) -> None:
@@ -302,6 +302,7 @@ def anchor_from_bytes(data: bytes, source: str | None = None) -> tuple[Anchor, d
             flagged,
             rows,
             tuple(metadata["lineage"]),
+            {channel.name: statistics[channel.name] for channel in channels.added()},
         )
         check_scores_finite(anchor)
     except (np.linalg.LinAlgError, ValueError) as problem:  # valid numbers, degenerate models

@@ -22,7 +22,7 @@ import re
 
 import numpy as np
 
-from anchorscan.anchors import checked_file, signing
+from anchorscan.anchors import channels, checked_file, signing
 from anchorscan.anchors.anchor import GENERATOR_NAME, Anchor
 from anchorscan.anchors.anchor_file import statistics_id
 from anchorscan.anchors.calibration import CALIBRATION_PREFIX
@@ -219,13 +219,13 @@ def delta_from_bytes(data: bytes, source: str | None = None) -> Delta:
         f"{what}: its base, site and site lineage are not statistics ids ending with the site's",
     )
     counts = field(metadata, "counts", dict, error, what)
-    widths = {"backbone": spec.d_backbone, **{f"forensic.{level}": spec.d_forensic for level in levels}}
+    widths = channels.statistic_widths(spec, levels)
+    required = set(widths)
     for name in counts:
         if name.startswith("flag.") and GENERATOR_NAME.match(name[len("flag.") :]):
             widths.setdefault(name, spec.dim)
     check(
-        set(counts) <= set(widths)
-        and {"backbone", *(f"forensic.{level}" for level in levels)} <= set(counts),
+        set(counts) <= set(widths) and required <= set(counts),
         error,
         f"{what}: statistics {sorted(counts)}: a delta holds backbone, forensic.<level> for each of "
         f"{levels} and flag.<generator> statistics",

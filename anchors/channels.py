@@ -1,0 +1,95 @@
+"""The channels an anchor is made of, declared once (docs/METHOD.md §4, §8): each channel's slice
+of the features, its named sufficient statistics and their widths, the one-class model fitted
+from its merged moments, the calibrated distances it emits and the p-value columns the score
+can combine. The anchor, its file, a delta, the statistics layout and the score iterate over
+``REGISTRY``; a new channel is a module declaring a ``Channel`` and one line adding it there.
+
+The backbone and forensic channels' models are the anchor's own (``AnchorModel``,
+``ForensicModel``: they carry the statistical mode, the softness levels and the flagged
+generators' blocks), so they declare no ``fit``; a channel that declares one is fitted and
+scored by it alone."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+
+from anchorscan.anchors.spec import FeatureSpec
+from anchorscan.anchors.stats import Moments
+
+
+class ChannelModel(Protocol):
+    def distances(self, features: np.ndarray) -> dict[str, np.ndarray]:
+        """Each of the channel's components' distances for rows of its feature slice."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Channel:
+    """``columns``: its (start, stop) in a scored feature row. ``levelled``: one statistic per
+    softness level (``name.level``, fit's rows holding one slice per level after the first,
+    side by side), else one named ``name``. ``components``: the distances it emits and
+    calibrates; ``scored``: the channels among them the score can combine (``p_<channel>``).
+    ``fit``: an added (not levelled) channel's model from its merged moments."""
+
+    name: str
+    columns: Callable[[FeatureSpec], tuple[int, int]]
+    components: tuple[str, ...]
+    scored: tuple[str, ...]
+    levelled: bool = False
+    fit: Callable[[Moments], ChannelModel] | None = None
+
+    def width(self, spec: FeatureSpec) -> int:
+        start, stop = self.columns(spec)
+        return stop - start
+
+    def statistic_names(self, levels: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+        return tuple(f"{self.name}.{level}" for level in levels) if self.levelled else (self.name,)
+
+    def slices(self, spec: FeatureSpec, levels: tuple[str, ...]) -> tuple[tuple[str, int, int], ...]:
+        """Its statistics' (name, start, stop) in fit's rows."""
+        start, stop = self.columns(spec)
+        width = stop - start
+        return tuple(
+            (name, start + j * width, start + (j + 1) * width)
+            for j, name in enumerate(self.statistic_names(levels))
+        )
+
+
+BACKBONE = Channel(
+    "backbone",
+    lambda spec: (0, spec.d_backbone),
+    components=("semantic", "statistical", "statistical_raw"),
+    scored=("semantic", "statistical"),
+)
+FORENSIC = Channel(
+    "forensic",
+    lambda spec: (spec.d_backbone, spec.dim),
+    components=("forensic",),
+    scored=("forensic",),
+    levelled=True,
+)
+BUILT_IN = (BACKBONE, FORENSIC)
+REGISTRY: list[Channel] = [BACKBONE, FORENSIC]
+
+
+def components() -> tuple[str, ...]:
+    """Every channel's calibrated distances, in the registry's order."""
+    return tuple(component for channel in REGISTRY for component in channel.components)
+
+
+def scored() -> tuple[str, ...]:
+    """What the score can combine: every channel's p-value columns."""
+    return tuple(name for channel in REGISTRY for name in channel.scored)
+
+
+def added() -> tuple[Channel, ...]:
+    """The registered channels beyond the anchor's built-in ones."""
+    return tuple(channel for channel in REGISTRY if channel not in BUILT_IN)
+
+
+def statistic_widths(spec: FeatureSpec, levels: tuple[str, ...] | list[str]) -> dict[str, int]:
+    """Every channel's statistics by name, each with its width."""
+    return {name: channel.width(spec) for channel in REGISTRY for name in channel.statistic_names(levels)}
