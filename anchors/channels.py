@@ -31,13 +31,17 @@ class Channel:
     """``columns``: its (start, stop) in a scored feature row. ``levelled``: one statistic per
     softness level (``name.level``, fit's rows holding one slice per level after the first,
     side by side), else one named ``name``. ``components``: the distances it emits and
-    calibrates; ``scored``: the channels among them the score can combine (``p_<channel>``).
-    ``fit``: an added (not levelled) channel's model from its merged moments."""
+    calibrates; ``scored``: the channels among them the score can combine, their p-value
+    columns ``p_<channel>`` meaning ``p_meanings``; ``score_columns``: the distance columns it
+    adds to the score table (name, Arrow type alias, meaning). ``fit``: an added (not levelled)
+    channel's model from its merged moments."""
 
     name: str
     columns: Callable[[FeatureSpec], tuple[int, int]]
     components: tuple[str, ...]
     scored: tuple[str, ...]
+    p_meanings: tuple[str, ...]
+    score_columns: tuple[tuple[str, str, str], ...]
     levelled: bool = False
     fit: Callable[[Moments], ChannelModel] | None = None
 
@@ -63,12 +67,43 @@ BACKBONE = Channel(
     lambda spec: (0, spec.d_backbone),
     components=("semantic", "statistical", "statistical_raw"),
     scored=("semantic", "statistical"),
+    p_meanings=(
+        "upper-tail p-value of `semantic` against the held-out real images",
+        "upper-tail p-value of the statistical distance the anchor scores with",
+    ),
+    score_columns=(
+        (
+            "semantic",
+            "float64",
+            "semantic distance: the largest standardised deviation of a semantic feature from real photos",
+        ),
+        ("statistical", "float64", "decoupled statistical distance, `t2 + spe`"),
+        ("t2", "float64", "its part in the kept eigenspace"),
+        ("spe", "float64", "its part outside the kept eigenspace"),
+        ("statistical_raw", "float64", "the statistical distance without regression on content"),
+    ),
 )
 FORENSIC = Channel(
     "forensic",
     lambda spec: (spec.d_backbone, spec.dim),
     components=("forensic",),
     scored=("forensic",),
+    p_meanings=("upper-tail p-value of `forensic`",),
+    score_columns=(
+        (
+            "forensic",
+            "float64",
+            "pixel-level distance: how much more predictable the fine scales are than in real "
+            "photos of the same softness",
+        ),
+        (
+            "softness",
+            "string",
+            "the real-photo softness that explains the pixels best: `sharp`, `blur0.4` ... "
+            "`blur1.5` (focus blur, Gaussian sigma in px), `upscale1.25x` ... `upscale2x` "
+            "(an upscaled smaller image)",
+        ),
+    ),
     levelled=True,
 )
 BUILT_IN = (BACKBONE, FORENSIC)

@@ -12,6 +12,7 @@ from anchorscan.anchors.anchor_file import anchor_from_bytes, anchor_to_bytes
 from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.statistics import HoldOut, StatisticsAccumulator, StatisticsLayout
 from anchorscan.anchors.stats import Moments
+from anchorscan.anchors.tables import SCORE_COLUMNS, score_columns
 from anchorscan.anchors.updating import merged_statistics
 from helpers import LEVELS, leveled_rows, synthetic_spec
 
@@ -71,6 +72,12 @@ def test_a_registered_toy_channel_is_fitted_merged_stored_and_scored(registered)
     assert (scores["p_toy"][:20] < 1e-6).all() and np.median(scores["p_toy"][20:]) > 0.05
     alone = anchor.assess(probe, channels=("toy",))
     assert (alone["component"] == "toy").all() and alone["is_suspect"][:20].all()
+    # the score table has its columns, after the other channels' of their kind
+    names = [column.name for column in score_columns()]
+    assert names.index("p_toy") == names.index("p_forensic") + 1 and names.index("toy") > names.index(
+        "softness"
+    )
+    assert {"p_toy", "toy"} <= set(scores)
 
 
 def test_without_the_toy_channel_registered_nothing_of_it_appears():
@@ -79,5 +86,6 @@ def test_without_the_toy_channel_registered_nothing_of_it_appears():
     config = AnchorConfig(fpr=0.05, combine="tippett")
     anchor = Anchor.from_statistics(SPEC, config, whole.moments, levels=LEVELS).calibrated_on(whole.held_out)
     assert "toy" not in anchor.statistics() and "p_toy" not in anchor.assess(rows[:3, : SPEC.dim])
+    assert score_columns() == SCORE_COLUMNS
     with pytest.raises(UsageError, match="among semantic, statistical, forensic, got toy"):
         AnchorConfig(channels=("toy",))

@@ -30,5 +30,7 @@ TOY = Channel(
     lambda spec: (spec.d_backbone, spec.d_backbone + 2),
     components=("toy",),
     scored=("toy",),
+    p_meanings=("upper-tail p-value of `toy`",),
+    score_columns=(("toy", "float64", "Mahalanobis distance of two forensic columns"),),
     fit=ToyModel.fit,
 )
