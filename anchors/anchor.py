@@ -409,15 +409,13 @@ class Anchor:
     def statistics(self) -> dict[str, Moments]:
         """Every sufficient statistic by name: what update, merge and federation add up, the
         same way for every channel (§9)."""
-        named = {"backbone": self.moments}
-        named.update(
-            {
-                f"forensic.{level}": moments
-                for level, moments in zip(self.forensic.level_names, self.forensic.moments)
-            }
-        )
+        named = {registry.COUNTING: self.moments}
+        levels = registry.FORENSIC.statistic_names(self.forensic.level_names)
+        named.update(zip(levels, self.forensic.moments, strict=True))
         named.update({channel.name: self.added[channel.name] for channel in registry.added()})
-        named.update({f"flag.{name}": moments for name, moments in sorted(self.flagged.items())})
+        named.update(
+            {registry.flag_statistic(name): moments for name, moments in sorted(self.flagged.items())}
+        )
         return named
 
     def with_statistics(self, statistics: dict[str, Moments], lineage: tuple[str, ...]) -> Anchor:
@@ -439,17 +437,19 @@ class Anchor:
         ``flag.<generator>``."""
         levels = levels or level_names(config.forensic_levels)
         known = set(registry.statistic_widths(spec, levels))
-        flagged = {
-            name[len("flag.") :]: moments for name, moments in statistics.items() if name.startswith("flag.")
-        }
-        unknown = set(statistics) - known - {f"flag.{name}" for name in flagged}
+        flagged = registry.flagged(statistics)
+        unknown = set(statistics) - known - {registry.flag_statistic(name) for name in flagged}
         if unknown or known - set(statistics):
             raise ValueError(
                 f"statistics {sorted(statistics)} do not fit this anchor's channels {sorted(known)}"
             )
-        forensic = ForensicModel(levels, [statistics[f"forensic.{level}"] for level in levels])
+        forensic = ForensicModel(
+            levels, [statistics[name] for name in registry.FORENSIC.statistic_names(levels)]
+        )
         added = {channel.name: statistics[channel.name] for channel in registry.added()}
-        return cls.uncalibrated(spec, statistics["backbone"], forensic, config, flagged, lineage, added)
+        return cls.uncalibrated(
+            spec, statistics[registry.COUNTING], forensic, config, flagged, lineage, added
+        )
 
     def distances(self, features: np.ndarray) -> dict[str, np.ndarray]:
         """Every component's distance for (b, spec.dim) feature rows, and ``softness_level``:

@@ -138,9 +138,13 @@ def check_contents(tensors: dict[str, np.ndarray], metadata: dict, what: str) ->
     levels = distinct_names(metadata, "forensic_level_names", error, what)
     counts = field(metadata, "moments", dict, error, what)
     widths = channels.statistic_widths(spec, levels)
-    flagged = [name for name in counts if name.startswith("flag.")]
+    flagged = [name for name in counts if name.startswith(channels.FLAG_STATISTIC)]
     for name in flagged:
-        check(bool(GENERATOR_NAME.match(name[len("flag.") :])), error, f"{what}: bad generator name {name!r}")
+        check(
+            bool(GENERATOR_NAME.match(name[len(channels.FLAG_STATISTIC) :])),
+            error,
+            f"{what}: bad generator name {name!r}",
+        )
         widths[name] = spec.dim
     check(
         set(counts) == set(widths), error, f"{what}: statistics {sorted(counts)}, expected {sorted(widths)}"
@@ -184,7 +188,8 @@ def check_contents(tensors: dict[str, np.ndarray], metadata: dict, what: str) ->
 
 
 def _components(flagged: list[str]) -> tuple[str, ...]:
-    return channels.components() + tuple(FLAG_PREFIX + name[len("flag.") :] for name in sorted(flagged))
+    generators = sorted(name[len(channels.FLAG_STATISTIC) :] for name in flagged)
+    return channels.components() + tuple(FLAG_PREFIX + name for name in generators)
 
 
 def check_calibration(tensors, metadata, spec: FeatureSpec, flagged, error, what: str) -> None:
@@ -263,7 +268,7 @@ def check_scores_finite(anchor: Anchor) -> None:
         levels = anchor.level_calibration or {}
     if not all(np.isfinite(s).all() for sketches, _ in levels.values() for s in sketches.values()):
         raise ValueError("its softened calibration rows do not score finitely (NaN or infinity)")
-    if not all(np.isfinite(scores[name]).all() for name in ("score", "semantic", "statistical", "forensic")):
+    if not all(np.isfinite(scores[name]).all() for name in ("score", *channels.scored())):
         raise ValueError("its models do not score finitely (NaN or infinity)")
 
 
@@ -283,14 +288,14 @@ def anchor_from_bytes(data: bytes, source: str | None = None) -> tuple[Anchor, d
         else None
     )
     levels = tuple(metadata["forensic_level_names"])
-    flagged = {
-        name[len("flag.") :]: moments for name, moments in statistics.items() if name.startswith("flag.")
-    }
+    flagged = channels.flagged(statistics)
     try:
-        forensic = ForensicModel(levels, [statistics[f"forensic.{level}"] for level in levels])
+        forensic = ForensicModel(
+            levels, [statistics[name] for name in channels.FORENSIC.statistic_names(levels)]
+        )
         anchor = Anchor(
             spec,
-            statistics["backbone"],
+            statistics[channels.COUNTING],
             forensic,
             AnchorConfig.from_dict(metadata["config"]),
             {

@@ -128,3 +128,27 @@ def added() -> tuple[Channel, ...]:
 def statistic_widths(spec: FeatureSpec, levels: tuple[str, ...] | list[str]) -> dict[str, int]:
     """Every channel's statistics by name, each with its width."""
     return {name: channel.width(spec) for channel in REGISTRY for name in channel.statistic_names(levels)}
+
+
+# A flagged generator's statistic, "flag.NAME": moments of its images' whole feature rows (§9.3).
+FLAG_STATISTIC = "flag."
+# The statistic whose count is the number of real images (the forensic levels' are checked against it).
+COUNTING = BACKBONE.name
+
+
+def flag_statistic(generator: str) -> str:
+    return FLAG_STATISTIC + generator
+
+
+def flagged(statistics: dict[str, Moments]) -> dict[str, Moments]:
+    """The flagged generators' statistics among ``statistics``, by generator."""
+    return {
+        name[len(FLAG_STATISTIC) :]: moments
+        for name, moments in statistics.items()
+        if name.startswith(FLAG_STATISTIC)
+    }
+
+
+def real_count(statistics: dict[str, Moments]) -> float:
+    """How many real images ``statistics`` count (0 where they hold none)."""
+    return statistics[COUNTING].n if COUNTING in statistics else 0

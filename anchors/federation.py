@@ -90,7 +90,7 @@ class Delta:
 
     @property
     def n(self) -> float:
-        return self.statistics["backbone"].n if "backbone" in self.statistics else 0
+        return channels.real_count(self.statistics)
 
     @property
     def content_id(self) -> str:
@@ -123,7 +123,7 @@ def export_delta(
         difference = subtract(moments, base_statistics[name]) if name in base_statistics else moments.copy()
         if difference.n:
             added[name] = difference
-    n_real = added["backbone"].n if "backbone" in added else 0
+    n_real = channels.real_count(added)
     if n_real < min_count:
         raise DeltaRefused(
             f"the site added {n_real} real images since the base; a delta must summarise at least "
@@ -222,7 +222,8 @@ def delta_from_bytes(data: bytes, source: str | None = None) -> Delta:
     widths = channels.statistic_widths(spec, levels)
     required = set(widths)
     for name in counts:
-        if name.startswith("flag.") and GENERATOR_NAME.match(name[len("flag.") :]):
+        generator = name[len(channels.FLAG_STATISTIC) :]
+        if name.startswith(channels.FLAG_STATISTIC) and GENERATOR_NAME.match(generator):
             widths.setdefault(name, spec.dim)
     check(
         set(counts) <= set(widths) and required <= set(counts),
