@@ -41,9 +41,6 @@ from anchorscan.anchors.stats import Moments
 # declare them (the CLI's choices); an anchor asks the registry (anchors/channels.py).
 COMPONENTS = registry.components()
 CHANNELS = registry.scored()  # what the score can combine
-# The content channels' distances, calibrated per softness level where the anchor keeps held-out
-# images' softened copies (docs/METHOD.md §5.4): a blurred photo's embedding moves too.
-LEVEL_CALIBRATED = ("semantic", "statistical", "statistical_raw")
 STATISTICAL_MODES = {"decoupled": "statistical", "raw": "statistical_raw"}
 CALIBRATION_KEYS = ("phash", "uri")
 # How the content alarms are calibrated (docs/METHOD.md §5.4): on all held-out real images, silent
@@ -472,7 +469,8 @@ class Anchor:
     def level_calibration(self) -> dict[int, tuple[dict[str, np.ndarray], int]] | None:
         """The content channels' calibration per softness level (docs/METHOD.md §5.4): for each
         level the forensic channel gives at least MIN_CALIBRATION held-out real images or their
-        softened copies, the quantile sketches of ``LEVEL_CALIBRATED`` distances on them and
+        softened copies, the quantile sketches of the distances calibrated per level
+        (``Channel.per_level``: the content channels') on them and
         their count (each photo once per level: its first row there). None unless the anchor
         is configured so (``alarm_calibration``) and keeps softened copies (`calibrate` without
         --keep_held_out replaces them)."""
@@ -492,7 +490,10 @@ class Anchor:
         for level in range(len(self.forensic.level_names)):
             chosen = once & (levels == level)
             if chosen.sum() >= MIN_CALIBRATION:
-                sketches = {name: sketch(distances[name][chosen], num_quantiles) for name in LEVEL_CALIBRATED}
+                sketches = {
+                    name: sketch(distances[name][chosen], num_quantiles)
+                    for name in registry.level_calibrated()
+                }
                 calibration[level] = (sketches, int(chosen.sum()))
         return calibration
 
@@ -518,7 +519,7 @@ class Anchor:
         the image's softness level where the anchor has that level's calibration, else against
         all of them."""
         log_p = upper_tail_log_pvalues(result[component], self.calibration[component], self.n_calibration)
-        if component in LEVEL_CALIBRATED and self.level_calibration:
+        if component in registry.level_calibrated() and self.level_calibration:
             for level, (sketches, n) in self.level_calibration.items():
                 at = result["softness_level"] == level
                 if at.any():

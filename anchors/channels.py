@@ -34,7 +34,9 @@ class Channel:
     calibrates; ``scored``: the channels among them the score can combine, their p-value
     columns ``p_<channel>`` meaning ``p_meanings``; ``score_columns``: the distance columns it
     adds to the score table (name, Arrow type alias, meaning). ``fit``: an added (not levelled)
-    channel's model from its merged moments."""
+    channel's model from its merged moments. ``per_level``: its distances move with the image's
+    softness (a blurred photo's embedding does), so they are calibrated per softness level where
+    the anchor keeps held-out images' softened copies (docs/METHOD.md §5.4)."""
 
     name: str
     columns: Callable[[FeatureSpec], tuple[int, int]]
@@ -43,6 +45,7 @@ class Channel:
     p_meanings: tuple[str, ...]
     score_columns: tuple[tuple[str, str, str], ...]
     levelled: bool = False
+    per_level: bool = False
     fit: Callable[[Moments], ChannelModel] | None = None
 
     def width(self, spec: FeatureSpec) -> int:
@@ -82,6 +85,7 @@ BACKBONE = Channel(
         ("spe", "float64", "its part outside the kept eigenspace"),
         ("statistical_raw", "float64", "the statistical distance without regression on content"),
     ),
+    per_level=True,
 )
 FORENSIC = Channel(
     "forensic",
@@ -118,6 +122,11 @@ def components() -> tuple[str, ...]:
 def scored() -> tuple[str, ...]:
     """What the score can combine: every channel's p-value columns."""
     return tuple(name for channel in REGISTRY for name in channel.scored)
+
+
+def level_calibrated() -> tuple[str, ...]:
+    """The distances calibrated per softness level (``Channel.per_level``)."""
+    return tuple(component for channel in REGISTRY if channel.per_level for component in channel.components)
 
 
 def added() -> tuple[Channel, ...]:
