@@ -37,7 +37,6 @@ from anchorscan.anchors.validation import (
     check,
     check_array,
     check_count,
-    check_level_counts,
     check_moments,
     distinct_names,
     field,
@@ -171,7 +170,7 @@ def check_contents(tensors: dict[str, np.ndarray], metadata: dict, what: str) ->
         error,
         f"{what}: the backbone statistic counts {counts['backbone']}, fewer than 3 images",
     )
-    check_level_counts(counts, levels, error, what)
+    channels.check_level_counts(counts, levels, error, what)
     check_calibration(tensors, metadata, spec, flagged, error, what)
     try:
         AnchorConfig.from_dict(field(metadata, "config", dict, error, what))

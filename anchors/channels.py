@@ -19,6 +19,7 @@ import numpy as np
 
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.stats import Moments
+from anchorscan.anchors.validation import check
 
 
 class ChannelModel(Protocol):
@@ -161,3 +162,25 @@ def flagged(statistics: dict[str, Moments]) -> dict[str, Moments]:
 def real_count(statistics: dict[str, Moments]) -> float:
     """How many real images ``statistics`` count (0 where they hold none)."""
     return statistics[COUNTING].n if COUNTING in statistics else 0
+
+
+def check_level_counts(counts: dict, levels: list[str], error: type[Exception], what: str) -> None:
+    """The forensic levels' counts against the backbone's (docs/METHOD.md §8.3, §9.5): the first
+    level (sharp) takes every real image, so it counts what the backbone counts; the softened
+    levels take the same deterministic sample of them, so they count alike and at most that."""
+    real = counts[COUNTING]
+    tolerance = 1e-9 * real  # counts may be weights after --forgetting: equal up to rounding
+    sharp, *softened = FORENSIC.statistic_names(levels)
+    check(
+        abs(counts[sharp] - real) <= tolerance,
+        error,
+        f"{what}: statistic {sharp} counts {counts[sharp]}, the backbone's {real}: they are the same images",
+    )
+    for name in softened:
+        first = counts[softened[0]]
+        check(
+            abs(counts[name] - first) <= tolerance and counts[name] <= real + tolerance,
+            error,
+            f"{what}: statistic {name} counts {counts[name]}: the softened levels count the same sample "
+            f"of the backbone's {real} images ({softened[0]} counts {first})",
+        )

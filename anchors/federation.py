@@ -34,7 +34,6 @@ from anchorscan.anchors.validation import (
     check,
     check_array,
     check_count,
-    check_level_counts,
     check_moments,
     distinct_names,
     field,
@@ -259,7 +258,7 @@ def delta_from_bytes(data: bytes, source: str | None = None) -> Delta:
             m2 = present(tensors.get(f"delta.{name}.m2"), error, f"{label}: its M2 is missing")
             check_moments(label, n, mean, m2, widths[name], error)
         statistics[name] = Moments.from_arrays(n, mean, m2)
-    check_level_counts(counts, levels, error, what)
+    channels.check_level_counts(counts, levels, error, what)
     expected = {f"delta.{name}.{'factor' if name in ranks else 'm2'}" for name in counts}
     expected |= {f"delta.{name}.mean" for name in counts}
     check(set(tensors) == expected, error, f"{what}: unexpected tensors {sorted(set(tensors) - expected)}")
