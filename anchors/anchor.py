@@ -19,6 +19,7 @@ import re
 
 import numpy as np
 
+from anchorscan.anchors import channels as registry  # `channels` names the combined ones
 from anchorscan.anchors.calibration import (
     COMBINERS,
     MIN_CALIBRATION,
@@ -36,12 +37,10 @@ from anchorscan.anchors.softness import LEVEL_SETS, level_names
 from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.anchors.stats import Moments
 
-# Distances with a calibration; "statistical" is the decoupled one.
-COMPONENTS = ("semantic", "statistical", "statistical_raw", "forensic")
-CHANNELS = ("semantic", "statistical", "forensic")  # what the score can combine
-# The content channels' distances, calibrated per softness level where the anchor keeps held-out
-# images' softened copies (docs/METHOD.md §5.4): a blurred photo's embedding moves too.
-LEVEL_CALIBRATED = ("semantic", "statistical", "statistical_raw")
+# Distances with a calibration; "statistical" is the decoupled one. Both as the built-in channels
+# declare them (the CLI's choices); an anchor asks the registry (anchors/channels.py).
+COMPONENTS = registry.components()
+CHANNELS = registry.scored()  # what the score can combine
 STATISTICAL_MODES = {"decoupled": "statistical", "raw": "statistical_raw"}
 CALIBRATION_KEYS = ("phash", "uri")
 # How the content alarms are calibrated (docs/METHOD.md §5.4): on all held-out real images, silent
@@ -87,11 +86,11 @@ class AnchorConfig:
         object.__setattr__(self, "channels", tuple(self.channels))  # JSON gives a list
         if (
             not self.channels
-            or set(self.channels) - set(CHANNELS)
+            or set(self.channels) - set(registry.scored())
             or len(set(self.channels)) < len(self.channels)
         ):
             raise UsageError(
-                f"--channels must be distinct names among {', '.join(CHANNELS)}, "
+                f"--channels must be distinct names among {', '.join(registry.scored())}, "
                 f"got {', '.join(self.channels) or 'none'}"
             )
         if not 0.0 < self.calibration_fraction < 1.0:
@@ -299,10 +298,13 @@ class Anchor:
     flagged: dict[str, Moments] = dataclasses.field(default_factory=dict)
     calibration_rows: CalibrationRows | None = dataclasses.field(default=None, repr=False)
     lineage: tuple[str, ...] = ()
+    # the moments of each channel registered beyond the backbone and forensic ones, by name
+    added: dict[str, Moments] = dataclasses.field(default_factory=dict)
     # Derived from the statistics in __post_init__ unless given (dataclasses.replace passes them
     # on, so recalibrating does not derive them again): never None after construction.
     model: AnchorModel = dataclasses.field(default=None, repr=False)  # type: ignore[assignment]
     flag_models: dict[str, FlaggedClass] = dataclasses.field(default=None, repr=False)  # type: ignore[arg-type]
+    added_models: dict[str, registry.ChannelModel] = dataclasses.field(default=None, repr=False)  # type: ignore[arg-type]
 
     def __post_init__(self):
         if self.moments.dim != self.spec.d_backbone:
@@ -317,6 +319,17 @@ class Anchor:
         for name in self.flagged:
             if not GENERATOR_NAME.match(name):
                 raise ValueError(f"generator name {name!r}: use letters, digits, '_', '.', '-'")
+        expected = {channel.name for channel in registry.added()}
+        if set(self.added) != expected:
+            raise ValueError(f"statistics of channels {sorted(self.added)}, registered {sorted(expected)}")
+        for channel in registry.added():
+            if channel.fit is None:
+                raise ValueError(f"channel {channel.name} declares no model to fit")
+            if self.added[channel.name].dim != channel.width(self.spec):
+                raise ValueError(
+                    f"channel {channel.name} has dimension {self.added[channel.name].dim}, "
+                    f"its features {channel.width(self.spec)}"
+                )
         missing = set(self.components) - set(self.calibration)
         if missing:
             raise ValueError(f"calibration lacks {sorted(missing)}")
@@ -328,11 +341,15 @@ class Anchor:
                 name: FlaggedClass(self.moments, self.forensic.moments[0], fake)
                 for name, fake in sorted(self.flagged.items())
             }
+        if self.added_models is None:
+            self.added_models = {
+                channel.name: channel.fit(self.added[channel.name]) for channel in registry.added()
+            }
 
     @property
     def components(self) -> tuple[str, ...]:
         """Every calibrated distance: the channels' and one per flagged generator."""
-        return COMPONENTS + tuple(FLAG_PREFIX + name for name in sorted(self.flagged))
+        return registry.components() + tuple(FLAG_PREFIX + name for name in sorted(self.flagged))
 
     @classmethod
     def uncalibrated(
@@ -343,13 +360,13 @@ class Anchor:
         config: AnchorConfig,
         flagged: dict[str, Moments] | None = None,
         lineage: tuple[str, ...] = (),
+        added: dict[str, Moments] | None = None,
     ) -> Anchor:
         """The fitted models, to score the held-out real images that will calibrate them."""
         flagged = dict(flagged or {})
-        names = COMPONENTS + tuple(FLAG_PREFIX + name for name in flagged)
-        return cls(
-            spec, moments, forensic, config, {name: np.zeros(1) for name in names}, 0, flagged, None, lineage
-        )
+        names = registry.components() + tuple(FLAG_PREFIX + name for name in flagged)
+        calibration = {name: np.zeros(1) for name in names}
+        return cls(spec, moments, forensic, config, calibration, 0, flagged, None, lineage, dict(added or {}))
 
     def calibrated(self, sketches: dict[str, np.ndarray], n_calibration: int) -> Anchor:
         return dataclasses.replace(
@@ -389,14 +406,13 @@ class Anchor:
     def statistics(self) -> dict[str, Moments]:
         """Every sufficient statistic by name: what update, merge and federation add up, the
         same way for every channel (§9)."""
-        named = {"backbone": self.moments}
+        named = {registry.COUNTING: self.moments}
+        levels = registry.FORENSIC.statistic_names(self.forensic.level_names)
+        named.update(zip(levels, self.forensic.moments, strict=True))
+        named.update({channel.name: self.added[channel.name] for channel in registry.added()})
         named.update(
-            {
-                f"forensic.{level}": moments
-                for level, moments in zip(self.forensic.level_names, self.forensic.moments)
-            }
+            {registry.flag_statistic(name): moments for name, moments in sorted(self.flagged.items())}
         )
-        named.update({f"flag.{name}": moments for name, moments in sorted(self.flagged.items())})
         return named
 
     def with_statistics(self, statistics: dict[str, Moments], lineage: tuple[str, ...]) -> Anchor:
@@ -413,20 +429,24 @@ class Anchor:
         lineage: tuple[str, ...] = (),
         levels: tuple[str, ...] | None = None,
     ) -> Anchor:
-        """An uncalibrated anchor on named statistics: ``backbone``, ``forensic.<level>`` for
-        each of ``levels`` (default: the configuration's level set) and ``flag.<generator>``."""
+        """An uncalibrated anchor on named statistics: each registered channel's (``backbone``,
+        ``forensic.<level>`` for each of ``levels``, default: the configuration's level set) and
+        ``flag.<generator>``."""
         levels = levels or level_names(config.forensic_levels)
-        known = {"backbone", *(f"forensic.{level}" for level in levels)}
-        flagged = {
-            name[len("flag.") :]: moments for name, moments in statistics.items() if name.startswith("flag.")
-        }
-        unknown = set(statistics) - known - {f"flag.{name}" for name in flagged}
+        known = set(registry.statistic_widths(spec, levels))
+        flagged = registry.flagged(statistics)
+        unknown = set(statistics) - known - {registry.flag_statistic(name) for name in flagged}
         if unknown or known - set(statistics):
             raise ValueError(
                 f"statistics {sorted(statistics)} do not fit this anchor's channels {sorted(known)}"
             )
-        forensic = ForensicModel(levels, [statistics[f"forensic.{level}"] for level in levels])
-        return cls.uncalibrated(spec, statistics["backbone"], forensic, config, flagged, lineage)
+        forensic = ForensicModel(
+            levels, [statistics[name] for name in registry.FORENSIC.statistic_names(levels)]
+        )
+        added = {channel.name: statistics[channel.name] for channel in registry.added()}
+        return cls.uncalibrated(
+            spec, statistics[registry.COUNTING], forensic, config, flagged, lineage, added
+        )
 
     def distances(self, features: np.ndarray) -> dict[str, np.ndarray]:
         """Every component's distance for (b, spec.dim) feature rows, and ``softness_level``:
@@ -438,6 +458,9 @@ class Anchor:
         result["forensic"], result["softness_level"] = self.forensic.distances(
             features[:, self.spec.d_backbone :]
         )
+        for channel in registry.added():
+            start, stop = channel.columns(self.spec)
+            result.update(self.added_models[channel.name].distances(features[:, start:stop]))
         for name, flagged in self.flag_models.items():
             result[FLAG_PREFIX + name] = flagged.log_odds(features)
         return result
@@ -446,7 +469,8 @@ class Anchor:
     def level_calibration(self) -> dict[int, tuple[dict[str, np.ndarray], int]] | None:
         """The content channels' calibration per softness level (docs/METHOD.md §5.4): for each
         level the forensic channel gives at least MIN_CALIBRATION held-out real images or their
-        softened copies, the quantile sketches of ``LEVEL_CALIBRATED`` distances on them and
+        softened copies, the quantile sketches of the distances calibrated per level
+        (``Channel.per_level``: the content channels') on them and
         their count (each photo once per level: its first row there). None unless the anchor
         is configured so (``alarm_calibration``) and keeps softened copies (`calibrate` without
         --keep_held_out replaces them)."""
@@ -466,7 +490,10 @@ class Anchor:
         for level in range(len(self.forensic.level_names)):
             chosen = once & (levels == level)
             if chosen.sum() >= MIN_CALIBRATION:
-                sketches = {name: sketch(distances[name][chosen], num_quantiles) for name in LEVEL_CALIBRATED}
+                sketches = {
+                    name: sketch(distances[name][chosen], num_quantiles)
+                    for name in registry.level_calibrated()
+                }
                 calibration[level] = (sketches, int(chosen.sum()))
         return calibration
 
@@ -492,7 +519,7 @@ class Anchor:
         the image's softness level where the anchor has that level's calibration, else against
         all of them."""
         log_p = upper_tail_log_pvalues(result[component], self.calibration[component], self.n_calibration)
-        if component in LEVEL_CALIBRATED and self.level_calibration:
+        if component in registry.level_calibrated() and self.level_calibration:
             for level, (sketches, n) in self.level_calibration.items():
                 at = result["softness_level"] == level
                 if at.any():
@@ -517,12 +544,9 @@ class Anchor:
             channels=channels or self.config.channels,
         )  # validated
         result = self.distances(features)
-        component = {
-            "semantic": "semantic",
-            "statistical": STATISTICAL_MODES[config.statistical],
-            "forensic": "forensic",
-        }
-        log_p = {channel: self.channel_log_pvalues(result, component[channel]) for channel in CHANNELS}
+        scored = registry.scored()
+        component = {name: name for name in scored} | {"statistical": STATISTICAL_MODES[config.statistical]}
+        log_p = {channel: self.channel_log_pvalues(result, component[channel]) for channel in scored}
         channel_log_p = np.stack([log_p[c] for c in config.channels], axis=1)
         if config.combine == "alarms":  # silent alarms: p = 1 where they do not speak
             outside = ~self.alarm_levels[result["softness_level"]]
@@ -557,7 +581,7 @@ class Anchor:
             candidates += flags
         else:
             result["p_flagged"] = np.ones(len(score))
-        result.update({f"p_{channel}": np.exp(log_p[channel]) for channel in CHANNELS})
+        result.update({f"p_{channel}": np.exp(log_p[channel]) for channel in scored})
         result.update(
             score=score,
             is_suspect=score > config.threshold,

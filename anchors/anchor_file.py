@@ -21,8 +21,8 @@ import dataclasses
 
 import numpy as np
 
-from anchorscan.anchors import checked_file
-from anchorscan.anchors.anchor import COMPONENTS, FLAG_PREFIX, GENERATOR_NAME, Anchor, AnchorConfig
+from anchorscan.anchors import channels, checked_file
+from anchorscan.anchors.anchor import FLAG_PREFIX, GENERATOR_NAME, Anchor, AnchorConfig
 from anchorscan.anchors.calibration import (
     MAX_CALIBRATION_ROWS,
     MAX_SOFTENED_ROWS,
@@ -37,7 +37,6 @@ from anchorscan.anchors.validation import (
     check,
     check_array,
     check_count,
-    check_level_counts,
     check_moments,
     distinct_names,
     field,
@@ -137,10 +136,14 @@ def check_contents(tensors: dict[str, np.ndarray], metadata: dict, what: str) ->
     spec = FeatureSpec.checked(metadata, error, what)
     levels = distinct_names(metadata, "forensic_level_names", error, what)
     counts = field(metadata, "moments", dict, error, what)
-    widths = {"backbone": spec.d_backbone, **{f"forensic.{level}": spec.d_forensic for level in levels}}
-    flagged = [name for name in counts if name.startswith("flag.")]
+    widths = channels.statistic_widths(spec, levels)
+    flagged = [name for name in counts if name.startswith(channels.FLAG_STATISTIC)]
     for name in flagged:
-        check(bool(GENERATOR_NAME.match(name[len("flag.") :])), error, f"{what}: bad generator name {name!r}")
+        check(
+            bool(GENERATOR_NAME.match(name[len(channels.FLAG_STATISTIC) :])),
+            error,
+            f"{what}: bad generator name {name!r}",
+        )
         widths[name] = spec.dim
     check(
         set(counts) == set(widths), error, f"{what}: statistics {sorted(counts)}, expected {sorted(widths)}"
@@ -167,7 +170,7 @@ def check_contents(tensors: dict[str, np.ndarray], metadata: dict, what: str) ->
         error,
         f"{what}: the backbone statistic counts {counts['backbone']}, fewer than 3 images",
     )
-    check_level_counts(counts, levels, error, what)
+    channels.check_level_counts(counts, levels, error, what)
     check_calibration(tensors, metadata, spec, flagged, error, what)
     try:
         AnchorConfig.from_dict(field(metadata, "config", dict, error, what))
@@ -184,7 +187,8 @@ def check_contents(tensors: dict[str, np.ndarray], metadata: dict, what: str) ->
 
 
 def _components(flagged: list[str]) -> tuple[str, ...]:
-    return COMPONENTS + tuple(FLAG_PREFIX + name[len("flag.") :] for name in sorted(flagged))
+    generators = sorted(name[len(channels.FLAG_STATISTIC) :] for name in flagged)
+    return channels.components() + tuple(FLAG_PREFIX + name for name in generators)
 
 
 def check_calibration(tensors, metadata, spec: FeatureSpec, flagged, error, what: str) -> None:
@@ -263,7 +267,7 @@ def check_scores_finite(anchor: Anchor) -> None:
         levels = anchor.level_calibration or {}
     if not all(np.isfinite(s).all() for sketches, _ in levels.values() for s in sketches.values()):
         raise ValueError("its softened calibration rows do not score finitely (NaN or infinity)")
-    if not all(np.isfinite(scores[name]).all() for name in ("score", "semantic", "statistical", "forensic")):
+    if not all(np.isfinite(scores[name]).all() for name in ("score", *channels.scored())):
         raise ValueError("its models do not score finitely (NaN or infinity)")
 
 
@@ -283,14 +287,14 @@ def anchor_from_bytes(data: bytes, source: str | None = None) -> tuple[Anchor, d
         else None
     )
     levels = tuple(metadata["forensic_level_names"])
-    flagged = {
-        name[len("flag.") :]: moments for name, moments in statistics.items() if name.startswith("flag.")
-    }
+    flagged = channels.flagged(statistics)
     try:
-        forensic = ForensicModel(levels, [statistics[f"forensic.{level}"] for level in levels])
+        forensic = ForensicModel(
+            levels, [statistics[name] for name in channels.FORENSIC.statistic_names(levels)]
+        )
         anchor = Anchor(
             spec,
-            statistics["backbone"],
+            statistics[channels.COUNTING],
             forensic,
             AnchorConfig.from_dict(metadata["config"]),
             {
@@ -302,6 +306,7 @@ def anchor_from_bytes(data: bytes, source: str | None = None) -> tuple[Anchor, d
             flagged,
             rows,
             tuple(metadata["lineage"]),
+            {channel.name: statistics[channel.name] for channel in channels.added()},
         )
         check_scores_finite(anchor)
     except (np.linalg.LinAlgError, ValueError) as problem:  # valid numbers, degenerate models

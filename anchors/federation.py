@@ -22,7 +22,7 @@ import re
 
 import numpy as np
 
-from anchorscan.anchors import checked_file, signing
+from anchorscan.anchors import channels, checked_file, signing
 from anchorscan.anchors.anchor import GENERATOR_NAME, Anchor
 from anchorscan.anchors.anchor_file import statistics_id
 from anchorscan.anchors.calibration import CALIBRATION_PREFIX
@@ -34,7 +34,6 @@ from anchorscan.anchors.validation import (
     check,
     check_array,
     check_count,
-    check_level_counts,
     check_moments,
     distinct_names,
     field,
@@ -90,7 +89,7 @@ class Delta:
 
     @property
     def n(self) -> float:
-        return self.statistics["backbone"].n if "backbone" in self.statistics else 0
+        return channels.real_count(self.statistics)
 
     @property
     def content_id(self) -> str:
@@ -123,7 +122,7 @@ def export_delta(
         difference = subtract(moments, base_statistics[name]) if name in base_statistics else moments.copy()
         if difference.n:
             added[name] = difference
-    n_real = added["backbone"].n if "backbone" in added else 0
+    n_real = channels.real_count(added)
     if n_real < min_count:
         raise DeltaRefused(
             f"the site added {n_real} real images since the base; a delta must summarise at least "
@@ -219,13 +218,14 @@ def delta_from_bytes(data: bytes, source: str | None = None) -> Delta:
         f"{what}: its base, site and site lineage are not statistics ids ending with the site's",
     )
     counts = field(metadata, "counts", dict, error, what)
-    widths = {"backbone": spec.d_backbone, **{f"forensic.{level}": spec.d_forensic for level in levels}}
+    widths = channels.statistic_widths(spec, levels)
+    required = set(widths)
     for name in counts:
-        if name.startswith("flag.") and GENERATOR_NAME.match(name[len("flag.") :]):
+        generator = name[len(channels.FLAG_STATISTIC) :]
+        if name.startswith(channels.FLAG_STATISTIC) and GENERATOR_NAME.match(generator):
             widths.setdefault(name, spec.dim)
     check(
-        set(counts) <= set(widths)
-        and {"backbone", *(f"forensic.{level}" for level in levels)} <= set(counts),
+        set(counts) <= set(widths) and required <= set(counts),
         error,
         f"{what}: statistics {sorted(counts)}: a delta holds backbone, forensic.<level> for each of "
         f"{levels} and flag.<generator> statistics",
@@ -258,7 +258,7 @@ def delta_from_bytes(data: bytes, source: str | None = None) -> Delta:
             m2 = present(tensors.get(f"delta.{name}.m2"), error, f"{label}: its M2 is missing")
             check_moments(label, n, mean, m2, widths[name], error)
         statistics[name] = Moments.from_arrays(n, mean, m2)
-    check_level_counts(counts, levels, error, what)
+    channels.check_level_counts(counts, levels, error, what)
     expected = {f"delta.{name}.{'factor' if name in ranks else 'm2'}" for name in counts}
     expected |= {f"delta.{name}.mean" for name in counts}
     check(set(tensors) == expected, error, f"{what}: unexpected tensors {sorted(set(tensors) - expected)}")

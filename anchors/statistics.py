@@ -11,6 +11,7 @@ import dataclasses
 
 import numpy as np
 
+from anchorscan.anchors import channels
 from anchorscan.anchors.calibration import (
     MAX_CALIBRATION_ROWS,
     MAX_SOFTENED_ROWS,
@@ -57,15 +58,11 @@ class StatisticsLayout:
         cls, spec: FeatureSpec, level_names: tuple[str, ...], hold_out: HoldOut
     ) -> StatisticsLayout:
         """Rows of [semantic ; statistical ; forensic at each softness level] (fit's extractor
-        output): the backbone part's moments and one per forensic level."""
-        split, width = spec.d_backbone, spec.d_forensic
-        levels = tuple(
-            (f"forensic.{name}", split + j * width, split + (j + 1) * width)
-            for j, name in enumerate(level_names)
-        )
-        softened = tuple(name for name, _, _ in levels[1:])
-        copies = (split, width, len(level_names))
-        return cls((("backbone", 0, split), *levels), hold_out, spec.dim, softened, copies)
+        output): every registered channel's statistics (``channels.Channel.slices``)."""
+        slices = tuple(part for channel in channels.REGISTRY for part in channel.slices(spec, level_names))
+        softened = channels.FORENSIC.statistic_names(level_names)[1:]
+        copies = (spec.d_backbone, spec.d_forensic, len(level_names))
+        return cls(slices, hold_out, spec.dim, softened, copies)
 
     def softened_row(self, row: np.ndarray) -> np.ndarray | None:
         """A held-out row's softened copies as full feature rows ([backbone ; forensic] per

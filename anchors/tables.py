@@ -10,6 +10,8 @@ import json
 import numpy as np
 import pyarrow as pa
 
+from anchorscan.anchors import channels
+
 
 @dataclasses.dataclass(frozen=True)
 class Column:
@@ -18,7 +20,7 @@ class Column:
     meaning: str
 
 
-SCORE_COLUMNS = (
+_LEADING = (
     Column("uri", pa.string(), "the input"),
     Column("sha256", pa.string(), "of the file's bytes"),
     Column(
@@ -29,11 +31,8 @@ SCORE_COLUMNS = (
     Column("is_suspect", pa.bool_(), "anchor: combined p-value below its `fpr`; head: `score > 0`"),
     Column("anchor_score", pa.float64(), "`-log10` of the combined p-value against real images"),
     Column("head", pa.string(), "the head's kind and digest (`lda:3f2a...`), empty without `--head`"),
-    Column("p_semantic", pa.float64(), "upper-tail p-value of `semantic` against the held-out real images"),
-    Column(
-        "p_statistical", pa.float64(), "upper-tail p-value of the statistical distance the anchor scores with"
-    ),
-    Column("p_forensic", pa.float64(), "upper-tail p-value of `forensic`"),
+)
+_FLAGS = (
     Column(
         "p_flagged",
         pa.float64(),
@@ -44,28 +43,8 @@ SCORE_COLUMNS = (
         pa.string(),
         "what fired: the combined channel or `flag:GENERATOR` with the smallest p-value",
     ),
-    Column(
-        "semantic",
-        pa.float64(),
-        "semantic distance: the largest standardised deviation of a semantic feature from real photos",
-    ),
-    Column("statistical", pa.float64(), "decoupled statistical distance, `t2 + spe`"),
-    Column("t2", pa.float64(), "its part in the kept eigenspace"),
-    Column("spe", pa.float64(), "its part outside the kept eigenspace"),
-    Column("statistical_raw", pa.float64(), "the statistical distance without regression on content"),
-    Column(
-        "forensic",
-        pa.float64(),
-        "pixel-level distance: how much more predictable the fine scales are than in real "
-        "photos of the same softness",
-    ),
-    Column(
-        "softness",
-        pa.string(),
-        "the real-photo softness that explains the pixels best: `sharp`, `blur0.4` ... "
-        "`blur1.5` (focus blur, Gaussian sigma in px), `upscale1.25x` ... `upscale2x` "
-        "(an upscaled smaller image)",
-    ),
+)
+_TRAILING = (
     Column("width", pa.int32(), "decoded width, after EXIF orientation"),
     Column("height", pa.int32(), "decoded height, after EXIF orientation"),
     Column(
@@ -104,6 +83,25 @@ SCORE_COLUMNS = (
         "a C2PA manifest's signer and its validation state, e.g. `OpenAI (untrusted)`",
     ),
 )
+
+
+def score_columns() -> tuple[Column, ...]:
+    """The score table's columns: each registered channel's p-values and distances
+    (anchors/channels.py) between the verdict's and the image's."""
+    p_values = tuple(
+        Column(f"p_{name}", pa.float64(), meaning)
+        for channel in channels.REGISTRY
+        for name, meaning in zip(channel.scored, channel.p_meanings, strict=True)
+    )
+    distances = tuple(
+        Column(name, pa.type_for_alias(kind), meaning)
+        for channel in channels.REGISTRY
+        for name, kind, meaning in channel.score_columns
+    )
+    return (*_LEADING, *p_values, *_FLAGS, *distances, *_TRAILING)
+
+
+SCORE_COLUMNS = score_columns()
 
 # A carried column (a manifest's, a sidecar's) named like a score column is written under this prefix.
 CLASH_PREFIX = "manifest_"

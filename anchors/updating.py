@@ -19,6 +19,7 @@ import math
 import numpy as np
 from scipy.stats import betabinom
 
+from anchorscan.anchors import channels
 from anchorscan.anchors.anchor import Anchor, AnchorConfig
 from anchorscan.anchors.anchor_file import statistics_id
 from anchorscan.anchors.calibration import MIN_CALIBRATION, NUM_QUANTILES, CalibrationRows
@@ -39,7 +40,7 @@ def merged_statistics(
     for name, moments in base.items():
         start = (
             moments.scaled(forgetting)
-            if forgetting != 1.0 and not name.startswith("flag.")
+            if forgetting != 1.0 and not name.startswith(channels.FLAG_STATISTIC)
             else moments.copy()
         )
         with np.errstate(over="ignore", invalid="ignore"):  # recalibrated() refuses an overflow
@@ -126,7 +127,7 @@ def bounded(additions: dict[str, Moments], cap: float) -> dict[str, Moments]:
     """``additions`` counted as at most ``cap`` images (a whole number): every statistic's
     count set to it and its M2 scaled alike, the means unchanged, so the round weighs in the
     merge as that many images of its own distribution would."""
-    n = additions["backbone"].n if "backbone" in additions else 0
+    n = channels.real_count(additions)
     k = max(1, math.floor(cap))
     if n <= k:
         return additions
@@ -192,7 +193,7 @@ def flagged(anchor: Anchor, generator: str, images: Moments) -> Anchor:
     the flagged generator ``generator``, calibrated again on the kept held-out rows."""
     if images.dim != anchor.spec.dim:
         raise ValueError(f"flagged images have {images.dim} features, the anchor's {anchor.spec.dim}")
-    statistics = merged_statistics(anchor.statistics(), {f"flag.{generator}": images})
+    statistics = merged_statistics(anchor.statistics(), {channels.flag_statistic(generator): images})
     return recalibrated(anchor, statistics, None, child_lineage(anchor))
 
 

@@ -146,28 +146,6 @@ def _names(kinds) -> str:
     return " or ".join(kind.__name__ for kind in _tuple(kinds))
 
 
-def check_level_counts(counts: dict, levels: list[str], error: type[Exception], what: str) -> None:
-    """The forensic levels' counts against the backbone's (docs/METHOD.md §8.3, §9.5): the first
-    level (sharp) takes every real image, so it counts what the backbone counts; the softened
-    levels take the same deterministic sample of them, so they count alike and at most that."""
-    real = counts["backbone"]
-    tolerance = 1e-9 * real  # counts may be weights after --forgetting: equal up to rounding
-    sharp, *softened = (f"forensic.{level}" for level in levels)
-    check(
-        abs(counts[sharp] - real) <= tolerance,
-        error,
-        f"{what}: statistic {sharp} counts {counts[sharp]}, the backbone's {real}: they are the same images",
-    )
-    for name in softened:
-        first = counts[softened[0]]
-        check(
-            abs(counts[name] - first) <= tolerance and counts[name] <= real + tolerance,
-            error,
-            f"{what}: statistic {name} counts {counts[name]}: the softened levels count the same sample "
-            f"of the backbone's {real} images ({softened[0]} counts {first})",
-        )
-
-
 def distinct_names(metadata: dict, key: str, error: type[Exception], what: str) -> list[str]:
     """``metadata[key]``: a non-empty list of distinct strings."""
     names = field(metadata, key, list, error, what)

@@ -11,7 +11,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from anchorscan.anchors import updating
+from anchorscan.anchors import channels, updating
 from anchorscan.anchors.anchor import Anchor, AnchorConfig
 from anchorscan.anchors.anchor_file import anchor_to_bytes
 from anchorscan.anchors.calibration import MIN_CALIBRATION, NUM_QUANTILES
@@ -260,7 +260,7 @@ class WriteRefused(beam.PTransform):
 
 
 def _flagged(anchor: Anchor, images: Statistics, generator: str) -> Anchor:
-    return updating.flagged(anchor, generator, images.moments[f"flag.{generator}"])
+    return updating.flagged(anchor, generator, images.moments[channels.flag_statistic(generator)])
 
 
 class FlagGenerator(beam.PTransform):
@@ -273,7 +273,7 @@ class FlagGenerator(beam.PTransform):
         self.projection, self.generator = projection, generator
 
     def expand(self, embedded):
-        layout = StatisticsLayout.whole(f"flag.{self.generator}", self.spec.dim)
+        layout = StatisticsLayout.whole(channels.flag_statistic(self.generator), self.spec.dim)
         statistics = embedded | "Statistics" >> AccumulateStatistics(layout)
         return (
             self.anchor

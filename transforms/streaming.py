@@ -27,7 +27,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.transforms.window import FixedWindows
 
-from anchorscan.anchors import anchor_file, updating
+from anchorscan.anchors import anchor_file, channels, updating
 from anchorscan.anchors.anchor import Anchor
 from anchorscan.anchors.errors import EnvironmentFailure, UserError
 from anchorscan.anchors.io.registry import listable
@@ -338,7 +338,7 @@ def _learn(statistics: Statistics, output_uri: str, projection) -> str:
     write_atomically(
         output_uri, anchor_file.anchor_to_bytes(updating.updated(anchor, statistics), projection)
     )
-    logging.info("learned %d real images into %s", statistics.moments["backbone"].n, output_uri)
+    logging.info("learned %d real images into %s", channels.real_count(statistics.moments), output_uri)
     return output_uri
 
 
