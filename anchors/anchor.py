@@ -31,6 +31,7 @@ from anchorscan.anchors.calibration import (
     tippett_log10,
     upper_tail_log_pvalues,
 )
+from anchorscan.anchors.constraints import CALIBRATION_FRACTION, EXPLAINED_VARIANCE, FPR
 from anchorscan.anchors.errors import NotEnoughImagesError, UsageError
 from anchorscan.anchors.forensic import ForensicModel
 from anchorscan.anchors.softness import LEVEL_SETS, level_names
@@ -73,10 +74,8 @@ class AnchorConfig:
     alarm_calibration: str = "held_out"
 
     def __post_init__(self):
-        if not 0.0 < self.explained_variance <= 1.0:
-            raise UsageError(f"--explained_variance must be in (0, 1], got {self.explained_variance}")
-        if not 0.0 < self.fpr < 1.0:
-            raise UsageError(f"--fpr must be in (0, 1), got {self.fpr}")
+        EXPLAINED_VARIANCE.check(self.explained_variance, "--explained_variance")
+        FPR.check(self.fpr, "--fpr")  # the bound of fit's flag: one statement of it
         if self.combine not in COMBINERS:
             raise UsageError(f"--combine must be one of {sorted(COMBINERS)}, got {self.combine!r}")
         if self.statistical not in STATISTICAL_MODES:
@@ -93,8 +92,7 @@ class AnchorConfig:
                 f"--channels must be distinct names among {', '.join(registry.scored())}, "
                 f"got {', '.join(self.channels) or 'none'}"
             )
-        if not 0.0 < self.calibration_fraction < 1.0:
-            raise UsageError(f"--calibration_fraction must be in (0, 1), got {self.calibration_fraction}")
+        CALIBRATION_FRACTION.check(self.calibration_fraction, "--calibration_fraction")
         if not 0.0 < self.alarm_share * (len(self.channels) - 1) < 1.0 and len(self.channels) > 1:
             raise UsageError(
                 f"--alarm_share {self.alarm_share} times {len(self.channels) - 1} alarm channels must be "

@@ -10,6 +10,7 @@ import apache_beam as beam
 import pyarrow as pa
 import pytest
 
+from anchorscan.anchors.anchor import AnchorConfig
 from anchorscan.anchors.errors import UsageError
 from anchorscan.pipelines import fit
 from anchorscan.pipelines.cli import main
@@ -46,13 +47,15 @@ def test_a_declared_bound_says_the_same_from_the_parser_and_the_settings(name, t
 
 def test_fits_settings_hold_the_fpr_bound_of_its_flag(tmp_path):
     """--fpr 0.5 is the largest either side takes; 0.6, refused by the flag, is refused by fit's
-    settings too (AnchorConfig, built alone, takes anything below 1)."""
+    settings and by AnchorConfig built alone (a template, the Python API) in the same words."""
     required = ["--input", str(tmp_path), "--anchor", str(tmp_path / "a.safetensors")]
     args, _ = parse(fit.parser(), [*required, "--fpr", "0.5"])
     assert fit.anchor_config(args).fpr == 0.5
     args.fpr = 0.6
     with pytest.raises(UsageError, match=r"--fpr must be in \(0, 0.5\], got 0.6"):
         fit.anchor_config(args)
+    with pytest.raises(UsageError, match=r"--fpr must be in \(0, 0.5\], got 0.6"):
+        AnchorConfig(fpr=0.6)
 
 
 WRITTEN: list[str] = []  # what the toy's failing step saw written (the in-process runner)
