@@ -16,9 +16,8 @@ from anchorscan.anchors.anchor import AnchorConfig
 from anchorscan.anchors.anchor_file import read_metadata
 from anchorscan.anchors.io.datasets import DATASETS, GENIMAGE_SPLITS, read_dataset
 from anchorscan.anchors.io.gcs import check_paths
-from anchorscan.anchors.io.shards import split_sample_uri
 from anchorscan.anchors.io.storage import check_writable, read_bytes, read_checked_file, write_atomically
-from anchorscan.anchors.io.uris import is_remote
+from anchorscan.anchors.io.uris import Location
 from anchorscan.anchors.metrics import detection_metrics
 from anchorscan.pipelines import score
 from anchorscan.pipelines.flags import command_parser, perturbation_list, text
@@ -86,7 +85,7 @@ def label_of(labels: dict[str, tuple[int, str]], uri: str) -> tuple[int, str]:
     takes its shard's."""
     if uri in labels:
         return labels[uri]
-    sample = split_sample_uri(uri)
+    sample = Location.parse(uri).shard_and_key
     if sample is None:
         raise KeyError(uri)
     return labels[sample[0]]
@@ -220,7 +219,7 @@ def run(argv=None) -> list[dict]:
     args, options = parse(parser(), argv)
     check_paths([args.root, args.anchor, args.head.removeprefix("anchor+"), args.output, args.weights])
     check_writable(FileSystems.join(args.output, "metrics.csv"), "--output")
-    root = args.root if is_remote(args.root) else os.path.abspath(args.root)
+    root = args.root if Location.parse(args.root).is_remote else os.path.abspath(args.root)
     images = read_dataset(args.dataset, root, files_below, read_bytes, args.split)
     if not args.sweep:
         return evaluate_once(images, args, options, args.output, args.perturbation)

@@ -11,11 +11,13 @@ import stat
 import numpy as np
 
 from anchorscan.anchors.anchor_file import anchor_from_bytes, read_metadata
+from anchorscan.anchors.channels import statistic_widths
 from anchorscan.anchors.federation import MIN_COUNT, delta_to_bytes, export_delta
 from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.storage import check_writable, read_bytes, read_checked_file, write_atomically
-from anchorscan.anchors.io.uris import local_path
+from anchorscan.anchors.io.uris import Location
 from anchorscan.anchors.signing import Signer
+from anchorscan.anchors.spec import FeatureSpec
 from anchorscan.pipelines.flags import (
     command_parser,
     non_negative_float,
@@ -68,19 +70,15 @@ def parser():
 
 def delta_bytes_bound(metadata: dict) -> int:
     """About what the delta file will take: a mean and an M2 of float64 per statistic."""
-    layout = metadata["layout"]
-    widths = {
-        "backbone": layout["d_semantic"] + layout["d_statistical"],
-        "forensic": layout["d_forensic"],
-        "flag": layout["d_semantic"] + layout["d_statistical"] + layout["d_forensic"],
-    }
-    return sum(8 * (widths[name.split(".")[0]] + 1) ** 2 for name in metadata["moments"])
+    spec = FeatureSpec.from_dict(metadata)
+    widths = statistic_widths(spec, metadata["forensic_level_names"])  # a flagged generator's: spec.dim
+    return sum(8 * (widths.get(name, spec.dim) + 1) ** 2 for name in metadata["moments"])
 
 
 def warn_if_others_can_read(key: str) -> None:
     """A private key that users other than its owner can read signs for whoever reads it
     (keygen writes it mode 0600)."""
-    path = local_path(key)
+    path = Location.parse(key).local_path
     if path is not None and os.stat(path).st_mode & (stat.S_IRGRP | stat.S_IROTH):
         logging.warning(
             "--sign %s can be read by other users of this machine (mode %s): whoever reads it can sign "

@@ -8,7 +8,7 @@ import os
 
 from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.io.storage import check_writable, write_atomically
-from anchorscan.anchors.io.uris import is_remote
+from anchorscan.anchors.io.uris import Location
 from anchorscan.anchors.signing import Signer, new_key_pair
 from anchorscan.pipelines.flags import command_parser, text
 
@@ -27,7 +27,7 @@ def parser():
 
 def run(argv=None) -> dict:
     args = parser().parse_args(argv)
-    if is_remote(args.output):
+    if Location.parse(args.output).is_remote:
         raise UsageError(f"--output {args.output}: keys are written to local files; copy SITE.pub yourself")
     private_path, public_path = f"{args.output}.key", f"{args.output}.pub"
     for path in (private_path, public_path):

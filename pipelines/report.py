@@ -24,9 +24,10 @@ from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.io.datasets import manifest
 from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.registry import source_for
-from anchorscan.anchors.io.shards import open_shard, samples, split_sample_uri
+from anchorscan.anchors.io.shards import open_shard, samples
 from anchorscan.anchors.io.sources import ReadError, ReadLimits, Record, Unit
 from anchorscan.anchors.io.storage import check_writable, read_bytes, read_checked_file, write_atomically
+from anchorscan.anchors.io.uris import Location
 from anchorscan.pipelines.flags import command_parser, int_in, text
 from anchorscan.transforms.listing import read_parquet_rows
 
@@ -142,7 +143,7 @@ def gallery_images(uris: list[str]) -> dict[str, bytes]:
     images: dict[str, bytes] = {}
     by_shard: dict[str, set[str]] = {}
     for uri in dict.fromkeys(uris):
-        split = split_sample_uri(uri)
+        split = Location.parse(uri).shard_and_key
         if split is not None:
             by_shard.setdefault(split[0], set()).add(uri)
             continue

@@ -20,7 +20,7 @@ from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
 from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.io.gcs import check_paths
 from anchorscan.anchors.io.storage import check_writable
-from anchorscan.anchors.io.uris import glob_prefix, has_glob, local_path
+from anchorscan.anchors.io.uris import Location, glob_prefix, has_glob
 from anchorscan.pipelines.common import stream_start
 from anchorscan.pipelines.flags import non_negative_float, positive_float, text
 from anchorscan.pipelines.local_stream import run_local
@@ -94,7 +94,7 @@ def command_flags(parser) -> None:
 def check_watched(watch: str, learn_real: str | None) -> None:
     """A local folder to watch must exist: Beam's watcher would fail on it without a word."""
     for flag, location in (("--watch", watch), ("--learn_real", learn_real)):
-        path = local_path(location) if location else None
+        path = Location.parse(location).local_path if location else None
         if path is None:  # none given, or gs:// (its bucket is checked with every path)
             continue
         folder = os.path.dirname(glob_prefix(path)) if has_glob(path) else path

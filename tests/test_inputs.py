@@ -144,7 +144,7 @@ def test_a_link_that_leads_to_itself_is_listed_and_left_to_the_read(tmp_path):
 
 
 def test_names_that_are_not_utf8_are_listed_as_reversible_text(tmp_path):
-    from anchorscan.anchors.io.uris import local_path
+    from anchorscan.anchors.io.uris import Location
 
     name = os.fsencode(str(tmp_path)) + b"/caf\xe9.png"
     with open(name, "wb") as handle:
@@ -152,7 +152,7 @@ def test_names_that_are_not_utf8_are_listed_as_reversible_text(tmp_path):
     [(kind, uri)] = rows(str(tmp_path))
     assert kind == "uri" and uri == f"file://{tmp_path}/caf%E9.png"
     uri.encode("utf-8")  # what every coder and Parquet column needs
-    assert os.fsencode(local_path(uri)) == name
+    assert os.fsencode(Location.parse(uri).local_path) == name
 
 
 def test_a_text_manifest_may_name_files_that_are_not_utf8(tmp_path):

@@ -26,8 +26,9 @@ from anchorscan.anchors.errors import UsageError
 from anchorscan.anchors.io import curation, shards
 from anchorscan.anchors.io.manifests import ManifestError
 from anchorscan.anchors.io.registry import source_for
-from anchorscan.anchors.io.shards import TarShardSource, split_sample_uri
+from anchorscan.anchors.io.shards import TarShardSource
 from anchorscan.anchors.io.sources import ReadError, ReadFailure, ReadLimits, Record, Unit
+from anchorscan.anchors.io.uris import Location
 from anchorscan.anchors.tables import ERROR_SCHEMA, SCORE_SCHEMA
 from anchorscan.pipelines import curate, report, score
 from anchorscan.pipelines.cli import main
@@ -97,8 +98,8 @@ def test_a_sample_uri_reads_that_sample_alone(dataset):
     assert "no sample with the key" in read_unit(missing)[1][missing]
     # the report's galleries show samples too
     assert report.thumbnail(report.gallery_images([uri])[uri]).startswith("<img")
-    assert split_sample_uri("gs://b/s/00012.TAR#000120045") == ("gs://b/s/00012.TAR", "000120045")
-    assert split_sample_uri("photos/a#b.jpg") is None
+    assert Location.parse("gs://b/s/00012.TAR#000120045").shard_and_key == ("gs://b/s/00012.TAR", "000120045")
+    assert Location.parse("photos/a#b.jpg").shard_and_key is None
 
 
 def test_without_a_sidecar_the_json_member_is_carried(tmp_path):

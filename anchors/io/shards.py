@@ -63,11 +63,6 @@ GZIP_MAGIC = b"\x1f\x8b"
 GCS_CHUNK_BYTES = 8 * 2**20
 
 
-def split_sample_uri(uri: str) -> tuple[str, str] | None:
-    """(shard, key) of a sample URI ``SHARD#KEY``; None for any other URI."""
-    return Location.parse(uri).shard_and_key
-
-
 def sidecar_of(shard: str) -> str:
     """The Parquet file img2dataset writes beside a shard: the same stem."""
     stem = next(shard[: -len(e)] for e in SHARD_EXTENSIONS if shard.lower().endswith(e))

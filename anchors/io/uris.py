@@ -118,10 +118,6 @@ class Location:
         return cls(f"{shard}#{key}")
 
 
-def is_remote(uri: str) -> bool:
-    return Location.parse(uri).is_remote
-
-
 def uri_text(path: str) -> str:
     """``path`` as valid UTF-8 text: unchanged when it is, else its ``file://`` URI."""
     try:
@@ -131,11 +127,6 @@ def uri_text(path: str) -> str:
         if Location.parse(path).is_remote:  # object names are UTF-8 already; keep what can be kept
             return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         return FILE_SCHEME + urllib.parse.quote_from_bytes(os.fsencode(os.path.abspath(path)))
-
-
-def local_path(uri: str) -> str | None:
-    """The local path that ``uri`` names, or None for a remote URI (``Location.local_path``)."""
-    return Location.parse(uri).local_path
 
 
 # A brace pattern naming more than this is refused before it is expanded: each name is one
